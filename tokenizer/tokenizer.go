@@ -1,0 +1,195 @@
+// Package tokenizer counts the prompt tokens of OpenAI-shaped requests before
+// they are admitted, so the scheduler can charge a tokens-per-minute bucket
+// with a number that matches the upstream's own count.
+//
+// It exists as its own package because counting is the expensive, hostile-input
+// facing part of the hot path: encodings are built once, every text is counted
+// through a fixed-size lock-free cache (resent chat history and shared system
+// prompts cost no tokenizer work), and pathological input is bounded so that no
+// request can stall the gateway. It knows JSON request shapes but nothing of
+// HTTP.
+package tokenizer
+
+import (
+	"errors"
+	"fmt"
+	"hash/maphash"
+	"strings"
+
+	"github.com/pkoukk/tiktoken-go"
+	tiktoken_loader "github.com/pkoukk/tiktoken-go-loader"
+)
+
+// Encoding names understood by the tokenizer.
+const (
+	O200kBase  = "o200k_base"
+	Cl100kBase = "cl100k_base"
+)
+
+// Config tunes the tokenizer. The zero value is valid and uses the defaults.
+type Config struct {
+	// CacheEntries is the number of slots of the text-count cache, rounded up
+	// to a power of two. 0 means 65536 (512 KiB). Negative disables caching.
+	CacheEntries int `json:"cacheEntries,omitempty"`
+	// MaxPieceBytes bounds the length of one unbroken run of letters,
+	// punctuation or white space that is given to the BPE merge, whose cost is
+	// quadratic in a piece's length. Longer runs are charged one token per
+	// byte, an over-estimate. 0 means 256.
+	MaxPieceBytes int `json:"maxPieceBytes,omitempty"`
+}
+
+// Validate reports the first field of c that is out of range, naming it by
+// its JSON name.
+func (c Config) Validate() error {
+	var errs []error
+	if c.MaxPieceBytes < 0 {
+		errs = append(errs, fmt.Errorf("maxPieceBytes: must be >= 0, got %d", c.MaxPieceBytes))
+	}
+	if c.CacheEntries > 1<<24 {
+		errs = append(errs, fmt.Errorf("cacheEntries: must be <= %d, got %d", 1<<24, c.CacheEntries))
+	}
+	return errors.Join(errs...)
+}
+
+// Encoding is one BPE vocabulary, built once by New. It is safe for
+// concurrent use.
+type Encoding struct {
+	name string
+	bpe  *tiktoken.Tiktoken
+	seed maphash.Seed // per-encoding seed, so cache keys never collide across encodings
+	tok  *Tokenizer
+	// family decides the tool-definition overheads of the cookbook.
+	legacy bool // cl100k-era models (gpt-3.5, gpt-4)
+}
+
+// Name returns the encoding's name, such as "o200k_base".
+func (e *Encoding) Name() string { return e.name }
+
+// Tokenizer maps models to encodings and counts texts and requests. It is
+// safe for concurrent use; build one per process.
+type Tokenizer struct {
+	o200k, cl100k *Encoding
+	cache         *countCache
+	maxPiece      int
+}
+
+// New builds both encodings from the ranks embedded in the binary. It never
+// touches the network. It takes 100-300 ms, so call it once at start-up.
+func New(cfg Config) (*Tokenizer, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("tokenizer: %w", err)
+	}
+	// The offline loader serves the ranks from an embedded file system; the
+	// library's default loader would download them at first use.
+	tiktoken.SetBpeLoader(tiktoken_loader.NewOfflineLoader())
+	t := &Tokenizer{maxPiece: cfg.MaxPieceBytes}
+	if t.maxPiece == 0 {
+		t.maxPiece = 256
+	}
+	entries := cfg.CacheEntries
+	if entries == 0 {
+		entries = 1 << 16
+	}
+	if entries > 0 {
+		t.cache = newCountCache(entries)
+	}
+	for _, e := range []struct {
+		dst    **Encoding
+		name   string
+		legacy bool
+	}{{&t.o200k, O200kBase, false}, {&t.cl100k, Cl100kBase, true}} {
+		bpe, err := tiktoken.GetEncoding(e.name)
+		if err != nil {
+			return nil, fmt.Errorf("tokenizer: loading %s: %w", e.name, err)
+		}
+		*e.dst = &Encoding{name: e.name, bpe: bpe, seed: maphash.MakeSeed(), tok: t, legacy: e.legacy}
+	}
+	return t, nil
+}
+
+// o200kPrefixes and cl100kPrefixes are the model families of each encoding.
+// Order matters: the o200k families are checked first so that "gpt-4o" and
+// "gpt-4.1" do not fall into "gpt-4".
+var (
+	o200kPrefixes  = []string{"gpt-4o", "gpt-4.1", "gpt-4.5", "o1", "o3", "o4", "gpt-5", "chatgpt-4o"}
+	cl100kPrefixes = []string{"gpt-4", "gpt-3.5", "text-embedding-"}
+)
+
+// EncodingFor returns the encoding OpenAI uses for model. Unknown models,
+// including other vendors' and local ones, get o200k_base: its counts are a
+// reasonable estimate for modern vocabularies.
+func (t *Tokenizer) EncodingFor(model string) *Encoding {
+	// Fine-tuned models are named "ft:gpt-4o-mini:org::id".
+	model = strings.TrimPrefix(model, "ft:")
+	for _, p := range o200kPrefixes {
+		if strings.HasPrefix(model, p) {
+			return t.o200k
+		}
+	}
+	for _, p := range cl100kPrefixes {
+		if strings.HasPrefix(model, p) {
+			return t.cl100k
+		}
+	}
+	return t.o200k
+}
+
+// Encoding returns the encoding with the given name, or nil.
+func (t *Tokenizer) Encoding(name string) *Encoding {
+	switch name {
+	case O200kBase:
+		return t.o200k
+	case Cl100kBase:
+		return t.cl100k
+	}
+	return nil
+}
+
+// Count returns the number of tokens of text, as an ordinary text (special
+// tokens such as "<|endoftext|>" in user text are counted as the plain text
+// they are, never as control tokens). Repeated texts are answered from the
+// cache without tokenizer work.
+func (e *Encoding) Count(text string) int {
+	return e.countBytes([]byte(text))
+}
+
+// countBytes is Count for text held in a byte slice (as JSON parsers give
+// it); on a cache hit it allocates nothing.
+func (e *Encoding) countBytes(text []byte) int {
+	if len(text) == 0 {
+		return 0
+	}
+	c := e.tok.cache
+	if c == nil {
+		return e.countBounded(string(text))
+	}
+	h := maphash.Bytes(e.seed, text)
+	if n, ok := c.get(h); ok {
+		return n
+	}
+	n := e.countBounded(string(text))
+	c.put(h, n)
+	return n
+}
+
+// countBounded counts text exactly unless it holds a run longer than the
+// tokenizer's MaxPieceBytes, which is charged one token per byte instead (an
+// upper bound: every byte is at most one token).
+func (e *Encoding) countBounded(text string) int {
+	max := e.tok.maxPiece
+	if len(text) <= max {
+		return len(e.bpe.EncodeOrdinary(text))
+	}
+	n, start := 0, 0
+	for _, r := range longRuns(text, max) {
+		if r.start > start {
+			n += len(e.bpe.EncodeOrdinary(text[start:r.start]))
+		}
+		n += r.end - r.start
+		start = r.end
+	}
+	if start < len(text) {
+		n += len(e.bpe.EncodeOrdinary(text[start:]))
+	}
+	return n
+}

@@ -1,0 +1,253 @@
+package tokenizer
+
+import (
+	"bytes"
+	"encoding/base64"
+	"image"
+	"image/png"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"github.com/valyala/fastjson"
+)
+
+var (
+	sharedOnce sync.Once
+	shared     *Tokenizer
+)
+
+// testTokenizer builds the encodings once for the whole package's tests.
+func testTokenizer(t testing.TB) *Tokenizer {
+	t.Helper()
+	sharedOnce.Do(func() {
+		var err error
+		shared, err = New(Config{})
+		if err != nil {
+			panic(err)
+		}
+	})
+	return shared
+}
+
+func parse(t testing.TB, s string) *fastjson.Value {
+	t.Helper()
+	v, err := fastjson.Parse(s)
+	require.NoError(t, err)
+	return v
+}
+
+// cookbookMessages is the 6-message example of the OpenAI cookbook "How to
+// count tokens with tiktoken"; the API reports 129 prompt tokens for it with
+// gpt-3.5/gpt-4 and 124 with gpt-4o.
+const cookbookMessages = `[
+ {"role":"system","content":"You are a helpful, pattern-following assistant that translates corporate jargon into plain English."},
+ {"role":"system","name":"example_user","content":"New synergies will help drive top-line growth."},
+ {"role":"system","name":"example_assistant","content":"Things working well together will increase revenue."},
+ {"role":"system","name":"example_user","content":"Let's circle back when we have more bandwidth to touch base on opportunities for increased leverage."},
+ {"role":"system","name":"example_assistant","content":"Let's talk later when we're less busy about how to do better."},
+ {"role":"user","content":"This late pivot means we don't have time to boil the ocean for the client deliverable."}
+]`
+
+const weatherTools = `[{"type":"function","function":{"name":"get_current_weather","description":"Get the current weather in a given location",
+ "parameters":{"type":"object","properties":{
+   "location":{"type":"string","description":"The city and state, e.g. San Francisco, CA"},
+   "unit":{"type":"string","description":"The unit of temperature to return","enum":["celsius","fahrenheit"]}},
+ "required":["location"]}}}]`
+
+const weatherMessages = `[
+ {"role":"system","content":"You are a helpful assistant that can answer to questions about the weather."},
+ {"role":"user","content":"What's the weather like in San Francisco?"}]`
+
+func TestGoldenCookbookCounts(t *testing.T) {
+	tok := testTokenizer(t)
+	tests := []struct {
+		name, model, body string
+		want              int
+	}{
+		{"messages cl100k", "gpt-4-0613", `{"messages":` + cookbookMessages + `}`, 129},
+		{"messages o200k", "gpt-4o", `{"messages":` + cookbookMessages + `}`, 124},
+		{"tools cl100k", "gpt-3.5-turbo", `{"messages":` + weatherMessages + `,"tools":` + weatherTools + `}`, 105},
+		{"tools o200k", "gpt-4o-mini", `{"messages":` + weatherMessages + `,"tools":` + weatherTools + `}`, 101},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			assert.Equal(t, tt.want, tok.PromptTokens(EndpointChat, tt.model, parse(t, tt.body)))
+		})
+	}
+}
+
+func TestHelloWorldIDs(t *testing.T) {
+	tok := testTokenizer(t)
+	assert.Equal(t, []int{24912, 2375}, tok.Encoding(O200kBase).bpe.EncodeOrdinary("hello world"))
+	assert.Equal(t, []int{15339, 1917}, tok.Encoding(Cl100kBase).bpe.EncodeOrdinary("hello world"))
+}
+
+func TestEncodingFor(t *testing.T) {
+	tok := testTokenizer(t)
+	for model, want := range map[string]string{
+		"gpt-4o": O200kBase, "gpt-4o-mini-2024-07-18": O200kBase, "gpt-4.1-nano": O200kBase,
+		"gpt-4.5-preview": O200kBase, "o1": O200kBase, "o3-mini": O200kBase, "o4-mini": O200kBase,
+		"gpt-5": O200kBase, "chatgpt-4o-latest": O200kBase, "ft:gpt-4o-mini:org::x": O200kBase,
+		"gpt-4": Cl100kBase, "gpt-4-turbo": Cl100kBase, "gpt-3.5-turbo-0125": Cl100kBase,
+		"text-embedding-3-small": Cl100kBase, "llama3:8b": O200kBase, "": O200kBase,
+	} {
+		assert.Equal(t, want, tok.EncodingFor(model).Name(), model)
+	}
+}
+
+func TestEndpoints(t *testing.T) {
+	tok := testTokenizer(t)
+	hw := tok.Encoding(O200kBase).Count("hello world")
+	require.Equal(t, 2, hw)
+	tests := []struct {
+		name string
+		ep   Endpoint
+		body string
+		want int
+	}{
+		{"completions string", EndpointCompletions, `{"prompt":"hello world"}`, 2},
+		{"completions array", EndpointCompletions, `{"prompt":["hello world","hello world"]}`, 4},
+		{"completions token ids", EndpointCompletions, `{"prompt":[1,2,3]}`, 3},
+		{"completions nested ids", EndpointCompletions, `{"prompt":[[1,2],[3]]}`, 3},
+		{"completions suffix", EndpointCompletions, `{"prompt":"hello world","suffix":"hello world"}`, 4},
+		{"embeddings", EndpointEmbeddings, `{"input":["hello world","hello world","hello world"]}`, 6},
+		{"responses string", EndpointResponses, `{"input":"hello world"}`, 2 + replyPriming},
+		{"responses instructions", EndpointResponses, `{"instructions":"hello world","input":"hello world"}`, 4 + replyPriming},
+		{"responses items", EndpointResponses,
+			`{"input":[{"role":"user","content":[{"type":"input_text","text":"hello world"}]}]}`,
+			tokensPerMessage + 1 /* user */ + 2 + replyPriming},
+		{"chat content parts", EndpointChat,
+			`{"messages":[{"role":"user","content":[{"type":"text","text":"hello world"},{"type":"text","text":"hello world"}]}]}`,
+			tokensPerMessage + 1 + 4 + replyPriming},
+		{"chat null content with tool calls", EndpointChat,
+			`{"messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"x","type":"function","function":{"name":"f","arguments":"{}"}}]}]}`,
+			tokensPerMessage + 1 + 1 + 1 + 1 + 1 + replyPriming},
+		{"other endpoint input", EndpointOther, `{"input":"hello world"}`, 2},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			assert.Equal(t, tt.want, tok.PromptTokens(tt.ep, "gpt-4o", parse(t, tt.body)))
+		})
+	}
+}
+
+func pngDataURL(t *testing.T, w, h int) string {
+	t.Helper()
+	var buf bytes.Buffer
+	require.NoError(t, png.Encode(&buf, image.NewGray(image.Rect(0, 0, w, h))))
+	return "data:image/png;base64," + base64.StdEncoding.EncodeToString(buf.Bytes())
+}
+
+func TestImages(t *testing.T) {
+	tests := []struct {
+		name, model, url, detail string
+		want                     int
+	}{
+		{"low is flat", "gpt-4o", "https://x/y.png", "low", 85},
+		{"remote high is the bound", "gpt-4o", "https://x/y.png", "high", 85 + 8*170},
+		{"1024 square high", "gpt-4o", pngDataURL(t, 1024, 1024), "high", 765},
+		{"2048x4096 high", "gpt-4o", pngDataURL(t, 2048, 4096), "high", 1105},
+		{"small image one tile", "gpt-4o", pngDataURL(t, 300, 200), "auto", 255},
+		{"4o-mini constants", "gpt-4o-mini", "https://x", "low", 2833},
+		{"gpt-5 constants", "gpt-5", pngDataURL(t, 1024, 1024), "high", 70 + 4*140},
+		{"patch model 1024", "gpt-4.1-mini", pngDataURL(t, 1024, 1024), "", 1659}, // ceil(1024*1.62)
+		{"patch model capped", "o4-mini", pngDataURL(t, 1800, 2400), "", 2498},    // ceil(1452*1.72)
+		{"patch model unknown size", "gpt-5-nano", "https://x", "", 3779},         // ceil(1536*2.46)
+		{"broken data url is the bound", "gpt-4o", "data:image/png;base64,AAAA", "high", 85 + 8*170},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			assert.Equal(t, tt.want, imageTokens(tt.model, []byte(tt.url), []byte(tt.detail)))
+		})
+	}
+	// And through a chat request.
+	tok := testTokenizer(t)
+	body := `{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://x","detail":"low"}}]}]}`
+	assert.Equal(t, tokensPerMessage+1+85+replyPriming, tok.PromptTokens(EndpointChat, "gpt-4o", parse(t, body)))
+}
+
+func TestSpecialTokensInUserTextDoNotPanic(t *testing.T) {
+	tok := testTokenizer(t)
+	for _, enc := range []string{O200kBase, Cl100kBase} {
+		n := tok.Encoding(enc).Count("a <|endoftext|> b <|fim_prefix|><|endofprompt|>")
+		assert.Greater(t, n, 5, enc)
+	}
+}
+
+func TestHostileInputIsBounded(t *testing.T) {
+	// Built uncached so the test measures the work, not the cache.
+	tok, err := New(Config{CacheEntries: -1})
+	require.NoError(t, err)
+	enc := tok.Encoding(O200kBase)
+	for name, text := range map[string]string{
+		"letters":     strings.Repeat("a", 100_000),
+		"spaces":      "x" + strings.Repeat(" ", 100_000) + "y",
+		"symbols":     strings.Repeat("!", 100_000),
+		"cjk":         strings.Repeat("漢", 50_000),
+		"mixed words": strings.Repeat("hello world ", 1000) + strings.Repeat("z", 50_000),
+	} {
+		t.Run(name, func(t *testing.T) {
+			n := enc.Count(text)
+			// An over-estimate: never more than one token per byte, and the
+			// long run is charged by bytes.
+			assert.LessOrEqual(t, n, len(text))
+			assert.GreaterOrEqual(t, n, len(text)/8)
+		})
+	}
+	// Text without long runs is counted exactly.
+	prose := strings.Repeat("The quick brown fox jumps over the lazy dog. ", 200)
+	assert.Equal(t, len(enc.bpe.EncodeOrdinary(prose)), enc.Count(prose))
+}
+
+func TestLongRuns(t *testing.T) {
+	assert.Nil(t, longRuns("hello world 12345", 5))
+	assert.Equal(t, []span{{6, 16}}, longRuns("hello aaaaaaaaaa", 5))
+	assert.Nil(t, longRuns(strings.Repeat("1", 100), 5), "digits are cut into threes by the regex")
+	assert.Equal(t, []span{{1, 11}}, longRuns("x          y", 5))
+}
+
+func TestCacheHitsAndCollisions(t *testing.T) {
+	c := newCountCache(4)
+	_, ok := c.get(42)
+	assert.False(t, ok)
+	c.put(42, 7)
+	n, ok := c.get(42)
+	assert.True(t, ok)
+	assert.Equal(t, 7, n)
+	// Same slot, different tag: a miss, not a wrong answer.
+	_, ok = c.get(42 + 1<<40)
+	assert.False(t, ok)
+	c.put(1, countMax+1) // too large to cache
+	_, ok = c.get(1)
+	assert.False(t, ok)
+}
+
+func TestCachedCountIsFreeAndEqual(t *testing.T) {
+	tok := testTokenizer(t)
+	enc := tok.Encoding(O200kBase)
+	text := []byte(strings.Repeat("The team shares one upstream key. ", 30))
+	first := enc.countBytes(text)
+	assert.Equal(t, len(enc.bpe.EncodeOrdinary(string(text))), first)
+	allocs := testing.AllocsPerRun(100, func() { enc.countBytes(text) })
+	assert.Zero(t, allocs, "a cached text must cost no tokenizer work")
+}
+
+func TestNewIsOffline(t *testing.T) {
+	// Point every proxy at a dead address: New must not try the network.
+	t.Setenv("HTTPS_PROXY", "http://127.0.0.1:1")
+	t.Setenv("HTTP_PROXY", "http://127.0.0.1:1")
+	t.Setenv("TIKTOKEN_CACHE_DIR", t.TempDir())
+	tok, err := New(Config{})
+	require.NoError(t, err)
+	assert.Equal(t, 2, tok.Encoding(O200kBase).Count("hello world"))
+}
+
+func TestConfigValidate(t *testing.T) {
+	assert.NoError(t, Config{}.Validate())
+	err := Config{MaxPieceBytes: -1}.Validate()
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "maxPieceBytes")
+}
