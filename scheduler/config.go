@@ -1,0 +1,88 @@
+package scheduler
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"strconv"
+	"time"
+)
+
+// Config holds the limits of one (route, model) queue. Its JSON names are
+// the config file's.
+type Config struct {
+	// MaxQueueSize is how many requests may wait at once; one more is
+	// rejected at once. 0 means no waiting: admit now or reject now.
+	MaxQueueSize int `json:"maxQueueSize"`
+	// MaxQueueWait is the longest predicted wait a request is queued for; a
+	// request predicted to wait longer is rejected at once. 0 means admit now
+	// or reject now. In JSON, a number of seconds or a duration string.
+	MaxQueueWait Duration `json:"maxQueueWait"`
+	// RPM is the request bucket: capacity RPM, refilled at RPM per minute.
+	RPM int `json:"rpm"`
+	// TPM is the token bucket: capacity TPM, refilled at TPM per minute.
+	TPM int `json:"tpm"`
+}
+
+// Validate reports every field out of range, each error naming its field by
+// JSON name ("tpm: must be > 0, got 0"); callers prefix the path.
+func (c Config) Validate() error {
+	var errs []error
+	if c.MaxQueueSize < 0 {
+		errs = append(errs, fmt.Errorf("maxQueueSize: must be >= 0, got %d", c.MaxQueueSize))
+	}
+	if c.MaxQueueWait < 0 {
+		errs = append(errs, fmt.Errorf("maxQueueWait: must be >= 0, got %s", time.Duration(c.MaxQueueWait)))
+	}
+	if c.RPM <= 0 {
+		errs = append(errs, fmt.Errorf("rpm: must be > 0, got %d", c.RPM))
+	}
+	if c.TPM <= 0 {
+		errs = append(errs, fmt.Errorf("tpm: must be > 0, got %d", c.TPM))
+	}
+	return errors.Join(errs...)
+}
+
+// Duration is a time.Duration that reads from JSON as a number of seconds
+// (30, 1.5) or a Go duration string ("1500ms", "2m").
+type Duration time.Duration
+
+// UnmarshalJSON implements json.Unmarshaler.
+func (d *Duration) UnmarshalJSON(b []byte) error {
+	if len(b) > 0 && b[0] == '"' {
+		var s string
+		if err := json.Unmarshal(b, &s); err != nil {
+			return err
+		}
+		v, err := time.ParseDuration(s)
+		if err != nil {
+			// A bare number in a string means seconds too.
+			f, ferr := strconv.ParseFloat(s, 64)
+			if ferr != nil {
+				return fmt.Errorf("invalid duration %q: want seconds or a duration such as \"1500ms\"", s)
+			}
+			return d.setSeconds(f)
+		}
+		*d = Duration(v)
+		return nil
+	}
+	var f float64
+	if err := json.Unmarshal(b, &f); err != nil {
+		return fmt.Errorf("invalid duration %s: want seconds or a duration such as \"1500ms\"", b)
+	}
+	return d.setSeconds(f)
+}
+
+func (d *Duration) setSeconds(f float64) error {
+	if math.IsNaN(f) || math.Abs(f) > math.MaxInt64/float64(time.Second) {
+		return fmt.Errorf("invalid duration %v seconds", f)
+	}
+	*d = Duration(f * float64(time.Second))
+	return nil
+}
+
+// MarshalJSON writes the duration as a Go duration string.
+func (d Duration) MarshalJSON() ([]byte, error) {
+	return json.Marshal(time.Duration(d).String())
+}

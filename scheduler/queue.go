@@ -1,0 +1,339 @@
+package scheduler
+
+import (
+	"context"
+	"math"
+	"sync"
+	"time"
+)
+
+// Cost is what one request pays: one request and Tokens tokens.
+type Cost struct {
+	Tokens int
+}
+
+// RateState is a snapshot of a queue's two buckets as a newcomer sees them:
+// what is left after the requests already queued are paid for, and how long
+// until each bucket is full again. It is what x-ratelimit-* headers report.
+type RateState struct {
+	LimitRequests, RemainingRequests int
+	ResetRequests                    time.Duration
+	LimitTokens, RemainingTokens     int
+	ResetTokens                      time.Duration
+}
+
+// Admission describes an admitted request.
+type Admission struct {
+	// Wait is how long the request was queued (0 on the fast path).
+	Wait time.Duration
+	// State is the buckets' state right after the request paid.
+	State RateState
+}
+
+// Stats is a queue's state for metrics.
+type Stats struct {
+	Depth             int
+	QueuedTokens      int
+	RemainingRequests float64
+	RemainingTokens   float64
+}
+
+// waiter is one queued request. Its fields after cost are guarded by the
+// queue's mutex; ready is closed once, when done is set.
+type waiter struct {
+	cost     Cost
+	enqueued time.Time
+	ready    chan struct{}
+	done     bool
+	adm      Admission
+	err      error
+}
+
+// sim is a predicted bucket state: the levels right after a request is
+// admitted at time at.
+type sim struct {
+	at       time.Time
+	req, tok float64
+}
+
+// Queue is the strict FIFO queue of one (route, model) in front of its
+// request and token buckets. A request is admitted only when both buckets
+// can pay for it and every request ahead of it has been admitted.
+//
+// The queue predicts each newcomer's admission time by replaying the buckets
+// over the costs queued ahead of it (the tail of that replay is kept, so the
+// common case is O(1)); a newcomer that would wait longer than MaxQueueWait
+// is rejected at once. Tokens are taken only at admission, so a request that
+// leaves the queue costs nothing and the requests behind it move up.
+//
+// Queue is safe for concurrent use. Its state is guarded by one mutex per
+// queue; no lock is shared between queues.
+type Queue struct {
+	model    string
+	cfg      Config
+	clock    Clock
+	req, tok bucket
+
+	mu           sync.Mutex
+	waiting      []*waiter // FIFO; waiting[0] is the head
+	queuedTokens int
+	tail         sim  // prediction after the last waiter is admitted
+	tailOK       bool // false after a cancellation: recompute from the head
+	timer        Timer
+	closed       bool
+}
+
+// NewQueue returns an empty queue with full buckets. A nil clock means real
+// time. cfg must be valid (see Config.Validate).
+func NewQueue(model string, cfg Config, clock Clock) *Queue {
+	if clock == nil {
+		clock = realClock{}
+	}
+	return &Queue{model: model, cfg: cfg, clock: clock, req: newBucket(cfg.RPM), tok: newBucket(cfg.TPM)}
+}
+
+// Model returns the model name the queue was made for.
+func (q *Queue) Model() string { return q.model }
+
+// Config returns the queue's limits.
+func (q *Queue) Config() Config { return q.cfg }
+
+// Acquire admits a request of the given cost, waiting in FIFO order if it
+// must. It returns at once with a *RejectError when the request cannot be
+// admitted within MaxQueueWait, the queue is full, or the cost exceeds a
+// bucket's capacity; with ErrClosed after Close; and with ctx.Err() if ctx
+// ends while the request waits, in which case the request leaves the queue
+// having paid nothing.
+func (q *Queue) Acquire(ctx context.Context, cost Cost) (Admission, error) {
+	q.mu.Lock()
+	w, adm, err := q.enqueue(q.clock.Now(), cost)
+	q.mu.Unlock()
+	if w == nil {
+		return adm, err
+	}
+	select {
+	case <-w.ready:
+		return w.adm, w.err
+	case <-ctx.Done():
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	now := q.clock.Now()
+	if !q.cancel(now, w) && w.err == nil {
+		// Admitted while the client left: it will never be sent, so it
+		// gives back what it paid.
+		q.req.give(now, 1)
+		q.tok.give(now, cost.Tokens)
+		q.tailOK = false
+		q.dispatch(now)
+	}
+	return Admission{}, ctx.Err()
+}
+
+// enqueue is Acquire's decision, taken under q.mu:
+//
+//  1. Closed: ErrClosed.
+//  2. Cost above a bucket's capacity: ErrTooLarge; it can never run.
+//  3. Nobody waiting and both buckets can pay now: admitted (fast path).
+//  4. Predict the admission time by replaying the buckets over the queue.
+//  5. Queue holds MaxQueueSize already: ErrQueueFull.
+//  6. Predicted wait above MaxQueueWait: ErrWaitTooLong.
+//  7. Otherwise queue it; the head's timer admits it at its time.
+//
+// A nil waiter means the answer is final.
+func (q *Queue) enqueue(now time.Time, cost Cost) (*waiter, Admission, error) {
+	// (1)
+	if q.closed {
+		return nil, Admission{}, ErrClosed
+	}
+	// (2)
+	if cost.Tokens > q.cfg.TPM {
+		st := q.state(now)
+		return nil, Admission{}, &RejectError{Reason: ErrTooLarge, Model: q.model, Resource: Tokens,
+			Limit: q.cfg.TPM, Requested: cost.Tokens, QueueLen: len(q.waiting), State: st}
+	}
+	// (3) Fast path.
+	if len(q.waiting) == 0 && q.req.level(now) >= 1-epsilon && q.tok.level(now) >= float64(cost.Tokens)-epsilon {
+		q.req.take(now, 1)
+		q.tok.take(now, cost.Tokens)
+		return nil, Admission{State: q.state(now)}, nil
+	}
+	// (4)
+	from := q.tailAt(now)
+	next, binding := q.step(from, cost)
+	wait := next.at.Sub(now)
+	// (5), (6)
+	var reason error
+	switch {
+	case len(q.waiting) >= q.cfg.MaxQueueSize:
+		reason = ErrQueueFull
+	case wait > time.Duration(q.cfg.MaxQueueWait):
+		reason = ErrWaitTooLong
+	}
+	if reason != nil {
+		return nil, Admission{}, q.reject(now, reason, binding, cost, wait)
+	}
+	// (7)
+	w := &waiter{cost: cost, enqueued: now, ready: make(chan struct{})}
+	q.waiting = append(q.waiting, w)
+	q.queuedTokens += cost.Tokens
+	q.tail, q.tailOK = next, true
+	if len(q.waiting) == 1 {
+		q.dispatch(now)
+	}
+	return w, Admission{}, nil
+}
+
+func (q *Queue) reject(now time.Time, reason error, binding Resource, cost Cost, wait time.Duration) *RejectError {
+	e := &RejectError{Reason: reason, Model: q.model, Resource: binding, RetryAfter: wait,
+		QueueLen: len(q.waiting), State: q.state(now)}
+	if binding == Tokens {
+		avail := q.tok.level(now) - float64(q.queuedTokens)
+		e.Limit, e.Requested = q.cfg.TPM, cost.Tokens
+		e.Used = max(0, q.cfg.TPM-int(math.Floor(avail)))
+	} else {
+		avail := q.req.level(now) - float64(len(q.waiting))
+		e.Limit, e.Requested = q.cfg.RPM, 1
+		e.Used = max(0, q.cfg.RPM-int(math.Floor(avail)))
+	}
+	return e
+}
+
+// tailAt returns the predicted bucket state once every waiting request has
+// been admitted, or the state at now when none waits.
+func (q *Queue) tailAt(now time.Time) sim {
+	if len(q.waiting) == 0 || !q.tailOK {
+		s := sim{at: now, req: q.req.level(now), tok: q.tok.level(now)}
+		for _, w := range q.waiting {
+			s, _ = q.step(s, w.cost)
+		}
+		q.tail, q.tailOK = s, true
+		return s
+	}
+	s := q.tail
+	if d := now.Sub(s.at); d > 0 {
+		// The last admission is overdue (timer latency): advance to now.
+		s = sim{at: now, req: q.req.fill(s.req, d), tok: q.tok.fill(s.tok, d)}
+	}
+	return s
+}
+
+// step predicts when a request of cost is admitted after state s, and the
+// state right after it pays. binding is the bucket it waited longer for.
+func (q *Queue) step(s sim, cost Cost) (sim, Resource) {
+	dr := q.req.waitFrom(s.req, 1)
+	dt := q.tok.waitFrom(s.tok, cost.Tokens)
+	d, binding := dr, Requests
+	if dt > dr {
+		d, binding = dt, Tokens
+	}
+	return sim{
+		at:  s.at.Add(d),
+		req: q.req.fill(s.req, d) - 1,
+		tok: q.tok.fill(s.tok, d) - float64(cost.Tokens),
+	}, binding
+}
+
+// dispatch admits waiting requests from the head while both buckets can pay,
+// then sets the timer for the new head.
+func (q *Queue) dispatch(now time.Time) {
+	for len(q.waiting) > 0 {
+		w := q.waiting[0]
+		d := max(q.req.waitFrom(q.req.level(now), 1), q.tok.waitFrom(q.tok.level(now), w.cost.Tokens))
+		if d > 0 {
+			q.arm(d)
+			return
+		}
+		q.req.take(now, 1)
+		q.tok.take(now, w.cost.Tokens)
+		q.waiting[0] = nil
+		q.waiting = q.waiting[1:]
+		q.queuedTokens -= w.cost.Tokens
+		w.done = true
+		w.adm = Admission{Wait: now.Sub(w.enqueued), State: q.state(now)}
+		close(w.ready)
+	}
+	q.disarm()
+}
+
+func (q *Queue) arm(d time.Duration) {
+	q.disarm()
+	q.timer = q.clock.AfterFunc(d, q.onTimer)
+}
+
+func (q *Queue) disarm() {
+	if q.timer != nil {
+		q.timer.Stop()
+		q.timer = nil
+	}
+}
+
+func (q *Queue) onTimer() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if !q.closed {
+		q.dispatch(q.clock.Now())
+	}
+}
+
+// cancel removes w if it is still waiting and reports whether it did.
+func (q *Queue) cancel(now time.Time, w *waiter) bool {
+	if w.done {
+		return false
+	}
+	for i, x := range q.waiting {
+		if x != w {
+			continue
+		}
+		copy(q.waiting[i:], q.waiting[i+1:])
+		q.waiting[len(q.waiting)-1] = nil
+		q.waiting = q.waiting[:len(q.waiting)-1]
+		q.queuedTokens -= w.cost.Tokens
+		q.tailOK = false
+		w.done = true
+		if i == 0 {
+			q.dispatch(now)
+		}
+		return true
+	}
+	return false
+}
+
+// state reports the buckets as a newcomer sees them at now: their levels
+// less what the queued requests will take.
+func (q *Queue) state(now time.Time) RateState {
+	lr := q.req.level(now) - float64(len(q.waiting))
+	lt := q.tok.level(now) - float64(q.queuedTokens)
+	return RateState{
+		LimitRequests: q.cfg.RPM, RemainingRequests: max(0, int(math.Floor(lr+epsilon))), ResetRequests: q.req.untilFull(lr),
+		LimitTokens: q.cfg.TPM, RemainingTokens: max(0, int(math.Floor(lt+epsilon))), ResetTokens: q.tok.untilFull(lt),
+	}
+}
+
+// State returns the buckets' state at now as a newcomer sees it.
+func (q *Queue) State(now time.Time) RateState {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.state(now)
+}
+
+// Stats returns the queue's depth and bucket levels at now.
+func (q *Queue) Stats(now time.Time) Stats {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return Stats{Depth: len(q.waiting), QueuedTokens: q.queuedTokens,
+		RemainingRequests: q.req.level(now), RemainingTokens: q.tok.level(now)}
+}
+
+// Close rejects every waiting request with ErrClosed, and every later one.
+func (q *Queue) Close() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.closed = true
+	q.disarm()
+	for _, w := range q.waiting {
+		w.done, w.err = true, ErrClosed
+		close(w.ready)
+	}
+	q.waiting, q.queuedTokens = nil, 0
+}

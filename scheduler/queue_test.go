@@ -1,0 +1,383 @@
+package scheduler
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func cfg(size int, wait time.Duration, rpm, tpm int) Config {
+	return Config{MaxQueueSize: size, MaxQueueWait: Duration(wait), RPM: rpm, TPM: tpm}
+}
+
+// drain takes every token of q at its clock's now, so that later requests
+// wait for refill.
+func drain(t *testing.T, q *Queue, tokens int) {
+	t.Helper()
+	_, err := q.Acquire(context.Background(), Cost{Tokens: tokens})
+	require.NoError(t, err)
+}
+
+// result is what a goroutine that called Acquire saw.
+type result struct {
+	id  int
+	at  time.Duration // since the test's start
+	adm Admission
+	err error
+}
+
+// acquireAsync starts Acquire in a goroutine and waits (in the bubble) until
+// it has either returned or blocked in the queue.
+func acquireAsync(ctx context.Context, q *Queue, id, tokens int, start time.Time, out chan<- result) {
+	go func() {
+		adm, err := q.Acquire(ctx, Cost{Tokens: tokens})
+		out <- result{id: id, at: time.Since(start), adm: adm, err: err}
+	}()
+	synctest.Wait()
+}
+
+func TestFastPathAndHeaders(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		q := NewQueue("m", cfg(10, 5*time.Second, 60, 6000), nil)
+		adm, err := q.Acquire(context.Background(), Cost{Tokens: 600})
+		require.NoError(t, err)
+		assert.Zero(t, adm.Wait)
+		assert.Equal(t, RateState{
+			LimitRequests: 60, RemainingRequests: 59, ResetRequests: time.Second,
+			LimitTokens: 6000, RemainingTokens: 5400, ResetTokens: 6 * time.Second,
+		}, adm.State)
+	})
+}
+
+func TestRefillOverTime(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		q := NewQueue("m", cfg(10, 0, 60, 600), nil)
+		drain(t, q, 600)
+		assert.Equal(t, 0, q.State(time.Now()).RemainingTokens)
+		time.Sleep(30 * time.Second)
+		st := q.State(time.Now())
+		assert.Equal(t, 300, st.RemainingTokens)
+		assert.Equal(t, 30*time.Second, st.ResetTokens)
+		time.Sleep(time.Hour)
+		assert.Equal(t, 600, q.State(time.Now()).RemainingTokens, "a bucket never fills past its capacity")
+	})
+}
+
+func TestStrictFIFONoOvertaking(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		start := time.Now()
+		q := NewQueue("m", cfg(10, time.Minute, 600, 600), nil) // 10 tokens/s
+		drain(t, q, 600)
+		out := make(chan result, 3)
+		acquireAsync(context.Background(), q, 1, 300, start, out) // ready at 30s
+		acquireAsync(context.Background(), q, 2, 10, start, out)  // small, but behind: 31s
+		acquireAsync(context.Background(), q, 3, 100, start, out) // 41s
+		var got []result
+		for range 3 {
+			got = append(got, <-out)
+		}
+		for i, want := range []time.Duration{30 * time.Second, 31 * time.Second, 41 * time.Second} {
+			require.NoError(t, got[i].err)
+			assert.Equal(t, i+1, got[i].id, "admission order")
+			assert.Equal(t, want, got[i].at.Round(time.Millisecond), "request %d", i+1)
+			assert.Equal(t, want, got[i].adm.Wait.Round(time.Millisecond))
+		}
+	})
+}
+
+func TestRejectWhenPredictedWaitTooLong(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		start := time.Now()
+		q := NewQueue("gpt-4o", cfg(10, 20*time.Second, 600, 600), nil)
+		drain(t, q, 600)
+		out := make(chan result, 1)
+		acquireAsync(context.Background(), q, 1, 150, start, out) // 15s: queued
+		// 150 + 100 = 25s > 20s: rejected at once, not after waiting.
+		_, err := q.Acquire(context.Background(), Cost{Tokens: 100})
+		var re *RejectError
+		require.ErrorAs(t, err, &re)
+		assert.ErrorIs(t, err, ErrWaitTooLong)
+		assert.Equal(t, Tokens, re.Resource)
+		assert.Equal(t, 25*time.Second, re.RetryAfter)
+		assert.Equal(t, 600, re.Limit)
+		assert.Equal(t, 750, re.Used, "spent 600 plus 150 promised to the queue")
+		assert.Equal(t, 100, re.Requested)
+		assert.Equal(t, 1, re.QueueLen)
+		assert.Zero(t, time.Since(start), "the no came without waiting")
+		// Honest retry: waiting RetryAfter and retrying alone is admitted at once.
+		<-out
+		time.Sleep(re.RetryAfter - time.Since(start))
+		adm, err := q.Acquire(context.Background(), Cost{Tokens: 100})
+		require.NoError(t, err)
+		assert.Zero(t, adm.Wait)
+	})
+}
+
+func TestZeroMaxQueueWaitAdmitsNowOrRejects(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		q := NewQueue("m", cfg(10, 0, 600, 600), nil)
+		_, err := q.Acquire(context.Background(), Cost{Tokens: 600})
+		require.NoError(t, err)
+		_, err = q.Acquire(context.Background(), Cost{Tokens: 1})
+		assert.ErrorIs(t, err, ErrWaitTooLong)
+		time.Sleep(100 * time.Millisecond) // one token refilled
+		_, err = q.Acquire(context.Background(), Cost{Tokens: 1})
+		assert.NoError(t, err)
+	})
+}
+
+func TestQueueFull(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		start := time.Now()
+		q := NewQueue("m", cfg(2, time.Hour, 600, 600), nil)
+		drain(t, q, 600)
+		out := make(chan result, 2)
+		acquireAsync(context.Background(), q, 1, 100, start, out)
+		acquireAsync(context.Background(), q, 2, 100, start, out)
+		_, err := q.Acquire(context.Background(), Cost{Tokens: 100})
+		var re *RejectError
+		require.ErrorAs(t, err, &re)
+		assert.ErrorIs(t, err, ErrQueueFull)
+		assert.Equal(t, 30*time.Second, re.RetryAfter, "it would be admitted after the two ahead")
+		assert.Equal(t, 2, re.QueueLen)
+		<-out
+		<-out
+	})
+}
+
+func TestTooLargeNeverRuns(t *testing.T) {
+	q := NewQueue("gpt-4o", cfg(10, time.Hour, 60, 1000), nil)
+	_, err := q.Acquire(context.Background(), Cost{Tokens: 1001})
+	var re *RejectError
+	require.ErrorAs(t, err, &re)
+	assert.ErrorIs(t, err, ErrTooLarge)
+	assert.Equal(t, Tokens, re.Resource)
+	assert.Equal(t, 1000, re.Limit)
+	assert.Equal(t, 1001, re.Requested)
+	assert.Zero(t, re.RetryAfter)
+}
+
+func TestCancelledRequestLeavesAndPaysNothing(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		start := time.Now()
+		q := NewQueue("m", cfg(10, time.Hour, 600, 600), nil)
+		drain(t, q, 600)
+		ctx, cancel := context.WithCancel(context.Background())
+		out := make(chan result, 3)
+		acquireAsync(ctx, q, 1, 300, start, out)                  // would be 30s
+		acquireAsync(context.Background(), q, 2, 300, start, out) // would be 60s
+		time.Sleep(10 * time.Second)
+		cancel()
+		r := <-out
+		assert.Equal(t, 1, r.id)
+		assert.ErrorIs(t, r.err, context.Canceled)
+		assert.Equal(t, 1, q.Stats(time.Now()).Depth)
+		// The one behind moves up: it needs 300 tokens, there at 30s.
+		r = <-out
+		require.NoError(t, r.err)
+		assert.Equal(t, 30*time.Second, r.at.Round(time.Millisecond))
+		// A later request does not pay for the one that left: 100 more at 40s.
+		adm, err := q.Acquire(context.Background(), Cost{Tokens: 100})
+		require.NoError(t, err)
+		assert.Equal(t, 10*time.Second, adm.Wait.Round(time.Millisecond))
+	})
+}
+
+func TestCancelInTheMiddleRecomputesPrediction(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		start := time.Now()
+		q := NewQueue("m", cfg(10, 45*time.Second, 600, 600), nil)
+		drain(t, q, 600)
+		ctx, cancel := context.WithCancel(context.Background())
+		out := make(chan result, 3)
+		acquireAsync(context.Background(), q, 1, 100, start, out) // 10s
+		acquireAsync(ctx, q, 2, 300, start, out)                  // 40s
+		_, err := q.Acquire(context.Background(), Cost{Tokens: 100})
+		assert.ErrorIs(t, err, ErrWaitTooLong, "50s predicted while 2 waits")
+		cancel()
+		assert.ErrorIs(t, (<-out).err, context.Canceled)
+		acquireAsync(context.Background(), q, 3, 100, start, out) // now 20s
+		for _, want := range []time.Duration{10 * time.Second, 20 * time.Second} {
+			r := <-out
+			require.NoError(t, r.err)
+			assert.Equal(t, want, r.at.Round(time.Millisecond))
+		}
+	})
+}
+
+func TestAdmittedWhileCancelledGivesBack(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		q := NewQueue("m", cfg(10, time.Hour, 600, 600), nil)
+		drain(t, q, 600)
+		q.mu.Lock()
+		w, _, err := q.enqueue(time.Now(), Cost{Tokens: 100})
+		q.mu.Unlock()
+		require.NoError(t, err)
+		time.Sleep(10 * time.Second)
+		synctest.Wait()
+		q.mu.Lock()
+		assert.True(t, w.done, "admitted by the timer")
+		assert.False(t, q.cancel(time.Now(), w), "too late to cancel")
+		q.mu.Unlock()
+	})
+}
+
+func TestRequestBucketCapBindsAfterTokenWait(t *testing.T) {
+	// rpm 2: the request bucket holds at most 2, so after a long wait for
+	// tokens only two requests can go at once; the third waits 30s for a
+	// request token. A prediction that ignored the cap would say 0.
+	synctest.Test(t, func(t *testing.T) {
+		start := time.Now()
+		q := NewQueue("m", cfg(10, time.Hour, 2, 600), nil)
+		drain(t, q, 600) // 1 request used too
+		out := make(chan result, 3)
+		acquireAsync(context.Background(), q, 1, 600, start, out) // 60s (tokens)
+		acquireAsync(context.Background(), q, 2, 0, start, out)   // 60s (1 request left after refill cap)
+		q.mu.Lock()
+		next, binding := q.step(q.tailAt(time.Now()), Cost{})
+		q.mu.Unlock()
+		assert.Equal(t, Requests, binding)
+		assert.Equal(t, 90*time.Second, next.at.Sub(start).Round(time.Millisecond), "predicted with the cap")
+		acquireAsync(context.Background(), q, 3, 0, start, out)
+		for _, want := range []time.Duration{60 * time.Second, 60 * time.Second, 90 * time.Second} {
+			r := <-out
+			require.NoError(t, r.err)
+			assert.Equal(t, want, r.at.Round(time.Millisecond), "request %d", r.id)
+		}
+	})
+}
+
+func TestCloseAnswersWaiters(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		start := time.Now()
+		q := NewQueue("m", cfg(10, time.Hour, 600, 600), nil)
+		drain(t, q, 600)
+		out := make(chan result, 1)
+		acquireAsync(context.Background(), q, 1, 100, start, out)
+		q.Close()
+		assert.ErrorIs(t, (<-out).err, ErrClosed)
+		_, err := q.Acquire(context.Background(), Cost{Tokens: 1})
+		assert.ErrorIs(t, err, ErrClosed)
+	})
+}
+
+// TestPredictionMatchesAdmission drives a random workload and checks three
+// invariants: each queued request is admitted exactly when predicted at
+// enqueue, in FIFO order, and the admitted tokens never exceed what the
+// bucket can have supplied.
+func TestPredictionMatchesAdmission(t *testing.T) {
+	for _, limits := range []struct{ rpm, tpm int }{{120, 6000}, {30, 6000}, {10, 100000}} {
+		t.Run(fmt.Sprintf("rpm %d tpm %d", limits.rpm, limits.tpm), func(t *testing.T) {
+			testPredictionMatchesAdmission(t, limits.rpm, limits.tpm)
+		})
+	}
+}
+
+func testPredictionMatchesAdmission(t *testing.T, rpm, tpm int) {
+	synctest.Test(t, func(t *testing.T) {
+		rng := rand.New(rand.NewPCG(1, 2))
+		start := time.Now()
+		q := NewQueue("m", cfg(50, 30*time.Second, rpm, tpm), nil)
+		type rec struct {
+			id        int
+			predicted time.Duration
+			tokens    int
+		}
+		var (
+			mu       sync.Mutex
+			admitted []rec
+			pending  sync.WaitGroup
+		)
+		admittedTokens := 0
+		for id := range 300 {
+			time.Sleep(time.Duration(rng.IntN(400)) * time.Millisecond)
+			tokens := rng.IntN(400)
+			now := time.Now()
+			q.mu.Lock()
+			w, _, err := q.enqueue(now, Cost{Tokens: tokens})
+			predicted := q.tail.at.Sub(start)
+			q.mu.Unlock()
+			if err != nil {
+				continue
+			}
+			if w == nil {
+				mu.Lock()
+				admitted = append(admitted, rec{id, now.Sub(start), tokens})
+				admittedTokens += tokens
+				mu.Unlock()
+				continue
+			}
+			pending.Go(func() {
+				<-w.ready
+				at := time.Since(start)
+				assert.InDelta(t, predicted.Seconds(), at.Seconds(), 0.001, "request %d", id)
+				mu.Lock()
+				admitted = append(admitted, rec{id, at, tokens})
+				admittedTokens += tokens
+				mu.Unlock()
+			})
+		}
+		pending.Wait()
+		for i := 1; i < len(admitted); i++ {
+			assert.Less(t, admitted[i-1].id, admitted[i].id, "FIFO")
+		}
+		elapsed := time.Since(start)
+		assert.LessOrEqual(t, float64(admittedTokens), float64(tpm)+elapsed.Minutes()*float64(tpm)+1)
+		assert.LessOrEqual(t, float64(len(admitted)), float64(rpm)+elapsed.Minutes()*float64(rpm)+1)
+		assert.Greater(t, len(admitted), 20)
+	})
+}
+
+func TestConfigValidate(t *testing.T) {
+	err := SetConfig{Models: map[string]Config{"gpt-4o": {RPM: 0, TPM: -1, MaxQueueSize: -1}}}.Validate()
+	require.Error(t, err)
+	for _, want := range []string{"models.gpt-4o.rpm: must be > 0", "models.gpt-4o.tpm: must be > 0", "models.gpt-4o.maxQueueSize"} {
+		assert.Contains(t, err.Error(), want)
+	}
+}
+
+func TestSetWildcardQueues(t *testing.T) {
+	s, err := NewSet(SetConfig{Models: map[string]Config{
+		"gpt-4o": cfg(1, 0, 10, 100), "*": cfg(2, 0, 20, 200),
+	}, MaxWildcardModels: 2}, nil)
+	require.NoError(t, err)
+	q1, err := s.Queue("gpt-4o")
+	require.NoError(t, err)
+	assert.Equal(t, 10, q1.Config().RPM)
+	a, _ := s.Queue("a")
+	a2, _ := s.Queue("a")
+	b, _ := s.Queue("b")
+	assert.Same(t, a, a2)
+	assert.NotSame(t, a, b, "each unlisted model has its own queue")
+	assert.Equal(t, 20, b.Config().RPM)
+	_, err = s.Queue("c")
+	assert.ErrorIs(t, err, ErrTooManyModels)
+	assert.Equal(t, []string{"*", "gpt-4o"}, s.Models())
+
+	strict, err := NewSet(SetConfig{Models: map[string]Config{"gpt-4o": cfg(1, 0, 10, 100)}}, nil)
+	require.NoError(t, err)
+	_, err = strict.Queue("other")
+	assert.True(t, errors.Is(err, ErrUnknownModel))
+}
+
+func TestDurationJSON(t *testing.T) {
+	for in, want := range map[string]time.Duration{
+		`30`: 30 * time.Second, `1.5`: 1500 * time.Millisecond, `"1500ms"`: 1500 * time.Millisecond,
+		`"2m"`: 2 * time.Minute, `"5"`: 5 * time.Second, `0`: 0,
+	} {
+		var d Duration
+		require.NoError(t, d.UnmarshalJSON([]byte(in)), in)
+		assert.Equal(t, want, time.Duration(d), in)
+	}
+	var d Duration
+	assert.Error(t, d.UnmarshalJSON([]byte(`"soon"`)))
+	assert.Error(t, d.UnmarshalJSON([]byte(`true`)))
+}

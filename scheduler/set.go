@@ -1,0 +1,156 @@
+// Package scheduler admits requests to an upstream in strict FIFO order per
+// (route, model), paying for each from two continuously refilling token
+// buckets (requests per minute and tokens per minute, golang.org/x/time/rate).
+//
+// It exists apart from the HTTP server so that the behaviour that must be
+// exactly right (order, prediction of the wait, honest retry times, a
+// cancelled request paying nothing) is plain code over integers and times,
+// tested with an injected clock. It knows nothing of HTTP, tokenizers or
+// providers: a request's cost arrives as an integer.
+package scheduler
+
+import (
+	"errors"
+	"fmt"
+	"maps"
+	"slices"
+	"sync"
+	"sync/atomic"
+)
+
+// Wildcard is the model key whose limits apply to every model not listed.
+const Wildcard = "*"
+
+// SetConfig configures the queues of one route.
+type SetConfig struct {
+	// Models maps model names, and optionally Wildcard, to their limits.
+	Models map[string]Config
+	// MaxWildcardModels bounds how many distinct unlisted models get their
+	// own queue, so clients cannot grow memory without end. 0 means 1000.
+	MaxWildcardModels int
+}
+
+// Validate checks every model's limits; errors name "models.<name>.<field>".
+func (c SetConfig) Validate() error {
+	var errs []error
+	if len(c.Models) == 0 {
+		errs = append(errs, errors.New("models: must list at least one model or \"*\""))
+	}
+	for _, name := range slices.Sorted(maps.Keys(c.Models)) {
+		if name == "" {
+			errs = append(errs, errors.New("models: a model name must not be empty"))
+		}
+		if err := c.Models[name].Validate(); err != nil {
+			errs = append(errs, prefixErrors("models."+name+".", err)...)
+		}
+	}
+	if c.MaxWildcardModels < 0 {
+		errs = append(errs, fmt.Errorf("maxWildcardModels: must be >= 0, got %d", c.MaxWildcardModels))
+	}
+	return errors.Join(errs...)
+}
+
+// prefixErrors splits a joined error and prefixes each part's message.
+func prefixErrors(prefix string, err error) []error {
+	var parts []error
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		parts = j.Unwrap()
+	} else {
+		parts = []error{err}
+	}
+	out := make([]error, len(parts))
+	for i, p := range parts {
+		out[i] = fmt.Errorf("%s%w", prefix, p)
+	}
+	return out
+}
+
+// Set holds the queues of one route, one per model. Listed models have
+// their queue from the start; each unlisted model gets its own queue with
+// the wildcard limits when first seen. Lookups take no lock.
+type Set struct {
+	listed     map[string]*Queue
+	wildcard   *Config
+	dynamic    sync.Map // model -> *Queue
+	dynCount   atomic.Int64
+	maxDynamic int64
+	clock      Clock
+	closed     atomic.Bool
+}
+
+// NewSet validates cfg and builds the listed queues. A nil clock means real
+// time.
+func NewSet(cfg SetConfig, clock Clock) (*Set, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	s := &Set{listed: make(map[string]*Queue, len(cfg.Models)), clock: clock, maxDynamic: int64(cfg.MaxWildcardModels)}
+	if s.maxDynamic == 0 {
+		s.maxDynamic = 1000
+	}
+	for name, mc := range cfg.Models {
+		if name == Wildcard {
+			w := mc
+			s.wildcard = &w
+			continue
+		}
+		s.listed[name] = NewQueue(name, mc, clock)
+	}
+	return s, nil
+}
+
+// Queue returns the queue of model: its own if listed, else a wildcard
+// queue of its own. It fails with ErrUnknownModel when the model is not
+// listed and there is no wildcard, and ErrTooManyModels past
+// MaxWildcardModels.
+func (s *Set) Queue(model string) (*Queue, error) {
+	if q, ok := s.listed[model]; ok {
+		return q, nil
+	}
+	if s.wildcard == nil {
+		return nil, ErrUnknownModel
+	}
+	if q, ok := s.dynamic.Load(model); ok {
+		return q.(*Queue), nil
+	}
+	if s.dynCount.Add(1) > s.maxDynamic {
+		s.dynCount.Add(-1)
+		return nil, ErrTooManyModels
+	}
+	q, loaded := s.dynamic.LoadOrStore(model, NewQueue(model, *s.wildcard, s.clock))
+	if loaded {
+		s.dynCount.Add(-1)
+	} else if s.closed.Load() {
+		q.(*Queue).Close()
+	}
+	return q.(*Queue), nil
+}
+
+// Models returns the configured model names, sorted, including Wildcard if
+// configured.
+func (s *Set) Models() []string {
+	names := slices.Collect(maps.Keys(s.listed))
+	if s.wildcard != nil {
+		names = append(names, Wildcard)
+	}
+	slices.Sort(names)
+	return names
+}
+
+// Range calls f for every queue that exists, listed or created.
+func (s *Set) Range(f func(q *Queue)) {
+	for _, q := range s.listed {
+		f(q)
+	}
+	s.dynamic.Range(func(_, q any) bool {
+		f(q.(*Queue))
+		return true
+	})
+}
+
+// Close closes every queue: waiting requests get ErrClosed, and so does
+// every later one.
+func (s *Set) Close() {
+	s.closed.Store(true)
+	s.Range((*Queue).Close)
+}
