@@ -1,0 +1,270 @@
+// Package config reads llproxy's JSON config file: it expands ${VAR} and
+// ${VAR:-default} from the environment, rejects unknown fields, applies
+// defaults and validates, naming every error by its JSON path
+// ("routes.openai.models.gpt-4o.tpm: must be > 0, got 0").
+//
+// Each leaf package (scheduler, provider, tokenizer) owns the Config of its
+// part and its Validate; this package composes them into the file's shape and
+// prefixes their errors with where they sit in the file.
+package config
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"net/url"
+	"regexp"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/llproxy/llproxy/provider"
+	"github.com/llproxy/llproxy/scheduler"
+	"github.com/llproxy/llproxy/tokenizer"
+)
+
+// Defaults applied by Load.
+const (
+	DefaultListen           = ":8080"
+	DefaultMaxBodyBytes     = 32 << 20
+	DefaultShutdownTimeout  = 30 * time.Second
+	DefaultMaxTokens        = 1024
+	DefaultResponseHeader   = 10 * time.Minute
+	DefaultDialTimeout      = 10 * time.Second
+	DefaultMaxIdlePerHost   = 256
+	DefaultMaxWildcardModel = 1000
+)
+
+// Config is the whole file.
+type Config struct {
+	// Listen is the address to serve on. Default ":8080".
+	Listen string `json:"listen"`
+	// ClientKeys, when set, are the only keys accepted from clients, as
+	// "Authorization: Bearer <key>" or "api-key: <key>".
+	ClientKeys []Secret `json:"clientKeys"`
+	// MaxBodyBytes bounds a request body; larger ones get 413. Default 32 MiB.
+	MaxBodyBytes int64 `json:"maxBodyBytes"`
+	// ShutdownTimeout bounds how long admitted requests may finish after
+	// SIGTERM. Default 30s.
+	ShutdownTimeout scheduler.Duration `json:"shutdownTimeout"`
+	// LogLevel is debug, info (default), warn or error.
+	LogLevel string `json:"logLevel"`
+	// Tokenizer tunes token counting.
+	Tokenizer tokenizer.Config `json:"tokenizer"`
+	// Routes maps a route name R, served at /R/..., to its upstream.
+	Routes map[string]*Route `json:"routes"`
+}
+
+// Route is one upstream and its per-model queues.
+type Route struct {
+	// Forward is the upstream's base URL; the path after /R/ and the query
+	// are appended. Required for provider "openai".
+	Forward string `json:"forward"`
+	// Provider is "openai" (default) or "mock".
+	Provider string `json:"provider"`
+	// APIKey, when set, replaces the client's credentials upstream.
+	APIKey Secret `json:"apiKey"`
+	// Models maps model names (and "*" for all others) to their limits.
+	Models map[string]*Model `json:"models"`
+	// MaxWildcardModels bounds the distinct unlisted models queued. Default 1000.
+	MaxWildcardModels int `json:"maxWildcardModels"`
+	// ResponseHeaderTimeout bounds the wait for the upstream's response
+	// headers once a request is sent (504 after). Default 10m.
+	ResponseHeaderTimeout scheduler.Duration `json:"responseHeaderTimeout"`
+	// DialTimeout bounds connecting to the upstream (502 after). Default 10s.
+	DialTimeout scheduler.Duration `json:"dialTimeout"`
+	// MaxIdleConnsPerHost is the upstream connection pool size. Default 256.
+	MaxIdleConnsPerHost int `json:"maxIdleConnsPerHost"`
+	// Mock configures provider "mock".
+	Mock provider.MockConfig `json:"mock"`
+}
+
+// Model is one model's limits plus how its requests are costed.
+type Model struct {
+	scheduler.Config
+	// DefaultMaxTokens is the output a request is charged for when it names
+	// no max_completion_tokens, max_tokens or max_output_tokens. Default 1024.
+	DefaultMaxTokens int `json:"defaultMaxTokens"`
+}
+
+// Secret is a string that never prints: not in logs, errors or JSON.
+type Secret string
+
+// Value returns the secret itself.
+func (s Secret) Value() string { return string(s) }
+
+func (s Secret) String() string {
+	if s == "" {
+		return ""
+	}
+	return "[redacted]"
+}
+
+// GoString keeps %#v from printing the secret.
+func (s Secret) GoString() string { return `"` + s.String() + `"` }
+
+// LogValue keeps slog from printing the secret.
+func (s Secret) LogValue() slog.Value { return slog.StringValue(s.String()) }
+
+// MarshalText keeps encoders from writing the secret.
+func (s Secret) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
+
+// reservedRoutes are paths the gateway serves itself.
+var reservedRoutes = []string{"metrics", "healthz", "health", "v1", "api", "status", "unload"}
+
+var routeName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]*$`)
+
+// setDefaults fills zero fields with their defaults.
+func (c *Config) setDefaults() {
+	if c.Listen == "" {
+		c.Listen = DefaultListen
+	}
+	if c.MaxBodyBytes == 0 {
+		c.MaxBodyBytes = DefaultMaxBodyBytes
+	}
+	if c.ShutdownTimeout == 0 {
+		c.ShutdownTimeout = scheduler.Duration(DefaultShutdownTimeout)
+	}
+	if c.LogLevel == "" {
+		c.LogLevel = "info"
+	}
+	for _, r := range c.Routes {
+		if r == nil {
+			continue
+		}
+		if r.Provider == "" {
+			r.Provider = provider.NameOpenAI
+		}
+		if r.MaxWildcardModels == 0 {
+			r.MaxWildcardModels = DefaultMaxWildcardModel
+		}
+		if r.ResponseHeaderTimeout == 0 {
+			r.ResponseHeaderTimeout = scheduler.Duration(DefaultResponseHeader)
+		}
+		if r.DialTimeout == 0 {
+			r.DialTimeout = scheduler.Duration(DefaultDialTimeout)
+		}
+		if r.MaxIdleConnsPerHost == 0 {
+			r.MaxIdleConnsPerHost = DefaultMaxIdlePerHost
+		}
+		for _, m := range r.Models {
+			if m != nil && m.DefaultMaxTokens == 0 {
+				m.DefaultMaxTokens = DefaultMaxTokens
+			}
+		}
+	}
+}
+
+// Validate reports every error, each prefixed by its JSON path.
+func (c *Config) Validate() error {
+	var errs []error
+	add := func(path string, err error) {
+		if err != nil {
+			errs = append(errs, prefix(path, err)...)
+		}
+	}
+	if c.MaxBodyBytes < 0 {
+		errs = append(errs, fmt.Errorf("maxBodyBytes: must be > 0, got %d", c.MaxBodyBytes))
+	}
+	if c.ShutdownTimeout < 0 {
+		errs = append(errs, errors.New("shutdownTimeout: must be >= 0"))
+	}
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(c.LogLevel)); err != nil {
+		errs = append(errs, fmt.Errorf("logLevel: must be debug, info, warn or error, got %q", c.LogLevel))
+	}
+	for i, k := range c.ClientKeys {
+		if k == "" {
+			errs = append(errs, fmt.Errorf("clientKeys[%d]: must not be empty", i))
+		}
+	}
+	add("tokenizer.", c.Tokenizer.Validate())
+	if len(c.Routes) == 0 {
+		errs = append(errs, errors.New("routes: must have at least one route"))
+	}
+	for _, name := range slices.Sorted(maps.Keys(c.Routes)) {
+		path := "routes." + name
+		r := c.Routes[name]
+		switch {
+		case !routeName.MatchString(name):
+			errs = append(errs, fmt.Errorf("%s: route name must be letters, digits, '.', '_' or '-'", path))
+		case slices.Contains(reservedRoutes, name):
+			errs = append(errs, fmt.Errorf("%s: route name is reserved (%s)", path, strings.Join(reservedRoutes, ", ")))
+		}
+		if r == nil {
+			errs = append(errs, fmt.Errorf("%s: must be an object", path))
+			continue
+		}
+		add(path+".", r.validate())
+	}
+	return errors.Join(errs...)
+}
+
+func (r *Route) validate() error {
+	var errs []error
+	switch r.Provider {
+	case provider.NameOpenAI:
+		if r.Forward == "" {
+			errs = append(errs, errors.New("forward: required for provider \"openai\""))
+		} else if u, err := url.Parse(r.Forward); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			errs = append(errs, fmt.Errorf("forward: must be an http or https URL, got %q", r.Forward))
+		}
+	case provider.NameMock:
+		errs = append(errs, prefix("mock.", r.Mock.Validate())...)
+	default:
+		errs = append(errs, fmt.Errorf("provider: unknown provider %q (valid: %s)", r.Provider, strings.Join(provider.Names(), ", ")))
+	}
+	if r.ResponseHeaderTimeout < 0 {
+		errs = append(errs, errors.New("responseHeaderTimeout: must be >= 0"))
+	}
+	if r.DialTimeout < 0 {
+		errs = append(errs, errors.New("dialTimeout: must be >= 0"))
+	}
+	if r.MaxIdleConnsPerHost < 0 {
+		errs = append(errs, errors.New("maxIdleConnsPerHost: must be >= 0"))
+	}
+	for _, name := range slices.Sorted(maps.Keys(r.Models)) {
+		m := r.Models[name]
+		if m == nil {
+			errs = append(errs, fmt.Errorf("models.%s: must be an object", name))
+			continue
+		}
+		if m.DefaultMaxTokens < 0 {
+			errs = append(errs, fmt.Errorf("models.%s.defaultMaxTokens: must be >= 0, got %d", name, m.DefaultMaxTokens))
+		}
+	}
+	errs = append(errs, splitErrors(r.SchedulerConfig().Validate())...)
+	return errors.Join(errs...)
+}
+
+// SchedulerConfig returns the route's queue limits in the scheduler's terms.
+func (r *Route) SchedulerConfig() scheduler.SetConfig {
+	models := make(map[string]scheduler.Config, len(r.Models))
+	for name, m := range r.Models {
+		if m != nil {
+			models[name] = m.Config
+		}
+	}
+	return scheduler.SetConfig{Models: models, MaxWildcardModels: r.MaxWildcardModels}
+}
+
+func splitErrors(err error) []error {
+	if err == nil {
+		return nil
+	}
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		return j.Unwrap()
+	}
+	return []error{err}
+}
+
+// prefix prefixes each error joined in err with path.
+func prefix(path string, err error) []error {
+	parts := splitErrors(err)
+	out := make([]error, len(parts))
+	for i, p := range parts {
+		out[i] = fmt.Errorf("%s%w", path, p)
+	}
+	return out
+}

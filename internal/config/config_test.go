@@ -1,0 +1,134 @@
+package config
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func env(vars map[string]string) LookupEnv {
+	return func(k string) (string, bool) { v, ok := vars[k]; return v, ok }
+}
+
+func TestExampleConfigLoadsWithNoEnvironment(t *testing.T) {
+	_, file, _, _ := runtime.Caller(0)
+	cfg, err := Load(filepath.Join(filepath.Dir(file), "../../config-example.json"), env(nil))
+	require.NoError(t, err)
+	assert.Equal(t, ":8080", cfg.Listen)
+	assert.Equal(t, "", cfg.Routes["openai"].APIKey.Value(), "no key: clients' own keys pass through")
+	assert.Equal(t, "mock", cfg.Routes["demo"].Provider)
+	assert.Equal(t, 30*time.Second, time.Duration(cfg.Routes["openai"].Models["gpt-4o"].MaxQueueWait))
+	assert.Equal(t, DefaultMaxTokens, cfg.Routes["openai"].Models["gpt-4o"].DefaultMaxTokens)
+}
+
+const issueConfig = `{
+  "listen": ":8080",
+  "clientKeys": ["${TEAM_KEY_A}", "${TEAM_KEY_B}"],
+  "routes": {
+    "openai": {
+      "forward": "https://api.openai.com",
+      "provider": "openai",
+      "apiKey": "${OPENAI_API_KEY}",
+      "models": {
+        "gpt-4o":      { "maxQueueSize": 10, "maxQueueWait": 30, "rpm": 200, "tpm": 40000 },
+        "gpt-4o-mini": { "maxQueueSize": 100, "maxQueueWait": "1500ms", "rpm": 500, "tpm": 200000, "defaultMaxTokens": 512 },
+        "*":           { "maxQueueSize": 10, "maxQueueWait": 5, "rpm": 60, "tpm": 10000 }
+      }
+    },
+    "demo": { "provider": "mock", "models": { "*": { "maxQueueSize": 5, "maxQueueWait": 2, "rpm": 30, "tpm": 20000 } } }
+  }
+}`
+
+func TestIssueShapeParses(t *testing.T) {
+	cfg, err := Parse([]byte(issueConfig), env(map[string]string{
+		"TEAM_KEY_A": "team-a", "TEAM_KEY_B": "team-b", "OPENAI_API_KEY": "sk-secret-123",
+	}))
+	require.NoError(t, err)
+	assert.Equal(t, []Secret{"team-a", "team-b"}, cfg.ClientKeys)
+	r := cfg.Routes["openai"]
+	assert.Equal(t, "sk-secret-123", r.APIKey.Value())
+	mini := r.Models["gpt-4o-mini"]
+	assert.Equal(t, 1500*time.Millisecond, time.Duration(mini.MaxQueueWait))
+	assert.Equal(t, 512, mini.DefaultMaxTokens)
+	assert.Equal(t, 200000, mini.TPM)
+}
+
+func TestMissingVariableIsNamedAndSecretsNeverPrint(t *testing.T) {
+	_, err := Parse([]byte(issueConfig), env(map[string]string{"TEAM_KEY_A": "a", "TEAM_KEY_B": "b"}))
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "routes.openai.apiKey: environment variable OPENAI_API_KEY is not set")
+
+	cfg, err := Parse([]byte(issueConfig), env(map[string]string{"TEAM_KEY_A": "a", "TEAM_KEY_B": "b", "OPENAI_API_KEY": "sk-secret-123"}))
+	require.NoError(t, err)
+	for _, format := range []string{"%v", "%+v", "%#v", "%s"} {
+		assert.NotContains(t, fmt.Sprintf(format, cfg.Routes["openai"]), "sk-secret-123", format)
+	}
+}
+
+func TestErrorsNameTheJSONPath(t *testing.T) {
+	bad := `{
+  "listen": ":8080",
+  "routes": {
+    "openai": {
+      "forward": "ftp://nowhere",
+      "models": {
+        "gpt-4o": { "maxQueueSize": -1, "maxQueueWait": "soon", "rpm": 0, "tpm": 0, "tmp": 3 }
+      }
+    },
+    "x": { "provider": "bedrock", "models": { "*": { "rpm": "sixty", "tpm": 1 } } },
+    "metrics": { "provider": "mock", "models": {} }
+  },
+  "logLevel": 7
+}`
+	_, err := Parse([]byte(bad), env(nil))
+	require.Error(t, err)
+	// Shape errors come first, all of them.
+	for _, want := range []string{
+		"routes.openai.models.gpt-4o.maxQueueWait: invalid duration",
+		"routes.openai.models.gpt-4o.tmp: unknown field",
+		"routes.x.models.*.rpm: must be an integer, got a string",
+		"logLevel: must be a string, got the number 7",
+	} {
+		assert.Contains(t, err.Error(), want)
+	}
+	fixed := strings.NewReplacer(`"soon"`, `1`, `, "tmp": 3`, ``, `"sixty"`, `60`, `"logLevel": 7`, `"logLevel": "info"`).Replace(bad)
+	_, err = Parse([]byte(fixed), env(nil))
+	require.Error(t, err)
+	for _, want := range []string{
+		"routes.openai.forward: must be an http or https URL",
+		"routes.openai.models.gpt-4o.tpm: must be > 0, got 0",
+		"routes.openai.models.gpt-4o.rpm: must be > 0, got 0",
+		"routes.openai.models.gpt-4o.maxQueueSize: must be >= 0, got -1",
+		"routes.x.provider: unknown provider \"bedrock\"",
+		"routes.metrics: route name is reserved",
+		"routes.metrics.models: must list at least one model",
+	} {
+		assert.Contains(t, err.Error(), want)
+	}
+}
+
+func TestSyntaxErrorHasLine(t *testing.T) {
+	_, err := Parse([]byte("{\n\"listen\": ,\n}"), env(nil))
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "line 2")
+}
+
+func TestExpandDefaults(t *testing.T) {
+	s, err := expandString("a${X:-dflt}b${Y}c", env(map[string]string{"Y": "y"}))
+	require.NoError(t, err)
+	assert.Equal(t, "adfltbyc", s)
+	_, err = expandString("${", env(nil))
+	assert.Error(t, err)
+}
+
+func TestLoadMissingFile(t *testing.T) {
+	_, err := Load(filepath.Join(t.TempDir(), "nope.json"), env(nil))
+	assert.ErrorIs(t, err, os.ErrNotExist)
+}

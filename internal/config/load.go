@@ -1,0 +1,262 @@
+package config
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"maps"
+	"os"
+	"reflect"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+// LookupEnv finds an environment variable; os.LookupEnv in production.
+type LookupEnv func(name string) (string, bool)
+
+// Load reads and validates the config file at path.
+func Load(path string, env LookupEnv) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	cfg, err := Parse(data, env)
+	if err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	return cfg, nil
+}
+
+// Parse reads a config from JSON: expand the environment in every string,
+// check field names and types against Config, decode, apply defaults,
+// validate. The error lists every problem found, one per line, each with its
+// JSON path.
+func Parse(data []byte, env LookupEnv) (*Config, error) {
+	if env == nil {
+		env = os.LookupEnv
+	}
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.UseNumber()
+	var raw any
+	if err := dec.Decode(&raw); err != nil {
+		return nil, syntaxError(data, err)
+	}
+	if _, ok := raw.(map[string]any); !ok {
+		return nil, errors.New("the config must be a JSON object")
+	}
+	var errs []error
+	raw = expand(raw, "", env, &errs)
+	errs = append(errs, check(raw, reflect.TypeFor[Config](), "")...)
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	clean, err := json.Marshal(raw)
+	if err != nil {
+		return nil, err
+	}
+	var cfg Config
+	if err := json.Unmarshal(clean, &cfg); err != nil {
+		return nil, err
+	}
+	cfg.setDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	return &cfg, nil
+}
+
+func syntaxError(data []byte, err error) error {
+	var se *json.SyntaxError
+	if errors.As(err, &se) {
+		line := 1 + bytes.Count(data[:se.Offset], []byte("\n"))
+		return fmt.Errorf("line %d: invalid JSON: %v", line, err)
+	}
+	return fmt.Errorf("invalid JSON: %v", err)
+}
+
+// expand replaces ${VAR} and ${VAR:-default} in every string below v. A
+// variable that is not set and has no default is an error naming it and
+// where it was used; its value is never put in an error.
+func expand(v any, path string, env LookupEnv, errs *[]error) any {
+	switch x := v.(type) {
+	case string:
+		s, err := expandString(x, env)
+		if err != nil {
+			*errs = append(*errs, fmt.Errorf("%s: %w", path, err))
+		}
+		return s
+	case map[string]any:
+		for k, e := range x {
+			x[k] = expand(e, join(path, k), env, errs)
+		}
+	case []any:
+		for i, e := range x {
+			x[i] = expand(e, path+"["+strconv.Itoa(i)+"]", env, errs)
+		}
+	}
+	return v
+}
+
+func expandString(s string, env LookupEnv) (string, error) {
+	if !strings.Contains(s, "${") {
+		return s, nil
+	}
+	var b strings.Builder
+	for {
+		i := strings.Index(s, "${")
+		if i < 0 {
+			b.WriteString(s)
+			return b.String(), nil
+		}
+		end := strings.IndexByte(s[i:], '}')
+		if end < 0 {
+			return "", fmt.Errorf("unterminated ${ in %q", s)
+		}
+		b.WriteString(s[:i])
+		expr := s[i+2 : i+end]
+		name, def, hasDef := strings.Cut(expr, ":-")
+		if name == "" {
+			return "", errors.New("empty variable name in ${}")
+		}
+		val, ok := env(name)
+		switch {
+		case ok:
+			b.WriteString(val)
+		case hasDef:
+			b.WriteString(def)
+		default:
+			return "", fmt.Errorf("environment variable %s is not set (use ${%s:-default} for a default)", name, name)
+		}
+		s = s[i+end+1:]
+	}
+}
+
+func join(path, key string) string {
+	if path == "" {
+		return key
+	}
+	return path + "." + key
+}
+
+var unmarshalerType = reflect.TypeFor[json.Unmarshaler]()
+
+// check walks the decoded JSON beside the Go type it will fill and reports
+// unknown fields and values of the wrong type, each with its path.
+func check(v any, t reflect.Type, path string) []error {
+	if v == nil {
+		return nil // null leaves the zero value
+	}
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	if reflect.PointerTo(t).Implements(unmarshalerType) {
+		b, _ := json.Marshal(v)
+		if err := reflect.New(t).Interface().(json.Unmarshaler).UnmarshalJSON(b); err != nil {
+			return []error{fmt.Errorf("%s: %w", path, err)}
+		}
+		return nil
+	}
+	wrong := func(want string) []error {
+		return []error{fmt.Errorf("%s: must be %s, got %s", path, want, describe(v))}
+	}
+	switch t.Kind() {
+	case reflect.Struct:
+		obj, ok := v.(map[string]any)
+		if !ok {
+			return wrong("an object")
+		}
+		fields := jsonFields(t)
+		var errs []error
+		for _, k := range slices.Sorted(maps.Keys(obj)) {
+			ft, ok := fields[k]
+			if !ok {
+				errs = append(errs, fmt.Errorf("%s: unknown field (known: %s)", join(path, k), strings.Join(slices.Sorted(maps.Keys(fields)), ", ")))
+				continue
+			}
+			errs = append(errs, check(obj[k], ft, join(path, k))...)
+		}
+		return errs
+	case reflect.Map:
+		obj, ok := v.(map[string]any)
+		if !ok {
+			return wrong("an object")
+		}
+		var errs []error
+		for _, k := range slices.Sorted(maps.Keys(obj)) {
+			errs = append(errs, check(obj[k], t.Elem(), join(path, k))...)
+		}
+		return errs
+	case reflect.Slice:
+		arr, ok := v.([]any)
+		if !ok {
+			return wrong("an array")
+		}
+		var errs []error
+		for i, e := range arr {
+			errs = append(errs, check(e, t.Elem(), path+"["+strconv.Itoa(i)+"]")...)
+		}
+		return errs
+	case reflect.String:
+		if _, ok := v.(string); !ok {
+			return wrong("a string")
+		}
+	case reflect.Bool:
+		if _, ok := v.(bool); !ok {
+			return wrong("true or false")
+		}
+	case reflect.Int, reflect.Int64, reflect.Int32:
+		n, ok := v.(json.Number)
+		if !ok {
+			return wrong("an integer")
+		}
+		if _, err := strconv.ParseInt(n.String(), 10, 64); err != nil {
+			return wrong("an integer")
+		}
+	case reflect.Float64:
+		if _, ok := v.(json.Number); !ok {
+			return wrong("a number")
+		}
+	}
+	return nil
+}
+
+// jsonFields maps a struct's JSON names to field types, following embedded
+// structs as encoding/json does.
+func jsonFields(t reflect.Type) map[string]reflect.Type {
+	out := map[string]reflect.Type{}
+	for i := range t.NumField() {
+		f := t.Field(i)
+		tag := f.Tag.Get("json")
+		name, _, _ := strings.Cut(tag, ",")
+		if name == "-" || !f.IsExported() {
+			continue
+		}
+		if f.Anonymous && name == "" && f.Type.Kind() == reflect.Struct {
+			maps.Copy(out, jsonFields(f.Type))
+			continue
+		}
+		if name == "" {
+			name = f.Name
+		}
+		out[name] = f.Type
+	}
+	return out
+}
+
+func describe(v any) string {
+	switch x := v.(type) {
+	case string:
+		return "a string"
+	case json.Number:
+		return "the number " + x.String()
+	case bool:
+		return "a boolean"
+	case []any:
+		return "an array"
+	case map[string]any:
+		return "an object"
+	}
+	return fmt.Sprintf("%T", v)
+}

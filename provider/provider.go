@@ -1,0 +1,46 @@
+// Package provider holds one file per kind of upstream llproxy can serve a
+// route with: "openai" forwards to any OpenAI-compatible server with the
+// route's key, and "mock" answers locally, so the gateway runs and can be
+// load-tested with no key and no network.
+//
+// It exists so that what differs between upstreams (authentication, how they
+// answer) stays out of the HTTP server and the scheduler. It imports neither.
+package provider
+
+import (
+	"encoding/json"
+	"fmt"
+	"strconv"
+	"time"
+)
+
+// Names of the providers a route may use.
+const (
+	NameOpenAI = "openai"
+	NameMock   = "mock"
+)
+
+// Names returns the known provider names.
+func Names() []string { return []string{NameOpenAI, NameMock} }
+
+// Duration is a time.Duration that reads from JSON as a number of seconds or
+// a Go duration string ("50ms").
+type Duration time.Duration
+
+// UnmarshalJSON implements json.Unmarshaler.
+func (d *Duration) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err == nil {
+		if v, err := time.ParseDuration(s); err == nil {
+			*d = Duration(v)
+			return nil
+		}
+		b = []byte(s)
+	}
+	f, err := strconv.ParseFloat(string(b), 64)
+	if err != nil {
+		return fmt.Errorf("invalid duration %s: want seconds or a duration such as \"50ms\"", b)
+	}
+	*d = Duration(f * float64(time.Second))
+	return nil
+}
