@@ -1,0 +1,141 @@
+// Command llproxy is a scheduling gateway between LLM clients and LLM
+// servers. See README.md.
+//
+//	llproxy [-config file] [-listen addr] [-check]
+//	llproxy mock-server [-listen addr] [-chunks n] [-chunk-delay d] [-latency d]
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/llproxy/llproxy/internal/config"
+	"github.com/llproxy/llproxy/internal/server"
+	"github.com/llproxy/llproxy/provider"
+	"github.com/llproxy/llproxy/tokenizer"
+)
+
+func main() {
+	if len(os.Args) > 1 && os.Args[1] == "mock-server" {
+		os.Exit(mockServer(os.Args[2:]))
+	}
+	os.Exit(run(os.Args[1:]))
+}
+
+func run(args []string) int {
+	fs := flag.NewFlagSet("llproxy", flag.ContinueOnError)
+	configPath := fs.String("config", "", "config file (default: config.json if present, else config-example.json)")
+	listen := fs.String("listen", "", "listen address, overriding the config's \"listen\"")
+	check := fs.Bool("check", false, "validate the config and exit: 0 if valid, 1 if not")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	path := *configPath
+	if path == "" {
+		path = "config-example.json"
+		if _, err := os.Stat("config.json"); err == nil {
+			path = "config.json"
+		}
+	}
+	cfg, err := config.Load(path, os.LookupEnv)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "llproxy:", err)
+		return 1
+	}
+	if *check {
+		fmt.Printf("llproxy: %s is valid (%d routes)\n", path, len(cfg.Routes))
+		return 0
+	}
+	if *listen != "" {
+		cfg.Listen = *listen
+	}
+	var level slog.Level
+	level.UnmarshalText([]byte(cfg.LogLevel))
+	logger := slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+
+	tok, err := tokenizer.New(cfg.Tokenizer)
+	if err != nil {
+		logger.Error("tokenizer", "err", err)
+		return 1
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	gw, err := server.New(server.Options{Config: cfg, Tokenizer: tok, Registry: reg, Logger: logger})
+	if err != nil {
+		logger.Error("server", "err", err)
+		return 1
+	}
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		logger.Error("listen", "err", err)
+		return 1
+	}
+	srv := &http.Server{Handler: gw, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 120 * time.Second}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
+	defer stop()
+	logger.Info("llproxy listening", "addr", ln.Addr().String(), "config", path, "routes", len(cfg.Routes))
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	select {
+	case err := <-errc:
+		logger.Error("serve", "err", err)
+		return 1
+	case <-ctx.Done():
+	}
+	logger.Info("shutting down", "timeout", time.Duration(cfg.ShutdownTimeout).String())
+	if err := server.Shutdown(context.Background(), srv, gw, time.Duration(cfg.ShutdownTimeout)); err != nil {
+		logger.Warn("shutdown", "err", err)
+		return 1
+	}
+	return 0
+}
+
+// mockServer serves the mock provider standalone: an OpenAI-compatible
+// upstream for load tests and local experiments.
+func mockServer(args []string) int {
+	fs := flag.NewFlagSet("llproxy mock-server", flag.ContinueOnError)
+	listen := fs.String("listen", "127.0.0.1:9000", "listen address")
+	chunks := fs.Int("chunks", 16, "words per completion (SSE chunks when streamed)")
+	chunkDelay := fs.Duration("chunk-delay", 0, "delay between streamed chunks")
+	latency := fs.Duration("latency", 0, "delay before the response headers")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	tok, err := tokenizer.New(tokenizer.Config{})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "llproxy mock-server:", err)
+		return 1
+	}
+	mock := provider.NewMock(provider.MockConfig{Chunks: *chunks, ChunkDelay: provider.Duration(*chunkDelay),
+		Latency: provider.Duration(*latency)}, server.MockCounter(tok))
+	ln, err := net.Listen("tcp", *listen)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "llproxy mock-server:", err)
+		return 1
+	}
+	fmt.Printf("llproxy mock-server listening on %s\n", ln.Addr())
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
+	defer stop()
+	srv := &http.Server{Handler: mock, ReadHeaderTimeout: 10 * time.Second}
+	go func() {
+		<-ctx.Done()
+		srv.Close()
+	}()
+	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		fmt.Fprintln(os.Stderr, "llproxy mock-server:", err)
+		return 1
+	}
+	return 0
+}

@@ -1,0 +1,64 @@
+package metrics
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// QueueStats is one queue's state at scrape time.
+type QueueStats struct {
+	Route, Model      string
+	Depth             int
+	QueuedTokens      int
+	RemainingRequests float64
+	RemainingTokens   float64
+	LimitRequests     int
+	LimitTokens       int
+}
+
+// QueueSource lists every queue's state; the server implements it over the
+// scheduler.
+type QueueSource interface {
+	QueueStats(yield func(QueueStats))
+}
+
+// queueCollector reads the queues at scrape time.
+type queueCollector struct {
+	src                                     QueueSource
+	depth, queuedTokens, remaining, limitDs *prometheus.Desc
+}
+
+func newQueueCollector(src QueueSource) *queueCollector {
+	labels := []string{"route", "model"}
+	return &queueCollector{
+		src: src,
+		depth: prometheus.NewDesc("llproxy_queue_depth",
+			"Requests waiting in the (route, model) queue.", labels, nil),
+		queuedTokens: prometheus.NewDesc("llproxy_queue_tokens",
+			"Tokens the waiting requests of the queue will take when admitted.", labels, nil),
+		remaining: prometheus.NewDesc("llproxy_bucket_remaining",
+			"Tokens in the gateway's bucket now, by resource (requests or tokens).", append(labels, "resource"), nil),
+		limitDs: prometheus.NewDesc("llproxy_bucket_limit",
+			"The bucket's per-minute limit (its capacity), by resource.", append(labels, "resource"), nil),
+	}
+}
+
+func (c *queueCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.depth
+	ch <- c.queuedTokens
+	ch <- c.remaining
+	ch <- c.limitDs
+}
+
+func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
+	if c.src == nil {
+		return
+	}
+	c.src.QueueStats(func(s QueueStats) {
+		ch <- prometheus.MustNewConstMetric(c.depth, prometheus.GaugeValue, float64(s.Depth), s.Route, s.Model)
+		ch <- prometheus.MustNewConstMetric(c.queuedTokens, prometheus.GaugeValue, float64(s.QueuedTokens), s.Route, s.Model)
+		ch <- prometheus.MustNewConstMetric(c.remaining, prometheus.GaugeValue, s.RemainingRequests, s.Route, s.Model, "requests")
+		ch <- prometheus.MustNewConstMetric(c.remaining, prometheus.GaugeValue, s.RemainingTokens, s.Route, s.Model, "tokens")
+		ch <- prometheus.MustNewConstMetric(c.limitDs, prometheus.GaugeValue, float64(s.LimitRequests), s.Route, s.Model, "requests")
+		ch <- prometheus.MustNewConstMetric(c.limitDs, prometheus.GaugeValue, float64(s.LimitTokens), s.Route, s.Model, "tokens")
+	})
+}

@@ -1,0 +1,119 @@
+package server
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+)
+
+// errBodyTooLarge is returned by readBody past the configured limit.
+var errBodyTooLarge = errors.New("request body too large")
+
+// bodyBuf is a request body read into a pooled buffer. The handler holds one
+// reference and every reader given to the upstream transport holds one (the
+// transport may close a request body after RoundTrip returns); the buffer
+// goes back to the pool when the last is released.
+type bodyBuf struct {
+	buf  []byte
+	refs atomic.Int32
+}
+
+const maxPooledBody = 1 << 20
+
+var bodyPool = sync.Pool{New: func() any { return &bodyBuf{buf: make([]byte, 0, 16<<10)} }}
+
+// readBody reads r's body, at most limit bytes.
+func readBody(r *http.Request, limit int64) (*bodyBuf, error) {
+	if r.ContentLength > limit {
+		return nil, errBodyTooLarge
+	}
+	b := bodyPool.Get().(*bodyBuf)
+	b.refs.Store(1)
+	buf := b.buf[:0]
+	if r.ContentLength > 0 && int(r.ContentLength) > cap(buf) {
+		buf = make([]byte, 0, r.ContentLength)
+	}
+	for {
+		if len(buf) == cap(buf) {
+			buf = append(buf, 0)[:len(buf)]
+		}
+		n, err := r.Body.Read(buf[len(buf):cap(buf)])
+		buf = buf[:len(buf)+n]
+		if int64(len(buf)) > limit {
+			b.buf = buf
+			b.release()
+			return nil, errBodyTooLarge
+		}
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			b.buf = buf
+			b.release()
+			return nil, err
+		}
+	}
+	b.buf = buf
+	return b, nil
+}
+
+// release drops one reference.
+func (b *bodyBuf) release() {
+	if b.refs.Add(-1) != 0 {
+		return
+	}
+	if cap(b.buf) > maxPooledBody {
+		return // let a huge buffer go rather than pin it
+	}
+	b.buf = b.buf[:0]
+	bodyPool.Put(b)
+}
+
+// reader returns a new reader over the body that releases its reference
+// when closed.
+func (b *bodyBuf) reader() io.ReadCloser {
+	b.refs.Add(1)
+	br := &bodyReader{b: b}
+	br.r.Reset(b.buf)
+	return br
+}
+
+type bodyReader struct {
+	b      *bodyBuf
+	r      bytes.Reader
+	closed atomic.Bool
+}
+
+func (br *bodyReader) Read(p []byte) (int, error) { return br.r.Read(p) }
+
+func (br *bodyReader) Close() error {
+	if br.closed.CompareAndSwap(false, true) {
+		br.b.release()
+	}
+	return nil
+}
+
+// attach makes r send the buffered body: Body, GetBody (so the transport
+// can replay it on a stale pooled connection) and ContentLength.
+func (b *bodyBuf) attach(r *http.Request) {
+	r.Body = b.reader()
+	r.GetBody = func() (io.ReadCloser, error) { return b.reader(), nil }
+	r.ContentLength = int64(len(b.buf))
+}
+
+// looksJSON reports whether a body should be parsed as JSON: a JSON content
+// type, or no multipart/form type and an object as the first character.
+func looksJSON(contentType string, body []byte) bool {
+	if strings.HasPrefix(contentType, "application/json") || strings.Contains(contentType, "+json") {
+		return true
+	}
+	if strings.HasPrefix(contentType, "multipart/") {
+		return false
+	}
+	trimmed := bytes.TrimLeft(body, " \t\r\n")
+	return len(trimmed) > 0 && trimmed[0] == '{'
+}

@@ -1,0 +1,87 @@
+package server
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/llproxy/llproxy/scheduler"
+)
+
+// apiError is OpenAI's error envelope: {"error":{"message","type","param","code"}}.
+type apiError struct {
+	Message string  `json:"message"`
+	Type    string  `json:"type"`
+	Param   *string `json:"param"`
+	Code    *string `json:"code"`
+}
+
+// writeError writes an OpenAI-shaped error. Messages never contain keys or
+// prompt text.
+func writeError(w http.ResponseWriter, status int, typ, code, msg string) {
+	e := apiError{Message: msg, Type: typ}
+	if code != "" {
+		e.Code = &code
+	}
+	body, _ := json.Marshal(struct {
+		Error apiError `json:"error"`
+	}{e})
+	h := w.Header()
+	h["Content-Type"] = []string{"application/json"}
+	h["Content-Length"] = []string{strconv.Itoa(len(body) + 1)}
+	w.WriteHeader(status)
+	w.Write(append(body, '\n'))
+}
+
+// setRateHeaders sets the six x-ratelimit-* headers from the gateway's
+// buckets, replacing any the upstream sent.
+func setRateHeaders(h http.Header, st *scheduler.RateState) {
+	h["X-Ratelimit-Limit-Requests"] = []string{strconv.Itoa(st.LimitRequests)}
+	h["X-Ratelimit-Remaining-Requests"] = []string{strconv.Itoa(st.RemainingRequests)}
+	h["X-Ratelimit-Reset-Requests"] = []string{st.ResetRequests.String()}
+	h["X-Ratelimit-Limit-Tokens"] = []string{strconv.Itoa(st.LimitTokens)}
+	h["X-Ratelimit-Remaining-Tokens"] = []string{strconv.Itoa(st.RemainingTokens)}
+	h["X-Ratelimit-Reset-Tokens"] = []string{st.ResetTokens.String()}
+}
+
+// ceilMillis rounds d up to the millisecond, so a client that waits it is
+// never early.
+func ceilMillis(d time.Duration) time.Duration {
+	return (d + time.Millisecond - 1).Truncate(time.Millisecond)
+}
+
+// writeReject answers a scheduler rejection with OpenAI's 429: the message,
+// type and code of a real rate-limit error, retry-after (whole seconds,
+// rounded up) and retry-after-ms that are true, and the x-ratelimit-*
+// headers. A request too large for the bucket also gets x-should-retry:
+// false, since no wait helps it.
+func writeReject(w http.ResponseWriter, route string, e *scheduler.RejectError) {
+	h := w.Header()
+	setRateHeaders(h, &e.State)
+	unit := "requests per min (RPM)"
+	if e.Resource == scheduler.Tokens {
+		unit = "tokens per min (TPM)"
+	}
+	var msg string
+	if errors.Is(e, scheduler.ErrTooLarge) {
+		h["X-Should-Retry"] = []string{"false"}
+		msg = fmt.Sprintf("Request too large for %s in llproxy route %s on %s: Limit %d, Requested %d. "+
+			"The input or output tokens must be reduced in order to run successfully.",
+			e.Model, route, unit, e.Limit, e.Requested)
+	} else {
+		retry := ceilMillis(e.RetryAfter)
+		h["Retry-After"] = []string{strconv.FormatInt(int64(math.Ceil(retry.Seconds())), 10)}
+		h["Retry-After-Ms"] = []string{strconv.FormatInt(retry.Milliseconds(), 10)}
+		why := "Its queue is full (" + strconv.Itoa(e.QueueLen) + " requests waiting)."
+		if errors.Is(e, scheduler.ErrWaitTooLong) {
+			why = "It would wait in the queue longer than the model's maxQueueWait."
+		}
+		msg = fmt.Sprintf("Rate limit reached for %s in llproxy route %s on %s: Limit %d, Used %d, Requested %d. "+
+			"Please try again in %s. %s", e.Model, route, unit, e.Limit, e.Used, e.Requested, retry, why)
+	}
+	writeError(w, http.StatusTooManyRequests, e.Resource.String(), "rate_limit_exceeded", msg)
+}

@@ -1,0 +1,80 @@
+package server
+
+import (
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/llproxy/llproxy/scheduler"
+)
+
+// exchange wraps the client's ResponseWriter for one request. When the
+// status is written it sets the gateway's x-ratelimit-* headers (replacing
+// the upstream's: the client is limited by the gateway's buckets) and
+// X-Accel-Buffering: no on event streams, and it records what the request's
+// log line and metrics need.
+type exchange struct {
+	http.ResponseWriter
+	rate        scheduler.RateState
+	hasRate     bool
+	status      int
+	headerAt    time.Time
+	written     int64
+	upstreamErr error
+}
+
+var exchangePool = sync.Pool{New: func() any { return new(exchange) }}
+
+func getExchange(w http.ResponseWriter) *exchange {
+	ex := exchangePool.Get().(*exchange)
+	ex.ResponseWriter = w
+	return ex
+}
+
+func putExchange(ex *exchange) {
+	*ex = exchange{}
+	exchangePool.Put(ex)
+}
+
+func (ex *exchange) WriteHeader(code int) {
+	if code < 200 { // 1xx: informational, the real status follows
+		ex.ResponseWriter.WriteHeader(code)
+		return
+	}
+	if ex.status != 0 {
+		return
+	}
+	ex.status = code
+	ex.headerAt = time.Now()
+	h := ex.Header()
+	if ex.hasRate {
+		setRateHeaders(h, &ex.rate)
+	}
+	if ct := h["Content-Type"]; len(ct) > 0 && strings.HasPrefix(ct[0], "text/event-stream") {
+		h["X-Accel-Buffering"] = []string{"no"}
+	}
+	ex.ResponseWriter.WriteHeader(code)
+}
+
+func (ex *exchange) Write(p []byte) (int, error) {
+	if ex.status == 0 {
+		ex.WriteHeader(http.StatusOK)
+	}
+	n, err := ex.ResponseWriter.Write(p)
+	ex.written += int64(n)
+	return n, err
+}
+
+// Flush sends what is buffered to the client now; streams depend on it.
+func (ex *exchange) Flush() {
+	if ex.status == 0 {
+		ex.WriteHeader(http.StatusOK)
+	}
+	if f, ok := ex.ResponseWriter.(http.Flusher); ok {
+		f.Flush()
+	}
+}
+
+// Unwrap lets http.ResponseController reach the connection.
+func (ex *exchange) Unwrap() http.ResponseWriter { return ex.ResponseWriter }

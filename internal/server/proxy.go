@@ -1,0 +1,115 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"log"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/llproxy/llproxy/internal/config"
+	"github.com/llproxy/llproxy/provider"
+)
+
+// newTransport returns the upstream transport of a route, with every
+// timeout set on purpose: connecting is bounded by DialTimeout, the wait for
+// response headers by ResponseHeaderTimeout (long: a non-streamed completion
+// sends its headers only when done), and the body of a stream not at all.
+func newTransport(rc *config.Route) *http.Transport {
+	dialer := &net.Dialer{Timeout: time.Duration(rc.DialTimeout), KeepAlive: 30 * time.Second}
+	return &http.Transport{
+		Proxy:                 http.ProxyFromEnvironment,
+		DialContext:           dialer.DialContext,
+		ForceAttemptHTTP2:     true,
+		MaxIdleConns:          4 * rc.MaxIdleConnsPerHost,
+		MaxIdleConnsPerHost:   rc.MaxIdleConnsPerHost,
+		IdleConnTimeout:       90 * time.Second,
+		TLSHandshakeTimeout:   10 * time.Second,
+		ExpectContinueTimeout: time.Second,
+		ResponseHeaderTimeout: time.Duration(rc.ResponseHeaderTimeout),
+	}
+}
+
+// bufferPool lends ReverseProxy its 32 KiB copy buffers, so streaming a
+// response allocates none.
+type bufferPool struct{ p sync.Pool }
+
+func (b *bufferPool) Get() []byte {
+	if v := b.p.Get(); v != nil {
+		return *(v.(*[]byte))
+	}
+	return make([]byte, 32<<10)
+}
+
+func (b *bufferPool) Put(buf []byte) { b.p.Put(&buf) }
+
+var copyBuffers = &bufferPool{}
+
+// newReverseProxy forwards /<route>/<rest> to target/<rest>: path and query
+// kept, the route's credentials applied, responses streamed as they arrive
+// (FlushInterval -1), and transport failures turned into OpenAI-shaped 502s
+// and 504s.
+func newReverseProxy(name string, target *url.URL, auth *provider.OpenAI, transport http.RoundTripper, logger *slog.Logger) *httputil.ReverseProxy {
+	prefix := "/" + name
+	return &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			pr.Out.URL.Path = strings.TrimPrefix(pr.In.URL.Path, prefix)
+			if pr.In.URL.RawPath != "" {
+				pr.Out.URL.RawPath = strings.TrimPrefix(pr.In.URL.RawPath, prefix)
+			}
+			pr.SetURL(target)
+			auth.Authorize(pr.Out.Header)
+		},
+		Transport:     transport,
+		FlushInterval: -1,
+		BufferPool:    copyBuffers,
+		ErrorLog:      log.New(slogWriter{logger}, "", 0),
+		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
+			if ex, ok := w.(*exchange); ok {
+				ex.upstreamErr = err
+			}
+			if r.Context().Err() != nil {
+				return // the client left; nobody to answer
+			}
+			status, msg := http.StatusBadGateway, "llproxy could not reach the upstream: "+describeUpstreamError(err)
+			if isTimeout(err) {
+				status, msg = http.StatusGatewayTimeout, "The upstream did not answer in time: "+describeUpstreamError(err)
+			}
+			writeError(w, status, "upstream_error", "upstream_unavailable", msg)
+		},
+	}
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout())
+}
+
+// describeUpstreamError keeps the useful part of a transport error (the
+// operation and cause), which never holds credentials: keys travel in
+// headers, not URLs.
+func describeUpstreamError(err error) string {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		err = ue.Err
+	}
+	var oe *net.OpError
+	if errors.As(err, &oe) {
+		return oe.Op + ": " + oe.Err.Error()
+	}
+	return err.Error()
+}
+
+// slogWriter sends ReverseProxy's own log lines to slog.
+type slogWriter struct{ l *slog.Logger }
+
+func (s slogWriter) Write(p []byte) (int, error) {
+	s.l.Warn("proxy", "msg", strings.TrimSpace(string(p)))
+	return len(p), nil
+}

@@ -1,0 +1,257 @@
+// Package server is llproxy's HTTP front: it authenticates clients, reads and
+// counts each request, admits it through the scheduler queue of its (route,
+// model), forwards it to the route's upstream and streams the answer back,
+// answering every failure in OpenAI's error shape.
+//
+// The hot path is decode -> count -> admit -> forward. It parses a body once
+// with a pooled zero-copy parser, counts through the tokenizer's cache, takes
+// only the per-model queue's lock, and reuses body and copy buffers.
+package server
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/subtle"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/url"
+	"slices"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/valyala/fastjson"
+
+	"github.com/llproxy/llproxy/internal/config"
+	"github.com/llproxy/llproxy/internal/metrics"
+	"github.com/llproxy/llproxy/provider"
+	"github.com/llproxy/llproxy/scheduler"
+	"github.com/llproxy/llproxy/tokenizer"
+)
+
+// Options are the server's dependencies. Config, Tokenizer and Registry are
+// required.
+type Options struct {
+	Config    *config.Config
+	Tokenizer *tokenizer.Tokenizer
+	// Registry receives the metrics and is served at /metrics.
+	Registry *prometheus.Registry
+	// Logger defaults to slog.Default().
+	Logger *slog.Logger
+	// Clock drives the scheduler; nil means real time.
+	Clock scheduler.Clock
+	// Transport, if set, replaces every openai route's transport (tests).
+	Transport http.RoundTripper
+}
+
+// Server is an http.Handler for the whole gateway.
+type Server struct {
+	cfg        *config.Config
+	tok        *tokenizer.Tokenizer
+	log        *slog.Logger
+	metrics    *metrics.Metrics
+	promHTTP   http.Handler
+	routes     map[string]*route
+	routeNames []string
+	keyHashes  [][sha256.Size]byte
+	parsers    fastjson.ParserPool
+	closing    atomic.Bool
+}
+
+var _ metrics.QueueSource = (*Server)(nil)
+
+// New builds the gateway from a validated config.
+func New(opts Options) (*Server, error) {
+	if opts.Config == nil || opts.Tokenizer == nil || opts.Registry == nil {
+		return nil, errors.New("server: Config, Tokenizer and Registry are required")
+	}
+	s := &Server{cfg: opts.Config, tok: opts.Tokenizer, log: opts.Logger, routes: map[string]*route{}}
+	if s.log == nil {
+		s.log = slog.Default()
+	}
+	for _, k := range opts.Config.ClientKeys {
+		s.keyHashes = append(s.keyHashes, sha256.Sum256([]byte(k.Value())))
+	}
+	m, err := metrics.New(opts.Registry, s)
+	if err != nil {
+		return nil, fmt.Errorf("server: metrics: %w", err)
+	}
+	s.metrics = m
+	s.promHTTP = promhttp.HandlerFor(opts.Registry, promhttp.HandlerOpts{})
+	for name, rc := range opts.Config.Routes {
+		rt, err := s.newRoute(name, rc, opts)
+		if err != nil {
+			return nil, err
+		}
+		s.routes[name] = rt
+		s.routeNames = append(s.routeNames, "/"+name+"/")
+	}
+	slices.Sort(s.routeNames)
+	return s, nil
+}
+
+func (s *Server) newRoute(name string, rc *config.Route, opts Options) (*route, error) {
+	set, err := scheduler.NewSet(rc.SchedulerConfig(), opts.Clock)
+	if err != nil {
+		return nil, fmt.Errorf("server: routes.%s: %w", name, err)
+	}
+	rt := &route{name: name, srv: s, cfg: rc, set: set, listed: map[string]*modelState{},
+		noModel: s.metrics.Passthrough(name)}
+	for model, mc := range rc.Models {
+		if model == scheduler.Wildcard {
+			continue
+		}
+		q, err := set.Queue(model)
+		if err != nil {
+			return nil, err
+		}
+		rt.listed[model] = rt.newModelState(q, mc)
+	}
+	switch rc.Provider {
+	case provider.NameMock:
+		rt.forward = mockHandler{provider.NewMock(rc.Mock, mockCounter{s.tok})}
+	default:
+		target, err := url.Parse(rc.Forward)
+		if err != nil {
+			return nil, fmt.Errorf("server: routes.%s.forward: %w", name, err)
+		}
+		transport := opts.Transport
+		if transport == nil {
+			transport = newTransport(rc)
+		}
+		rt.forward = newReverseProxy(name, target, provider.NewOpenAI(rc.APIKey.Value()), transport, s.log)
+	}
+	return rt, nil
+}
+
+// ServeHTTP routes /healthz, /metrics and /<route>/...
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	path := r.URL.Path
+	switch path {
+	case "/healthz":
+		s.healthz(w)
+		return
+	case "/metrics":
+		s.promHTTP.ServeHTTP(w, r)
+		return
+	}
+	name := strings.TrimPrefix(path, "/")
+	if i := strings.IndexByte(name, '/'); i >= 0 {
+		name = name[:i]
+	}
+	rt, ok := s.routes[name]
+	if !ok {
+		writeError(w, http.StatusNotFound, "invalid_request_error", "unknown_route",
+			"Unknown route "+strconv.Quote(path)+": this gateway serves "+strings.Join(s.routeNames, ", ")+".")
+		return
+	}
+	if !s.authorized(r) {
+		writeError(w, http.StatusUnauthorized, "invalid_request_error", "invalid_api_key",
+			"Incorrect API key provided. llproxy expects one of its client keys in Authorization: Bearer <key> or api-key: <key>.")
+		return
+	}
+	rt.serve(w, r)
+}
+
+// authorized checks the client's key against clientKeys in constant time:
+// both sides are hashed to equal length and every key is compared.
+func (s *Server) authorized(r *http.Request) bool {
+	if len(s.keyHashes) == 0 {
+		return true
+	}
+	key := r.Header.Get("Api-Key")
+	if auth := r.Header.Get("Authorization"); auth != "" {
+		if len(auth) > 7 && strings.EqualFold(auth[:7], "bearer ") {
+			key = strings.TrimSpace(auth[7:])
+		}
+	}
+	if key == "" {
+		return false
+	}
+	h := sha256.Sum256([]byte(key))
+	ok := 0
+	for i := range s.keyHashes {
+		ok |= subtle.ConstantTimeCompare(h[:], s.keyHashes[i][:])
+	}
+	return ok == 1
+}
+
+func (s *Server) healthz(w http.ResponseWriter) {
+	w.Header().Set("Content-Type", "application/json")
+	if s.closing.Load() {
+		w.WriteHeader(http.StatusServiceUnavailable)
+		io.WriteString(w, `{"status":"shutting down"}`+"\n")
+		return
+	}
+	io.WriteString(w, `{"status":"ok"}`+"\n")
+}
+
+// BeginShutdown closes every queue: waiting requests are answered with 503
+// at once and new ones are refused, while admitted ones go on. Then stop
+// the listener with http.Server.Shutdown.
+func (s *Server) BeginShutdown() {
+	s.closing.Store(true)
+	for _, rt := range s.routes {
+		rt.set.Close()
+	}
+}
+
+// QueueStats implements metrics.QueueSource.
+func (s *Server) QueueStats(yield func(metrics.QueueStats)) {
+	now := time.Now()
+	for name, rt := range s.routes {
+		rt.set.Range(func(q *scheduler.Queue) {
+			st := q.Stats(now)
+			c := q.Config()
+			yield(metrics.QueueStats{Route: name, Model: q.Model(), Depth: st.Depth, QueuedTokens: st.QueuedTokens,
+				RemainingRequests: st.RemainingRequests, RemainingTokens: st.RemainingTokens,
+				LimitRequests: c.RPM, LimitTokens: c.TPM})
+		})
+	}
+}
+
+// mockHandler serves a mock route; the route prefix is irrelevant to it.
+type mockHandler struct{ m *provider.Mock }
+
+func (h mockHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.Body != nil {
+		defer r.Body.Close()
+	}
+	h.m.ServeHTTP(w, r)
+}
+
+// mockCounter lets the mock report the usage the gateway counts.
+type mockCounter struct{ t *tokenizer.Tokenizer }
+
+// MockCounter adapts the tokenizer to the mock provider's TokenCounter.
+func MockCounter(t *tokenizer.Tokenizer) provider.TokenCounter { return mockCounter{t} }
+
+func (c mockCounter) PromptTokens(path, model string, body *fastjson.Value) int {
+	return c.t.PromptTokens(endpointOf(path), model, body)
+}
+
+func (c mockCounter) TextTokens(model, text string) int {
+	return c.t.EncodingFor(model).Count(text)
+}
+
+func itoa(n int64) string { return strconv.FormatInt(n, 10) }
+
+// Shutdown is the whole SIGTERM sequence for srv serving s: answer queued
+// requests and refuse new ones, stop accepting, and let admitted requests
+// finish within timeout before closing what is left.
+func Shutdown(ctx context.Context, srv *http.Server, s *Server, timeout time.Duration) error {
+	s.BeginShutdown()
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	if err := srv.Shutdown(ctx); err != nil {
+		srv.Close()
+		return fmt.Errorf("server: admitted requests did not finish within %s: %w", timeout, err)
+	}
+	return nil
+}
