@@ -1,0 +1,201 @@
+package server
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/stretchr/testify/require"
+
+	"github.com/llproxy/llproxy/internal/config"
+	"github.com/llproxy/llproxy/tokenizer"
+)
+
+var (
+	tokOnce sync.Once
+	tok     *tokenizer.Tokenizer
+)
+
+func testTokenizer(t testing.TB) *tokenizer.Tokenizer {
+	tokOnce.Do(func() {
+		var err error
+		tok, err = tokenizer.New(tokenizer.Config{})
+		if err != nil {
+			panic(err)
+		}
+	})
+	return tok
+}
+
+// seen is one request as the fake upstream received it.
+type seen struct {
+	Method, Path, RawQuery string
+	Header                 http.Header
+	Body                   []byte
+}
+
+// upstream is an httptest server that behaves like OpenAI: JSON answers
+// with usage and its own x-ratelimit headers, SSE when asked. A test may
+// replace handle to script other behaviour.
+type upstream struct {
+	*httptest.Server
+	mu     sync.Mutex
+	seen   []seen
+	handle func(w http.ResponseWriter, r *http.Request, body []byte)
+}
+
+func newUpstream(t *testing.T) *upstream {
+	u := &upstream{}
+	u.handle = openAILike
+	u.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		u.mu.Lock()
+		u.seen = append(u.seen, seen{r.Method, r.URL.Path, r.URL.RawQuery, r.Header.Clone(), body})
+		h := u.handle
+		u.mu.Unlock()
+		h(w, r, body)
+	}))
+	t.Cleanup(u.Close)
+	return u
+}
+
+func (u *upstream) requests() []seen {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return append([]seen(nil), u.seen...)
+}
+
+func (u *upstream) setHandler(h func(w http.ResponseWriter, r *http.Request, body []byte)) {
+	u.mu.Lock()
+	u.handle = h
+	u.mu.Unlock()
+}
+
+func openAILike(w http.ResponseWriter, r *http.Request, body []byte) {
+	if r.Method == http.MethodGet {
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"object":"list","data":[{"id":"gpt-4o","object":"model"}]}`)
+		return
+	}
+	var req struct {
+		Model  string `json:"model"`
+		Stream bool   `json:"stream"`
+	}
+	json.Unmarshal(body, &req)
+	w.Header().Set("X-Ratelimit-Remaining-Requests", "upstream-value")
+	if req.Stream {
+		w.Header().Set("Content-Type", "text/event-stream")
+		for i := range 3 {
+			fmt.Fprintf(w, "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"w%d\"}}]}\n\n", i)
+			w.(http.Flusher).Flush()
+		}
+		io.WriteString(w, "data: [DONE]\n\n")
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	fmt.Fprintf(w, `{"id":"x","object":"chat.completion","model":%q,"choices":[{"index":0,"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}`, req.Model)
+}
+
+// gateway is llproxy under test, with what it logged.
+type gateway struct {
+	*httptest.Server
+	srv  *Server
+	reg  *prometheus.Registry
+	logs *syncBuffer
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// newGateway starts llproxy on cfgJSON, where $UPSTREAM stands for url.
+func newGateway(t *testing.T, cfgJSON, url string, env map[string]string) *gateway {
+	t.Helper()
+	cfgJSON = strings.ReplaceAll(cfgJSON, "$UPSTREAM", url)
+	cfg, err := config.Parse([]byte(cfgJSON), func(k string) (string, bool) { v, ok := env[k]; return v, ok })
+	require.NoError(t, err)
+	logs := &syncBuffer{}
+	reg := prometheus.NewRegistry()
+	srv, err := New(Options{Config: cfg, Tokenizer: testTokenizer(t), Registry: reg,
+		Logger: slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})
+	require.NoError(t, err)
+	g := &gateway{Server: httptest.NewServer(srv), srv: srv, reg: reg, logs: logs}
+	t.Cleanup(g.Close)
+	return g
+}
+
+// post sends a JSON body with optional headers (name, value pairs).
+func (g *gateway) post(t *testing.T, path, body string, headers ...string) *http.Response {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodPost, g.URL+path, strings.NewReader(body))
+	require.NoError(t, err)
+	req.Header.Set("Content-Type", "application/json")
+	for i := 0; i+1 < len(headers); i += 2 {
+		req.Header.Set(headers[i], headers[i+1])
+	}
+	resp, err := http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	t.Cleanup(func() { resp.Body.Close() })
+	return resp
+}
+
+func readAll(t *testing.T, r *http.Response) string {
+	t.Helper()
+	b, err := io.ReadAll(r.Body)
+	require.NoError(t, err)
+	return string(b)
+}
+
+// openAIError decodes an error body and checks it has exactly OpenAI's keys.
+func openAIError(t *testing.T, r *http.Response) apiError {
+	t.Helper()
+	var raw map[string]map[string]any
+	body := readAll(t, r)
+	require.NoError(t, json.Unmarshal([]byte(body), &raw), body)
+	e, ok := raw["error"]
+	require.True(t, ok, body)
+	keys := []string{}
+	for k := range e {
+		keys = append(keys, k)
+	}
+	require.ElementsMatch(t, []string{"message", "type", "param", "code"}, keys, body)
+	var out struct{ Error apiError }
+	require.NoError(t, json.Unmarshal([]byte(body), &out))
+	return out.Error
+}
+
+func strOf(p *string) string {
+	if p == nil {
+		return ""
+	}
+	return *p
+}
+
+func metricsText(t *testing.T, g *gateway) string {
+	t.Helper()
+	resp, err := http.Get(g.URL + "/metrics")
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	return readAll(t, resp)
+}
