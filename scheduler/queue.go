@@ -136,8 +136,8 @@ func (q *Queue) Acquire(ctx context.Context, cost Cost) (Admission, error) {
 //  2. Cost above a bucket's capacity: ErrTooLarge; it can never run.
 //  3. Nobody waiting and both buckets can pay now: admitted (fast path).
 //  4. Predict the admission time by replaying the buckets over the queue.
-//  5. Queue holds MaxQueueSize already: ErrQueueFull.
-//  6. Predicted wait above MaxQueueWait: ErrWaitTooLong.
+//  5. Queue holds MaxQueueSize (> 0) already: ErrQueueFull.
+//  6. Predicted wait above MaxQueueWait, or no queueing allowed: ErrWaitTooLong.
 //  7. Otherwise queue it; the head's timer admits it at its time.
 //
 // A nil waiter means the answer is final.
@@ -163,11 +163,13 @@ func (q *Queue) enqueue(now time.Time, cost Cost) (*waiter, Admission, error) {
 	next, binding := q.step(from, cost)
 	wait := next.at.Sub(now)
 	// (5), (6)
+	// A queue that may hold nobody (MaxQueueSize 0) is never "full": the
+	// request simply cannot be admitted without waiting.
 	var reason error
 	switch {
-	case len(q.waiting) >= q.cfg.MaxQueueSize:
+	case len(q.waiting) > 0 && len(q.waiting) >= q.cfg.MaxQueueSize:
 		reason = ErrQueueFull
-	case wait > time.Duration(q.cfg.MaxQueueWait):
+	case wait > time.Duration(q.cfg.MaxQueueWait), q.cfg.MaxQueueSize == 0:
 		reason = ErrWaitTooLong
 	}
 	if reason != nil {

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/stretchr/testify/require"
@@ -198,4 +199,12 @@ func metricsText(t *testing.T, g *gateway) string {
 	require.NoError(t, err)
 	defer resp.Body.Close()
 	return readAll(t, resp)
+}
+
+// waitLog waits until the gateway has logged a line containing want: the
+// request's line is written after its response is sent.
+func (g *gateway) waitLog(t *testing.T, want string) {
+	t.Helper()
+	require.Eventually(t, func() bool { return strings.Contains(g.logs.String(), want) },
+		5*time.Second, time.Millisecond, "log line %s", want)
 }

@@ -235,7 +235,7 @@ func TestDefaultMaxTokensAndN(t *testing.T) {
 	}
 	resp := g.post(t, "/openai/v1/embeddings", `{"model":"gpt-4o","input":"hello world"}`)
 	require.Equal(t, http.StatusOK, resp.StatusCode)
-	assert.Contains(t, g.logs.String(), `"path":"/openai/v1/embeddings","status":200,"outcome":"admitted","prompt_tokens":2,"cost_tokens":2`)
+	g.waitLog(t, `"path":"/openai/v1/embeddings","status":200,"outcome":"admitted","prompt_tokens":2,"cost_tokens":2`)
 }
 
 func TestPassthroughWithoutModel(t *testing.T) {
@@ -278,7 +278,7 @@ func TestClientLeavingTheQueueSendsNothing(t *testing.T) {
 	}, 5*time.Second, time.Millisecond)
 	assert.Zero(t, q.Stats(time.Now()).Depth)
 	assert.Len(t, up.requests(), 1, "the cancelled request was never sent")
-	assert.Contains(t, g.logs.String(), `"status":499`)
+	g.waitLog(t, `"status":499,"outcome":"cancelled"`)
 }
 
 func TestShutdownAnswersQueuedRequests(t *testing.T) {

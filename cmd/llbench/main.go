@@ -1,0 +1,169 @@
+// Command llbench measures llproxy's overhead. It starts, as separate
+// processes, a mock upstream (llproxy mock-server), a bare
+// httputil.ReverseProxy that only decodes the JSON body (the baseline) and
+// llproxy with generous limits, drives each with the same load, and prints
+// one table: requests/s, p50/p99 latency and CPU per request of each proxy,
+// and their peak RSS.
+//
+//	./build.sh && ./llbench [-duration 5s] [-gomaxprocs 1]
+package main
+
+import (
+	"bytes"
+	"flag"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"text/tabwriter"
+	"time"
+)
+
+func main() {
+	if len(os.Args) > 1 && os.Args[1] == "baseline" {
+		os.Exit(baseline(os.Args[2:]))
+	}
+	os.Exit(bench(os.Args[1:]))
+}
+
+// chatTemplate is a ~1 KB chat request; %d makes every message unique when
+// the scenario wants no cache hits.
+const chatTemplate = `{"model":"gpt-4o","max_tokens":%d,"stream":%t,"messages":[
+{"role":"system","content":"You are a careful assistant for the platform team %d. Answer briefly, cite the runbook section when you can, and never invent commands that do not exist."},
+{"role":"user","content":"Our gateway %d returns 429 to the batch job while the interactive users see normal latency. Is that expected with per-model queues, and how do I see the queue depth?"},
+{"role":"assistant","content":"Yes %d. Each model has its own FIFO queue in front of its rpm and tpm buckets, so a batch job that floods one model waits in that model's queue. Watch llproxy_queue_depth in Prometheus."},
+{"role":"user","content":"Good %d. The batch job sends max_tokens 4096 on every request but uses about 300. Does that hurt the others, and what should we set instead so the bucket is not drained?"}]}`
+
+func chat(maxTokens int, stream, unique bool) func(int64) []byte {
+	fixed := []byte(fmt.Sprintf(chatTemplate, maxTokens, stream, 0, 0, 0, 0))
+	if !unique {
+		return func(int64) []byte { return fixed }
+	}
+	return func(i int64) []byte { return []byte(fmt.Sprintf(chatTemplate, maxTokens, stream, i, i, i, i)) }
+}
+
+type target struct {
+	name string
+	p    *proc
+	url  string
+}
+
+func bench(args []string) int {
+	fs := flag.NewFlagSet("llbench", flag.ContinueOnError)
+	llproxyBin := fs.String("llproxy", "./llproxy", "llproxy binary (./build.sh builds it)")
+	duration := fs.Duration("duration", 5*time.Second, "measured time per run")
+	warmup := fs.Duration("warmup", time.Second, "unmeasured load before each run")
+	chunks := fs.Int("chunks", 100, "chunks per streamed response")
+	chunkDelay := fs.Duration("chunk-delay", 0, "the mock upstream's delay between streamed chunks (0: CPU-bound streams)")
+	gomaxprocs := fs.Int("gomaxprocs", 0, "GOMAXPROCS for the proxies (0: Go's default)")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	self, err := os.Executable()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	var env []string
+	if *gomaxprocs > 0 {
+		env = append(env, "GOMAXPROCS="+strconv.Itoa(*gomaxprocs))
+	}
+	mockAddr, baseAddr, llAddr := freeAddr(), freeAddr(), freeAddr()
+	mock, err := start("mock", mockAddr, "/v1/models", nil, *llproxyBin, "mock-server", "-listen", mockAddr, "-chunks", strconv.Itoa(*chunks), "-chunk-delay", chunkDelay.String())
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer mock.stop()
+	base, err := start("baseline", baseAddr, "/healthz", env, self, "baseline", "-listen", baseAddr, "-upstream", "http://"+mockAddr)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer base.stop()
+	dir, _ := os.MkdirTemp("", "llbench")
+	defer os.RemoveAll(dir)
+	cfgPath := filepath.Join(dir, "config.json")
+	cfg := fmt.Sprintf(`{"listen": %q, "routes": {"bench": {"forward": "http://%s",
+	  "models": {"*": {"maxQueueSize": 100000, "maxQueueWait": 60, "rpm": 1000000000, "tpm": 2000000000}}}}}`, llAddr, mockAddr)
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	ll, err := start("llproxy", llAddr, "/healthz", env, *llproxyBin, "-config", cfgPath)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer ll.stop()
+
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64, DisableCompression: true}}
+	direct := target{"direct", mock, "http://" + mockAddr + "/v1/chat/completions"}
+	baseT := target{"baseline", base, "http://" + baseAddr + "/v1/chat/completions"}
+	llT := target{"llproxy", ll, "http://" + llAddr + "/bench/v1/chat/completions"}
+
+	// The stream must come through llproxy byte for byte (ids and
+	// timestamps aside, which the mock makes fresh per response).
+	streamBody := chat(*chunks, true, false)(0)
+	a, errA := fetch(client, direct.url, streamBody)
+	b, errB := fetch(client, llT.url, streamBody)
+	volatile := regexp.MustCompile(`"id":"[^"]*","object":"[^"]*","created":\d+`)
+	same := errA == nil && errB == nil && bytes.Equal(volatile.ReplaceAll(a, nil), volatile.ReplaceAll(b, nil))
+	fmt.Printf("stream through llproxy identical to direct: %v (%d bytes, %d chunks)\n\n", same, len(b), bytes.Count(b, []byte("\n\n")))
+
+	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "scenario\tconc\ttarget\treq/s\tp50 ms\tp99 ms\tCPU µs/req\tvs baseline req/s\tΔp50 ms\terrors\t")
+	type scenario struct {
+		name    string
+		body    func(int64) []byte
+		conc    []int
+		targets []target
+	}
+	for _, sc := range []scenario{
+		{"chat, repeated prompt", chat(16, false, false), []int{1, 16}, []target{baseT, llT}},
+		{"chat, unique prompts", chat(16, false, true), []int{1, 16}, []target{baseT, llT}},
+		{fmt.Sprintf("stream, %d chunks %s apart", *chunks, chunkDelay), chat(*chunks, true, false), []int{16}, []target{direct, baseT, llT}},
+	} {
+		for _, conc := range sc.conc {
+			var ref, directRef result
+			for _, t := range sc.targets {
+				drive(client, t.url, sc.body, conc, *warmup)
+				cpu0 := t.p.cpu()
+				r := drive(client, t.url, sc.body, conc, *duration)
+				r.cpu = t.p.cpu() - cpu0
+				if t.name == "baseline" {
+					ref = r
+				}
+				vs, dp50 := "", ""
+				if t.name == "llproxy" && ref.requests > 0 {
+					vs = fmt.Sprintf("%.2fx", r.rps()/ref.rps())
+					dp50 = fmt.Sprintf("%+.3f", ms(r.percentile(.5)-ref.percentile(.5)))
+				}
+				if t.name == "direct" {
+					directRef = r
+				}
+				if t.name == "llproxy" && directRef.requests > 0 {
+					vs += fmt.Sprintf(" (%.2fx direct)", r.rps()/directRef.rps())
+				}
+				fmt.Fprintf(tw, "%s\t%d\t%s\t%.0f\t%.3f\t%.3f\t%.0f\t%s\t%s\t%d\t\n", sc.name, conc, t.name, r.rps(),
+					ms(r.percentile(.5)), ms(r.percentile(.99)), float64(r.cpuPerRequest().Microseconds()), vs, dp50, r.errors)
+			}
+		}
+	}
+	tw.Flush()
+	fmt.Printf("\npeak RSS: baseline %.1f MiB, llproxy %.1f MiB (mock upstream %.1f MiB)\n", base.peakRSS(), ll.peakRSS(), mock.peakRSS())
+	fmt.Printf("CPU per request is the proxy process's own (for direct: the mock's); GOMAXPROCS=%s; %s per run after %s warm-up\n",
+		orDefault(*gomaxprocs), *duration, *warmup)
+	return 0
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+func orDefault(n int) string {
+	if n == 0 {
+		return "default"
+	}
+	return strconv.Itoa(n)
+}
