@@ -14,9 +14,15 @@ import (
 var errBodyTooLarge = errors.New("request body too large")
 
 // bodyBuf is a request body read into a pooled buffer. The handler holds one
-// reference and every reader given to the upstream transport holds one (the
-// transport may close a request body after RoundTrip returns); the buffer
-// goes back to the pool when the last is released.
+// reference and every reader made for the upstream request holds one until
+// it is closed; the buffer goes back to the pool when the last is released.
+//
+// httputil.ReverseProxy hands the transport a wrapper whose Close does
+// nothing and which refuses reads once ServeHTTP returns, so the handler
+// closes the request's own reader after forwarding (see attach). Readers
+// the transport makes through GetBody to replay a request are closed by the
+// transport after writing them; one it never closes keeps its buffer out of
+// the pool, which is safe.
 type bodyBuf struct {
 	buf  []byte
 	refs atomic.Int32
@@ -98,7 +104,8 @@ func (br *bodyReader) Close() error {
 }
 
 // attach makes r send the buffered body: Body, GetBody (so the transport
-// can replay it on a stale pooled connection) and ContentLength.
+// can replay it on a stale pooled connection) and ContentLength. The caller
+// closes r.Body when forwarding is over.
 func (b *bodyBuf) attach(r *http.Request) {
 	r.Body = b.reader()
 	r.GetBody = func() (io.ReadCloser, error) { return b.reader(), nil }

@@ -38,14 +38,20 @@ func writeError(w http.ResponseWriter, status int, typ, code, msg string) {
 }
 
 // setRateHeaders sets the six x-ratelimit-* headers from the gateway's
-// buckets, replacing any the upstream sent.
+// buckets, replacing any the upstream sent. The values share one backing
+// array: one allocation for the six slices.
 func setRateHeaders(h http.Header, st *scheduler.RateState) {
-	h["X-Ratelimit-Limit-Requests"] = []string{strconv.Itoa(st.LimitRequests)}
-	h["X-Ratelimit-Remaining-Requests"] = []string{strconv.Itoa(st.RemainingRequests)}
-	h["X-Ratelimit-Reset-Requests"] = []string{st.ResetRequests.String()}
-	h["X-Ratelimit-Limit-Tokens"] = []string{strconv.Itoa(st.LimitTokens)}
-	h["X-Ratelimit-Remaining-Tokens"] = []string{strconv.Itoa(st.RemainingTokens)}
-	h["X-Ratelimit-Reset-Tokens"] = []string{st.ResetTokens.String()}
+	v := [...]string{
+		strconv.Itoa(st.LimitRequests), strconv.Itoa(st.RemainingRequests), st.ResetRequests.String(),
+		strconv.Itoa(st.LimitTokens), strconv.Itoa(st.RemainingTokens), st.ResetTokens.String(),
+	}
+	vals := v[:]
+	h["X-Ratelimit-Limit-Requests"] = vals[0:1:1]
+	h["X-Ratelimit-Remaining-Requests"] = vals[1:2:2]
+	h["X-Ratelimit-Reset-Requests"] = vals[2:3:3]
+	h["X-Ratelimit-Limit-Tokens"] = vals[3:4:4]
+	h["X-Ratelimit-Remaining-Tokens"] = vals[4:5:5]
+	h["X-Ratelimit-Reset-Tokens"] = vals[5:6:6]
 }
 
 // ceilMillis rounds d up to the millisecond, so a client that waits it is

@@ -172,6 +172,7 @@ func (rt *route) serve(w http.ResponseWriter, r *http.Request) {
 		rt.noModel.Inc()
 		if body != nil {
 			body.attach(r)
+			defer r.Body.Close()
 		}
 		rt.forward.ServeHTTP(ex, r)
 		return
@@ -187,6 +188,7 @@ func (rt *route) serve(w http.ResponseWriter, r *http.Request) {
 	ms.m.Admitted(adm.Wait, est.prompt, est.cost)
 	ex.rate, ex.hasRate = adm.State, true
 	body.attach(r)
+	defer r.Body.Close()
 	ms.m.Inflight(1)
 	defer ms.m.Inflight(-1)
 	admitted := time.Now()

@@ -1,0 +1,53 @@
+package scheduler
+
+import (
+	"context"
+	"strconv"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// BenchmarkAcquire measures the admission path when the buckets have room
+// (the common case): one queue shared by all goroutines, and one queue per
+// goroutine (no shared lock).
+func BenchmarkAcquire(b *testing.B) {
+	big := Config{MaxQueueSize: 100, MaxQueueWait: Duration(time.Minute), RPM: 1 << 30, TPM: 1 << 40}
+	b.Run("one queue", func(b *testing.B) {
+		q := NewQueue("m", big, nil)
+		ctx := context.Background()
+		b.ReportAllocs()
+		b.RunParallel(func(pb *testing.PB) {
+			for pb.Next() {
+				if _, err := q.Acquire(ctx, Cost{Tokens: 500}); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	})
+	b.Run("queue per model", func(b *testing.B) {
+		s, _ := NewSet(SetConfig{Models: map[string]Config{"*": big}}, nil)
+		var id atomic.Int64
+		ctx := context.Background()
+		b.ReportAllocs()
+		b.RunParallel(func(pb *testing.PB) {
+			q, _ := s.Queue("m" + strconv.FormatInt(id.Add(1), 10))
+			for pb.Next() {
+				if _, err := q.Acquire(ctx, Cost{Tokens: 500}); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	})
+	b.Run("reject predicted", func(b *testing.B) {
+		q := NewQueue("m", Config{MaxQueueSize: 100, MaxQueueWait: 0, RPM: 60, TPM: 1000}, nil)
+		ctx := context.Background()
+		q.Acquire(ctx, Cost{Tokens: 1000})
+		b.ReportAllocs()
+		for b.Loop() {
+			if _, err := q.Acquire(ctx, Cost{Tokens: 500}); err == nil {
+				b.Fatal("admitted")
+			}
+		}
+	})
+}
