@@ -1,0 +1,95 @@
+package main
+
+import (
+	"bytes"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// build compiles llproxy into a temporary directory.
+func build(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "llproxy")
+	out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput()
+	require.NoError(t, err, string(out))
+	return bin
+}
+
+// cleanEnv is the environment without the variables the example config
+// reads, as on a fresh machine.
+func cleanEnv() []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		if !strings.HasPrefix(kv, "OPENAI_API_KEY=") && !strings.HasPrefix(kv, "LLPROXY_LISTEN=") {
+			env = append(env, kv)
+		}
+	}
+	return env
+}
+
+func TestCheck(t *testing.T) {
+	bin := build(t)
+	cmd := exec.Command(bin, "-check", "-config", "../../config-example.json")
+	cmd.Env = cleanEnv()
+	out, err := cmd.CombinedOutput()
+	require.NoError(t, err, string(out))
+	assert.Contains(t, string(out), "is valid")
+
+	bad := filepath.Join(t.TempDir(), "bad.json")
+	require.NoError(t, os.WriteFile(bad, []byte(`{"routes":{"openai":{"forward":"https://x","models":{"gpt-4o":{"rpm":1,"tpm":0}}}}}`), 0o600))
+	cmd = exec.Command(bin, "-check", "-config", bad)
+	out, err = cmd.CombinedOutput()
+	var ee *exec.ExitError
+	require.ErrorAs(t, err, &ee)
+	assert.Equal(t, 1, ee.ExitCode())
+	assert.Contains(t, string(out), "routes.openai.models.gpt-4o.tpm: must be > 0, got 0")
+}
+
+// TestExampleConfigServesAndStopsOnSIGTERM runs the README's first command:
+// the binary on the example config, with no key, serves the demo route and
+// exits cleanly on SIGTERM.
+func TestExampleConfigServesAndStopsOnSIGTERM(t *testing.T) {
+	bin := build(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	addr := ln.Addr().String()
+	ln.Close()
+	cmd := exec.Command(bin, "-listen", addr)
+	cmd.Dir = "../.." // where config-example.json is, as for `go run ./cmd/llproxy`
+	cmd.Env = cleanEnv()
+	var logs bytes.Buffer
+	cmd.Stderr = &logs
+	require.NoError(t, cmd.Start())
+	defer cmd.Process.Kill()
+
+	require.Eventually(t, func() bool {
+		resp, err := http.Get("http://" + addr + "/healthz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	}, 20*time.Second, 10*time.Millisecond)
+
+	resp, err := http.Post("http://"+addr+"/demo/v1/chat/completions", "application/json",
+		strings.NewReader(`{"model":"mock","messages":[{"role":"user","content":"hi"}]}`))
+	require.NoError(t, err)
+	resp.Body.Close()
+	assert.Equal(t, http.StatusOK, resp.StatusCode)
+	assert.Equal(t, "30", resp.Header.Get("X-Ratelimit-Limit-Requests"))
+
+	require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
+	require.NoError(t, cmd.Wait(), logs.String())
+	assert.Contains(t, logs.String(), `"msg":"shutting down"`)
+	assert.Contains(t, logs.String(), `"route":"demo","model":"mock"`)
+}
