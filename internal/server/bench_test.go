@@ -42,7 +42,7 @@ func BenchmarkServeChat(b *testing.B) {
 		b.Fatal(err)
 	}
 	srv, err := New(Options{Config: cfg, Tokenizer: testTokenizer(b), Registry: prometheus.NewRegistry(),
-		Logger: slog.New(slog.NewJSONHandler(io.Discard, nil)),
+		Logger:    slog.New(slog.NewJSONHandler(io.Discard, nil)),
 		Transport: cannedTransport{`{"choices":[{"message":{"content":"ok"}}],"usage":{"prompt_tokens":9,"completion_tokens":1,"total_tokens":10}}`}})
 	if err != nil {
 		b.Fatal(err)
