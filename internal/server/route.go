@@ -60,6 +60,9 @@ func (rt *route) newModelState(q *scheduler.Queue, mc *config.Model) *modelState
 	return &modelState{q: q, m: rt.srv.metrics.Model(rt.name, q.Model()), defaultMaxTokens: mc.DefaultMaxTokens}
 }
 
+// maxModelName bounds a model name: it becomes a queue and a metric label.
+const maxModelName = 256
+
 // estimate is a request's counted cost.
 type estimate struct {
 	prompt, maxOutput, n, cost int
@@ -150,9 +153,10 @@ func (rt *route) serve(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		if mv := v.Get("model"); mv != nil {
-			if mv.Type() != fastjson.TypeString {
+			if mv.Type() != fastjson.TypeString || len(mv.GetStringBytes()) > maxModelName {
 				rt.srv.parsers.Put(p)
-				writeError(ex, http.StatusBadRequest, "invalid_request_error", "", "'model' must be a string.")
+				writeError(ex, http.StatusBadRequest, "invalid_request_error", "",
+					"'model' must be a string of at most "+itoa(maxModelName)+" bytes.")
 				return
 			}
 			rec.model = string(mv.GetStringBytes())

@@ -155,6 +155,7 @@ func TestBadInputNeverReachesUpstream(t *testing.T) {
 	}{
 		{"malformed json", "/openai/v1/chat/completions", `{"model": "gpt-4o",`, 400, "invalid_request_error", "", "could not parse the JSON"},
 		{"model not a string", "/openai/v1/chat/completions", `{"model": 4}`, 400, "invalid_request_error", "", "'model' must be a string"},
+		{"model name too long", "/openai/v1/chat/completions", `{"model":"` + strings.Repeat("m", 300) + `"}`, 400, "invalid_request_error", "", "at most 256 bytes"},
 		{"body too large", "/openai/v1/chat/completions", `{"model":"gpt-4o","x":"` + strings.Repeat("a", 2000) + `"}`, 413, "invalid_request_error", "request_too_large", "limit is 1000 bytes"},
 		{"unknown route", "/anthropic/v1/messages", chatBody, 404, "invalid_request_error", "unknown_route", "/openai/"},
 		{"unknown model", "/openai/v1/chat/completions", `{"model":"gpt-5"}`, 404, "invalid_request_error", "model_not_found", "serves: gpt-4o, gpt-4o-mini"},
