@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strconv"
+	"strings"
 	"text/tabwriter"
 	"time"
 )
@@ -58,6 +59,7 @@ func bench(args []string) int {
 	chunks := fs.Int("chunks", 100, "chunks per streamed response")
 	chunkDelay := fs.Duration("chunk-delay", 0, "the mock upstream's delay between streamed chunks (0: CPU-bound streams)")
 	gomaxprocs := fs.Int("gomaxprocs", 0, "GOMAXPROCS for the proxies (0: Go's default)")
+	only := fs.String("only", "", "run only the scenarios whose name contains this")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -126,6 +128,9 @@ func bench(args []string) int {
 		{"chat, unique prompts", chat(16, false, true), []int{1, 16}, []target{baseT, llT}},
 		{fmt.Sprintf("stream, %d chunks %s apart", *chunks, chunkDelay), chat(*chunks, true, false), []int{16}, []target{direct, baseT, llT}},
 	} {
+		if !strings.Contains(sc.name, *only) {
+			continue
+		}
 		for _, conc := range sc.conc {
 			var ref, directRef result
 			for _, t := range sc.targets {
