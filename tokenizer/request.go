@@ -39,10 +39,11 @@ const (
 // tool definitions per the cookbook; completions prompts; embeddings inputs;
 // Responses API instructions and input. Token-id arrays count one token per
 // id. Audio and file payloads are not counted. It never fails: fields of an
-// unexpected shape are counted by their strings.
+// unexpected shape are counted by their strings. Uncached text beyond the
+// tokenizer's MaxExactBytes is estimated, bounding the work per request.
 func (t *Tokenizer) PromptTokens(ep Endpoint, model string, body *fastjson.Value) int {
-	e := t.EncodingFor(model)
-	c := counter{e: e, model: model}
+	budget := t.maxExact
+	c := counter{e: t.EncodingFor(model), model: model, budget: &budget}
 	switch ep {
 	case EndpointChat:
 		return c.chat(body)
@@ -62,11 +63,12 @@ func (t *Tokenizer) PromptTokens(ep Endpoint, model string, body *fastjson.Value
 
 // counter walks one request.
 type counter struct {
-	e     *Encoding
-	model string
+	e      *Encoding
+	model  string
+	budget *int // bytes of exact counting the request may still spend
 }
 
-func (c counter) text(b []byte) int { return c.e.countBytes(b) }
+func (c counter) text(b []byte) int { return c.e.countWithin(b, c.budget) }
 
 // chat implements the cookbook's num_tokens_from_messages plus
 // num_tokens_for_tools.

@@ -251,3 +251,21 @@ func TestConfigValidate(t *testing.T) {
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "maxPieceBytes")
 }
+
+func TestExactWorkPerRequestIsBounded(t *testing.T) {
+	tok, err := New(Config{MaxExactBytes: 1000})
+	require.NoError(t, err)
+	sentence := "The quick brown fox jumps over the lazy dog. "
+	small := strings.Repeat(sentence, 10) // 450 bytes: counted
+	big := strings.Repeat(sentence, 100)  // 4500 bytes: past the budget
+	body := `{"messages":[{"role":"user","content":"` + small + `"},{"role":"user","content":"` + big + `"}]}`
+	n := tok.PromptTokens(EndpointChat, "gpt-4o", parse(t, body))
+	exactSmall := tok.Encoding(O200kBase).Count(small)
+	want := 2*tokensPerMessage + 2 /* roles */ + exactSmall + len(big)/2 + replyPriming
+	assert.Equal(t, want, n)
+	// Once counted exactly (here, outside a request), a text is cached and
+	// costs no budget: the same request now counts exactly.
+	exactBig := tok.Encoding(O200kBase).Count(big)
+	n = tok.PromptTokens(EndpointChat, "gpt-4o", parse(t, body))
+	assert.Equal(t, 2*tokensPerMessage+2+exactSmall+exactBig+replyPriming, n)
+}
