@@ -60,6 +60,9 @@ func (rt *route) newModelState(q *scheduler.Queue, mc *config.Model) *modelState
 	return &modelState{q: q, m: rt.srv.metrics.Model(rt.name, q.Model()), defaultMaxTokens: mc.DefaultMaxTokens}
 }
 
+// outcomePassthrough is the log outcome of a request that names no model.
+const outcomePassthrough = "passthrough"
+
 // maxModelName bounds a model name: it becomes a queue and a metric label.
 const maxModelName = 256
 
@@ -144,35 +147,14 @@ func (rt *route) serve(w http.ResponseWriter, r *http.Request) {
 	var ms *modelState
 	var est estimate
 	if body != nil && looksJSON(r.Header.Get("Content-Type"), body.buf) {
-		p := rt.srv.parsers.Get()
-		v, err := p.ParseBytes(body.buf)
-		if err != nil {
-			rt.srv.parsers.Put(p)
-			writeError(ex, http.StatusBadRequest, "invalid_request_error", "",
-				"We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly. The OpenAI API expects a JSON payload.)")
+		var ok bool
+		if ms, est, ok = rt.inspect(ex, r.URL.Path, body.buf, &rec); !ok {
 			return
 		}
-		if mv := v.Get("model"); mv != nil {
-			if mv.Type() != fastjson.TypeString || len(mv.GetStringBytes()) > maxModelName {
-				rt.srv.parsers.Put(p)
-				writeError(ex, http.StatusBadRequest, "invalid_request_error", "",
-					"'model' must be a string of at most "+itoa(maxModelName)+" bytes.")
-				return
-			}
-			rec.model = string(mv.GetStringBytes())
-			ms, err = rt.modelFor(rec.model)
-			if err != nil {
-				rt.srv.parsers.Put(p)
-				rt.writeModelError(ex, rec.model, err)
-				return
-			}
-			est = rt.estimateCost(r.URL.Path, rec.model, v, ms)
-		}
-		rt.srv.parsers.Put(p)
 	}
 
 	if ms == nil {
-		rec.outcome = "passthrough"
+		rec.outcome = outcomePassthrough
 		rt.noModel.Inc()
 		if body != nil {
 			body.attach(r)
@@ -206,6 +188,35 @@ func (rt *route) serve(w http.ResponseWriter, r *http.Request) {
 		}
 	}()
 	rt.forward.ServeHTTP(ex, r)
+}
+
+// inspect parses a JSON body once, finds its model's queue and counts its
+// cost. A body without a model gives a nil state. On bad input it answers
+// the client and returns ok false.
+func (rt *route) inspect(w http.ResponseWriter, path string, body []byte, rec *requestLog) (ms *modelState, est estimate, ok bool) {
+	p := rt.srv.parsers.Get()
+	defer rt.srv.parsers.Put(p)
+	v, err := p.ParseBytes(body)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, "invalid_request_error", "",
+			"We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly. The OpenAI API expects a JSON payload.)")
+		return nil, est, false
+	}
+	mv := v.Get("model")
+	if mv == nil {
+		return nil, est, true
+	}
+	if mv.Type() != fastjson.TypeString || len(mv.GetStringBytes()) > maxModelName {
+		writeError(w, http.StatusBadRequest, "invalid_request_error", "",
+			"'model' must be a string of at most "+itoa(maxModelName)+" bytes.")
+		return nil, est, false
+	}
+	rec.model = string(mv.GetStringBytes())
+	if ms, err = rt.modelFor(rec.model); err != nil {
+		rt.writeModelError(w, rec.model, err)
+		return nil, est, false
+	}
+	return ms, rt.estimateCost(path, rec.model, v, ms), true
 }
 
 // writeAcquireError answers a request the scheduler did not admit and
