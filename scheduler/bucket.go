@@ -38,10 +38,34 @@ func (b bucket) take(now time.Time, n int) {
 	}
 }
 
-// give returns n tokens at now (a request admitted but never sent). The
-// level stays capped at capacity.
+// give returns n tokens at now (a request admitted but never sent, or a
+// reservation larger than what was used). The level stays capped at
+// capacity.
 func (b bucket) give(now time.Time, n int) {
-	b.lim.ReserveN(now, -n)
+	if n > 0 {
+		b.lim.ReserveN(now, -n)
+	}
+}
+
+// charge removes n more tokens at now even if that leaves the bucket in
+// debt (an upstream used more than was reserved); the debt is repaid by
+// refill before anything else is admitted. A single charge is capped at the
+// capacity.
+func (b bucket) charge(now time.Time, n int) {
+	if n > 0 {
+		b.lim.ReserveN(now, min(n, int(b.capacity)))
+	}
+}
+
+// lowerTo drops the level at now to target if it is higher, and reports
+// whether it did.
+func (b bucket) lowerTo(now time.Time, target float64) bool {
+	excess := int(math.Floor(b.level(now) - target))
+	if excess < 1 {
+		return false
+	}
+	b.lim.ReserveN(now, excess)
+	return true
 }
 
 // waitFrom is how long a bucket at level needs to hold n tokens, rounded up

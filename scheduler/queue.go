@@ -80,6 +80,7 @@ type Queue struct {
 	tail         sim  // prediction after the last waiter is admitted
 	tailOK       bool // false after a cancellation: recompute from the head
 	timer        Timer
+	holdUntil    time.Time // no admission before this (the upstream said wait)
 	closed       bool
 }
 
@@ -111,6 +112,12 @@ func (q *Queue) Acquire(ctx context.Context, cost Cost) (Admission, error) {
 	if w == nil {
 		return adm, err
 	}
+	return q.wait(ctx, w)
+}
+
+// wait blocks until w is admitted, the queue closes or ctx ends; in the last
+// case w leaves the queue having paid nothing.
+func (q *Queue) wait(ctx context.Context, w *waiter) (Admission, error) {
 	select {
 	case <-w.ready:
 		return w.adm, w.err
@@ -123,7 +130,7 @@ func (q *Queue) Acquire(ctx context.Context, cost Cost) (Admission, error) {
 		// Admitted while the client left: it will never be sent, so it
 		// gives back what it paid.
 		q.req.give(now, 1)
-		q.tok.give(now, cost.Tokens)
+		q.tok.give(now, w.cost.Tokens)
 		q.tailOK = false
 		q.dispatch(now)
 	}
@@ -153,7 +160,7 @@ func (q *Queue) enqueue(now time.Time, cost Cost) (*waiter, Admission, error) {
 			Limit: q.cfg.TPM, Requested: cost.Tokens, QueueLen: len(q.waiting), State: st}
 	}
 	// (3) Fast path.
-	if len(q.waiting) == 0 && q.req.level(now) >= 1-epsilon && q.tok.level(now) >= float64(cost.Tokens)-epsilon {
+	if len(q.waiting) == 0 && q.canPay(now, cost) {
 		q.req.take(now, 1)
 		q.tok.take(now, cost.Tokens)
 		return nil, Admission{State: q.state(now)}, nil
@@ -186,6 +193,12 @@ func (q *Queue) enqueue(now time.Time, cost Cost) (*waiter, Admission, error) {
 	return w, Admission{}, nil
 }
 
+// canPay reports whether a request of cost could be admitted at now if it
+// were at the head.
+func (q *Queue) canPay(now time.Time, cost Cost) bool {
+	return !now.Before(q.holdUntil) && q.req.level(now) >= 1-epsilon && q.tok.level(now) >= float64(cost.Tokens)-epsilon
+}
+
 func (q *Queue) reject(now time.Time, reason error, binding Resource, cost Cost, wait time.Duration) *RejectError {
 	e := &RejectError{Reason: reason, Model: q.model, Resource: binding, RetryAfter: wait,
 		QueueLen: len(q.waiting), State: q.state(now)}
@@ -205,7 +218,7 @@ func (q *Queue) reject(now time.Time, reason error, binding Resource, cost Cost,
 // been admitted, or the state at now when none waits.
 func (q *Queue) tailAt(now time.Time) sim {
 	if len(q.waiting) == 0 || !q.tailOK {
-		s := sim{at: now, req: q.req.level(now), tok: q.tok.level(now)}
+		s := q.headAt(now)
 		for _, w := range q.waiting {
 			s, _ = q.step(s, w.cost)
 		}
@@ -218,6 +231,16 @@ func (q *Queue) tailAt(now time.Time) sim {
 		s = sim{at: now, req: q.req.fill(s.req, d), tok: q.tok.fill(s.tok, d)}
 	}
 	return s
+}
+
+// headAt is the bucket state the head of the queue starts from: now, or
+// the end of a hold.
+func (q *Queue) headAt(now time.Time) sim {
+	at := now
+	if q.holdUntil.After(now) {
+		at = q.holdUntil
+	}
+	return sim{at: at, req: q.req.level(at), tok: q.tok.level(at)}
 }
 
 // step predicts when a request of cost is admitted after state s, and the
@@ -239,6 +262,10 @@ func (q *Queue) step(s sim, cost Cost) (sim, Resource) {
 // dispatch admits waiting requests from the head while both buckets can pay,
 // then sets the timer for the new head.
 func (q *Queue) dispatch(now time.Time) {
+	if hold := q.holdUntil.Sub(now); hold > 0 && len(q.waiting) > 0 {
+		q.arm(hold)
+		return
+	}
 	for len(q.waiting) > 0 {
 		w := q.waiting[0]
 		d := max(q.req.waitFrom(q.req.level(now), 1), q.tok.waitFrom(q.tok.level(now), w.cost.Tokens))

@@ -1,0 +1,137 @@
+package scheduler
+
+import (
+	"context"
+	"time"
+)
+
+// This file holds what the gateway learns after admission: what a request
+// really used, what the upstream says is left, and when the upstream wants
+// the queue to wait. Each changes the buckets, so each drops the cached
+// prediction and lets the queue's head be reconsidered.
+
+// Settle corrects the token bucket once a request's real usage is known:
+// reserved is what it paid at admission, actual what the upstream reports.
+// Unused tokens go back (the head may be admitted sooner); an overrun is
+// charged, possibly leaving the bucket in debt that refill repays before
+// anything else is admitted. A request that was never sent settles with
+// actual 0 and also gives back its request.
+func (q *Queue) Settle(now time.Time, reserved, actual int) {
+	if actual == reserved {
+		return
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if actual < reserved {
+		q.tok.give(now, reserved-actual)
+	} else {
+		q.tok.charge(now, actual-reserved)
+	}
+	q.changed(now)
+}
+
+// Unsend returns a whole admission: the request was never received by the
+// upstream (it could not connect), or was refused before it ran (an
+// upstream 429). Its request and its reserved tokens go back.
+func (q *Queue) Unsend(now time.Time, reserved int) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.req.give(now, 1)
+	q.tok.give(now, reserved)
+	q.changed(now)
+}
+
+// Upstream is what an upstream reported about its own limits in response
+// headers. A zero Has field means that value was not reported.
+type Upstream struct {
+	RemainingRequests, RemainingTokens       int
+	HasRemainingRequests, HasRemainingTokens bool
+}
+
+// Observe lowers the buckets to what the upstream reports is left, when
+// that is less than the gateway holds: the gateway is not the key's only
+// user, and its buckets must not promise what the upstream will refuse. It
+// never raises a bucket. It reports whether a bucket was lowered.
+func (q *Queue) Observe(now time.Time, u Upstream) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	lowered := false
+	if u.HasRemainingRequests && q.req.lowerTo(now, float64(u.RemainingRequests)) {
+		lowered = true
+	}
+	if u.HasRemainingTokens && q.tok.lowerTo(now, float64(u.RemainingTokens)) {
+		lowered = true
+	}
+	if lowered {
+		q.changed(now)
+	}
+	return lowered
+}
+
+// Hold stops all admissions until until (the upstream answered 429 with a
+// retry time). A later hold extends an earlier one; predictions include it.
+func (q *Queue) Hold(now, until time.Time) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if until.After(q.holdUntil) {
+		q.holdUntil = until
+		q.changed(now)
+	}
+}
+
+// HeldUntil returns the end of the current hold (zero if none was set).
+func (q *Queue) HeldUntil() time.Time {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.holdUntil
+}
+
+// changed drops the cached prediction and reconsiders the head after the
+// buckets or the hold changed. q.mu is held.
+func (q *Queue) changed(now time.Time) {
+	q.tailOK = false
+	if !q.closed {
+		q.dispatch(now)
+	}
+}
+
+// Requeue puts a request that was admitted but must be sent again (the
+// upstream refused it with a 429 and its admission was given back with
+// Unsend) at the head of the queue, ahead of everyone who arrived after it,
+// ignoring MaxQueueSize. It waits like Acquire, but its limit is the
+// absolute deadline it arrived with, not a fresh MaxQueueWait: if it cannot
+// be admitted by then it is rejected at once with ErrWaitTooLong, whose
+// RetryAfter is when a newcomer retrying alone would be admitted.
+func (q *Queue) Requeue(ctx context.Context, cost Cost, deadline time.Time) (Admission, error) {
+	q.mu.Lock()
+	now := q.clock.Now()
+	w, adm, err := q.requeue(now, cost, deadline)
+	q.mu.Unlock()
+	if w == nil {
+		return adm, err
+	}
+	return q.wait(ctx, w)
+}
+
+func (q *Queue) requeue(now time.Time, cost Cost, deadline time.Time) (*waiter, Admission, error) {
+	if q.closed {
+		return nil, Admission{}, ErrClosed
+	}
+	if len(q.waiting) == 0 && q.canPay(now, cost) {
+		q.req.take(now, 1)
+		q.tok.take(now, cost.Tokens)
+		return nil, Admission{State: q.state(now)}, nil
+	}
+	first, binding := q.step(q.headAt(now), cost)
+	if first.at.After(deadline) {
+		tail, _ := q.step(q.tailAt(now), cost)
+		return nil, Admission{}, q.reject(now, ErrWaitTooLong, binding, cost, tail.at.Sub(now))
+	}
+	w := &waiter{cost: cost, enqueued: now, ready: make(chan struct{})}
+	q.waiting = append(q.waiting, nil)
+	copy(q.waiting[1:], q.waiting)
+	q.waiting[0] = w
+	q.queuedTokens += cost.Tokens
+	q.changed(now)
+	return w, Admission{}, nil
+}
