@@ -147,4 +147,3 @@ func TestConfigValidate(t *testing.T) {
 	assert.Equal(t, 500*time.Millisecond, time.Duration(d))
 	assert.Error(t, json.Unmarshal([]byte(`"soon"`), &d))
 }
-

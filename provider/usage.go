@@ -1,0 +1,170 @@
+package provider
+
+import (
+	"bytes"
+	"io"
+
+	"github.com/valyala/fastjson"
+)
+
+// Usage is the token usage an upstream reports for one request.
+type Usage struct {
+	Prompt, Completion, Total int
+}
+
+var usageKey = []byte(`"usage"`)
+
+// FindUsage finds the last non-null "usage" object in b (a JSON response, or
+// one SSE event's data) and reads it: chat and completions report
+// prompt_tokens/completion_tokens, the Responses API input_tokens/
+// output_tokens, embeddings prompt_tokens only. A raw `"usage"` can only be
+// a key: inside a JSON string its quotes would be escaped.
+func FindUsage(b []byte) (Usage, bool) {
+	for end := len(b); end > 0; {
+		i := bytes.LastIndex(b[:end], usageKey)
+		if i < 0 {
+			return Usage{}, false
+		}
+		end = i
+		rest := bytes.TrimLeft(b[i+len(usageKey):], " \t\r\n")
+		if len(rest) == 0 || rest[0] != ':' {
+			continue
+		}
+		rest = bytes.TrimLeft(rest[1:], " \t\r\n")
+		obj := objectPrefix(rest)
+		if obj == nil {
+			continue // null, or cut off
+		}
+		v, err := fastjson.ParseBytes(obj)
+		if err != nil {
+			continue
+		}
+		u := Usage{
+			Prompt:     firstInt(v, "prompt_tokens", "input_tokens"),
+			Completion: firstInt(v, "completion_tokens", "output_tokens"),
+			Total:      v.GetInt("total_tokens"),
+		}
+		if u.Total == 0 {
+			u.Total = u.Prompt + u.Completion
+		}
+		return u, true
+	}
+	return Usage{}, false
+}
+
+func firstInt(v *fastjson.Value, keys ...string) int {
+	for _, k := range keys {
+		if x := v.Get(k); x != nil {
+			return x.GetInt()
+		}
+	}
+	return 0
+}
+
+// objectPrefix returns the JSON object b starts with, or nil if b does not
+// start with a complete one.
+func objectPrefix(b []byte) []byte {
+	if len(b) == 0 || b[0] != '{' {
+		return nil
+	}
+	depth, inString, escaped := 0, false, false
+	for i, c := range b {
+		switch {
+		case inString:
+			switch {
+			case escaped:
+				escaped = false
+			case c == '\\':
+				escaped = true
+			case c == '"':
+				inString = false
+			}
+		case c == '"':
+			inString = true
+		case c == '{' || c == '[':
+			depth++
+		case c == '}' || c == ']':
+			depth--
+			if depth == 0 {
+				return b[:i+1]
+			}
+		}
+	}
+	return nil
+}
+
+// BodyTap passes a JSON response body through unchanged and keeps its last
+// few KiB, where OpenAI-compatible servers put "usage", so the usage can be
+// read when the body is done without holding the whole body.
+type BodyTap struct {
+	src  io.ReadCloser
+	tail []byte
+	eof  bool
+}
+
+const tapTail = 8 << 10
+
+// NewBodyTap wraps a response body.
+func NewBodyTap(src io.ReadCloser) *BodyTap { return &BodyTap{src: src} }
+
+func (t *BodyTap) Read(p []byte) (int, error) {
+	n, err := t.src.Read(p)
+	if n > 0 {
+		if len(t.tail)+n > 2*tapTail {
+			keep := max(0, tapTail-n)
+			t.tail = append(t.tail[:0], t.tail[len(t.tail)-keep:]...)
+		}
+		t.tail = append(t.tail, p[:n]...)
+	}
+	if err == io.EOF {
+		t.eof = true
+	}
+	return n, err
+}
+
+// Close closes the upstream body.
+func (t *BodyTap) Close() error { return t.src.Close() }
+
+// Usage returns the body's usage once it was read to the end.
+func (t *BodyTap) Usage() (Usage, bool) {
+	if !t.eof {
+		return Usage{}, false
+	}
+	return FindUsage(t.tail)
+}
+
+// WantsStreamUsage reports whether a streamed chat or completions request
+// body already asks for the final usage chunk.
+func WantsStreamUsage(v *fastjson.Value) bool {
+	return v.GetBool("stream_options", "include_usage")
+}
+
+// WithStreamUsage appends to dst the request body with
+// stream_options.include_usage set to true, so that the upstream reports the
+// stream's usage in a last chunk. v is body, parsed. The body is changed as
+// little as possible: when it has no stream_options the member is inserted
+// before the closing brace and every other byte stays as it was.
+func WithStreamUsage(dst, body []byte, v *fastjson.Value) []byte {
+	if v.Get("stream_options") == nil {
+		end := bytes.LastIndexByte(body, '}')
+		if end < 0 {
+			return append(dst, body...)
+		}
+		before := bytes.TrimRight(body[:end], " \t\r\n")
+		dst = append(dst, body[:end]...)
+		if len(before) > 0 && before[len(before)-1] != '{' {
+			dst = append(dst, ',')
+		}
+		dst = append(dst, `"stream_options":{"include_usage":true}`...)
+		return append(dst, body[end:]...)
+	}
+	var a fastjson.Arena
+	if so := v.Get("stream_options"); so.Type() == fastjson.TypeObject {
+		so.Set("include_usage", a.NewTrue())
+	} else {
+		o := a.NewObject()
+		o.Set("include_usage", a.NewTrue())
+		v.Set("stream_options", o)
+	}
+	return v.MarshalTo(dst)
+}
