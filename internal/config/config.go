@@ -76,9 +76,36 @@ type Route struct {
 	DialTimeout scheduler.Duration `json:"dialTimeout"`
 	// MaxIdleConnsPerHost is the upstream connection pool size. Default 256.
 	MaxIdleConnsPerHost int `json:"maxIdleConnsPerHost"`
+	// Settle is "reserved" (the bucket keeps what a request reserved at
+	// admission) or "actual" (once the upstream reports usage, the unused
+	// reservation goes back and an overrun is charged). Default "reserved"
+	// for provider openai, "actual" for mock.
+	Settle string `json:"settle"`
+	// InjectStreamUsage asks the upstream for a stream's usage
+	// (stream_options.include_usage) when the client did not, and strips it
+	// from what the client receives. Default true.
+	InjectStreamUsage *bool `json:"injectStreamUsage"`
+	// Retries is how often a request that failed with a 5xx or a connection
+	// error before any byte reached the client is sent again, with backoff,
+	// within its maxQueueWait. Default 2; 0 disables.
+	Retries *int `json:"retries"`
+	// RetryBackoff is the first backoff; each retry doubles it. Default 250ms.
+	RetryBackoff scheduler.Duration `json:"retryBackoff"`
 	// Mock configures provider "mock".
 	Mock provider.MockConfig `json:"mock"`
 }
+
+// Settle modes.
+const (
+	SettleReserved = "reserved"
+	SettleActual   = "actual"
+)
+
+// Defaults of the retry settings.
+const (
+	DefaultRetries      = 2
+	DefaultRetryBackoff = 250 * time.Millisecond
+)
 
 // Model is one model's limits plus how its requests are costed.
 type Model struct {
@@ -147,6 +174,23 @@ func (c *Config) setDefaults() {
 		}
 		if r.MaxIdleConnsPerHost == 0 {
 			r.MaxIdleConnsPerHost = DefaultMaxIdlePerHost
+		}
+		if r.Settle == "" {
+			r.Settle = SettleReserved
+			if r.Provider == provider.NameMock {
+				r.Settle = SettleActual
+			}
+		}
+		if r.InjectStreamUsage == nil {
+			yes := true
+			r.InjectStreamUsage = &yes
+		}
+		if r.Retries == nil {
+			n := DefaultRetries
+			r.Retries = &n
+		}
+		if r.RetryBackoff == 0 {
+			r.RetryBackoff = scheduler.Duration(DefaultRetryBackoff)
 		}
 		for _, m := range r.Models {
 			if m != nil && m.DefaultMaxTokens == 0 {
@@ -223,6 +267,15 @@ func (r *Route) validate() error {
 	}
 	if r.MaxIdleConnsPerHost < 0 {
 		errs = append(errs, errors.New("maxIdleConnsPerHost: must be >= 0"))
+	}
+	if r.Settle != SettleReserved && r.Settle != SettleActual {
+		errs = append(errs, fmt.Errorf("settle: must be %q or %q, got %q", SettleReserved, SettleActual, r.Settle))
+	}
+	if r.Retries != nil && (*r.Retries < 0 || *r.Retries > 10) {
+		errs = append(errs, fmt.Errorf("retries: must be between 0 and 10, got %d", *r.Retries))
+	}
+	if r.RetryBackoff < 0 {
+		errs = append(errs, errors.New("retryBackoff: must be >= 0"))
 	}
 	for _, name := range slices.Sorted(maps.Keys(r.Models)) {
 		m := r.Models[name]

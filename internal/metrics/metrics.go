@@ -10,6 +10,7 @@ package metrics
 
 import (
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -25,7 +26,9 @@ const (
 	OutcomeRejectTooLarge  = "rejected_too_large"
 	OutcomeCancelled       = "cancelled"
 	OutcomeShuttingDown    = "rejected_shutdown"
-	OutcomePassthrough     = "passthrough"
+	// OutcomeRejectUpstream is an admitted request whose upstream 429
+	// outlasted its maxQueueWait: it was answered with a 429 after all.
+	OutcomeRejectUpstream = "rejected_upstream"
 )
 
 // Metrics holds the collectors of one gateway.
@@ -38,6 +41,12 @@ type Metrics struct {
 	upstreamLatency *prometheus.HistogramVec
 	inflight        *prometheus.GaugeVec
 	passthrough     *prometheus.CounterVec
+	tokensUsed      *prometheus.CounterVec
+	tokensSettled   *prometheus.CounterVec
+	estimateError   *prometheus.HistogramVec
+	retries         *prometheus.CounterVec
+	upstreamRate    *prometheus.GaugeVec
+	bucketLowered   *prometheus.CounterVec
 }
 
 // New builds the collectors and registers them, with the queue collector
@@ -46,7 +55,7 @@ func New(reg prometheus.Registerer, src QueueSource) (*Metrics, error) {
 	m := &Metrics{
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace, Name: "requests_total",
-			Help: "Scheduled requests by outcome: admitted, rejected_queue_full, rejected_wait, rejected_too_large, cancelled (client left while queued), rejected_shutdown.",
+			Help: "Scheduled requests by outcome: admitted, rejected_queue_full, rejected_wait, rejected_too_large, cancelled (client left while queued), rejected_shutdown; rejected_upstream counts admitted requests whose upstream 429 outlasted their maxQueueWait.",
 		}, []string{"route", "model", "outcome"}),
 		queueWait: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Namespace: namespace, Name: "queue_wait_seconds",
@@ -79,7 +88,33 @@ func New(reg prometheus.Registerer, src QueueSource) (*Metrics, error) {
 		Namespace: namespace, Name: "passthrough_requests_total",
 		Help: "Requests forwarded without scheduling because their body names no model (GET /v1/models, files, ...).",
 	}, []string{"route"})
-	for _, c := range []prometheus.Collector{m.passthrough, m.requests, m.queueWait, m.tokensReserved, m.promptTokens,
+	m.tokensUsed = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Name: "tokens_used_total",
+		Help: "Tokens the upstream reported as used, by kind (prompt, completion); compare with tokens_reserved_total.",
+	}, []string{"route", "model", "kind"})
+	m.tokensSettled = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Name: "tokens_settled_total",
+		Help: "Tokens settled after a response (settle \"actual\"): refund (reserved but unused, returned to the bucket) or charge (used beyond the reservation); unsent for admissions returned whole.",
+	}, []string{"route", "model", "direction"})
+	m.estimateError = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Namespace: namespace, Name: "prompt_estimate_error_ratio",
+		Help:    "(counted - upstream-reported) / upstream-reported prompt tokens: how well the gateway's tokenizer agrees with the upstream.",
+		Buckets: []float64{-0.5, -0.2, -0.1, -0.05, -0.02, -0.005, 0.005, 0.02, 0.05, 0.1, 0.2, 0.5, 1},
+	}, []string{"route", "model"})
+	m.retries = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Name: "upstream_retries_total",
+		Help: "Requests sent again by the gateway, by reason: rate_limited (upstream 429), server_error (5xx), connect_error.",
+	}, []string{"route", "model", "reason"})
+	m.upstreamRate = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: namespace, Name: "upstream_ratelimit",
+		Help: "The upstream's own rate-limit view from its last response headers, by resource (requests, tokens) and field (limit, remaining, reset_seconds).",
+	}, []string{"route", "model", "resource", "field"})
+	m.bucketLowered = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Name: "bucket_lowered_total",
+		Help: "Times the gateway lowered a bucket because the upstream reported less remaining (another user of the key).",
+	}, []string{"route", "model"})
+	for _, c := range []prometheus.Collector{m.tokensUsed, m.tokensSettled, m.estimateError, m.retries,
+		m.upstreamRate, m.bucketLowered, m.passthrough, m.requests, m.queueWait, m.tokensReserved, m.promptTokens,
 		m.upstreamStatus, m.upstreamLatency, m.inflight, newQueueCollector(src)} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
@@ -93,11 +128,17 @@ type Model struct {
 	m                                           *Metrics
 	route, model                                string
 	admitted, queueFull, wait, tooLarge, cancel prometheus.Counter
-	shutdown                                    prometheus.Counter
+	shutdown, upstreamReject                    prometheus.Counter
 	queueWait, latency                          prometheus.Observer
 	reserved, prompt                            prometheus.Counter
 	inflight                                    prometheus.Gauge
 	ok200                                       prometheus.Counter
+	usedPrompt, usedCompletion                  prometheus.Counter
+	refund, charge, unsent                      prometheus.Counter
+	estimateError                               prometheus.Observer
+	lowered                                     prometheus.Counter
+	upOnce                                      sync.Once
+	upRate                                      [2][3]prometheus.Gauge // resource x field, made on first report
 }
 
 // Model returns the children for (route, model).
@@ -107,12 +148,77 @@ func (m *Metrics) Model(route, model string) *Model {
 		m: m, route: route, model: model,
 		admitted: c(OutcomeAdmitted), queueFull: c(OutcomeRejectQueueFull), wait: c(OutcomeRejectWait),
 		tooLarge: c(OutcomeRejectTooLarge), cancel: c(OutcomeCancelled), shutdown: c(OutcomeShuttingDown),
-		queueWait: m.queueWait.WithLabelValues(route, model),
-		latency:   m.upstreamLatency.WithLabelValues(route, model),
-		reserved:  m.tokensReserved.WithLabelValues(route, model),
-		prompt:    m.promptTokens.WithLabelValues(route, model),
-		inflight:  m.inflight.WithLabelValues(route, model),
-		ok200:     m.upstreamStatus.WithLabelValues(route, model, "200"),
+		upstreamReject: c(OutcomeRejectUpstream),
+		queueWait:      m.queueWait.WithLabelValues(route, model),
+		latency:        m.upstreamLatency.WithLabelValues(route, model),
+		reserved:       m.tokensReserved.WithLabelValues(route, model),
+		prompt:         m.promptTokens.WithLabelValues(route, model),
+		inflight:       m.inflight.WithLabelValues(route, model),
+		ok200:          m.upstreamStatus.WithLabelValues(route, model, "200"),
+		usedPrompt:     m.tokensUsed.WithLabelValues(route, model, "prompt"),
+		usedCompletion: m.tokensUsed.WithLabelValues(route, model, "completion"),
+		refund:         m.tokensSettled.WithLabelValues(route, model, "refund"),
+		charge:         m.tokensSettled.WithLabelValues(route, model, "charge"),
+		unsent:         m.tokensSettled.WithLabelValues(route, model, "unsent"),
+		estimateError:  m.estimateError.WithLabelValues(route, model),
+		lowered:        m.bucketLowered.WithLabelValues(route, model),
+	}
+}
+
+// Used records the usage the upstream reported and how far the gateway's
+// prompt count was from it.
+func (mm *Model) Used(countedPrompt, prompt, completion int) {
+	mm.usedPrompt.Add(float64(prompt))
+	mm.usedCompletion.Add(float64(completion))
+	if prompt > 0 {
+		mm.estimateError.Observe(float64(countedPrompt-prompt) / float64(prompt))
+	}
+}
+
+// Settled records a settlement: reserved minus actual tokens went back to
+// the bucket (refund, positive) or were charged (negative).
+func (mm *Model) Settled(refund int) {
+	switch {
+	case refund > 0:
+		mm.refund.Add(float64(refund))
+	case refund < 0:
+		mm.charge.Add(float64(-refund))
+	}
+}
+
+// Unsent records an admission returned whole: its request never ran.
+func (mm *Model) Unsent(tokens int) { mm.unsent.Add(float64(tokens)) }
+
+// Retry counts a request sent again, by reason.
+func (mm *Model) Retry(reason string) {
+	mm.m.retries.WithLabelValues(mm.route, mm.model, reason).Inc()
+}
+
+// Lowered counts a bucket lowered to the upstream's view.
+func (mm *Model) Lowered() { mm.lowered.Inc() }
+
+// UpstreamRate records the upstream's view of one resource (0 requests, 1
+// tokens); a negative limit or remaining was not reported.
+func (mm *Model) UpstreamRate(resource int, limit, remaining int, reset time.Duration, hasReset bool) {
+	if limit < 0 && remaining < 0 && !hasReset {
+		return
+	}
+	mm.upOnce.Do(func() {
+		for r, res := range []string{"requests", "tokens"} {
+			for f, field := range []string{"limit", "remaining", "reset_seconds"} {
+				mm.upRate[r][f] = mm.m.upstreamRate.WithLabelValues(mm.route, mm.model, res, field)
+			}
+		}
+	})
+	g := mm.upRate[resource]
+	if limit >= 0 {
+		g[0].Set(float64(limit))
+	}
+	if remaining >= 0 {
+		g[1].Set(float64(remaining))
+	}
+	if hasReset {
+		g[2].Set(reset.Seconds())
 	}
 }
 
@@ -137,6 +243,8 @@ func (mm *Model) Outcome(outcome string) {
 		mm.cancel.Inc()
 	case OutcomeShuttingDown:
 		mm.shutdown.Inc()
+	case OutcomeRejectUpstream:
+		mm.upstreamReject.Inc()
 	}
 }
 

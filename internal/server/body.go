@@ -32,14 +32,21 @@ const maxPooledBody = 1 << 20
 
 var bodyPool = sync.Pool{New: func() any { return &bodyBuf{buf: make([]byte, 0, 16<<10)} }}
 
+// newBodyBuf returns an empty pooled buffer holding one reference.
+func newBodyBuf() *bodyBuf {
+	b := bodyPool.Get().(*bodyBuf)
+	b.refs.Store(1)
+	b.buf = b.buf[:0]
+	return b
+}
+
 // readBody reads r's body, at most limit bytes.
 func readBody(r *http.Request, limit int64) (*bodyBuf, error) {
 	if r.ContentLength > limit {
 		return nil, errBodyTooLarge
 	}
-	b := bodyPool.Get().(*bodyBuf)
-	b.refs.Store(1)
-	buf := b.buf[:0]
+	b := newBodyBuf()
+	buf := b.buf
 	if r.ContentLength > 0 && int(r.ContentLength) > cap(buf) {
 		buf = make([]byte, 0, r.ContentLength)
 	}

@@ -6,6 +6,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/scheduler"
 )
 
@@ -22,6 +23,26 @@ type exchange struct {
 	headerAt    time.Time
 	written     int64
 	upstreamErr error
+
+	// For a scheduled request, set by serve and read by the proxy hooks.
+	ms          *modelState
+	deadline    time.Time // arrival + maxQueueWait: no retry past it
+	tries       int       // sends so far
+	maxRetries  int
+	backoff     time.Duration
+	strip       bool // include_usage was injected: strip it from the stream
+	rateRetries int  // upstream 429s retried so far
+
+	// Set by the hooks for the send that just ended.
+	retry      retryReason
+	retryAfter time.Duration
+	neverSent  bool        // the upstream never received it (could not connect)
+	tap        usageSource // reads the response's usage on its way through
+}
+
+// usageSource is a response body tap that knows the usage once read.
+type usageSource interface {
+	Usage() (provider.Usage, bool)
 }
 
 var exchangePool = sync.Pool{New: func() any { return new(exchange) }}

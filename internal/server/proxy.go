@@ -53,10 +53,11 @@ var copyBuffers = &bufferPool{}
 
 // newReverseProxy forwards /<route>/<rest> to target/<rest>: path and query
 // kept, the route's credentials applied, responses streamed as they arrive
-// (FlushInterval -1), and transport failures turned into OpenAI-shaped 502s
-// and 504s.
-func newReverseProxy(name string, target *url.URL, auth *provider.OpenAI, transport http.RoundTripper, logger *slog.Logger) *httputil.ReverseProxy {
-	prefix := "/" + name
+// (FlushInterval -1). The route's hooks read the upstream's answer first
+// (modifyResponse) and turn transport failures into retries or
+// OpenAI-shaped 502s and 504s (proxyError).
+func (rt *route) newReverseProxy(target *url.URL, auth *provider.OpenAI, transport http.RoundTripper, logger *slog.Logger) *httputil.ReverseProxy {
+	prefix := "/" + rt.name
 	return &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.Out.URL.Path = strings.TrimPrefix(pr.In.URL.Path, prefix)
@@ -66,23 +67,12 @@ func newReverseProxy(name string, target *url.URL, auth *provider.OpenAI, transp
 			pr.SetURL(target)
 			auth.Authorize(pr.Out.Header)
 		},
-		Transport:     transport,
-		FlushInterval: -1,
-		BufferPool:    copyBuffers,
-		ErrorLog:      log.New(slogWriter{logger}, "", 0),
-		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
-			if ex, ok := w.(*exchange); ok {
-				ex.upstreamErr = err
-			}
-			if r.Context().Err() != nil {
-				return // the client left; nobody to answer
-			}
-			status, msg := http.StatusBadGateway, "llproxy could not reach the upstream: "+describeUpstreamError(err)
-			if isTimeout(err) {
-				status, msg = http.StatusGatewayTimeout, "The upstream did not answer in time: "+describeUpstreamError(err)
-			}
-			writeError(w, status, "upstream_error", "upstream_unavailable", msg)
-		},
+		Transport:      transport,
+		FlushInterval:  -1,
+		BufferPool:     copyBuffers,
+		ErrorLog:       log.New(slogWriter{logger}, "", 0),
+		ModifyResponse: rt.modifyResponse,
+		ErrorHandler:   rt.proxyError,
 	}
 }
 

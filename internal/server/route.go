@@ -3,7 +3,6 @@ package server
 import (
 	"context"
 	"errors"
-	"log/slog"
 	"math"
 	"net/http"
 	"strings"
@@ -15,6 +14,7 @@ import (
 
 	"github.com/llproxy/llproxy/internal/config"
 	"github.com/llproxy/llproxy/internal/metrics"
+	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/scheduler"
 	"github.com/llproxy/llproxy/tokenizer"
 )
@@ -37,6 +37,7 @@ type modelState struct {
 	q                *scheduler.Queue
 	m                *metrics.Model
 	defaultMaxTokens int
+	maxQueueWait     time.Duration
 }
 
 // modelFor returns the state of model, creating a wildcard queue on first
@@ -57,7 +58,8 @@ func (rt *route) modelFor(model string) (*modelState, error) {
 }
 
 func (rt *route) newModelState(q *scheduler.Queue, mc *config.Model) *modelState {
-	return &modelState{q: q, m: rt.srv.metrics.Model(rt.name, q.Model()), defaultMaxTokens: mc.DefaultMaxTokens}
+	return &modelState{q: q, m: rt.srv.metrics.Model(rt.name, q.Model()), defaultMaxTokens: mc.DefaultMaxTokens,
+		maxQueueWait: time.Duration(mc.MaxQueueWait)}
 }
 
 // outcomePassthrough is the log outcome of a request that names no model.
@@ -69,6 +71,14 @@ const maxModelName = 256
 // estimate is a request's counted cost.
 type estimate struct {
 	prompt, maxOutput, n, cost int
+}
+
+// call is what inspect learns of a request body.
+type call struct {
+	ms  *modelState // nil: the body names no model
+	est estimate
+	// inject is the body rewritten to ask for a stream's usage, or nil.
+	inject *bodyBuf
 }
 
 // endpointOf maps a request path to the API whose body it carries.
@@ -108,145 +118,68 @@ func (rt *route) estimateCost(path, model string, v *fastjson.Value, ms *modelSt
 	return e
 }
 
-// serve is the request path: read and parse the body, count, admit,
-// forward. Each step that fails answers in OpenAI's error shape and sends
-// nothing upstream.
-func (rt *route) serve(w http.ResponseWriter, r *http.Request) {
-	start := time.Now()
-	ex := getExchange(w)
-	rec := requestLog{route: rt.name, method: r.Method, path: r.URL.Path, start: start}
-	defer func() {
-		p := recover()
-		if p == http.ErrAbortHandler {
-			rec.outcome = "aborted" // the upstream or the client broke off mid-stream
-		}
-		rt.srv.logRequest(r.Context(), ex, &rec)
-		putExchange(ex)
-		if p != nil {
-			panic(p)
-		}
-	}()
-
-	var body *bodyBuf
-	if r.Body != nil && r.Body != http.NoBody && r.Method != http.MethodGet && r.Method != http.MethodHead {
-		var err error
-		body, err = readBody(r, rt.srv.cfg.MaxBodyBytes)
-		switch {
-		case errors.Is(err, errBodyTooLarge):
-			writeError(ex, http.StatusRequestEntityTooLarge, "invalid_request_error", "request_too_large",
-				"Request body too large: the limit is "+itoa(rt.srv.cfg.MaxBodyBytes)+" bytes.")
-			return
-		case err != nil:
-			rec.outcome = "body_error"
-			writeError(ex, http.StatusBadRequest, "invalid_request_error", "", "Could not read the request body.")
-			return
-		}
-		defer body.release()
-	}
-
-	var ms *modelState
-	var est estimate
-	if body != nil && looksJSON(r.Header.Get("Content-Type"), body.buf) {
-		var ok bool
-		if ms, est, ok = rt.inspect(ex, r.URL.Path, body.buf, &rec); !ok {
-			return
-		}
-	}
-
-	if ms == nil {
-		rec.outcome = outcomePassthrough
-		rt.noModel.Inc()
-		if body != nil {
-			body.attach(r)
-			defer r.Body.Close()
-		}
-		rt.forward.ServeHTTP(ex, r)
-		return
-	}
-
-	rec.prompt, rec.cost = est.prompt, est.cost
-	adm, err := ms.q.Acquire(r.Context(), scheduler.Cost{Tokens: est.cost})
-	if err != nil {
-		rec.outcome = rt.writeAcquireError(ex, r.Context(), ms, err)
-		return
-	}
-	rec.outcome, rec.wait = metrics.OutcomeAdmitted, adm.Wait
-	ms.m.Admitted(adm.Wait, est.prompt, est.cost)
-	ex.rate, ex.hasRate = adm.State, true
-	body.attach(r)
-	defer r.Body.Close()
-	ms.m.Inflight(1)
-	defer ms.m.Inflight(-1)
-	admitted := time.Now()
-	defer func() {
-		status := ex.status
-		if ex.upstreamErr != nil {
-			status = 0
-		}
-		if r.Context().Err() == nil || status != 0 {
-			ms.m.Upstream(status, ex.headerAt.Sub(admitted))
-		}
-	}()
-	rt.forward.ServeHTTP(ex, r)
-}
-
 // inspect parses a JSON body once, finds its model's queue and counts its
-// cost. A body without a model gives a nil state. On bad input it answers
-// the client and returns ok false.
-func (rt *route) inspect(w http.ResponseWriter, path string, body []byte, rec *requestLog) (ms *modelState, est estimate, ok bool) {
+// cost; for a stream whose client did not ask for usage it also prepares the
+// body that asks for it. On bad input it answers the client and returns ok
+// false.
+func (rt *route) inspect(w http.ResponseWriter, path string, body []byte, rec *requestLog) (c call, ok bool) {
 	p := rt.srv.parsers.Get()
 	defer rt.srv.parsers.Put(p)
 	v, err := p.ParseBytes(body)
 	if err != nil {
 		writeError(w, http.StatusBadRequest, "invalid_request_error", "",
 			"We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly. The OpenAI API expects a JSON payload.)")
-		return nil, est, false
+		return c, false
 	}
 	mv := v.Get("model")
 	if mv == nil {
-		return nil, est, true
+		return c, true
 	}
 	if mv.Type() != fastjson.TypeString || len(mv.GetStringBytes()) > maxModelName {
 		writeError(w, http.StatusBadRequest, "invalid_request_error", "",
 			"'model' must be a string of at most "+itoa(maxModelName)+" bytes.")
-		return nil, est, false
+		return c, false
 	}
 	rec.model = string(mv.GetStringBytes())
-	if ms, err = rt.modelFor(rec.model); err != nil {
+	if c.ms, err = rt.modelFor(rec.model); err != nil {
 		rt.writeModelError(w, rec.model, err)
-		return nil, est, false
+		return call{}, false
 	}
-	return ms, rt.estimateCost(path, rec.model, v, ms), true
+	c.est = rt.estimateCost(path, rec.model, v, c.ms)
+	if *rt.cfg.InjectStreamUsage && v.GetBool("stream") && !provider.WantsStreamUsage(v) {
+		if ep := endpointOf(path); ep == tokenizer.EndpointChat || ep == tokenizer.EndpointCompletions {
+			c.inject = newBodyBuf()
+			c.inject.buf = provider.WithStreamUsage(c.inject.buf, body, v)
+		}
+	}
+	return c, true
 }
 
 // writeAcquireError answers a request the scheduler did not admit and
 // returns its outcome.
-func (rt *route) writeAcquireError(w http.ResponseWriter, ctx context.Context, ms *modelState, err error) string {
+func (rt *route) writeAcquireError(w http.ResponseWriter, ctx context.Context, err error) string {
 	var re *scheduler.RejectError
-	outcome := metrics.OutcomeCancelled
 	switch {
 	case errors.As(err, &re):
+		writeReject(w, rt.name, re)
 		switch {
 		case errors.Is(err, scheduler.ErrTooLarge):
-			outcome = metrics.OutcomeRejectTooLarge
+			return metrics.OutcomeRejectTooLarge
 		case errors.Is(err, scheduler.ErrQueueFull):
-			outcome = metrics.OutcomeRejectQueueFull
-		default:
-			outcome = metrics.OutcomeRejectWait
+			return metrics.OutcomeRejectQueueFull
 		}
-		writeReject(w, rt.name, re)
+		return metrics.OutcomeRejectWait
 	case errors.Is(err, scheduler.ErrClosed):
-		outcome = metrics.OutcomeShuttingDown
 		w.Header()["Retry-After"] = []string{"1"}
 		writeError(w, http.StatusServiceUnavailable, "server_error", "service_unavailable", "llproxy is shutting down; retry on another instance.")
+		return metrics.OutcomeShuttingDown
 	case ctx.Err() != nil:
 		// The client left while queued: nothing was sent upstream and
 		// nobody is left to answer.
-	default:
-		writeError(w, http.StatusInternalServerError, "server_error", "", "llproxy: "+err.Error())
+		return metrics.OutcomeCancelled
 	}
-	ms.m.Outcome(outcome)
-	return outcome
+	writeError(w, http.StatusInternalServerError, "server_error", "", "llproxy: "+err.Error())
+	return "error"
 }
 
 func (rt *route) writeModelError(w http.ResponseWriter, model string, err error) {
@@ -258,37 +191,4 @@ func (rt *route) writeModelError(w http.ResponseWriter, model string, err error)
 	writeError(w, http.StatusNotFound, "invalid_request_error", "model_not_found",
 		"The model `"+model+"` does not exist or you do not have access to it. llproxy route "+rt.name+
 			" serves: "+strings.Join(rt.set.Models(), ", ")+".")
-}
-
-// requestLog is the one structured line logged per request. It holds no
-// prompt text and no credentials.
-type requestLog struct {
-	route, model, method, path, outcome string
-	prompt, cost                        int
-	wait                                time.Duration
-	start                               time.Time
-}
-
-func (s *Server) logRequest(ctx context.Context, ex *exchange, rec *requestLog) {
-	if !s.log.Enabled(ctx, slog.LevelInfo) {
-		return
-	}
-	status := ex.status
-	if status == 0 && rec.outcome == metrics.OutcomeCancelled {
-		status = 499 // client closed the request while queued
-	}
-	attrs := [...]slog.Attr{
-		slog.String("route", rec.route),
-		slog.String("model", rec.model),
-		slog.String("method", rec.method),
-		slog.String("path", rec.path),
-		slog.Int("status", status),
-		slog.String("outcome", rec.outcome),
-		slog.Int("prompt_tokens", rec.prompt),
-		slog.Int("cost_tokens", rec.cost),
-		slog.Float64("wait_ms", float64(rec.wait.Microseconds())/1000),
-		slog.Float64("duration_ms", float64(time.Since(rec.start).Microseconds())/1000),
-		slog.Int64("bytes", ex.written),
-	}
-	s.log.LogAttrs(ctx, slog.LevelInfo, "request", attrs[:]...)
 }

@@ -115,7 +115,9 @@ func (s *Server) newRoute(name string, rc *config.Route, opts Options) (*route, 
 	}
 	switch rc.Provider {
 	case provider.NameMock:
-		rt.forward = mockHandler{provider.NewMock(rc.Mock, mockCounter{s.tok})}
+		mock := provider.NewMock(rc.Mock, mockCounter{s.tok})
+		target := &url.URL{Scheme: "http", Host: "mock.invalid"}
+		rt.forward = rt.newReverseProxy(target, provider.NewOpenAI(""), handlerTransport{mock}, s.log)
 	default:
 		target, err := url.Parse(rc.Forward)
 		if err != nil {
@@ -125,7 +127,7 @@ func (s *Server) newRoute(name string, rc *config.Route, opts Options) (*route, 
 		if transport == nil {
 			transport = newTransport(rc)
 		}
-		rt.forward = newReverseProxy(name, target, provider.NewOpenAI(rc.APIKey.Value()), transport, s.log)
+		rt.forward = rt.newReverseProxy(target, provider.NewOpenAI(rc.APIKey.Value()), transport, s.log)
 	}
 	return rt, nil
 }
@@ -214,16 +216,6 @@ func (s *Server) QueueStats(yield func(metrics.QueueStats)) {
 				LimitRequests: c.RPM, LimitTokens: c.TPM})
 		})
 	}
-}
-
-// mockHandler serves a mock route; the route prefix is irrelevant to it.
-type mockHandler struct{ m *provider.Mock }
-
-func (h mockHandler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if r.Body != nil {
-		defer r.Body.Close()
-	}
-	h.m.ServeHTTP(w, r)
 }
 
 // mockCounter lets the mock report the usage the gateway counts.

@@ -1,0 +1,253 @@
+package server
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/llproxy/llproxy/internal/config"
+	"github.com/llproxy/llproxy/internal/metrics"
+	"github.com/llproxy/llproxy/provider"
+	"github.com/llproxy/llproxy/scheduler"
+)
+
+// This file is what happens around each send to the upstream: reading the
+// upstream's rate-limit headers into the buckets, deciding to send again
+// (upstream 429, 5xx, connection failure), tapping the response for its
+// usage, and settling the reservation once the response is done.
+
+// retryReason says why the hooks suppressed an upstream answer.
+type retryReason uint8
+
+const (
+	retryNone retryReason = iota
+	retryRateLimited
+	retryServerError
+	retryConnect
+)
+
+func (r retryReason) String() string {
+	return [...]string{"", "rate_limited", "server_error", "connect_error"}[r]
+}
+
+// maxRateLimitRetries bounds the upstream 429s one request waits out, so an
+// upstream that answers 429 with no wait cannot keep it looping.
+const maxRateLimitRetries = 8
+
+// errRetry tells ReverseProxy's ErrorHandler that ModifyResponse suppressed
+// the answer to send the request again.
+var errRetry = errors.New("llproxy: sending again")
+
+type exchangeKey struct{}
+
+// exchangeOf finds the exchange of a request the gateway scheduled.
+func exchangeOf(ctx context.Context) *exchange {
+	ex, _ := ctx.Value(exchangeKey{}).(*exchange)
+	return ex
+}
+
+// nextBackoff is the wait before send number ex.tries+1 after a failure:
+// the route's backoff doubled per try, less up to a quarter of jitter.
+func (ex *exchange) nextBackoff() time.Duration {
+	d := ex.backoff << min(ex.tries-1, 10)
+	return d - time.Duration(rand.Int64N(int64(d)/4+1))
+}
+
+// canRetry reports whether a failed send may be repeated: nothing reached
+// the client yet, retries are left, and the backoff ends before the
+// request's deadline.
+func (ex *exchange) canRetry(now time.Time) bool {
+	return ex.ms != nil && ex.status == 0 && ex.tries <= ex.maxRetries &&
+		!now.Add(ex.backoff<<min(ex.tries-1, 10)).After(ex.deadline)
+}
+
+// modifyResponse runs on every upstream answer before anything reaches the
+// client.
+func (rt *route) modifyResponse(res *http.Response) error {
+	ex := exchangeOf(res.Request.Context())
+	if ex == nil || ex.ms == nil {
+		return nil
+	}
+	now := time.Now()
+	rt.observe(ex.ms, res.Header, now)
+	switch {
+	case res.StatusCode == http.StatusTooManyRequests:
+		body, _ := io.ReadAll(io.LimitReader(res.Body, 64<<10))
+		res.Body.Close()
+		if ex.status == 0 && ex.rateRetries < maxRateLimitRetries && provider.Retryable429(res.Header, body) {
+			wait, ok := provider.RetryAfter(res.Header, now)
+			if !ok {
+				wait = time.Second
+			}
+			ex.retry, ex.retryAfter = retryRateLimited, wait
+			return errRetry
+		}
+		// insufficient_quota and the like: the client's to see, at once.
+		res.Body = io.NopCloser(bytes.NewReader(body))
+	case res.StatusCode >= 500 && ex.canRetry(now):
+		io.Copy(io.Discard, io.LimitReader(res.Body, 64<<10))
+		res.Body.Close()
+		ex.retry = retryServerError
+		return errRetry
+	case res.StatusCode < 300:
+		if strings.HasPrefix(res.Header.Get("Content-Type"), "text/event-stream") {
+			tap := provider.NewStreamTap(res.Body, ex.strip)
+			if ex.strip {
+				res.Header.Del("Content-Length")
+				res.ContentLength = -1
+			}
+			res.Body, ex.tap = tap, tap
+		} else {
+			tap := provider.NewBodyTap(res.Body)
+			res.Body, ex.tap = tap, tap
+		}
+	}
+	return nil
+}
+
+// observe lowers the model's buckets to what the upstream reports is left
+// and records the upstream's view.
+func (rt *route) observe(ms *modelState, h http.Header, now time.Time) {
+	ri := provider.ParseRateHeaders(h)
+	if !ri.Any() {
+		return
+	}
+	if ms.q.Observe(now, scheduler.Upstream{
+		RemainingRequests: ri.RemainingRequests, HasRemainingRequests: ri.HasRemainingRequests,
+		RemainingTokens: ri.RemainingTokens, HasRemainingTokens: ri.HasRemainingTokens,
+	}) {
+		ms.m.Lowered()
+	}
+	orNone := func(v int, ok bool) int {
+		if ok {
+			return v
+		}
+		return -1
+	}
+	ms.m.UpstreamRate(0, orNone(ri.LimitRequests, ri.HasLimitRequests), orNone(ri.RemainingRequests, ri.HasRemainingRequests),
+		ri.ResetRequests, ri.HasResetRequests)
+	ms.m.UpstreamRate(1, orNone(ri.LimitTokens, ri.HasLimitTokens), orNone(ri.RemainingTokens, ri.HasRemainingTokens),
+		ri.ResetTokens, ri.HasResetTokens)
+}
+
+// proxyError is ReverseProxy's ErrorHandler: the upstream gave no usable
+// answer. A connection failure may be sent again; otherwise the client gets
+// an OpenAI-shaped 502 or 504.
+func (rt *route) proxyError(w http.ResponseWriter, r *http.Request, err error) {
+	ex, _ := w.(*exchange)
+	if errors.Is(err, errRetry) {
+		return // modifyResponse decided to send again
+	}
+	neverSent := isConnectError(err)
+	if ex != nil {
+		ex.neverSent = neverSent
+		if r.Context().Err() == nil && (neverSent || isConnectionDrop(err)) && ex.canRetry(time.Now()) {
+			ex.retry = retryConnect
+			return
+		}
+		ex.upstreamErr = err
+	}
+	if r.Context().Err() != nil {
+		return // the client left; nobody to answer
+	}
+	status, msg := http.StatusBadGateway, "llproxy could not reach the upstream: "+describeUpstreamError(err)
+	if isTimeout(err) {
+		status, msg = http.StatusGatewayTimeout, "The upstream did not answer in time: "+describeUpstreamError(err)
+	}
+	writeError(w, status, "upstream_error", "upstream_unavailable", msg)
+}
+
+// isConnectError reports an error from before the request left: dialing
+// or resolving the upstream. The upstream never saw the request.
+func isConnectError(err error) bool {
+	var oe *net.OpError
+	var dns *net.DNSError
+	return (errors.As(err, &oe) && oe.Op == "dial") || errors.As(err, &dns)
+}
+
+// isConnectionDrop reports a connection that broke before any response
+// (reset, closed), which is safe to retry; a timeout is not (the upstream
+// may still be working on it).
+func isConnectionDrop(err error) bool {
+	if isTimeout(err) {
+		return false
+	}
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) ||
+		strings.Contains(err.Error(), "connection reset")
+}
+
+// sendAgain prepares the next send after the hooks suppressed an answer. It
+// returns false when the request is over: the client left, or (for an
+// upstream 429 that outlasts the request's budget) it was answered with an
+// honest 429.
+func (rt *route) sendAgain(ctx context.Context, ex *exchange, cost int, rec *requestLog) bool {
+	ms := ex.ms
+	ms.m.Retry(ex.retry.String())
+	if ex.retry != retryRateLimited {
+		t := time.NewTimer(ex.nextBackoff())
+		defer t.Stop()
+		select {
+		case <-t.C:
+			return true
+		case <-ctx.Done():
+			rec.outcome = "cancelled_retrying"
+			return false
+		}
+	}
+	// The upstream refused the request before running it: give its
+	// admission back, hold the whole queue as long as the upstream asked,
+	// and wait again at the head of the queue within the original budget.
+	now := time.Now()
+	ms.q.Unsend(now, cost)
+	ms.m.Unsent(cost)
+	ms.q.Hold(now, now.Add(ex.retryAfter))
+	ex.rateRetries++
+	adm, err := ms.q.Requeue(ctx, scheduler.Cost{Tokens: cost}, ex.deadline)
+	if err != nil {
+		ex.hasRate = false // writeReject sets the headers of the rejection
+		rec.outcome = rt.writeAcquireError(ex, ctx, err)
+		if rec.outcome == metrics.OutcomeRejectWait {
+			rec.outcome = metrics.OutcomeRejectUpstream
+			ms.m.Outcome(rec.outcome)
+		}
+		return false
+	}
+	ex.rate = adm.State
+	ex.hasRate = true
+	rec.wait += adm.Wait
+	return true
+}
+
+// settle reconciles the reservation with what happened: a request the
+// upstream never received gives all of it back; one whose response reported
+// usage settles to it when the route settles on actual usage; anything else
+// (an error answer, a stream cut short) keeps its reservation, as OpenAI
+// counts failed requests against the limit too.
+func (rt *route) settle(ex *exchange, c *call, rec *requestLog) {
+	ms, cost := ex.ms, c.est.cost
+	now := time.Now()
+	if ex.neverSent {
+		ms.q.Unsend(now, cost)
+		ms.m.Unsent(cost)
+		return
+	}
+	if ex.tap == nil {
+		return
+	}
+	u, ok := ex.tap.Usage()
+	if !ok {
+		return
+	}
+	rec.used = u.Total
+	ms.m.Used(c.est.prompt, u.Prompt, u.Completion)
+	if rt.cfg.Settle == config.SettleActual {
+		ms.q.Settle(now, cost, u.Total)
+		ms.m.Settled(cost - u.Total)
+	}
+}
