@@ -42,30 +42,54 @@ func (q *Queue) Unsend(now time.Time, reserved int) {
 }
 
 // Upstream is what an upstream reported about its own limits in response
-// headers. A zero Has field means that value was not reported.
+// headers. A false Has field means that value was not reported.
 type Upstream struct {
 	RemainingRequests, RemainingTokens       int
 	HasRemainingRequests, HasRemainingTokens bool
 }
 
-// Observe lowers the buckets to what the upstream reports is left, when
-// that is less than the gateway holds: the gateway is not the key's only
-// user, and its buckets must not promise what the upstream will refuse. It
-// never raises a bucket. It reports whether a bucket was lowered.
-func (q *Queue) Observe(now time.Time, u Upstream) bool {
+// Observe lowers the buckets by what someone else spent of the upstream's
+// limits: the gateway is not the key's only user, and its buckets must not
+// promise what the upstream will refuse. mark is the request's Admission.Mark
+// and u what the upstream reported it had left when it took that request.
+// Both describe the same moment, so a response that arrives late (its
+// headers were made when the request arrived, and both buckets have refilled
+// since) compares like with like; and what other responses already corrected
+// since mark is not corrected twice. It never raises a bucket.
+//
+// A steady drain by someone else would surprise the gateway on every
+// request, so each discrepancy also moves an estimate of what others spend,
+// and the bucket refills that much slower (never below a tenth of the
+// configured rate); when others stop, the upstream reports more than the
+// gateway holds and the rate recovers. It reports whether a bucket was
+// lowered.
+func (q *Queue) Observe(now time.Time, mark Mark, u Upstream) bool {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	lowered := false
-	if u.HasRemainingRequests && q.req.lowerTo(now, float64(u.RemainingRequests)) {
-		lowered = true
+	var lowered float64
+	changed := false
+	if u.HasRemainingRequests {
+		n, c := q.req.observe(now, mark.Requests-float64(u.RemainingRequests)-(q.loweredReq-mark.LoweredRequests))
+		q.loweredReq += n
+		lowered, changed = lowered+n, changed || c
 	}
-	if u.HasRemainingTokens && q.tok.lowerTo(now, float64(u.RemainingTokens)) {
-		lowered = true
+	if u.HasRemainingTokens {
+		n, c := q.tok.observe(now, mark.Tokens-float64(u.RemainingTokens)-(q.loweredTok-mark.LoweredTokens))
+		q.loweredTok += n
+		lowered, changed = lowered+n, changed || c
 	}
-	if lowered {
+	if lowered > 0 || changed {
 		q.changed(now)
 	}
-	return lowered
+	return lowered > 0
+}
+
+// Unpaid returns mark as it was before the request paid: for comparing with
+// an upstream that refused the request, and so never counted it.
+func (m Mark) Unpaid(cost Cost) Mark {
+	m.Requests++
+	m.Tokens += float64(cost.Tokens)
+	return m
 }
 
 // Hold stops all admissions until until (the upstream answered 429 with a
@@ -118,9 +142,7 @@ func (q *Queue) requeue(now time.Time, cost Cost, deadline time.Time) (*waiter, 
 		return nil, Admission{}, ErrClosed
 	}
 	if len(q.waiting) == 0 && q.canPay(now, cost) {
-		q.req.take(now, 1)
-		q.tok.take(now, cost.Tokens)
-		return nil, Admission{State: q.state(now)}, nil
+		return nil, q.pay(now, cost, 0), nil
 	}
 	first, binding := q.step(q.headAt(now), cost)
 	if first.at.After(deadline) {

@@ -56,35 +56,101 @@ func TestSettleNoChangeAndUnsend(t *testing.T) {
 	})
 }
 
-func TestObserveLowersNeverRaises(t *testing.T) {
+func TestObserveLowersByWhatSomeoneElseSpent(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		q := NewQueue("m", cfg(10, time.Minute, 60, 6000), nil)
-		assert.False(t, q.Observe(time.Now(), Upstream{RemainingTokens: 9000, HasRemainingTokens: true}))
-		assert.Equal(t, 6000, q.State(time.Now()).RemainingTokens, "never above the configured limit")
-		assert.True(t, q.Observe(time.Now(), Upstream{RemainingTokens: 1000, HasRemainingTokens: true,
-			RemainingRequests: 5, HasRemainingRequests: true}))
-		st := q.State(time.Now())
-		assert.Equal(t, 1000, st.RemainingTokens)
-		assert.Equal(t, 5, st.RemainingRequests)
-		assert.False(t, q.Observe(time.Now(), Upstream{}), "nothing reported, nothing changes")
-		// Refill goes on from the lowered level.
+		q := NewQueue("m", cfg(10, time.Minute, 60, 6000), nil) // 100 tokens/s
+		adm, err := q.Acquire(context.Background(), Cost{Tokens: 1000})
+		require.NoError(t, err)
+		tokens := func(v int) Upstream { return Upstream{RemainingTokens: v, HasRemainingTokens: true} }
+
+		assert.False(t, q.Observe(time.Now(), adm.Mark, tokens(5000)), "the upstream saw what we saw")
+		assert.False(t, q.Observe(time.Now(), adm.Mark, tokens(9000)), "never raised")
+		assert.Equal(t, 5000, q.State(time.Now()).RemainingTokens)
+
+		// The answer arrives 6 s later; both buckets refilled meanwhile. Its
+		// headers describe the moment the upstream took the request.
 		time.Sleep(6 * time.Second)
-		assert.Equal(t, 1600, q.State(time.Now()).RemainingTokens)
+		assert.False(t, q.Observe(time.Now(), adm.Mark, tokens(5000)), "stale but consistent: nothing to lower")
+		assert.Equal(t, 5600, q.State(time.Now()).RemainingTokens)
+
+		// Someone else had spent 2000 when the upstream took it.
+		assert.True(t, q.Observe(time.Now(), adm.Mark, tokens(3000)))
+		assert.Equal(t, 3600, q.State(time.Now()).RemainingTokens)
+		// A second answer from before that correction does not lower twice.
+		assert.False(t, q.Observe(time.Now(), adm.Mark, tokens(3000)))
+		assert.Equal(t, 3600, q.State(time.Now()).RemainingTokens)
+
+		// Requests too; nothing reported, nothing changes.
+		assert.True(t, q.Observe(time.Now(), adm.Mark, Upstream{RemainingRequests: 10, HasRemainingRequests: true}))
+		assert.Equal(t, 11, q.State(time.Now()).RemainingRequests, "59 at the mark and full again since; 49 spent elsewhere")
+		assert.False(t, q.Observe(time.Now(), adm.Mark, Upstream{}))
 	})
 }
 
-func TestObserveWakesNoOneEarlyAndDelaysTheHead(t *testing.T) {
+func TestObserveDelaysTheHead(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		start := time.Now()
 		q := NewQueue("m", cfg(10, time.Minute, 600, 600), nil)
-		drain(t, q, 500) // 100 left
+		adm, err := q.Acquire(context.Background(), Cost{Tokens: 500}) // 100 left
+		require.NoError(t, err)
 		out := make(chan result, 1)
 		acquireAsync(context.Background(), q, 1, 200, start, out) // 10s
-		q.Observe(time.Now(), Upstream{RemainingTokens: 0, HasRemainingTokens: true})
+		q.Observe(time.Now(), adm.Mark, Upstream{RemainingTokens: 0, HasRemainingTokens: true})
 		r := <-out
 		require.NoError(t, r.err)
-		assert.Equal(t, 20*time.Second, r.at.Round(time.Millisecond), "the upstream had nothing left: 200 at 10/s")
+		// Nothing was left: 200 at 10/s. A first discrepancy is a burst,
+		// not yet a rate: the refill rate stays.
+		assert.Equal(t, 20*time.Second, r.at.Round(time.Millisecond))
 	})
+}
+
+// TestRefillFollowsAnotherUsersSteadyDrain runs the gateway's bucket beside
+// a model of the upstream's that someone else drains at 50 tokens/s: the
+// gateway's refill rate converges to the 50/s left, and recovers when the
+// other user stops.
+func TestRefillFollowsAnotherUsersSteadyDrain(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		q := NewQueue("m", cfg(100, time.Hour, 6000, 6000), nil) // 100 tokens/s
+		upstream, last := 6000.0, time.Now()
+		drain := 50.0
+		refused := 0
+		step := func(until time.Duration) {
+			end := time.Now().Add(until)
+			for time.Now().Before(end) {
+				adm, err := q.Acquire(context.Background(), Cost{Tokens: 200})
+				require.NoError(t, err)
+				now := time.Now()
+				upstream = min(6000, upstream+now.Sub(last).Seconds()*(100-drain))
+				last = now
+				if upstream < 200 { // the upstream refuses: what the gateway does with a 429
+					refused++
+					q.Unsend(now, 200)
+					q.Observe(now, adm.Mark.Unpaid(Cost{Tokens: 200}), Upstream{RemainingTokens: int(upstream), HasRemainingTokens: true})
+					q.Hold(now, now.Add(time.Duration((200-upstream)/(100-drain)*float64(time.Second))))
+					continue
+				}
+				upstream -= 200
+				q.Observe(now, adm.Mark, Upstream{RemainingTokens: int(upstream), HasRemainingTokens: true})
+			}
+		}
+		step(5 * time.Minute)
+		q.mu.Lock()
+		others := q.tok.others
+		q.mu.Unlock()
+		assert.InEpsilon(t, 50, others, 0.1, "estimated others' use, tokens/s")
+		t.Logf("upstream refusals while others drained: %d", refused)
+		drain = 0
+		step(5 * time.Minute)
+		q.mu.Lock()
+		others = q.tok.others
+		q.mu.Unlock()
+		assert.Less(t, others, 5.0, "they stopped; the rate recovers")
+	})
+}
+
+func TestUnpaidMark(t *testing.T) {
+	m := Mark{Requests: 5, Tokens: 100}.Unpaid(Cost{Tokens: 50})
+	assert.Equal(t, Mark{Requests: 6, Tokens: 150}, m)
 }
 
 func TestHoldDelaysAndIsPredicted(t *testing.T) {

@@ -15,16 +15,25 @@ const epsilon = 1e-6
 // refilled at perMinute per minute, held in a rate.Limiter. The limiter only
 // ever answers about now; the queue owns ordering and prediction.
 type bucket struct {
-	lim      *rate.Limiter
-	capacity float64
-	perSec   float64
+	lim        *rate.Limiter
+	capacity   float64
+	perSec     float64 // the refill rate now: configured less others' estimated use
+	configured float64 // the configured refill rate, per second
+
+	// others is the estimated rate (per second) at which someone the
+	// gateway does not see spends the upstream's limit; residual is the
+	// discrepancy the last observation left uncorrected (never positive);
+	// observed is when the last observation came.
+	others, residual float64
+	observed         time.Time
 }
 
 // newBucket returns a full bucket: after idle the whole minute's allowance
 // is available, as OpenAI's own limits behave.
 func newBucket(perMinute int) bucket {
 	perSec := float64(perMinute) / 60
-	return bucket{lim: rate.NewLimiter(rate.Limit(perSec), perMinute), capacity: float64(perMinute), perSec: perSec}
+	return bucket{lim: rate.NewLimiter(rate.Limit(perSec), perMinute), capacity: float64(perMinute),
+		perSec: perSec, configured: perSec}
 }
 
 // level is the number of tokens in the bucket at now.
@@ -57,15 +66,46 @@ func (b bucket) charge(now time.Time, n int) {
 	}
 }
 
-// lowerTo drops the level at now to target if it is higher, and reports
-// whether it did.
-func (b bucket) lowerTo(now time.Time, target float64) bool {
-	excess := int(math.Floor(b.level(now) - target))
-	if excess < 1 {
-		return false
+// adaptWindow is the time constant with which the refill rate follows
+// what others spend: a steady drain is matched within about this long.
+const adaptWindow = 15 * time.Second
+
+// maxOthersShare caps the refill the estimate may withhold: the gateway
+// keeps at least a tenth of its configured rate.
+const maxOthersShare = 0.9
+
+// observe takes a discrepancy between the bucket and the upstream's view
+// of the same moment (positive: the upstream had less, so someone else
+// spent it): a positive one is taken out of the bucket at once, and its
+// change since the last observation moves the estimate of others'
+// spending, and with it the refill rate, so that a steady drain stops
+// surprising the gateway. It returns how much it lowered the bucket, and
+// whether the refill rate changed.
+func (b *bucket) observe(now time.Time, discrepancy float64) (lowered float64, rateChanged bool) {
+	// What others can have spent since the last observation, at a steady
+	// rate, is at most the configured rate times the time between: more is
+	// a burst, corrected by the lowering but not taken as a rate.
+	span := 0.0
+	if !b.observed.IsZero() {
+		span = max(0, now.Sub(b.observed).Seconds()) * b.configured
 	}
-	b.lim.ReserveN(now, excess)
-	return true
+	b.observed = now
+	change := max(-span, min(span, discrepancy-b.residual))
+	b.residual = min(discrepancy, 0)
+	if n := math.Floor(discrepancy); n >= 1 {
+		b.lim.ReserveN(now, min(int(n), int(b.capacity)))
+		lowered = n
+		b.residual = 0
+	}
+	others := b.others + change/adaptWindow.Seconds()
+	others = max(0, min(others, maxOthersShare*b.configured))
+	if others != b.others {
+		b.others = others
+		b.perSec = b.configured - others
+		b.lim.SetLimitAt(now, rate.Limit(b.perSec))
+		rateChanged = true
+	}
+	return lowered, rateChanged
 }
 
 // waitFrom is how long a bucket at level needs to hold n tokens, rounded up

@@ -28,6 +28,17 @@ type Admission struct {
 	Wait time.Duration
 	// State is the buckets' state right after the request paid.
 	State RateState
+	// Mark is the buckets' raw state at that moment, for Observe.
+	Mark Mark
+}
+
+// Mark is a snapshot of a queue's buckets taken when a request paid: their
+// levels, and how much Observe had lowered them in all so far. Comparing it
+// with what the upstream reports it had left when it received the same
+// request tells what someone else spent in between.
+type Mark struct {
+	Requests, Tokens               float64
+	LoweredRequests, LoweredTokens float64
 }
 
 // Stats is a queue's state for metrics.
@@ -36,6 +47,10 @@ type Stats struct {
 	QueuedTokens      int
 	RemainingRequests float64
 	RemainingTokens   float64
+	// RefillRequests and RefillTokens are the buckets' refill rates per
+	// minute now: the configured limits less what others are estimated to
+	// spend of the upstream's (see Observe).
+	RefillRequests, RefillTokens float64
 }
 
 // waiter is one queued request. Its fields after cost are guarded by the
@@ -81,6 +96,8 @@ type Queue struct {
 	tailOK       bool // false after a cancellation: recompute from the head
 	timer        Timer
 	holdUntil    time.Time // no admission before this (the upstream said wait)
+	loweredReq   float64   // how much Observe has lowered each bucket, in all
+	loweredTok   float64
 	closed       bool
 }
 
@@ -161,9 +178,7 @@ func (q *Queue) enqueue(now time.Time, cost Cost) (*waiter, Admission, error) {
 	}
 	// (3) Fast path.
 	if len(q.waiting) == 0 && q.canPay(now, cost) {
-		q.req.take(now, 1)
-		q.tok.take(now, cost.Tokens)
-		return nil, Admission{State: q.state(now)}, nil
+		return nil, q.pay(now, cost, 0), nil
 	}
 	// (4)
 	from := q.tailAt(now)
@@ -191,6 +206,17 @@ func (q *Queue) enqueue(now time.Time, cost Cost) (*waiter, Admission, error) {
 		q.dispatch(now)
 	}
 	return w, Admission{}, nil
+}
+
+// pay takes a request's cost from both buckets and describes its
+// admission. q.mu is held and the request is no longer queued.
+func (q *Queue) pay(now time.Time, cost Cost, wait time.Duration) Admission {
+	q.req.take(now, 1)
+	q.tok.take(now, cost.Tokens)
+	return Admission{Wait: wait, State: q.state(now), Mark: Mark{
+		Requests: q.req.level(now), Tokens: q.tok.level(now),
+		LoweredRequests: q.loweredReq, LoweredTokens: q.loweredTok,
+	}}
 }
 
 // canPay reports whether a request of cost could be admitted at now if it
@@ -273,13 +299,11 @@ func (q *Queue) dispatch(now time.Time) {
 			q.arm(d)
 			return
 		}
-		q.req.take(now, 1)
-		q.tok.take(now, w.cost.Tokens)
 		q.waiting[0] = nil
 		q.waiting = q.waiting[1:]
 		q.queuedTokens -= w.cost.Tokens
 		w.done = true
-		w.adm = Admission{Wait: now.Sub(w.enqueued), State: q.state(now)}
+		w.adm = q.pay(now, w.cost, now.Sub(w.enqueued))
 		close(w.ready)
 	}
 	q.disarm()
@@ -351,7 +375,8 @@ func (q *Queue) Stats(now time.Time) Stats {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	return Stats{Depth: len(q.waiting), QueuedTokens: q.queuedTokens,
-		RemainingRequests: q.req.level(now), RemainingTokens: q.tok.level(now)}
+		RemainingRequests: q.req.level(now), RemainingTokens: q.tok.level(now),
+		RefillRequests: q.req.perSec * 60, RefillTokens: q.tok.perSec * 60}
 }
 
 // Close rejects every waiting request with ErrClosed, and every later one.

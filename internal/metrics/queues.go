@@ -13,6 +13,8 @@ type QueueStats struct {
 	RemainingTokens   float64
 	LimitRequests     int
 	LimitTokens       int
+	RefillRequests    float64
+	RefillTokens      float64
 }
 
 // QueueSource lists every queue's state; the server implements it over the
@@ -23,8 +25,8 @@ type QueueSource interface {
 
 // queueCollector reads the queues at scrape time.
 type queueCollector struct {
-	src                                     QueueSource
-	depth, queuedTokens, remaining, limitDs *prometheus.Desc
+	src                                             QueueSource
+	depth, queuedTokens, remaining, limitDs, refill *prometheus.Desc
 }
 
 func newQueueCollector(src QueueSource) *queueCollector {
@@ -39,6 +41,9 @@ func newQueueCollector(src QueueSource) *queueCollector {
 			"Tokens in the gateway's bucket now, by resource (requests or tokens).", append(labels, "resource"), nil),
 		limitDs: prometheus.NewDesc("llproxy_bucket_limit",
 			"The bucket's per-minute limit (its capacity), by resource.", append(labels, "resource"), nil),
+		refill: prometheus.NewDesc("llproxy_bucket_refill_per_minute",
+			"The bucket's refill rate now: the limit less what others are estimated to spend of the upstream's, by resource.",
+			append(labels, "resource"), nil),
 	}
 }
 
@@ -47,6 +52,7 @@ func (c *queueCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.queuedTokens
 	ch <- c.remaining
 	ch <- c.limitDs
+	ch <- c.refill
 }
 
 func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
@@ -60,5 +66,7 @@ func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.remaining, prometheus.GaugeValue, s.RemainingTokens, s.Route, s.Model, "tokens")
 		ch <- prometheus.MustNewConstMetric(c.limitDs, prometheus.GaugeValue, float64(s.LimitRequests), s.Route, s.Model, "requests")
 		ch <- prometheus.MustNewConstMetric(c.limitDs, prometheus.GaugeValue, float64(s.LimitTokens), s.Route, s.Model, "tokens")
+		ch <- prometheus.MustNewConstMetric(c.refill, prometheus.GaugeValue, s.RefillRequests, s.Route, s.Model, "requests")
+		ch <- prometheus.MustNewConstMetric(c.refill, prometheus.GaugeValue, s.RefillTokens, s.Route, s.Model, "tokens")
 	})
 }

@@ -75,21 +75,12 @@ func (rt *route) modifyResponse(res *http.Response) error {
 		return nil
 	}
 	now := time.Now()
-	rt.observe(ex.ms, res.Header, now)
+	ri := provider.ParseRateHeaders(res.Header)
+	if res.StatusCode == http.StatusTooManyRequests {
+		return rt.upstream429(ex, res, ri, now)
+	}
+	rt.observe(ex.ms, ex.mark, ri, now)
 	switch {
-	case res.StatusCode == http.StatusTooManyRequests:
-		body, _ := io.ReadAll(io.LimitReader(res.Body, 64<<10))
-		res.Body.Close()
-		if ex.status == 0 && ex.rateRetries < maxRateLimitRetries && provider.Retryable429(res.Header, body) {
-			wait, ok := provider.RetryAfter(res.Header, now)
-			if !ok {
-				wait = time.Second
-			}
-			ex.retry, ex.retryAfter = retryRateLimited, wait
-			return errRetry
-		}
-		// insufficient_quota and the like: the client's to see, at once.
-		res.Body = io.NopCloser(bytes.NewReader(body))
 	case res.StatusCode >= 500 && ex.canRetry(now):
 		io.Copy(io.Discard, io.LimitReader(res.Body, 64<<10))
 		res.Body.Close()
@@ -111,14 +102,34 @@ func (rt *route) modifyResponse(res *http.Response) error {
 	return nil
 }
 
+// upstream429 decides about an upstream 429: a rate limit that clears by
+// waiting is suppressed, to be waited out at the head of the queue (its
+// rate headers are applied in sendAgain, once the refused request's
+// admission is given back, since what the upstream reports left does not
+// include it); anything else (insufficient_quota) goes to the client at once.
+func (rt *route) upstream429(ex *exchange, res *http.Response, ri provider.RateInfo, now time.Time) error {
+	body, _ := io.ReadAll(io.LimitReader(res.Body, 64<<10))
+	res.Body.Close()
+	if ex.status == 0 && ex.rateRetries < maxRateLimitRetries && provider.Retryable429(res.Header, body) {
+		wait, ok := provider.RetryAfter(res.Header, now)
+		if !ok {
+			wait = time.Second
+		}
+		ex.retry, ex.retryAfter, ex.refusal = retryRateLimited, wait, ri
+		return errRetry
+	}
+	rt.observe(ex.ms, ex.mark, ri, now)
+	res.Body = io.NopCloser(bytes.NewReader(body))
+	return nil
+}
+
 // observe lowers the model's buckets to what the upstream reports is left
 // and records the upstream's view.
-func (rt *route) observe(ms *modelState, h http.Header, now time.Time) {
-	ri := provider.ParseRateHeaders(h)
+func (rt *route) observe(ms *modelState, mark scheduler.Mark, ri provider.RateInfo, now time.Time) {
 	if !ri.Any() {
 		return
 	}
-	if ms.q.Observe(now, scheduler.Upstream{
+	if ms.q.Observe(now, mark, scheduler.Upstream{
 		RemainingRequests: ri.RemainingRequests, HasRemainingRequests: ri.HasRemainingRequests,
 		RemainingTokens: ri.RemainingTokens, HasRemainingTokens: ri.HasRemainingTokens,
 	}) {
@@ -206,6 +217,7 @@ func (rt *route) sendAgain(ctx context.Context, ex *exchange, cost int, rec *req
 	now := time.Now()
 	ms.q.Unsend(now, cost)
 	ms.m.Unsent(cost)
+	rt.observe(ms, ex.mark.Unpaid(scheduler.Cost{Tokens: cost}), ex.refusal, now)
 	ms.q.Hold(now, now.Add(ex.retryAfter))
 	ex.rateRetries++
 	adm, err := ms.q.Requeue(ctx, scheduler.Cost{Tokens: cost}, ex.deadline)
@@ -218,7 +230,7 @@ func (rt *route) sendAgain(ctx context.Context, ex *exchange, cost int, rec *req
 		}
 		return false
 	}
-	ex.rate = adm.State
+	ex.rate, ex.mark = adm.State, adm.Mark
 	ex.hasRate = true
 	rec.wait += adm.Wait
 	return true

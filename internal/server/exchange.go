@@ -26,8 +26,9 @@ type exchange struct {
 
 	// For a scheduled request, set by serve and read by the proxy hooks.
 	ms          *modelState
-	deadline    time.Time // arrival + maxQueueWait: no retry past it
-	tries       int       // sends so far
+	mark        scheduler.Mark // the buckets when the request paid
+	deadline    time.Time      // arrival + maxQueueWait: no retry past it
+	tries       int            // sends so far
 	maxRetries  int
 	backoff     time.Duration
 	strip       bool // include_usage was injected: strip it from the stream
@@ -36,8 +37,9 @@ type exchange struct {
 	// Set by the hooks for the send that just ended.
 	retry      retryReason
 	retryAfter time.Duration
-	neverSent  bool        // the upstream never received it (could not connect)
-	tap        usageSource // reads the response's usage on its way through
+	refusal    provider.RateInfo // the rate headers of an upstream 429 being retried
+	neverSent  bool              // the upstream never received it (could not connect)
+	tap        usageSource       // reads the response's usage on its way through
 }
 
 // usageSource is a response body tap that knows the usage once read.

@@ -92,7 +92,7 @@ func (rt *route) schedule(ex *exchange, r *http.Request, body *bodyBuf, c *call,
 	ms.m.Inflight(1)
 	defer ms.m.Inflight(-1)
 
-	ex.rate, ex.hasRate = adm.State, true
+	ex.rate, ex.hasRate, ex.mark = adm.State, true, adm.Mark
 	ex.ms, ex.deadline, ex.strip = ms, arrived.Add(ms.maxQueueWait), c.inject != nil
 	ex.maxRetries, ex.backoff = *rt.cfg.Retries, time.Duration(rt.cfg.RetryBackoff)
 	send := body

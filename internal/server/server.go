@@ -213,7 +213,7 @@ func (s *Server) QueueStats(yield func(metrics.QueueStats)) {
 			c := q.Config()
 			yield(metrics.QueueStats{Route: name, Model: q.Model(), Depth: st.Depth, QueuedTokens: st.QueuedTokens,
 				RemainingRequests: st.RemainingRequests, RemainingTokens: st.RemainingTokens,
-				LimitRequests: c.RPM, LimitTokens: c.TPM})
+				LimitRequests: c.RPM, LimitTokens: c.TPM, RefillRequests: st.RefillRequests, RefillTokens: st.RefillTokens})
 		})
 	}
 }
