@@ -30,7 +30,17 @@ type StreamTap struct {
 
 // NewStreamTap wraps an SSE response body.
 func NewStreamTap(src io.ReadCloser, strip bool) *StreamTap {
-	return &StreamTap{src: src, strip: strip}
+	t := &StreamTap{}
+	t.Reset(src, strip)
+	return t
+}
+
+// Reset makes t tap src, forgetting what it saw before but keeping its
+// buffers.
+func (t *StreamTap) Reset(src io.ReadCloser, strip bool) {
+	t.src, t.strip = src, strip
+	t.ev, t.out = t.ev[:0], t.out[:0]
+	t.usage, t.found, t.eof, t.err = Usage{}, false, false, nil
 }
 
 var (

@@ -35,21 +35,31 @@ func FindUsage(b []byte) (Usage, bool) {
 		if obj == nil {
 			continue // null, or cut off
 		}
-		v, err := fastjson.ParseBytes(obj)
-		if err != nil {
-			continue
+		if u, ok := parseUsage(obj); ok {
+			return u, true
 		}
-		u := Usage{
-			Prompt:     firstInt(v, "prompt_tokens", "input_tokens"),
-			Completion: firstInt(v, "completion_tokens", "output_tokens"),
-			Total:      v.GetInt("total_tokens"),
-		}
-		if u.Total == 0 {
-			u.Total = u.Prompt + u.Completion
-		}
-		return u, true
 	}
 	return Usage{}, false
+}
+
+var usageParsers fastjson.ParserPool
+
+func parseUsage(obj []byte) (Usage, bool) {
+	p := usageParsers.Get()
+	defer usageParsers.Put(p)
+	v, err := p.ParseBytes(obj)
+	if err != nil {
+		return Usage{}, false
+	}
+	u := Usage{
+		Prompt:     firstInt(v, "prompt_tokens", "input_tokens"),
+		Completion: firstInt(v, "completion_tokens", "output_tokens"),
+		Total:      v.GetInt("total_tokens"),
+	}
+	if u.Total == 0 {
+		u.Total = u.Prompt + u.Completion
+	}
+	return u, true
 }
 
 func firstInt(v *fastjson.Value, keys ...string) int {
@@ -95,7 +105,8 @@ func objectPrefix(b []byte) []byte {
 
 // BodyTap passes a JSON response body through unchanged and keeps its last
 // few KiB, where OpenAI-compatible servers put "usage", so the usage can be
-// read when the body is done without holding the whole body.
+// read when the body is done without holding the whole body. A BodyTap may
+// be reused with Reset, keeping its buffer.
 type BodyTap struct {
 	src  io.ReadCloser
 	tail []byte
@@ -105,7 +116,16 @@ type BodyTap struct {
 const tapTail = 8 << 10
 
 // NewBodyTap wraps a response body.
-func NewBodyTap(src io.ReadCloser) *BodyTap { return &BodyTap{src: src} }
+func NewBodyTap(src io.ReadCloser) *BodyTap {
+	t := &BodyTap{}
+	t.Reset(src)
+	return t
+}
+
+// Reset makes t tap src, forgetting what it saw before.
+func (t *BodyTap) Reset(src io.ReadCloser) {
+	t.src, t.tail, t.eof = src, t.tail[:0], false
+}
 
 func (t *BodyTap) Read(p []byte) (int, error) {
 	n, err := t.src.Read(p)

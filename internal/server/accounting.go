@@ -88,15 +88,15 @@ func (rt *route) modifyResponse(res *http.Response) error {
 		return errRetry
 	case res.StatusCode < 300:
 		if strings.HasPrefix(res.Header.Get("Content-Type"), "text/event-stream") {
-			tap := provider.NewStreamTap(res.Body, ex.strip)
+			ex.streamTap.Reset(res.Body, ex.strip)
 			if ex.strip {
 				res.Header.Del("Content-Length")
 				res.ContentLength = -1
 			}
-			res.Body, ex.tap = tap, tap
+			res.Body, ex.tap = &ex.streamTap, &ex.streamTap
 		} else {
-			tap := provider.NewBodyTap(res.Body)
-			res.Body, ex.tap = tap, tap
+			ex.bodyTap.Reset(res.Body)
+			res.Body, ex.tap = &ex.bodyTap, &ex.bodyTap
 		}
 	}
 	return nil

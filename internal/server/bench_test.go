@@ -15,14 +15,21 @@ import (
 
 // cannedTransport answers every request at once without a network, so the
 // benchmark measures the gateway's own work.
-type cannedTransport struct{ body string }
+type cannedTransport struct {
+	body    string
+	headers http.Header
+}
 
 func (c cannedTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 	if r.Body != nil {
 		io.Copy(io.Discard, r.Body)
 		r.Body.Close()
 	}
-	return &http.Response{StatusCode: 200, Header: http.Header{"Content-Type": {"application/json"}},
+	h := http.Header{"Content-Type": {"application/json"}}
+	for k, v := range c.headers {
+		h[k] = v
+	}
+	return &http.Response{StatusCode: 200, Header: h,
 		Body: io.NopCloser(strings.NewReader(c.body)), ContentLength: int64(len(c.body)), Request: r}, nil
 }
 
@@ -34,30 +41,46 @@ const benchChat = `{"model":"gpt-4o","max_tokens":16,"messages":[
 
 // BenchmarkServeChat is the whole hot path for a 1 KB chat request with a
 // cached prompt: read, parse, count, admit, forward, copy the answer back,
-// log (to io.Discard) and record metrics.
+// log (to io.Discard) and record metrics. The variants add the accounting
+// around the send: reading usage and settling the reservation, and reading
+// the upstream's rate headers into the buckets.
 func BenchmarkServeChat(b *testing.B) {
-	cfg, err := config.Parse([]byte(`{"routes": {"openai": {"forward": "http://upstream.invalid",
-	  "models": {"*": {"maxQueueSize": 10, "maxQueueWait": 60, "rpm": 1000000000, "tpm": 2000000000}}}}}`), nil)
-	if err != nil {
-		b.Fatal(err)
-	}
-	srv, err := New(Options{Config: cfg, Tokenizer: testTokenizer(b), Registry: prometheus.NewRegistry(),
-		Logger:    slog.New(slog.NewJSONHandler(io.Discard, nil)),
-		Transport: cannedTransport{`{"choices":[{"message":{"content":"ok"}}],"usage":{"prompt_tokens":9,"completion_tokens":1,"total_tokens":10}}`}})
-	if err != nil {
-		b.Fatal(err)
-	}
-	b.ReportAllocs()
-	b.SetBytes(int64(len(benchChat)))
-	b.RunParallel(func(pb *testing.PB) {
-		for pb.Next() {
-			r := httptest.NewRequest(http.MethodPost, "/openai/v1/chat/completions", strings.NewReader(benchChat))
-			r.Header.Set("Content-Type", "application/json")
-			w := httptest.NewRecorder()
-			srv.ServeHTTP(w, r)
-			if w.Code != 200 {
-				b.Fatal(w.Code, w.Body.String())
+	const usage = `{"choices":[{"message":{"content":"ok"}}],"usage":{"prompt_tokens":9,"completion_tokens":1,"total_tokens":10}}`
+	rateHeaders := http.Header{"X-Ratelimit-Limit-Requests": {"1000000000"}, "X-Ratelimit-Remaining-Requests": {"999999999"},
+		"X-Ratelimit-Reset-Requests": {"1ms"}, "X-Ratelimit-Limit-Tokens": {"2000000000"},
+		"X-Ratelimit-Remaining-Tokens": {"1999999000"}, "X-Ratelimit-Reset-Tokens": {"6ms"}}
+	for _, bc := range []struct {
+		name, settle string
+		headers      http.Header
+	}{
+		{"settle=reserved", "reserved", nil},
+		{"settle=actual", "actual", nil},
+		{"settle=actual+rate headers", "actual", rateHeaders},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			cfg, err := config.Parse([]byte(`{"routes": {"openai": {"forward": "http://upstream.invalid", "settle": "`+bc.settle+`",
+			  "models": {"*": {"maxQueueSize": 10, "maxQueueWait": 60, "rpm": 1000000000, "tpm": 2000000000}}}}}`), nil)
+			if err != nil {
+				b.Fatal(err)
 			}
-		}
-	})
+			srv, err := New(Options{Config: cfg, Tokenizer: testTokenizer(b), Registry: prometheus.NewRegistry(),
+				Logger: slog.New(slog.NewJSONHandler(io.Discard, nil)), Transport: cannedTransport{usage, bc.headers}})
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.ReportAllocs()
+			b.SetBytes(int64(len(benchChat)))
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					r := httptest.NewRequest(http.MethodPost, "/openai/v1/chat/completions", strings.NewReader(benchChat))
+					r.Header.Set("Content-Type", "application/json")
+					w := httptest.NewRecorder()
+					srv.ServeHTTP(w, r)
+					if w.Code != 200 {
+						b.Fatal(w.Code, w.Body.String())
+					}
+				}
+			})
+		})
+	}
 }

@@ -40,6 +40,11 @@ type exchange struct {
 	refusal    provider.RateInfo // the rate headers of an upstream 429 being retried
 	neverSent  bool              // the upstream never received it (could not connect)
 	tap        usageSource       // reads the response's usage on its way through
+
+	// The taps themselves, kept with the pooled exchange so their buffers
+	// are reused.
+	bodyTap   provider.BodyTap
+	streamTap provider.StreamTap
 }
 
 // usageSource is a response body tap that knows the usage once read.
@@ -56,7 +61,10 @@ func getExchange(w http.ResponseWriter) *exchange {
 }
 
 func putExchange(ex *exchange) {
-	*ex = exchange{}
+	bt, st := ex.bodyTap, ex.streamTap
+	bt.Reset(nil)
+	st.Reset(nil, false)
+	*ex = exchange{bodyTap: bt, streamTap: st}
 	exchangePool.Put(ex)
 }
 
