@@ -376,7 +376,7 @@ func (q *Queue) Stats(now time.Time) Stats {
 	defer q.mu.Unlock()
 	return Stats{Depth: len(q.waiting), QueuedTokens: q.queuedTokens,
 		RemainingRequests: q.req.level(now), RemainingTokens: q.tok.level(now),
-		RefillRequests: q.req.perSec * 60, RefillTokens: q.tok.perSec * 60}
+		RefillRequests: perMinute(q.req.perSec), RefillTokens: perMinute(q.tok.perSec)}
 }
 
 // Close rejects every waiting request with ErrClosed, and every later one.
@@ -391,3 +391,6 @@ func (q *Queue) Close() {
 	}
 	q.waiting, q.queuedTokens = nil, 0
 }
+
+// perMinute converts a per-second rate, rounding away float noise.
+func perMinute(perSec float64) float64 { return math.Round(perSec*60*1e6) / 1e6 }
