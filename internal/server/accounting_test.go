@@ -265,3 +265,25 @@ func TestUpstreamRemainingLowersTheBucket(t *testing.T) {
 	assert.Contains(t, m, `llproxy_upstream_ratelimit{field="remaining",model="gpt-4o",resource="tokens",route="openai"} 500`)
 	assert.Contains(t, m, `llproxy_upstream_ratelimit{field="reset_seconds",model="gpt-4o",resource="tokens",route="openai"} 59.7`)
 }
+
+func TestDroppedConnectionIsRetried(t *testing.T) {
+	up := newUpstream(t)
+	var calls atomic.Int32
+	up.setHandler(func(w http.ResponseWriter, r *http.Request, body []byte) {
+		if calls.Add(1) == 1 {
+			conn, _, err := http.NewResponseController(w).Hijack()
+			if err == nil {
+				conn.Close() // the connection breaks before any response
+			}
+			return
+		}
+		openAILike(w, r, body)
+	})
+	g := newGateway(t, `{"routes": {"openai": {"forward": "$UPSTREAM", "retryBackoff": "10ms",
+	  "models": {"gpt-4o": {"maxQueueSize": 10, "maxQueueWait": 5, "rpm": 100, "tpm": 100000}}}}}`, up.URL, nil)
+	resp := g.post(t, "/openai/v1/chat/completions", chatBody)
+	assert.Equal(t, http.StatusOK, resp.StatusCode)
+	assert.Equal(t, int32(2), calls.Load())
+	assert.Contains(t, metricsText(t, g), `llproxy_upstream_retries_total{model="gpt-4o",reason="connect_error",route="openai"} 1`)
+	g.waitLog(t, `"tries":2`)
+}
