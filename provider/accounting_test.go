@@ -3,6 +3,7 @@ package provider
 import (
 	"io"
 	"net/http"
+	"slices"
 	"strings"
 	"testing"
 	"testing/iotest"
@@ -181,4 +182,43 @@ func TestRetryable429(t *testing.T) {
 	assert.True(t, Retryable429(http.Header{}, []byte(azure)))
 	assert.True(t, Retryable429(http.Header{}, []byte("busy")))
 	assert.False(t, Retryable429(http.Header{"X-Should-Retry": {"false"}}, []byte(rl)))
+}
+
+// BenchmarkStreamTap is the cost of reading a 100-chunk stream's usage and
+// stripping what include_usage added, one chunk per read as streams arrive.
+func BenchmarkStreamTap(b *testing.B) {
+	words := make([]string, 100)
+	for i := range words {
+		words[i] = "word"
+	}
+	events := strings.SplitAfter(sse(words, true), "\n\n")
+	var tap StreamTap
+	buf := make([]byte, 32<<10)
+	b.ReportAllocs()
+	for b.Loop() {
+		tap.Reset(io.NopCloser(&chunkReader{events: slices.Clone(events)}), true)
+		for {
+			if _, err := tap.Read(buf); err != nil {
+				break
+			}
+		}
+		if _, ok := tap.Usage(); !ok {
+			b.Fatal("no usage")
+		}
+	}
+}
+
+// chunkReader returns one event per Read, as a stream arrives.
+type chunkReader struct{ events []string }
+
+func (c *chunkReader) Read(p []byte) (int, error) {
+	for len(c.events) > 0 && c.events[0] == "" {
+		c.events = c.events[1:]
+	}
+	if len(c.events) == 0 {
+		return 0, io.EOF
+	}
+	n := copy(p, c.events[0])
+	c.events[0] = c.events[0][n:]
+	return n, nil
 }

@@ -13,19 +13,22 @@ import (
 // final chunk whose choices are empty, and the "usage":null member of every
 // other chunk.
 //
-// Without strip, bytes pass through as they arrive. With strip, each event
-// is released as soon as its blank line arrives; nothing waits for more
-// than one event.
+// Without strip, bytes pass through as they arrive and only the stream's
+// last few KiB are kept, where the usage is. With strip, each event is
+// released as soon as its blank line arrives, transformed in place; nothing
+// waits for more than one event. A StreamTap may be reused with Reset.
 type StreamTap struct {
 	src   io.ReadCloser
 	strip bool
-	ev    []byte // the current, incomplete event
-	out   []byte // transformed bytes not yet returned (strip mode)
+	tail  BodyTap // pass-through mode
+	// strip mode: buf[:ready] is transformed and ready for the client,
+	// buf[ready:] the start of an event not complete yet.
+	buf   []byte
+	ready int
 	usage Usage
 	found bool
 	eof   bool
 	err   error
-	rbuf  []byte
 }
 
 // NewStreamTap wraps an SSE response body.
@@ -39,112 +42,131 @@ func NewStreamTap(src io.ReadCloser, strip bool) *StreamTap {
 // buffers.
 func (t *StreamTap) Reset(src io.ReadCloser, strip bool) {
 	t.src, t.strip = src, strip
-	t.ev, t.out = t.ev[:0], t.out[:0]
+	t.tail.Reset(src)
+	t.buf, t.ready = t.buf[:0], 0
 	t.usage, t.found, t.eof, t.err = Usage{}, false, false, nil
 }
 
 var (
 	usageNull    = []byte(`"usage":null`)
 	emptyChoices = []byte(`"choices":[]`)
+	lflf         = []byte("\n\n")
 )
+
+// maxEvent bounds how much of one event strip mode holds back; a longer
+// "event" is not a stream it understands and goes through as it is.
+const maxEvent = 1 << 20
 
 func (t *StreamTap) Read(p []byte) (int, error) {
 	if !t.strip {
-		n, err := t.src.Read(p)
-		t.scan(p[:n])
-		if err == io.EOF {
-			t.eof = true
-		}
-		return n, err
+		return t.tail.Read(p)
 	}
-	for len(t.out) == 0 {
+	for t.ready == 0 {
 		if t.err != nil {
 			return 0, t.err
 		}
-		if cap(t.rbuf) == 0 {
-			t.rbuf = make([]byte, 32<<10)
+		if cap(t.buf)-len(t.buf) < 4<<10 {
+			t.buf = append(t.buf, make([]byte, 32<<10)...)[:len(t.buf)]
 		}
-		n, err := t.src.Read(t.rbuf)
-		t.scan(t.rbuf[:n])
-		if err != nil {
+		from := len(t.buf)
+		n, err := t.src.Read(t.buf[from:cap(t.buf)])
+		t.buf = t.buf[:from+n]
+		t.events(from)
+		if err != nil || len(t.buf)-t.ready > maxEvent {
 			if err == io.EOF {
 				t.eof = true
 			}
-			t.out = append(t.out, t.ev...) // an unterminated last event goes as it is
-			t.ev = t.ev[:0]
+			t.ready = len(t.buf) // an unterminated last event goes as it is
 			t.err = err
 		}
 	}
-	n := copy(p, t.out)
-	t.out = t.out[:copy(t.out, t.out[n:])]
+	n := copy(p, t.buf[:t.ready])
+	rest := copy(t.buf, t.buf[n:])
+	t.buf, t.ready = t.buf[:rest], t.ready-n
 	return n, nil
 }
 
-// scan adds b to the current event and handles every event it completes.
-func (t *StreamTap) scan(b []byte) {
-	from := max(0, len(t.ev)-3) // a boundary may straddle two reads
-	t.ev = append(t.ev, b...)
-	start := 0
+// events transforms every event completed in t.buf[t.ready:] (new bytes
+// start at from), compacting the buffer as it goes: each kept event is
+// moved down to t.ready, then t.ready moves past it.
+func (t *StreamTap) events(from int) {
+	r := max(t.ready, from-3) // where to look for a blank line: it may straddle reads
+	start := t.ready          // the current event starts here
 	for {
-		end := eventBoundary(t.ev[from:])
+		end := eventEnd(t.buf, r)
 		if end < 0 {
 			break
 		}
-		end += from
-		t.event(t.ev[start:end])
-		start, from = end, end
+		ev := t.event(t.buf[start:end])
+		t.ready += copy(t.buf[t.ready:], ev)
+		start, r = end, end
 	}
-	t.ev = t.ev[:copy(t.ev, t.ev[start:])]
-	if len(t.ev) > maxEvent {
-		// Not an event stream we understand: stop holding bytes back.
-		if t.strip {
-			t.out = append(t.out, t.ev...)
-		}
-		t.ev = t.ev[:0]
-	}
+	// Move the incomplete event down behind what is ready.
+	t.buf = t.buf[:t.ready+copy(t.buf[t.ready:], t.buf[start:])]
 }
 
-const maxEvent = 1 << 20
-
-// eventBoundary returns the end of the first event in b (just past its
-// blank line: "\n\n", "\r\n\r\n" or "\r\r"), or -1.
-func eventBoundary(b []byte) int {
-	for i := 0; i+1 < len(b); i++ {
-		switch {
-		case b[i] == '\n' && b[i+1] == '\n':
-			return i + 2
-		case b[i] == '\r' && b[i+1] == '\r':
-			return i + 2
-		case b[i] == '\r' && b[i+1] == '\n' && i+3 < len(b) && b[i+2] == '\r' && b[i+3] == '\n':
-			return i + 4
-		}
+// eventEnd returns the end of the first event whose blank line ("\n\n",
+// "\r\n\r\n" or "\r\r") is at or after from, or -1.
+func eventEnd(b []byte, from int) int {
+	i := bytes.Index(b[from:], lflf)
+	window := b[from:]
+	if i >= 0 {
+		window = window[:i]
 	}
-	return -1
-}
-
-// event handles one complete event.
-func (t *StreamTap) event(ev []byte) {
-	if bytes.Contains(ev, usageKey) {
-		if u, ok := FindUsage(ev); ok {
-			t.usage, t.found = u, true
-			if t.strip && bytes.Contains(ev, emptyChoices) {
-				return // the chunk include_usage added
+	if j := bytes.IndexByte(window, '\r'); j >= 0 {
+		// Rare: carriage returns. Look byte by byte up to the "\n\n".
+		stop := from + len(window)
+		for k := from + j; k+1 < len(b) && k < stop+1; k++ {
+			switch {
+			case b[k] == '\r' && b[k+1] == '\r':
+				return k + 2
+			case b[k] == '\r' && b[k+1] == '\n' && k+3 < len(b) && b[k+2] == '\r' && b[k+3] == '\n':
+				return k + 4
 			}
 		}
-		if t.strip {
-			ev = removeUsageNull(ev)
-		}
 	}
-	if t.strip {
-		t.out = append(t.out, ev...)
+	if i < 0 {
+		return -1
 	}
+	return from + i + 2
 }
 
-// removeUsageNull deletes one `"usage":null` member and its comma, in place.
-func removeUsageNull(ev []byte) []byte {
-	i := bytes.Index(ev, usageNull)
-	if i < 0 {
+// event reads the usage from one complete event and returns what the client
+// gets of it: nothing for the chunk include_usage added, the event without
+// its "usage":null member otherwise.
+func (t *StreamTap) event(ev []byte) []byte {
+	if out, ok := removeUsageNull(ev); ok {
+		return out // every chunk but the last: no usage to read
+	}
+	if !bytes.Contains(ev, usageKey) {
 		return ev
+	}
+	if u, ok := FindUsage(ev); ok {
+		t.usage, t.found = u, true
+		if bytes.Contains(ev, emptyChoices) {
+			return nil
+		}
+	}
+	return ev
+}
+
+// removeUsageNull deletes one `"usage":null` member and its comma, in
+// place, and reports whether it found one. OpenAI puts the member at the end
+// of each chunk, so the event's last bytes are searched first: scanning the
+// whole of a JSON event for a pattern that starts with '"' is slow.
+func removeUsageNull(ev []byte) ([]byte, bool) {
+	const near = 160
+	i := -1
+	if tail := len(ev) - near; tail > 0 {
+		if j := bytes.Index(ev[tail:], usageNull); j >= 0 {
+			i = tail + j
+		}
+	}
+	if i < 0 {
+		i = bytes.Index(ev, usageNull)
+	}
+	if i < 0 {
+		return ev, false
 	}
 	start, end := i, i+len(usageNull)
 	switch {
@@ -153,7 +175,7 @@ func removeUsageNull(ev []byte) []byte {
 	case end < len(ev) && ev[end] == ',':
 		end++
 	}
-	return append(ev[:start], ev[end:]...)
+	return append(ev[:start], ev[end:]...), true
 }
 
 // Close closes the upstream body.
@@ -162,6 +184,9 @@ func (t *StreamTap) Close() error { return t.src.Close() }
 // Usage returns the usage the stream reported, if it was read to the end
 // and reported one. A stream cut short has none.
 func (t *StreamTap) Usage() (Usage, bool) {
+	if !t.strip {
+		return t.tail.Usage()
+	}
 	if !t.eof {
 		return Usage{}, false
 	}
