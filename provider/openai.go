@@ -1,6 +1,13 @@
 package provider
 
-import "net/http"
+import (
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/valyala/fastjson"
+)
 
 // OpenAI authenticates requests to an OpenAI-compatible upstream with the
 // route's key. A zero OpenAI passes the client's own credentials through.
@@ -22,4 +29,118 @@ func (p *OpenAI) Authorize(h http.Header) {
 	}
 	h.Del("Api-Key")
 	h.Set("Authorization", "Bearer "+p.apiKey)
+}
+
+// RateInfo is what an upstream's response headers say about its limits.
+// OpenAI sends x-ratelimit-{limit,remaining,reset}-{requests,tokens}, with
+// resets as Go durations ("6m0s", "1.234s"); Azure sends the remaining
+// values, sometimes resets in whole seconds, and at times -1 for unknown.
+// A value that was absent or unusable has its Has field false.
+type RateInfo struct {
+	LimitRequests, LimitTokens               int
+	RemainingRequests, RemainingTokens       int
+	ResetRequests, ResetTokens               time.Duration
+	HasLimitRequests, HasLimitTokens         bool
+	HasRemainingRequests, HasRemainingTokens bool
+	HasResetRequests, HasResetTokens         bool
+}
+
+// Any reports whether any value was read.
+func (ri RateInfo) Any() bool {
+	return ri.HasLimitRequests || ri.HasLimitTokens || ri.HasRemainingRequests || ri.HasRemainingTokens ||
+		ri.HasResetRequests || ri.HasResetTokens
+}
+
+// ParseRateHeaders reads the rate-limit headers of an upstream response.
+func ParseRateHeaders(h http.Header) RateInfo {
+	var ri RateInfo
+	ri.LimitRequests, ri.HasLimitRequests = headerInt(h, "X-Ratelimit-Limit-Requests")
+	ri.LimitTokens, ri.HasLimitTokens = headerInt(h, "X-Ratelimit-Limit-Tokens")
+	ri.RemainingRequests, ri.HasRemainingRequests = headerInt(h, "X-Ratelimit-Remaining-Requests")
+	ri.RemainingTokens, ri.HasRemainingTokens = headerInt(h, "X-Ratelimit-Remaining-Tokens")
+	ri.ResetRequests, ri.HasResetRequests = headerDuration(h, "X-Ratelimit-Reset-Requests")
+	ri.ResetTokens, ri.HasResetTokens = headerDuration(h, "X-Ratelimit-Reset-Tokens")
+	if !ri.HasResetTokens { // older Azure spelling
+		ri.ResetTokens, ri.HasResetTokens = headerDuration(h, "X-Rate-Limit-Reset-Tokens")
+	}
+	return ri
+}
+
+func headerInt(h http.Header, key string) (int, bool) {
+	v := h[key]
+	if len(v) == 0 {
+		return 0, false
+	}
+	n, err := strconv.Atoi(strings.TrimSpace(v[0]))
+	if err != nil || n < 0 {
+		return 0, false
+	}
+	return n, true
+}
+
+// headerDuration reads a Go duration ("1m12s") or a number of seconds ("55").
+func headerDuration(h http.Header, key string) (time.Duration, bool) {
+	v := h[key]
+	if len(v) == 0 {
+		return 0, false
+	}
+	s := strings.TrimSpace(v[0])
+	if d, err := time.ParseDuration(s); err == nil && d >= 0 {
+		return d, true
+	}
+	if f, err := strconv.ParseFloat(s, 64); err == nil && f >= 0 {
+		return time.Duration(f * float64(time.Second)), true
+	}
+	return 0, false
+}
+
+// RetryAfter is how long an upstream asked to wait: retry-after-ms, then
+// retry-after (seconds or an HTTP date, relative to now), then the reset of
+// whichever limit it reports exhausted. ok is false when it said nothing.
+func RetryAfter(h http.Header, now time.Time) (time.Duration, bool) {
+	if v := h.Get("Retry-After-Ms"); v != "" {
+		if ms, err := strconv.ParseFloat(strings.TrimSpace(v), 64); err == nil && ms >= 0 {
+			return time.Duration(ms * float64(time.Millisecond)), true
+		}
+	}
+	if v := h.Get("Retry-After"); v != "" {
+		if s, err := strconv.ParseFloat(strings.TrimSpace(v), 64); err == nil && s >= 0 {
+			return time.Duration(s * float64(time.Second)), true
+		}
+		if t, err := http.ParseTime(v); err == nil {
+			return max(0, t.Sub(now)), true
+		}
+	}
+	ri := ParseRateHeaders(h)
+	var d time.Duration
+	found := false
+	if ri.HasResetRequests && ri.HasRemainingRequests && ri.RemainingRequests == 0 {
+		d, found = max(d, ri.ResetRequests), true
+	}
+	if ri.HasResetTokens && ri.HasRemainingTokens && ri.RemainingTokens == 0 {
+		d, found = max(d, ri.ResetTokens), true
+	}
+	return d, found
+}
+
+// Retryable429 reports whether an upstream 429 is a rate limit that clears
+// by waiting (OpenAI's rate_limit_exceeded, Azure's "429"), as opposed to an
+// exhausted quota or balance, which only a person can fix, or a response
+// that says x-should-retry: false.
+func Retryable429(h http.Header, body []byte) bool {
+	if strings.EqualFold(h.Get("X-Should-Retry"), "false") {
+		return false
+	}
+	v, err := fastjson.ParseBytes(body)
+	if err != nil {
+		return true // no OpenAI error body: trust the status
+	}
+	for _, field := range []string{"code", "type"} {
+		switch string(v.GetStringBytes("error", field)) {
+		case "insufficient_quota", "credit_balance_exhausted", "billing_hard_limit_reached",
+			"billing_not_active", "access_terminated":
+			return false
+		}
+	}
+	return true
 }
