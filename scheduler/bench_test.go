@@ -51,3 +51,32 @@ func BenchmarkAcquire(b *testing.B) {
 		}
 	})
 }
+
+// BenchmarkSettle is the reconciliation after a response: a refund of the
+// unused reservation (and Observe, the upstream headers' correction).
+func BenchmarkSettle(b *testing.B) {
+	big := Config{MaxQueueSize: 100, MaxQueueWait: Duration(time.Minute), RPM: 1 << 30, TPM: 1 << 40}
+	q := NewQueue("m", big, nil)
+	ctx := context.Background()
+	b.Run("settle", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			q.Acquire(ctx, Cost{Tokens: 1000})
+			q.Settle(time.Now(), 1000, 300)
+		}
+	})
+	b.Run("acquire only", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			q.Acquire(ctx, Cost{Tokens: 1000})
+		}
+	})
+	b.Run("observe", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			adm, _ := q.Acquire(ctx, Cost{Tokens: 1000})
+			q.Observe(time.Now(), adm.Mark, Upstream{RemainingTokens: 1 << 40, HasRemainingTokens: true,
+				RemainingRequests: 1 << 30, HasRemainingRequests: true})
+		}
+	})
+}
