@@ -32,12 +32,14 @@ func (q *Queue) Settle(now time.Time, reserved, actual int) {
 
 // Unsend returns a whole admission: the request was never received by the
 // upstream (it could not connect), or was refused before it ran (an
-// upstream 429). Its request and its reserved tokens go back.
-func (q *Queue) Unsend(now time.Time, reserved int) {
+// upstream 429). Its request, its reserved tokens and its concurrency slot
+// go back; it must not be released as well.
+func (q *Queue) Unsend(now time.Time, adm Admission, reserved int) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	q.req.give(now, 1)
 	q.tok.give(now, reserved)
+	q.dropSlot(adm.Start)
 	q.changed(now)
 }
 

@@ -49,7 +49,7 @@ func TestSettleNoChangeAndUnsend(t *testing.T) {
 		st := q.State(time.Now())
 		assert.Equal(t, 100, st.RemainingTokens)
 		assert.Equal(t, 59, st.RemainingRequests)
-		q.Unsend(time.Now(), 500) // never reached the upstream: all back
+		q.Unsend(time.Now(), Admission{}, 500) // never reached the upstream: all back
 		st = q.State(time.Now())
 		assert.Equal(t, 600, st.RemainingTokens)
 		assert.Equal(t, 60, st.RemainingRequests)
@@ -124,7 +124,7 @@ func TestRefillFollowsAnotherUsersSteadyDrain(t *testing.T) {
 				last = now
 				if upstream < 200 { // the upstream refuses: what the gateway does with a 429
 					refused++
-					q.Unsend(now, 200)
+					q.Unsend(now, adm, 200)
 					q.Observe(now, adm.Mark.Unpaid(Cost{Tokens: 200}), Upstream{RemainingTokens: int(upstream), HasRemainingTokens: true})
 					q.Hold(now, now.Add(time.Duration((200-upstream)/(100-drain)*float64(time.Second))))
 					continue

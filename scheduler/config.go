@@ -23,6 +23,10 @@ type Config struct {
 	RPM int `json:"rpm"`
 	// TPM is the token bucket: capacity TPM, refilled at TPM per minute.
 	TPM int `json:"tpm"`
+	// MaxConcurrent is how many admitted requests may be in flight at once
+	// (a local server's parallel slots); a request holds its slot until
+	// Release. 0 means no limit.
+	MaxConcurrent int `json:"maxConcurrent,omitempty"`
 }
 
 // Validate reports every field out of range, each error naming its field by
@@ -40,6 +44,9 @@ func (c Config) Validate() error {
 	}
 	if c.TPM <= 0 {
 		errs = append(errs, fmt.Errorf("tpm: must be > 0, got %d", c.TPM))
+	}
+	if c.MaxConcurrent < 0 {
+		errs = append(errs, fmt.Errorf("maxConcurrent: must be >= 0, got %d", c.MaxConcurrent))
 	}
 	return errors.Join(errs...)
 }

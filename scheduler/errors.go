@@ -20,15 +20,20 @@ var (
 // Resource names a bucket.
 type Resource uint8
 
-// The two buckets of a queue.
+// The resources a request waits for: the two buckets, and the
+// concurrency slots of a queue with MaxConcurrent.
 const (
 	Requests Resource = iota
 	Tokens
+	Slots
 )
 
 func (r Resource) String() string {
-	if r == Tokens {
+	switch r {
+	case Tokens:
 		return "tokens"
+	case Slots:
+		return "slots"
 	}
 	return "requests"
 }

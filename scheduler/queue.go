@@ -30,6 +30,9 @@ type Admission struct {
 	State RateState
 	// Mark is the buckets' raw state at that moment, for Observe.
 	Mark Mark
+	// Start is when the request was admitted; Release and Unsend use it to
+	// find its concurrency slot.
+	Start time.Time
 }
 
 // Mark is a snapshot of a queue's buckets taken when a request paid: their
@@ -47,6 +50,9 @@ type Stats struct {
 	QueuedTokens      int
 	RemainingRequests float64
 	RemainingTokens   float64
+	// InFlight is how many admitted requests hold a concurrency slot
+	// (counted only when the queue has MaxConcurrent).
+	InFlight int
 	// RefillRequests and RefillTokens are the buckets' refill rates per
 	// minute now: the configured limits less what others are estimated to
 	// spend of the upstream's (see Observe).
@@ -69,6 +75,9 @@ type waiter struct {
 type sim struct {
 	at       time.Time
 	req, tok float64
+	// slots are the predicted times the concurrency slots free up,
+	// ascending; nil unless the queue has MaxConcurrent.
+	slots []time.Time
 }
 
 // Queue is the strict FIFO queue of one (route, model) in front of its
@@ -98,6 +107,8 @@ type Queue struct {
 	holdUntil    time.Time // no admission before this (the upstream said wait)
 	loweredReq   float64   // how much Observe has lowered each bucket, in all
 	loweredTok   float64
+	inflight     []time.Time   // admission times of requests holding a slot (MaxConcurrent only)
+	service      time.Duration // how long a request holds its slot, on average (EWMA)
 	closed       bool
 }
 
@@ -213,7 +224,10 @@ func (q *Queue) enqueue(now time.Time, cost Cost) (*waiter, Admission, error) {
 func (q *Queue) pay(now time.Time, cost Cost, wait time.Duration) Admission {
 	q.req.take(now, 1)
 	q.tok.take(now, cost.Tokens)
-	return Admission{Wait: wait, State: q.state(now), Mark: Mark{
+	if q.cfg.MaxConcurrent > 0 {
+		q.inflight = append(q.inflight, now)
+	}
+	return Admission{Wait: wait, Start: now, State: q.state(now), Mark: Mark{
 		Requests: q.req.level(now), Tokens: q.tok.level(now),
 		LoweredRequests: q.loweredReq, LoweredTokens: q.loweredTok,
 	}}
@@ -222,17 +236,21 @@ func (q *Queue) pay(now time.Time, cost Cost, wait time.Duration) Admission {
 // canPay reports whether a request of cost could be admitted at now if it
 // were at the head.
 func (q *Queue) canPay(now time.Time, cost Cost) bool {
-	return !now.Before(q.holdUntil) && q.req.level(now) >= 1-epsilon && q.tok.level(now) >= float64(cost.Tokens)-epsilon
+	return q.slotFree() && !now.Before(q.holdUntil) && q.req.level(now) >= 1-epsilon && q.tok.level(now) >= float64(cost.Tokens)-epsilon
 }
 
 func (q *Queue) reject(now time.Time, reason error, binding Resource, cost Cost, wait time.Duration) *RejectError {
 	e := &RejectError{Reason: reason, Model: q.model, Resource: binding, RetryAfter: wait,
 		QueueLen: len(q.waiting), State: q.state(now)}
-	if binding == Tokens {
+	switch binding {
+	case Slots:
+		e.Limit, e.Requested = q.cfg.MaxConcurrent, 1
+		e.Used = len(q.inflight) + len(q.waiting)
+	case Tokens:
 		avail := q.tok.level(now) - float64(q.queuedTokens)
 		e.Limit, e.Requested = q.cfg.TPM, cost.Tokens
 		e.Used = max(0, q.cfg.TPM-int(math.Floor(avail)))
-	} else {
+	default:
 		avail := q.req.level(now) - float64(len(q.waiting))
 		e.Limit, e.Requested = q.cfg.RPM, 1
 		e.Used = max(0, q.cfg.RPM-int(math.Floor(avail)))
@@ -254,7 +272,7 @@ func (q *Queue) tailAt(now time.Time) sim {
 	s := q.tail
 	if d := now.Sub(s.at); d > 0 {
 		// The last admission is overdue (timer latency): advance to now.
-		s = sim{at: now, req: q.req.fill(s.req, d), tok: q.tok.fill(s.tok, d)}
+		s = sim{at: now, req: q.req.fill(s.req, d), tok: q.tok.fill(s.tok, d), slots: s.slots}
 	}
 	return s
 }
@@ -266,7 +284,7 @@ func (q *Queue) headAt(now time.Time) sim {
 	if q.holdUntil.After(now) {
 		at = q.holdUntil
 	}
-	return sim{at: at, req: q.req.level(at), tok: q.tok.level(at)}
+	return sim{at: at, req: q.req.level(at), tok: q.tok.level(at), slots: q.slotTimes(at)}
 }
 
 // step predicts when a request of cost is admitted after state s, and the
@@ -278,10 +296,18 @@ func (q *Queue) step(s sim, cost Cost) (sim, Resource) {
 	if dt > dr {
 		d, binding = dt, Tokens
 	}
+	var slots []time.Time
+	if len(s.slots) > 0 {
+		if free := s.slots[0].Sub(s.at); free > d {
+			d, binding = free, Slots
+		}
+		slots = q.takeSlot(s.slots, s.at.Add(d))
+	}
 	return sim{
-		at:  s.at.Add(d),
-		req: q.req.fill(s.req, d) - 1,
-		tok: q.tok.fill(s.tok, d) - float64(cost.Tokens),
+		at:    s.at.Add(d),
+		req:   q.req.fill(s.req, d) - 1,
+		tok:   q.tok.fill(s.tok, d) - float64(cost.Tokens),
+		slots: slots,
 	}, binding
 }
 
@@ -293,6 +319,10 @@ func (q *Queue) dispatch(now time.Time) {
 		return
 	}
 	for len(q.waiting) > 0 {
+		if !q.slotFree() {
+			q.disarm() // Release dispatches again when a slot frees
+			return
+		}
 		w := q.waiting[0]
 		d := max(q.req.waitFrom(q.req.level(now), 1), q.tok.waitFrom(q.tok.level(now), w.cost.Tokens))
 		if d > 0 {
@@ -376,7 +406,7 @@ func (q *Queue) Stats(now time.Time) Stats {
 	defer q.mu.Unlock()
 	return Stats{Depth: len(q.waiting), QueuedTokens: q.queuedTokens,
 		RemainingRequests: q.req.level(now), RemainingTokens: q.tok.level(now),
-		RefillRequests: perMinute(q.req.perSec), RefillTokens: perMinute(q.tok.perSec)}
+		RefillRequests: perMinute(q.req.perSec), RefillTokens: perMinute(q.tok.perSec), InFlight: len(q.inflight)}
 }
 
 // Close rejects every waiting request with ErrClosed, and every later one.

@@ -79,7 +79,7 @@ func (rt *route) modifyResponse(res *http.Response) error {
 	if res.StatusCode == http.StatusTooManyRequests {
 		return rt.upstream429(ex, res, ri, now)
 	}
-	rt.observe(ex.ms, ex.mark, ri, now)
+	rt.observe(ex.ms, ex.adm.Mark, ri, now)
 	switch {
 	case res.StatusCode >= 500 && ex.canRetry(now):
 		io.Copy(io.Discard, io.LimitReader(res.Body, 64<<10))
@@ -118,7 +118,7 @@ func (rt *route) upstream429(ex *exchange, res *http.Response, ri provider.RateI
 		ex.retry, ex.retryAfter, ex.refusal = retryRateLimited, wait, ri
 		return errRetry
 	}
-	rt.observe(ex.ms, ex.mark, ri, now)
+	rt.observe(ex.ms, ex.adm.Mark, ri, now)
 	res.Body = io.NopCloser(bytes.NewReader(body))
 	return nil
 }
@@ -215,9 +215,9 @@ func (rt *route) sendAgain(ctx context.Context, ex *exchange, cost int, rec *req
 	// admission back, hold the whole queue as long as the upstream asked,
 	// and wait again at the head of the queue within the original budget.
 	now := time.Now()
-	ms.q.Unsend(now, cost)
+	ms.q.Unsend(now, ex.adm, cost)
 	ms.m.Unsent(cost)
-	rt.observe(ms, ex.mark.Unpaid(scheduler.Cost{Tokens: cost}), ex.refusal, now)
+	rt.observe(ms, ex.adm.Mark.Unpaid(scheduler.Cost{Tokens: cost}), ex.refusal, now)
 	ms.q.Hold(now, now.Add(ex.retryAfter))
 	ex.rateRetries++
 	adm, err := ms.q.Requeue(ctx, scheduler.Cost{Tokens: cost}, ex.deadline)
@@ -230,7 +230,7 @@ func (rt *route) sendAgain(ctx context.Context, ex *exchange, cost int, rec *req
 		}
 		return false
 	}
-	ex.rate, ex.mark = adm.State, adm.Mark
+	ex.rate, ex.adm = adm.State, adm
 	ex.hasRate = true
 	rec.wait += adm.Wait
 	return true
@@ -245,7 +245,7 @@ func (rt *route) settle(ex *exchange, c *call, rec *requestLog) {
 	ms, cost := ex.ms, c.est.cost
 	now := time.Now()
 	if ex.neverSent {
-		ms.q.Unsend(now, cost)
+		ms.q.Unsend(now, ex.adm, cost)
 		ms.m.Unsent(cost)
 		return
 	}

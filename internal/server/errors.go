@@ -68,9 +68,12 @@ func ceilMillis(d time.Duration) time.Duration {
 func writeReject(w http.ResponseWriter, route string, e *scheduler.RejectError) {
 	h := w.Header()
 	setRateHeaders(h, &e.State)
-	unit := "requests per min (RPM)"
-	if e.Resource == scheduler.Tokens {
-		unit = "tokens per min (TPM)"
+	unit, typ := "requests per min (RPM)", "requests"
+	switch e.Resource {
+	case scheduler.Tokens:
+		unit, typ = "tokens per min (TPM)", "tokens"
+	case scheduler.Slots:
+		unit = "concurrent requests (slots)"
 	}
 	var msg string
 	if errors.Is(e, scheduler.ErrTooLarge) {
@@ -89,5 +92,5 @@ func writeReject(w http.ResponseWriter, route string, e *scheduler.RejectError) 
 		msg = fmt.Sprintf("Rate limit reached for %s in llproxy route %s on %s: Limit %d, Used %d, Requested %d. "+
 			"Please try again in %s. %s", e.Model, route, unit, e.Limit, e.Used, e.Requested, retry, why)
 	}
-	writeError(w, http.StatusTooManyRequests, e.Resource.String(), "rate_limit_exceeded", msg)
+	writeError(w, http.StatusTooManyRequests, typ, "rate_limit_exceeded", msg)
 }

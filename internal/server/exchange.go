@@ -29,9 +29,9 @@ type exchange struct {
 
 	// For a scheduled request, set by serve and read by the proxy hooks.
 	ms          *modelState
-	mark        scheduler.Mark // the buckets when the request paid
-	deadline    time.Time      // arrival + maxQueueWait: no retry past it
-	tries       int            // sends so far
+	adm         scheduler.Admission // the current admission (its Mark: the buckets when it paid)
+	deadline    time.Time           // arrival + maxQueueWait: no retry past it
+	tries       int                 // sends so far
 	maxRetries  int
 	backoff     time.Duration
 	strip       bool // include_usage was injected: strip it from the stream

@@ -91,8 +91,11 @@ func (rt *route) schedule(ex *exchange, r *http.Request, body *bodyBuf, c *call,
 	ms.m.Admitted(adm.Wait, c.est.prompt, c.est.cost)
 	ms.m.Inflight(1)
 	defer ms.m.Inflight(-1)
+	// The response is complete (streams included) when this returns: free
+	// the concurrency slot (a no-op if Unsend already gave it back).
+	defer func() { ms.q.Release(time.Now(), ex.adm) }()
 
-	ex.rate, ex.hasRate, ex.mark = adm.State, true, adm.Mark
+	ex.rate, ex.hasRate, ex.adm = adm.State, true, adm
 	ex.ms, ex.deadline, ex.strip = ms, arrived.Add(ms.maxQueueWait), c.inject != nil
 	ex.maxRetries, ex.backoff = *rt.cfg.Retries, time.Duration(rt.cfg.RetryBackoff)
 	send := body
