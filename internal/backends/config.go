@@ -1,0 +1,166 @@
+package backends
+
+import (
+	"errors"
+	"fmt"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/llproxy/llproxy/scheduler"
+)
+
+// Config is the fleet part of a route: its backends, how requests are
+// routed to them, how they are found and checked.
+type Config struct {
+	// Backends are the servers known in advance.
+	Backends []BackendConfig `json:"backends"`
+	// Rules send a model to a named backend before anything else.
+	Rules []Rule `json:"rules"`
+	// DefaultBackend serves models no backend reports.
+	DefaultBackend string `json:"defaultBackend"`
+	// Discover scans port ranges for OpenAI-compatible servers.
+	Discover []DiscoverConfig `json:"discover"`
+	// HealthCheck configures the active checks of every backend.
+	HealthCheck HealthConfig `json:"healthCheck"`
+	// ModelsCacheTTL is how long the aggregated /v1/models is served from
+	// cache. Default 30s, and never more than twice the health interval.
+	ModelsCacheTTL scheduler.Duration `json:"modelsCacheTTL"`
+}
+
+// BackendConfig is one server.
+type BackendConfig struct {
+	Name string `json:"name"`
+	URL  string `json:"url"`
+	// HealthCheckPath overrides the route's healthCheck.path.
+	HealthCheckPath string `json:"healthCheckPath"`
+	// Models it serves, for a server that does not list them at /v1/models.
+	Models []string `json:"models"`
+}
+
+// Rule routes one model to one backend.
+type Rule struct {
+	Model   string `json:"model"`
+	Backend string `json:"backend"`
+}
+
+// DiscoverConfig is one port range to scan.
+type DiscoverConfig struct {
+	Host      string   `json:"host"`
+	PortStart int      `json:"portStart"`
+	PortEnd   int      `json:"portEnd"`
+	Tags      []string `json:"tags"`
+	// Every is the time between scans. Default 30s.
+	Every scheduler.Duration `json:"every"`
+	// Timeout bounds one port's probe. Default 1s.
+	Timeout scheduler.Duration `json:"timeout"`
+}
+
+// HealthConfig configures active health checks.
+type HealthConfig struct {
+	// Interval between checks. Default 30s.
+	Interval scheduler.Duration `json:"interval"`
+	// Timeout of one check. Default 5s.
+	Timeout scheduler.Duration `json:"timeout"`
+	// Path checked on each backend. Default /v1/models.
+	Path string `json:"path"`
+	// FailureThreshold is how many failures in a row (checks, or
+	// connections that failed while proxying) make a backend unhealthy.
+	// Default 3.
+	FailureThreshold int `json:"failureThreshold"`
+}
+
+// Enabled reports whether the route is a fleet.
+func (c *Config) Enabled() bool { return len(c.Backends) > 0 || len(c.Discover) > 0 }
+
+// SetDefaults fills zero fields.
+func (c *Config) SetDefaults() {
+	h := &c.HealthCheck
+	if h.Interval == 0 {
+		h.Interval = scheduler.Duration(30 * time.Second)
+	}
+	if h.Timeout == 0 {
+		h.Timeout = scheduler.Duration(5 * time.Second)
+	}
+	if h.Path == "" {
+		h.Path = "/v1/models"
+	}
+	if h.FailureThreshold == 0 {
+		h.FailureThreshold = 3
+	}
+	if c.ModelsCacheTTL == 0 {
+		c.ModelsCacheTTL = scheduler.Duration(30 * time.Second)
+	}
+	c.ModelsCacheTTL = min(c.ModelsCacheTTL, 2*h.Interval)
+	for i := range c.Discover {
+		d := &c.Discover[i]
+		if d.Every == 0 {
+			d.Every = scheduler.Duration(30 * time.Second)
+		}
+		if d.Timeout == 0 {
+			d.Timeout = scheduler.Duration(time.Second)
+		}
+		if d.Host == "" {
+			d.Host = "127.0.0.1"
+		}
+	}
+}
+
+// Validate reports every problem, naming fields by their JSON path below
+// the route.
+func (c *Config) Validate() error {
+	var errs []error
+	names := map[string]bool{}
+	for i, b := range c.Backends {
+		p := fmt.Sprintf("backends[%d]", i)
+		switch {
+		case b.Name == "":
+			errs = append(errs, fmt.Errorf("%s.name: required", p))
+		case names[b.Name]:
+			errs = append(errs, fmt.Errorf("%s.name: %q is used twice", p, b.Name))
+		}
+		names[b.Name] = true
+		if u, err := url.Parse(b.URL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			errs = append(errs, fmt.Errorf("%s.url: must be an http or https URL, got %q", p, b.URL))
+		}
+		if b.HealthCheckPath != "" && !strings.HasPrefix(b.HealthCheckPath, "/") {
+			errs = append(errs, fmt.Errorf("%s.healthCheckPath: must start with /", p))
+		}
+	}
+	for i, r := range c.Rules {
+		if r.Model == "" {
+			errs = append(errs, fmt.Errorf("rules[%d].model: required", i))
+		}
+		if !names[r.Backend] {
+			errs = append(errs, fmt.Errorf("rules[%d].backend: no backend named %q", i, r.Backend))
+		}
+	}
+	if c.DefaultBackend != "" && !names[c.DefaultBackend] {
+		errs = append(errs, fmt.Errorf("defaultBackend: no backend named %q", c.DefaultBackend))
+	}
+	for i, d := range c.Discover {
+		p := fmt.Sprintf("discover[%d]", i)
+		if d.PortStart < 1 || d.PortEnd > 65535 || d.PortStart > d.PortEnd {
+			errs = append(errs, fmt.Errorf("%s: ports must satisfy 1 <= portStart <= portEnd <= 65535, got %d-%d", p, d.PortStart, d.PortEnd))
+		}
+		if d.Every < 0 || (d.Every > 0 && time.Duration(d.Every) < time.Second) {
+			errs = append(errs, fmt.Errorf("%s.every: must be at least 1s", p))
+		}
+		for j, tag := range d.Tags {
+			if tag == "" || strings.ContainsAny(tag, ": /") {
+				errs = append(errs, fmt.Errorf("%s.tags[%d]: must be non-empty without ':', '/' or spaces, got %q", p, j, tag))
+			}
+		}
+	}
+	h := c.HealthCheck
+	if h.Interval < 0 || h.Timeout < 0 {
+		errs = append(errs, errors.New("healthCheck: interval and timeout must be >= 0"))
+	}
+	if h.Path != "" && !strings.HasPrefix(h.Path, "/") {
+		errs = append(errs, errors.New("healthCheck.path: must start with /"))
+	}
+	if h.FailureThreshold < 0 {
+		errs = append(errs, errors.New("healthCheck.failureThreshold: must be >= 0"))
+	}
+	return errors.Join(errs...)
+}
