@@ -85,6 +85,7 @@ func run(args []string) int {
 	srv := &http.Server{Handler: gw, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 120 * time.Second}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
+	go gw.Run(ctx) // fleet health checks and discovery
 	logger.Info("llproxy listening", "addr", ln.Addr().String(), "config", path, "routes", len(cfg.Routes))
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()

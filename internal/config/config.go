@@ -19,6 +19,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/llproxy/llproxy/internal/backends"
 	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/scheduler"
 	"github.com/llproxy/llproxy/tokenizer"
@@ -54,6 +55,9 @@ type Config struct {
 	Tokenizer tokenizer.Config `json:"tokenizer"`
 	// Routes maps a route name R, served at /R/..., to its upstream.
 	Routes map[string]*Route `json:"routes"`
+	// DefaultRoute also serves that route at the root (/v1/...), since local
+	// tools expect http://host:port/v1.
+	DefaultRoute string `json:"defaultRoute"`
 }
 
 // Route is one upstream and its per-model queues.
@@ -93,6 +97,10 @@ type Route struct {
 	RetryBackoff scheduler.Duration `json:"retryBackoff"`
 	// Mock configures provider "mock".
 	Mock provider.MockConfig `json:"mock"`
+	// Config is the fleet of a route that lists backends (or discovers
+	// them) instead of one forward URL: backends, rules, defaultBackend,
+	// discover, healthCheck, modelsCacheTTL.
+	backends.Config
 }
 
 // Settle modes.
@@ -175,9 +183,12 @@ func (c *Config) setDefaults() {
 		if r.MaxIdleConnsPerHost == 0 {
 			r.MaxIdleConnsPerHost = DefaultMaxIdlePerHost
 		}
+		if r.Fleet() {
+			r.Config.SetDefaults()
+		}
 		if r.Settle == "" {
 			r.Settle = SettleReserved
-			if r.Provider == provider.NameMock {
+			if r.Provider == provider.NameMock || r.Fleet() {
 				r.Settle = SettleActual
 			}
 		}
@@ -227,6 +238,9 @@ func (c *Config) Validate() error {
 	if len(c.Routes) == 0 {
 		errs = append(errs, errors.New("routes: must have at least one route"))
 	}
+	if c.DefaultRoute != "" && c.Routes[c.DefaultRoute] == nil {
+		errs = append(errs, fmt.Errorf("defaultRoute: no route named %q", c.DefaultRoute))
+	}
 	for _, name := range slices.Sorted(maps.Keys(c.Routes)) {
 		path := "routes." + name
 		r := c.Routes[name]
@@ -249,8 +263,13 @@ func (r *Route) validate() error {
 	var errs []error
 	switch r.Provider {
 	case provider.NameOpenAI:
-		if r.Forward == "" {
-			errs = append(errs, errors.New("forward: required for provider \"openai\""))
+		if r.Fleet() {
+			errs = append(errs, splitErrors(r.Config.Validate())...)
+			if r.Forward != "" {
+				errs = append(errs, errors.New("forward: a route has either forward or backends/discover, not both"))
+			}
+		} else if r.Forward == "" {
+			errs = append(errs, errors.New("forward: required for provider \"openai\" (or list backends, or discover them)"))
 		} else if u, err := url.Parse(r.Forward); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 			errs = append(errs, fmt.Errorf("forward: must be an http or https URL, got %q", r.Forward))
 		}
@@ -290,6 +309,10 @@ func (r *Route) validate() error {
 	errs = append(errs, splitErrors(r.SchedulerConfig().Validate())...)
 	return errors.Join(errs...)
 }
+
+// Fleet reports whether the route serves a fleet of backends rather than
+// one forward URL.
+func (r *Route) Fleet() bool { return r.Config.Enabled() }
 
 // SchedulerConfig returns the route's queue limits in the scheduler's terms.
 func (r *Route) SchedulerConfig() scheduler.SetConfig {

@@ -49,9 +49,16 @@ type Metrics struct {
 	bucketLowered   *prometheus.CounterVec
 }
 
-// New builds the collectors and registers them, with the queue collector
-// that reads queues through src, on reg.
-func New(reg prometheus.Registerer, src QueueSource) (*Metrics, error) {
+// Source is what the scrape-time collectors read: queues and fleet
+// backends.
+type Source interface {
+	QueueSource
+	BackendSource
+}
+
+// New builds the collectors and registers them, with the collectors that
+// read queues and backends through src at scrape time, on reg.
+func New(reg prometheus.Registerer, src Source) (*Metrics, error) {
 	m := &Metrics{
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: namespace, Name: "requests_total",
@@ -115,7 +122,7 @@ func New(reg prometheus.Registerer, src QueueSource) (*Metrics, error) {
 	}, []string{"route", "model"})
 	for _, c := range []prometheus.Collector{m.tokensUsed, m.tokensSettled, m.estimateError, m.retries,
 		m.upstreamRate, m.bucketLowered, m.passthrough, m.requests, m.queueWait, m.tokensReserved, m.promptTokens,
-		m.upstreamStatus, m.upstreamLatency, m.inflight, newQueueCollector(src)} {
+		m.upstreamStatus, m.upstreamLatency, m.inflight, newQueueCollector(src), newBackendCollector(src)} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

@@ -13,6 +13,8 @@ import (
 
 type fakeQueues []QueueStats
 
+func (f fakeQueues) BackendStats(yield func(BackendStats)) {}
+
 func (f fakeQueues) QueueStats(yield func(QueueStats)) {
 	for _, s := range f {
 		yield(s)

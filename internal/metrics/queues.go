@@ -70,3 +70,52 @@ func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.refill, prometheus.GaugeValue, s.RefillTokens, s.Route, s.Model, "tokens")
 	})
 }
+
+// BackendStats is one fleet backend's state at scrape time.
+type BackendStats struct {
+	Route, Backend string
+	Healthy        bool
+	InFlight       int64
+	Errors         int
+}
+
+// BackendSource lists every fleet backend; the server implements it.
+type BackendSource interface {
+	BackendStats(yield func(BackendStats))
+}
+
+type backendCollector struct {
+	src                       BackendSource
+	healthy, inflight, errors *prometheus.Desc
+}
+
+func newBackendCollector(src BackendSource) *backendCollector {
+	labels := []string{"route", "backend"}
+	return &backendCollector{
+		src:      src,
+		healthy:  prometheus.NewDesc("llproxy_backend_healthy", "1 if the fleet backend is healthy (gets traffic and is listed), else 0.", labels, nil),
+		inflight: prometheus.NewDesc("llproxy_backend_inflight", "Requests sent to the backend and not yet finished.", labels, nil),
+		errors:   prometheus.NewDesc("llproxy_backend_errors_total", "Failed health checks and connection failures of the backend.", labels, nil),
+	}
+}
+
+func (c *backendCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.healthy
+	ch <- c.inflight
+	ch <- c.errors
+}
+
+func (c *backendCollector) Collect(ch chan<- prometheus.Metric) {
+	if c.src == nil {
+		return
+	}
+	c.src.BackendStats(func(s BackendStats) {
+		h := 0.0
+		if s.Healthy {
+			h = 1
+		}
+		ch <- prometheus.MustNewConstMetric(c.healthy, prometheus.GaugeValue, h, s.Route, s.Backend)
+		ch <- prometheus.MustNewConstMetric(c.inflight, prometheus.GaugeValue, float64(s.InFlight), s.Route, s.Backend)
+		ch <- prometheus.MustNewConstMetric(c.errors, prometheus.CounterValue, float64(s.Errors), s.Route, s.Backend)
+	})
+}

@@ -156,6 +156,11 @@ func (rt *route) proxyError(w http.ResponseWriter, r *http.Request, err error) {
 		return // modifyResponse decided to send again
 	}
 	neverSent := isConnectError(err)
+	if ex != nil && ex.backend != nil && (neverSent || isConnectionDrop(err)) {
+		// A passive health check; and the next send goes elsewhere.
+		rt.pool.Failed(ex.backend, err)
+		ex.failed = append(ex.failed, ex.backend)
+	}
 	if ex != nil {
 		ex.neverSent = neverSent
 		if r.Context().Err() == nil && (neverSent || isConnectionDrop(err)) && ex.canRetry(time.Now()) {

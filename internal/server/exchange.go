@@ -8,6 +8,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/llproxy/llproxy/internal/backends"
 	"github.com/llproxy/llproxy/internal/metrics"
 	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/scheduler"
@@ -36,6 +37,13 @@ type exchange struct {
 	backoff     time.Duration
 	strip       bool // include_usage was injected: strip it from the stream
 	rateRetries int  // upstream 429s retried so far
+
+	// For a fleet route: the backend of the current send, those that
+	// failed to connect for this request, and the body with the backend's
+	// own model id (if it differs from the client's name).
+	backend *backends.Backend
+	failed  []*backends.Backend
+	renamed *bodyBuf
 
 	// Set by the hooks for the send that just ended.
 	retry      retryReason

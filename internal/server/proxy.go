@@ -61,11 +61,15 @@ func (rt *route) newReverseProxy(target *url.URL, auth *provider.OpenAI, transpo
 	prefix := "/" + rt.name
 	return &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
-			pr.Out.URL.Path = strings.TrimPrefix(pr.In.URL.Path, prefix)
+			pr.Out.URL.Path = stripRoute(pr.In.URL.Path, prefix)
 			if pr.In.URL.RawPath != "" {
-				pr.Out.URL.RawPath = strings.TrimPrefix(pr.In.URL.RawPath, prefix)
+				pr.Out.URL.RawPath = stripRoute(pr.In.URL.RawPath, prefix)
 			}
-			pr.SetURL(target)
+			to := target
+			if ex := exchangeOf(pr.In.Context()); ex != nil && ex.backend != nil {
+				to = ex.backend.URL // a fleet: the backend picked for this send
+			}
+			pr.SetURL(to)
 			auth.Authorize(pr.Out.Header)
 		},
 		Transport:      transport,
@@ -75,6 +79,15 @@ func (rt *route) newReverseProxy(target *url.URL, auth *provider.OpenAI, transpo
 		ModifyResponse: rt.modifyResponse,
 		ErrorHandler:   rt.proxyError,
 	}
+}
+
+// stripRoute removes the route's prefix from a path that starts with it;
+// a request served by the default route at the root keeps its path.
+func stripRoute(path, prefix string) string {
+	if rest, ok := strings.CutPrefix(path, prefix); ok && (rest == "" || rest[0] == '/') {
+		return rest
+	}
+	return path
 }
 
 func isTimeout(err error) bool {

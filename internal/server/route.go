@@ -12,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/valyala/fastjson"
 
+	"github.com/llproxy/llproxy/internal/backends"
 	"github.com/llproxy/llproxy/internal/config"
 	"github.com/llproxy/llproxy/internal/metrics"
 	"github.com/llproxy/llproxy/provider"
@@ -30,6 +31,7 @@ type route struct {
 	dynamic sync.Map               // wildcard models: string -> *modelState
 	forward http.Handler
 	noModel prometheus.Counter // requests that name no model
+	pool    *backends.Pool     // a fleet route's backends; nil for one forward URL
 }
 
 // modelState is what the hot path needs of one (route, model).
@@ -141,6 +143,10 @@ func (rt *route) inspect(w http.ResponseWriter, path string, body []byte, rec *r
 		return c, false
 	}
 	rec.model = string(mv.GetStringBytes())
+	if rt.pool != nil && !rt.pool.Knows(rec.model) {
+		rt.writeFleetError(w, rec.model, backends.ErrUnknownModel)
+		return call{}, false
+	}
 	if c.ms, err = rt.modelFor(rec.model); err != nil {
 		rt.writeModelError(w, rec.model, err)
 		return call{}, false

@@ -62,6 +62,10 @@ func (rt *route) serve(w http.ResponseWriter, r *http.Request) {
 	if c.ms == nil {
 		rec.outcome = outcomePassthrough
 		rt.noModel.Inc()
+		if rt.pool != nil {
+			rt.serveFleetUnscheduled(ex, r, body)
+			return
+		}
 		if body != nil {
 			body.attach(r)
 			defer r.Body.Close()
@@ -103,13 +107,31 @@ func (rt *route) schedule(ex *exchange, r *http.Request, body *bodyBuf, c *call,
 		send = c.inject
 	}
 	out := r.WithContext(context.WithValue(r.Context(), exchangeKey{}, ex))
+	if rt.pool != nil {
+		defer func() {
+			if ex.renamed != nil {
+				ex.renamed.release()
+			}
+		}()
+	}
 	for {
 		ex.retry, ex.tap, ex.neverSent = retryNone, nil, false
 		ex.tries++
-		send.attach(out)
+		body := send
+		if rt.pool != nil {
+			if body = rt.pickBackend(ex, rec.model, send); body == nil {
+				ms.q.Unsend(time.Now(), ex.adm, c.est.cost) // never sent
+				rec.outcome = "no_backend"
+				return
+			}
+		}
+		body.attach(out)
 		sent := time.Now()
 		rt.forward.ServeHTTP(ex, out)
 		out.Body.Close()
+		if rt.pool != nil {
+			rt.pool.Done(ex.backend)
+		}
 		if ex.retry == retryNone {
 			status := ex.status
 			if ex.upstreamErr != nil {

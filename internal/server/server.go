@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net/http"
 	"net/url"
 	"slices"
@@ -28,6 +29,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/valyala/fastjson"
 
+	"github.com/llproxy/llproxy/internal/backends"
 	"github.com/llproxy/llproxy/internal/config"
 	"github.com/llproxy/llproxy/internal/metrics"
 	"github.com/llproxy/llproxy/provider"
@@ -62,9 +64,10 @@ type Server struct {
 	keyHashes  [][sha256.Size]byte
 	parsers    fastjson.ParserPool
 	closing    atomic.Bool
+	fallback   *route // the defaultRoute, also served at the root
 }
 
-var _ metrics.QueueSource = (*Server)(nil)
+var _ metrics.Source = (*Server)(nil)
 
 // New builds the gateway from a validated config.
 func New(opts Options) (*Server, error) {
@@ -93,7 +96,14 @@ func New(opts Options) (*Server, error) {
 		s.routeNames = append(s.routeNames, "/"+name+"/")
 	}
 	slices.Sort(s.routeNames)
+	if opts.Config.DefaultRoute != "" {
+		s.fallback = s.routes[opts.Config.DefaultRoute]
+	}
 	return s, nil
+}
+
+func (s *Server) sortedRouteNames() []string {
+	return slices.Sorted(maps.Keys(s.routes))
 }
 
 func (s *Server) newRoute(name string, rc *config.Route, opts Options) (*route, error) {
@@ -113,11 +123,24 @@ func (s *Server) newRoute(name string, rc *config.Route, opts Options) (*route, 
 		}
 		rt.listed[model] = rt.newModelState(q, mc)
 	}
-	switch rc.Provider {
-	case provider.NameMock:
+	switch {
+	case rc.Provider == provider.NameMock:
 		mock := provider.NewMock(rc.Mock, mockCounter{s.tok})
 		target := &url.URL{Scheme: "http", Host: "mock.invalid"}
 		rt.forward = rt.newReverseProxy(target, provider.NewOpenAI(""), handlerTransport{mock}, s.log)
+	case rc.Fleet():
+		pool, err := backends.New(rc.Config, backends.Options{Logger: s.log.With("route", name)})
+		if err != nil {
+			return nil, fmt.Errorf("server: routes.%s: %w", name, err)
+		}
+		rt.pool = pool
+		transport := opts.Transport
+		if transport == nil {
+			transport = newTransport(rc)
+		}
+		// The target of each send is the backend picked for it.
+		rt.forward = rt.newReverseProxy(&url.URL{Scheme: "http", Host: "backend.invalid"},
+			provider.NewOpenAI(rc.APIKey.Value()), transport, s.log)
 	default:
 		target, err := url.Parse(rc.Forward)
 		if err != nil {
@@ -142,12 +165,25 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case "/metrics":
 		s.promHTTP.ServeHTTP(w, r)
 		return
+	case "/health":
+		s.health(w, r, false)
+		return
+	case "/health/force-check":
+		if r.Method != http.MethodPost {
+			writeError(w, http.StatusMethodNotAllowed, "invalid_request_error", "method_not_allowed", "Use POST /health/force-check.")
+			return
+		}
+		s.health(w, r, true)
+		return
 	}
 	name := strings.TrimPrefix(path, "/")
 	if i := strings.IndexByte(name, '/'); i >= 0 {
 		name = name[:i]
 	}
 	rt, ok := s.routes[name]
+	if !ok && s.fallback != nil {
+		rt, ok = s.fallback, true // the default route, at the root
+	}
 	if !ok {
 		writeError(w, http.StatusNotFound, "invalid_request_error", "unknown_route",
 			"Unknown route "+strconv.Quote(path)+": this gateway serves "+strings.Join(s.routeNames, ", ")+".")
