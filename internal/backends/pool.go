@@ -276,3 +276,6 @@ func (b *Backend) idFor(model string) string {
 	}
 	return model
 }
+
+// Config returns the pool's (defaulted) configuration.
+func (p *Pool) Config() Config { return p.cfg }
