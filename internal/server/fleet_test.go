@@ -124,9 +124,9 @@ func TestFleetRoutesByRuleListedModelAndDefault(t *testing.T) {
 	g.srv.routes["local"].pool.CheckNow(context.Background())
 
 	for _, tt := range []struct{ model, server string }{
-		{"QwQ-32B", "qwq"},          // the rule
+		{"QwQ-32B", "qwq"},            // the rule
 		{"Qwen2.5-Coder-7B", "coder"}, // the backend that lists it
-		{"mistral-7b", "qwq"},       // the default
+		{"mistral-7b", "qwq"},         // the default
 	} {
 		status, body := chat(t, g.URL+"/local/v1/chat/completions", tt.model)
 		assert.Equal(t, http.StatusOK, status, tt.model)
