@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -18,6 +17,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/llproxy/llproxy/internal/porttest"
 	"github.com/llproxy/llproxy/scheduler"
 )
 
@@ -60,30 +60,6 @@ func newFakeServer(t *testing.T, ln net.Listener, models ...string) *fakeServer 
 	f.Start()
 	t.Cleanup(f.Close)
 	return f
-}
-
-// listenRange listens on n consecutive loopback ports.
-func listenRange(t *testing.T, n int) (int, []net.Listener) {
-	t.Helper()
-	for range 50 {
-		base := 20000 + rand.IntN(30000)
-		var lns []net.Listener
-		for i := range n {
-			ln, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(base+i))
-			if err != nil {
-				break
-			}
-			lns = append(lns, ln)
-		}
-		if len(lns) == n {
-			return base, lns
-		}
-		for _, ln := range lns {
-			ln.Close()
-		}
-	}
-	t.Fatal("no free port range")
-	return 0, nil
 }
 
 func pool(t *testing.T, cfg Config, now func() time.Time) *Pool {
@@ -231,7 +207,7 @@ func TestModelsAggregatedDedupedAndCached(t *testing.T) {
 }
 
 func TestScanFindsNamesAndForgets(t *testing.T) {
-	base, lns := listenRange(t, 4)
+	base, lns := porttest.Listen(t, 4)
 	lns[2].Close() // a closed port in the range
 	lns[3].Close()
 	s0 := newFakeServer(t, lns[0], "/models/Qwen2.5-7B-Instruct-Q4_K_M.gguf")

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -18,6 +17,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/llproxy/llproxy/internal/porttest"
 )
 
 // localServer is a small OpenAI-compatible model server (llama.cpp-like):
@@ -154,32 +155,8 @@ func TestFleetUnknownModelWithoutDefault(t *testing.T) {
 	assert.Empty(t, a.received())
 }
 
-// listenPorts listens on n consecutive loopback ports.
-func listenPorts(t *testing.T, n int) (int, []net.Listener) {
-	t.Helper()
-	for range 50 {
-		base := 20000 + rand.IntN(30000)
-		var lns []net.Listener
-		for i := range n {
-			ln, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(base+i))
-			if err != nil {
-				break
-			}
-			lns = append(lns, ln)
-		}
-		if len(lns) == n {
-			return base, lns
-		}
-		for _, ln := range lns {
-			ln.Close()
-		}
-	}
-	t.Fatal("no free port range")
-	return 0, nil
-}
-
 func TestFleetDiscoveryNamesTagsAndRewritesIDs(t *testing.T) {
-	base, lns := listenPorts(t, 3)
+	base, lns := porttest.Listen(t, 3)
 	lns[2].Close()
 	newLocalServer(t, lns[0], "gpu-a", "/models/Qwen2.5-7B-Instruct-Q4_K_M.gguf")
 	b := newLocalServer(t, lns[1], "gpu-b", "/models/Qwen2.5-7B-Instruct-Q4_K_M.gguf", "phi-3.gguf")
