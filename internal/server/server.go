@@ -32,6 +32,7 @@ import (
 	"github.com/llproxy/llproxy/internal/backends"
 	"github.com/llproxy/llproxy/internal/config"
 	"github.com/llproxy/llproxy/internal/metrics"
+	"github.com/llproxy/llproxy/internal/ollama"
 	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/scheduler"
 	"github.com/llproxy/llproxy/tokenizer"
@@ -65,6 +66,7 @@ type Server struct {
 	parsers    fastjson.ParserPool
 	closing    atomic.Bool
 	fallback   *route // the defaultRoute, also served at the root
+	ollama     *ollama.Handler
 }
 
 var _ metrics.Source = (*Server)(nil)
@@ -99,6 +101,7 @@ func New(opts Options) (*Server, error) {
 	if opts.Config.DefaultRoute != "" {
 		s.fallback = s.routes[opts.Config.DefaultRoute]
 	}
+	s.ollama = ollama.New(ollamaGateway{s})
 	return s, nil
 }
 
@@ -174,6 +177,16 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		s.health(w, r, true)
+		return
+	}
+	if ollama.Handles(path) {
+		if !s.authorized(r) {
+			w.Header().Set("Content-Type", "application/json; charset=utf-8")
+			w.WriteHeader(http.StatusUnauthorized)
+			io.WriteString(w, `{"error":"unauthorized: llproxy expects one of its client keys in Authorization: Bearer <key>"}`+"\n")
+			return
+		}
+		s.ollama.ServeHTTP(w, r)
 		return
 	}
 	name := strings.TrimPrefix(path, "/")

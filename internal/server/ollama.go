@@ -1,0 +1,105 @@
+package server
+
+import (
+	"bytes"
+	"io"
+	"net/http"
+	"net/url"
+	"slices"
+
+	"github.com/llproxy/llproxy/internal/ollama"
+	"github.com/llproxy/llproxy/provider"
+	"github.com/llproxy/llproxy/scheduler"
+)
+
+// ollamaGateway lets the Ollama façade reach every route.
+type ollamaGateway struct{ s *Server }
+
+var _ ollama.Gateway = ollamaGateway{}
+
+// routeFor finds the route that serves model for the façade: the default
+// route first, then the others by name, the first that names the model (a
+// listed model, a fleet that knows it, a mock that serves it); failing
+// that, the default route if it takes any model.
+func (g ollamaGateway) routeFor(model string) *route {
+	order := g.s.sortedRouteNames()
+	if g.s.fallback != nil {
+		order = append([]string{g.s.fallback.name}, order...)
+	}
+	for _, name := range order {
+		if g.s.routes[name].names(model) {
+			return g.s.routes[name]
+		}
+	}
+	if fb := g.s.fallback; fb != nil && (fb.cfg.Models[scheduler.Wildcard] != nil || (fb.pool != nil && fb.pool.Knows(model))) {
+		return fb
+	}
+	return nil
+}
+
+// names reports whether the route names model itself.
+func (rt *route) names(model string) bool {
+	if model == scheduler.Wildcard {
+		return false
+	}
+	if _, ok := rt.cfg.Models[model]; ok {
+		return true
+	}
+	return slices.Contains(rt.modelNames(), model)
+}
+
+// modelNames lists the models the route serves by name: its fleet's, its
+// mock's (beside those listed in its config).
+func (rt *route) modelNames() []string {
+	switch {
+	case rt.pool != nil:
+		return rt.pool.Models()
+	case rt.cfg.Provider == provider.NameMock:
+		if len(rt.cfg.Mock.Models) == 0 {
+			return []string{"mock"}
+		}
+		return rt.cfg.Mock.Models
+	}
+	return nil
+}
+
+func (g ollamaGateway) Known(model string) bool { return g.routeFor(model) != nil }
+
+func (g ollamaGateway) Models() []string {
+	var out []string
+	add := func(m string) {
+		if m != scheduler.Wildcard && !slices.Contains(out, m) {
+			out = append(out, m)
+		}
+	}
+	for _, name := range g.s.sortedRouteNames() {
+		rt := g.s.routes[name]
+		for m := range rt.cfg.Models {
+			add(m)
+		}
+		for _, m := range rt.modelNames() {
+			add(m)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// ServeChat sends an OpenAI chat request through the model's route, as if
+// the client had posted it to /<route>/v1/chat/completions.
+func (g ollamaGateway) ServeChat(w http.ResponseWriter, r *http.Request, model string, body []byte) {
+	rt := g.routeFor(model)
+	if rt == nil {
+		writeError(w, http.StatusNotFound, "invalid_request_error", "model_not_found", "model '"+model+"' not found")
+		return
+	}
+	out := r.Clone(r.Context())
+	out.Method = http.MethodPost
+	out.URL = &url.URL{Path: "/" + rt.name + "/v1/chat/completions"}
+	out.RequestURI = ""
+	out.Header.Set("Content-Type", "application/json")
+	out.Header.Del("Content-Length")
+	out.Body = io.NopCloser(bytes.NewReader(body))
+	out.ContentLength = int64(len(body))
+	rt.serve(w, out)
+}
