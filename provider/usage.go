@@ -163,9 +163,10 @@ func WantsStreamUsage(v *fastjson.Value) bool {
 // stream_options.include_usage set to true, so that the upstream reports the
 // stream's usage in a last chunk. v is body, parsed. The body is changed as
 // little as possible: when it has no stream_options the member is inserted
-// before the closing brace and every other byte stays as it was.
+// before the closing brace and every other byte stays as it was. A nil body
+// means v itself (already changed) is the body to write.
 func WithStreamUsage(dst, body []byte, v *fastjson.Value) []byte {
-	if v.Get("stream_options") == nil {
+	if body != nil && v.Get("stream_options") == nil {
 		end := bytes.LastIndexByte(body, '}')
 		if end < 0 {
 			return append(dst, body...)

@@ -26,6 +26,9 @@ type Config struct {
 	// ModelsCacheTTL is how long the aggregated /v1/models is served from
 	// cache. Default 30s, and never more than twice the health interval.
 	ModelsCacheTTL scheduler.Duration `json:"modelsCacheTTL"`
+	// MaxSwapWait bounds how long a request for an unloaded model of a
+	// group waits while the loaded one is still in use. Default 30s.
+	MaxSwapWait scheduler.Duration `json:"maxSwapWait"`
 }
 
 // BackendConfig is one server.
@@ -34,9 +37,38 @@ type BackendConfig struct {
 	URL  string `json:"url"`
 	// HealthCheckPath overrides the route's healthCheck.path.
 	HealthCheckPath string `json:"healthCheckPath"`
-	// Models it serves, for a server that does not list them at /v1/models.
+	// Models it serves, for a server that does not list them at /v1/models
+	// (required with cmd: a stopped server lists nothing).
 	Models []string `json:"models"`
+
+	// Cmd, when set, makes llproxy run the server: started (argv, with
+	// Env as KEY=VALUE and Dir) when a request for one of its models
+	// arrives, stopped when idle. URL is where it will listen.
+	Cmd []string `json:"cmd"`
+	Env []string `json:"env"`
+	Dir string   `json:"dir"`
+	// Group makes backends exclusive (one GPU): starting one stops the
+	// running member first, never while it has requests in flight.
+	Group string `json:"group"`
+	// UnloadAfter stops it after this long with nothing in flight or
+	// queued. Default 5m; negative never.
+	UnloadAfter scheduler.Duration `json:"unloadAfter"`
+	// Ready is the check that says a started server can take requests.
+	Ready ReadyConfig `json:"ready"`
+	// StopGrace is how long SIGTERM has before SIGKILL. Default 10s.
+	StopGrace scheduler.Duration `json:"stopGrace"`
 }
+
+// ReadyConfig is a started server's readiness check.
+type ReadyConfig struct {
+	// Path answered 2xx when ready. Default the health check path.
+	Path string `json:"path"`
+	// Timeout for the server to become ready. Default 2m.
+	Timeout scheduler.Duration `json:"timeout"`
+}
+
+// Managed reports whether llproxy runs the backend.
+func (b BackendConfig) Managed() bool { return len(b.Cmd) > 0 }
 
 // Rule routes one model to one backend.
 type Rule struct {
@@ -91,6 +123,9 @@ func (c *Config) SetDefaults() {
 	if c.ModelsCacheTTL == 0 {
 		c.ModelsCacheTTL = scheduler.Duration(30 * time.Second)
 	}
+	if c.MaxSwapWait == 0 {
+		c.MaxSwapWait = scheduler.Duration(30 * time.Second)
+	}
 	c.ModelsCacheTTL = min(c.ModelsCacheTTL, 2*h.Interval)
 	for i := range c.Discover {
 		d := &c.Discover[i]
@@ -125,6 +160,24 @@ func (c *Config) Validate() error {
 		}
 		if b.HealthCheckPath != "" && !strings.HasPrefix(b.HealthCheckPath, "/") {
 			errs = append(errs, fmt.Errorf("%s.healthCheckPath: must start with /", p))
+		}
+		if b.Managed() {
+			if len(b.Models) == 0 {
+				errs = append(errs, fmt.Errorf("%s.models: required with cmd (a stopped server lists no models)", p))
+			}
+			if b.Cmd[0] == "" {
+				errs = append(errs, fmt.Errorf("%s.cmd[0]: the program must not be empty", p))
+			}
+			if b.Ready.Path != "" && !strings.HasPrefix(b.Ready.Path, "/") {
+				errs = append(errs, fmt.Errorf("%s.ready.path: must start with /", p))
+			}
+			for j, kv := range b.Env {
+				if !strings.Contains(kv, "=") {
+					errs = append(errs, fmt.Errorf("%s.env[%d]: must be KEY=VALUE", p, j))
+				}
+			}
+		} else if b.Group != "" {
+			errs = append(errs, fmt.Errorf("%s.group: only backends with cmd can be grouped", p))
 		}
 	}
 	for i, r := range c.Rules {

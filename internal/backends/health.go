@@ -66,6 +66,9 @@ func (p *Pool) CheckNow(ctx context.Context) {
 	p.mu.RUnlock()
 	var wg sync.WaitGroup
 	for _, b := range list {
+		if b.managed {
+			continue // started on demand: a stopped one is not unhealthy
+		}
 		wg.Go(func() { p.check(ctx, b) })
 	}
 	wg.Wait()

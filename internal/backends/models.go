@@ -120,7 +120,7 @@ func (p *Pool) refreshListings(ctx context.Context) {
 	p.mu.RLock()
 	var list []*Backend
 	for _, b := range p.backends {
-		if b.healthy && !b.discovered {
+		if b.healthy && !b.discovered && !b.managed {
 			list = append(list, b)
 		}
 	}

@@ -32,6 +32,7 @@ type Backend struct {
 	URL        *url.URL
 	healthPath string
 	discovered bool // found by a scan: dropped when a scan no longer finds it
+	managed    bool // run by llproxy: its process's state is its health
 	staticIDs  []string
 
 	// Outstanding counts requests sent to it and not yet finished.
@@ -100,7 +101,8 @@ func New(cfg Config, opts Options) (*Pool, error) {
 	}
 	for _, bc := range cfg.Backends {
 		u, _ := url.Parse(bc.URL)
-		b := &Backend{Name: bc.Name, URL: u, healthPath: bc.HealthCheckPath, staticIDs: bc.Models, healthy: true}
+		b := &Backend{Name: bc.Name, URL: u, healthPath: bc.HealthCheckPath, staticIDs: bc.Models, healthy: true,
+			managed: bc.Managed()}
 		if b.healthPath == "" {
 			b.healthPath = cfg.HealthCheck.Path
 		}
@@ -209,6 +211,9 @@ func (p *Pool) Failed(b *Backend, err error) {
 
 // fail counts one failure of b. p.mu is held.
 func (p *Pool) fail(b *Backend, err error) {
+	if b.managed {
+		return // a managed server is restarted on demand, not avoided
+	}
 	b.errorCount++
 	b.totalErrors++
 	b.lastError = err.Error()
@@ -277,5 +282,26 @@ func (b *Backend) idFor(model string) string {
 	return model
 }
 
+// Managed reports whether llproxy runs the backend (see package lifecycle).
+func (b *Backend) Managed() bool { return b.managed }
+
 // Config returns the pool's (defaulted) configuration.
 func (p *Pool) Config() Config { return p.cfg }
+
+// Serving returns the backends a rule or a listing sends model to.
+func (p *Pool) Serving(model string) []*Backend {
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	if name, ok := p.rules[model]; ok {
+		if b := p.byName(name); b != nil {
+			return []*Backend{b}
+		}
+	}
+	var out []*Backend
+	for _, b := range p.backends {
+		if _, ok := b.serves(model); ok {
+			out = append(out, b)
+		}
+	}
+	return out
+}

@@ -121,6 +121,12 @@ type Model struct {
 	// DefaultMaxTokens is the output a request is charged for when it names
 	// no max_completion_tokens, max_tokens or max_output_tokens. Default 1024.
 	DefaultMaxTokens int `json:"defaultMaxTokens"`
+	// Defaults are request parameters (temperature, top_p, top_k,
+	// max_tokens, ...) used when a chat request does not set them.
+	Defaults map[string]any `json:"defaults"`
+	// System is a system prompt put first in a chat request that has no
+	// system message; "{{now}}" in it becomes the current time.
+	System string `json:"system"`
 }
 
 // Secret is a string that never prints: not in logs, errors or JSON.

@@ -29,12 +29,22 @@ func (h *Handler) chat(w http.ResponseWriter, r *http.Request, generate bool) {
 	}
 	out := &reply{h: h, w: w, model: req.Model, generate: generate, start: start}
 	if req.isLoad(generate) {
-		reason := "load"
-		if req.unloads() {
-			reason = "unload"
+		ka, err := req.keepAlive()
+		if err != nil {
+			writeError(w, http.StatusBadRequest, err.Error())
+			return
 		}
 		out.stream = req.stream()
-		out.done(reason, usage{})
+		if ka != nil && *ka == 0 {
+			h.gw.Unload(req.Model)
+			out.done("unload", usage{})
+			return
+		}
+		if err := h.gw.Load(r.Context(), req.Model, ka); err != nil {
+			writeError(w, http.StatusServiceUnavailable, err.Error())
+			return
+		}
+		out.done("load", usage{})
 		return
 	}
 	body, err := req.openAI(generate)

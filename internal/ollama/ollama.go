@@ -11,6 +11,7 @@
 package ollama
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -35,6 +36,11 @@ type Gateway interface {
 	// use; Known says whether one is routed.
 	Models() []string
 	Known(model string) bool
+	// Load gets model's server running if llproxy runs it (an Ollama
+	// load request), keeping it loaded for keepAlive if given; Unload
+	// stops it if it is idle.
+	Load(ctx context.Context, model string, keepAlive *time.Duration) error
+	Unload(model string)
 }
 
 // Handler serves the Ollama API. It is safe for concurrent use.

@@ -2,6 +2,7 @@ package ollama
 
 import (
 	"bufio"
+	"context"
 	"encoding/base64"
 	"encoding/json"
 	"io"
@@ -9,6 +10,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -34,7 +36,7 @@ func TestChatRequestTranslation(t *testing.T) {
 	assert.EqualValues(t, 40, got["top_k"])
 	assert.EqualValues(t, 7, got["seed"])
 	assert.NotContains(t, got, "num_ctx")
-	assert.NotContains(t, got, "keep_alive")
+	assert.EqualValues(t, 600, got["keep_alive"], "for the gateway's lifecycle, which strips it before forwarding")
 	assert.NotContains(t, got, "stream", "stream false")
 	assert.Equal(t, "json_schema", got["response_format"].(map[string]any)["type"])
 	msgs := got["messages"].([]any)
@@ -74,8 +76,10 @@ func (f fakeGateway) ServeChat(w http.ResponseWriter, r *http.Request, model str
 		w.(http.Flusher).Flush()
 	}
 }
-func (fakeGateway) Models() []string        { return []string{"m"} }
-func (fakeGateway) Known(model string) bool { return model == "m" }
+func (fakeGateway) Models() []string                                   { return []string{"m"} }
+func (fakeGateway) Known(model string) bool                            { return model == "m" }
+func (fakeGateway) Load(context.Context, string, *time.Duration) error { return nil }
+func (fakeGateway) Unload(string)                                      {}
 
 func post(h http.Handler, path, body string) *httptest.ResponseRecorder {
 	w := httptest.NewRecorder()

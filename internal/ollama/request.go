@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // request is an /api/chat or /api/generate body.
@@ -52,10 +53,36 @@ func (r *request) isLoad(generate bool) bool {
 	return len(r.Messages) == 0
 }
 
-// unloads reports keep_alive 0: unload right after.
-func (r *request) unloads() bool {
-	s := strings.Trim(strings.TrimSpace(string(r.KeepAlive)), `"`)
-	return s == "0" || s == "0s" || s == "0.0"
+// keepAlive is the request's keep_alive (top level, else in options):
+// a number of seconds or a duration string; negative means forever.
+func (r *request) keepAlive() (*time.Duration, error) {
+	raw := r.KeepAlive
+	if len(raw) == 0 || string(raw) == "null" {
+		if o, ok := r.Options["keep_alive"]; ok {
+			raw, _ = json.Marshal(o)
+		}
+	}
+	if len(raw) == 0 || string(raw) == "null" {
+		return nil, nil
+	}
+	var d time.Duration
+	var f float64
+	var s string
+	switch {
+	case json.Unmarshal(raw, &f) == nil:
+		d = time.Duration(f * float64(time.Second))
+	case json.Unmarshal(raw, &s) == nil:
+		var err error
+		if d, err = time.ParseDuration(s); err != nil {
+			return nil, fmt.Errorf("invalid keep_alive %q: want seconds or a duration such as \"5m\"", s)
+		}
+	default:
+		return nil, fmt.Errorf("invalid keep_alive %s", raw)
+	}
+	if d < 0 {
+		d = -1
+	}
+	return &d, nil
 }
 
 // openAI translates r into an OpenAI chat completions body: messages (with
@@ -65,6 +92,15 @@ func (r *request) unloads() bool {
 // the done line reports.
 func (r *request) openAI(generate bool) ([]byte, error) {
 	out := map[string]any{"model": r.Model}
+	ka, err := r.keepAlive()
+	if err != nil {
+		return nil, err
+	}
+	if ka != nil {
+		// For llproxy's model lifecycle; the gateway removes it before
+		// forwarding.
+		out["keep_alive"] = ka.Seconds()
+	}
 	var msgs []map[string]any
 	if generate {
 		if r.System != "" {

@@ -44,6 +44,7 @@ type exchange struct {
 	backend *backends.Backend
 	failed  []*backends.Backend
 	renamed *bodyBuf
+	release func() // ends the send's hold on a managed backend
 
 	// Set by the hooks for the send that just ended.
 	retry      retryReason

@@ -22,11 +22,30 @@ import (
 // send it: the request's own, or a copy naming the backend's own model id.
 // When no backend can take the request it answers the client and returns
 // nil.
-func (rt *route) pickBackend(ex *exchange, model string, body *bodyBuf) *bodyBuf {
+func (rt *route) pickBackend(ctx context.Context, ex *exchange, model string, c *call, body *bodyBuf) *bodyBuf {
 	be, id, err := rt.pool.Pick(model, ex.failed)
 	if err != nil {
 		rt.writeFleetError(ex, model, err)
 		return nil
+	}
+	if rt.life != nil && be.Managed() {
+		// Start it if it is not running (or swap it in); it stays up
+		// until the release after the response.
+		if c.keepAlive != nil {
+			rt.life.KeepAlive(be.Name, *c.keepAlive)
+		}
+		release, err := rt.life.Acquire(ctx, be.Name)
+		if err != nil {
+			rt.pool.Done(be)
+			if ctx.Err() == nil {
+				w := ex
+				w.Header()["Retry-After"] = []string{"5"}
+				writeError(w, http.StatusServiceUnavailable, "server_error", "backend_unavailable",
+					"llproxy could not start the backend for `"+model+"`: "+err.Error())
+			}
+			return nil
+		}
+		ex.release = release
 	}
 	ex.backend = be
 	if id == model {

@@ -2,10 +2,12 @@ package server
 
 import (
 	"bytes"
+	"context"
 	"io"
 	"net/http"
 	"net/url"
 	"slices"
+	"time"
 
 	"github.com/llproxy/llproxy/internal/ollama"
 	"github.com/llproxy/llproxy/provider"
@@ -102,4 +104,17 @@ func (g ollamaGateway) ServeChat(w http.ResponseWriter, r *http.Request, model s
 	out.Body = io.NopCloser(bytes.NewReader(body))
 	out.ContentLength = int64(len(body))
 	rt.serve(w, out)
+}
+
+func (g ollamaGateway) Load(ctx context.Context, model string, keepAlive *time.Duration) error {
+	if rt := g.routeFor(model); rt != nil {
+		return rt.loadModel(ctx, model, keepAlive)
+	}
+	return nil
+}
+
+func (g ollamaGateway) Unload(model string) {
+	for _, name := range g.s.sortedRouteNames() {
+		g.s.routes[name].unloadModel(model)
+	}
 }

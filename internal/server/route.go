@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"math"
 	"net/http"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/llproxy/llproxy/internal/backends"
 	"github.com/llproxy/llproxy/internal/config"
+	"github.com/llproxy/llproxy/internal/lifecycle"
 	"github.com/llproxy/llproxy/internal/metrics"
 	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/scheduler"
@@ -32,6 +34,7 @@ type route struct {
 	forward http.Handler
 	noModel prometheus.Counter // requests that name no model
 	pool    *backends.Pool     // a fleet route's backends; nil for one forward URL
+	life    *lifecycle.Manager // the fleet's backends llproxy runs; nil if none
 }
 
 // modelState is what the hot path needs of one (route, model).
@@ -40,6 +43,8 @@ type modelState struct {
 	m                *metrics.Model
 	defaultMaxTokens int
 	maxQueueWait     time.Duration
+	defaults         []byte // JSON object of default request parameters, or nil
+	system           string // default system prompt
 }
 
 // modelFor returns the state of model, creating a wildcard queue on first
@@ -60,8 +65,12 @@ func (rt *route) modelFor(model string) (*modelState, error) {
 }
 
 func (rt *route) newModelState(q *scheduler.Queue, mc *config.Model) *modelState {
-	return &modelState{q: q, m: rt.srv.metrics.Model(rt.name, q.Model()), defaultMaxTokens: mc.DefaultMaxTokens,
-		maxQueueWait: time.Duration(mc.MaxQueueWait)}
+	ms := &modelState{q: q, m: rt.srv.metrics.Model(rt.name, q.Model()), defaultMaxTokens: mc.DefaultMaxTokens,
+		maxQueueWait: time.Duration(mc.MaxQueueWait), system: mc.System}
+	if len(mc.Defaults) > 0 {
+		ms.defaults, _ = json.Marshal(mc.Defaults)
+	}
+	return ms
 }
 
 // outcomePassthrough is the log outcome of a request that names no model.
@@ -79,8 +88,12 @@ type estimate struct {
 type call struct {
 	ms  *modelState // nil: the body names no model
 	est estimate
-	// inject is the body rewritten to ask for a stream's usage, or nil.
+	// inject is the body to send instead of the request's own, or nil:
+	// rewritten to ask for a stream's usage, to drop keep_alive, or to add
+	// the model's defaults.
 	inject *bodyBuf
+	// keepAlive is the request's keep_alive, if it had one.
+	keepAlive *time.Duration
 }
 
 // endpointOf maps a request path to the API whose body it carries.
@@ -151,12 +164,40 @@ func (rt *route) inspect(w http.ResponseWriter, path string, body []byte, rec *r
 		rt.writeModelError(w, rec.model, err)
 		return call{}, false
 	}
-	c.est = rt.estimateCost(path, rec.model, v, c.ms)
-	if *rt.cfg.InjectStreamUsage && v.GetBool("stream") && !provider.WantsStreamUsage(v) {
-		if ep := endpointOf(path); ep == tokenizer.EndpointChat || ep == tokenizer.EndpointCompletions {
-			c.inject = newBodyBuf()
-			c.inject.buf = provider.WithStreamUsage(c.inject.buf, body, v)
+	// keep_alive is for llproxy's model lifecycle, never for the upstream;
+	// model defaults go in before counting, so they are paid for.
+	var dp fastjson.Parser
+	var a fastjson.Arena
+	rewrite := false
+	if ka := v.Get("keep_alive"); ka != nil {
+		d, err := keepAlive(ka)
+		if err != nil {
+			writeError(w, http.StatusBadRequest, "invalid_request_error", "", err.Error())
+			return call{}, false
 		}
+		c.keepAlive = &d
+		v.Del("keep_alive")
+		rewrite = true
+	}
+	ep := endpointOf(path)
+	if ep == tokenizer.EndpointChat && (c.ms.defaults != nil || c.ms.system != "") {
+		rewrite = applyDefaults(v, c.ms, &dp, &a) || rewrite
+	}
+	c.est = rt.estimateCost(path, rec.model, v, c.ms)
+	stream := v.GetBool("stream")
+	wantUsage := *rt.cfg.InjectStreamUsage && stream && !provider.WantsStreamUsage(v) &&
+		(ep == tokenizer.EndpointChat || ep == tokenizer.EndpointCompletions)
+	switch {
+	case rewrite:
+		c.inject = newBodyBuf()
+		if wantUsage {
+			c.inject.buf = provider.WithStreamUsage(c.inject.buf, nil, v)
+		} else {
+			c.inject.buf = v.MarshalTo(c.inject.buf)
+		}
+	case wantUsage:
+		c.inject = newBodyBuf()
+		c.inject.buf = provider.WithStreamUsage(c.inject.buf, body, v)
 	}
 	return c, true
 }

@@ -119,7 +119,7 @@ func (rt *route) schedule(ex *exchange, r *http.Request, body *bodyBuf, c *call,
 		ex.tries++
 		body := send
 		if rt.pool != nil {
-			if body = rt.pickBackend(ex, rec.model, send); body == nil {
+			if body = rt.pickBackend(out.Context(), ex, rec.model, c, send); body == nil {
 				ms.q.Unsend(time.Now(), ex.adm, c.est.cost) // never sent
 				rec.outcome = "no_backend"
 				return
@@ -131,6 +131,10 @@ func (rt *route) schedule(ex *exchange, r *http.Request, body *bodyBuf, c *call,
 		out.Body.Close()
 		if rt.pool != nil {
 			rt.pool.Done(ex.backend)
+			if ex.release != nil {
+				ex.release() // the response is complete: it may be unloaded now
+				ex.release = nil
+			}
 		}
 		if ex.retry == retryNone {
 			status := ex.status

@@ -137,6 +137,7 @@ func (s *Server) newRoute(name string, rc *config.Route, opts Options) (*route, 
 			return nil, fmt.Errorf("server: routes.%s: %w", name, err)
 		}
 		rt.pool = pool
+		rt.life = rt.newLifecycle(rc)
 		transport := opts.Transport
 		if transport == nil {
 			transport = newTransport(rc)
@@ -171,12 +172,22 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case "/health":
 		s.health(w, r, false)
 		return
+	case "/status":
+		s.status(w)
+		return
+	case "/unload":
+		s.unload(w, "")
+		return
 	case "/health/force-check":
 		if r.Method != http.MethodPost {
 			writeError(w, http.StatusMethodNotAllowed, "invalid_request_error", "method_not_allowed", "Use POST /health/force-check.")
 			return
 		}
 		s.health(w, r, true)
+		return
+	}
+	if strings.HasPrefix(path, "/unload/") {
+		s.unload(w, unquoteModel(path))
 		return
 	}
 	if ollama.Handles(path) {
@@ -290,8 +301,12 @@ func Shutdown(ctx context.Context, srv *http.Server, s *Server, timeout time.Dur
 	s.BeginShutdown()
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	if err := srv.Shutdown(ctx); err != nil {
+	err := srv.Shutdown(ctx)
+	if err != nil {
 		srv.Close()
+	}
+	s.StopBackends() // no model server outlives llproxy
+	if err != nil {
 		return fmt.Errorf("server: admitted requests did not finish within %s: %w", timeout, err)
 	}
 	return nil
