@@ -222,3 +222,11 @@ func (c *chunkReader) Read(p []byte) (int, error) {
 	c.events[0] = c.events[0][n:]
 	return n, nil
 }
+
+func TestWithStreamUsageOnAChangedValue(t *testing.T) {
+	v, err := fastjson.Parse(`{"model":"m","stream":true}`)
+	require.NoError(t, err)
+	v.Set("temperature", fastjson.MustParse(`0.5`))
+	assert.Equal(t, `{"model":"m","stream":true,"temperature":0.5,"stream_options":{"include_usage":true}}`,
+		string(WithStreamUsage(nil, nil, v)), "a nil body means v is the body")
+}

@@ -180,7 +180,7 @@ func WithStreamUsage(dst, body []byte, v *fastjson.Value) []byte {
 		return append(dst, body[end:]...)
 	}
 	var a fastjson.Arena
-	if so := v.Get("stream_options"); so.Type() == fastjson.TypeObject {
+	if so := v.Get("stream_options"); so != nil && so.Type() == fastjson.TypeObject {
 		so.Set("include_usage", a.NewTrue())
 	} else {
 		o := a.NewObject()

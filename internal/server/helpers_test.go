@@ -142,7 +142,10 @@ func newGateway(t *testing.T, cfgJSON, url string, env map[string]string) *gatew
 		Logger: slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})
 	require.NoError(t, err)
 	g := &gateway{Server: httptest.NewServer(srv), srv: srv, reg: reg, logs: logs}
-	t.Cleanup(g.Close)
+	t.Cleanup(func() {
+		g.Close()
+		srv.StopBackends()
+	})
 	return g
 }
 
