@@ -41,6 +41,15 @@ type Gateway interface {
 	// stops it if it is idle.
 	Load(ctx context.Context, model string, keepAlive *time.Duration) error
 	Unload(model string)
+	// Running lists the models that are loaded now, with when each will
+	// be unloaded (zero: not on a timer).
+	Running() []Loaded
+}
+
+// Loaded is a model /api/ps reports.
+type Loaded struct {
+	Name      string
+	ExpiresAt time.Time
 }
 
 // Handler serves the Ollama API. It is safe for concurrent use.
@@ -115,14 +124,18 @@ func (h *Handler) tags(w http.ResponseWriter) {
 	writeJSON(w, http.StatusOK, map[string]any{"models": models})
 }
 
-// ps lists the routed models as running: llproxy does not know what a
-// backend holds in memory.
+// ps lists the loaded models: those of the servers llproxy runs that are
+// up, and every model of servers it does not run (always available). A
+// model on no timer expires, as in Ollama with keep_alive -1, far ahead.
 func (h *Handler) ps(w http.ResponseWriter) {
 	models := []modelEntry{}
 	var zero int64
-	for _, name := range h.gw.Models() {
-		e := h.entry(name)
-		e.ExpiresAt, e.SizeVRAM = h.now().Add(24*time.Hour), &zero
+	for _, l := range h.gw.Running() {
+		e := h.entry(l.Name)
+		e.ExpiresAt, e.SizeVRAM = l.ExpiresAt, &zero
+		if e.ExpiresAt.IsZero() {
+			e.ExpiresAt = h.now().AddDate(100, 0, 0)
+		}
 		models = append(models, e)
 	}
 	writeJSON(w, http.StatusOK, map[string]any{"models": models})

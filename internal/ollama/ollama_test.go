@@ -158,3 +158,5 @@ func TestTagsPsVersion(t *testing.T) {
 		assert.Contains(t, v, key)
 	}
 }
+
+func (fakeGateway) Running() []Loaded { return []Loaded{{Name: "m"}} }

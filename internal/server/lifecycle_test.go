@@ -133,8 +133,26 @@ func TestLifecycleOnDemandSwapKeepAliveAndUnload(t *testing.T) {
 	_, body := ask(t, g, "/api/generate", `{"model":"b-model","stream":false}`)
 	assert.Contains(t, body, `"done_reason":"load"`)
 	assert.Equal(t, "ready", statusOf(t, g)["b"].State)
+	ps := func() string {
+		resp, err := http.Get(g.URL + "/api/ps")
+		require.NoError(t, err)
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return string(b)
+	}
+	assert.Contains(t, ps(), `"name":"b-model"`, "loaded")
+	assert.NotContains(t, ps(), `"name":"a-model"`, "not loaded")
 	_, body = ask(t, g, "/api/generate", `{"model":"b-model","keep_alive":0,"stream":false}`)
 	assert.Contains(t, body, `"done_reason":"unload"`)
+	waitStatus(t, g, "b", "stopped")
+	assert.NotContains(t, ps(), `"name":"b-model"`)
+
+	// /unload/{model} stops the one serving it.
+	status, _ = ask(t, g, "/local/v1/chat/completions", `{"model":"b-model","messages":[{"role":"user","content":"hi"}]}`)
+	require.Equal(t, http.StatusOK, status)
+	status, body = ask(t, g, "/unload/b-model", ``)
+	assert.Equal(t, http.StatusOK, status)
+	assert.JSONEq(t, `{"unloaded":["b"]}`, body)
 	waitStatus(t, g, "b", "stopped")
 
 	// /unload stops what is idle.

@@ -118,3 +118,49 @@ func (g ollamaGateway) Unload(model string) {
 		g.s.routes[name].unloadModel(model)
 	}
 }
+
+func (g ollamaGateway) Running() []ollama.Loaded {
+	var out []ollama.Loaded
+	for _, name := range g.s.sortedRouteNames() {
+		rt := g.s.routes[name]
+		if rt.life == nil {
+			for _, m := range rt.modelNamesAll() {
+				out = append(out, ollama.Loaded{Name: m})
+			}
+			continue
+		}
+		managed := map[string]bool{}
+		for _, st := range rt.life.Status() {
+			for _, m := range st.Models {
+				managed[m] = true
+				if st.State == "ready" {
+					out = append(out, ollama.Loaded{Name: m, ExpiresAt: st.UnloadAt})
+				}
+			}
+		}
+		for _, m := range rt.modelNamesAll() {
+			if !managed[m] {
+				out = append(out, ollama.Loaded{Name: m})
+			}
+		}
+	}
+	return out
+}
+
+// modelNamesAll lists the route's models by name, listed in its config or
+// served by its fleet or mock.
+func (rt *route) modelNamesAll() []string {
+	var out []string
+	for m := range rt.cfg.Models {
+		if m != scheduler.Wildcard {
+			out = append(out, m)
+		}
+	}
+	for _, m := range rt.modelNames() {
+		if !slices.Contains(out, m) {
+			out = append(out, m)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
