@@ -2,11 +2,13 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -92,4 +94,51 @@ func TestExampleConfigServesAndStopsOnSIGTERM(t *testing.T) {
 	require.NoError(t, cmd.Wait(), logs.String())
 	assert.Contains(t, logs.String(), `"msg":"shutting down"`)
 	assert.Contains(t, logs.String(), `"route":"demo","model":"mock"`)
+}
+
+// TestNoOrphansEvenWhenKilled starts a model server through llproxy, then
+// kills llproxy with SIGKILL (no chance to clean up): the server must die
+// with it.
+func TestNoOrphansEvenWhenKilled(t *testing.T) {
+	bin := build(t)
+	free := func() string {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		require.NoError(t, err)
+		defer ln.Close()
+		return ln.Addr().String()
+	}
+	addr, backend := free(), free()
+	cfg := filepath.Join(t.TempDir(), "config.json")
+	require.NoError(t, os.WriteFile(cfg, []byte(`{"listen": "`+addr+`", "routes": {"local": {
+	  "backends": [{"name": "m", "url": "http://`+backend+`", "models": ["m"], "cmd": ["`+bin+`", "mock-server", "-listen", "`+backend+`"]}],
+	  "models": {"*": {"maxQueueSize": 1, "maxQueueWait": 30, "rpm": 60, "tpm": 100000}}}}}`), 0o600))
+	cmd := exec.Command(bin, "-config", cfg)
+	require.NoError(t, cmd.Start())
+	defer cmd.Process.Kill()
+	require.Eventually(t, func() bool {
+		resp, err := http.Get("http://" + addr + "/healthz")
+		if err == nil {
+			resp.Body.Close()
+		}
+		return err == nil
+	}, 20*time.Second, 10*time.Millisecond)
+	resp, err := http.Post("http://"+addr+"/local/v1/chat/completions", "application/json",
+		strings.NewReader(`{"model":"m","messages":[{"role":"user","content":"hi"}]}`))
+	require.NoError(t, err)
+	resp.Body.Close()
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	var status struct{ Backends []struct{ PID int } }
+	resp, err = http.Get("http://" + addr + "/status")
+	require.NoError(t, err)
+	require.NoError(t, json.NewDecoder(resp.Body).Decode(&status))
+	resp.Body.Close()
+	pid := status.Backends[0].PID
+	require.Positive(t, pid)
+
+	require.NoError(t, cmd.Process.Signal(syscall.SIGKILL))
+	cmd.Wait()
+	require.Eventually(t, func() bool {
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+		return err != nil || strings.Contains(string(b), ") Z ")
+	}, 10*time.Second, 10*time.Millisecond, "the model server outlived llproxy")
 }

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"runtime"
 	"syscall"
 	"time"
 )
@@ -25,11 +26,13 @@ func (m *Manager) start(p *proc) {
 	cmd := exec.Command(p.spec.Cmd[0], p.spec.Cmd[1:]...)
 	cmd.Dir = p.spec.Dir
 	cmd.Env = append(os.Environ(), p.spec.Env...)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	// Its own process group, so that stopping it reaches whatever it
+	// starts; and SIGKILL if llproxy itself dies without stopping it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	out, err := cmd.StdoutPipe()
 	if err == nil {
 		cmd.Stderr = cmd.Stdout
-		err = cmd.Start()
+		err = spawn(cmd)
 	}
 	if err != nil {
 		m.failed(p, seq, fmt.Errorf("starting %s: %w", p.spec.Name, err))
@@ -164,4 +167,30 @@ func (m *Manager) kill(p *proc) {
 	if p.cmd != nil {
 		syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
 	}
+}
+
+// spawns runs every process start on one OS thread that lives as long as
+// llproxy: Linux delivers Pdeathsig when the thread that forked a child
+// exits, not the process, and Go may end other threads.
+var spawns = make(chan spawnReq)
+
+type spawnReq struct {
+	cmd  *exec.Cmd
+	done chan error
+}
+
+func init() {
+	go func() {
+		runtime.LockOSThread() // never unlocked: this thread never exits
+		for r := range spawns {
+			r.done <- r.cmd.Start()
+		}
+	}()
+}
+
+// spawn starts cmd on the spawning thread.
+func spawn(cmd *exec.Cmd) error {
+	done := make(chan error, 1)
+	spawns <- spawnReq{cmd, done}
+	return <-done
 }
