@@ -8,6 +8,9 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -210,4 +213,25 @@ func (g *gateway) waitLog(t *testing.T, want string) {
 	t.Helper()
 	require.Eventually(t, func() bool { return strings.Contains(g.logs.String(), want) },
 		5*time.Second, time.Millisecond, "log line %s", want)
+}
+
+// runNode runs a script of testdata/<dir> with node against the gateway
+// (GATEWAY_URL) and returns what it printed. The npm packages it uses must
+// be installed: ./test.sh runs npm ci from the lockfile.
+func runNode(t *testing.T, dir, pkg, script, gatewayURL string) []byte {
+	t.Helper()
+	dir = filepath.Join("testdata", dir)
+	if _, err := os.Stat(filepath.Join(dir, "node_modules", pkg)); err != nil {
+		t.Fatalf("the %s npm package is not installed: run `npm ci --prefix %s` (./test.sh does): %v", pkg, dir, err)
+	}
+	cmd := exec.Command("node", script)
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), "GATEWAY_URL="+gatewayURL)
+	out, err := cmd.Output()
+	var stderr string
+	if ee, ok := err.(*exec.ExitError); ok {
+		stderr = string(ee.Stderr)
+	}
+	require.NoError(t, err, stderr)
+	return out
 }

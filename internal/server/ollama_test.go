@@ -4,9 +4,6 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -19,24 +16,12 @@ import (
 // in front of an OpenAI-compatible upstream: version, list, show, chat,
 // streamed chat, generate, streamed generate, load and unload, an error.
 func TestOllamaClient(t *testing.T) {
-	dir := filepath.Join("testdata", "ollama")
-	if _, err := os.Stat(filepath.Join(dir, "node_modules", "ollama")); err != nil {
-		t.Fatalf("the ollama client is not installed: run `npm ci --prefix %s` (./test.sh does): %v", dir, err)
-	}
 	up := newUpstream(t)
 	up.setHandler(openAIStreamer)
 	g := newGateway(t, `{"routes": {"openai": {"forward": "$UPSTREAM",
 	  "models": {"llama3:8b": {"maxQueueSize": 10, "maxQueueWait": 30, "rpm": 100, "tpm": 100000}}}}}`, up.URL, nil)
 
-	cmd := exec.Command("node", "ollama.mjs")
-	cmd.Dir = dir
-	cmd.Env = append(os.Environ(), "GATEWAY_URL="+g.URL)
-	outb, err := cmd.Output()
-	var stderr string
-	if ee, ok := err.(*exec.ExitError); ok {
-		stderr = string(ee.Stderr)
-	}
-	require.NoError(t, err, stderr)
+	outb := runNode(t, "ollama", "ollama", "ollama.mjs", g.URL)
 	var out struct {
 		Version string
 		List    []string

@@ -73,6 +73,13 @@ func (sc *scenario) client(srv *Server, start, end time.Time) {
 	}
 }
 
+// clients starts n clients that run until end; wait with wg.
+func (sc *scenario) clients(wg *sync.WaitGroup, n int, srv *Server, start, end time.Time) {
+	for range n {
+		wg.Go(func() { sc.client(srv, start, end) })
+	}
+}
+
 // rate is the successes per minute completed in [from, to).
 func (sc *scenario) rate(from, to time.Duration) float64 {
 	n := 0
@@ -96,9 +103,7 @@ func TestScenarioAloneWithMatchingLimits(t *testing.T) {
 		end := start.Add(10 * time.Minute)
 		sc := &scenario{}
 		var wg sync.WaitGroup
-		for range 12 {
-			wg.Go(func() { sc.client(srv, start, end) })
-		}
+		sc.clients(&wg, 12, srv, start, end)
 		wg.Wait()
 
 		_, limited := up.counts()
@@ -124,9 +129,7 @@ func TestScenarioAnotherUserDrainsTheKey(t *testing.T) {
 		end := start.Add(10 * time.Minute)
 		sc := &scenario{}
 		var wg sync.WaitGroup
-		for range 8 {
-			wg.Go(func() { sc.client(srv, start, end) })
-		}
+		sc.clients(&wg, 8, srv, start, end)
 		wg.Go(func() {
 			for time.Now().Before(end) {
 				up.spend(200)

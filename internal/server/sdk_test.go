@@ -2,9 +2,6 @@ package server
 
 import (
 	"encoding/json"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -17,10 +14,6 @@ import (
 // a streamed chat call, a 429 the SDK retries by itself after retry-after-ms,
 // and a too-large request it does not retry.
 func TestOpenAINodeSDK(t *testing.T) {
-	dir := filepath.Join("testdata", "sdk")
-	if _, err := os.Stat(filepath.Join(dir, "node_modules", "openai")); err != nil {
-		t.Fatalf("the openai SDK is not installed: run `npm ci --prefix %s` (./test.sh does): %v", dir, err)
-	}
 	up := newUpstream(t)
 	g := newGateway(t, `{
 	  "clientKeys": ["${TEAM_KEY}"],
@@ -28,15 +21,7 @@ func TestOpenAINodeSDK(t *testing.T) {
 	    "gpt-4o":      {"maxQueueSize": 10, "maxQueueWait": 30, "rpm": 100, "tpm": 100000},
 	    "gpt-4o-mini": {"maxQueueSize": 0,  "maxQueueWait": 0,  "rpm": 100, "tpm": 6000}}}}}`, up.URL, keyedEnv)
 
-	cmd := exec.Command("node", "sdk.mjs")
-	cmd.Dir = dir
-	cmd.Env = append(os.Environ(), "GATEWAY_URL="+g.URL)
-	outb, err := cmd.Output()
-	var stderr string
-	if ee, ok := err.(*exec.ExitError); ok {
-		stderr = string(ee.Stderr)
-	}
-	require.NoError(t, err, stderr)
+	outb := runNode(t, "sdk", "openai", "sdk.mjs", g.URL)
 
 	var out struct {
 		Chat    string
