@@ -126,6 +126,17 @@ func (s *Set) Queue(model string) (*Queue, error) {
 	return q.(*Queue), nil
 }
 
+// Lookup returns the queue of model if it exists, without creating one.
+func (s *Set) Lookup(model string) (*Queue, bool) {
+	if q, ok := s.listed[model]; ok {
+		return q, true
+	}
+	if q, ok := s.dynamic.Load(model); ok {
+		return q.(*Queue), true
+	}
+	return nil, false
+}
+
 // Models returns the configured model names, sorted, including Wildcard if
 // configured.
 func (s *Set) Models() []string {

@@ -38,9 +38,8 @@ func (rt *route) pickBackend(ctx context.Context, ex *exchange, model string, c 
 		if err != nil {
 			rt.pool.Done(be)
 			if ctx.Err() == nil {
-				w := ex
-				w.Header()["Retry-After"] = []string{"5"}
-				writeError(w, http.StatusServiceUnavailable, "server_error", "backend_unavailable",
+				ex.Header()["Retry-After"] = []string{"5"}
+				writeError(ex, http.StatusServiceUnavailable, "server_error", "backend_unavailable",
 					"llproxy could not start the backend for `"+model+"`: "+err.Error())
 			}
 			return nil

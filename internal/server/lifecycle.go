@@ -55,7 +55,7 @@ func (rt *route) queuedFor(backend string) int {
 			continue
 		}
 		for _, model := range b.Models {
-			if q, err := rt.set.Queue(model); err == nil {
+			if q, ok := rt.set.Lookup(model); ok {
 				n += q.Stats(time.Now()).Depth
 			}
 		}

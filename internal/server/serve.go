@@ -122,6 +122,9 @@ func (rt *route) schedule(ex *exchange, r *http.Request, body *bodyBuf, c *call,
 			if body = rt.pickBackend(out.Context(), ex, rec.model, c, send); body == nil {
 				ms.q.Unsend(time.Now(), ex.adm, c.est.cost) // never sent
 				rec.outcome = "no_backend"
+				if r.Context().Err() != nil {
+					rec.outcome = metrics.OutcomeCancelled
+				}
 				return
 			}
 		}
