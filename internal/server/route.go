@@ -115,8 +115,7 @@ func endpointOf(path string) tokenizer.Endpoint {
 // first positive of max_completion_tokens, max_tokens and max_output_tokens,
 // else the model's defaultMaxTokens; embeddings have none. n is
 // max(n, best_of), at least 1.
-func (rt *route) estimateCost(path, model string, v *fastjson.Value, ms *modelState) estimate {
-	ep := endpointOf(path)
+func (rt *route) estimateCost(ep tokenizer.Endpoint, model string, v *fastjson.Value, ms *modelState) estimate {
 	e := estimate{prompt: rt.srv.tok.PromptTokens(ep, model, v), n: 1}
 	if ep != tokenizer.EndpointEmbeddings {
 		e.maxOutput = ms.defaultMaxTokens
@@ -183,7 +182,7 @@ func (rt *route) inspect(w http.ResponseWriter, path string, body []byte, rec *r
 	if ep == tokenizer.EndpointChat && (c.ms.defaults != nil || c.ms.system != "") {
 		rewrite = applyDefaults(v, c.ms, &dp, &a) || rewrite
 	}
-	c.est = rt.estimateCost(path, rec.model, v, c.ms)
+	c.est = rt.estimateCost(ep, rec.model, v, c.ms)
 	stream := v.GetBool("stream")
 	wantUsage := *rt.cfg.InjectStreamUsage && stream && !provider.WantsStreamUsage(v) &&
 		(ep == tokenizer.EndpointChat || ep == tokenizer.EndpointCompletions)
