@@ -132,3 +132,48 @@ func TestLoadMissingFile(t *testing.T) {
 	_, err := Load(filepath.Join(t.TempDir(), "nope.json"), env(nil))
 	assert.ErrorIs(t, err, os.ErrNotExist)
 }
+
+func TestFleetConfigErrorsNameThePath(t *testing.T) {
+	bad := `{"defaultRoute": "nope", "routes": {"local": {
+	  "forward": "http://x",
+	  "backends": [
+	    {"name": "a", "url": "ftp://x"},
+	    {"name": "a", "url": "http://127.0.0.1:1", "cmd": ["llama-server"], "env": ["NOEQUALS"]},
+	    {"name": "c", "url": "http://127.0.0.1:2", "group": "gpu"}],
+	  "rules": [{"model": "m", "backend": "zzz"}],
+	  "defaultBackend": "ghost",
+	  "discover": [{"portStart": 9000, "portEnd": 8000, "tags": ["a:b"]}],
+	  "models": {"*": {"rpm": 1, "tpm": 1, "maxConcurrent": -1}}}}}`
+	_, err := Parse([]byte(bad), env(nil))
+	require.Error(t, err)
+	for _, want := range []string{
+		"defaultRoute: no route named \"nope\"",
+		"routes.local.forward: a route has either forward or backends/discover, not both",
+		"routes.local.backends[0].url: must be an http or https URL",
+		"routes.local.backends[1].name: \"a\" is used twice",
+		"routes.local.backends[1].models: required with cmd",
+		"routes.local.backends[1].env[0]: must be KEY=VALUE",
+		"routes.local.backends[2].group: only backends with cmd can be grouped",
+		"routes.local.rules[0].backend: no backend named \"zzz\"",
+		"routes.local.defaultBackend: no backend named \"ghost\"",
+		"routes.local.discover[0]: ports must satisfy",
+		"routes.local.discover[0].tags[0]: must be non-empty without ':'",
+		"routes.local.models.*.maxConcurrent: must be >= 0",
+	} {
+		assert.Contains(t, err.Error(), want)
+	}
+}
+
+func TestFleetDefaults(t *testing.T) {
+	cfg, err := Parse([]byte(`{"routes": {"local": {"discover": [{"portStart": 8000, "portEnd": 8001}],
+	  "healthCheck": {"interval": "10s"}, "models": {"*": {"rpm": 1, "tpm": 1}}}}}`), env(nil))
+	require.NoError(t, err)
+	r := cfg.Routes["local"]
+	assert.True(t, r.Fleet())
+	assert.Equal(t, SettleActual, r.Settle, "local servers charge what they use")
+	assert.Equal(t, "/v1/models", r.HealthCheck.Path)
+	assert.Equal(t, 3, r.HealthCheck.FailureThreshold)
+	assert.Equal(t, 20*time.Second, time.Duration(r.ModelsCacheTTL), "the smaller of 30s and twice the interval")
+	assert.Equal(t, "127.0.0.1", r.Discover[0].Host)
+	assert.Equal(t, 30*time.Second, time.Duration(r.MaxSwapWait))
+}

@@ -213,3 +213,16 @@ func TestModelDefaultsAndSystemPrompt(t *testing.T) {
 	g.waitLog(t, `"prompt_tokens":13,`) // the second: its own short system message and "hi"
 	assert.NotContains(t, g.logs.String(), `"prompt_tokens":8,`, "the first paid for the default system prompt, not just for \"hi\"")
 }
+
+func TestKeepAliveIsStrippedAndChecked(t *testing.T) {
+	up := newUpstream(t)
+	g := newGateway(t, `{"routes": {"openai": {"forward": "$UPSTREAM",
+	  "models": {"gpt-4o": {"maxQueueSize": 10, "maxQueueWait": 5, "rpm": 100, "tpm": 100000}}}}}`, up.URL, nil)
+	status, _ := ask(t, g, "/openai/v1/chat/completions", `{"model":"gpt-4o","keep_alive":"10m","messages":[{"role":"user","content":"hi"}]}`)
+	require.Equal(t, http.StatusOK, status)
+	assert.NotContains(t, string(up.requests()[0].Body), "keep_alive", "removed before forwarding")
+	status, body := ask(t, g, "/openai/v1/chat/completions", `{"model":"gpt-4o","keep_alive":"soon","messages":[]}`)
+	assert.Equal(t, http.StatusBadRequest, status)
+	assert.Contains(t, body, "keep_alive must be")
+	assert.Len(t, up.requests(), 1)
+}
