@@ -29,10 +29,17 @@ func (m *Manager) start(p *proc) {
 	// Its own process group, so that stopping it reaches whatever it
 	// starts; and SIGKILL if llproxy itself dies without stopping it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	out, err := cmd.StdoutPipe()
+	// A pipe of our own rather than StdoutPipe: Wait must not close it
+	// under the reader, or the last lines (often the reason it failed) are
+	// lost; the reader ends when every process holding it has.
+	out, w, err := os.Pipe()
 	if err == nil {
-		cmd.Stderr = cmd.Stdout
+		cmd.Stdout, cmd.Stderr = w, w
 		err = spawn(cmd)
+		w.Close()
+		if err != nil {
+			out.Close()
+		}
 	}
 	if err != nil {
 		m.failed(p, seq, fmt.Errorf("starting %s: %w", p.spec.Name, err))
@@ -55,8 +62,10 @@ func (m *Manager) start(p *proc) {
 	go m.awaitReady(p, seq, exited)
 }
 
-// pipeLog copies a process's output to the log, a line at a time.
-func (m *Manager) pipeLog(name string, r io.Reader) {
+// pipeLog copies a process's output to the log, a line at a time, until
+// every process writing to it is gone.
+func (m *Manager) pipeLog(name string, r io.ReadCloser) {
+	defer r.Close()
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
