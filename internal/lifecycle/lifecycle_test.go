@@ -338,3 +338,20 @@ func running(pgid int) []int {
 	}
 	return out
 }
+
+func TestSecretsStayOutOfTheServersEnvironment(t *testing.T) {
+	t.Setenv("OPENAI_API_KEY", "sk-not-for-local-servers")
+	t.Setenv("HARMLESS", "yes")
+	a := spec(t, "a", "")
+	out := filepath.Join(t.TempDir(), "env")
+	a.Cmd = []string{"sh", "-c", fmt.Sprintf("env > %s; exec %s mock-server -listen %s", out, llproxyBin, a.URL.Host)}
+	m := New([]Spec{a}, Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Secrets: []string{"sk-not-for-local-servers"}})
+	defer m.Shutdown()
+	release, err := m.Acquire(context.Background(), "a")
+	require.NoError(t, err)
+	release()
+	env, err := os.ReadFile(out)
+	require.NoError(t, err)
+	assert.Contains(t, string(env), "HARMLESS=yes")
+	assert.NotContains(t, string(env), "sk-not-for-local-servers")
+}

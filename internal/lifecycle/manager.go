@@ -17,9 +17,11 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
+	"os"
 	"os/exec"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 )
@@ -86,6 +88,10 @@ type Options struct {
 	// Queued reports how many requests wait in the gateway's queues for a
 	// backend's models: a backend is never unloaded while any do.
 	Queued func(backend string) int
+	// Secrets are values (upstream keys, client keys) that must not reach
+	// a model server: variables of llproxy's environment holding one are
+	// not passed on.
+	Secrets []string
 }
 
 // Manager runs the managed backends. It is safe for concurrent use.
@@ -95,6 +101,7 @@ type Manager struct {
 	client      *http.Client
 	maxSwapWait time.Duration
 	queued      func(string) int
+	env         []string // llproxy's environment, less its secrets
 
 	mu      sync.Mutex
 	procs   map[string]*proc
@@ -136,6 +143,13 @@ func New(specs []Spec, opts Options) *Manager {
 	}
 	if m.queued == nil {
 		m.queued = func(string) int { return 0 }
+	}
+	for _, kv := range os.Environ() {
+		_, v, _ := strings.Cut(kv, "=")
+		if v != "" && slices.Contains(opts.Secrets, v) {
+			continue
+		}
+		m.env = append(m.env, kv)
 	}
 	for _, s := range specs {
 		if s.ReadyTimeout == 0 {

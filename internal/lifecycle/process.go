@@ -25,7 +25,7 @@ func (m *Manager) start(p *proc) {
 	seq := p.startSeq
 	cmd := exec.Command(p.spec.Cmd[0], p.spec.Cmd[1:]...)
 	cmd.Dir = p.spec.Dir
-	cmd.Env = append(os.Environ(), p.spec.Env...)
+	cmd.Env = append(append([]string(nil), m.env...), p.spec.Env...)
 	// Its own process group, so that stopping it reaches whatever it
 	// starts; and SIGKILL if llproxy itself dies without stopping it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}

@@ -43,7 +43,7 @@ func (rt *route) newLifecycle(rc *config.Route) *lifecycle.Manager {
 		return nil
 	}
 	return lifecycle.New(specs, lifecycle.Options{Logger: rt.srv.log.With("route", rt.name),
-		MaxSwapWait: time.Duration(rc.MaxSwapWait), Queued: rt.queuedFor})
+		MaxSwapWait: time.Duration(rc.MaxSwapWait), Queued: rt.queuedFor, Secrets: rt.srv.secrets()})
 }
 
 // queuedFor counts the requests waiting in the gateway's queues for the
@@ -210,4 +210,18 @@ func unquoteModel(path string) string {
 		return u
 	}
 	return m
+}
+
+// secrets are every key the config holds: upstream keys and client keys.
+func (s *Server) secrets() []string {
+	var out []string
+	for _, k := range s.cfg.ClientKeys {
+		out = append(out, k.Value())
+	}
+	for _, rc := range s.cfg.Routes {
+		if k := rc.APIKey.Value(); k != "" {
+			out = append(out, k)
+		}
+	}
+	return out
 }
