@@ -243,3 +243,29 @@ func BenchmarkScanClosedPorts(b *testing.B) {
 		b.Logf("note: %d servers answered in ports 1-1000", n)
 	}
 }
+
+func TestPerBackendMaxConcurrent(t *testing.T) {
+	a := newFakeServer(t, nil, "m")
+	b := newFakeServer(t, nil, "m")
+	p := pool(t, Config{Backends: []BackendConfig{{Name: "a", URL: a.URL, MaxConcurrent: 1}, {Name: "b", URL: b.URL, MaxConcurrent: 1}}}, nil)
+	p.CheckNow(context.Background())
+	first, _, err := p.Pick("m", nil)
+	require.NoError(t, err)
+	second, _, err := p.Pick("m", nil)
+	require.NoError(t, err)
+	assert.NotEqual(t, first.Name, second.Name)
+	freed := p.Freed()
+	_, _, err = p.Pick("m", nil)
+	assert.ErrorIs(t, err, ErrBusy, "both at their one slot")
+	p.Done(first)
+	select {
+	case <-freed:
+	default:
+		t.Fatal("Done must wake the waiters")
+	}
+	third, _, err := p.Pick("m", nil)
+	require.NoError(t, err)
+	assert.Equal(t, first.Name, third.Name)
+	p.Done(second)
+	p.Done(third)
+}

@@ -57,6 +57,9 @@ type BackendConfig struct {
 	Ready ReadyConfig `json:"ready"`
 	// StopGrace is how long SIGTERM has before SIGKILL. Default 10s.
 	StopGrace scheduler.Duration `json:"stopGrace"`
+	// MaxConcurrent is how many requests the server takes at once (its
+	// parallel slots); more wait for one to finish. 0 means no limit.
+	MaxConcurrent int `json:"maxConcurrent"`
 }
 
 // ReadyConfig is a started server's readiness check.
@@ -160,6 +163,9 @@ func (c *Config) Validate() error {
 		}
 		if b.HealthCheckPath != "" && !strings.HasPrefix(b.HealthCheckPath, "/") {
 			errs = append(errs, fmt.Errorf("%s.healthCheckPath: must start with /", p))
+		}
+		if b.MaxConcurrent < 0 {
+			errs = append(errs, fmt.Errorf("%s.maxConcurrent: must be >= 0, got %d", p, b.MaxConcurrent))
 		}
 		if b.Managed() {
 			if len(b.Models) == 0 {

@@ -23,6 +23,7 @@ import (
 var (
 	ErrUnknownModel = errors.New("backends: no backend serves this model")
 	ErrUnavailable  = errors.New("backends: every backend serving this model is unhealthy")
+	ErrBusy         = errors.New("backends: every backend serving this model is at its maxConcurrent")
 )
 
 // Backend is one server of the fleet. Its health and model list are guarded
@@ -36,7 +37,8 @@ type Backend struct {
 	staticIDs  []string
 
 	// Outstanding counts requests sent to it and not yet finished.
-	Outstanding atomic.Int64
+	Outstanding   atomic.Int64
+	maxConcurrent int // 0: no limit
 
 	healthy     bool
 	lastCheck   time.Time
@@ -71,6 +73,9 @@ type Pool struct {
 	cacheMu  sync.Mutex
 	cached   []byte
 	cachedAt time.Time
+
+	freedMu sync.Mutex
+	freed   chan struct{} // closed and replaced when a capped backend frees a slot
 }
 
 // Options are a Pool's dependencies; all are optional.
@@ -89,7 +94,8 @@ func New(cfg Config, opts Options) (*Pool, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	p := &Pool{cfg: cfg, client: opts.Client, log: opts.Logger, now: opts.Now, rules: map[string]string{}}
+	p := &Pool{cfg: cfg, client: opts.Client, log: opts.Logger, now: opts.Now, rules: map[string]string{},
+		freed: make(chan struct{})}
 	if p.log == nil {
 		p.log = slog.Default()
 	}
@@ -102,7 +108,7 @@ func New(cfg Config, opts Options) (*Pool, error) {
 	for _, bc := range cfg.Backends {
 		u, _ := url.Parse(bc.URL)
 		b := &Backend{Name: bc.Name, URL: u, healthPath: bc.HealthCheckPath, staticIDs: bc.Models, healthy: true,
-			managed: bc.Managed()}
+			managed: bc.Managed(), maxConcurrent: bc.MaxConcurrent}
 		if b.healthPath == "" {
 			b.healthPath = cfg.HealthCheck.Path
 		}
@@ -120,19 +126,47 @@ func New(cfg Config, opts Options) (*Pool, error) {
 // Pick chooses the backend for a send of model: (1) a rule's backend; (2)
 // the healthy backends serving it, the one with the fewest outstanding
 // requests; (3) the default backend. It skips the backends in exclude
-// (those that already failed this request). It returns the backend and the
-// model id to send it; the caller calls Done when the send is over.
+// (those that already failed this request) and those at their
+// maxConcurrent; when only those are left it returns ErrBusy, and the
+// caller waits for Freed. It returns the backend and the model id to send
+// it; the caller calls Done when the send is over.
 func (p *Pool) Pick(model string, exclude []*Backend) (*Backend, string, error) {
 	p.mu.RLock()
 	defer p.mu.RUnlock()
-	usable := func(b *Backend) bool { return b.healthy && !slices.Contains(exclude, b) }
+	for {
+		b, id, err := p.choose(model, exclude)
+		if err != nil || b.take() {
+			return b, id, err
+		}
+		// Another send took its last slot meanwhile: choose again.
+	}
+}
+
+// choose is Pick's decision; it does not count the send. p.mu is held.
+func (p *Pool) choose(model string, exclude []*Backend) (*Backend, string, error) {
+	busy := false
+	usable := func(b *Backend) bool {
+		if !b.healthy || slices.Contains(exclude, b) {
+			return false
+		}
+		if b.full() {
+			busy = true
+			return false
+		}
+		return true
+	}
+	unavailable := func() error {
+		if busy {
+			return ErrBusy
+		}
+		return ErrUnavailable
+	}
 	// (1)
 	if name, ok := p.rules[model]; ok {
 		b := p.byName(name)
 		if b == nil || !usable(b) {
-			return nil, "", ErrUnavailable
+			return nil, "", unavailable()
 		}
-		b.Outstanding.Add(1)
 		return b, b.idFor(model), nil
 	}
 	// (2)
@@ -150,18 +184,43 @@ func (p *Pool) Pick(model string, exclude []*Backend) (*Backend, string, error) 
 		}
 	}
 	if best != nil {
-		best.Outstanding.Add(1)
 		return best, bestID, nil
 	}
 	// (3)
 	if d := p.byName(p.cfg.DefaultBackend); d != nil && usable(d) {
-		d.Outstanding.Add(1)
 		return d, model, nil
 	}
 	if serving || p.cfg.DefaultBackend != "" {
-		return nil, "", ErrUnavailable
+		return nil, "", unavailable()
 	}
 	return nil, "", ErrUnknownModel
+}
+
+// full reports whether b has all its maxConcurrent sends in flight.
+func (b *Backend) full() bool {
+	return b.maxConcurrent > 0 && b.Outstanding.Load() >= int64(b.maxConcurrent)
+}
+
+// take counts one more send to b, unless that would pass its
+// maxConcurrent.
+func (b *Backend) take() bool {
+	for {
+		n := b.Outstanding.Load()
+		if b.maxConcurrent > 0 && n >= int64(b.maxConcurrent) {
+			return false
+		}
+		if b.Outstanding.CompareAndSwap(n, n+1) {
+			return true
+		}
+	}
+}
+
+// Freed is closed when a send ends (Done): a backend at its maxConcurrent
+// may have room again.
+func (p *Pool) Freed() <-chan struct{} {
+	p.freedMu.Lock()
+	defer p.freedMu.Unlock()
+	return p.freed
 }
 
 // Knows reports whether Pick can route model at all (ignoring health): a
@@ -185,13 +244,11 @@ func (p *Pool) Knows(model string) bool {
 func (p *Pool) Any() (*Backend, bool) {
 	p.mu.RLock()
 	defer p.mu.RUnlock()
-	if d := p.byName(p.cfg.DefaultBackend); d != nil && d.healthy {
-		d.Outstanding.Add(1)
+	if d := p.byName(p.cfg.DefaultBackend); d != nil && d.healthy && d.take() {
 		return d, true
 	}
 	for _, b := range p.backends {
-		if b.healthy {
-			b.Outstanding.Add(1)
+		if b.healthy && b.take() {
 			return b, true
 		}
 	}
@@ -199,7 +256,15 @@ func (p *Pool) Any() (*Backend, bool) {
 }
 
 // Done ends a send Pick or Any started.
-func (p *Pool) Done(b *Backend) { b.Outstanding.Add(-1) }
+func (p *Pool) Done(b *Backend) {
+	b.Outstanding.Add(-1)
+	if b.maxConcurrent > 0 {
+		p.freedMu.Lock()
+		close(p.freed)
+		p.freed = make(chan struct{})
+		p.freedMu.Unlock()
+	}
+}
 
 // Failed records a connection failure while proxying to b (a passive
 // health check): it counts toward the failure threshold.

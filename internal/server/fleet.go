@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net/http"
 	"strings"
+	"time"
 
 	"github.com/valyala/fastjson"
 
@@ -23,9 +24,11 @@ import (
 // When no backend can take the request it answers the client and returns
 // nil.
 func (rt *route) pickBackend(ctx context.Context, ex *exchange, model string, c *call, body *bodyBuf) *bodyBuf {
-	be, id, err := rt.pool.Pick(model, ex.failed)
+	be, id, err := rt.pickFree(ctx, ex, model)
 	if err != nil {
-		rt.writeFleetError(ex, model, err)
+		if ctx.Err() == nil {
+			rt.writeFleetError(ex, model, err)
+		}
 		return nil
 	}
 	if rt.life != nil && be.Managed() {
@@ -67,6 +70,32 @@ func (rt *route) pickBackend(ctx context.Context, ex *exchange, model string, c 
 	return ex.renamed
 }
 
+// pickFree picks a backend, waiting while every backend serving model is
+// at its maxConcurrent, until one frees, the request's deadline passes or
+// the client leaves.
+func (rt *route) pickFree(ctx context.Context, ex *exchange, model string) (*backends.Backend, string, error) {
+	var timeout <-chan time.Time
+	for {
+		freed := rt.pool.Freed() // before Pick: a slot freed in between wakes us
+		be, id, err := rt.pool.Pick(model, ex.failed)
+		if !errors.Is(err, backends.ErrBusy) {
+			return be, id, err
+		}
+		if timeout == nil {
+			t := time.NewTimer(max(0, time.Until(ex.deadline)))
+			defer t.Stop()
+			timeout = t.C
+		}
+		select {
+		case <-freed:
+		case <-timeout:
+			return nil, "", err
+		case <-ctx.Done():
+			return nil, "", ctx.Err()
+		}
+	}
+}
+
 func (rt *route) writeFleetError(w http.ResponseWriter, model string, err error) {
 	if errors.Is(err, backends.ErrUnknownModel) {
 		writeError(w, http.StatusNotFound, "invalid_request_error", "model_not_found",
@@ -74,6 +103,11 @@ func (rt *route) writeFleetError(w http.ResponseWriter, model string, err error)
 		return
 	}
 	w.Header()["Retry-After"] = []string{"5"}
+	if errors.Is(err, backends.ErrBusy) {
+		writeError(w, http.StatusServiceUnavailable, "server_error", "backend_busy",
+			"Every backend of llproxy route "+rt.name+" serving `"+model+"` stayed at its maxConcurrent for the request's maxQueueWait.")
+		return
+	}
 	writeError(w, http.StatusServiceUnavailable, "server_error", "backend_unavailable",
 		"No healthy backend of llproxy route "+rt.name+" serves the model `"+model+"` right now.")
 }

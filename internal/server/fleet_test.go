@@ -281,3 +281,24 @@ func TestFleetConcurrencySlotsFIFO(t *testing.T) {
 	assert.Equal(t, []string{"request 2", "request 3", "request 4"}, asked[2:], "FIFO")
 	assert.Contains(t, metricsText(t, g), `llproxy_backend_inflight{backend="slow",route="local"} 0`)
 }
+
+func TestFleetPerBackendMaxConcurrent(t *testing.T) {
+	s := newLocalServer(t, nil, "one-slot", "m")
+	s.hold = make(chan struct{})
+	g := newGateway(t, `{"routes": {"local": {"backends": [{"name": "one", "url": "`+s.URL+`", "maxConcurrent": 1}], `+fleetModels+`}}}`, "", nil)
+	g.srv.routes["local"].pool.CheckNow(context.Background())
+	var wg sync.WaitGroup
+	for range 3 {
+		wg.Go(func() {
+			status, _ := chat(t, g.URL+"/local/v1/chat/completions", "m")
+			assert.Equal(t, http.StatusOK, status)
+		})
+	}
+	for n := 1; n <= 3; n++ {
+		require.Eventually(t, func() bool { return len(s.received()) == n }, 5*time.Second, time.Millisecond)
+		assert.EqualValues(t, 1, s.inflight.Load(), "one at a time: the backend's own limit")
+		s.hold <- struct{}{}
+	}
+	wg.Wait()
+	assert.EqualValues(t, 1, s.peak.Load())
+}
