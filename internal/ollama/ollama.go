@@ -164,7 +164,7 @@ func (h *Handler) show(w http.ResponseWriter, r *http.Request) {
 		"template":     "{{ .Prompt }}",
 		"details":      e.Details,
 		"model_info":   map[string]any{"general.architecture": "", "general.name": req.Model},
-		"capabilities": []string{"completion", "tools", "vision"},
+		"capabilities": []string{"completion", "tools"},
 		"modified_at":  e.ModifiedAt,
 	})
 }
