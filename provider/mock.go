@@ -403,8 +403,12 @@ func mockError(w http.ResponseWriter, status int, typ, code, msg string) {
 	w.Write(b)
 }
 
-// readAll reads r's body into buf, growing it as needed.
+// readAll reads r's body into buf, growing it as needed. A request with
+// no body (nil, as a client's request may have) reads as empty.
 func readAll(r *http.Request, buf []byte) ([]byte, error) {
+	if r.Body == nil {
+		return buf, nil
+	}
 	for {
 		if len(buf) == cap(buf) {
 			buf = append(buf, 0)[:len(buf)]

@@ -10,39 +10,6 @@ import (
 // the queue to wait. Each changes the buckets, so each drops the cached
 // prediction and lets the queue's head be reconsidered.
 
-// Settle corrects the token bucket once a request's real usage is known:
-// reserved is what it paid at admission, actual what the upstream reports.
-// Unused tokens go back (the head may be admitted sooner); an overrun is
-// charged, possibly leaving the bucket in debt that refill repays before
-// anything else is admitted. A request that was never sent settles with
-// actual 0 and also gives back its request.
-func (q *Queue) Settle(now time.Time, reserved, actual int) {
-	if actual == reserved {
-		return
-	}
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	if actual < reserved {
-		q.tok.give(now, reserved-actual)
-	} else {
-		q.tok.charge(now, actual-reserved)
-	}
-	q.changed(now)
-}
-
-// Unsend returns a whole admission: the request was never received by the
-// upstream (it could not connect), or was refused before it ran (an
-// upstream 429). Its request, its reserved tokens and its concurrency slot
-// go back; it must not be released as well.
-func (q *Queue) Unsend(now time.Time, adm Admission, reserved int) {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	q.req.give(now, 1)
-	q.tok.give(now, reserved)
-	q.dropSlot(adm.Start)
-	q.changed(now)
-}
-
 // Upstream is what an upstream reported about its own limits in response
 // headers. A false Has field means that value was not reported.
 type Upstream struct {
@@ -50,14 +17,26 @@ type Upstream struct {
 	HasRemainingRequests, HasRemainingTokens bool
 }
 
+// observeNoise is the discrepancy Observe ignores: upstreams report whole
+// numbers, truncated, so one unit of difference is rounding, not spending.
+const observeNoise = 1
+
 // Observe lowers the buckets by what someone else spent of the upstream's
 // limits: the gateway is not the key's only user, and its buckets must not
-// promise what the upstream will refuse. mark is the request's Admission.Mark
-// and u what the upstream reported it had left when it took that request.
-// Both describe the same moment, so a response that arrives late (its
-// headers were made when the request arrived, and both buckets have refilled
-// since) compares like with like; and what other responses already corrected
-// since mark is not corrected twice. It never raises a bucket.
+// promise what the upstream will refuse. u is what the upstream reported it
+// had left when it took this request (or, after Unsend, when it refused
+// it). It takes effect once per admission and never raises a bucket.
+//
+// The request's Mark and u describe the same moment, so a response that
+// arrives late (its headers were made when the request arrived, and both
+// buckets have refilled since) compares like with like; what other
+// responses already corrected since the mark is not corrected twice. The
+// requests the gateway admitted after this one may have reached the
+// upstream first (they run concurrently; the network reorders them), so
+// what they paid is not taken for someone else's spending: only a
+// discrepancy larger than all of it, and than the upstream's rounding, is.
+// What someone else really spent shows again in the next observations and
+// is corrected then.
 //
 // A steady drain by someone else would surprise the gateway on every
 // request, so each discrepancy also moves an estimate of what others spend,
@@ -65,18 +44,39 @@ type Upstream struct {
 // configured rate); when others stop, the upstream reports more than the
 // gateway holds and the rate recovers. It reports whether a bucket was
 // lowered.
-func (q *Queue) Observe(now time.Time, mark Mark, u Upstream) bool {
+func (a *Admission) Observe(now time.Time, u Upstream) bool {
+	if a == nil || a.q == nil {
+		return false
+	}
+	q := a.q
 	q.mu.Lock()
 	defer q.mu.Unlock()
+	if a.observed {
+		return false
+	}
+	a.observed = true
+	mark := a.Mark
+	if a.unsent {
+		// The upstream refused it, so never counted it: compare with the
+		// buckets as they were before it paid.
+		mark.Requests++
+		mark.Tokens += float64(a.cost)
+	}
+	// What the requests admitted after this one and answered before it
+	// paid: the upstream may have counted them first.
+	aheadReq, aheadTok := q.answeredAhead(a)
+	q.recordAnswer(a, now)
 	var lowered float64
 	changed := false
 	if u.HasRemainingRequests {
-		n, c := q.req.observe(now, mark.Requests-float64(u.RemainingRequests)-(q.loweredReq-mark.LoweredRequests))
+		d := mark.Requests - float64(u.RemainingRequests) - (q.loweredReq - mark.LoweredRequests) - aheadReq
+		n, c := q.req.observe(now, d)
 		q.loweredReq += n
 		lowered, changed = lowered+n, changed || c
 	}
 	if u.HasRemainingTokens {
-		n, c := q.tok.observe(now, mark.Tokens-float64(u.RemainingTokens)-(q.loweredTok-mark.LoweredTokens))
+		d := mark.Tokens - float64(u.RemainingTokens) - (q.loweredTok - mark.LoweredTokens) - aheadTok
+		n, c := q.tok.observe(now, d)
 		q.loweredTok += n
 		lowered, changed = lowered+n, changed || c
 	}
@@ -86,12 +86,57 @@ func (q *Queue) Observe(now time.Time, mark Mark, u Upstream) bool {
 	return lowered > 0
 }
 
-// Unpaid returns mark as it was before the request paid: for comparing with
-// an upstream that refused the request, and so never counted it.
-func (m Mark) Unpaid(cost Cost) Mark {
-	m.Requests++
-	m.Tokens += float64(cost.Tokens)
-	return m
+// answer is one observed response: which admission, when, and what the
+// upstream counted for it.
+type answer struct {
+	seq      uint64
+	at       time.Time
+	req, tok float64
+}
+
+// answerLog is how many recent answers a queue keeps to tell which requests
+// may have overtaken one another.
+const answerLog = 128
+
+// answeredAhead sums what the requests admitted after a and answered before
+// it paid. Answers come back in the order the upstream took the requests,
+// so these are the ones it may have counted before a. When the log no
+// longer reaches back to a's admission, everything paid since is taken,
+// which never lowers a bucket wrongly. q.mu is held.
+func (q *Queue) answeredAhead(a *Admission) (req, tok float64) {
+	n := len(q.answers)
+	for i := range n {
+		j := n - 1 - i // newest first
+		if n == answerLog {
+			j = (q.answerNext - 1 - i + 2*answerLog) % answerLog
+		}
+		e := &q.answers[j]
+		if e.at.Before(a.start) {
+			return req, tok
+		}
+		if e.seq > a.seq {
+			req += e.req
+			tok += e.tok
+		}
+	}
+	if n < answerLog {
+		return req, tok // the whole history: complete
+	}
+	return q.paidReq - a.Mark.PaidRequests, q.paidTok - a.Mark.PaidTokens
+}
+
+// recordAnswer logs a's answer. q.mu is held.
+func (q *Queue) recordAnswer(a *Admission, now time.Time) {
+	e := answer{seq: a.seq, at: now, req: 1, tok: float64(a.cost)}
+	if a.unsent {
+		e.req, e.tok = 0, 0 // refused: the upstream counted nothing
+	}
+	if len(q.answers) < answerLog {
+		q.answers = append(q.answers, e)
+		return
+	}
+	q.answers[q.answerNext] = e
+	q.answerNext = (q.answerNext + 1) % answerLog
 }
 
 // Hold stops all admissions until until (the upstream answered 429 with a
@@ -128,7 +173,7 @@ func (q *Queue) changed(now time.Time) {
 // absolute deadline it arrived with, not a fresh MaxQueueWait: if it cannot
 // be admitted by then it is rejected at once with ErrWaitTooLong, whose
 // RetryAfter is when a newcomer retrying alone would be admitted.
-func (q *Queue) Requeue(ctx context.Context, cost Cost, deadline time.Time) (Admission, error) {
+func (q *Queue) Requeue(ctx context.Context, cost Cost, deadline time.Time) (*Admission, error) {
 	q.mu.Lock()
 	now := q.clock.Now()
 	w, adm, err := q.requeue(now, cost, deadline)
@@ -139,9 +184,9 @@ func (q *Queue) Requeue(ctx context.Context, cost Cost, deadline time.Time) (Adm
 	return q.wait(ctx, w)
 }
 
-func (q *Queue) requeue(now time.Time, cost Cost, deadline time.Time) (*waiter, Admission, error) {
+func (q *Queue) requeue(now time.Time, cost Cost, deadline time.Time) (*waiter, *Admission, error) {
 	if q.closed {
-		return nil, Admission{}, ErrClosed
+		return nil, nil, ErrClosed
 	}
 	if len(q.waiting) == 0 && q.canPay(now, cost) {
 		return nil, q.pay(now, cost, 0), nil
@@ -149,13 +194,13 @@ func (q *Queue) requeue(now time.Time, cost Cost, deadline time.Time) (*waiter, 
 	first, binding := q.step(q.headAt(now), cost)
 	if first.at.After(deadline) {
 		tail, _ := q.step(q.tailAt(now), cost)
-		return nil, Admission{}, q.reject(now, ErrWaitTooLong, binding, cost, tail.at.Sub(now))
+		return nil, nil, q.reject(now, ErrWaitTooLong, binding, cost, tail.at.Sub(now))
 	}
-	w := &waiter{cost: cost, enqueued: now, ready: make(chan struct{})}
+	w := &waiter{cost: cost, enqueued: now, deadline: deadline, ready: make(chan struct{})}
 	q.waiting = append(q.waiting, nil)
 	copy(q.waiting[1:], q.waiting)
 	q.waiting[0] = w
 	q.queuedTokens += cost.Tokens
 	q.changed(now)
-	return w, Admission{}, nil
+	return w, nil, nil
 }

@@ -2,6 +2,7 @@ package scheduler
 
 import (
 	"context"
+	"math"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -14,11 +15,12 @@ func TestSettleRefundAdmitsTheHeadSooner(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		start := time.Now()
 		q := NewQueue("m", cfg(10, time.Minute, 600, 600), nil) // 10 tokens/s
-		drain(t, q, 600)
+		first := acquire(t, q, 600)
 		out := make(chan result, 1)
 		acquireAsync(context.Background(), q, 1, 300, start, out) // 30s without a refund
 		time.Sleep(5 * time.Second)
-		q.Settle(time.Now(), 600, 300) // the drained request used half
+		first.Settle(time.Now(), 300) // the drained request used half
+		first.Settle(time.Now(), 0)   // at most once in effect
 		r := <-out
 		require.NoError(t, r.err)
 		assert.Equal(t, 5*time.Second, r.at.Round(time.Millisecond), "admitted the moment the refund arrived")
@@ -30,8 +32,7 @@ func TestSettleOverrunIsChargedAsDebt(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		start := time.Now()
 		q := NewQueue("m", cfg(10, time.Minute, 600, 600), nil)
-		drain(t, q, 600)
-		q.Settle(time.Now(), 600, 900) // the upstream counted 300 more
+		acquire(t, q, 600).Settle(time.Now(), 900) // the upstream counted 300 more
 		assert.Equal(t, -300.0, q.Stats(time.Now()).RemainingTokens)
 		out := make(chan result, 1)
 		acquireAsync(context.Background(), q, 1, 100, start, out)
@@ -44,12 +45,14 @@ func TestSettleOverrunIsChargedAsDebt(t *testing.T) {
 func TestSettleNoChangeAndUnsend(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		q := NewQueue("m", cfg(10, time.Minute, 60, 600), nil)
-		drain(t, q, 500)
-		q.Settle(time.Now(), 500, 500)
+		adm := acquire(t, q, 500)
+		adm.Settle(time.Now(), 500)
 		st := q.State(time.Now())
 		assert.Equal(t, 100, st.RemainingTokens)
 		assert.Equal(t, 59, st.RemainingRequests)
-		q.Unsend(time.Now(), Admission{}, 500) // never reached the upstream: all back
+		adm.Unsend(time.Now()) // never reached the upstream: all back
+		adm.Unsend(time.Now()) // at most once in effect
+		adm.Settle(time.Now(), 0)
 		st = q.State(time.Now())
 		assert.Equal(t, 600, st.RemainingTokens)
 		assert.Equal(t, 60, st.RemainingRequests)
@@ -59,31 +62,55 @@ func TestSettleNoChangeAndUnsend(t *testing.T) {
 func TestObserveLowersByWhatSomeoneElseSpent(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		q := NewQueue("m", cfg(10, time.Minute, 60, 6000), nil) // 100 tokens/s
-		adm, err := q.Acquire(context.Background(), Cost{Tokens: 1000})
-		require.NoError(t, err)
 		tokens := func(v int) Upstream { return Upstream{RemainingTokens: v, HasRemainingTokens: true} }
 
-		assert.False(t, q.Observe(time.Now(), adm.Mark, tokens(5000)), "the upstream saw what we saw")
-		assert.False(t, q.Observe(time.Now(), adm.Mark, tokens(9000)), "never raised")
+		a := acquire(t, q, 1000) // 5000 left
+		assert.False(t, a.Observe(time.Now(), tokens(9000)), "never raised")
+		assert.False(t, a.Observe(time.Now(), tokens(0)), "at most once per admission")
 		assert.Equal(t, 5000, q.State(time.Now()).RemainingTokens)
 
 		// The answer arrives 6 s later; both buckets refilled meanwhile. Its
 		// headers describe the moment the upstream took the request.
+		b := acquire(t, q, 1000) // 4000 left
 		time.Sleep(6 * time.Second)
-		assert.False(t, q.Observe(time.Now(), adm.Mark, tokens(5000)), "stale but consistent: nothing to lower")
-		assert.Equal(t, 5600, q.State(time.Now()).RemainingTokens)
+		assert.False(t, b.Observe(time.Now(), tokens(4000)), "stale but consistent: nothing to lower")
+		assert.Equal(t, 4600, q.State(time.Now()).RemainingTokens)
 
-		// Someone else had spent 2000 when the upstream took it.
-		assert.True(t, q.Observe(time.Now(), adm.Mark, tokens(3000)))
-		assert.Equal(t, 3600, q.State(time.Now()).RemainingTokens)
-		// A second answer from before that correction does not lower twice.
-		assert.False(t, q.Observe(time.Now(), adm.Mark, tokens(3000)))
-		assert.Equal(t, 3600, q.State(time.Now()).RemainingTokens)
+		// Someone else had spent 2000 when the upstream took e and c.
+		e := acquire(t, q, 100)  // 4500 left
+		c := acquire(t, q, 1000) // 3500 left
+		assert.True(t, c.Observe(time.Now(), tokens(1500)))
+		assert.Equal(t, 1500, q.State(time.Now()).RemainingTokens)
+		// An answer from before that correction does not lower twice.
+		assert.False(t, e.Observe(time.Now(), tokens(2500)))
+		assert.Equal(t, 1500, q.State(time.Now()).RemainingTokens)
 
 		// Requests too; nothing reported, nothing changes.
-		assert.True(t, q.Observe(time.Now(), adm.Mark, Upstream{RemainingRequests: 10, HasRemainingRequests: true}))
-		assert.Equal(t, 11, q.State(time.Now()).RemainingRequests, "59 at the mark and full again since; 49 spent elsewhere")
-		assert.False(t, q.Observe(time.Now(), adm.Mark, Upstream{}))
+		r := acquire(t, q, 0)
+		assert.True(t, r.Observe(time.Now(), Upstream{RemainingRequests: 10, HasRemainingRequests: true}))
+		assert.Equal(t, 10, q.State(time.Now()).RemainingRequests)
+		assert.False(t, acquire(t, q, 0).Observe(time.Now(), Upstream{}))
+	})
+}
+
+// Requests the gateway admitted after a request may reach the upstream
+// before it: what they paid is not someone else's spending.
+func TestObserveIsRobustToReordering(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		q := NewQueue("m", cfg(10, time.Minute, 60, 6000), nil)
+		tokens := func(v int) Upstream { return Upstream{RemainingTokens: v, HasRemainingTokens: true} }
+		a := acquire(t, q, 1000) // 5000 left
+		b := acquire(t, q, 500)  // 4500 left
+		c := acquire(t, q, 200)  // 4300 left
+		// The upstream took c, then b, then a (5800, 5300, 4300 left), and
+		// answered them in that order.
+		assert.False(t, c.Observe(time.Now(), tokens(5800)))
+		assert.False(t, b.Observe(time.Now(), tokens(5300)))
+		assert.False(t, a.Observe(time.Now(), tokens(4300)))
+		assert.Equal(t, 4300, q.State(time.Now()).RemainingTokens, "nothing lowered")
+		// Truncation by the upstream is not spending either.
+		d := acquire(t, q, 300)
+		assert.False(t, d.Observe(time.Now(), tokens(3999)))
 	})
 }
 
@@ -91,11 +118,10 @@ func TestObserveDelaysTheHead(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		start := time.Now()
 		q := NewQueue("m", cfg(10, time.Minute, 600, 600), nil)
-		adm, err := q.Acquire(context.Background(), Cost{Tokens: 500}) // 100 left
-		require.NoError(t, err)
+		adm := acquire(t, q, 500) // 100 left
 		out := make(chan result, 1)
 		acquireAsync(context.Background(), q, 1, 200, start, out) // 10s
-		q.Observe(time.Now(), adm.Mark, Upstream{RemainingTokens: 0, HasRemainingTokens: true})
+		adm.Observe(time.Now(), Upstream{RemainingTokens: 0, HasRemainingTokens: true})
 		r := <-out
 		require.NoError(t, r.err)
 		// Nothing was left: 200 at 10/s. A first discrepancy is a burst,
@@ -124,13 +150,13 @@ func TestRefillFollowsAnotherUsersSteadyDrain(t *testing.T) {
 				last = now
 				if upstream < 200 { // the upstream refuses: what the gateway does with a 429
 					refused++
-					q.Unsend(now, adm, 200)
-					q.Observe(now, adm.Mark.Unpaid(Cost{Tokens: 200}), Upstream{RemainingTokens: int(upstream), HasRemainingTokens: true})
-					q.Hold(now, now.Add(time.Duration((200-upstream)/(100-drain)*float64(time.Second))))
+					adm.Unsend(now)
+					adm.Observe(now, Upstream{RemainingTokens: int(upstream), HasRemainingTokens: true})
+					q.Hold(now, now.Add(time.Duration(math.Ceil((200-upstream)/(100-drain)*1000))*time.Millisecond))
 					continue
 				}
 				upstream -= 200
-				q.Observe(now, adm.Mark, Upstream{RemainingTokens: int(upstream), HasRemainingTokens: true})
+				adm.Observe(now, Upstream{RemainingTokens: int(upstream), HasRemainingTokens: true})
 			}
 		}
 		step(5 * time.Minute)
@@ -146,11 +172,6 @@ func TestRefillFollowsAnotherUsersSteadyDrain(t *testing.T) {
 		q.mu.Unlock()
 		assert.Less(t, others, 5.0, "they stopped; the rate recovers")
 	})
-}
-
-func TestUnpaidMark(t *testing.T) {
-	m := Mark{Requests: 5, Tokens: 100}.Unpaid(Cost{Tokens: 50})
-	assert.Equal(t, Mark{Requests: 6, Tokens: 150}, m)
 }
 
 func TestHoldDelaysAndIsPredicted(t *testing.T) {

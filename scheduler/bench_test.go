@@ -61,8 +61,8 @@ func BenchmarkSettle(b *testing.B) {
 	b.Run("settle", func(b *testing.B) {
 		b.ReportAllocs()
 		for b.Loop() {
-			q.Acquire(ctx, Cost{Tokens: 1000})
-			q.Settle(time.Now(), 1000, 300)
+			adm, _ := q.Acquire(ctx, Cost{Tokens: 1000})
+			adm.Settle(time.Now(), 300)
 		}
 	})
 	b.Run("acquire only", func(b *testing.B) {
@@ -75,7 +75,7 @@ func BenchmarkSettle(b *testing.B) {
 		b.ReportAllocs()
 		for b.Loop() {
 			adm, _ := q.Acquire(ctx, Cost{Tokens: 1000})
-			q.Observe(time.Now(), adm.Mark, Upstream{RemainingTokens: 1 << 40, HasRemainingTokens: true,
+			adm.Observe(time.Now(), Upstream{RemainingTokens: 1 << 40, HasRemainingTokens: true,
 				RemainingRequests: 1 << 30, HasRemainingRequests: true})
 		}
 	})

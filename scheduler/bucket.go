@@ -92,7 +92,7 @@ func (b *bucket) observe(now time.Time, discrepancy float64) (lowered float64, r
 	b.observed = now
 	change := max(-span, min(span, discrepancy-b.residual))
 	b.residual = min(discrepancy, 0)
-	if n := math.Floor(discrepancy); n >= 1 {
+	if n := math.Floor(discrepancy); n > observeNoise {
 		b.lim.ReserveN(now, min(int(n), int(b.capacity)))
 		lowered = n
 		b.residual = 0

@@ -15,6 +15,7 @@ var (
 	ErrClosed        = errors.New("scheduler: closed")
 	ErrUnknownModel  = errors.New("scheduler: model not configured")
 	ErrTooManyModels = errors.New("scheduler: too many distinct models")
+	ErrInvalidCost   = errors.New("scheduler: a cost must not be negative")
 )
 
 // Resource names a bucket.

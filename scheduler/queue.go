@@ -22,28 +22,6 @@ type RateState struct {
 	ResetTokens                      time.Duration
 }
 
-// Admission describes an admitted request.
-type Admission struct {
-	// Wait is how long the request was queued (0 on the fast path).
-	Wait time.Duration
-	// State is the buckets' state right after the request paid.
-	State RateState
-	// Mark is the buckets' raw state at that moment, for Observe.
-	Mark Mark
-	// Start is when the request was admitted; Release and Unsend use it to
-	// find its concurrency slot.
-	Start time.Time
-}
-
-// Mark is a snapshot of a queue's buckets taken when a request paid: their
-// levels, and how much Observe had lowered them in all so far. Comparing it
-// with what the upstream reports it had left when it received the same
-// request tells what someone else spent in between.
-type Mark struct {
-	Requests, Tokens               float64
-	LoweredRequests, LoweredTokens float64
-}
-
 // Stats is a queue's state for metrics.
 type Stats struct {
 	Depth             int
@@ -64,9 +42,10 @@ type Stats struct {
 type waiter struct {
 	cost     Cost
 	enqueued time.Time
+	deadline time.Time // rejected if not admitted by then
 	ready    chan struct{}
 	done     bool
-	adm      Admission
+	adm      *Admission
 	err      error
 }
 
@@ -107,7 +86,12 @@ type Queue struct {
 	holdUntil    time.Time // no admission before this (the upstream said wait)
 	loweredReq   float64   // how much Observe has lowered each bucket, in all
 	loweredTok   float64
-	inflight     []time.Time   // admission times of requests holding a slot (MaxConcurrent only)
+	inflight     []*Admission  // admissions holding a slot (MaxConcurrent only)
+	paidReq      float64       // what admissions have paid, in all (see Observe)
+	paidTok      float64
+	seq          uint64   // admissions so far
+	answers      []answer // ring of recent answers (see Observe)
+	answerNext   int
 	service      time.Duration // how long a request holds its slot, on average (EWMA)
 	closed       bool
 }
@@ -128,12 +112,16 @@ func (q *Queue) Model() string { return q.model }
 func (q *Queue) Config() Config { return q.cfg }
 
 // Acquire admits a request of the given cost, waiting in FIFO order if it
-// must. It returns at once with a *RejectError when the request cannot be
-// admitted within MaxQueueWait, the queue is full, or the cost exceeds a
-// bucket's capacity; with ErrClosed after Close; and with ctx.Err() if ctx
-// ends while the request waits, in which case the request leaves the queue
-// having paid nothing.
-func (q *Queue) Acquire(ctx context.Context, cost Cost) (Admission, error) {
+// must, and returns its Admission, which the caller releases (see
+// Admission). It returns at once with a *RejectError when the request
+// cannot be admitted within MaxQueueWait, the queue is full, or the cost
+// exceeds a bucket's capacity; with ErrClosed after Close; and with
+// ctx.Err() if ctx ends while the request waits, in which case the request
+// leaves the queue having paid nothing. A request still waiting
+// MaxQueueWait after it arrived (the wait was predicted from how long
+// requests hold their slots, and they held them longer) is rejected then
+// with ErrWaitTooLong: no request waits longer than MaxQueueWait.
+func (q *Queue) Acquire(ctx context.Context, cost Cost) (*Admission, error) {
 	q.mu.Lock()
 	w, adm, err := q.enqueue(q.clock.Now(), cost)
 	q.mu.Unlock()
@@ -143,26 +131,53 @@ func (q *Queue) Acquire(ctx context.Context, cost Cost) (Admission, error) {
 	return q.wait(ctx, w)
 }
 
-// wait blocks until w is admitted, the queue closes or ctx ends; in the last
-// case w leaves the queue having paid nothing.
-func (q *Queue) wait(ctx context.Context, w *waiter) (Admission, error) {
+// wait blocks until w is admitted or rejected, the queue closes or ctx
+// ends; in the last case w leaves the queue having paid nothing, even if
+// it was admitted in the same instant.
+func (q *Queue) wait(ctx context.Context, w *waiter) (*Admission, error) {
+	expire := q.clock.AfterFunc(w.deadline.Sub(q.clock.Now()), func() { q.expire(w) })
+	defer expire.Stop()
 	select {
 	case <-w.ready:
-		return w.adm, w.err
+		if ctx.Err() == nil || w.adm == nil {
+			return w.adm, w.err
+		}
 	case <-ctx.Done():
 	}
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	now := q.clock.Now()
-	if !q.cancel(now, w) && w.err == nil {
-		// Admitted while the client left: it will never be sent, so it
-		// gives back what it paid.
-		q.req.give(now, 1)
-		q.tok.give(now, w.cost.Tokens)
-		q.tailOK = false
+	if !q.cancel(now, w) && w.adm != nil {
+		// Admitted as the client left: it will never be sent, so it gives
+		// back what it paid, its slot included.
+		q.unsend(now, w.adm)
+		q.changed(now)
+	}
+	return nil, ctx.Err()
+}
+
+// expire rejects w if it is still waiting at its deadline, after admitting
+// whoever can be admitted now.
+func (q *Queue) expire(w *waiter) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	now := q.clock.Now()
+	if !q.closed {
 		q.dispatch(now)
 	}
-	return Admission{}, ctx.Err()
+	if w.done {
+		return
+	}
+	q.cancel(now, w)
+	next, binding := q.step(q.tailAt(now), w.cost)
+	wait := next.at.Sub(now)
+	if !q.slotFree() {
+		// The slots were held longer than predicted; when one frees is
+		// anyone's guess, so the client is not asked back at once.
+		binding, wait = Slots, max(wait, q.service, time.Second)
+	}
+	w.err = q.reject(now, ErrWaitTooLong, binding, w.cost, wait)
+	close(w.ready)
 }
 
 // enqueue is Acquire's decision, taken under q.mu:
@@ -176,15 +191,18 @@ func (q *Queue) wait(ctx context.Context, w *waiter) (Admission, error) {
 //  7. Otherwise queue it; the head's timer admits it at its time.
 //
 // A nil waiter means the answer is final.
-func (q *Queue) enqueue(now time.Time, cost Cost) (*waiter, Admission, error) {
+func (q *Queue) enqueue(now time.Time, cost Cost) (*waiter, *Admission, error) {
 	// (1)
 	if q.closed {
-		return nil, Admission{}, ErrClosed
+		return nil, nil, ErrClosed
+	}
+	if cost.Tokens < 0 {
+		return nil, nil, ErrInvalidCost
 	}
 	// (2)
 	if cost.Tokens > q.cfg.TPM {
 		st := q.state(now)
-		return nil, Admission{}, &RejectError{Reason: ErrTooLarge, Model: q.model, Resource: Tokens,
+		return nil, nil, &RejectError{Reason: ErrTooLarge, Model: q.model, Resource: Tokens,
 			Limit: q.cfg.TPM, Requested: cost.Tokens, QueueLen: len(q.waiting), State: st}
 	}
 	// (3) Fast path.
@@ -206,31 +224,37 @@ func (q *Queue) enqueue(now time.Time, cost Cost) (*waiter, Admission, error) {
 		reason = ErrWaitTooLong
 	}
 	if reason != nil {
-		return nil, Admission{}, q.reject(now, reason, binding, cost, wait)
+		return nil, nil, q.reject(now, reason, binding, cost, wait)
 	}
 	// (7)
-	w := &waiter{cost: cost, enqueued: now, ready: make(chan struct{})}
+	w := &waiter{cost: cost, enqueued: now, deadline: now.Add(time.Duration(q.cfg.MaxQueueWait)), ready: make(chan struct{})}
 	q.waiting = append(q.waiting, w)
 	q.queuedTokens += cost.Tokens
 	q.tail, q.tailOK = next, true
 	if len(q.waiting) == 1 {
 		q.dispatch(now)
 	}
-	return w, Admission{}, nil
+	return w, nil, nil
 }
 
 // pay takes a request's cost from both buckets and describes its
 // admission. q.mu is held and the request is no longer queued.
-func (q *Queue) pay(now time.Time, cost Cost, wait time.Duration) Admission {
+func (q *Queue) pay(now time.Time, cost Cost, wait time.Duration) *Admission {
 	q.req.take(now, 1)
 	q.tok.take(now, cost.Tokens)
-	if q.cfg.MaxConcurrent > 0 {
-		q.inflight = append(q.inflight, now)
-	}
-	return Admission{Wait: wait, Start: now, State: q.state(now), Mark: Mark{
+	q.paidReq++
+	q.paidTok += float64(cost.Tokens)
+	q.seq++
+	a := &Admission{Wait: wait, q: q, start: now, seq: q.seq, cost: cost.Tokens, tokens: cost.Tokens, State: q.state(now), Mark: Mark{
 		Requests: q.req.level(now), Tokens: q.tok.level(now),
 		LoweredRequests: q.loweredReq, LoweredTokens: q.loweredTok,
+		PaidRequests: q.paidReq, PaidTokens: q.paidTok,
 	}}
+	if q.cfg.MaxConcurrent > 0 {
+		a.slot = true
+		q.inflight = append(q.inflight, a)
+	}
+	return a
 }
 
 // canPay reports whether a request of cost could be admitted at now if it

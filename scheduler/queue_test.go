@@ -22,15 +22,23 @@ func cfg(size int, wait time.Duration, rpm, tpm int) Config {
 // wait for refill.
 func drain(t *testing.T, q *Queue, tokens int) {
 	t.Helper()
-	_, err := q.Acquire(context.Background(), Cost{Tokens: tokens})
+	acquire(t, q, tokens)
+}
+
+// acquire admits a request of tokens at once.
+func acquire(t *testing.T, q *Queue, tokens int) *Admission {
+	t.Helper()
+	adm, err := q.Acquire(context.Background(), Cost{Tokens: tokens})
 	require.NoError(t, err)
+	require.Zero(t, adm.Wait)
+	return adm
 }
 
 // result is what a goroutine that called Acquire saw.
 type result struct {
 	id  int
 	at  time.Duration // since the test's start
-	adm Admission
+	adm *Admission
 	err error
 }
 
@@ -215,8 +223,9 @@ func TestCancelInTheMiddleRecomputesPrediction(t *testing.T) {
 
 func TestAdmittedWhileCancelledGivesBack(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		q := NewQueue("m", cfg(10, time.Hour, 600, 600), nil)
-		drain(t, q, 600)
+		q := NewQueue("m", Config{MaxQueueSize: 10, MaxQueueWait: Duration(time.Hour), RPM: 600, TPM: 600, MaxConcurrent: 1}, nil)
+		acquire(t, q, 600).Release(time.Now())
+		ctx, cancel := context.WithCancel(context.Background())
 		q.mu.Lock()
 		w, _, err := q.enqueue(time.Now(), Cost{Tokens: 100})
 		q.mu.Unlock()
@@ -224,9 +233,16 @@ func TestAdmittedWhileCancelledGivesBack(t *testing.T) {
 		time.Sleep(10 * time.Second)
 		synctest.Wait()
 		q.mu.Lock()
-		assert.True(t, w.done, "admitted by the timer")
-		assert.False(t, q.cancel(time.Now(), w), "too late to cancel")
+		require.True(t, w.done, "admitted by the timer")
 		q.mu.Unlock()
+		cancel() // the client left the same instant: wait sees both
+		adm, err := q.wait(ctx, w)
+		assert.Nil(t, adm)
+		assert.ErrorIs(t, err, context.Canceled)
+		st := q.Stats(time.Now())
+		assert.Zero(t, st.InFlight, "its slot is free")
+		assert.InDelta(t, 100, st.RemainingTokens, 1e-6, "its tokens are back")
+		assert.InDelta(t, 600, st.RemainingRequests, 1e-6, "and its request")
 	})
 }
 

@@ -26,8 +26,8 @@ func (q *Queue) slotTimes(at time.Time) []time.Time {
 		return nil
 	}
 	times := make([]time.Time, 0, n)
-	for _, start := range q.inflight {
-		free := start.Add(q.service)
+	for _, a := range q.inflight {
+		free := a.start.Add(q.service)
 		if free.Before(at) {
 			free = at
 		}
@@ -51,35 +51,3 @@ func (q *Queue) takeSlot(slots []time.Time, at time.Time) []time.Time {
 	return append(out, slots[1+i:]...)
 }
 
-// Release frees the concurrency slot an admission holds, once its response
-// has completed (streams included), and lets the head of the queue take it.
-// It does nothing for a queue without MaxConcurrent. Call it once per
-// admission.
-func (q *Queue) Release(now time.Time, adm Admission) {
-	if q.cfg.MaxConcurrent == 0 {
-		return
-	}
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	if !q.dropSlot(adm.Start) {
-		return
-	}
-	held := now.Sub(adm.Start)
-	if q.service == 0 {
-		q.service = held
-	} else {
-		q.service = (7*q.service + held) / 8
-	}
-	q.changed(now)
-}
-
-// dropSlot removes the slot taken at start and reports whether there was
-// one. q.mu is held.
-func (q *Queue) dropSlot(start time.Time) bool {
-	i := slices.IndexFunc(q.inflight, func(t time.Time) bool { return t.Equal(start) })
-	if i < 0 {
-		return false
-	}
-	q.inflight = slices.Delete(q.inflight, i, i+1)
-	return true
-}

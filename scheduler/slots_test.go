@@ -21,7 +21,7 @@ func holdFor(t *testing.T, q *Queue, d time.Duration) {
 	require.NoError(t, err)
 	go func() {
 		time.Sleep(d)
-		q.Release(time.Now(), adm)
+		adm.Release(time.Now())
 	}()
 }
 
@@ -72,7 +72,7 @@ func TestSlotWaitIsPredictedFromServiceTimes(t *testing.T) {
 			r := <-out
 			require.NoError(t, r.err)
 			assert.Equal(t, 10*time.Second, r.at.Round(time.Millisecond), "as predicted")
-			q.Release(time.Now(), r.adm)
+			r.adm.Release(time.Now())
 		}
 	})
 }
@@ -82,9 +82,9 @@ func TestUnsendFreesTheSlot(t *testing.T) {
 		q := NewQueue("m", slotCfg(10, time.Hour, 1), nil)
 		adm, err := q.Acquire(context.Background(), Cost{Tokens: 1})
 		require.NoError(t, err)
-		q.Unsend(time.Now(), adm, 1)
+		adm.Unsend(time.Now())
 		assert.Zero(t, q.Stats(time.Now()).InFlight)
-		q.Release(time.Now(), adm) // already given back: nothing happens
+		adm.Release(time.Now()) // already given back: nothing happens
 		adm2, err := q.Acquire(context.Background(), Cost{Tokens: 1})
 		require.NoError(t, err)
 		assert.Zero(t, adm2.Wait)

@@ -35,6 +35,9 @@ const (
 	DefaultDialTimeout      = 10 * time.Second
 	DefaultMaxIdlePerHost   = 256
 	DefaultMaxWildcardModel = 1000
+	DefaultBodyTimeout      = 60 * time.Second
+	DefaultBodyIdleTimeout  = 10 * time.Second
+	DefaultWriteTimeout     = 30 * time.Second
 )
 
 // Config is the whole file.
@@ -51,6 +54,25 @@ type Config struct {
 	ShutdownTimeout scheduler.Duration `json:"shutdownTimeout"`
 	// LogLevel is debug, info (default), warn or error.
 	LogLevel string `json:"logLevel"`
+	// BodyTimeout bounds how long a client may take to send a request
+	// body; BodyIdleTimeout how long it may send nothing meanwhile (408
+	// after either). Defaults 60s and 10s.
+	BodyTimeout     scheduler.Duration `json:"bodyTimeout"`
+	BodyIdleTimeout scheduler.Duration `json:"bodyIdleTimeout"`
+	// WriteTimeout bounds each write to a client: one that stops reading
+	// a response (a stream included) is cut off after this long, and what
+	// it held goes back. Default 30s.
+	WriteTimeout scheduler.Duration `json:"writeTimeout"`
+	// ShutdownDelay is how long, after SIGTERM, the gateway keeps serving
+	// (with /healthz answering 503) before it stops accepting connections,
+	// so a load balancer can take it out first. Default 0.
+	ShutdownDelay scheduler.Duration `json:"shutdownDelay"`
+	// AdminKeys, when set, are the only keys accepted on the admin
+	// endpoints (/status, /health, /health/force-check, /unload). Without
+	// them any client key is, when clientKeys are set.
+	AdminKeys []Secret `json:"adminKeys"`
+	// MetricsKey, when set, is required on /metrics (as a Bearer token).
+	MetricsKey Secret `json:"metricsKey"`
 	// Tokenizer tunes token counting.
 	Tokenizer tokenizer.Config `json:"tokenizer"`
 	// Routes maps a route name R, served at /R/..., to its upstream.
@@ -170,6 +192,15 @@ func (c *Config) setDefaults() {
 	if c.LogLevel == "" {
 		c.LogLevel = "info"
 	}
+	if c.BodyTimeout == 0 {
+		c.BodyTimeout = scheduler.Duration(DefaultBodyTimeout)
+	}
+	if c.BodyIdleTimeout == 0 {
+		c.BodyIdleTimeout = scheduler.Duration(DefaultBodyIdleTimeout)
+	}
+	if c.WriteTimeout == 0 {
+		c.WriteTimeout = scheduler.Duration(DefaultWriteTimeout)
+	}
 	for _, r := range c.Routes {
 		if r == nil {
 			continue
@@ -228,8 +259,32 @@ func (c *Config) Validate() error {
 	if c.MaxBodyBytes < 0 {
 		errs = append(errs, fmt.Errorf("maxBodyBytes: must be > 0, got %d", c.MaxBodyBytes))
 	}
-	if c.ShutdownTimeout < 0 {
-		errs = append(errs, errors.New("shutdownTimeout: must be >= 0"))
+	for _, d := range []struct {
+		name string
+		v    scheduler.Duration
+	}{{"shutdownTimeout", c.ShutdownTimeout}, {"shutdownDelay", c.ShutdownDelay}, {"bodyTimeout", c.BodyTimeout},
+		{"bodyIdleTimeout", c.BodyIdleTimeout}, {"writeTimeout", c.WriteTimeout}} {
+		if d.v < 0 {
+			errs = append(errs, fmt.Errorf("%s: must be >= 0", d.name))
+		}
+	}
+	seen := map[string]string{}
+	for _, keys := range []struct {
+		path string
+		keys []Secret
+	}{{"clientKeys", c.ClientKeys}, {"adminKeys", c.AdminKeys}} {
+		for i, k := range keys.keys {
+			path := fmt.Sprintf("%s[%d]", keys.path, i)
+			if prev, ok := seen[k.Value()]; ok && k != "" {
+				errs = append(errs, fmt.Errorf("%s: the same key as %s", path, prev))
+			}
+			seen[k.Value()] = path
+		}
+	}
+	for i, k := range c.AdminKeys {
+		if k == "" {
+			errs = append(errs, fmt.Errorf("adminKeys[%d]: must not be empty", i))
+		}
 	}
 	var lvl slog.Level
 	if err := lvl.UnmarshalText([]byte(c.LogLevel)); err != nil {

@@ -79,7 +79,7 @@ func (rt *route) modifyResponse(res *http.Response) error {
 	if res.StatusCode == http.StatusTooManyRequests {
 		return rt.upstream429(ex, res, ri, now)
 	}
-	rt.observe(ex.ms, ex.adm.Mark, ri, now)
+	rt.observe(ex.ms, ex.adm, ri, now)
 	switch {
 	case res.StatusCode >= 500 && ex.canRetry(now):
 		io.Copy(io.Discard, io.LimitReader(res.Body, 64<<10))
@@ -118,18 +118,18 @@ func (rt *route) upstream429(ex *exchange, res *http.Response, ri provider.RateI
 		ex.retry, ex.retryAfter, ex.refusal = retryRateLimited, wait, ri
 		return errRetry
 	}
-	rt.observe(ex.ms, ex.adm.Mark, ri, now)
+	rt.observe(ex.ms, ex.adm, ri, now)
 	res.Body = io.NopCloser(bytes.NewReader(body))
 	return nil
 }
 
 // observe lowers the model's buckets to what the upstream reports is left
 // and records the upstream's view.
-func (rt *route) observe(ms *modelState, mark scheduler.Mark, ri provider.RateInfo, now time.Time) {
+func (rt *route) observe(ms *modelState, adm *scheduler.Admission, ri provider.RateInfo, now time.Time) {
 	if !ri.Any() {
 		return
 	}
-	if ms.q.Observe(now, mark, scheduler.Upstream{
+	if adm.Observe(now, scheduler.Upstream{
 		RemainingRequests: ri.RemainingRequests, HasRemainingRequests: ri.HasRemainingRequests,
 		RemainingTokens: ri.RemainingTokens, HasRemainingTokens: ri.HasRemainingTokens,
 	}) {
@@ -220,9 +220,9 @@ func (rt *route) sendAgain(ctx context.Context, ex *exchange, cost int, rec *req
 	// admission back, hold the whole queue as long as the upstream asked,
 	// and wait again at the head of the queue within the original budget.
 	now := time.Now()
-	ms.q.Unsend(now, ex.adm, cost)
+	ex.adm.Unsend(now)
 	ms.m.Unsent(cost)
-	rt.observe(ms, ex.adm.Mark.Unpaid(scheduler.Cost{Tokens: cost}), ex.refusal, now)
+	rt.observe(ms, ex.adm, ex.refusal, now) // compared as unpaid: the upstream refused it
 	ms.q.Hold(now, now.Add(ex.retryAfter))
 	ex.rateRetries++
 	adm, err := ms.q.Requeue(ctx, scheduler.Cost{Tokens: cost}, ex.deadline)
@@ -250,7 +250,7 @@ func (rt *route) settle(ex *exchange, c *call, rec *requestLog) {
 	ms, cost := ex.ms, c.est.cost
 	now := time.Now()
 	if ex.neverSent {
-		ms.q.Unsend(now, ex.adm, cost)
+		ex.adm.Unsend(now)
 		ms.m.Unsent(cost)
 		return
 	}
@@ -264,7 +264,7 @@ func (rt *route) settle(ex *exchange, c *call, rec *requestLog) {
 	rec.used = u.Total
 	ms.m.Used(c.est.prompt, u.Prompt, u.Completion)
 	if rt.cfg.Settle == config.SettleActual {
-		ms.q.Settle(now, cost, u.Total)
+		ex.adm.Settle(now, u.Total)
 		ms.m.Settled(cost - u.Total)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // errBodyTooLarge is returned by readBody past the configured limit.
@@ -40,10 +41,46 @@ func newBodyBuf() *bodyBuf {
 	return b
 }
 
-// readBody reads r's body, at most limit bytes.
-func readBody(r *http.Request, limit int64) (*bodyBuf, error) {
+// deadliner is the connection under a ResponseWriter: what
+// http.ResponseController reaches.
+type deadliner interface {
+	SetReadDeadline(time.Time) error
+	SetWriteDeadline(time.Time) error
+}
+
+// connOf finds the connection's deadlines under w, unwrapping as
+// http.ResponseController does; nil if there is none (a recorder, the
+// Ollama façade's capture).
+func connOf(w http.ResponseWriter) deadliner {
+	for {
+		switch t := w.(type) {
+		case deadliner:
+			return t
+		case interface{ Unwrap() http.ResponseWriter }:
+			w = t.Unwrap()
+		default:
+			return nil
+		}
+	}
+}
+
+// readBody reads r's body, at most maxBodyBytes of it, with the client's
+// time bounded: each read must bring bytes within bodyIdleTimeout and the
+// whole body must arrive within bodyTimeout (a timeout error otherwise). A
+// client that trickles its body cannot hold a goroutine and a connection
+// for long. w is the client's ResponseWriter, through which the
+// connection's read deadline is set.
+func (s *Server) readBody(w http.ResponseWriter, r *http.Request) (*bodyBuf, error) {
+	limit := s.cfg.MaxBodyBytes
 	if r.ContentLength > limit {
 		return nil, errBodyTooLarge
+	}
+	conn := connOf(w)
+	var end time.Time
+	idle := time.Duration(s.cfg.BodyIdleTimeout)
+	if conn != nil {
+		end = time.Now().Add(time.Duration(s.cfg.BodyTimeout))
+		defer conn.SetReadDeadline(time.Time{})
 	}
 	b := newBodyBuf()
 	buf := b.buf
@@ -53,6 +90,15 @@ func readBody(r *http.Request, limit int64) (*bodyBuf, error) {
 	for {
 		if len(buf) == cap(buf) {
 			buf = append(buf, 0)[:len(buf)]
+		}
+		if conn != nil {
+			d := end
+			if idle > 0 {
+				if next := time.Now().Add(idle); next.Before(d) {
+					d = next
+				}
+			}
+			conn.SetReadDeadline(d)
 		}
 		n, err := r.Body.Read(buf[len(buf):cap(buf)])
 		buf = buf[:len(buf)+n]

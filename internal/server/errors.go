@@ -37,6 +37,19 @@ func writeError(w http.ResponseWriter, status int, typ, code, msg string) {
 	w.Write(append(body, '\n'))
 }
 
+// writeParamError writes a 400 invalid_request_error naming param.
+func writeParamError(w http.ResponseWriter, param, msg string) {
+	e := apiError{Message: msg, Type: "invalid_request_error", Param: &param}
+	body, _ := json.Marshal(struct {
+		Error apiError `json:"error"`
+	}{e})
+	h := w.Header()
+	h["Content-Type"] = []string{"application/json"}
+	h["Content-Length"] = []string{strconv.Itoa(len(body) + 1)}
+	w.WriteHeader(http.StatusBadRequest)
+	w.Write(append(body, '\n'))
+}
+
 // setRateHeaders sets the six x-ratelimit-* headers from the gateway's
 // buckets, replacing any the upstream sent. The values share one backing
 // array: one allocation for the six slices.

@@ -30,7 +30,7 @@ type exchange struct {
 
 	// For a scheduled request, set by serve and read by the proxy hooks.
 	ms          *modelState
-	adm         scheduler.Admission // the current admission (its Mark: the buckets when it paid)
+	adm         *scheduler.Admission // the admission in force
 	deadline    time.Time           // arrival + maxQueueWait: no retry past it
 	tries       int                 // sends so far
 	maxRetries  int
@@ -44,7 +44,6 @@ type exchange struct {
 	backend *backends.Backend
 	failed  []*backends.Backend
 	renamed *bodyBuf
-	release func() // ends the send's hold on a managed backend
 
 	// Set by the hooks for the send that just ended.
 	retry      retryReason
@@ -73,6 +72,9 @@ func getExchange(w http.ResponseWriter) *exchange {
 }
 
 func putExchange(ex *exchange) {
+	if ex.renamed != nil {
+		ex.renamed.release()
+	}
 	bt, st := ex.bodyTap, ex.streamTap
 	bt.Reset(nil)
 	st.Reset(nil, false)

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"math/rand/v2"
 	"net/http"
 	"strconv"
 	"sync"
@@ -26,6 +27,7 @@ type fakeOpenAI struct {
 	reqLevel, tokLevel float64
 	last               time.Time
 	latency            time.Duration
+	jitter             time.Duration // up to this long on the way in, at random: requests overtake each other
 	served, limited    int
 	limitedAt          []time.Time
 }
@@ -54,6 +56,9 @@ func (f *fakeOpenAI) estimate(body []byte) (prompt, maxTokens int) {
 
 func (f *fakeOpenAI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	body, _ := io.ReadAll(r.Body)
+	if f.jitter > 0 {
+		time.Sleep(rand.N(f.jitter))
+	}
 	prompt, maxTokens := f.estimate(body)
 	cost := float64(prompt + maxTokens)
 	now := time.Now()

@@ -18,38 +18,9 @@ import (
 // backends: the backend of each send, the fleet's aggregated model list,
 // and /health.
 
-// pickBackend chooses the backend of the next send of a scheduled request
-// for model (skipping those that already failed it) and returns the body to
-// send it: the request's own, or a copy naming the backend's own model id.
-// When no backend can take the request it answers the client and returns
-// nil.
-func (rt *route) pickBackend(ctx context.Context, ex *exchange, model string, c *call, body *bodyBuf) *bodyBuf {
-	be, id, err := rt.pickFree(ctx, ex, model)
-	if err != nil {
-		if ctx.Err() == nil {
-			rt.writeFleetError(ex, model, err)
-		}
-		return nil
-	}
-	if rt.life != nil && be.Managed() {
-		// Start it if it is not running (or swap it in); it stays up
-		// until the release after the response.
-		if c.keepAlive != nil {
-			rt.life.KeepAlive(be.Name, *c.keepAlive)
-		}
-		release, err := rt.life.Acquire(ctx, be.Name)
-		if err != nil {
-			rt.pool.Done(be)
-			if ctx.Err() == nil {
-				ex.Header()["Retry-After"] = []string{"5"}
-				writeError(ex, http.StatusServiceUnavailable, "server_error", "backend_unavailable",
-					"llproxy could not start the backend for `"+model+"`: "+err.Error())
-			}
-			return nil
-		}
-		ex.release = release
-	}
-	ex.backend = be
+// bodyFor returns the body to send the backend picked for model: the
+// request's own, or a copy naming the backend's own model id.
+func (rt *route) bodyFor(ex *exchange, body *bodyBuf, model, id string) *bodyBuf {
 	if id == model {
 		return body
 	}

@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log"
 	"log/slog"
@@ -10,6 +11,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"time"
@@ -123,19 +125,43 @@ func (s slogWriter) Write(p []byte) (int, error) {
 // The mock provider is an upstream like any other this way: its responses go
 // through the same ReverseProxy, hooks and accounting as a remote one's.
 type handlerTransport struct {
-	h http.Handler
+	h   http.Handler
+	log *slog.Logger // where a panic of the handler is logged; nil: slog.Default()
 }
+
+// errHandlerPanic ends a response whose in-process handler panicked after
+// it had begun answering.
+var errHandlerPanic = errors.New("llproxy: the in-process upstream failed")
 
 func (t handlerTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 	pr, pw := io.Pipe()
 	rw := &pipeWriter{header: http.Header{}, pw: pw, ready: make(chan struct{})}
 	go func() {
 		defer func() {
-			rw.WriteHeader(http.StatusOK) // a handler that wrote nothing answers 200
-			pw.Close()
 			if req.Body != nil {
 				req.Body.Close()
 			}
+			if p := recover(); p != nil {
+				// This goroutine is the gateway's: a panic here must not
+				// take the process down. Answer as a failing upstream.
+				if p != http.ErrAbortHandler {
+					logger := t.log
+					if logger == nil {
+						logger = slog.Default()
+					}
+					logger.Error("panic in the in-process upstream", "path", req.URL.Path, "panic", fmt.Sprint(p),
+						"stack", string(debug.Stack()))
+				}
+				if rw.started() {
+					pw.CloseWithError(errHandlerPanic)
+					return
+				}
+				rw.header = http.Header{}
+				writeError(rw, http.StatusInternalServerError, "server_error", "internal_error",
+					"The in-process upstream failed on this request; it was logged.")
+			}
+			rw.WriteHeader(http.StatusOK) // a handler that wrote nothing answers 200
+			pw.Close()
 		}()
 		t.h.ServeHTTP(rw, req)
 	}()
@@ -160,6 +186,16 @@ type pipeWriter struct {
 }
 
 func (w *pipeWriter) Header() http.Header { return w.header }
+
+// started reports whether the headers were released to RoundTrip.
+func (w *pipeWriter) started() bool {
+	select {
+	case <-w.ready:
+		return true
+	default:
+		return false
+	}
+}
 
 func (w *pipeWriter) WriteHeader(code int) {
 	w.once.Do(func() {

@@ -73,11 +73,18 @@ func (rt *route) newModelState(q *scheduler.Queue, mc *config.Model) *modelState
 	return ms
 }
 
-// outcomePassthrough is the log outcome of a request that names no model.
-const outcomePassthrough = "passthrough"
-
-// maxModelName bounds a model name: it becomes a queue and a metric label.
-const maxModelName = 256
+// Log outcomes of requests that are not scheduled.
+const (
+	outcomePassthrough   = "passthrough" // names no model: forwarded unscheduled
+	outcomeBadRequest    = "bad_request"
+	outcomeNotFound      = "not_found"
+	outcomeUnauthorized  = "unauthorized"
+	outcomeForbidden     = "forbidden"
+	outcomeTooLarge      = "body_too_large"
+	outcomeBodyError     = "body_error"
+	outcomeBodyTimeout   = "body_timeout"
+	outcomeInternalError = "internal_error"
+)
 
 // estimate is a request's counted cost.
 type estimate struct {
@@ -112,24 +119,39 @@ func endpointOf(path string) tokenizer.Endpoint {
 }
 
 // estimateCost is prompt tokens + n x max output tokens. Max output is the
-// first positive of max_completion_tokens, max_tokens and max_output_tokens,
+// first of max_completion_tokens, max_tokens and max_output_tokens that is
+// set (-1 and 0, which some servers take for "no limit", count as unset),
 // else the model's defaultMaxTokens; embeddings have none. n is
-// max(n, best_of), at least 1.
-func (rt *route) estimateCost(ep tokenizer.Endpoint, model string, v *fastjson.Value, ms *modelState) estimate {
+// max(n, best_of), at least 1. Each number is bounded (an error names the
+// one that is not) and the sum saturates, so no cost is ever negative or
+// wraps.
+func (rt *route) estimateCost(ep tokenizer.Endpoint, model string, v *fastjson.Value, ms *modelState) (estimate, error) {
 	e := estimate{prompt: rt.srv.tok.PromptTokens(ep, model, v), n: 1}
 	if ep != tokenizer.EndpointEmbeddings {
 		e.maxOutput = ms.defaultMaxTokens
+		found := false
 		for _, k := range [...]string{"max_completion_tokens", "max_tokens", "max_output_tokens"} {
-			if n := v.GetInt(k); n > 0 {
-				e.maxOutput = n
-				break
+			n, ok, err := intParam(v, k, 1, maxOutputTokens, true)
+			if err != nil {
+				return e, err
+			}
+			if ok && !found {
+				e.maxOutput, found = int(n), true
 			}
 		}
 	}
-	e.n = max(1, v.GetInt("n"), v.GetInt("best_of"))
-	cost := int64(e.prompt) + int64(e.n)*int64(e.maxOutput)
+	for _, k := range [...]string{"n", "best_of"} {
+		n, ok, err := intParam(v, k, 1, maxN, false)
+		if err != nil {
+			return e, err
+		}
+		if ok {
+			e.n = max(e.n, int(n))
+		}
+	}
+	cost := int64(max(0, e.prompt)) + int64(e.n)*int64(e.maxOutput)
 	e.cost = int(min(cost, math.MaxInt32))
-	return e
+	return e, nil
 }
 
 // inspect parses a JSON body once, finds its model's queue and counts its
@@ -140,26 +162,47 @@ func (rt *route) inspect(w http.ResponseWriter, path string, body []byte, rec *r
 	p := rt.srv.parsers.Get()
 	defer rt.srv.parsers.Put(p)
 	v, err := p.ParseBytes(body)
-	if err != nil {
+	if err != nil || v.Type() != fastjson.TypeObject {
+		rec.outcome = outcomeBadRequest
 		writeError(w, http.StatusBadRequest, "invalid_request_error", "",
 			"We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly. The OpenAI API expects a JSON payload.)")
 		return c, false
 	}
+	if err := checkDuplicateKeys(v); err != nil {
+		rec.outcome = outcomeBadRequest
+		writeError(w, http.StatusBadRequest, "invalid_request_error", "", "Invalid request: "+err.Error())
+		return c, false
+	}
 	mv := v.Get("model")
-	if mv == nil {
+	if mv == nil || mv.Type() == fastjson.TypeNull {
+		if endpointOf(path) != tokenizer.EndpointOther {
+			rec.outcome = outcomeBadRequest
+			writeParamError(w, "model", "you must provide a model parameter")
+			return c, false
+		}
 		return c, true
 	}
-	if mv.Type() != fastjson.TypeString || len(mv.GetStringBytes()) > maxModelName {
-		writeError(w, http.StatusBadRequest, "invalid_request_error", "",
-			"'model' must be a string of at most "+itoa(maxModelName)+" bytes.")
+	if mv.Type() != fastjson.TypeString {
+		rec.outcome = outcomeBadRequest
+		writeParamError(w, "model", "'model' must be a string.")
+		return c, false
+	}
+	if err := checkModelName(mv.GetStringBytes()); err != nil {
+		rec.outcome = outcomeBadRequest
+		writeParamError(w, "model", err.Error())
 		return c, false
 	}
 	rec.model = string(mv.GetStringBytes())
 	if rt.pool != nil && !rt.pool.Knows(rec.model) {
+		rec.outcome = outcomeNotFound
 		rt.writeFleetError(w, rec.model, backends.ErrUnknownModel)
 		return call{}, false
 	}
 	if c.ms, err = rt.modelFor(rec.model); err != nil {
+		rec.outcome = outcomeNotFound
+		if errors.Is(err, scheduler.ErrTooManyModels) {
+			rec.outcome = "too_many_models"
+		}
 		rt.writeModelError(w, rec.model, err)
 		return call{}, false
 	}
@@ -171,7 +214,8 @@ func (rt *route) inspect(w http.ResponseWriter, path string, body []byte, rec *r
 	if ka := v.Get("keep_alive"); ka != nil {
 		d, err := keepAlive(ka)
 		if err != nil {
-			writeError(w, http.StatusBadRequest, "invalid_request_error", "", err.Error())
+			rec.outcome = outcomeBadRequest
+			writeParamError(w, "keep_alive", err.Error())
 			return call{}, false
 		}
 		c.keepAlive = &d
@@ -182,7 +226,11 @@ func (rt *route) inspect(w http.ResponseWriter, path string, body []byte, rec *r
 	if ep == tokenizer.EndpointChat && (c.ms.defaults != nil || c.ms.system != "") {
 		rewrite = applyDefaults(v, c.ms, &dp, &a) || rewrite
 	}
-	c.est = rt.estimateCost(ep, rec.model, v, c.ms)
+	if c.est, err = rt.estimateCost(ep, rec.model, v, c.ms); err != nil {
+		rec.outcome = outcomeBadRequest
+		writeError(w, http.StatusBadRequest, "invalid_request_error", "", err.Error())
+		return call{}, false
+	}
 	stream := v.GetBool("stream")
 	wantUsage := *rt.cfg.InjectStreamUsage && stream && !provider.WantsStreamUsage(v) &&
 		(ep == tokenizer.EndpointChat || ep == tokenizer.EndpointCompletions)

@@ -37,13 +37,20 @@ var scenarioRequest = `{"model":"gpt-4o","max_tokens":100,"messages":[{"role":"u
 
 func newScenarioGateway(t *testing.T, up http.Handler, model string) *Server {
 	t.Helper()
+	srv, _ := newScenarioGatewayReg(t, up, model)
+	return srv
+}
+
+func newScenarioGatewayReg(t *testing.T, up http.Handler, model string) (*Server, *prometheus.Registry) {
+	t.Helper()
 	cfg, err := config.Parse([]byte(`{"routes": {"openai": {"forward": "http://upstream.invalid", "settle": "reserved",
 	  "models": {"gpt-4o": `+model+`}}}}`), nil)
 	require.NoError(t, err)
-	srv, err := New(Options{Config: cfg, Tokenizer: testTokenizer(t), Registry: prometheus.NewRegistry(),
-		Logger: slog.New(slog.NewJSONHandler(io.Discard, nil)), Transport: handlerTransport{up}})
+	reg := prometheus.NewRegistry()
+	srv, err := New(Options{Config: cfg, Tokenizer: testTokenizer(t), Registry: reg,
+		Logger: slog.New(slog.NewJSONHandler(io.Discard, nil)), Transport: handlerTransport{h: up}})
 	require.NoError(t, err)
-	return srv
+	return srv, reg
 }
 
 // client sends requests back to back until end, waiting out every 429 as
@@ -177,4 +184,50 @@ func TestScenarioUpstream429InsideTheBudget(t *testing.T) {
 		assert.InDelta(t, float64(requestCostAtFake(t))/100, waited.Seconds(), 0.05,
 			"waited exactly the upstream's retry-after-ms (refill of its cost at 100 tokens/s)")
 	})
+}
+
+// TestScenarioConcurrentClientsReorderedMatchingLimits: many clients at
+// once, and requests reach the upstream in another order than the gateway
+// admitted them (random network delay on the way in). The gateway must not
+// take its own reordered requests for someone else's spending: it never
+// lowers its buckets, the upstream never refuses, and over the whole run it
+// admits what the limit allows (the full bucket at the start, then the
+// refill) within 2%.
+func TestScenarioConcurrentClientsReorderedMatchingLimits(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		up := newFakeOpenAI(60, 6000, 300*time.Millisecond)
+		up.jitter = 250 * time.Millisecond
+		srv, reg := newScenarioGatewayReg(t, up, `{"maxQueueSize": 32, "maxQueueWait": 60, "rpm": 60, "tpm": 6000, "defaultMaxTokens": 100}`)
+		start := time.Now()
+		const minutes = 10
+		end := start.Add(minutes * time.Minute)
+		sc := &scenario{}
+		var wg sync.WaitGroup
+		sc.clients(&wg, 16, srv, start, end)
+		wg.Wait()
+		elapsed := time.Since(start) // the requests queued at the end were served too
+
+		served, limited := up.counts()
+		assert.Zero(t, limited, "the upstream never had to say no")
+		assert.Zero(t, sc.upstreamLeaked)
+		possible := 6000 * (elapsed.Minutes() + 1) / float64(requestCostAtFake(t))
+		assert.InEpsilon(t, possible, float64(served), 0.02, "served %d of %.1f possible", served, possible)
+		assert.Zero(t, counterValue(t, reg, "llproxy_bucket_lowered_total"), "the gateway never lowered its own bucket")
+	})
+}
+
+// counterValue sums a counter's series.
+func counterValue(t *testing.T, reg *prometheus.Registry, name string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	require.NoError(t, err)
+	sum := 0.0
+	for _, mf := range mfs {
+		if mf.GetName() == name {
+			for _, m := range mf.GetMetric() {
+				sum += m.GetCounter().GetValue()
+			}
+		}
+	}
+	return sum
 }

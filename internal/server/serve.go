@@ -8,6 +8,7 @@ import (
 
 	"github.com/llproxy/llproxy/internal/metrics"
 	"github.com/llproxy/llproxy/scheduler"
+	"github.com/llproxy/llproxy/tokenizer"
 )
 
 // serve is the request path: read and parse the body, count, admit,
@@ -30,28 +31,35 @@ func (rt *route) serve(w http.ResponseWriter, r *http.Request) {
 			panic(p)
 		}
 	}()
+	if err := checkPath(r.URL.Path, r.URL.RawPath); err != nil {
+		rec.outcome = outcomeBadRequest
+		writeError(ex, http.StatusBadRequest, "invalid_request_error", "invalid_path", "Invalid request path: "+err.Error()+".")
+		return
+	}
 
 	var body *bodyBuf
 	if r.Body != nil && r.Body != http.NoBody && r.Method != http.MethodGet && r.Method != http.MethodHead {
 		var err error
-		body, err = readBody(r, rt.srv.cfg.MaxBodyBytes)
-		switch {
-		case errors.Is(err, errBodyTooLarge):
-			writeError(ex, http.StatusRequestEntityTooLarge, "invalid_request_error", "request_too_large",
-				"Request body too large: the limit is "+itoa(rt.srv.cfg.MaxBodyBytes)+" bytes.")
-			return
-		case err != nil:
-			rec.outcome = "body_error"
-			writeError(ex, http.StatusBadRequest, "invalid_request_error", "", "Could not read the request body.")
+		body, err = rt.srv.readBody(ex, r)
+		if err != nil {
+			rec.outcome = writeBodyError(ex, err, rt.srv.cfg.MaxBodyBytes)
 			return
 		}
 		defer body.release()
 	}
 
+	// Every inference call is scheduled, whatever its content type claims:
+	// its body must be a JSON object naming a model. Other bodies that
+	// look like JSON and name a model are scheduled too.
 	var c call
-	if body != nil && looksJSON(r.Header.Get("Content-Type"), body.buf) {
+	inference := r.Method == http.MethodPost && endpointOf(r.URL.Path) != tokenizer.EndpointOther
+	if inference || (body != nil && looksJSON(r.Header.Get("Content-Type"), body.buf)) {
+		var raw []byte
+		if body != nil {
+			raw = body.buf
+		}
 		var ok bool
-		if c, ok = rt.inspect(ex, r.URL.Path, body.buf, &rec); !ok {
+		if c, ok = rt.inspect(ex, r.URL.Path, raw, &rec); !ok {
 			return
 		}
 		if c.inject != nil {
@@ -91,15 +99,17 @@ func (rt *route) schedule(ex *exchange, r *http.Request, body *bodyBuf, c *call,
 		ms.m.Outcome(rec.outcome)
 		return
 	}
-	rec.outcome, rec.wait = metrics.OutcomeAdmitted, adm.Wait
-	ms.m.Admitted(adm.Wait, c.est.prompt, c.est.cost)
+	// Whatever happens from here (a retry's new admission, a response cut
+	// short by a panic with http.ErrAbortHandler), the admission in force
+	// when the request ends gives back its concurrency slot.
+	ex.adm = adm
+	defer func() { ex.adm.Release(time.Now()) }()
 	ms.m.Inflight(1)
 	defer ms.m.Inflight(-1)
-	// The response is complete (streams included) when this returns: free
-	// the concurrency slot (a no-op if Unsend already gave it back).
-	defer func() { ms.q.Release(time.Now(), ex.adm) }()
+	rec.outcome, rec.wait = metrics.OutcomeAdmitted, adm.Wait
+	ms.m.Admitted(adm.Wait, c.est.prompt, c.est.cost)
 
-	ex.rate, ex.hasRate, ex.adm = adm.State, true, adm
+	ex.rate, ex.hasRate = adm.State, true
 	ex.ms, ex.deadline, ex.strip = ms, arrived.Add(ms.maxQueueWait), c.inject != nil
 	ex.maxRetries, ex.backoff = *rt.cfg.Retries, time.Duration(rt.cfg.RetryBackoff)
 	send := body
@@ -107,37 +117,18 @@ func (rt *route) schedule(ex *exchange, r *http.Request, body *bodyBuf, c *call,
 		send = c.inject
 	}
 	out := r.WithContext(context.WithValue(r.Context(), exchangeKey{}, ex))
-	if rt.pool != nil {
-		defer func() {
-			if ex.renamed != nil {
-				ex.renamed.release()
-			}
-		}()
-	}
 	for {
-		ex.retry, ex.tap, ex.neverSent = retryNone, nil, false
+		ex.retry, ex.tap, ex.neverSent, ex.backend = retryNone, nil, false, nil
 		ex.tries++
-		body := send
-		if rt.pool != nil {
-			if body = rt.pickBackend(out.Context(), ex, rec.model, c, send); body == nil {
-				ms.q.Unsend(time.Now(), ex.adm, c.est.cost) // never sent
-				rec.outcome = "no_backend"
-				if r.Context().Err() != nil {
-					rec.outcome = metrics.OutcomeCancelled
-				}
-				return
-			}
-		}
-		body.attach(out)
 		sent := time.Now()
-		rt.forward.ServeHTTP(ex, out)
-		out.Body.Close()
-		if rt.pool != nil {
-			rt.pool.Done(ex.backend)
-			if ex.release != nil {
-				ex.release() // the response is complete: it may be unloaded now
-				ex.release = nil
+		if !rt.send(ex, out, rec.model, c, send) {
+			ex.adm.Unsend(time.Now()) // never sent
+			ms.m.Unsent(c.est.cost)
+			rec.outcome = "no_backend"
+			if r.Context().Err() != nil {
+				rec.outcome = metrics.OutcomeCancelled
 			}
+			return
 		}
 		if ex.retry == retryNone {
 			status := ex.status
@@ -154,4 +145,66 @@ func (rt *route) schedule(ex *exchange, r *http.Request, body *bodyBuf, c *call,
 		}
 	}
 	rt.settle(ex, c, rec)
+}
+
+// send makes one send of a scheduled request: for a fleet it picks the
+// backend and, for a backend llproxy runs, gets it running; then it
+// forwards. It reports false, having answered the client, when no backend
+// could take the request. Each hold it takes (the backend's in-flight
+// count, the running server) is released by a defer where it is taken, so
+// a response cut mid-way, which ReverseProxy ends with a panic, gives
+// everything back as well.
+func (rt *route) send(ex *exchange, out *http.Request, model string, c *call, body *bodyBuf) bool {
+	if rt.pool != nil {
+		ctx := out.Context()
+		be, id, err := rt.pickFree(ctx, ex, model)
+		if err != nil {
+			if ctx.Err() == nil {
+				rt.writeFleetError(ex, model, err)
+			}
+			return false
+		}
+		defer rt.pool.Done(be)
+		if rt.life != nil && be.Managed() {
+			// Start it if it is not running (or swap it in); it stays up
+			// until the release after the response.
+			if c.keepAlive != nil {
+				rt.life.KeepAlive(be.Name, *c.keepAlive)
+			}
+			release, err := rt.life.Acquire(ctx, be.Name)
+			if err != nil {
+				if ctx.Err() == nil {
+					ex.Header()["Retry-After"] = []string{"5"}
+					writeError(ex, http.StatusServiceUnavailable, "server_error", "backend_unavailable",
+						"llproxy could not start the backend for `"+model+"`: "+err.Error())
+				}
+				return false
+			}
+			defer release()
+		}
+		ex.backend = be
+		body = rt.bodyFor(ex, body, model, id)
+	}
+	body.attach(out)
+	defer out.Body.Close()
+	rt.forward.ServeHTTP(ex, out)
+	return true
+}
+
+// writeBodyError answers a body that could not be read and returns the
+// log outcome.
+func writeBodyError(w http.ResponseWriter, err error, limit int64) string {
+	switch {
+	case errors.Is(err, errBodyTooLarge):
+		writeError(w, http.StatusRequestEntityTooLarge, "invalid_request_error", "request_too_large",
+			"Request body too large: the limit is "+itoa(limit)+" bytes.")
+		return outcomeTooLarge
+	case isTimeout(err):
+		w.Header()["Connection"] = []string{"close"}
+		writeError(w, http.StatusRequestTimeout, "invalid_request_error", "request_timeout",
+			"The request body did not arrive in time.")
+		return outcomeBodyTimeout
+	}
+	writeError(w, http.StatusBadRequest, "invalid_request_error", "", "Could not read the request body.")
+	return outcomeBodyError
 }
