@@ -1,6 +1,7 @@
 package provider
 
 import (
+	"math"
 	"net/http"
 	"strconv"
 	"strings"
@@ -12,23 +13,48 @@ import (
 // OpenAI authenticates requests to an OpenAI-compatible upstream with the
 // route's key. A zero OpenAI passes the client's own credentials through.
 type OpenAI struct {
-	apiKey string
+	cfg OpenAIConfig
+}
+
+// OpenAIConfig is how an OpenAI upstream is authenticated.
+type OpenAIConfig struct {
+	// APIKey replaces the client's credentials; empty lets them through
+	// (unless DropClientAuth).
+	APIKey string
+	// DropClientAuth removes the client's Authorization and api-key: they
+	// hold the gateway's own client keys, which never leave it.
+	DropClientAuth bool
+	// ForwardOrganization keeps OpenAI-Organization and OpenAI-Project
+	// from clients when APIKey is injected; by default they are dropped,
+	// since a client must not pick what the shared key bills.
+	ForwardOrganization bool
 }
 
 // NewOpenAI returns the provider for a route whose upstream key is apiKey;
 // an empty key lets each client's Authorization header through.
-func NewOpenAI(apiKey string) *OpenAI { return &OpenAI{apiKey: apiKey} }
+func NewOpenAI(apiKey string) *OpenAI { return &OpenAI{cfg: OpenAIConfig{APIKey: apiKey}} }
+
+// NewOpenAIWith returns the provider configured by cfg.
+func NewOpenAIWith(cfg OpenAIConfig) *OpenAI { return &OpenAI{cfg: cfg} }
 
 // Authorize sets the upstream credentials on h, an outgoing request's
 // header: with a key, the client's Authorization and api-key headers are
-// replaced by "Bearer <key>", so neither a client key nor a team key reaches
-// the upstream.
+// replaced by "Bearer <key>" (and the client's organization and project
+// dropped), so neither a client key nor a team key reaches the upstream.
 func (p *OpenAI) Authorize(h http.Header) {
-	if p.apiKey == "" {
+	if p.cfg.APIKey == "" {
+		if p.cfg.DropClientAuth {
+			h.Del("Authorization")
+			h.Del("Api-Key")
+		}
 		return
 	}
 	h.Del("Api-Key")
-	h.Set("Authorization", "Bearer "+p.apiKey)
+	h.Set("Authorization", "Bearer "+p.cfg.APIKey)
+	if !p.cfg.ForwardOrganization {
+		h.Del("Openai-Organization")
+		h.Del("Openai-Project")
+	}
 }
 
 // RateInfo is what an upstream's response headers say about its limits.
@@ -66,19 +92,32 @@ func ParseRateHeaders(h http.Header) RateInfo {
 	return ri
 }
 
+// Bounds on what an upstream's headers may say: anything larger is not
+// believed as it is.
+const (
+	// MaxRateValue bounds a limit or remaining count.
+	MaxRateValue = 1 << 40
+	// MaxReset bounds a reset time: limits are per minute or per day.
+	MaxReset = 24 * time.Hour
+	// MaxRetryAfter bounds how long one upstream 429 may hold a queue: a
+	// longer wait is re-asked of the upstream after this long.
+	MaxRetryAfter = 5 * time.Minute
+)
+
 func headerInt(h http.Header, key string) (int, bool) {
 	v := h[key]
 	if len(v) == 0 {
 		return 0, false
 	}
-	n, err := strconv.Atoi(strings.TrimSpace(v[0]))
+	n, err := strconv.ParseInt(strings.TrimSpace(v[0]), 10, 64)
 	if err != nil || n < 0 {
 		return 0, false
 	}
-	return n, true
+	return int(min(n, MaxRateValue)), true
 }
 
-// headerDuration reads a Go duration ("1m12s") or a number of seconds ("55").
+// headerDuration reads a Go duration ("1m12s") or a number of seconds
+// ("55"), at most MaxReset.
 func headerDuration(h http.Header, key string) (time.Duration, bool) {
 	v := h[key]
 	if len(v) == 0 {
@@ -86,28 +125,45 @@ func headerDuration(h http.Header, key string) (time.Duration, bool) {
 	}
 	s := strings.TrimSpace(v[0])
 	if d, err := time.ParseDuration(s); err == nil && d >= 0 {
-		return d, true
+		return min(d, MaxReset), true
 	}
-	if f, err := strconv.ParseFloat(s, 64); err == nil && f >= 0 {
-		return time.Duration(f * float64(time.Second)), true
+	if d, ok := seconds(s, float64(time.Second), MaxReset); ok {
+		return d, true
 	}
 	return 0, false
 }
 
+// seconds reads a non-negative finite number of units (unit in
+// nanoseconds) as a duration of at most limit.
+func seconds(s string, unit float64, limit time.Duration) (time.Duration, bool) {
+	f, err := strconv.ParseFloat(s, 64)
+	if err != nil || math.IsNaN(f) || math.IsInf(f, 0) || f < 0 {
+		return 0, false
+	}
+	if f*unit >= float64(limit) {
+		return limit, true
+	}
+	return time.Duration(f * unit), true
+}
+
 // RetryAfter is how long an upstream asked to wait: retry-after-ms, then
 // retry-after (seconds or an HTTP date, relative to now), then the reset of
-// whichever limit it reports exhausted. ok is false when it said nothing.
+// whichever limit it reports exhausted, never more than MaxRetryAfter. ok
+// is false when it said nothing usable.
 func RetryAfter(h http.Header, now time.Time) (time.Duration, bool) {
 	if v := h.Get("Retry-After-Ms"); v != "" {
-		if ms, err := strconv.ParseFloat(strings.TrimSpace(v), 64); err == nil && ms >= 0 {
-			return time.Duration(ms * float64(time.Millisecond)), true
+		if d, ok := seconds(strings.TrimSpace(v), float64(time.Millisecond), MaxRetryAfter); ok {
+			return d, true
 		}
 	}
 	if v := h.Get("Retry-After"); v != "" {
-		if s, err := strconv.ParseFloat(strings.TrimSpace(v), 64); err == nil && s >= 0 {
-			return time.Duration(s * float64(time.Second)), true
+		if d, ok := seconds(strings.TrimSpace(v), float64(time.Second), MaxRetryAfter); ok {
+			return d, true
 		}
 		if t, err := http.ParseTime(v); err == nil {
+			if t.After(now.Add(MaxRetryAfter)) {
+				return MaxRetryAfter, true
+			}
 			return max(0, t.Sub(now)), true
 		}
 	}
@@ -120,7 +176,7 @@ func RetryAfter(h http.Header, now time.Time) (time.Duration, bool) {
 	if ri.HasResetTokens && ri.HasRemainingTokens && ri.RemainingTokens == 0 {
 		d, found = max(d, ri.ResetTokens), true
 	}
-	return d, found
+	return min(d, MaxRetryAfter), found
 }
 
 // Retryable429 reports whether an upstream 429 is a rate limit that clears

@@ -141,13 +141,58 @@ func (t *StreamTap) event(ev []byte) []byte {
 	if !bytes.Contains(ev, usageKey) {
 		return ev
 	}
-	if u, ok := FindUsage(ev); ok {
+	if u, ok := FindUsage(ev); ok && bytes.Contains(ev, emptyChoices) {
 		t.usage, t.found = u, true
-		if bytes.Contains(ev, emptyChoices) {
+		return nil // the chunk include_usage added, as OpenAI writes it
+	}
+	return t.structural(ev)
+}
+
+// structural strips what include_usage added from an event whose bytes
+// the fast path did not recognise (other spacing, other member order), by
+// reading its JSON: a top-level "usage" member that is null is removed; one
+// that holds the usage is read, and its event dropped when it carries no
+// choices (the chunk include_usage added) or the member removed when it
+// rides on a chunk with content. An event that is not one JSON object on a
+// single data line passes as it is.
+func (t *StreamTap) structural(ev []byte) []byte {
+	di := bytes.Index(ev, []byte("data:"))
+	if di < 0 || bytes.Count(ev, []byte("data:")) != 1 {
+		return ev
+	}
+	ds := di + len("data:")
+	de := ds + bytes.IndexAny(ev[ds:], "\r\n")
+	if de < ds {
+		de = len(ev)
+	}
+	data := ev[ds:de]
+	m, ok := topMember(data, "usage")
+	if !ok {
+		return ev
+	}
+	val := data[m.valStart:m.valEnd]
+	if string(val) != "null" {
+		if val[0] != '{' {
+			return ev
+		}
+		if u, ok := parseUsage(val); ok {
+			t.usage, t.found = u, true
+		}
+		if c, ok := topMember(data, "choices"); !ok || isEmptyArray(data[c.valStart:c.valEnd]) {
 			return nil
 		}
 	}
-	return ev
+	// Remove the member from the data line, in place, and close the gap.
+	rest := len(ev) - de
+	newData := removeMember(data, m)
+	n := ds + len(newData)
+	copy(ev[n:], ev[de:])
+	return ev[:n+rest]
+}
+
+// isEmptyArray reports whether v is "[]", with any whitespace inside.
+func isEmptyArray(v []byte) bool {
+	return len(v) >= 2 && v[0] == '[' && skipWS(v, 1) == len(v)-1
 }
 
 // removeUsageNull deletes one `"usage":null` member and its comma, in

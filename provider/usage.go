@@ -54,21 +54,42 @@ func parseUsage(obj []byte) (Usage, bool) {
 	u := Usage{
 		Prompt:     firstInt(v, "prompt_tokens", "input_tokens"),
 		Completion: firstInt(v, "completion_tokens", "output_tokens"),
-		Total:      v.GetInt("total_tokens"),
+		Total:      boundedInt(v.Get("total_tokens")),
 	}
-	if u.Total == 0 {
+	if u.Total < u.Prompt+u.Completion {
 		u.Total = u.Prompt + u.Completion
 	}
+	u.Total = min(u.Total, MaxUsage)
 	return u, true
 }
+
+// MaxUsage bounds each usage count an upstream reports: a larger or
+// negative one is not believed as it is.
+const MaxUsage = 1 << 31
 
 func firstInt(v *fastjson.Value, keys ...string) int {
 	for _, k := range keys {
 		if x := v.Get(k); x != nil {
-			return x.GetInt()
+			return boundedInt(x)
 		}
 	}
 	return 0
+}
+
+// boundedInt reads a usage count: a number in [0, MaxUsage], else 0 (or
+// MaxUsage when larger).
+func boundedInt(x *fastjson.Value) int {
+	if x == nil || x.Type() != fastjson.TypeNumber {
+		return 0
+	}
+	f := x.GetFloat64()
+	switch {
+	case f != f || f <= 0:
+		return 0
+	case f >= MaxUsage:
+		return MaxUsage
+	}
+	return int(f)
 }
 
 // objectPrefix returns the JSON object b starts with, or nil if b does not

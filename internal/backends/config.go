@@ -89,6 +89,10 @@ type DiscoverConfig struct {
 	Every scheduler.Duration `json:"every"`
 	// Timeout bounds one port's probe. Default 1s.
 	Timeout scheduler.Duration `json:"timeout"`
+	// SendAPIKey lets the route's apiKey go to the servers found here.
+	// Default false: whatever process listens on a port of the range gets
+	// requests, never the key.
+	SendAPIKey bool `json:"sendApiKey"`
 }
 
 // HealthConfig configures active health checks.
@@ -159,7 +163,7 @@ func (c *Config) Validate() error {
 		}
 		names[b.Name] = true
 		if u, err := url.Parse(b.URL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-			errs = append(errs, fmt.Errorf("%s.url: must be an http or https URL, got %q", p, b.URL))
+			errs = append(errs, fmt.Errorf("%s.url: must be an http or https URL, got %q", p, redactURL(b.URL)))
 		}
 		if b.HealthCheckPath != "" && !strings.HasPrefix(b.HealthCheckPath, "/") {
 			errs = append(errs, fmt.Errorf("%s.healthCheckPath: must start with /", p))
@@ -222,4 +226,15 @@ func (c *Config) Validate() error {
 		errs = append(errs, errors.New("healthCheck.failureThreshold: must be >= 0"))
 	}
 	return errors.Join(errs...)
+}
+
+// redactURL hides the password of a URL that holds one, for messages.
+func redactURL(s string) string {
+	if u, err := url.Parse(s); err == nil {
+		return u.Redacted()
+	}
+	if i, j := strings.Index(s, "://"), strings.LastIndex(s, "@"); i >= 0 && j > i {
+		return s[:i+3] + "xxxxx" + s[j:]
+	}
+	return s
 }

@@ -88,7 +88,7 @@ func (p *Pool) applyScan(d DiscoverConfig, all []found) (added, removed, models 
 		}
 		u, _ := url.Parse("http://" + f.addr)
 		p.backends = append(p.backends, &Backend{Name: f.addr, URL: u, healthPath: p.cfg.HealthCheck.Path,
-			discovered: true, healthy: true, models: named, lastCheck: p.now()})
+			discovered: true, healthy: true, models: named, lastCheck: p.now(), sendKey: d.SendAPIKey})
 		added++
 	}
 	kept := p.backends[:0]

@@ -46,7 +46,7 @@ func (p *Pool) Status() []Status {
 	defer p.mu.RUnlock()
 	out := make([]Status, 0, len(p.backends))
 	for _, b := range p.backends {
-		s := Status{Name: b.Name, URL: b.URL.String(), Healthy: b.healthy, Discovered: b.discovered,
+		s := Status{Name: b.Name, URL: b.URL.Redacted(), Healthy: b.healthy, Discovered: b.discovered,
 			LastCheck: b.lastCheck, ErrorCount: b.errorCount, TotalErrors: b.totalErrors, LastError: b.lastError,
 			Models: []string{}, InFlight: b.Outstanding.Load()}
 		for _, m := range b.models {

@@ -34,6 +34,7 @@ type Backend struct {
 	healthPath string
 	discovered bool // found by a scan: dropped when a scan no longer finds it
 	managed    bool // run by llproxy: its process's state is its health
+	sendKey    bool // may be sent the route's apiKey
 	staticIDs  []string
 
 	// Outstanding counts requests sent to it and not yet finished.
@@ -108,7 +109,7 @@ func New(cfg Config, opts Options) (*Pool, error) {
 	for _, bc := range cfg.Backends {
 		u, _ := url.Parse(bc.URL)
 		b := &Backend{Name: bc.Name, URL: u, healthPath: bc.HealthCheckPath, staticIDs: bc.Models, healthy: true,
-			managed: bc.Managed(), maxConcurrent: bc.MaxConcurrent}
+			managed: bc.Managed(), maxConcurrent: bc.MaxConcurrent, sendKey: true}
 		if b.healthPath == "" {
 			b.healthPath = cfg.HealthCheck.Path
 		}
@@ -284,14 +285,14 @@ func (p *Pool) fail(b *Backend, err error) {
 	b.lastError = err.Error()
 	if b.healthy && b.errorCount >= p.cfg.HealthCheck.FailureThreshold {
 		b.healthy = false
-		p.log.Warn("backend unhealthy", "backend", b.Name, "url", b.URL.String(), "err", b.lastError)
+		p.log.Warn("backend unhealthy", "backend", b.Name, "url", b.URL.Redacted(), "err", b.lastError)
 	}
 }
 
 // ok records a successful check of b. p.mu is held.
 func (p *Pool) ok(b *Backend) {
 	if !b.healthy {
-		p.log.Info("backend healthy again", "backend", b.Name, "url", b.URL.String())
+		p.log.Info("backend healthy again", "backend", b.Name, "url", b.URL.Redacted())
 	}
 	b.healthy, b.errorCount = true, 0
 }
@@ -349,6 +350,11 @@ func (b *Backend) idFor(model string) string {
 
 // Managed reports whether llproxy runs the backend (see package lifecycle).
 func (b *Backend) Managed() bool { return b.managed }
+
+// SendKey reports whether the route's apiKey may be sent to the backend:
+// always to a configured one; to a discovered one (whatever listens on a
+// port of the range) only when its discover entry says sendApiKey.
+func (b *Backend) SendKey() bool { return b.sendKey }
 
 // Config returns the pool's (defaulted) configuration.
 func (p *Pool) Config() Config { return p.cfg }

@@ -91,6 +91,10 @@ type Route struct {
 	Provider string `json:"provider"`
 	// APIKey, when set, replaces the client's credentials upstream.
 	APIKey Secret `json:"apiKey"`
+	// ForwardOrganization keeps the client's OpenAI-Organization and
+	// OpenAI-Project headers when APIKey is injected. Default false: they
+	// are dropped, so a client cannot bill the shared key elsewhere.
+	ForwardOrganization bool `json:"forwardOrganization"`
 	// Models maps model names (and "*" for all others) to their limits.
 	Models map[string]*Model `json:"models"`
 	// MaxWildcardModels bounds the distinct unlisted models queued. Default 1000.
@@ -332,7 +336,7 @@ func (r *Route) validate() error {
 		} else if r.Forward == "" {
 			errs = append(errs, errors.New("forward: required for provider \"openai\" (or list backends, or discover them)"))
 		} else if u, err := url.Parse(r.Forward); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-			errs = append(errs, fmt.Errorf("forward: must be an http or https URL, got %q", r.Forward))
+			errs = append(errs, fmt.Errorf("forward: must be an http or https URL, got %q", redactedURL(r.Forward)))
 		}
 	case provider.NameMock:
 		errs = append(errs, prefix("mock.", r.Mock.Validate())...)
@@ -404,4 +408,12 @@ func prefix(path string, err error) []error {
 		out[i] = fmt.Errorf("%s%w", path, p)
 	}
 	return out
+}
+
+// redactedURL hides the password of a URL, for messages.
+func redactedURL(s string) string {
+	if u, err := url.Parse(s); err == nil {
+		return u.Redacted()
+	}
+	return "(not a URL)"
 }

@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -205,19 +206,89 @@ func TestKeepAlive(t *testing.T) {
 	waitState(t, m, "a", Stopped)
 }
 
-func TestUnloadOnlyIdle(t *testing.T) {
+// An unload asked for while a request runs (Ollama's keep_alive 0, what
+// `ollama stop` sends) is not dropped: the server stops when the request
+// ends, as Ollama does.
+func TestUnloadWaitsForTheLastRequest(t *testing.T) {
 	m := newManager(t, &fakeClock{now: time.Unix(1000, 0)}, spec(t, "a", ""), spec(t, "b", ""))
 	ra, err := m.Acquire(context.Background(), "a")
 	require.NoError(t, err)
 	rb, err := m.Acquire(context.Background(), "b")
 	require.NoError(t, err)
 	rb()
-	assert.Equal(t, []string{"b"}, m.Unload(""), "a is streaming: it stays")
+	assert.Equal(t, []string{"a", "b"}, m.Unload(""), "b now, a when its request ends")
 	waitState(t, m, "b", Stopped)
-	assert.Empty(t, m.Unload("a"))
+	assert.Equal(t, Ready, state(m, "a").State, "a is streaming: it stays until then")
 	ra()
-	assert.Equal(t, []string{"a"}, m.Unload("a"))
 	waitState(t, m, "a", Stopped)
+	assert.Empty(t, m.Unload("a"), "nothing left to unload")
+}
+
+// A request queued in the gateway for an idle server keeps it loaded; when
+// its client gives up instead, the server is still unloaded later: the
+// timer is armed again, never forgotten.
+func TestIdleUnloadAfterQueuedRequestsLeave(t *testing.T) {
+	clock := &fakeClock{now: time.Unix(1000, 0)}
+	var queued atomic.Int64
+	a := spec(t, "a", "")
+	m := New([]Spec{a}, Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Clock: clock,
+		Queued: func(string) int { return int(queued.Load()) }})
+	t.Cleanup(m.Shutdown)
+	release, err := m.Acquire(context.Background(), "a")
+	require.NoError(t, err)
+	release()
+	queued.Store(1) // a request waits in the gateway's queue for a-model
+	clock.Advance(61 * time.Second)
+	st := state(m, "a")
+	assert.Equal(t, Ready, st.State, "kept for the queued request")
+	assert.True(t, st.UnloadAt.After(clock.Now()), "and its unload is still planned: %v", st.UnloadAt)
+	queued.Store(0) // its client gave up
+	clock.Advance(61 * time.Second)
+	waitState(t, m, "a", Stopped)
+}
+
+// A drain is made for the model that waited: once the drained model stops,
+// the waiting one starts, even if requests for the drained model arrived
+// meanwhile; the drained model cannot take the group back first.
+func TestSwapDoesNotThrash(t *testing.T) {
+	clock := &fakeClock{now: time.Unix(1000, 0)}
+	m := newManager(t, clock, spec(t, "a", "gpu"), spec(t, "b", "gpu"))
+	ra, err := m.Acquire(context.Background(), "a")
+	require.NoError(t, err)
+	gotB := make(chan func(), 1)
+	go func() {
+		rb, err := m.Acquire(context.Background(), "b")
+		assert.NoError(t, err)
+		gotB <- rb
+	}()
+	require.Eventually(t, func() bool { return state(m, "b").Queued == 1 }, 5*time.Second, time.Millisecond)
+	clock.Advance(11 * time.Second) // b's grace is over: a drains for b
+	require.Eventually(t, func() bool { return state(m, "a").Draining }, 5*time.Second, time.Millisecond)
+	const more = 6
+	gotA := make(chan func(), more)
+	for range more { // more work for a arrives while it drains
+		go func() {
+			ra2, err := m.Acquire(context.Background(), "a")
+			assert.NoError(t, err)
+			gotA <- ra2
+		}()
+	}
+	require.Eventually(t, func() bool { return state(m, "a").Queued == more }, 5*time.Second, time.Millisecond)
+	ra() // a's last request ends: a stops, and b (not a) gets the GPU
+	rb := <-gotB
+	assert.Equal(t, Ready, state(m, "b").State)
+	assert.NotEqual(t, Ready, state(m, "a").State)
+	select {
+	case <-gotA:
+		t.Fatal("the drained model took the group back before the model it was drained for ran")
+	default:
+	}
+	rb()
+	clock.Advance(11 * time.Second) // a's turn, after b's grace if b were still busy
+	for range more {
+		(<-gotA)()
+	}
+	assert.Equal(t, Ready, state(m, "a").State)
 }
 
 func TestSwapWithinAGroup(t *testing.T) {

@@ -105,7 +105,8 @@ type Manager struct {
 
 	mu      sync.Mutex
 	procs   map[string]*proc
-	changed chan struct{} // closed and replaced on every change
+	next    map[string]*proc // per group: the member a drain was made for, which starts next
+	changed chan struct{}    // closed and replaced on every change
 	closed  bool
 }
 
@@ -121,6 +122,7 @@ type proc struct {
 	waiting   int       // Acquire calls waiting for it
 	waitSince time.Time // when the oldest of them began
 	draining  bool      // its group waits to swap it out: no new sends
+	unloadAsk bool      // an unload was asked for while it was busy: stop when idle
 	lastUsed  time.Time
 	keepAlive *time.Duration // a request's keep_alive, from then on
 	unload    Timer
@@ -130,7 +132,7 @@ type proc struct {
 // New returns a manager of specs. Nothing starts until asked for.
 func New(specs []Spec, opts Options) *Manager {
 	m := &Manager{log: opts.Logger, clock: opts.Clock, maxSwapWait: opts.MaxSwapWait, queued: opts.Queued,
-		procs: map[string]*proc{}, changed: make(chan struct{}),
+		procs: map[string]*proc{}, next: map[string]*proc{}, changed: make(chan struct{}),
 		client: &http.Client{Timeout: 2 * time.Second}}
 	if m.log == nil {
 		m.log = slog.Default()
@@ -198,6 +200,10 @@ func (m *Manager) Acquire(ctx context.Context, backend string) (release func(), 
 	defer func() {
 		p.waiting--
 		if p.waiting == 0 {
+			if g := p.spec.Group; g != "" && m.next[g] == p {
+				delete(m.next, g) // nobody waits for it any more
+				m.broadcast()
+			}
 			m.idle(p)
 		}
 	}()
@@ -263,11 +269,16 @@ func (m *Manager) wait(ctx context.Context, p *proc) error {
 // makeRoom reports whether p's group lets it start now. A running member
 // is stopped once nothing is in flight or waiting for it; while it still
 // has work, p waits, but for at most maxSwapWait: then the member drains
-// (no new sends) and is stopped when its last request finishes. m.mu is
-// held.
+// (no new sends) and is stopped when its last request finishes. A drain is
+// made for the member that waited: it gets the group next, and the drained
+// member cannot take it back meanwhile (no thrashing). m.mu is held.
 func (m *Manager) makeRoom(p *proc) bool {
-	if p.spec.Group == "" {
+	g := p.spec.Group
+	if g == "" {
 		return true
+	}
+	if n := m.next[g]; n != nil && n != p && n.waiting > 0 {
+		return false // the group is promised to another member
 	}
 	free := true
 	for _, q := range m.procs {
@@ -284,6 +295,9 @@ func (m *Manager) makeRoom(p *proc) bool {
 				continue // serve the loaded model first
 			}
 			q.draining = true
+			if m.next[g] == nil {
+				m.next[g] = p
+			}
 			if q.inflight == 0 {
 				m.stop(q)
 			}
@@ -301,7 +315,10 @@ func (m *Manager) releaser(p *proc) func() {
 			defer m.mu.Unlock()
 			p.inflight--
 			p.lastUsed = m.clock.Now()
-			if p.draining && p.inflight == 0 {
+			if (p.draining || (p.unloadAsk && p.waiting == 0)) && p.inflight == 0 {
+				if p.unloadAsk {
+					m.log.Info("backend unloaded as asked, after its last request", "backend", p.spec.Name)
+				}
 				m.stop(p)
 			}
 			m.idle(p)
@@ -310,8 +327,8 @@ func (m *Manager) releaser(p *proc) func() {
 	}
 }
 
-// idle arms p's unload timer if nothing is in flight or waiting. m.mu is
-// held.
+// idle arms p's unload timer if nothing is in flight or waiting. Every
+// path that leaves p idle comes through here. m.mu is held.
 func (m *Manager) idle(p *proc) {
 	if p.state != Ready || p.inflight > 0 || p.waiting > 0 {
 		return
@@ -326,19 +343,33 @@ func (m *Manager) idle(p *proc) {
 	if after < 0 {
 		return // never
 	}
+	m.arm(p, after, after)
+}
+
+// idleRecheck is the least time before an idle backend that had requests
+// queued for it is looked at again.
+const idleRecheck = time.Second
+
+// arm sets p's unload timer to fire after d; after is the idle time it
+// stands for, for the log. When it fires with requests still queued for p
+// in the gateway, they will use it, unless their clients give up: it is
+// armed again, so an unload is never forgotten. m.mu is held.
+func (m *Manager) arm(p *proc, d, after time.Duration) {
 	m.cancelUnload(p)
-	p.unloadAt = m.clock.Now().Add(after)
-	p.unload = m.clock.AfterFunc(after, func() {
+	p.unloadAt = m.clock.Now().Add(d)
+	p.unload = m.clock.AfterFunc(d, func() {
 		m.mu.Lock()
 		defer m.mu.Unlock()
 		p.unload = nil
-		if p.state == Ready && p.inflight == 0 && p.waiting == 0 {
-			if m.queued(p.spec.Name) > 0 {
-				return // requests queued for it: they will use it
-			}
-			m.log.Info("backend idle: unloading", "backend", p.spec.Name, "after", after.String())
-			m.stop(p)
+		if p.state != Ready || p.inflight > 0 || p.waiting > 0 {
+			return // busy again: its release arms the timer anew
 		}
+		if m.queued(p.spec.Name) > 0 {
+			m.arm(p, max(after, idleRecheck), after)
+			return
+		}
+		m.log.Info("backend idle: unloading", "backend", p.spec.Name, "after", after.String())
+		m.stop(p)
 	})
 }
 
@@ -361,8 +392,10 @@ func (m *Manager) KeepAlive(backend string, d time.Duration) {
 	}
 }
 
-// Unload stops backend if it is idle (nothing in flight or waiting), or
-// every idle backend when backend is "". It returns the names it stopped.
+// Unload stops backend, or every backend when backend is "": at once if it
+// is idle (nothing in flight, waiting or queued), else when its last
+// request in flight ends, as Ollama does. It returns the names it stopped
+// or will stop.
 func (m *Manager) Unload(backend string) []string {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -371,8 +404,12 @@ func (m *Manager) Unload(backend string) []string {
 		if backend != "" && name != backend {
 			continue
 		}
-		if p.state == Ready && p.inflight == 0 && p.waiting == 0 && m.queued(name) == 0 {
+		switch {
+		case p.state == Ready && p.inflight == 0 && p.waiting == 0 && m.queued(name) == 0:
 			m.stop(p)
+			stopped = append(stopped, name)
+		case (p.state == Ready || p.state == Starting) && (p.inflight > 0 || p.waiting > 0):
+			p.unloadAsk = true
 			stopped = append(stopped, name)
 		}
 	}

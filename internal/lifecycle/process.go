@@ -22,6 +22,10 @@ func (m *Manager) start(p *proc) {
 	p.state = Starting
 	p.startSeq++
 	p.err = nil
+	p.unloadAsk = false
+	if g := p.spec.Group; g != "" && m.next[g] == p {
+		delete(m.next, g) // the swap made for it is done
+	}
 	seq := p.startSeq
 	cmd := exec.Command(p.spec.Cmd[0], p.spec.Cmd[1:]...)
 	cmd.Dir = p.spec.Dir

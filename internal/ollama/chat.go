@@ -3,12 +3,15 @@ package ollama
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"io"
 	"net/http"
 	"strings"
 	"time"
 
 	"github.com/valyala/fastjson"
+
+	"github.com/llproxy/llproxy/provider"
 )
 
 // chat serves /api/chat (generate false) and /api/generate (generate true).
@@ -219,13 +222,29 @@ func (c *capture) WriteHeader(code int) {
 	}
 }
 
+// maxHeld bounds what the capture holds: one SSE event not complete yet,
+// or an answer that is not a stream (an error, a JSON object).
+const maxHeld = 8 << 20
+
+// errTooLarge stops the gateway's copy of an answer the façade will not hold.
+var errTooLarge = errors.New("ollama: the upstream's answer is too large to translate")
+
 func (c *capture) Write(p []byte) (int, error) {
 	if c.status == 0 {
 		c.WriteHeader(http.StatusOK)
 	}
+	if c.ended {
+		return len(p), nil // [DONE] or an error came: the rest is moot
+	}
 	c.buf = append(c.buf, p...)
 	if c.sse {
 		c.events()
+	}
+	if len(c.buf) > maxHeld {
+		c.ended = true
+		c.buf = nil
+		c.out.fail(http.StatusBadGateway, "llproxy: "+errTooLarge.Error())
+		return 0, errTooLarge
 	}
 	return len(p), nil
 }
@@ -235,64 +254,60 @@ func (c *capture) Write(p []byte) (int, error) {
 func (c *capture) Flush() {}
 
 func (c *capture) events() {
-	for {
-		i := bytes.Index(c.buf, []byte("\n\n"))
-		if i < 0 {
+	for !c.ended {
+		end := provider.EventEnd(c.buf)
+		if end < 0 {
 			return
 		}
-		ev := c.buf[:i]
-		c.event(ev)
-		c.buf = c.buf[:copy(c.buf, c.buf[i+2:])]
+		c.event(c.buf[:end])
+		c.buf = c.buf[:copy(c.buf, c.buf[end:])]
 	}
 }
 
 func (c *capture) event(ev []byte) {
-	for _, line := range bytes.Split(ev, []byte("\n")) {
-		data, ok := bytes.CutPrefix(bytes.TrimSpace(line), []byte("data:"))
-		if !ok {
-			continue
+	data := bytes.TrimSpace(provider.EventData(ev))
+	if len(data) == 0 {
+		return
+	}
+	if string(data) == "[DONE]" {
+		c.end()
+		return
+	}
+	v, err := fastjson.ParseBytes(data)
+	if err != nil {
+		return
+	}
+	if msg := v.GetStringBytes("error", "message"); msg != nil {
+		c.ended = true
+		c.out.fail(http.StatusInternalServerError, string(msg))
+		return
+	}
+	if u := v.Get("usage"); u != nil && u.Type() == fastjson.TypeObject {
+		c.usage = usage{u.GetInt("prompt_tokens"), u.GetInt("completion_tokens")}
+	}
+	for _, ch := range v.GetArray("choices") {
+		d := ch.Get("delta")
+		if d == nil {
+			d = ch // completions-style
 		}
-		data = bytes.TrimSpace(data)
-		if string(data) == "[DONE]" {
-			c.end()
-			return
-		}
-		v, err := fastjson.ParseBytes(data)
-		if err != nil {
-			continue
-		}
-		if msg := v.GetStringBytes("error", "message"); msg != nil {
-			c.ended = true
-			c.out.fail(http.StatusInternalServerError, string(msg))
-			return
-		}
-		if u := v.Get("usage"); u != nil && u.Type() == fastjson.TypeObject {
-			c.usage = usage{u.GetInt("prompt_tokens"), u.GetInt("completion_tokens")}
-		}
-		for _, ch := range v.GetArray("choices") {
-			d := ch.Get("delta")
-			if d == nil {
-				d = ch // completions-style
+		c.out.delta(string(d.GetStringBytes("content")))
+		for _, tc := range d.GetArray("tool_calls") {
+			idx := tc.GetInt("index")
+			if c.acc == nil {
+				c.acc = map[int]*callAcc{}
 			}
-			c.out.delta(string(d.GetStringBytes("content")))
-			for _, tc := range d.GetArray("tool_calls") {
-				idx := tc.GetInt("index")
-				if c.acc == nil {
-					c.acc = map[int]*callAcc{}
-				}
-				a := c.acc[idx]
-				if a == nil {
-					a = &callAcc{}
-					c.acc[idx] = a
-				}
-				if n := tc.GetStringBytes("function", "name"); len(n) > 0 {
-					a.name = string(n)
-				}
-				a.args.Write(tc.GetStringBytes("function", "arguments"))
+			a := c.acc[idx]
+			if a == nil {
+				a = &callAcc{}
+				c.acc[idx] = a
 			}
-			if fr := ch.GetStringBytes("finish_reason"); len(fr) > 0 {
-				c.reason = string(fr)
+			if n := tc.GetStringBytes("function", "name"); len(n) > 0 {
+				a.name = string(n)
 			}
+			a.args.Write(tc.GetStringBytes("function", "arguments"))
+		}
+		if fr := ch.GetStringBytes("finish_reason"); len(fr) > 0 {
+			c.reason = string(fr)
 		}
 	}
 }

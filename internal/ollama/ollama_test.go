@@ -37,7 +37,7 @@ func TestChatRequestTranslation(t *testing.T) {
 	assert.EqualValues(t, 7, got["seed"])
 	assert.NotContains(t, got, "num_ctx")
 	assert.EqualValues(t, 600, got["keep_alive"], "for the gateway's lifecycle, which strips it before forwarding")
-	assert.NotContains(t, got, "stream", "stream false")
+	assert.Equal(t, true, got["stream"], "streamed from the upstream even for a client that wants one object: only the text is held")
 	assert.Equal(t, "json_schema", got["response_format"].(map[string]any)["type"])
 	msgs := got["messages"].([]any)
 	require.Len(t, msgs, 4)

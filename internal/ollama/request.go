@@ -168,10 +168,11 @@ func (r *request) openAI(generate bool) ([]byte, error) {
 		// num_ctx, num_gpu, num_thread...: the server's own settings,
 		// meaningless per request over the OpenAI API.
 	}
-	if r.stream() {
-		out["stream"] = true
-		out["stream_options"] = map[string]any{"include_usage": true}
-	}
+	// Always streamed from the upstream, even when the client wants one
+	// object: the answer is translated as it arrives, and only its text
+	// is held, never the upstream's whole body.
+	out["stream"] = true
+	out["stream_options"] = map[string]any{"include_usage": true}
 	return json.Marshal(out)
 }
 

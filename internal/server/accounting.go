@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/llproxy/llproxy/internal/config"
@@ -35,6 +36,10 @@ const (
 func (r retryReason) String() string {
 	return [...]string{"", "rate_limited", "server_error", "connect_error"}[r]
 }
+
+// minUpstreamRetry is the least an upstream 429 is waited out, so that one
+// that says "retry at once" is not asked again in a tight loop.
+const minUpstreamRetry = 50 * time.Millisecond
 
 // maxRateLimitRetries bounds the upstream 429s one request waits out, so an
 // upstream that answers 429 with no wait cannot keep it looping.
@@ -115,6 +120,7 @@ func (rt *route) upstream429(ex *exchange, res *http.Response, ri provider.RateI
 		if !ok {
 			wait = time.Second
 		}
+		wait = max(wait, minUpstreamRetry)
 		ex.retry, ex.retryAfter, ex.refusal = retryRateLimited, wait, ri
 		return errRetry
 	}
@@ -188,14 +194,16 @@ func isConnectError(err error) bool {
 }
 
 // isConnectionDrop reports a connection that broke before any response
-// (reset, closed), which is safe to retry; a timeout is not (the upstream
-// may still be working on it).
+// (reset, closed, a broken pipe on a pooled connection the upstream had
+// dropped), which is safe to retry; a timeout is not (the upstream may
+// still be working on it). It reads the error's chain, never its text.
 func isConnectionDrop(err error) bool {
 	if isTimeout(err) {
 		return false
 	}
 	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) ||
-		strings.Contains(err.Error(), "connection reset")
+		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNABORTED) ||
+		errors.Is(err, syscall.ECONNREFUSED)
 }
 
 // sendAgain prepares the next send after the hooks suppressed an answer. It

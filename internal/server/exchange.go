@@ -31,8 +31,8 @@ type exchange struct {
 	// For a scheduled request, set by serve and read by the proxy hooks.
 	ms          *modelState
 	adm         *scheduler.Admission // the admission in force
-	deadline    time.Time           // arrival + maxQueueWait: no retry past it
-	tries       int                 // sends so far
+	deadline    time.Time            // arrival + maxQueueWait: no retry past it
+	tries       int                  // sends so far
 	maxRetries  int
 	backoff     time.Duration
 	strip       bool // include_usage was injected: strip it from the stream

@@ -103,6 +103,14 @@ func (g ollamaGateway) ServeChat(w http.ResponseWriter, r *http.Request, model s
 	out.Header.Del("Content-Length")
 	out.Body = io.NopCloser(bytes.NewReader(body))
 	out.ContentLength = int64(len(body))
+	defer func() {
+		// A stream the upstream cut short ends the route's copy with
+		// http.ErrAbortHandler. Here the answer is the façade's to end:
+		// it writes Ollama's final error line.
+		if p := recover(); p != nil && p != http.ErrAbortHandler {
+			panic(p)
+		}
+	}()
 	rt.serve(w, out)
 }
 
@@ -144,7 +152,7 @@ func (g ollamaGateway) Running() []ollama.Loaded {
 			}
 		}
 	}
-	return out
+	return dedupeLoaded(out)
 }
 
 // modelNamesAll lists the route's models by name, listed in its config or
@@ -162,5 +170,19 @@ func (rt *route) modelNamesAll() []string {
 		}
 	}
 	slices.Sort(out)
+	return out
+}
+
+// dedupeLoaded keeps one entry per model (the first, which has the
+// earliest route), for a model served by several routes or backends.
+func dedupeLoaded(in []ollama.Loaded) []ollama.Loaded {
+	seen := map[string]bool{}
+	out := in[:0]
+	for _, l := range in {
+		if !seen[l.Name] {
+			seen[l.Name] = true
+			out = append(out, l)
+		}
+	}
 	return out
 }

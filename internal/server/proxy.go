@@ -61,18 +61,24 @@ var copyBuffers = &bufferPool{}
 // OpenAI-shaped 502s and 504s (proxyError).
 func (rt *route) newReverseProxy(target *url.URL, auth *provider.OpenAI, transport http.RoundTripper, logger *slog.Logger) *httputil.ReverseProxy {
 	prefix := "/" + rt.name
+	// A discovered backend that may not have the key gets the client's
+	// credentials handled as on a route without one.
+	noKey := provider.NewOpenAIWith(provider.OpenAIConfig{DropClientAuth: len(rt.srv.cfg.ClientKeys) > 0})
 	return &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.Out.URL.Path = stripRoute(pr.In.URL.Path, prefix)
 			if pr.In.URL.RawPath != "" {
 				pr.Out.URL.RawPath = stripRoute(pr.In.URL.RawPath, prefix)
 			}
-			to := target
+			to, a := target, auth
 			if ex := exchangeOf(pr.In.Context()); ex != nil && ex.backend != nil {
 				to = ex.backend.URL // a fleet: the backend picked for this send
+				if !ex.backend.SendKey() {
+					a = noKey
+				}
 			}
 			pr.SetURL(to)
-			auth.Authorize(pr.Out.Header)
+			a.Authorize(pr.Out.Header)
 		},
 		Transport:      transport,
 		FlushInterval:  -1,

@@ -11,8 +11,8 @@ package server
 import (
 	"context"
 	"crypto/sha256"
-	"encoding/json"
 	"crypto/subtle"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -68,10 +68,10 @@ type Server struct {
 	// adminHashes guard the admin endpoints; metricsHash /metrics.
 	adminHashes [][sha256.Size]byte
 	metricsHash *[sha256.Size]byte
-	parsers    fastjson.ParserPool
-	closing    atomic.Bool
-	fallback   *route // the defaultRoute, also served at the root
-	ollama     *ollama.Handler
+	parsers     fastjson.ParserPool
+	closing     atomic.Bool
+	fallback    *route // the defaultRoute, also served at the root
+	ollama      *ollama.Handler
 }
 
 var _ metrics.Source = (*Server)(nil)
@@ -142,7 +142,7 @@ func (s *Server) newRoute(name string, rc *config.Route, opts Options) (*route, 
 	case rc.Provider == provider.NameMock:
 		mock := provider.NewMock(rc.Mock, mockCounter{s.tok})
 		target := &url.URL{Scheme: "http", Host: "mock.invalid"}
-		rt.forward = rt.newReverseProxy(target, provider.NewOpenAI(""), handlerTransport{mock, s.log}, s.log)
+		rt.forward = rt.newReverseProxy(target, rt.authorizer(""), handlerTransport{mock, s.log}, s.log)
 	case rc.Fleet():
 		pool, err := backends.New(rc.Config, backends.Options{Logger: s.log.With("route", name)})
 		if err != nil {
@@ -156,7 +156,7 @@ func (s *Server) newRoute(name string, rc *config.Route, opts Options) (*route, 
 		}
 		// The target of each send is the backend picked for it.
 		rt.forward = rt.newReverseProxy(&url.URL{Scheme: "http", Host: "backend.invalid"},
-			provider.NewOpenAI(rc.APIKey.Value()), transport, s.log)
+			rt.authorizer(rc.APIKey.Value()), transport, s.log)
 	default:
 		target, err := url.Parse(rc.Forward)
 		if err != nil {
@@ -166,9 +166,16 @@ func (s *Server) newRoute(name string, rc *config.Route, opts Options) (*route, 
 		if transport == nil {
 			transport = newTransport(rc)
 		}
-		rt.forward = rt.newReverseProxy(target, provider.NewOpenAI(rc.APIKey.Value()), transport, s.log)
+		rt.forward = rt.newReverseProxy(target, rt.authorizer(rc.APIKey.Value()), transport, s.log)
 	}
 	return rt, nil
+}
+
+// authorizer sets a route's upstream credentials: its key if it has one;
+// never a client key of the gateway's.
+func (rt *route) authorizer(apiKey string) *provider.OpenAI {
+	return provider.NewOpenAIWith(provider.OpenAIConfig{APIKey: apiKey, DropClientAuth: len(rt.srv.cfg.ClientKeys) > 0,
+		ForwardOrganization: rt.cfg.ForwardOrganization})
 }
 
 // ServeHTTP serves the whole gateway: /healthz, /metrics, the admin
