@@ -16,6 +16,7 @@ var (
 	ErrUnknownModel  = errors.New("scheduler: model not configured")
 	ErrTooManyModels = errors.New("scheduler: too many distinct models")
 	ErrInvalidCost   = errors.New("scheduler: a cost must not be negative")
+	ErrRetired       = errors.New("scheduler: queue retired; look the model up again")
 )
 
 // Resource names a bucket.

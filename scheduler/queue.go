@@ -4,6 +4,7 @@ import (
 	"context"
 	"math"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -94,6 +95,7 @@ type Queue struct {
 	answerNext   int
 	service      time.Duration // how long a request holds its slot, on average (EWMA)
 	closed       bool
+	retired      atomic.Bool // swept from its Set: Acquire answers ErrRetired; set under mu
 }
 
 // NewQueue returns an empty queue with full buckets. A nil clock means real
@@ -195,6 +197,9 @@ func (q *Queue) enqueue(now time.Time, cost Cost) (*waiter, *Admission, error) {
 	// (1)
 	if q.closed {
 		return nil, nil, ErrClosed
+	}
+	if q.retired.Load() {
+		return nil, nil, ErrRetired
 	}
 	if cost.Tokens < 0 {
 		return nil, nil, ErrInvalidCost
@@ -445,6 +450,22 @@ func (q *Queue) Close() {
 	}
 	q.waiting, q.queuedTokens = nil, 0
 }
+
+// retire marks the queue retired if it is idle at now (see Set.Sweep) and
+// reports whether it did.
+func (q *Queue) retire(now time.Time) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	idle := len(q.waiting) == 0 && len(q.inflight) == 0 && !q.holdUntil.After(now) &&
+		q.req.level(now) >= q.req.capacity-epsilon && q.tok.level(now) >= q.tok.capacity-epsilon
+	if idle && !q.closed {
+		q.retired.Store(true)
+	}
+	return q.retired.Load()
+}
+
+// Retired reports whether the queue was swept from its Set.
+func (q *Queue) Retired() bool { return q.retired.Load() }
 
 // perMinute converts a per-second rate, rounding away float noise.
 func perMinute(perSec float64) float64 { return math.Round(perSec*60*1e6) / 1e6 }

@@ -16,6 +16,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"time"
 )
 
 // Wildcard is the model key whose limits apply to every model not listed.
@@ -76,7 +77,12 @@ type Set struct {
 	maxDynamic int64
 	clock      Clock
 	closed     atomic.Bool
+	onRetire   func(*Queue)
 }
+
+// OnRetire sets a function Sweep calls with each queue it retires (to drop
+// what the caller keeps about it). Call it before the Set is used.
+func (s *Set) OnRetire(f func(*Queue)) { s.onRetire = f }
 
 // NewSet validates cfg and builds the listed queues. A nil clock means real
 // time.
@@ -115,7 +121,16 @@ func (s *Set) Queue(model string) (*Queue, error) {
 	}
 	if s.dynCount.Add(1) > s.maxDynamic {
 		s.dynCount.Add(-1)
-		return nil, ErrTooManyModels
+		// Make room: queues of unlisted models that sit idle with full
+		// buckets hold nothing a new queue would not (junk names must not
+		// use the room up for good).
+		if s.Sweep(s.now()) == 0 {
+			return nil, ErrTooManyModels
+		}
+		if s.dynCount.Add(1) > s.maxDynamic {
+			s.dynCount.Add(-1)
+			return nil, ErrTooManyModels
+		}
 	}
 	q, loaded := s.dynamic.LoadOrStore(model, NewQueue(model, *s.wildcard, s.clock))
 	if loaded {
@@ -124,6 +139,33 @@ func (s *Set) Queue(model string) (*Queue, error) {
 		q.(*Queue).Close()
 	}
 	return q.(*Queue), nil
+}
+
+func (s *Set) now() time.Time {
+	if s.clock == nil {
+		return time.Now()
+	}
+	return s.clock.Now()
+}
+
+// Sweep retires the queues of unlisted models that are idle at now: nobody
+// waiting or in flight, no hold, and both buckets full again, so that a
+// new queue for the same model would start exactly where this one stands.
+// A retired queue answers Acquire with ErrRetired (the caller looks the
+// model up again). It returns how many it retired.
+func (s *Set) Sweep(now time.Time) int {
+	n := 0
+	s.dynamic.Range(func(k, v any) bool {
+		if q := v.(*Queue); q.retire(now) && s.dynamic.CompareAndDelete(k, v) {
+			s.dynCount.Add(-1)
+			n++
+			if s.onRetire != nil {
+				s.onRetire(q)
+			}
+		}
+		return true
+	})
+	return n
 }
 
 // Lookup returns the queue of model if it exists, without creating one.

@@ -31,6 +31,11 @@ const (
 	OutcomeRejectUpstream = "rejected_upstream"
 )
 
+// OtherModel is the model label of every model past a route's label
+// bound: clients choose model names, and each name must not add series
+// without end.
+const OtherModel = "other"
+
 // Metrics holds the collectors of one gateway.
 type Metrics struct {
 	requests        *prometheus.CounterVec
@@ -169,6 +174,20 @@ func (m *Metrics) Model(route, model string) *Model {
 		unsent:         m.tokensSettled.WithLabelValues(route, model, "unsent"),
 		estimateError:  m.estimateError.WithLabelValues(route, model),
 		lowered:        m.bucketLowered.WithLabelValues(route, model),
+	}
+}
+
+// DeleteModel removes every series of (route, model): its queue is gone.
+func (m *Metrics) DeleteModel(route, model string) {
+	l := prometheus.Labels{"route": route, "model": model}
+	for _, v := range []interface{ DeletePartialMatch(prometheus.Labels) int }{
+		m.requests, m.tokensReserved, m.promptTokens, m.upstreamStatus, m.inflight, m.tokensUsed,
+		m.tokensSettled, m.retries, m.upstreamRate, m.bucketLowered,
+	} {
+		v.DeletePartialMatch(l)
+	}
+	for _, v := range []*prometheus.HistogramVec{m.queueWait, m.upstreamLatency, m.estimateError} {
+		v.DeletePartialMatch(l)
 	}
 }
 

@@ -15,6 +15,9 @@ type QueueStats struct {
 	LimitTokens       int
 	RefillRequests    float64
 	RefillTokens      float64
+	// Folded is the sum of the queues of models past the label bound,
+	// reported as model "other": depth and queued tokens only.
+	Folded bool
 }
 
 // QueueSource lists every queue's state; the server implements it over the
@@ -62,6 +65,9 @@ func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
 	c.src.QueueStats(func(s QueueStats) {
 		ch <- prometheus.MustNewConstMetric(c.depth, prometheus.GaugeValue, float64(s.Depth), s.Route, s.Model)
 		ch <- prometheus.MustNewConstMetric(c.queuedTokens, prometheus.GaugeValue, float64(s.QueuedTokens), s.Route, s.Model)
+		if s.Folded {
+			return
+		}
 		ch <- prometheus.MustNewConstMetric(c.remaining, prometheus.GaugeValue, s.RemainingRequests, s.Route, s.Model, "requests")
 		ch <- prometheus.MustNewConstMetric(c.remaining, prometheus.GaugeValue, s.RemainingTokens, s.Route, s.Model, "tokens")
 		ch <- prometheus.MustNewConstMetric(c.limitDs, prometheus.GaugeValue, float64(s.LimitRequests), s.Route, s.Model, "requests")

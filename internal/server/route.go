@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -35,12 +36,21 @@ type route struct {
 	noModel prometheus.Counter // requests that name no model
 	pool    *backends.Pool     // a fleet route's backends; nil for one forward URL
 	life    *lifecycle.Manager // the fleet's backends llproxy runs; nil if none
+
+	labeled   atomic.Int64 // wildcard models with series of their own
+	otherOnce sync.Once
+	other     *metrics.Model // the series of the wildcard models past maxModelLabels
 }
+
+// maxModelLabels bounds the wildcard models of a route that get metric
+// series of their own; the rest share model="other".
+const maxModelLabels = 100
 
 // modelState is what the hot path needs of one (route, model).
 type modelState struct {
 	q                *scheduler.Queue
 	m                *metrics.Model
+	label            string // the model label of its series
 	defaultMaxTokens int
 	maxQueueWait     time.Duration
 	defaults         []byte // JSON object of default request parameters, or nil
@@ -48,25 +58,57 @@ type modelState struct {
 }
 
 // modelFor returns the state of model, creating a wildcard queue on first
-// use.
+// use (or anew, if its queue was retired for being idle).
 func (rt *route) modelFor(model string) (*modelState, error) {
 	if ms, ok := rt.listed[model]; ok {
 		return ms, nil
 	}
-	if ms, ok := rt.dynamic.Load(model); ok {
-		return ms.(*modelState), nil
+	if v, ok := rt.dynamic.Load(model); ok {
+		ms := v.(*modelState)
+		if !ms.q.Retired() {
+			return ms, nil
+		}
+		rt.forget(ms)
 	}
 	q, err := rt.set.Queue(model)
 	if err != nil {
 		return nil, err
 	}
-	ms, _ := rt.dynamic.LoadOrStore(model, rt.newModelState(q, rt.cfg.Models[scheduler.Wildcard]))
-	return ms.(*modelState), nil
+	ms := rt.newModelState(q, rt.cfg.Models[scheduler.Wildcard])
+	if v, loaded := rt.dynamic.LoadOrStore(model, ms); loaded {
+		rt.release(ms)
+		return v.(*modelState), nil
+	}
+	return ms, nil
+}
+
+// forget drops the state of a wildcard model whose queue was retired, and
+// its series.
+func (rt *route) forget(ms *modelState) {
+	if rt.dynamic.CompareAndDelete(ms.q.Model(), ms) {
+		rt.release(ms)
+	}
+}
+
+// release gives back a wildcard model's label.
+func (rt *route) release(ms *modelState) {
+	if ms.label != metrics.OtherModel {
+		rt.srv.metrics.DeleteModel(rt.name, ms.label)
+		rt.labeled.Add(-1)
+	}
 }
 
 func (rt *route) newModelState(q *scheduler.Queue, mc *config.Model) *modelState {
-	ms := &modelState{q: q, m: rt.srv.metrics.Model(rt.name, q.Model()), defaultMaxTokens: mc.DefaultMaxTokens,
+	ms := &modelState{q: q, label: q.Model(), defaultMaxTokens: mc.DefaultMaxTokens,
 		maxQueueWait: time.Duration(mc.MaxQueueWait), system: mc.System}
+	if _, listed := rt.cfg.Models[q.Model()]; !listed && rt.labeled.Add(1) > maxModelLabels {
+		rt.labeled.Add(-1)
+		ms.label = metrics.OtherModel
+		rt.otherOnce.Do(func() { rt.other = rt.srv.metrics.Model(rt.name, metrics.OtherModel) })
+		ms.m = rt.other
+	} else {
+		ms.m = rt.srv.metrics.Model(rt.name, q.Model())
+	}
 	if len(mc.Defaults) > 0 {
 		ms.defaults, _ = json.Marshal(mc.Defaults)
 	}
@@ -285,4 +327,15 @@ func (rt *route) writeModelError(w http.ResponseWriter, model string, err error)
 	writeError(w, http.StatusNotFound, "invalid_request_error", "model_not_found",
 		"The model `"+model+"` does not exist or you do not have access to it. llproxy route "+rt.name+
 			" serves: "+strings.Join(rt.set.Models(), ", ")+".")
+}
+
+// labelOf is the model label of q's series.
+func (rt *route) labelOf(q *scheduler.Queue) string {
+	if _, ok := rt.listed[q.Model()]; ok {
+		return q.Model()
+	}
+	if v, ok := rt.dynamic.Load(q.Model()); ok && v.(*modelState).q == q {
+		return v.(*modelState).label
+	}
+	return metrics.OtherModel // being created or retired: not a series of its own
 }

@@ -94,6 +94,15 @@ func (rt *route) schedule(ex *exchange, r *http.Request, body *bodyBuf, c *call,
 	rec.prompt, rec.cost = c.est.prompt, c.est.cost
 	arrived := time.Now()
 	adm, err := ms.q.Acquire(r.Context(), scheduler.Cost{Tokens: c.est.cost})
+	if errors.Is(err, scheduler.ErrRetired) {
+		// Its queue was retired for being idle between lookup and
+		// admission: look again (a new queue with full buckets, exactly
+		// what the idle one held).
+		if ms, err = rt.modelFor(rec.model); err == nil {
+			c.ms = ms
+			adm, err = ms.q.Acquire(r.Context(), scheduler.Cost{Tokens: c.est.cost})
+		}
+	}
 	if err != nil {
 		rec.outcome = rt.writeAcquireError(ex, r.Context(), err)
 		ms.m.Outcome(rec.outcome)

@@ -128,6 +128,11 @@ func (s *Server) newRoute(name string, rc *config.Route, opts Options) (*route, 
 	}
 	rt := &route{name: name, srv: s, cfg: rc, set: set, listed: map[string]*modelState{},
 		noModel: s.metrics.Passthrough(name)}
+	set.OnRetire(func(q *scheduler.Queue) {
+		if v, ok := rt.dynamic.Load(q.Model()); ok && v.(*modelState).q == q {
+			rt.forget(v.(*modelState))
+		}
+	})
 	for model, mc := range rc.Models {
 		if model == scheduler.Wildcard {
 			continue
@@ -404,13 +409,24 @@ func (s *Server) BeginShutdown() {
 func (s *Server) QueueStats(yield func(metrics.QueueStats)) {
 	now := time.Now()
 	for name, rt := range s.routes {
+		other := metrics.QueueStats{Route: name, Model: metrics.OtherModel, Folded: true}
+		folded := false
 		rt.set.Range(func(q *scheduler.Queue) {
 			st := q.Stats(now)
+			if rt.labelOf(q) == metrics.OtherModel {
+				other.Depth += st.Depth
+				other.QueuedTokens += st.QueuedTokens
+				folded = true
+				return
+			}
 			c := q.Config()
 			yield(metrics.QueueStats{Route: name, Model: q.Model(), Depth: st.Depth, QueuedTokens: st.QueuedTokens,
 				RemainingRequests: st.RemainingRequests, RemainingTokens: st.RemainingTokens,
 				LimitRequests: c.RPM, LimitTokens: c.TPM, RefillRequests: st.RefillRequests, RefillTokens: st.RefillTokens})
 		})
+		if folded {
+			yield(other)
+		}
 	}
 }
 
