@@ -2,11 +2,14 @@ package provider
 
 import (
 	"context"
+	"encoding/base64"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"hash/fnv"
 	"io"
+	"math"
 	"net/http"
 	"strconv"
 	"strings"
@@ -106,7 +109,7 @@ func (m *Mock) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		w.Write(m.models)
 		return
 	case strings.HasSuffix(path, "/chat/completions"), strings.HasSuffix(path, "/completions"),
-		strings.HasSuffix(path, "/embeddings"):
+		strings.HasSuffix(path, "/embeddings"), strings.HasSuffix(path, "/responses"):
 	default:
 		mockError(w, http.StatusNotFound, "invalid_request_error", "unknown_url", "Unknown request URL: "+r.Method+" "+path)
 		return
@@ -138,6 +141,10 @@ func (m *Mock) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		m.embeddings(w, req, v)
 		return
 	}
+	if strings.HasSuffix(path, "/responses") {
+		m.responses(w, r.Context(), req)
+		return
+	}
 	if req.stream {
 		m.stream(w, r.Context(), req)
 		return
@@ -166,7 +173,7 @@ func (m *Mock) parse(path string, v *fastjson.Value) mockRequest {
 		words:        m.cfg.Chunks,
 		finish:       "stop",
 	}
-	for _, k := range []string{"max_completion_tokens", "max_tokens"} {
+	for _, k := range []string{"max_completion_tokens", "max_tokens", "max_output_tokens"} {
 		if max := v.GetInt(k); max > 0 {
 			if max < req.words {
 				req.words, req.finish = max, "length"
@@ -343,12 +350,28 @@ func (m *Mock) embeddings(w http.ResponseWriter, req mockRequest, v *fastjson.Va
 		}
 		b = append(b, `{"object":"embedding","index":`...)
 		b = strconv.AppendInt(b, int64(i), 10)
+		vec := [8]float32{}
+		for j := range vec {
+			vec[j] = float32((int(req.seed)+i*8+j)%97) / 97
+		}
+		if string(v.GetStringBytes("encoding_format")) == "base64" {
+			// Little-endian float32s, base64: what the SDKs ask for by
+			// default and decode.
+			var raw [len(vec) * 4]byte
+			for j, f := range vec {
+				binary.LittleEndian.PutUint32(raw[4*j:], math.Float32bits(f))
+			}
+			b = append(b, `,"embedding":"`...)
+			b = base64.StdEncoding.AppendEncode(b, raw[:])
+			b = append(b, `"}`...)
+			continue
+		}
 		b = append(b, `,"embedding":[`...)
-		for j := range 8 {
+		for j, f := range vec {
 			if j > 0 {
 				b = append(b, ',')
 			}
-			b = strconv.AppendFloat(b, float64((int(req.seed)+i*8+j)%97)/97, 'f', 6, 64)
+			b = strconv.AppendFloat(b, float64(f), 'f', 6, 32)
 		}
 		b = append(b, "]}"...)
 	}

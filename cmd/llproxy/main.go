@@ -83,6 +83,8 @@ func run(args []string) int {
 		return 1
 	}
 	srv := &http.Server{Handler: gw, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 120 * time.Second}
+	// SIGHUP would end the process silently; there is no reload (yet).
+	signal.Ignore(syscall.SIGHUP)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
 	go gw.Run(ctx) // fleet health checks and discovery

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -141,4 +142,77 @@ func TestNoOrphansEvenWhenKilled(t *testing.T) {
 		b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
 		return err != nil || strings.Contains(string(b), ") Z ")
 	}, 10*time.Second, 10*time.Millisecond, "the model server outlived llproxy")
+}
+
+// TestHostileRequestsDoNotKillTheProcess: requests that once crashed or
+// confused the binary on the example config get clear answers, and the
+// process stays up (SIGHUP included, which it ignores).
+func TestHostileRequestsDoNotKillTheProcess(t *testing.T) {
+	bin := build(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	addr := ln.Addr().String()
+	ln.Close()
+	cmd := exec.Command(bin, "-listen", addr)
+	cmd.Dir = "../.."
+	cmd.Env = cleanEnv()
+	var logs bytes.Buffer
+	cmd.Stderr = &logs
+	require.NoError(t, cmd.Start())
+	defer cmd.Process.Kill()
+	base := "http://" + addr
+	require.Eventually(t, func() bool {
+		resp, err := http.Get(base + "/healthz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	}, 20*time.Second, 10*time.Millisecond)
+
+	for _, tc := range []struct {
+		name, method, path, ctype, body string
+		want                            int
+	}{
+		{"empty POST", "POST", "/demo/v1/chat/completions", "", "", 400},
+		{"empty JSON POST", "POST", "/demo/v1/completions", "application/json", "", 400},
+		{"multipart claim on a JSON body", "POST", "/demo/v1/embeddings", "multipart/form-data; boundary=x", `{"model":"mock","input":"hi"}`, 200},
+		{"huge n", "POST", "/demo/v1/chat/completions", "application/json", `{"model":"mock","n":9223372036854775807,"max_tokens":1000000,"messages":[]}`, 400},
+		{"wrapping n", "POST", "/demo/v1/chat/completions", "application/json", `{"model":"mock","n":4294967296,"max_completion_tokens":4294967296,"messages":[]}`, 400},
+		{"duplicate model", "POST", "/demo/v1/chat/completions", "application/json", `{"model":"mock","max_tokens":1,"model":"gpt-4o-mini","max_tokens":100000,"messages":[]}`, 400},
+		{"invalid UTF-8 model", "POST", "/demo/v1/chat/completions", "application/json", "{\"model\":\"m\xff\xfe\",\"messages\":[]}", 400},
+		{"no model", "POST", "/demo/v1/chat/completions", "application/json", `{"messages":[]}`, 400},
+		{"dot segments", "POST", "/demo/v1/../../admin", "application/json", `{}`, 400},
+		{"GET unload", "GET", "/unload", "", "", 405},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			req, err := http.NewRequest(tc.method, base+tc.path, strings.NewReader(tc.body))
+			require.NoError(t, err)
+			if tc.ctype != "" {
+				req.Header.Set("Content-Type", tc.ctype)
+			}
+			resp, err := http.DefaultClient.Do(req)
+			require.NoError(t, err, logs.String())
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			assert.Equal(t, tc.want, resp.StatusCode, string(b))
+			if tc.want >= 400 {
+				assert.Contains(t, string(b), `"error":{`, "OpenAI's error shape")
+			}
+		})
+	}
+	resp, err := http.Get(base + "/metrics")
+	require.NoError(t, err)
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	assert.Equal(t, http.StatusOK, resp.StatusCode, "metrics still render")
+	assert.NotContains(t, string(b), "\xff")
+
+	require.NoError(t, cmd.Process.Signal(syscall.SIGHUP))
+	resp, err = http.Get(base + "/healthz")
+	require.NoError(t, err, "SIGHUP does not end the process")
+	resp.Body.Close()
+	require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
+	require.NoError(t, cmd.Wait(), logs.String())
+	assert.NotContains(t, logs.String(), "panic")
 }

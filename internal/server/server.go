@@ -446,10 +446,23 @@ func (c mockCounter) TextTokens(model, text string) int {
 
 func itoa(n int64) string { return strconv.FormatInt(n, 10) }
 
-// Shutdown is the whole SIGTERM sequence for srv serving s: answer queued
-// requests and refuse new ones, stop accepting, and let admitted requests
-// finish within timeout before closing what is left.
+// Shutdown is the whole SIGTERM sequence for srv serving s: after
+// shutdownDelay with /healthz at 503 (if set), answer queued requests and
+// refuse new ones, stop accepting, and let admitted requests finish within
+// timeout before closing what is left.
 func Shutdown(ctx context.Context, srv *http.Server, s *Server, timeout time.Duration) error {
+	if d := time.Duration(s.cfg.ShutdownDelay); d > 0 {
+		// /healthz answers 503 while everything else is still served, so
+		// a load balancer takes the instance out before it stops.
+		s.closing.Store(true)
+		s.log.Info("shutdown: draining before the listener closes", "delay", d.String())
+		t := time.NewTimer(d)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+		}
+	}
 	s.BeginShutdown()
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()

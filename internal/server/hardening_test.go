@@ -1,0 +1,395 @@
+package server
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"os"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/llproxy/llproxy/internal/config"
+	"github.com/llproxy/llproxy/internal/porttest"
+)
+
+// A panic in a goroutine the gateway starts (here the in-process upstream's)
+// is answered with a 500 in OpenAI's shape, logged with its stack, and the
+// gateway goes on.
+func TestPanicInTheInProcessUpstreamIsA500(t *testing.T) {
+	cfg, err := config.Parse([]byte(`{"routes": {"openai": {"forward": "http://upstream.invalid",
+	  "models": {"*": {"maxQueueSize": 1, "maxQueueWait": 5, "rpm": 60, "tpm": 100000, "maxConcurrent": 1}}}}}`), nil)
+	require.NoError(t, err)
+	logs := &syncBuffer{}
+	boom := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var m map[string]int
+		m["x"]++ // a nil map write: the kind of bug that used to take the process down
+	})
+	srv, err := New(Options{Config: cfg, Tokenizer: testTokenizer(t), Registry: prometheus.NewRegistry(),
+		Logger: slog.New(slog.NewJSONHandler(logs, nil)), Transport: handlerTransport{h: boom, log: slog.New(slog.NewJSONHandler(logs, nil))}})
+	require.NoError(t, err)
+	g := httptest.NewServer(srv)
+	defer g.Close()
+	for range 3 { // the slot of maxConcurrent 1 comes back each time
+		resp, err := http.Post(g.URL+"/openai/v1/chat/completions", "application/json",
+			strings.NewReader(`{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}`))
+		require.NoError(t, err)
+		e := openAIError(t, resp)
+		resp.Body.Close()
+		assert.Equal(t, http.StatusInternalServerError, resp.StatusCode)
+		assert.Equal(t, "server_error", e.Type)
+	}
+	assert.Contains(t, logs.String(), "panic in the in-process upstream")
+	assert.Contains(t, logs.String(), "goroutine", "with its stack")
+}
+
+// breakingBackend streams two chunks and then drops the connection, as a
+// crashing server (or a client's reset, on the other side) does.
+func breakingBackend(t *testing.T, model string) *httptest.Server {
+	s := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/v1/models" {
+			fmt.Fprintf(w, `{"object":"list","data":[{"id":%q}]}`, model)
+			return
+		}
+		io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "text/event-stream")
+		io.WriteString(w, "data: {\"choices\":[{\"delta\":{\"content\":\"a\"}}]}\n\n")
+		w.(http.Flusher).Flush()
+		io.WriteString(w, "data: {\"choices\":[{\"delta\":{\"content\":\"b\"}}]}\n\n")
+		w.(http.Flusher).Flush()
+		conn, _, err := http.NewResponseController(w).Hijack()
+		if err == nil {
+			conn.Close()
+		}
+	}))
+	t.Cleanup(s.Close)
+	return s
+}
+
+// A stream cut mid-way gives back everything its request held: the
+// backend's in-flight count, the model's concurrency slot. After several
+// cuts, a backend with maxConcurrent 1 still serves.
+func TestCutStreamsLeakNothing(t *testing.T) {
+	be := breakingBackend(t, "m")
+	ok := newLocalServer(t, nil, "ok", "n")
+	g := newGateway(t, `{"routes": {"local": {
+	  "backends": [{"name": "broken", "url": "`+be.URL+`", "models": ["m"], "maxConcurrent": 1},
+	               {"name": "ok", "url": "`+ok.URL+`", "models": ["n"], "maxConcurrent": 1}],
+	  "models": {"*": {"maxQueueSize": 4, "maxQueueWait": 2, "rpm": 600, "tpm": 1000000, "maxConcurrent": 1}}}}}`, "", nil)
+	for range 3 {
+		resp := g.post(t, "/local/v1/chat/completions", `{"model":"m","stream":true,"messages":[{"role":"user","content":"hi"}]}`)
+		b, err := io.ReadAll(resp.Body)
+		assert.Error(t, err, "the client sees the stream cut, not a clean end: %d %s %v", resp.StatusCode, b, resp.Header)
+	}
+	g.waitLog(t, `"outcome":"aborted"`)
+	for _, st := range g.srv.routes["local"].pool.Status() {
+		assert.Zero(t, st.InFlight, "backend %s", st.Name)
+	}
+	q, ok2 := g.srv.routes["local"].set.Lookup("m")
+	require.True(t, ok2)
+	assert.Zero(t, q.Stats(time.Now()).InFlight, "the model's slot is free")
+	// And a client that resets mid-stream: the same.
+	slow := newLocalServer(t, nil, "slow", "s")
+	slow.hold = make(chan struct{})
+	g2 := newGateway(t, `{"routes": {"local": {
+	  "backends": [{"name": "slow", "url": "`+slow.URL+`", "models": ["s"], "maxConcurrent": 1}],
+	  "models": {"*": {"maxQueueSize": 4, "maxQueueWait": 2, "rpm": 600, "tpm": 1000000, "maxConcurrent": 1}}}}}`, "", nil)
+	ctx, cancel := context.WithCancel(context.Background())
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, g2.URL+"/local/v1/chat/completions",
+		strings.NewReader(`{"model":"s","messages":[{"role":"user","content":"hi"}]}`))
+	req.Header.Set("Content-Type", "application/json")
+	go func() {
+		require.Eventually(t, func() bool { return slow.inflight.Load() == 1 }, 5*time.Second, time.Millisecond)
+		cancel()
+	}()
+	if resp, err := http.DefaultClient.Do(req); err == nil {
+		cancel() // the client gives up mid-answer
+		io.ReadAll(resp.Body)
+		resp.Body.Close()
+	}
+	close(slow.hold)
+	require.Eventually(t, func() bool {
+		st := g2.srv.routes["local"].pool.Status()
+		return st[0].InFlight == 0
+	}, 5*time.Second, time.Millisecond, "the backend's in-flight count comes back")
+	status, _ := chat(t, g2.URL+"/local/v1/chat/completions", "s")
+	assert.Equal(t, http.StatusOK, status)
+}
+
+// Admin endpoints: an admin key when adminKeys are set, else a client key;
+// mutating ones only on POST; /metrics behind metricsKey; an unknown route
+// named to nobody unauthenticated.
+func TestAdminEndpointsAreAuthenticated(t *testing.T) {
+	up := newUpstream(t)
+	cfg := `{"clientKeys": ["team-key"], %s "routes": {"openai": {"forward": "$UPSTREAM",
+	  "models": {"*": {"maxQueueSize": 1, "maxQueueWait": 1, "rpm": 60, "tpm": 100000}}}}}`
+	do := func(g *gateway, method, path, key string) int {
+		req, _ := http.NewRequest(method, g.URL+path, nil)
+		if key != "" {
+			req.Header.Set("Authorization", "Bearer "+key)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		require.NoError(t, err)
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	g := newGateway(t, fmt.Sprintf(cfg, ""), up.URL, nil)
+	for _, p := range []string{"/status", "/health"} {
+		assert.Equal(t, 401, do(g, "GET", p, ""), p)
+		assert.Equal(t, 200, do(g, "GET", p, "team-key"), p)
+	}
+	for _, p := range []string{"/unload", "/unload/gpt-4o", "/health/force-check"} {
+		assert.Equal(t, 401, do(g, "POST", p, ""), p)
+		assert.Equal(t, 405, do(g, "GET", p, "team-key"), "%s: no GET side effects", p)
+		assert.Equal(t, 200, do(g, "POST", p, "team-key"), p)
+	}
+	assert.Equal(t, 200, do(g, "GET", "/healthz", ""), "liveness stays open")
+	assert.Equal(t, 200, do(g, "GET", "/metrics", ""), "no metricsKey: open")
+
+	resp, err := http.Get(g.URL + "/nope/v1/chat/completions")
+	require.NoError(t, err)
+	body := readAll(t, resp)
+	assert.Equal(t, 404, resp.StatusCode)
+	assert.NotContains(t, body, "openai", "route names are not told to strangers")
+
+	g = newGateway(t, fmt.Sprintf(cfg, `"adminKeys": ["admin-key"], "metricsKey": "scrape-key",`), up.URL, nil)
+	assert.Equal(t, 401, do(g, "GET", "/status", "team-key"), "a client key is not an admin key")
+	assert.Equal(t, 200, do(g, "GET", "/status", "admin-key"))
+	assert.Equal(t, 200, do(g, "POST", "/unload", "admin-key"))
+	assert.Equal(t, 401, do(g, "GET", "/metrics", ""))
+	assert.Equal(t, 200, do(g, "GET", "/metrics", "scrape-key"))
+	g.waitLog(t, `"status":401`)
+}
+
+// A client that stops reading a stream is cut off at writeTimeout and its
+// slot goes back; one that trickles its body gets 408 at bodyIdleTimeout.
+func TestSlowClientsHoldNothing(t *testing.T) {
+	up := newUpstream(t)
+	up.setHandler(func(w http.ResponseWriter, r *http.Request, body []byte) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		chunk := "data: {\"choices\":[{\"delta\":{\"content\":\"" + strings.Repeat("x", 16<<10) + "\"}}]}\n\n"
+		for r.Context().Err() == nil {
+			if _, err := io.WriteString(w, chunk); err != nil {
+				return
+			}
+			w.(http.Flusher).Flush()
+		}
+	})
+	g := newGateway(t, `{"writeTimeout": "300ms", "bodyIdleTimeout": "300ms", "routes": {"openai": {"forward": "$UPSTREAM",
+	  "injectStreamUsage": false, "models": {"*": {"maxQueueSize": 4, "maxQueueWait": 30, "rpm": 600, "tpm": 1000000, "maxConcurrent": 1}}}}}`, up.URL, nil)
+	addr := strings.TrimPrefix(g.URL, "http://")
+	conn, err := net.Dial("tcp", addr)
+	require.NoError(t, err)
+	defer conn.Close()
+	body := `{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}`
+	fmt.Fprintf(conn, "POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body)
+	// It reads nothing more. Once the socket buffers are full the
+	// gateway's write blocks, times out, and the slot comes back.
+	q := func() int {
+		qq, ok := g.srv.routes["openai"].set.Lookup("gpt-4o")
+		if !ok {
+			return -1
+		}
+		return qq.Stats(time.Now()).InFlight
+	}
+	require.Eventually(t, func() bool { return q() == 1 }, 5*time.Second, time.Millisecond)
+	require.Eventually(t, func() bool { return q() == 0 }, 20*time.Second, 10*time.Millisecond,
+		"the stalled reader's slot is released")
+
+	// A body that trickles: headers, a few bytes, then nothing.
+	c2, err := net.Dial("tcp", addr)
+	require.NoError(t, err)
+	defer c2.Close()
+	fmt.Fprintf(c2, "POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"mo")
+	c2.SetReadDeadline(time.Now().Add(10 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c2), nil)
+	require.NoError(t, err)
+	assert.Equal(t, http.StatusRequestTimeout, resp.StatusCode)
+	resp.Body.Close()
+}
+
+// The gateway reads a request as the upstream will, or refuses it.
+func TestTheGatewayReadsWhatTheUpstreamReads(t *testing.T) {
+	up := newUpstream(t)
+	g := newGateway(t, `{"routes": {"openai": {"forward": "$UPSTREAM",
+	  "models": {"*": {"maxQueueSize": 1, "maxQueueWait": 1, "rpm": 600, "tpm": 50000}}}}}`, up.URL, nil)
+	for _, tc := range []struct {
+		name, body, ctype string
+		status            int
+		code              string
+	}{
+		{"duplicate keys", `{"model":"cheap","max_tokens":1,"model":"expensive","max_tokens":100000,"messages":[]}`, "application/json", 400, ""},
+		{"nested duplicate", `{"model":"m","messages":[{"role":"user","content":"a","content":"bbbbbbbbbb"}]}`, "application/json", 400, ""},
+		{"1e5 is 100000", `{"model":"m","max_tokens":1e5,"messages":[]}`, "application/json", 429, "rate_limit_exceeded"},
+		{"100000.0 is 100000", `{"model":"m","max_completion_tokens":100000.0,"messages":[]}`, "application/json", 429, "rate_limit_exceeded"},
+		{"fractional", `{"model":"m","max_tokens":1.5,"messages":[]}`, "application/json", 400, ""},
+		{"string number", `{"model":"m","max_tokens":"5","messages":[]}`, "application/json", 400, ""},
+		{"n above 128", `{"model":"m","n":129,"messages":[]}`, "application/json", 400, ""},
+		{"absurd max output", `{"model":"m","max_tokens":4294967296,"messages":[]}`, "application/json", 400, ""},
+		{"multipart claim, JSON body, too large", `{"model":"m","max_tokens":100000,"messages":[]}`, "multipart/form-data; boundary=x", 429, "rate_limit_exceeded"},
+		{"text/plain claim, not JSON", `model=m`, "text/plain", 400, ""},
+		{"invalid UTF-8 model", "{\"model\":\"a\xffb\",\"messages\":[]}", "application/json", 400, ""},
+		{"control character in model", `{"model":"a\u0001b","messages":[]}`, "application/json", 400, ""},
+		{"no model", `{"messages":[]}`, "application/json", 400, ""},
+		{"negative tokens mean none (local servers)", `{"model":"m","max_tokens":-1,"messages":[]}`, "application/json", 200, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			resp := g.post(t, "/openai/v1/chat/completions", tc.body, "Content-Type", tc.ctype)
+			if tc.status == 200 {
+				assert.Equal(t, 200, resp.StatusCode, readAll(t, resp))
+				return
+			}
+			e := openAIError(t, resp)
+			assert.Equal(t, tc.status, resp.StatusCode, e.Message)
+			assert.Equal(t, tc.code, strOf(e.Code))
+		})
+	}
+	for _, r := range up.requests() {
+		assert.Contains(t, string(r.Body), `"max_tokens":-1`, "only the valid request reached the upstream: %s", r.Body)
+	}
+	assert.Len(t, up.requests(), 1)
+	assert.NotContains(t, metricsText(t, g), "\\xff", "metrics still render")
+}
+
+// Dot segments cannot walk out of the forward URL's base path.
+func TestDotSegmentsAreRejected(t *testing.T) {
+	up := newUpstream(t)
+	g := newGateway(t, `{"routes": {"openai": {"forward": "$UPSTREAM/base", "apiKey": "sk-up",
+	  "models": {"*": {"maxQueueSize": 1, "maxQueueWait": 1, "rpm": 600, "tpm": 50000}}}}}`, up.URL, nil)
+	for _, p := range []string{"/openai/../../admin", "/openai/v1/%2e%2e/%2e%2e/admin", "/openai/v1/..%2f..%2fadmin", "/openai/./v1/models"} {
+		req, err := http.NewRequest(http.MethodGet, g.URL+"/x", nil)
+		require.NoError(t, err)
+		req.URL.Opaque = p // sent as it is, not cleaned by the client
+		resp, err := http.DefaultClient.Do(req)
+		require.NoError(t, err)
+		resp.Body.Close()
+		assert.Equal(t, http.StatusBadRequest, resp.StatusCode, p)
+	}
+	assert.Empty(t, up.requests(), "nothing reached the upstream with the key")
+}
+
+// Neither a client key nor a client's choice of organization reaches an
+// upstream; a discovered server (whatever listens on the range) never gets
+// the route's key unless the config says so.
+func TestCredentialsStayInTheGateway(t *testing.T) {
+	up := newUpstream(t)
+	g := newGateway(t, `{"clientKeys": ["team-key"], "routes": {
+	  "keyed": {"forward": "$UPSTREAM", "apiKey": "sk-up", "models": {"*": {"maxQueueSize": 1, "maxQueueWait": 1, "rpm": 600, "tpm": 50000}}},
+	  "open":  {"forward": "$UPSTREAM", "models": {"*": {"maxQueueSize": 1, "maxQueueWait": 1, "rpm": 600, "tpm": 50000}}}}}`, up.URL, nil)
+	body := `{"model":"m","messages":[]}`
+	resp := g.post(t, "/keyed/v1/chat/completions", body, "Authorization", "Bearer team-key", "OpenAI-Organization", "org-x", "OpenAI-Project", "p-x")
+	require.Equal(t, 200, resp.StatusCode)
+	resp = g.post(t, "/open/v1/chat/completions", body, "Api-Key", "team-key")
+	require.Equal(t, 200, resp.StatusCode)
+	reqs := up.requests()
+	require.Len(t, reqs, 2)
+	assert.Equal(t, "Bearer sk-up", reqs[0].Header.Get("Authorization"))
+	assert.Empty(t, reqs[0].Header.Get("OpenAI-Organization"))
+	assert.Empty(t, reqs[0].Header.Get("OpenAI-Project"))
+	for _, r := range reqs {
+		for k, v := range r.Header {
+			assert.NotContains(t, strings.Join(v, " "), "team-key", "header %s", k)
+		}
+	}
+
+	// Discovery with a route key: the discovered server gets no key.
+	base, lns := porttest.Listen(t, 1)
+	var auth []string
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/v1/models" {
+			io.WriteString(w, `{"data":[{"id":"d"}]}`)
+			return
+		}
+		auth = append(auth, r.Header.Get("Authorization"))
+		io.WriteString(w, `{"choices":[{"message":{"content":"ok"}}],"usage":{"prompt_tokens":1,"completion_tokens":1}}`)
+	})}
+	go srv.Serve(lns[0])
+	t.Cleanup(func() { srv.Close() })
+	g = newGateway(t, fmt.Sprintf(`{"routes": {"local": {"apiKey": "sk-route",
+	  "discover": [{"host": "127.0.0.1", "portStart": %d, "portEnd": %d}],
+	  "models": {"*": {"maxQueueSize": 1, "maxQueueWait": 1, "rpm": 600, "tpm": 50000}}}}}`, base, base), "", nil)
+	pool := g.srv.routes["local"].pool
+	pool.Scan(context.Background(), pool.Config().Discover[0])
+	status, _ := chat(t, g.URL+"/local/v1/chat/completions", "d")
+	require.Equal(t, 200, status)
+	assert.Equal(t, []string{""}, auth, "no route key for a discovered server")
+}
+
+// Passwords in backend URLs never show.
+func TestBackendURLsAreRedacted(t *testing.T) {
+	b := newLocalServer(t, nil, "b", "m")
+	u, _ := url.Parse(b.URL)
+	u.User = url.UserPassword("ops", "hunter2")
+	g := newGateway(t, `{"routes": {"local": {"backends": [{"name": "b", "url": "`+u.String()+`", "models": ["m"]}],
+	  "models": {"*": {"maxQueueSize": 1, "maxQueueWait": 1, "rpm": 600, "tpm": 50000}}}}}`, "", nil)
+	resp, err := http.Get(g.URL + "/health")
+	require.NoError(t, err)
+	body := readAll(t, resp)
+	assert.NotContains(t, body, "hunter2")
+	assert.Contains(t, body, "ops:xxxxx@")
+	_, err = config.Parse([]byte(`{"routes": {"x": {"forward": "ftp://u:hunter2@h", "models": {"*": {"rpm": 1, "tpm": 1}}}}}`), nil)
+	require.Error(t, err)
+	assert.NotContains(t, err.Error(), "hunter2")
+}
+
+// Upstream answers are bounded: a 429 that asks for years holds the queue
+// minutes at most and the client gets an honest, finite Retry-After; a
+// negative usage neither panics nor credits the bucket.
+func TestUpstreamAnswersAreBounded(t *testing.T) {
+	up := newUpstream(t)
+	up.setHandler(func(w http.ResponseWriter, r *http.Request, body []byte) {
+		w.Header().Set("Retry-After", "Fri, 31 Dec 9999 23:59:59 GMT")
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusTooManyRequests)
+		io.WriteString(w, `{"error":{"message":"slow down","type":"requests","code":"rate_limit_exceeded"}}`)
+	})
+	g := newGateway(t, `{"routes": {"openai": {"forward": "$UPSTREAM", "settle": "actual",
+	  "models": {"*": {"maxQueueSize": 4, "maxQueueWait": 2, "rpm": 600, "tpm": 50000}}}}}`, up.URL, nil)
+	start := time.Now()
+	resp := g.post(t, "/openai/v1/chat/completions", `{"model":"m","max_tokens":10,"messages":[]}`)
+	assert.Equal(t, http.StatusTooManyRequests, resp.StatusCode)
+	ra := resp.Header.Get("Retry-After")
+	assert.NotContains(t, ra, "-", "Retry-After %q", ra)
+	assert.Less(t, time.Since(start), 2*time.Second, "the client is answered at once, not after the upstream's wait")
+	q, _ := g.srv.routes["openai"].set.Lookup("m")
+	assert.False(t, q.HeldUntil().After(time.Now().Add(5*time.Minute+time.Second)), "held %v", time.Until(q.HeldUntil()))
+
+	up.setHandler(func(w http.ResponseWriter, r *http.Request, body []byte) {
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"choices":[],"usage":{"prompt_tokens":-5000,"completion_tokens":-9000,"total_tokens":-14000}}`)
+	})
+	g = newGateway(t, `{"routes": {"openai": {"forward": "$UPSTREAM", "settle": "actual",
+	  "models": {"*": {"maxQueueSize": 4, "maxQueueWait": 2, "rpm": 600, "tpm": 50000}}}}}`, up.URL, nil)
+	resp = g.post(t, "/openai/v1/chat/completions", `{"model":"m","max_tokens":10,"messages":[]}`)
+	assert.Equal(t, http.StatusOK, resp.StatusCode)
+	readAll(t, resp)
+	q, _ = g.srv.routes["openai"].set.Lookup("m")
+	assert.LessOrEqual(t, q.Stats(time.Now()).RemainingTokens, 50000.0, "never above capacity")
+	assert.NotContains(t, metricsText(t, g), "NaN")
+}
+
+// A stale pooled connection to a crashed backend is a connection failure:
+// it counts against the backend's health and the request goes to its twin.
+func TestBrokenPipeIsAConnectionDrop(t *testing.T) {
+	for _, err := range []error{
+		&net.OpError{Op: "write", Net: "tcp", Err: os.NewSyscallError("write", syscall.EPIPE)},
+		&net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", syscall.ECONNRESET)},
+		fmt.Errorf("wrapped: %w", &net.OpError{Op: "write", Err: syscall.ECONNABORTED}),
+		io.ErrUnexpectedEOF,
+	} {
+		assert.True(t, isConnectionDrop(err), "%v", err)
+	}
+	assert.False(t, isConnectionDrop(fmt.Errorf("something about a broken pipe in words only")),
+		"classified by the error chain, never its text")
+}
