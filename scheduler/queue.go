@@ -87,8 +87,8 @@ type Queue struct {
 	holdUntil    time.Time // no admission before this (the upstream said wait)
 	loweredReq   float64   // how much Observe has lowered each bucket, in all
 	loweredTok   float64
-	inflight     []*Admission  // admissions holding a slot (MaxConcurrent only)
-	paidReq      float64       // what admissions have paid, in all (see Observe)
+	inflight     []*Admission // admissions holding a slot (MaxConcurrent only)
+	paidReq      float64      // what admissions have paid, in all (see Observe)
 	paidTok      float64
 	seq          uint64   // admissions so far
 	answers      []answer // ring of recent answers (see Observe)

@@ -50,4 +50,3 @@ func (q *Queue) takeSlot(slots []time.Time, at time.Time) []time.Time {
 	out = append(out, free)
 	return append(out, slots[1+i:]...)
 }
-
