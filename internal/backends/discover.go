@@ -8,6 +8,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/llproxy/llproxy/internal/safe"
 )
 
 // scanParallel bounds the probes of one scan in flight at once.
@@ -32,10 +34,13 @@ func (p *Pool) Scan(ctx context.Context, d DiscoverConfig) {
 	sem := make(chan struct{}, scanParallel)
 	var wg sync.WaitGroup
 	go func() {
+		defer close(results)
+		defer wg.Wait()
 		for port := d.PortStart; port <= d.PortEnd; port++ {
 			sem <- struct{}{}
 			wg.Go(func() {
 				defer func() { <-sem }()
+				defer safe.Recover(p.log, "discovery probe")
 				addr := d.Host + ":" + strconv.Itoa(port)
 				models, err := fetchModels(ctx, client, "http://"+addr+"/v1/models")
 				if err == nil {
@@ -43,8 +48,6 @@ func (p *Pool) Scan(ctx context.Context, d DiscoverConfig) {
 				}
 			})
 		}
-		wg.Wait()
-		close(results)
 	}()
 	var all []found
 	for f := range results {

@@ -8,6 +8,8 @@ import (
 	"net/http"
 	"sync"
 	"time"
+
+	"github.com/llproxy/llproxy/internal/safe"
 )
 
 // newProbeClient is the client of checks, listings and scans: short dials
@@ -69,7 +71,7 @@ func (p *Pool) CheckNow(ctx context.Context) {
 		if b.managed {
 			continue // started on demand: a stopped one is not unhealthy
 		}
-		wg.Go(func() { p.check(ctx, b) })
+		wg.Go(safe.Func(p.log, "health check of "+b.Name, func() { p.check(ctx, b) }))
 	}
 	wg.Wait()
 	p.invalidate()
@@ -118,10 +120,12 @@ func (p *Pool) probe(ctx context.Context, url string) error {
 // at once.
 func (p *Pool) Run(ctx context.Context) {
 	var wg sync.WaitGroup
-	wg.Go(func() { every(ctx, time.Duration(p.cfg.HealthCheck.Interval), func() { p.CheckNow(ctx) }) })
+	wg.Go(func() {
+		every(ctx, time.Duration(p.cfg.HealthCheck.Interval), safe.Func(p.log, "health checks", func() { p.CheckNow(ctx) }))
+	})
 	for i := range p.cfg.Discover {
 		d := p.cfg.Discover[i]
-		wg.Go(func() { every(ctx, time.Duration(d.Every), func() { p.Scan(ctx, d) }) })
+		wg.Go(func() { every(ctx, time.Duration(d.Every), safe.Func(p.log, "discovery scan", func() { p.Scan(ctx, d) })) })
 	}
 	wg.Wait()
 }

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/valyala/fastjson"
+
+	"github.com/llproxy/llproxy/internal/safe"
 )
 
 // listModels GETs a backend's /v1/models and returns its models under their
@@ -130,6 +132,7 @@ func (p *Pool) refreshListings(ctx context.Context) {
 	var wg sync.WaitGroup
 	for _, b := range list {
 		wg.Go(func() {
+			defer safe.Recover(p.log, "model listing of "+b.Name)
 			models, err := p.listModels(ctx, b)
 			if err != nil {
 				return

@@ -24,6 +24,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/llproxy/llproxy/internal/safe"
 )
 
 // State is a managed backend's state.
@@ -248,11 +250,11 @@ func (m *Manager) wait(ctx context.Context, p *proc) error {
 	if p.spec.Group != "" {
 		// A swap may become due when the loaded model's grace runs out.
 		if left := p.waitSince.Add(m.maxSwapWait).Sub(m.clock.Now()); left > 0 {
-			t := m.clock.AfterFunc(left, func() {
+			t := m.clock.AfterFunc(left, safe.Func(m.log, "swap timer", func() {
 				m.mu.Lock()
 				m.broadcast()
 				m.mu.Unlock()
-			})
+			}))
 			defer t.Stop()
 		}
 	}
@@ -357,7 +359,7 @@ const idleRecheck = time.Second
 func (m *Manager) arm(p *proc, d, after time.Duration) {
 	m.cancelUnload(p)
 	p.unloadAt = m.clock.Now().Add(d)
-	p.unload = m.clock.AfterFunc(d, func() {
+	p.unload = m.clock.AfterFunc(d, safe.Func(m.log, "unload timer of "+p.spec.Name, func() {
 		m.mu.Lock()
 		defer m.mu.Unlock()
 		p.unload = nil
@@ -370,7 +372,7 @@ func (m *Manager) arm(p *proc, d, after time.Duration) {
 		}
 		m.log.Info("backend idle: unloading", "backend", p.spec.Name, "after", after.String())
 		m.stop(p)
-	})
+	}))
 }
 
 func (m *Manager) cancelUnload(p *proc) {

@@ -12,6 +12,8 @@ import (
 	"runtime"
 	"syscall"
 	"time"
+
+	"github.com/llproxy/llproxy/internal/safe"
 )
 
 // start launches p's command in a process group of its own (so that stop
@@ -52,7 +54,7 @@ func (m *Manager) start(p *proc) {
 	p.cmd = cmd
 	p.exited = make(chan struct{})
 	m.log.Info("backend starting", "backend", p.spec.Name, "pid", cmd.Process.Pid, "cmd", p.spec.Cmd[0])
-	go m.pipeLog(p.spec.Name, out)
+	safe.Go(m.log, "output of "+p.spec.Name, func() { m.pipeLog(p.spec.Name, out) })
 	exited := p.exited
 	go func() {
 		err := cmd.Wait()
@@ -63,7 +65,7 @@ func (m *Manager) start(p *proc) {
 		close(exited)
 		m.exited(p, seq, err)
 	}()
-	go m.awaitReady(p, seq, exited)
+	safe.Go(m.log, "ready check of "+p.spec.Name, func() { m.awaitReady(p, seq, exited) })
 }
 
 // pipeLog copies a process's output to the log, a line at a time, until

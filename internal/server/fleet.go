@@ -12,6 +12,8 @@ import (
 
 	"github.com/llproxy/llproxy/internal/backends"
 	"github.com/llproxy/llproxy/internal/metrics"
+
+	"github.com/llproxy/llproxy/internal/safe"
 )
 
 // This file is the server's side of a route that serves a fleet of
@@ -176,8 +178,9 @@ func (s *Server) Run(ctx context.Context) {
 		if rt.pool != nil {
 			n++
 			go func() {
+				defer func() { done <- struct{}{} }()
+				defer safe.Recover(s.log, "fleet of route "+rt.name)
 				rt.pool.Run(ctx)
-				done <- struct{}{}
 			}()
 		}
 	}
