@@ -125,7 +125,9 @@ func (p *Pool) Run(ctx context.Context) {
 	})
 	for i := range p.cfg.Discover {
 		d := p.cfg.Discover[i]
-		wg.Go(func() { every(ctx, time.Duration(d.Every), safe.Func(p.log, "discovery scan", func() { p.Scan(ctx, d) })) })
+		wg.Go(func() {
+			every(ctx, time.Duration(d.Every), safe.Func(p.log, "discovery scan", func() { p.Scan(ctx, d) }))
+		})
 	}
 	wg.Wait()
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"log/slog"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -214,7 +215,12 @@ func (rt *route) sendAgain(ctx context.Context, ex *exchange, cost int, rec *req
 	ms := ex.ms
 	ms.m.Retry(ex.retry.String())
 	if ex.retry != retryRateLimited {
-		t := time.NewTimer(ex.nextBackoff())
+		backoff := ex.nextBackoff()
+		if rt.debugging(ctx) {
+			rt.debug(ctx, "sending again", slog.String("model", rec.model), slog.String("reason", ex.retry.String()),
+				slog.Duration("backoff", backoff), slog.Int("try", ex.tries))
+		}
+		t := time.NewTimer(backoff)
 		defer t.Stop()
 		select {
 		case <-t.C:
@@ -232,6 +238,10 @@ func (rt *route) sendAgain(ctx context.Context, ex *exchange, cost int, rec *req
 	ms.m.Unsent(cost)
 	rt.observe(ms, ex.adm, ex.refusal, now) // compared as unpaid: the upstream refused it
 	ms.q.Hold(now, now.Add(ex.retryAfter))
+	if rt.debugging(ctx) {
+		rt.debug(ctx, "upstream 429: queue held, request back at its head", slog.String("model", rec.model),
+			slog.Duration("hold", ex.retryAfter), slog.Int("try", ex.tries))
+	}
 	ex.rateRetries++
 	adm, err := ms.q.Requeue(ctx, scheduler.Cost{Tokens: cost}, ex.deadline)
 	if err != nil {

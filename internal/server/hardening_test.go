@@ -260,6 +260,8 @@ func TestTheGatewayReadsWhatTheUpstreamReads(t *testing.T) {
 	}
 	assert.Len(t, up.requests(), 1)
 	assert.NotContains(t, metricsText(t, g), "\\xff", "metrics still render")
+	g.waitLog(t, `"msg":"admitted"`) // logLevel debug says what the scheduler decided
+	g.waitLog(t, `"outcome":"bad_request"`)
 }
 
 // Dot segments cannot walk out of the forward URL's base path.

@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"net/http"
 	"time"
 
@@ -106,7 +107,16 @@ func (rt *route) schedule(ex *exchange, r *http.Request, body *bodyBuf, c *call,
 	if err != nil {
 		rec.outcome = rt.writeAcquireError(ex, r.Context(), err)
 		ms.m.Outcome(rec.outcome)
+		if rt.debugging(r.Context()) {
+			rt.debug(r.Context(), "not admitted", slog.String("model", rec.model), slog.Int("cost", c.est.cost),
+				slog.String("reason", err.Error()))
+		}
 		return
+	}
+	if rt.debugging(r.Context()) {
+		rt.debug(r.Context(), "admitted", slog.String("model", rec.model), slog.Int("cost", c.est.cost),
+			slog.Duration("wait", adm.Wait), slog.Int("remaining_requests", adm.State.RemainingRequests),
+			slog.Int("remaining_tokens", adm.State.RemainingTokens))
 	}
 	// Whatever happens from here (a retry's new admission, a response cut
 	// short by a panic with http.ErrAbortHandler), the admission in force
@@ -193,11 +203,24 @@ func (rt *route) send(ex *exchange, out *http.Request, model string, c *call, bo
 		}
 		ex.backend = be
 		body = rt.bodyFor(ex, body, model, id)
+		if rt.debugging(ctx) {
+			rt.debug(ctx, "backend picked", slog.String("model", model), slog.String("backend", be.Name),
+				slog.String("upstream_id", id), slog.Int("try", ex.tries))
+		}
 	}
 	body.attach(out)
 	defer out.Body.Close()
 	rt.forward.ServeHTTP(ex, out)
 	return true
+}
+
+// debugging reports whether debug logging is on; call debug behind it, so
+// that the request path builds no attributes when it is off.
+func (rt *route) debugging(ctx context.Context) bool { return rt.srv.log.Enabled(ctx, slog.LevelDebug) }
+
+// debug logs a step of a request at debug level.
+func (rt *route) debug(ctx context.Context, msg string, attrs ...slog.Attr) {
+	rt.srv.log.LogAttrs(ctx, slog.LevelDebug, msg, append(attrs, slog.String("route", rt.name))...)
 }
 
 // writeBodyError answers a body that could not be read and returns the
