@@ -14,9 +14,11 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -394,4 +396,86 @@ func TestBrokenPipeIsAConnectionDrop(t *testing.T) {
 	}
 	assert.False(t, isConnectionDrop(fmt.Errorf("something about a broken pipe in words only")),
 		"classified by the error chain, never its text")
+}
+
+// Junk model names do not use up maxWildcardModels for good: a queue that
+// sits idle with full buckets is retired to make room. And each name does
+// not add series without end: past 100 per route they share model="other".
+func TestWildcardModelsExpireAndFoldTheirLabels(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		up := newFakeOpenAI(1000000, 100000000, 0)
+		cfg, err := config.Parse([]byte(`{"routes": {"openai": {"forward": "http://upstream.invalid", "maxWildcardModels": 2,
+		  "models": {"*": {"maxQueueSize": 1, "maxQueueWait": 1, "rpm": 600, "tpm": 100000}}}}}`), nil)
+		require.NoError(t, err)
+		reg := prometheus.NewRegistry()
+		srv, err := New(Options{Config: cfg, Tokenizer: testTokenizer(t), Registry: reg,
+			Logger: slog.New(slog.NewJSONHandler(io.Discard, nil)), Transport: handlerTransport{h: up}})
+		require.NoError(t, err)
+		send := func(model string) int {
+			rec := httptest.NewRecorder()
+			req := httptest.NewRequest(http.MethodPost, "/openai/v1/chat/completions",
+				strings.NewReader(`{"model":"`+model+`","max_tokens":5,"messages":[]}`))
+			srv.ServeHTTP(rec, req)
+			return rec.Code
+		}
+		assert.Equal(t, 200, send("junk-1"))
+		assert.Equal(t, 200, send("junk-2"))
+		assert.Equal(t, 503, send("real"), "both queues hold spent tokens")
+		time.Sleep(61 * time.Second) // their buckets are full again
+		assert.Equal(t, 200, send("real"), "an idle queue made room")
+		assert.NotContains(t, metricsText2(t, reg), `model="junk-1"`, "and its series are gone")
+
+		cfg, err = config.Parse([]byte(`{"routes": {"openai": {"forward": "http://upstream.invalid",
+		  "models": {"*": {"maxQueueSize": 1, "maxQueueWait": 1, "rpm": 6000, "tpm": 10000000}}}}}`), nil)
+		require.NoError(t, err)
+		reg = prometheus.NewRegistry()
+		srv, err = New(Options{Config: cfg, Tokenizer: testTokenizer(t), Registry: reg,
+			Logger: slog.New(slog.NewJSONHandler(io.Discard, nil)), Transport: handlerTransport{h: up}})
+		require.NoError(t, err)
+		for i := range 130 {
+			require.Equal(t, 200, send(fmt.Sprintf("name-%d", i)))
+		}
+		labels := map[string]bool{}
+		mfs, err := reg.Gather()
+		require.NoError(t, err)
+		for _, mf := range mfs {
+			for _, m := range mf.GetMetric() {
+				for _, l := range m.GetLabel() {
+					if l.GetName() == "model" {
+						labels[l.GetValue()] = true
+					}
+				}
+			}
+		}
+		assert.Len(t, labels, maxModelLabels+1, "100 names, then one \"other\"")
+		assert.True(t, labels["other"])
+	})
+}
+
+func metricsText2(t *testing.T, reg *prometheus.Registry) string {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	promhttp.HandlerFor(reg, promhttp.HandlerOpts{}).ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/metrics", nil))
+	return rec.Body.String()
+}
+
+// The Ollama façade applies maxBodyBytes before reading a body, and ends a
+// stream the upstream cut with Ollama's final error line.
+func TestOllamaBoundsBodiesAndEndsCutStreams(t *testing.T) {
+	be := breakingBackend(t, "m")
+	g := newGateway(t, `{"maxBodyBytes": 1000, "routes": {"local": {
+	  "backends": [{"name": "broken", "url": "`+be.URL+`", "models": ["m"]}],
+	  "models": {"*": {"maxQueueSize": 4, "maxQueueWait": 2, "rpm": 600, "tpm": 1000000}}}}}`, "", nil)
+	resp, err := http.Post(g.URL+"/api/chat", "application/json", strings.NewReader(`{"model":"m","messages":[{"role":"user","content":"`+strings.Repeat("x", 5000)+`"}]}`))
+	require.NoError(t, err)
+	body := readAll(t, resp)
+	assert.Equal(t, http.StatusRequestEntityTooLarge, resp.StatusCode, body)
+	assert.Contains(t, body, `"error"`)
+
+	resp, err = http.Post(g.URL+"/api/chat", "application/json", strings.NewReader(`{"model":"m","messages":[{"role":"user","content":"hi"}]}`))
+	require.NoError(t, err)
+	body = readAll(t, resp)
+	lines := strings.Split(strings.TrimSpace(body), "\n")
+	require.GreaterOrEqual(t, len(lines), 2, body)
+	assert.Contains(t, lines[len(lines)-1], `"error"`, "the last line says the stream failed: %s", body)
 }
