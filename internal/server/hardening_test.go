@@ -221,6 +221,28 @@ func TestSlowClientsHoldNothing(t *testing.T) {
 	resp.Body.Close()
 }
 
+// A request that fails authentication is answered before its body is read,
+// and its connection is closed: a client trickling a body without a key
+// cannot hold a goroutine and a connection.
+func TestUnauthenticatedBodiesAreNotRead(t *testing.T) {
+	up := newUpstream(t)
+	g := newGateway(t, `{"clientKeys": ["k"], "routes": {"openai": {"forward": "$UPSTREAM",
+	  "models": {"*": {"maxQueueSize": 1, "maxQueueWait": 1, "rpm": 600, "tpm": 50000}}}}}`, up.URL, nil)
+	conn, err := net.Dial("tcp", strings.TrimPrefix(g.URL, "http://"))
+	require.NoError(t, err)
+	defer conn.Close()
+	fmt.Fprintf(conn, "POST /openai/v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"mo")
+	conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, nil)
+	require.NoError(t, err)
+	assert.Equal(t, http.StatusUnauthorized, resp.StatusCode)
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	_, err = br.ReadByte()
+	assert.ErrorIs(t, err, io.EOF, "the gateway closed the connection instead of waiting for the body")
+}
+
 // The gateway reads a request as the upstream will, or refuses it.
 func TestTheGatewayReadsWhatTheUpstreamReads(t *testing.T) {
 	up := newUpstream(t)

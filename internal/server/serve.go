@@ -33,6 +33,7 @@ func (rt *route) serve(w http.ResponseWriter, r *http.Request) {
 		}
 	}()
 	if err := checkPath(r.URL.Path, r.URL.RawPath); err != nil {
+		dropBody(ex, r)
 		rec.outcome = outcomeBadRequest
 		writeError(ex, http.StatusBadRequest, "invalid_request_error", "invalid_path", "Invalid request path: "+err.Error()+".")
 		return
@@ -43,6 +44,7 @@ func (rt *route) serve(w http.ResponseWriter, r *http.Request) {
 		var err error
 		body, err = rt.srv.readBody(ex, r)
 		if err != nil {
+			dropBody(ex, r)
 			rec.outcome = writeBodyError(ex, err, rt.srv.cfg.MaxBodyBytes)
 			return
 		}

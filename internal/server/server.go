@@ -270,6 +270,7 @@ func (s *Server) route(w http.ResponseWriter, r *http.Request) {
 		if authorized {
 			msg = "Unknown route " + strconv.Quote(path) + ": this gateway serves " + strings.Join(s.routeNames, ", ") + "."
 		}
+		dropBody(w, r)
 		s.logFront(r, http.StatusNotFound, outcomeNotFound)
 		writeError(w, http.StatusNotFound, "invalid_request_error", "unknown_route", msg)
 		return
@@ -285,6 +286,7 @@ func (s *Server) route(w http.ResponseWriter, r *http.Request) {
 // under the same bounds as any other before the façade sees it.
 func (s *Server) serveOllama(w http.ResponseWriter, r *http.Request) {
 	if !s.authorized(r) {
+		dropBody(w, r)
 		s.logFront(r, http.StatusUnauthorized, outcomeUnauthorized)
 		w.Header().Set("Content-Type", "application/json; charset=utf-8")
 		w.WriteHeader(http.StatusUnauthorized)
@@ -341,8 +343,22 @@ func (s *Server) admin(w http.ResponseWriter, r *http.Request, mutating bool) bo
 	return true
 }
 
+// dropBody ends a request whose body will not be read: the connection
+// closes after the answer instead of net/http reading what is left of the
+// body, which a client trickling it could make last for ever.
+func dropBody(w http.ResponseWriter, r *http.Request) {
+	if r.Body == nil || r.Body == http.NoBody {
+		return
+	}
+	w.Header()["Connection"] = []string{"close"}
+	if conn := connOf(w); conn != nil {
+		conn.SetReadDeadline(time.Now())
+	}
+}
+
 // unauthorized answers 401 and logs it.
 func (s *Server) unauthorized(w http.ResponseWriter, r *http.Request, what string) {
+	dropBody(w, r)
 	s.logFront(r, http.StatusUnauthorized, outcomeUnauthorized)
 	writeError(w, http.StatusUnauthorized, "invalid_request_error", "invalid_api_key",
 		"Incorrect API key provided. llproxy expects "+what+" in Authorization: Bearer <key> or api-key: <key>.")
