@@ -501,3 +501,25 @@ func TestOllamaBoundsBodiesAndEndsCutStreams(t *testing.T) {
 	require.GreaterOrEqual(t, len(lines), 2, body)
 	assert.Contains(t, lines[len(lines)-1], `"error"`, "the last line says the stream failed: %s", body)
 }
+
+// An upstream that spaces its JSON as Python servers do still has the usage
+// the gateway asked for stripped: the client gets no "usage" at all.
+func TestStreamUsageStrippedWhateverTheSpacing(t *testing.T) {
+	up := newUpstream(t)
+	up.setHandler(func(w http.ResponseWriter, r *http.Request, body []byte) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		for _, word := range []string{"a", "b"} {
+			fmt.Fprintf(w, "data: {\"id\": \"x\", \"choices\": [{\"index\": 0, \"delta\": {\"content\": %q}}], \"usage\": null}\n\n", word)
+		}
+		io.WriteString(w, "data: {\"id\": \"x\", \"choices\": [], \"usage\": {\"prompt_tokens\": 5, \"completion_tokens\": 2, \"total_tokens\": 7}}\n\n")
+		io.WriteString(w, "data: [DONE]\n\n")
+	})
+	g := newGateway(t, `{"routes": {"openai": {"forward": "$UPSTREAM", "settle": "actual",
+	  "models": {"*": {"maxQueueSize": 1, "maxQueueWait": 1, "rpm": 600, "tpm": 50000}}}}}`, up.URL, nil)
+	resp := g.post(t, "/openai/v1/chat/completions", `{"model":"m","stream":true,"messages":[]}`)
+	body := readAll(t, resp)
+	assert.NotContains(t, body, "usage", body)
+	assert.Equal(t, 3, strings.Count(body, "data: "), "two chunks and [DONE]: %s", body)
+	assert.Contains(t, string(up.requests()[0].Body), `"include_usage":true`)
+	g.waitLog(t, `"used_tokens":7`)
+}
