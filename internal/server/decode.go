@@ -1,10 +1,12 @@
 package server
 
 import (
+	"bytes"
 	"errors"
 	"math"
 	"strconv"
 	"strings"
+	"sync"
 	"unicode/utf8"
 
 	"github.com/valyala/fastjson"
@@ -73,59 +75,69 @@ func checkModelName(b []byte) error {
 // checkDuplicateKeys rejects an object, at any depth, that names a key
 // twice: the gateway reads the first, most upstreams the last.
 func checkDuplicateKeys(v *fastjson.Value) error {
-	return dupWalk(v, 0)
+	w := walkers.Get().(*dupWalker)
+	defer walkers.Put(w)
+	w.err, w.keys, w.depth = nil, w.keys[:0], 0
+	w.walk(v)
+	clear(w.keys[:cap(w.keys)]) // hold no pointer into the request's body
+	return w.err
 }
 
 const maxJSONDepth = 128
 
-func dupWalk(v *fastjson.Value, depth int) error {
-	if depth > maxJSONDepth {
-		return errors.New("the JSON body is nested too deeply")
+// dupWalker walks a parsed body once, keeping the keys of the objects it is
+// inside on one stack, so that checking costs no allocation per request.
+type dupWalker struct {
+	keys  [][]byte // keys of the enclosing objects; the current one's from frame on
+	frame int
+	depth int
+	err   error
+	visit func(k []byte, v *fastjson.Value) // w.member, bound once
+}
+
+var walkers = sync.Pool{New: func() any {
+	w := &dupWalker{}
+	w.visit = w.member
+	return w
+}}
+
+func (w *dupWalker) walk(v *fastjson.Value) {
+	if w.err != nil {
+		return
 	}
+	if w.depth++; w.depth > maxJSONDepth {
+		w.err = errors.New("the JSON body is nested too deeply")
+		return
+	}
+	defer func() { w.depth-- }()
 	switch v.Type() {
 	case fastjson.TypeObject:
 		o, _ := v.Object()
-		var err error
-		n := o.Len()
-		var small [16]string
-		var keys []string
-		var set map[string]struct{}
-		if n <= len(small) {
-			keys = small[:0]
-		} else {
-			set = make(map[string]struct{}, n)
-		}
-		o.Visit(func(k []byte, x *fastjson.Value) {
-			if err != nil {
-				return
-			}
-			if set != nil {
-				if _, dup := set[string(k)]; dup {
-					err = duplicateKey(k)
-					return
-				}
-				set[string(k)] = struct{}{}
-			} else {
-				for _, seen := range keys {
-					if seen == string(k) {
-						err = duplicateKey(k)
-						return
-					}
-				}
-				keys = append(keys, string(k))
-			}
-			err = dupWalk(x, depth+1)
-		})
-		return err
+		saved := w.frame
+		w.frame = len(w.keys)
+		o.Visit(w.visit)
+		w.keys = w.keys[:w.frame]
+		w.frame = saved
 	case fastjson.TypeArray:
 		a, _ := v.Array()
 		for _, x := range a {
-			if err := dupWalk(x, depth+1); err != nil {
-				return err
-			}
+			w.walk(x)
 		}
 	}
-	return nil
+}
+
+func (w *dupWalker) member(k []byte, v *fastjson.Value) {
+	if w.err != nil {
+		return
+	}
+	for _, seen := range w.keys[w.frame:] {
+		if bytes.Equal(seen, k) {
+			w.err = duplicateKey(k)
+			return
+		}
+	}
+	w.keys = append(w.keys, k)
+	w.walk(v)
 }
 
 func duplicateKey(k []byte) error {
