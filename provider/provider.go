@@ -10,6 +10,7 @@ package provider
 import (
 	"encoding/json"
 	"fmt"
+	"math"
 	"strconv"
 	"time"
 )
@@ -38,7 +39,7 @@ func (d *Duration) UnmarshalJSON(b []byte) error {
 		b = []byte(s)
 	}
 	f, err := strconv.ParseFloat(string(b), 64)
-	if err != nil {
+	if err != nil || math.IsNaN(f) || math.Abs(f) >= math.MaxInt64/float64(time.Second) {
 		return fmt.Errorf("invalid duration %s: want seconds or a duration such as \"50ms\"", b)
 	}
 	*d = Duration(f * float64(time.Second))

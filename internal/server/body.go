@@ -11,8 +11,11 @@ import (
 	"time"
 )
 
-// errBodyTooLarge is returned by readBody past the configured limit.
-var errBodyTooLarge = errors.New("request body too large")
+// Errors of readBody: past the configured limit, or cut off by shutdown.
+var (
+	errBodyTooLarge = errors.New("request body too large")
+	errShuttingDown = errors.New("shutting down")
+)
 
 // bodyBuf is a request body read into a pooled buffer. The handler holds one
 // reference and every reader made for the upstream request holds one until
@@ -90,6 +93,12 @@ func (s *Server) readBody(w http.ResponseWriter, r *http.Request) (*bodyBuf, err
 	for {
 		if len(buf) == cap(buf) {
 			buf = append(buf, 0)[:len(buf)]
+		}
+		if s.closing.Load() {
+			// Shutting down: a body still arriving is not waited for.
+			b.buf = buf
+			b.release()
+			return nil, errShuttingDown
 		}
 		if conn != nil {
 			d := end

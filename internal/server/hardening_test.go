@@ -111,15 +111,12 @@ func TestCutStreamsLeakNothing(t *testing.T) {
 	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, g2.URL+"/local/v1/chat/completions",
 		strings.NewReader(`{"model":"s","messages":[{"role":"user","content":"hi"}]}`))
 	req.Header.Set("Content-Type", "application/json")
-	go func() {
-		require.Eventually(t, func() bool { return slow.inflight.Load() == 1 }, 5*time.Second, time.Millisecond)
-		cancel()
-	}()
-	if resp, err := http.DefaultClient.Do(req); err == nil {
-		cancel() // the client gives up mid-answer
-		io.ReadAll(resp.Body)
-		resp.Body.Close()
-	}
+	resp, err := http.DefaultClient.Do(req) // the first chunk comes, then the server holds
+	require.NoError(t, err)
+	require.Eventually(t, func() bool { return slow.inflight.Load() == 1 }, 5*time.Second, time.Millisecond)
+	cancel() // the client gives up mid-answer
+	io.ReadAll(resp.Body)
+	resp.Body.Close()
 	close(slow.hold)
 	require.Eventually(t, func() bool {
 		st := g2.srv.routes["local"].pool.Status()

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"math"
 	"net/http"
 	"net/url"
 	"strings"
@@ -69,8 +70,11 @@ func keepAlive(v *fastjson.Value) (time.Duration, error) {
 	switch v.Type() {
 	case fastjson.TypeNumber:
 		f := v.GetFloat64()
-		if f < 0 {
-			return -1, nil
+		switch {
+		case f < 0, f*float64(time.Second) >= math.MaxInt64:
+			return -1, nil // never (a number too large to be a duration means as much)
+		case f != f:
+			return 0, errors.New("keep_alive must be a number of seconds or a duration such as \"10m\"")
 		}
 		return time.Duration(f * float64(time.Second)), nil
 	case fastjson.TypeString:

@@ -233,6 +233,10 @@ func writeBodyError(w http.ResponseWriter, err error, limit int64) string {
 		writeError(w, http.StatusRequestEntityTooLarge, "invalid_request_error", "request_too_large",
 			"Request body too large: the limit is "+itoa(limit)+" bytes.")
 		return outcomeTooLarge
+	case errors.Is(err, errShuttingDown):
+		w.Header()["Retry-After"] = []string{"1"}
+		writeError(w, http.StatusServiceUnavailable, "server_error", "service_unavailable", "llproxy is shutting down; retry on another instance.")
+		return metrics.OutcomeShuttingDown
 	case isTimeout(err):
 		w.Header()["Connection"] = []string{"close"}
 		writeError(w, http.StatusRequestTimeout, "invalid_request_error", "request_timeout",
