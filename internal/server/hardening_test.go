@@ -520,3 +520,63 @@ func TestStreamUsageStrippedWhateverTheSpacing(t *testing.T) {
 	assert.Contains(t, string(up.requests()[0].Body), `"include_usage":true`)
 	g.waitLog(t, `"used_tokens":7`)
 }
+
+// With shutdownDelay, /healthz answers 503 at once on SIGTERM while
+// requests are still served, so a load balancer can take the instance out
+// before the listener closes.
+func TestShutdownDelayKeepsServingWithHealthzDown(t *testing.T) {
+	up := newUpstream(t)
+	cfg, err := config.Parse([]byte(strings.ReplaceAll(`{"shutdownDelay": "1h", "routes": {"openai": {"forward": "$UPSTREAM",
+	  "models": {"*": {"maxQueueSize": 1, "maxQueueWait": 1, "rpm": 600, "tpm": 50000}}}}}`, "$UPSTREAM", up.URL)), nil)
+	require.NoError(t, err)
+	srv, err := New(Options{Config: cfg, Tokenizer: testTokenizer(t), Registry: prometheus.NewRegistry(),
+		Logger: slog.New(slog.NewJSONHandler(io.Discard, nil))})
+	require.NoError(t, err)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	hs := &http.Server{Handler: srv}
+	go hs.Serve(ln)
+	base := "http://" + ln.Addr().String()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- Shutdown(ctx, hs, srv, 5*time.Second) }()
+	require.Eventually(t, func() bool {
+		resp, err := http.Get(base + "/healthz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusServiceUnavailable
+	}, 5*time.Second, time.Millisecond)
+	resp, err := http.Post(base+"/openai/v1/chat/completions", "application/json", strings.NewReader(`{"model":"m","messages":[]}`))
+	require.NoError(t, err)
+	resp.Body.Close()
+	assert.Equal(t, http.StatusOK, resp.StatusCode, "still serving during the delay")
+	cancel() // the delay is over (here: cut short)
+	require.NoError(t, <-done)
+	_, err = http.Get(base + "/healthz")
+	assert.Error(t, err, "the listener is closed")
+}
+
+func TestOllamaPsListsAModelOnce(t *testing.T) {
+	up := newUpstream(t)
+	g := newGateway(t, `{"routes": {
+	  "a": {"forward": "$UPSTREAM", "models": {"llama3:8b": {"maxQueueSize": 0, "maxQueueWait": 0, "rpm": 1, "tpm": 100000}}},
+	  "b": {"forward": "$UPSTREAM", "models": {"llama3:8b": {"maxQueueSize": 0, "maxQueueWait": 0, "rpm": 1, "tpm": 100000}}}}}`, up.URL, nil)
+	resp, err := http.Get(g.URL + "/api/ps")
+	require.NoError(t, err)
+	body := readAll(t, resp)
+	assert.Equal(t, 1, strings.Count(body, `"name":"llama3:8b"`), body)
+}
+
+// Every request's log line has an outcome, 404s and 413s included.
+func TestEveryLogLineHasAnOutcome(t *testing.T) {
+	up := newUpstream(t)
+	g := newGateway(t, `{"maxBodyBytes": 100, "routes": {"openai": {"forward": "$UPSTREAM",
+	  "models": {"gpt-4o": {"maxQueueSize": 0, "maxQueueWait": 0, "rpm": 60, "tpm": 100000}}}}}`, up.URL, nil)
+	g.post(t, "/openai/v1/chat/completions", `{"model":"nope","messages":[]}`)
+	g.post(t, "/openai/v1/chat/completions", `{"model":"gpt-4o","messages":[{"role":"user","content":"`+strings.Repeat("x", 200)+`"}]}`)
+	g.waitLog(t, `"status":404,"outcome":"not_found"`)
+	g.waitLog(t, `"status":413,"outcome":"body_too_large"`)
+	assert.NotContains(t, g.logs.String(), `"outcome":""`)
+}

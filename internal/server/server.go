@@ -69,8 +69,9 @@ type Server struct {
 	adminHashes [][sha256.Size]byte
 	metricsHash *[sha256.Size]byte
 	parsers     fastjson.ParserPool
-	closing     atomic.Bool
-	fallback    *route // the defaultRoute, also served at the root
+	closing     atomic.Bool // queues closed: new requests refused, bodies still arriving cut off
+	draining    atomic.Bool // shutting down: /healthz answers 503
+	fallback    *route      // the defaultRoute, also served at the root
 	ollama      *ollama.Handler
 }
 
@@ -403,7 +404,7 @@ func keyMatches(key string, hashes [][sha256.Size]byte) bool {
 
 func (s *Server) healthz(w http.ResponseWriter) {
 	w.Header().Set("Content-Type", "application/json")
-	if s.closing.Load() {
+	if s.draining.Load() || s.closing.Load() {
 		w.WriteHeader(http.StatusServiceUnavailable)
 		io.WriteString(w, `{"status":"shutting down"}`+"\n")
 		return
@@ -470,7 +471,7 @@ func Shutdown(ctx context.Context, srv *http.Server, s *Server, timeout time.Dur
 	if d := time.Duration(s.cfg.ShutdownDelay); d > 0 {
 		// /healthz answers 503 while everything else is still served, so
 		// a load balancer takes the instance out before it stops.
-		s.closing.Store(true)
+		s.draining.Store(true)
 		s.log.Info("shutdown: draining before the listener closes", "delay", d.String())
 		t := time.NewTimer(d)
 		select {
