@@ -24,7 +24,10 @@ type fuzzUpstream struct {
 }
 
 func (u *fuzzUpstream) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	body, _ := io.ReadAll(r.Body)
+	var body []byte
+	if r.Body != nil {
+		body, _ = io.ReadAll(r.Body)
+	}
 	u.mu.Lock()
 	u.hits = append(u.hits, r.Method+" "+r.URL.Path+" "+string(body))
 	u.mu.Unlock()
