@@ -159,7 +159,7 @@ func (r *request) openAI(generate bool) ([]byte, error) {
 		switch k {
 		case "num_predict":
 			if n, ok := v.(float64); ok && n > 0 {
-				out["max_tokens"] = int(n)
+				out["max_tokens"] = int(min(n, maxNumPredict)) // the gateway bounds it again
 			}
 		case "temperature", "top_p", "top_k", "min_p", "seed", "stop", "presence_penalty",
 			"frequency_penalty", "repeat_penalty", "typical_p":
@@ -175,6 +175,9 @@ func (r *request) openAI(generate bool) ([]byte, error) {
 	out["stream_options"] = map[string]any{"include_usage": true}
 	return json.Marshal(out)
 }
+
+// maxNumPredict bounds num_predict before it becomes an integer.
+const maxNumPredict = 1 << 24
 
 // userMessage is a user message with Ollama's base64 images as content
 // parts.
