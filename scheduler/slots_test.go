@@ -77,6 +77,29 @@ func TestSlotWaitIsPredictedFromServiceTimes(t *testing.T) {
 	})
 }
 
+// The predicted slot wait follows how long requests hold their slots now,
+// not the first hold it saw: the average moves (7/8 old, 1/8 new).
+func TestSlotWaitFollowsChangingServiceTimes(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		q := NewQueue("m", slotCfg(10, 12*time.Second, 2), nil)
+		holdFor(t, q, 10*time.Second) // the first hold sets the average: 10 s
+		time.Sleep(10 * time.Second)
+		synctest.Wait()
+		holdFor(t, q, 20*time.Second) // 11.25 s
+		holdFor(t, q, 20*time.Second) // 12.34375 s
+		time.Sleep(20 * time.Second)
+		synctest.Wait()
+		a, b := acquire(t, q, 1), acquire(t, q, 1)
+		_, err := q.Acquire(context.Background(), Cost{Tokens: 1})
+		var re *RejectError
+		require.ErrorAs(t, err, &re, "predicted past 12 s: the average learnt the longer holds")
+		assert.Equal(t, Slots, re.Resource)
+		assert.Equal(t, 12343750*time.Microsecond, re.RetryAfter)
+		a.Release(time.Now())
+		b.Release(time.Now())
+	})
+}
+
 func TestUnsendFreesTheSlot(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		q := NewQueue("m", slotCfg(10, time.Hour, 1), nil)

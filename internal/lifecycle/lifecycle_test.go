@@ -199,6 +199,8 @@ func TestKeepAlive(t *testing.T) {
 	use()
 	clock.Advance(9 * time.Minute)
 	assert.Equal(t, Ready, state(m, "a").State)
+	clock.Advance(2 * time.Minute) // past the keep-alive: unloaded
+	waitState(t, m, "a", Stopped)
 
 	m.KeepAlive("a", 0) // unload right after this request
 	use()

@@ -120,9 +120,16 @@ func TestLifecycleOnDemandSwapKeepAliveAndUnload(t *testing.T) {
 	// keep_alive 0 on a stream: never unloaded while it streams, unloaded
 	// right after.
 	done := make(chan int, 1)
-	go func() {
-		s, _ := ask(t, g, "/local/v1/chat/completions", `{"model":"a-model","stream":true,"keep_alive":0,"messages":[{"role":"user","content":"hi"}]}`)
-		done <- s
+	go func() { // no require here: not the test's goroutine
+		resp, err := http.Post(g.URL+"/local/v1/chat/completions", "application/json",
+			strings.NewReader(`{"model":"a-model","stream":true,"keep_alive":0,"messages":[{"role":"user","content":"hi"}]}`))
+		if err != nil {
+			done <- 0
+			return
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		done <- resp.StatusCode
 	}()
 	require.Eventually(t, func() bool { return statusOf(t, g)["a"].InFlight == 1 }, 20*time.Second, 5*time.Millisecond)
 	assert.Equal(t, "ready", statusOf(t, g)["a"].State, "streaming: it stays")

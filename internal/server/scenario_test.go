@@ -1,8 +1,6 @@
 package server
 
 import (
-	"io"
-	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strconv"
@@ -15,8 +13,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
-
-	"github.com/llproxy/llproxy/internal/config"
 )
 
 // The scenarios run the gateway in front of fakeOpenAI inside a synctest
@@ -43,14 +39,8 @@ func newScenarioGateway(t *testing.T, up http.Handler, model string) *Server {
 
 func newScenarioGatewayReg(t *testing.T, up http.Handler, model string) (*Server, *prometheus.Registry) {
 	t.Helper()
-	cfg, err := config.Parse([]byte(`{"routes": {"openai": {"forward": "http://upstream.invalid", "settle": "reserved",
-	  "models": {"gpt-4o": `+model+`}}}}`), nil)
-	require.NoError(t, err)
-	reg := prometheus.NewRegistry()
-	srv, err := New(Options{Config: cfg, Tokenizer: testTokenizer(t), Registry: reg,
-		Logger: slog.New(slog.NewJSONHandler(io.Discard, nil)), Transport: handlerTransport{h: up}})
-	require.NoError(t, err)
-	return srv, reg
+	return newBubbleGateway(t, `{"routes": {"openai": {"forward": "$UPSTREAM", "settle": "reserved",
+	  "models": {"gpt-4o": `+model+`}}}}`, up)
 }
 
 // client sends requests back to back until end, waiting out every 429 as
