@@ -21,14 +21,13 @@ import (
 // log line and metrics need.
 type exchange struct {
 	http.ResponseWriter
-	rate        scheduler.RateState
-	hasRate     bool
-	status      int
-	headerAt    time.Time
-	written     int64
-	upstreamErr error
+	rate     scheduler.RateState
+	hasRate  bool
+	status   int
+	headerAt time.Time
+	written  int64
 
-	// For a scheduled request, set by serve and read by the proxy hooks.
+	// For a scheduled request, set by schedule and read by the send loop.
 	ms          *modelState
 	adm         *scheduler.Admission // the admission in force
 	deadline    time.Time            // arrival + maxQueueWait: no retry past it
@@ -38,19 +37,11 @@ type exchange struct {
 	strip       bool // include_usage was injected: strip it from the stream
 	rateRetries int  // upstream 429s retried so far
 
-	// For a fleet route: the backend of the current send, those that
-	// failed to connect for this request, and the body with the backend's
-	// own model id (if it differs from the client's name).
-	backend *backends.Backend
+	// For a fleet route: the backends that failed to connect for this
+	// request, and the body with the backend's own model id (if it
+	// differs from the client's name).
 	failed  []*backends.Backend
 	renamed *bodyBuf
-
-	// Set by the hooks for the send that just ended.
-	retry      retryReason
-	retryAfter time.Duration
-	refusal    provider.RateInfo // the rate headers of an upstream 429 being retried
-	neverSent  bool              // the upstream never received it (could not connect)
-	tap        usageSource       // reads the response's usage on its way through
 
 	// The taps themselves, kept with the pooled exchange so their buffers
 	// are reused.

@@ -101,13 +101,11 @@ func (rt *route) serveFleetUnscheduled(ex *exchange, r *http.Request, body *body
 		return
 	}
 	defer rt.pool.Done(be)
-	ex.backend = be
-	out := r.WithContext(context.WithValue(r.Context(), exchangeKey{}, ex))
-	if body != nil {
-		body.attach(out)
-		defer out.Body.Close()
+	auth := rt.up.auth
+	if !be.SendKey() {
+		auth = rt.up.noKey
 	}
-	rt.forward.ServeHTTP(ex, out)
+	rt.relay(ex, r, be.URL, auth, body)
 }
 
 // healthReport is GET /health: every fleet backend's health.

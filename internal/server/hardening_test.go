@@ -24,6 +24,7 @@ import (
 
 	"github.com/llproxy/llproxy/internal/config"
 	"github.com/llproxy/llproxy/internal/porttest"
+	"github.com/llproxy/llproxy/provider"
 )
 
 // A panic in a goroutine the gateway starts (here the in-process upstream's)
@@ -39,7 +40,7 @@ func TestPanicInTheInProcessUpstreamIsA500(t *testing.T) {
 		m["x"]++ // a nil map write: the kind of bug that used to take the process down
 	})
 	srv, err := New(Options{Config: cfg, Tokenizer: testTokenizer(t), Registry: prometheus.NewRegistry(),
-		Logger: slog.New(slog.NewJSONHandler(logs, nil)), Transport: handlerTransport{h: boom, log: slog.New(slog.NewJSONHandler(logs, nil))}})
+		Logger: slog.New(slog.NewJSONHandler(logs, nil)), Transport: provider.HandlerTransport{Handler: boom, Log: slog.New(slog.NewJSONHandler(logs, nil))}})
 	require.NoError(t, err)
 	g := httptest.NewServer(srv)
 	defer g.Close()
@@ -428,7 +429,7 @@ func TestWildcardModelsExpireAndFoldTheirLabels(t *testing.T) {
 		require.NoError(t, err)
 		reg := prometheus.NewRegistry()
 		srv, err := New(Options{Config: cfg, Tokenizer: testTokenizer(t), Registry: reg,
-			Logger: slog.New(slog.NewJSONHandler(io.Discard, nil)), Transport: handlerTransport{h: up}})
+			Logger: slog.New(slog.NewJSONHandler(io.Discard, nil)), Transport: provider.HandlerTransport{Handler: up}})
 		require.NoError(t, err)
 		send := func(model string) int {
 			rec := httptest.NewRecorder()
@@ -449,7 +450,7 @@ func TestWildcardModelsExpireAndFoldTheirLabels(t *testing.T) {
 		require.NoError(t, err)
 		reg = prometheus.NewRegistry()
 		srv, err = New(Options{Config: cfg, Tokenizer: testTokenizer(t), Registry: reg,
-			Logger: slog.New(slog.NewJSONHandler(io.Discard, nil)), Transport: handlerTransport{h: up}})
+			Logger: slog.New(slog.NewJSONHandler(io.Discard, nil)), Transport: provider.HandlerTransport{Handler: up}})
 		require.NoError(t, err)
 		for i := range 130 {
 			require.Equal(t, 200, send(fmt.Sprintf("name-%d", i)))

@@ -32,7 +32,7 @@ type route struct {
 	set     *scheduler.Set
 	listed  map[string]*modelState // immutable after New: read without a lock
 	dynamic sync.Map               // wildcard models: string -> *modelState
-	forward http.Handler
+	up      outbound
 	noModel prometheus.Counter // requests that name no model
 	pool    *backends.Pool     // a fleet route's backends; nil for one forward URL
 	life    *lifecycle.Manager // the fleet's backends llproxy runs; nil if none

@@ -77,11 +77,7 @@ func (rt *route) serve(w http.ResponseWriter, r *http.Request) {
 			rt.serveFleetUnscheduled(ex, r, body)
 			return
 		}
-		if body != nil {
-			body.attach(r)
-			defer r.Body.Close()
-		}
-		rt.forward.ServeHTTP(ex, r)
+		rt.relay(ex, r, rt.up.target, rt.up.auth, body)
 		return
 	}
 	rt.schedule(ex, r, body, &c, &rec)
@@ -137,83 +133,29 @@ func (rt *route) schedule(ex *exchange, r *http.Request, body *bodyBuf, c *call,
 	if c.inject != nil {
 		send = c.inject
 	}
-	out := r.WithContext(context.WithValue(r.Context(), exchangeKey{}, ex))
+	// The loop owns each round trip (forward.go): it sends, and sends
+	// again while the outcome allows, then settles.
 	for {
-		ex.retry, ex.tap, ex.neverSent, ex.backend = retryNone, nil, false, nil
 		ex.tries++
-		sent := time.Now()
-		if !rt.send(ex, out, rec.model, c, send) {
-			ex.adm.Unsend(time.Now()) // never sent
-			ms.m.Unsent(c.est.cost)
-			rec.outcome = "no_backend"
-			if r.Context().Err() != nil {
-				rec.outcome = metrics.OutcomeCancelled
-			}
-			return
-		}
-		if ex.retry == retryNone {
-			status := ex.status
-			if ex.upstreamErr != nil {
-				status = 0
-			}
-			if r.Context().Err() == nil || status != 0 {
-				ms.m.Upstream(status, ex.headerAt.Sub(sent))
-			}
-			break
-		}
-		if !rt.sendAgain(out.Context(), ex, c.est.cost, rec) {
-			return
-		}
-	}
-	rt.settle(ex, c, rec)
-}
-
-// send makes one send of a scheduled request: for a fleet it picks the
-// backend and, for a backend llproxy runs, gets it running; then it
-// forwards. It reports false, having answered the client, when no backend
-// could take the request. Each hold it takes (the backend's in-flight
-// count, the running server) is released by a defer where it is taken, so
-// a response cut mid-way, which ReverseProxy ends with a panic, gives
-// everything back as well.
-func (rt *route) send(ex *exchange, out *http.Request, model string, c *call, body *bodyBuf) bool {
-	if rt.pool != nil {
-		ctx := out.Context()
-		be, id, err := rt.pickFree(ctx, ex, model)
-		if err != nil {
-			if ctx.Err() == nil {
-				rt.writeFleetError(ex, model, err)
-			}
-			return false
-		}
-		defer rt.pool.Done(be)
-		if rt.life != nil && be.Managed() {
-			// Start it if it is not running (or swap it in); it stays up
-			// until the release after the response.
-			if c.keepAlive != nil {
-				rt.life.KeepAlive(be.Name, *c.keepAlive)
-			}
-			release, err := rt.life.Acquire(ctx, be.Name)
-			if err != nil {
-				if ctx.Err() == nil {
-					ex.Header()["Retry-After"] = []string{"5"}
-					writeError(ex, http.StatusServiceUnavailable, "server_error", "backend_unavailable",
-						"llproxy could not start the backend for `"+model+"`: "+err.Error())
+		a := rt.try(ex, r, rec.model, c, send)
+		switch a.verdict {
+		case deliver, failed:
+			if a.noBackend {
+				ex.adm.Unsend(time.Now()) // never sent
+				ms.m.Unsent(c.est.cost)
+				rec.outcome = "no_backend"
+				if r.Context().Err() != nil {
+					rec.outcome = metrics.OutcomeCancelled
 				}
-				return false
+				return
 			}
-			defer release()
+			rt.settle(ex, c, a, rec)
+			return
 		}
-		ex.backend = be
-		body = rt.bodyFor(ex, body, model, id)
-		if rt.debugging(ctx) {
-			rt.debug(ctx, "backend picked", slog.String("model", model), slog.String("backend", be.Name),
-				slog.String("upstream_id", id), slog.Int("try", ex.tries))
+		if !rt.sendAgain(r.Context(), ex, a, c.est.cost, rec) {
+			return
 		}
 	}
-	body.attach(out)
-	defer out.Body.Close()
-	rt.forward.ServeHTTP(ex, out)
-	return true
 }
 
 // debugging reports whether debug logging is on; call debug behind it, so

@@ -144,11 +144,16 @@ func (s *Server) newRoute(name string, rc *config.Route, opts Options) (*route, 
 		}
 		rt.listed[model] = rt.newModelState(q, mc)
 	}
+	rt.up = outbound{prefix: "/" + name, auth: rt.authorizer(rc.APIKey.Value()),
+		// A discovered backend that may not have the key gets the
+		// client's credentials handled as on a route without one.
+		noKey: rt.authorizer("")}
 	switch {
 	case rc.Provider == provider.NameMock:
 		mock := provider.NewMock(rc.Mock, mockCounter{s.tok})
-		target := &url.URL{Scheme: "http", Host: "mock.invalid"}
-		rt.forward = rt.newReverseProxy(target, rt.authorizer(""), handlerTransport{mock, s.log}, s.log)
+		rt.up.target = &url.URL{Scheme: "http", Host: "mock.invalid"}
+		rt.up.transport = provider.HandlerTransport{Handler: mock, Log: s.log}
+		rt.up.auth = rt.authorizer("")
 	case rc.Fleet():
 		pool, err := backends.New(rc.Config, backends.Options{Logger: s.log.With("route", name)})
 		if err != nil {
@@ -156,23 +161,20 @@ func (s *Server) newRoute(name string, rc *config.Route, opts Options) (*route, 
 		}
 		rt.pool = pool
 		rt.life = rt.newLifecycle(rc)
-		transport := opts.Transport
-		if transport == nil {
-			transport = newTransport(rc)
+		rt.up.transport = opts.Transport // each send names its backend
+		if rt.up.transport == nil {
+			rt.up.transport = newTransport(rc)
 		}
-		// The target of each send is the backend picked for it.
-		rt.forward = rt.newReverseProxy(&url.URL{Scheme: "http", Host: "backend.invalid"},
-			rt.authorizer(rc.APIKey.Value()), transport, s.log)
 	default:
 		target, err := url.Parse(rc.Forward)
 		if err != nil {
 			return nil, fmt.Errorf("server: routes.%s.forward: %w", name, err)
 		}
-		transport := opts.Transport
-		if transport == nil {
-			transport = newTransport(rc)
+		rt.up.target = target
+		rt.up.transport = opts.Transport
+		if rt.up.transport == nil {
+			rt.up.transport = newTransport(rc)
 		}
-		rt.forward = rt.newReverseProxy(target, rt.authorizer(rc.APIKey.Value()), transport, s.log)
 	}
 	return rt, nil
 }

@@ -1,0 +1,136 @@
+package server
+
+import (
+	"context"
+	"log/slog"
+	"math/rand/v2"
+	"time"
+
+	"github.com/llproxy/llproxy/internal/config"
+	"github.com/llproxy/llproxy/internal/metrics"
+	"github.com/llproxy/llproxy/provider"
+	"github.com/llproxy/llproxy/scheduler"
+)
+
+// The settle stage, and what happens between two sends: reading the
+// upstream's rate-limit headers into the buckets, waiting before a send
+// again (or, after an upstream 429, back at the head of the queue), and
+// settling the reservation once the answer is done.
+
+// nextBackoff is the wait before send number ex.tries+1 after a failure:
+// the route's backoff doubled per try, less up to a quarter of jitter.
+func (ex *exchange) nextBackoff() time.Duration {
+	d := ex.backoff << min(ex.tries-1, 10)
+	return d - time.Duration(rand.Int64N(int64(d)/4+1))
+}
+
+// canRetry reports whether a failed send may be repeated: nothing reached
+// the client yet, retries are left, and the backoff ends before the
+// request's deadline.
+func (ex *exchange) canRetry(now time.Time) bool {
+	return ex.ms != nil && ex.status == 0 && ex.tries <= ex.maxRetries &&
+		!now.Add(ex.backoff<<min(ex.tries-1, 10)).After(ex.deadline)
+}
+
+// observe lowers the model's buckets to what the upstream reports is left
+// and records the upstream's view.
+func (rt *route) observe(ms *modelState, adm *scheduler.Admission, ri provider.RateInfo, now time.Time) {
+	if !ri.Any() {
+		return
+	}
+	if adm.Observe(now, scheduler.Upstream{
+		RemainingRequests: ri.RemainingRequests, HasRemainingRequests: ri.HasRemainingRequests,
+		RemainingTokens: ri.RemainingTokens, HasRemainingTokens: ri.HasRemainingTokens,
+	}) {
+		ms.m.Lowered()
+	}
+	orNone := func(v int, ok bool) int {
+		if ok {
+			return v
+		}
+		return -1
+	}
+	ms.m.UpstreamRate(0, orNone(ri.LimitRequests, ri.HasLimitRequests), orNone(ri.RemainingRequests, ri.HasRemainingRequests),
+		ri.ResetRequests, ri.HasResetRequests)
+	ms.m.UpstreamRate(1, orNone(ri.LimitTokens, ri.HasLimitTokens), orNone(ri.RemainingTokens, ri.HasRemainingTokens),
+		ri.ResetTokens, ri.HasResetTokens)
+}
+
+// sendAgain prepares the next send after a retryable outcome. It returns
+// false when the request is over: the client left, or (for an upstream 429
+// that outlasts the request's budget) it was answered with an honest 429.
+func (rt *route) sendAgain(ctx context.Context, ex *exchange, a attempt, cost int, rec *requestLog) bool {
+	ms := ex.ms
+	ms.m.Retry(a.verdict.String())
+	if a.verdict != retryRateLimited {
+		backoff := ex.nextBackoff()
+		if rt.debugging(ctx) {
+			rt.debug(ctx, "sending again", slog.String("model", rec.model), slog.String("reason", a.verdict.String()),
+				slog.Duration("backoff", backoff), slog.Int("try", ex.tries))
+		}
+		t := time.NewTimer(backoff)
+		defer t.Stop()
+		select {
+		case <-t.C:
+			return true
+		case <-ctx.Done():
+			rec.outcome = "cancelled_retrying"
+			return false
+		}
+	}
+	// The upstream refused the request before running it: give its
+	// admission back, hold the whole queue as long as the upstream asked,
+	// and wait again at the head of the queue within the original budget.
+	now := time.Now()
+	ex.adm.Unsend(now)
+	ms.m.Unsent(cost)
+	rt.observe(ms, ex.adm, a.refusal, now) // compared as unpaid: the upstream refused it
+	ms.q.Hold(now, now.Add(a.retryAfter))
+	if rt.debugging(ctx) {
+		rt.debug(ctx, "upstream 429: queue held, request back at its head", slog.String("model", rec.model),
+			slog.Duration("hold", a.retryAfter), slog.Int("try", ex.tries))
+	}
+	ex.rateRetries++
+	adm, err := ms.q.Requeue(ctx, scheduler.Cost{Tokens: cost}, ex.deadline)
+	if err != nil {
+		ex.hasRate = false // writeReject sets the headers of the rejection
+		rec.outcome = rt.writeAcquireError(ex, ctx, err)
+		if rec.outcome == metrics.OutcomeRejectWait {
+			rec.outcome = metrics.OutcomeRejectUpstream
+			ms.m.Outcome(rec.outcome)
+		}
+		return false
+	}
+	ex.rate, ex.adm = adm.State, adm
+	ex.hasRate = true
+	rec.wait += adm.Wait
+	return true
+}
+
+// settle reconciles the reservation with what happened: a request the
+// upstream never received gives all of it back; one whose answer reported
+// usage settles to it when the route settles on actual usage; anything else
+// (an error answer, a stream cut short) keeps its reservation, as OpenAI
+// counts failed requests against the limit too.
+func (rt *route) settle(ex *exchange, c *call, a attempt, rec *requestLog) {
+	ms, cost := ex.ms, c.est.cost
+	now := time.Now()
+	if a.neverSent {
+		ex.adm.Unsend(now)
+		ms.m.Unsent(cost)
+		return
+	}
+	if a.tap == nil {
+		return
+	}
+	u, ok := a.tap.Usage()
+	if !ok {
+		return
+	}
+	rec.used = u.Total
+	ms.m.Used(c.est.prompt, u.Prompt, u.Completion)
+	if rt.cfg.Settle == config.SettleActual {
+		ex.adm.Settle(now, u.Total)
+		ms.m.Settled(cost - u.Total)
+	}
+}
