@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 	"unicode/utf8"
 
 	"github.com/valyala/fastjson"
@@ -179,4 +180,67 @@ func intParam(v *fastjson.Value, key string, lo, hi int64, lenient bool) (int64,
 		return 0, false, bad()
 	}
 	return int64(f), true, nil
+}
+
+// keepAlive reads a keep_alive as Ollama does: a number of seconds, or a
+// duration string ("10m"); negative means never unload.
+func keepAlive(v *fastjson.Value) (time.Duration, error) {
+	switch v.Type() {
+	case fastjson.TypeNumber:
+		f := v.GetFloat64()
+		switch {
+		case f < 0, f*float64(time.Second) >= math.MaxInt64:
+			return -1, nil // never (a number too large to be a duration means as much)
+		case f != f:
+			return 0, errors.New("keep_alive must be a number of seconds or a duration such as \"10m\"")
+		}
+		return time.Duration(f * float64(time.Second)), nil
+	case fastjson.TypeString:
+		d, err := time.ParseDuration(string(v.GetStringBytes()))
+		if err != nil {
+			return 0, errors.New("keep_alive must be a number of seconds or a duration such as \"10m\"")
+		}
+		if d < 0 {
+			return -1, nil
+		}
+		return d, nil
+	}
+	return 0, errors.New("keep_alive must be a number of seconds or a duration such as \"10m\"")
+}
+
+// applyDefaults gives a chat request the model's default parameters it does
+// not set, and its default system prompt if it has no system message. It
+// reports whether it changed v. dp parses the defaults and must live as
+// long as v.
+func applyDefaults(v *fastjson.Value, ms *modelState, dp *fastjson.Parser, a *fastjson.Arena) bool {
+	changed := false
+	if ms.defaults != nil {
+		if d, err := dp.ParseBytes(ms.defaults); err == nil {
+			d.GetObject().Visit(func(k []byte, val *fastjson.Value) {
+				if v.Get(string(k)) == nil {
+					v.Set(string(k), val)
+					changed = true
+				}
+			})
+		}
+	}
+	if ms.system == "" {
+		return changed
+	}
+	msgs := v.GetArray("messages")
+	for _, m := range msgs {
+		if r := string(m.GetStringBytes("role")); r == "system" || r == "developer" {
+			return changed // the request's own system message wins
+		}
+	}
+	sys := a.NewObject()
+	sys.Set("role", a.NewString("system"))
+	sys.Set("content", a.NewString(strings.ReplaceAll(ms.system, "{{now}}", time.Now().Format(time.RFC1123))))
+	arr := a.NewArray()
+	arr.SetArrayItem(0, sys)
+	for i, m := range msgs {
+		arr.SetArrayItem(i+1, m)
+	}
+	v.Set("messages", arr)
+	return true
 }

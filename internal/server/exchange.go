@@ -8,7 +8,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/llproxy/llproxy/internal/backends"
+	"github.com/llproxy/llproxy/internal/fleet"
 	"github.com/llproxy/llproxy/internal/metrics"
 	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/scheduler"
@@ -37,10 +37,10 @@ type exchange struct {
 	strip       bool // include_usage was injected: strip it from the stream
 	rateRetries int  // upstream 429s retried so far
 
-	// For a fleet route: the backends that failed to connect for this
-	// request, and the body with the backend's own model id (if it
-	// differs from the client's name).
-	failed  []*backends.Backend
+	// What the request asks of its route's upstream over all its sends,
+	// and the body with a backend's own model id (if it differs from the
+	// client's name).
+	lease   fleet.Request
 	renamed *bodyBuf
 
 	// The taps themselves, kept with the pooled exchange so their buffers
@@ -66,10 +66,11 @@ func putExchange(ex *exchange) {
 	if ex.renamed != nil {
 		ex.renamed.release()
 	}
-	bt, st := ex.bodyTap, ex.streamTap
+	bt, st, lr := ex.bodyTap, ex.streamTap, ex.lease
 	bt.Reset(nil)
 	st.Reset(nil, false)
-	*ex = exchange{bodyTap: bt, streamTap: st}
+	lr.Reset("", nil, time.Time{})
+	*ex = exchange{bodyTap: bt, streamTap: st, lease: lr}
 	exchangePool.Put(ex)
 }
 

@@ -14,8 +14,11 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/valyala/fastjson"
+
 	"github.com/llproxy/llproxy/internal/backends"
 	"github.com/llproxy/llproxy/internal/config"
+	"github.com/llproxy/llproxy/internal/fleet"
 	"github.com/llproxy/llproxy/provider"
 )
 
@@ -24,11 +27,10 @@ import (
 // classifies what came back with a pure function (judge), and either hands
 // the answer on (respond.go) or tells the loop to send again.
 
-// outbound is where a route sends: its transport, its base URL (for a
-// fleet, each send names its backend instead) and its credentials.
+// outbound is how a route sends: its transport and its credentials (where
+// to is each send's lease).
 type outbound struct {
 	transport http.RoundTripper
-	target    *url.URL
 	auth      *provider.OpenAI
 	noKey     *provider.OpenAI // for a discovered backend that may not have the key
 	prefix    string           // "/<route>", stripped from the path
@@ -204,10 +206,21 @@ func writeUpstreamError(w http.ResponseWriter, err error) {
 	writeError(w, status, "upstream_error", "upstream_unavailable", msg)
 }
 
-// relay forwards a request that is not scheduled (it names no model) to
-// target and hands the answer on, or answers 502/504.
-func (rt *route) relay(ex *exchange, r *http.Request, target *url.URL, auth *provider.OpenAI, body *bodyBuf) {
-	out := rt.up.outgoing(r, target, auth, body)
+// relay forwards a request that is not scheduled (it names no model) where
+// the route's lessor says and hands the answer on, or answers 502/503/504.
+func (rt *route) relay(ex *exchange, r *http.Request, body *bodyBuf) {
+	l, ok := rt.lessor.Any()
+	if !ok {
+		writeError(ex, http.StatusServiceUnavailable, "server_error", "backend_unavailable",
+			"No healthy backend on llproxy route "+rt.name+".")
+		return
+	}
+	defer l.Release()
+	auth := rt.up.auth
+	if !l.SendKey {
+		auth = rt.up.noKey
+	}
+	out := rt.up.outgoing(r, l.Target, auth, body)
 	if out.Body != nil {
 		defer out.Body.Close()
 	}
@@ -239,53 +252,31 @@ const maxRateLimitRetries = 8
 // that says "retry at once" is not asked again in a tight loop.
 const minUpstreamRetry = 50 * time.Millisecond
 
-// try makes one send of a scheduled request: for a fleet it picks the
-// backend and, for a backend llproxy runs, gets it running; it sends,
-// judges the outcome, and hands a deliverable answer on. Each hold it
-// takes (the backend's in-flight count, the running server) is released by
-// a defer where it is taken, so an answer cut mid-way, which ends with a
-// panic, gives everything back as well.
+// try makes one send of a scheduled request: it leases where the send goes
+// (for a fleet: a backend serving the model, started if llproxy runs it),
+// sends, judges the outcome, and hands a deliverable answer on. The lease
+// is released by a defer where it is taken, so an answer cut mid-way,
+// which ends with a panic, gives everything back as well.
 func (rt *route) try(ex *exchange, r *http.Request, model string, c *call, body *bodyBuf) (a attempt) {
 	ctx := r.Context()
-	target, auth := rt.up.target, rt.up.auth
-	var be *backends.Backend
-	if rt.pool != nil {
-		var id string
-		var err error
-		if be, id, err = rt.pickFree(ctx, ex, model); err != nil {
-			if ctx.Err() == nil {
-				rt.writeFleetError(ex, model, err)
-			}
-			return attempt{verdict: failed, noBackend: true}
+	l, err := rt.lessor.Lease(ctx, &ex.lease)
+	if err != nil {
+		if ctx.Err() == nil {
+			rt.writeLeaseError(ex, model, err)
 		}
-		defer rt.pool.Done(be)
-		if rt.life != nil && be.Managed() {
-			// Start it if it is not running (or swap it in); it stays up
-			// until the release after the answer.
-			if c.keepAlive != nil {
-				rt.life.KeepAlive(be.Name, *c.keepAlive)
-			}
-			release, err := rt.life.Acquire(ctx, be.Name)
-			if err != nil {
-				if ctx.Err() == nil {
-					ex.Header()["Retry-After"] = []string{"5"}
-					writeError(ex, http.StatusServiceUnavailable, "server_error", "backend_unavailable",
-						"llproxy could not start the backend for `"+model+"`: "+err.Error())
-				}
-				return attempt{verdict: failed, noBackend: true}
-			}
-			defer release()
-		}
-		target = be.URL
-		if !be.SendKey() {
-			auth = rt.up.noKey
-		}
-		body = rt.bodyFor(ex, body, model, id)
-		if rt.debugging(ctx) {
-			rt.debug(ctx, "backend picked", slog.String("model", model), slog.String("backend", be.Name),
-				slog.String("upstream_id", id), slog.Int("try", ex.tries))
-		}
+		return attempt{verdict: failed, noBackend: true}
 	}
+	defer l.Release()
+	auth := rt.up.auth
+	if !l.SendKey {
+		auth = rt.up.noKey
+	}
+	body = rt.bodyFor(ex, body, model, l.Model)
+	if l.Backend != "" && rt.debugging(ctx) {
+		rt.debug(ctx, "backend picked", slog.String("model", model), slog.String("backend", l.Backend),
+			slog.String("upstream_id", l.Model), slog.Int("try", ex.tries))
+	}
+	target := l.Target
 
 	out := rt.up.outgoing(r, target, auth, body)
 	if out.Body != nil {
@@ -314,10 +305,8 @@ func (rt *route) try(ex *exchange, r *http.Request, model string, c *call, body 
 	switch a.verdict {
 	case retryConnect, failed: // judged so only on a transport error
 		a.neverSent = isConnectError(err)
-		if be != nil && (a.neverSent || isConnectionDrop(err)) {
-			// A passive health check; and the next send goes elsewhere.
-			rt.pool.Failed(be, err)
-			ex.failed = append(ex.failed, be)
+		if a.neverSent || isConnectionDrop(err) {
+			l.Failed(err) // a passive health check; and the next send goes elsewhere
 		}
 		if a.verdict == failed && !p.clientGone {
 			ms.m.Upstream(0, 0)
@@ -356,4 +345,52 @@ func (rt *route) try(ex *exchange, r *http.Request, model string, c *call, body 
 	ms.m.Upstream(status, now.Sub(sent))
 	respond(ex, r, res)
 	return a
+}
+
+// bodyFor returns the body to send where a lease goes: the request's own,
+// or a copy naming the backend's own model id ("" or model: as it is).
+func (rt *route) bodyFor(ex *exchange, body *bodyBuf, model, id string) *bodyBuf {
+	if id == "" || id == model {
+		return body
+	}
+	if ex.renamed != nil {
+		ex.renamed.release()
+	}
+	ex.renamed = newBodyBuf()
+	p := rt.srv.parsers.Get()
+	defer rt.srv.parsers.Put(p)
+	v, err := p.ParseBytes(body.buf)
+	if err != nil { // it parsed before; cannot happen
+		ex.renamed.buf = append(ex.renamed.buf, body.buf...)
+		return ex.renamed
+	}
+	var a fastjson.Arena
+	v.Set("model", a.NewString(id))
+	ex.renamed.buf = v.MarshalTo(ex.renamed.buf)
+	return ex.renamed
+}
+
+// writeLeaseError answers a request no send could be leased for.
+func (rt *route) writeLeaseError(w http.ResponseWriter, model string, err error) {
+	if errors.Is(err, backends.ErrUnknownModel) {
+		models := ""
+		if rt.fleet != nil {
+			models = " Models: " + strings.Join(rt.fleet.Models(), ", ") + "."
+		}
+		writeError(w, http.StatusNotFound, "invalid_request_error", "model_not_found",
+			"The model `"+model+"` does not exist on llproxy route "+rt.name+"."+models)
+		return
+	}
+	w.Header()["Retry-After"] = []string{"5"}
+	switch {
+	case errors.Is(err, fleet.ErrNotStarted):
+		writeError(w, http.StatusServiceUnavailable, "server_error", "backend_unavailable",
+			"llproxy could not start the backend for `"+model+"`: "+err.Error())
+	case errors.Is(err, backends.ErrBusy):
+		writeError(w, http.StatusServiceUnavailable, "server_error", "backend_busy",
+			"Every backend of llproxy route "+rt.name+" serving `"+model+"` stayed at its maxConcurrent for the request's maxQueueWait.")
+	default:
+		writeError(w, http.StatusServiceUnavailable, "server_error", "backend_unavailable",
+			"No healthy backend of llproxy route "+rt.name+" serves the model `"+model+"` right now.")
+	}
 }

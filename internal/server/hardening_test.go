@@ -96,7 +96,7 @@ func TestCutStreamsLeakNothing(t *testing.T) {
 		assert.Error(t, err, "the client sees the stream cut, not a clean end: %d %s %v", resp.StatusCode, b, resp.Header)
 	}
 	g.waitLog(t, `"outcome":"aborted"`)
-	for _, st := range g.srv.routes["local"].pool.Status() {
+	for _, st := range g.srv.routes["local"].fleet.Pool().Status() {
 		assert.Zero(t, st.InFlight, "backend %s", st.Name)
 	}
 	q, ok2 := g.srv.routes["local"].set.Lookup("m")
@@ -120,7 +120,7 @@ func TestCutStreamsLeakNothing(t *testing.T) {
 	resp.Body.Close()
 	close(slow.hold)
 	require.Eventually(t, func() bool {
-		st := g2.srv.routes["local"].pool.Status()
+		st := g2.srv.routes["local"].fleet.Pool().Status()
 		return st[0].InFlight == 0
 	}, 5*time.Second, time.Millisecond, "the backend's in-flight count comes back")
 	status, _ := chat(t, g2.URL+"/local/v1/chat/completions", "s")
@@ -343,7 +343,7 @@ func TestCredentialsStayInTheGateway(t *testing.T) {
 	g = newGateway(t, fmt.Sprintf(`{"routes": {"local": {"apiKey": "sk-route",
 	  "discover": [{"host": "127.0.0.1", "portStart": %d, "portEnd": %d}],
 	  "models": {"*": {"maxQueueSize": 1, "maxQueueWait": 1, "rpm": 600, "tpm": 50000}}}}}`, base, base), "", nil)
-	pool := g.srv.routes["local"].pool
+	pool := g.srv.routes["local"].fleet.Pool()
 	pool.Scan(context.Background(), pool.Config().Discover[0])
 	status, _ := chat(t, g.URL+"/local/v1/chat/completions", "d")
 	require.Equal(t, 200, status)

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/llproxy/llproxy/internal/lifecycle"
 	"github.com/llproxy/llproxy/internal/ollama"
 	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/scheduler"
@@ -33,7 +34,7 @@ func (g ollamaGateway) routeFor(model string) *route {
 			return g.s.routes[name]
 		}
 	}
-	if fb := g.s.fallback; fb != nil && (fb.cfg.Models[scheduler.Wildcard] != nil || (fb.pool != nil && fb.pool.Knows(model))) {
+	if fb := g.s.fallback; fb != nil && (fb.cfg.Models[scheduler.Wildcard] != nil || (fb.fleet != nil && fb.fleet.Knows(model))) {
 		return fb
 	}
 	return nil
@@ -54,8 +55,8 @@ func (rt *route) names(model string) bool {
 // mock's (beside those listed in its config).
 func (rt *route) modelNames() []string {
 	switch {
-	case rt.pool != nil:
-		return rt.pool.Models()
+	case rt.fleet != nil:
+		return rt.fleet.Models()
 	case rt.cfg.Provider == provider.NameMock:
 		if len(rt.cfg.Mock.Models) == 0 {
 			return []string{"mock"}
@@ -115,15 +116,17 @@ func (g ollamaGateway) ServeChat(w http.ResponseWriter, r *http.Request, model s
 }
 
 func (g ollamaGateway) Load(ctx context.Context, model string, keepAlive *time.Duration) error {
-	if rt := g.routeFor(model); rt != nil {
-		return rt.loadModel(ctx, model, keepAlive)
+	if rt := g.routeFor(model); rt != nil && rt.fleet != nil {
+		return rt.fleet.Load(ctx, model, keepAlive)
 	}
 	return nil
 }
 
 func (g ollamaGateway) Unload(model string) {
 	for _, name := range g.s.sortedRouteNames() {
-		g.s.routes[name].unloadModel(model)
+		if f := g.s.routes[name].fleet; f != nil {
+			f.Unload(model)
+		}
 	}
 }
 
@@ -131,14 +134,18 @@ func (g ollamaGateway) Running() []ollama.Loaded {
 	var out []ollama.Loaded
 	for _, name := range g.s.sortedRouteNames() {
 		rt := g.s.routes[name]
-		if rt.life == nil {
+		servers := []lifecycle.Status(nil)
+		if rt.fleet != nil {
+			servers = rt.fleet.Servers()
+		}
+		if servers == nil {
 			for _, m := range rt.modelNamesAll() {
 				out = append(out, ollama.Loaded{Name: m})
 			}
 			continue
 		}
 		managed := map[string]bool{}
-		for _, st := range rt.life.Status() {
+		for _, st := range servers {
 			for _, m := range st.Models {
 				managed[m] = true
 				if st.State == "ready" {

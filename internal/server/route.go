@@ -16,7 +16,7 @@ import (
 
 	"github.com/llproxy/llproxy/internal/backends"
 	"github.com/llproxy/llproxy/internal/config"
-	"github.com/llproxy/llproxy/internal/lifecycle"
+	"github.com/llproxy/llproxy/internal/fleet"
 	"github.com/llproxy/llproxy/internal/metrics"
 	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/scheduler"
@@ -34,8 +34,8 @@ type route struct {
 	dynamic sync.Map               // wildcard models: string -> *modelState
 	up      outbound
 	noModel prometheus.Counter // requests that name no model
-	pool    *backends.Pool     // a fleet route's backends; nil for one forward URL
-	life    *lifecycle.Manager // the fleet's backends llproxy runs; nil if none
+	lessor  lessor             // where each send goes: one URL, or a fleet's backend
+	fleet   *fleet.Fleet       // the route's fleet, for its catalog and admin; nil for one URL
 
 	labeled   atomic.Int64 // wildcard models with series of their own
 	otherOnce sync.Once
@@ -45,6 +45,19 @@ type route struct {
 // maxModelLabels bounds the wildcard models of a route that get metric
 // series of their own; the rest share model="other".
 const maxModelLabels = 100
+
+// lessor is where a route's sends go (package fleet): its one URL, or a
+// backend of its fleet held for the send.
+type lessor interface {
+	Lease(ctx context.Context, req *fleet.Request) (*fleet.Lease, error)
+	Any() (*fleet.Lease, bool)
+	Knows(model string) bool
+}
+
+var (
+	_ lessor = (*fleet.Single)(nil)
+	_ lessor = (*fleet.Fleet)(nil)
+)
 
 // modelState is what the hot path needs of one (route, model).
 type modelState struct {
@@ -235,9 +248,9 @@ func (rt *route) inspect(w http.ResponseWriter, path string, body []byte, rec *r
 		return c, false
 	}
 	rec.model = string(mv.GetStringBytes())
-	if rt.pool != nil && !rt.pool.Knows(rec.model) {
+	if !rt.lessor.Knows(rec.model) {
 		rec.outcome = outcomeNotFound
-		rt.writeFleetError(w, rec.model, backends.ErrUnknownModel)
+		rt.writeLeaseError(w, rec.model, backends.ErrUnknownModel)
 		return call{}, false
 	}
 	if c.ms, err = rt.modelFor(rec.model); err != nil {
@@ -338,4 +351,13 @@ func (rt *route) labelOf(q *scheduler.Queue) string {
 		return v.(*modelState).label
 	}
 	return metrics.OtherModel // being created or retired: not a series of its own
+}
+
+// queued counts the requests waiting in the route's queue of model (for
+// the fleet: a server is not unloaded while any wait for it).
+func (rt *route) queued(model string) int {
+	if q, ok := rt.set.Lookup(model); ok {
+		return q.Stats(time.Now()).Depth
+	}
+	return 0
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"log/slog"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/llproxy/llproxy/internal/metrics"
@@ -73,11 +74,13 @@ func (rt *route) serve(w http.ResponseWriter, r *http.Request) {
 	if c.ms == nil {
 		rec.outcome = outcomePassthrough
 		rt.noModel.Inc()
-		if rt.pool != nil {
-			rt.serveFleetUnscheduled(ex, r, body)
+		if rt.fleet != nil && r.Method == http.MethodGet && strings.HasSuffix(r.URL.Path, "/v1/models") {
+			// A fleet's list is its backends' together.
+			ex.Header().Set("Content-Type", "application/json")
+			ex.Write(rt.fleet.ModelsJSON(r.Context()))
 			return
 		}
-		rt.relay(ex, r, rt.up.target, rt.up.auth, body)
+		rt.relay(ex, r, body)
 		return
 	}
 	rt.schedule(ex, r, body, &c, &rec)
@@ -129,6 +132,7 @@ func (rt *route) schedule(ex *exchange, r *http.Request, body *bodyBuf, c *call,
 	ex.rate, ex.hasRate = adm.State, true
 	ex.ms, ex.deadline, ex.strip = ms, arrived.Add(ms.maxQueueWait), c.inject != nil
 	ex.maxRetries, ex.backoff = *rt.cfg.Retries, time.Duration(rt.cfg.RetryBackoff)
+	ex.lease.Reset(rec.model, c.keepAlive, ex.deadline)
 	send := body
 	if c.inject != nil {
 		send = c.inject

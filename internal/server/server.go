@@ -31,8 +31,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/valyala/fastjson"
 
-	"github.com/llproxy/llproxy/internal/backends"
 	"github.com/llproxy/llproxy/internal/config"
+	"github.com/llproxy/llproxy/internal/fleet"
 	"github.com/llproxy/llproxy/internal/metrics"
 	"github.com/llproxy/llproxy/internal/ollama"
 	"github.com/llproxy/llproxy/provider"
@@ -151,17 +151,17 @@ func (s *Server) newRoute(name string, rc *config.Route, opts Options) (*route, 
 	switch {
 	case rc.Provider == provider.NameMock:
 		mock := provider.NewMock(rc.Mock, mockCounter{s.tok})
-		rt.up.target = &url.URL{Scheme: "http", Host: "mock.invalid"}
+		rt.lessor = fleet.NewSingle(&url.URL{Scheme: "http", Host: "mock.invalid"})
 		rt.up.transport = provider.HandlerTransport{Handler: mock, Log: s.log}
 		rt.up.auth = rt.authorizer("")
 	case rc.Fleet():
-		pool, err := backends.New(rc.Config, backends.Options{Logger: s.log.With("route", name)})
+		f, err := fleet.New(rc.Config, fleet.Options{Logger: s.log.With("route", name),
+			MaxSwapWait: time.Duration(rc.MaxSwapWait), Queued: rt.queued, Secrets: s.secrets()})
 		if err != nil {
 			return nil, fmt.Errorf("server: routes.%s: %w", name, err)
 		}
-		rt.pool = pool
-		rt.life = rt.newLifecycle(rc)
-		rt.up.transport = opts.Transport // each send names its backend
+		rt.fleet, rt.lessor = f, f
+		rt.up.transport = opts.Transport // each send leases its backend
 		if rt.up.transport == nil {
 			rt.up.transport = newTransport(rc)
 		}
@@ -170,7 +170,7 @@ func (s *Server) newRoute(name string, rc *config.Route, opts Options) (*route, 
 		if err != nil {
 			return nil, fmt.Errorf("server: routes.%s.forward: %w", name, err)
 		}
-		rt.up.target = target
+		rt.lessor = fleet.NewSingle(target)
 		rt.up.transport = opts.Transport
 		if rt.up.transport == nil {
 			rt.up.transport = newTransport(rc)

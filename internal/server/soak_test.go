@@ -9,7 +9,6 @@ import (
 	"io"
 	"math/rand/v2"
 	"net/http"
-	"net/http/httputil"
 	"os"
 	"os/exec"
 	"runtime"
@@ -119,13 +118,13 @@ func TestSoak(t *testing.T) {
 
 	rt := g.srv.routes["local"]
 	require.Eventually(t, func() bool {
-		for _, st := range rt.pool.Status() {
+		for _, st := range rt.fleet.Pool().Status() {
 			if st.InFlight != 0 {
 				return false
 			}
 		}
 		return true
-	}, 10*time.Second, 10*time.Millisecond, "backend in-flight counts back to zero: %+v", rt.pool.Status())
+	}, 10*time.Second, 10*time.Millisecond, "backend in-flight counts back to zero: %+v", rt.fleet.Pool().Status())
 	for _, m := range []string{"m", "a", "x"} {
 		q, ok := rt.set.Lookup(m)
 		require.True(t, ok)
@@ -133,13 +132,13 @@ func TestSoak(t *testing.T) {
 		assert.Zero(t, st.InFlight, "%s: slots", m)
 		assert.Zero(t, st.Depth, "%s: queue", m)
 	}
-	for _, st := range rt.life.Status() {
+	for _, st := range rt.fleet.Servers() {
 		assert.Zero(t, st.InFlight, "managed %s", st.Name)
 	}
 	// What is left by design: the upstream transports' idle connections
 	// and the managed server. Close them, then count.
-	rt.forward.(*httputil.ReverseProxy).Transport.(*http.Transport).CloseIdleConnections()
-	rt.life.Unload("")
+	rt.up.transport.(*http.Transport).CloseIdleConnections()
+	rt.fleet.Unload("")
 	ok := assert.Eventually(t, func() bool { return runtime.NumGoroutine() <= before+2 }, 20*time.Second, 50*time.Millisecond,
 		"goroutines back: %d now, %d before", runtime.NumGoroutine(), before)
 	if !ok {
