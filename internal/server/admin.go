@@ -4,8 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"net/http"
-	"net/url"
-	"strings"
 
 	"github.com/llproxy/llproxy/internal/backends"
 	"github.com/llproxy/llproxy/internal/lifecycle"
@@ -134,13 +132,6 @@ func (s *Server) StopBackends() {
 	}
 }
 
-func unquoteModel(path string) string {
-	m := strings.TrimPrefix(path, "/unload/")
-	if u, err := url.PathUnescape(m); err == nil {
-		return u
-	}
-	return m
-}
 
 // secrets are every key the config holds: upstream keys and client keys.
 func (s *Server) secrets() []string {

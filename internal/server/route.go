@@ -34,6 +34,7 @@ type route struct {
 	dynamic sync.Map               // wildcard models: string -> *modelState
 	up      outbound
 	noModel prometheus.Counter // requests that name no model
+	handler http.Handler       // serve, behind the client-key check
 	lessor  lessor             // where each send goes: one URL, or a fleet's backend
 	fleet   *fleet.Fleet       // the route's fleet, for its catalog and admin; nil for one URL
 

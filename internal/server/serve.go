@@ -33,12 +33,6 @@ func (rt *route) serve(w http.ResponseWriter, r *http.Request) {
 			panic(p)
 		}
 	}()
-	if err := checkPath(r.URL.Path, r.URL.RawPath); err != nil {
-		dropBody(ex, r)
-		rec.outcome = outcomeBadRequest
-		writeError(ex, http.StatusBadRequest, "invalid_request_error", "invalid_path", "Invalid request path: "+err.Error()+".")
-		return
-	}
 
 	var body *bodyBuf
 	if r.Body != nil && r.Body != http.NoBody && r.Method != http.MethodGet && r.Method != http.MethodHead {

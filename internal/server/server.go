@@ -11,8 +11,6 @@ package server
 import (
 	"context"
 	"crypto/sha256"
-	"crypto/subtle"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -20,10 +18,8 @@ import (
 	"maps"
 	"net/http"
 	"net/url"
-	"runtime/debug"
 	"slices"
 	"strconv"
-	"strings"
 	"sync/atomic"
 	"time"
 
@@ -66,13 +62,14 @@ type Server struct {
 	routeNames []string
 	keyHashes  [][sha256.Size]byte
 	// adminHashes guard the admin endpoints; metricsHash /metrics.
-	adminHashes [][sha256.Size]byte
-	metricsHash *[sha256.Size]byte
-	parsers     fastjson.ParserPool
-	closing     atomic.Bool // queues closed: new requests refused, bodies still arriving cut off
-	draining    atomic.Bool // shutting down: /healthz answers 503
-	fallback    *route      // the defaultRoute, also served at the root
-	ollama      *ollama.Handler
+	adminHashes   [][sha256.Size]byte
+	metricsHashes [][sha256.Size]byte
+	mux           *http.ServeMux
+	parsers       fastjson.ParserPool
+	closing       atomic.Bool // queues closed: new requests refused, bodies still arriving cut off
+	draining      atomic.Bool // shutting down: /healthz answers 503
+	fallback      *route      // the defaultRoute, also served at the root
+	ollama        *ollama.Handler
 }
 
 var _ metrics.Source = (*Server)(nil)
@@ -93,8 +90,7 @@ func New(opts Options) (*Server, error) {
 		s.adminHashes = append(s.adminHashes, sha256.Sum256([]byte(k.Value())))
 	}
 	if k := opts.Config.MetricsKey.Value(); k != "" {
-		h := sha256.Sum256([]byte(k))
-		s.metricsHash = &h
+		s.metricsHashes = append(s.metricsHashes, sha256.Sum256([]byte(k)))
 	}
 	m, err := metrics.New(opts.Registry, s)
 	if err != nil {
@@ -115,6 +111,7 @@ func New(opts Options) (*Server, error) {
 		s.fallback = s.routes[opts.Config.DefaultRoute]
 	}
 	s.ollama = ollama.New(ollamaGateway{s})
+	s.mux = s.newMux()
 	return s, nil
 }
 
@@ -129,6 +126,7 @@ func (s *Server) newRoute(name string, rc *config.Route, opts Options) (*route, 
 	}
 	rt := &route{name: name, srv: s, cfg: rc, set: set, listed: map[string]*modelState{},
 		noModel: s.metrics.Passthrough(name)}
+	rt.handler = s.require(s.keyHashes, "one of its client keys", http.HandlerFunc(rt.serve))
 	set.OnRetire(func(q *scheduler.Queue) {
 		if v, ok := rt.dynamic.Load(q.Model()); ok && v.(*modelState).q == q {
 			rt.forget(v.(*modelState))
@@ -186,225 +184,7 @@ func (rt *route) authorizer(apiKey string) *provider.OpenAI {
 		ForwardOrganization: rt.cfg.ForwardOrganization})
 }
 
-// ServeHTTP serves the whole gateway: /healthz, /metrics, the admin
-// endpoints, the Ollama API and /<route>/... No panic escapes it: one that
-// is not http.ErrAbortHandler (a response cut short on purpose) is logged
-// with its stack and answered with a 500 in OpenAI's shape if nothing was
-// written yet.
-func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	f := getFront(w, time.Duration(s.cfg.WriteTimeout))
-	defer putFront(f)
-	defer s.recoverPanic(f, r)
-	s.route(f, r)
-}
-
-// recoverPanic is the last line of defence of a request.
-func (s *Server) recoverPanic(f *front, r *http.Request) {
-	p := recover()
-	if p == nil {
-		return
-	}
-	if p == http.ErrAbortHandler {
-		panic(p) // net/http closes the connection without logging
-	}
-	s.log.Error("panic serving a request", "method", r.Method, "path", r.URL.Path, "panic", fmt.Sprint(p),
-		"stack", string(debug.Stack()))
-	if f.wrote {
-		panic(http.ErrAbortHandler) // too late for a status: cut the response
-	}
-	writeError(f, http.StatusInternalServerError, "server_error", "internal_error",
-		"llproxy failed on this request; it was logged. Nothing was sent upstream on its behalf unless it was admitted.")
-}
-
-func (s *Server) route(w http.ResponseWriter, r *http.Request) {
-	path := r.URL.Path
-	switch path {
-	case "/healthz":
-		s.healthz(w)
-		return
-	case "/metrics":
-		if s.metricsHash != nil && !keyMatches(requestKey(r), []([sha256.Size]byte){*s.metricsHash}) {
-			s.unauthorized(w, r, "a metrics key")
-			return
-		}
-		s.promHTTP.ServeHTTP(w, r)
-		return
-	case "/health", "/status":
-		if s.admin(w, r, false) {
-			if path == "/status" {
-				s.status(w)
-			} else {
-				s.health(w, r, false)
-			}
-		}
-		return
-	case "/health/force-check":
-		if s.admin(w, r, true) {
-			s.health(w, r, true)
-		}
-		return
-	case "/unload":
-		if s.admin(w, r, true) {
-			s.unload(w, "")
-		}
-		return
-	}
-	if strings.HasPrefix(path, "/unload/") {
-		if s.admin(w, r, true) {
-			s.unload(w, unquoteModel(path))
-		}
-		return
-	}
-	if ollama.Handles(path) {
-		s.serveOllama(w, r)
-		return
-	}
-	name := strings.TrimPrefix(path, "/")
-	if i := strings.IndexByte(name, '/'); i >= 0 {
-		name = name[:i]
-	}
-	rt, ok := s.routes[name]
-	if !ok && s.fallback != nil {
-		rt, ok = s.fallback, true // the default route, at the root
-	}
-	authorized := s.authorized(r)
-	if !ok {
-		msg := "Unknown route " + strconv.Quote(path) + "."
-		if authorized {
-			msg = "Unknown route " + strconv.Quote(path) + ": this gateway serves " + strings.Join(s.routeNames, ", ") + "."
-		}
-		dropBody(w, r)
-		s.logFront(r, http.StatusNotFound, outcomeNotFound)
-		writeError(w, http.StatusNotFound, "invalid_request_error", "unknown_route", msg)
-		return
-	}
-	if !authorized {
-		s.unauthorized(w, r, "one of its client keys")
-		return
-	}
-	rt.serve(w, r)
-}
-
-// serveOllama serves the Ollama API: authenticated, and with the body read
-// under the same bounds as any other before the façade sees it.
-func (s *Server) serveOllama(w http.ResponseWriter, r *http.Request) {
-	if !s.authorized(r) {
-		dropBody(w, r)
-		s.logFront(r, http.StatusUnauthorized, outcomeUnauthorized)
-		w.Header().Set("Content-Type", "application/json; charset=utf-8")
-		w.WriteHeader(http.StatusUnauthorized)
-		io.WriteString(w, `{"error":"unauthorized: llproxy expects one of its client keys in Authorization: Bearer <key>"}`+"\n")
-		return
-	}
-	if r.Body != nil && r.Body != http.NoBody && r.Method != http.MethodGet && r.Method != http.MethodHead {
-		body, err := s.readBody(w, r)
-		if err != nil {
-			status, msg := http.StatusBadRequest, "could not read the request body"
-			switch {
-			case errors.Is(err, errBodyTooLarge):
-				status, msg = http.StatusRequestEntityTooLarge, "request body too large: the limit is "+itoa(s.cfg.MaxBodyBytes)+" bytes"
-			case isTimeout(err):
-				status, msg = http.StatusRequestTimeout, "the request body did not arrive in time"
-			}
-			w.Header().Set("Content-Type", "application/json; charset=utf-8")
-			w.WriteHeader(status)
-			b, _ := json.Marshal(map[string]string{"error": msg})
-			w.Write(append(b, '\n'))
-			return
-		}
-		defer body.release()
-		r.Body = body.reader()
-		defer r.Body.Close()
-	}
-	s.ollama.ServeHTTP(w, r)
-}
-
-// admin authenticates an admin endpoint: with adminKeys, one of them;
-// without, one of the client keys when there are any. A mutating endpoint
-// also takes only POST, so that no link or image on a web page can
-// trigger it. It answers the client and returns false when the request may
-// not go on.
-func (s *Server) admin(w http.ResponseWriter, r *http.Request, mutating bool) bool {
-	hashes := s.adminHashes
-	if len(hashes) == 0 {
-		hashes = s.keyHashes
-	}
-	if len(hashes) > 0 && !keyMatches(requestKey(r), hashes) {
-		s.unauthorized(w, r, "an admin key")
-		return false
-	}
-	if mutating && r.Method != http.MethodPost {
-		w.Header().Set("Allow", http.MethodPost)
-		writeError(w, http.StatusMethodNotAllowed, "invalid_request_error", "method_not_allowed", "Use POST "+r.URL.Path+".")
-		return false
-	}
-	if !mutating && r.Method != http.MethodGet && r.Method != http.MethodHead {
-		w.Header().Set("Allow", "GET, HEAD")
-		writeError(w, http.StatusMethodNotAllowed, "invalid_request_error", "method_not_allowed", "Use GET "+r.URL.Path+".")
-		return false
-	}
-	return true
-}
-
-// dropBody ends a request whose body will not be read: the connection
-// closes after the answer instead of net/http reading what is left of the
-// body, which a client trickling it could make last for ever.
-func dropBody(w http.ResponseWriter, r *http.Request) {
-	if r.Body == nil || r.Body == http.NoBody {
-		return
-	}
-	w.Header()["Connection"] = []string{"close"}
-	if conn := connOf(w); conn != nil {
-		conn.SetReadDeadline(time.Now())
-	}
-}
-
-// unauthorized answers 401 and logs it.
-func (s *Server) unauthorized(w http.ResponseWriter, r *http.Request, what string) {
-	dropBody(w, r)
-	s.logFront(r, http.StatusUnauthorized, outcomeUnauthorized)
-	writeError(w, http.StatusUnauthorized, "invalid_request_error", "invalid_api_key",
-		"Incorrect API key provided. llproxy expects "+what+" in Authorization: Bearer <key> or api-key: <key>.")
-}
-
-// logFront logs a request answered before it reached a route.
-func (s *Server) logFront(r *http.Request, status int, outcome string) {
-	s.log.LogAttrs(r.Context(), slog.LevelInfo, "request", slog.String("method", r.Method),
-		slog.String("path", r.URL.Path), slog.Int("status", status), slog.String("outcome", outcome))
-}
-
-// authorized checks the client's key against clientKeys in constant time.
-func (s *Server) authorized(r *http.Request) bool {
-	return len(s.keyHashes) == 0 || keyMatches(requestKey(r), s.keyHashes)
-}
-
-// requestKey is the key a request carries: Authorization: Bearer, else
-// api-key.
-func requestKey(r *http.Request) string {
-	key := r.Header.Get("Api-Key")
-	if auth := r.Header.Get("Authorization"); auth != "" {
-		if len(auth) > 7 && strings.EqualFold(auth[:7], "bearer ") {
-			key = strings.TrimSpace(auth[7:])
-		}
-	}
-	return key
-}
-
-// keyMatches compares key with every hash in constant time: both sides are
-// hashed to equal length and every key is compared.
-func keyMatches(key string, hashes [][sha256.Size]byte) bool {
-	if key == "" {
-		return false
-	}
-	h := sha256.Sum256([]byte(key))
-	ok := 0
-	for i := range hashes {
-		ok |= subtle.ConstantTimeCompare(h[:], hashes[i][:])
-	}
-	return ok == 1
-}
-
-func (s *Server) healthz(w http.ResponseWriter) {
+func (s *Server) healthz(w http.ResponseWriter, _ *http.Request) {
 	w.Header().Set("Content-Type", "application/json")
 	if s.draining.Load() || s.closing.Load() {
 		w.WriteHeader(http.StatusServiceUnavailable)

@@ -1,0 +1,243 @@
+package server
+
+import (
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"runtime/debug"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// The HTTP front: one http.ServeMux with Go 1.22 patterns, and
+// authentication applied once per endpoint, as middleware.
+
+// newMux routes the gateway's endpoints. Admin endpoints need an admin
+// key (client keys without adminKeys), the mutating ones POST; /metrics its
+// metricsKey; the Ollama API and the routes a client key. Any other method
+// on an admin path is a 405 in OpenAI's shape, after authentication.
+func (s *Server) newMux() *http.ServeMux {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", s.healthz)
+	mux.Handle("GET /metrics", s.require(s.metricsHashes, "a metrics key", s.promHTTP))
+	admin := func(method, path string, h http.HandlerFunc) {
+		mux.Handle(method+" "+path, s.require(s.adminKeys(), "an admin key", h))
+		mux.Handle(path, s.require(s.adminKeys(), "an admin key", methodNotAllowed(method)))
+	}
+	admin("GET", "/health", func(w http.ResponseWriter, r *http.Request) { s.health(w, r, false) })
+	admin("GET", "/status", func(w http.ResponseWriter, r *http.Request) { s.status(w) })
+	admin("POST", "/health/force-check", func(w http.ResponseWriter, r *http.Request) { s.health(w, r, true) })
+	admin("POST", "/unload", func(w http.ResponseWriter, r *http.Request) { s.unload(w, "") })
+	admin("POST", "/unload/{model...}", func(w http.ResponseWriter, r *http.Request) { s.unload(w, r.PathValue("model")) })
+	ollama := s.requireOllama(http.HandlerFunc(s.serveOllama))
+	mux.Handle("/api/", ollama)
+	mux.Handle("GET /{$}", ollama) // "Ollama is running"
+	mux.HandleFunc("/", s.serveRoute)
+	return mux
+}
+
+// ServeHTTP serves the whole gateway. No panic escapes it: one that is not
+// http.ErrAbortHandler (a response cut short on purpose) is logged with its
+// stack and answered with a 500 in OpenAI's shape if nothing was written
+// yet. A path with dot segments is refused before anything routes it.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	f := getFront(w, time.Duration(s.cfg.WriteTimeout))
+	defer putFront(f)
+	defer s.recoverPanic(f, r)
+	if err := checkPath(r.URL.Path, r.URL.RawPath); err != nil {
+		dropBody(f, r)
+		s.logFront(r, http.StatusBadRequest, outcomeBadRequest)
+		writeError(f, http.StatusBadRequest, "invalid_request_error", "invalid_path", "Invalid request path: "+err.Error()+".")
+		return
+	}
+	s.mux.ServeHTTP(f, r)
+}
+
+// recoverPanic is the last line of defence of a request.
+func (s *Server) recoverPanic(f *front, r *http.Request) {
+	p := recover()
+	if p == nil {
+		return
+	}
+	if p == http.ErrAbortHandler {
+		panic(p) // net/http closes the connection without logging
+	}
+	s.log.Error("panic serving a request", "method", r.Method, "path", r.URL.Path, "panic", fmt.Sprint(p),
+		"stack", string(debug.Stack()))
+	if f.wrote {
+		panic(http.ErrAbortHandler) // too late for a status: cut the response
+	}
+	writeError(f, http.StatusInternalServerError, "server_error", "internal_error",
+		"llproxy failed on this request; it was logged. Nothing was sent upstream on its behalf unless it was admitted.")
+}
+
+// serveRoute serves /<route>/... (and the default route at the root). An
+// unknown route's 404 names the routes only to an authenticated client.
+func (s *Server) serveRoute(w http.ResponseWriter, r *http.Request) {
+	name := strings.TrimPrefix(r.URL.Path, "/")
+	if i := strings.IndexByte(name, '/'); i >= 0 {
+		name = name[:i]
+	}
+	rt, ok := s.routes[name]
+	if !ok && s.fallback != nil {
+		rt, ok = s.fallback, true // the default route, at the root
+	}
+	if !ok {
+		msg := "Unknown route " + strconv.Quote(r.URL.Path) + "."
+		if s.authorized(r) {
+			msg = "Unknown route " + strconv.Quote(r.URL.Path) + ": this gateway serves " + strings.Join(s.routeNames, ", ") + "."
+		}
+		dropBody(w, r)
+		s.logFront(r, http.StatusNotFound, outcomeNotFound)
+		writeError(w, http.StatusNotFound, "invalid_request_error", "unknown_route", msg)
+		return
+	}
+	rt.handler.ServeHTTP(w, r)
+}
+
+// require is the authentication middleware: with hashes, a request must
+// carry one of their keys (Authorization: Bearer, or api-key), compared in
+// constant time; else 401. No hashes: open.
+func (s *Server) require(hashes [][sha256.Size]byte, what string, h http.Handler) http.Handler {
+	if len(hashes) == 0 {
+		return h
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !keyMatches(requestKey(r), hashes) {
+			s.unauthorized(w, r, what)
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+// requireOllama is require with the client keys, answering in Ollama's
+// error shape.
+func (s *Server) requireOllama(h http.Handler) http.Handler {
+	if len(s.keyHashes) == 0 {
+		return h
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !s.authorized(r) {
+			dropBody(w, r)
+			s.logFront(r, http.StatusUnauthorized, outcomeUnauthorized)
+			w.Header().Set("Content-Type", "application/json; charset=utf-8")
+			w.WriteHeader(http.StatusUnauthorized)
+			io.WriteString(w, `{"error":"unauthorized: llproxy expects one of its client keys in Authorization: Bearer <key>"}`+"\n")
+			return
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+// adminKeys are the keys of the admin endpoints: adminKeys, else the
+// client keys.
+func (s *Server) adminKeys() [][sha256.Size]byte {
+	if len(s.adminHashes) > 0 {
+		return s.adminHashes
+	}
+	return s.keyHashes
+}
+
+// methodNotAllowed answers any method but want with a 405, so that no link
+// or image on a web page can trigger a mutating endpoint.
+func methodNotAllowed(want string) http.HandlerFunc {
+	allow := want
+	if want == http.MethodGet {
+		allow = "GET, HEAD"
+	}
+	return func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Allow", allow)
+		writeError(w, http.StatusMethodNotAllowed, "invalid_request_error", "method_not_allowed", "Use "+want+" "+r.URL.Path+".")
+	}
+}
+
+// serveOllama serves the Ollama API, with the body read under the same
+// bounds as any other before the façade sees it.
+func (s *Server) serveOllama(w http.ResponseWriter, r *http.Request) {
+	if r.Body != nil && r.Body != http.NoBody && r.Method != http.MethodGet && r.Method != http.MethodHead {
+		body, err := s.readBody(w, r)
+		if err != nil {
+			status, msg := http.StatusBadRequest, "could not read the request body"
+			switch {
+			case errors.Is(err, errBodyTooLarge):
+				status, msg = http.StatusRequestEntityTooLarge, "request body too large: the limit is "+itoa(s.cfg.MaxBodyBytes)+" bytes"
+			case isTimeout(err):
+				status, msg = http.StatusRequestTimeout, "the request body did not arrive in time"
+			}
+			w.Header().Set("Content-Type", "application/json; charset=utf-8")
+			w.WriteHeader(status)
+			b, _ := json.Marshal(map[string]string{"error": msg})
+			w.Write(append(b, '\n'))
+			return
+		}
+		defer body.release()
+		r.Body = body.reader()
+		defer r.Body.Close()
+	}
+	s.ollama.ServeHTTP(w, r)
+}
+
+// dropBody ends a request whose body will not be read: the connection
+// closes after the answer instead of net/http reading what is left of the
+// body, which a client trickling it could make last for ever.
+func dropBody(w http.ResponseWriter, r *http.Request) {
+	if r.Body == nil || r.Body == http.NoBody {
+		return
+	}
+	w.Header()["Connection"] = []string{"close"}
+	if conn := connOf(w); conn != nil {
+		conn.SetReadDeadline(time.Now())
+	}
+}
+
+// unauthorized answers 401 and logs it.
+func (s *Server) unauthorized(w http.ResponseWriter, r *http.Request, what string) {
+	dropBody(w, r)
+	s.logFront(r, http.StatusUnauthorized, outcomeUnauthorized)
+	writeError(w, http.StatusUnauthorized, "invalid_request_error", "invalid_api_key",
+		"Incorrect API key provided. llproxy expects "+what+" in Authorization: Bearer <key> or api-key: <key>.")
+}
+
+// logFront logs a request answered before it reached a route.
+func (s *Server) logFront(r *http.Request, status int, outcome string) {
+	s.log.LogAttrs(r.Context(), slog.LevelInfo, "request", slog.String("method", r.Method),
+		slog.String("path", r.URL.Path), slog.Int("status", status), slog.String("outcome", outcome))
+}
+
+// authorized checks the client's key against clientKeys in constant time.
+func (s *Server) authorized(r *http.Request) bool {
+	return len(s.keyHashes) == 0 || keyMatches(requestKey(r), s.keyHashes)
+}
+
+// requestKey is the key a request carries: Authorization: Bearer, else
+// api-key.
+func requestKey(r *http.Request) string {
+	key := r.Header.Get("Api-Key")
+	if auth := r.Header.Get("Authorization"); auth != "" {
+		if len(auth) > 7 && strings.EqualFold(auth[:7], "bearer ") {
+			key = strings.TrimSpace(auth[7:])
+		}
+	}
+	return key
+}
+
+// keyMatches compares key with every hash in constant time: both sides are
+// hashed to equal length and every key is compared.
+func keyMatches(key string, hashes [][sha256.Size]byte) bool {
+	if key == "" {
+		return false
+	}
+	h := sha256.Sum256([]byte(key))
+	ok := 0
+	for i := range hashes {
+		ok |= subtle.ConstantTimeCompare(h[:], hashes[i][:])
+	}
+	return ok == 1
+}
