@@ -132,7 +132,6 @@ func (s *Server) StopBackends() {
 	}
 }
 
-
 // secrets are every key the config holds: upstream keys and client keys.
 func (s *Server) secrets() []string {
 	var out []string

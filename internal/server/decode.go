@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"math"
+	"net/http"
 	"strconv"
 	"strings"
 	"sync"
@@ -11,6 +12,11 @@ import (
 	"unicode/utf8"
 
 	"github.com/valyala/fastjson"
+
+	"github.com/llproxy/llproxy/internal/backends"
+	"github.com/llproxy/llproxy/provider"
+	"github.com/llproxy/llproxy/scheduler"
+	"github.com/llproxy/llproxy/tokenizer"
 )
 
 // This file is the decode stage's rules: the gateway must read a request the
@@ -243,4 +249,111 @@ func applyDefaults(v *fastjson.Value, ms *modelState, dp *fastjson.Parser, a *fa
 	}
 	v.Set("messages", arr)
 	return true
+}
+
+// call is what inspect learns of a request body.
+type call struct {
+	ms  *modelState // nil: the body names no model
+	est estimate
+	// inject is the body to send instead of the request's own, or nil:
+	// rewritten to ask for a stream's usage, to drop keep_alive, or to add
+	// the model's defaults.
+	inject *bodyBuf
+	// keepAlive is the request's keep_alive, if it had one.
+	keepAlive *time.Duration
+}
+
+// inspect parses a JSON body once, finds its model's queue and counts its
+// cost; for a stream whose client did not ask for usage it also prepares the
+// body that asks for it. On bad input it answers the client and returns ok
+// false.
+func (rt *route) inspect(w http.ResponseWriter, path string, body []byte, rec *requestLog) (c call, ok bool) {
+	p := rt.srv.parsers.Get()
+	defer rt.srv.parsers.Put(p)
+	v, err := p.ParseBytes(body)
+	if err != nil || v.Type() != fastjson.TypeObject {
+		rec.outcome = outcomeBadRequest
+		writeError(w, http.StatusBadRequest, "invalid_request_error", "",
+			"We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly. The OpenAI API expects a JSON payload.)")
+		return c, false
+	}
+	if err := checkDuplicateKeys(v); err != nil {
+		rec.outcome = outcomeBadRequest
+		writeError(w, http.StatusBadRequest, "invalid_request_error", "", "Invalid request: "+err.Error())
+		return c, false
+	}
+	mv := v.Get("model")
+	if mv == nil || mv.Type() == fastjson.TypeNull {
+		if endpointOf(path) != tokenizer.EndpointOther {
+			rec.outcome = outcomeBadRequest
+			writeParamError(w, "model", "you must provide a model parameter")
+			return c, false
+		}
+		return c, true
+	}
+	if mv.Type() != fastjson.TypeString {
+		rec.outcome = outcomeBadRequest
+		writeParamError(w, "model", "'model' must be a string.")
+		return c, false
+	}
+	if err := checkModelName(mv.GetStringBytes()); err != nil {
+		rec.outcome = outcomeBadRequest
+		writeParamError(w, "model", err.Error())
+		return c, false
+	}
+	rec.model = string(mv.GetStringBytes())
+	if !rt.lessor.Knows(rec.model) {
+		rec.outcome = outcomeNotFound
+		rt.writeLeaseError(w, rec.model, backends.ErrUnknownModel)
+		return call{}, false
+	}
+	if c.ms, err = rt.modelFor(rec.model); err != nil {
+		rec.outcome = outcomeNotFound
+		if errors.Is(err, scheduler.ErrTooManyModels) {
+			rec.outcome = "too_many_models"
+		}
+		rt.writeModelError(w, rec.model, err)
+		return call{}, false
+	}
+	// keep_alive is for llproxy's model lifecycle, never for the upstream;
+	// model defaults go in before counting, so they are paid for.
+	var dp fastjson.Parser
+	var a fastjson.Arena
+	rewrite := false
+	if ka := v.Get("keep_alive"); ka != nil {
+		d, err := keepAlive(ka)
+		if err != nil {
+			rec.outcome = outcomeBadRequest
+			writeParamError(w, "keep_alive", err.Error())
+			return call{}, false
+		}
+		c.keepAlive = &d
+		v.Del("keep_alive")
+		rewrite = true
+	}
+	ep := endpointOf(path)
+	if ep == tokenizer.EndpointChat && (c.ms.defaults != nil || c.ms.system != "") {
+		rewrite = applyDefaults(v, c.ms, &dp, &a) || rewrite
+	}
+	if c.est, err = rt.estimateCost(ep, rec.model, v, c.ms); err != nil {
+		rec.outcome = outcomeBadRequest
+		writeError(w, http.StatusBadRequest, "invalid_request_error", "", err.Error())
+		return call{}, false
+	}
+	stream := v.GetBool("stream")
+	wantUsage := *rt.cfg.InjectStreamUsage && stream && !provider.WantsStreamUsage(v) &&
+		(ep == tokenizer.EndpointChat || ep == tokenizer.EndpointCompletions)
+	switch {
+	case rewrite:
+		c.inject = newBodyBuf()
+		if wantUsage {
+			c.inject.buf = provider.WithStreamUsage(c.inject.buf, nil, v)
+		} else {
+			c.inject.buf = v.MarshalTo(c.inject.buf)
+		}
+	case wantUsage:
+		c.inject = newBodyBuf()
+		c.inject.buf = provider.WithStreamUsage(c.inject.buf, body, v)
+	}
+	return c, true
 }

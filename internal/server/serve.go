@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/llproxy/llproxy/internal/metrics"
-	"github.com/llproxy/llproxy/scheduler"
 	"github.com/llproxy/llproxy/tokenizer"
 )
 
@@ -78,82 +77,6 @@ func (rt *route) serve(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	rt.schedule(ex, r, body, &c, &rec)
-}
-
-// schedule admits a request through its model's queue and forwards it,
-// sending it again when the upstream answers with a retryable 429 (back to
-// the head of the queue, which is held as long as the upstream asked), a
-// 5xx or a connection failure (after a backoff), as long as nothing has
-// reached the client and the request's maxQueueWait budget lasts.
-func (rt *route) schedule(ex *exchange, r *http.Request, body *bodyBuf, c *call, rec *requestLog) {
-	ms := c.ms
-	rec.prompt, rec.cost = c.est.prompt, c.est.cost
-	arrived := time.Now()
-	adm, err := ms.q.Acquire(r.Context(), scheduler.Cost{Tokens: c.est.cost})
-	if errors.Is(err, scheduler.ErrRetired) {
-		// Its queue was retired for being idle between lookup and
-		// admission: look again (a new queue with full buckets, exactly
-		// what the idle one held).
-		if ms, err = rt.modelFor(rec.model); err == nil {
-			c.ms = ms
-			adm, err = ms.q.Acquire(r.Context(), scheduler.Cost{Tokens: c.est.cost})
-		}
-	}
-	if err != nil {
-		rec.outcome = rt.writeAcquireError(ex, r.Context(), err)
-		ms.m.Outcome(rec.outcome)
-		if rt.debugging(r.Context()) {
-			rt.debug(r.Context(), "not admitted", slog.String("model", rec.model), slog.Int("cost", c.est.cost),
-				slog.String("reason", err.Error()))
-		}
-		return
-	}
-	if rt.debugging(r.Context()) {
-		rt.debug(r.Context(), "admitted", slog.String("model", rec.model), slog.Int("cost", c.est.cost),
-			slog.Duration("wait", adm.Wait), slog.Int("remaining_requests", adm.State.RemainingRequests),
-			slog.Int("remaining_tokens", adm.State.RemainingTokens))
-	}
-	// Whatever happens from here (a retry's new admission, a response cut
-	// short by a panic with http.ErrAbortHandler), the admission in force
-	// when the request ends gives back its concurrency slot.
-	ex.adm = adm
-	defer func() { ex.adm.Release(time.Now()) }()
-	ms.m.Inflight(1)
-	defer ms.m.Inflight(-1)
-	rec.outcome, rec.wait = metrics.OutcomeAdmitted, adm.Wait
-	ms.m.Admitted(adm.Wait, c.est.prompt, c.est.cost)
-
-	ex.rate, ex.hasRate = adm.State, true
-	ex.ms, ex.deadline, ex.strip = ms, arrived.Add(ms.maxQueueWait), c.inject != nil
-	ex.maxRetries, ex.backoff = *rt.cfg.Retries, time.Duration(rt.cfg.RetryBackoff)
-	ex.lease.Reset(rec.model, c.keepAlive, ex.deadline)
-	send := body
-	if c.inject != nil {
-		send = c.inject
-	}
-	// The loop owns each round trip (forward.go): it sends, and sends
-	// again while the outcome allows, then settles.
-	for {
-		ex.tries++
-		a := rt.try(ex, r, rec.model, c, send)
-		switch a.verdict {
-		case deliver, failed:
-			if a.noBackend {
-				ex.adm.Unsend(time.Now()) // never sent
-				ms.m.Unsent(c.est.cost)
-				rec.outcome = "no_backend"
-				if r.Context().Err() != nil {
-					rec.outcome = metrics.OutcomeCancelled
-				}
-				return
-			}
-			rt.settle(ex, c, a, rec)
-			return
-		}
-		if !rt.sendAgain(r.Context(), ex, a, c.est.cost, rec) {
-			return
-		}
-	}
 }
 
 // debugging reports whether debug logging is on; call debug behind it, so

@@ -1,0 +1,69 @@
+package server
+
+import (
+	"math"
+	"strings"
+
+	"github.com/valyala/fastjson"
+
+	"github.com/llproxy/llproxy/tokenizer"
+)
+
+// The count stage: what a request will cost, in requests and tokens,
+// before it is admitted.
+
+// estimate is a request's counted cost.
+type estimate struct {
+	prompt, maxOutput, n, cost int
+}
+
+// endpointOf maps a request path to the API whose body it carries.
+func endpointOf(path string) tokenizer.Endpoint {
+	switch {
+	case strings.HasSuffix(path, "/chat/completions"):
+		return tokenizer.EndpointChat
+	case strings.HasSuffix(path, "/completions"):
+		return tokenizer.EndpointCompletions
+	case strings.HasSuffix(path, "/embeddings"):
+		return tokenizer.EndpointEmbeddings
+	case strings.HasSuffix(path, "/responses"):
+		return tokenizer.EndpointResponses
+	}
+	return tokenizer.EndpointOther
+}
+
+// estimateCost is prompt tokens + n x max output tokens. Max output is the
+// first of max_completion_tokens, max_tokens and max_output_tokens that is
+// set (-1 and 0, which some servers take for "no limit", count as unset),
+// else the model's defaultMaxTokens; embeddings have none. n is
+// max(n, best_of), at least 1. Each number is bounded (an error names the
+// one that is not) and the sum saturates, so no cost is ever negative or
+// wraps.
+func (rt *route) estimateCost(ep tokenizer.Endpoint, model string, v *fastjson.Value, ms *modelState) (estimate, error) {
+	e := estimate{prompt: rt.srv.tok.PromptTokens(ep, model, v), n: 1}
+	if ep != tokenizer.EndpointEmbeddings {
+		e.maxOutput = ms.defaultMaxTokens
+		found := false
+		for _, k := range [...]string{"max_completion_tokens", "max_tokens", "max_output_tokens"} {
+			n, ok, err := intParam(v, k, 1, maxOutputTokens, true)
+			if err != nil {
+				return e, err
+			}
+			if ok && !found {
+				e.maxOutput, found = int(n), true
+			}
+		}
+	}
+	for _, k := range [...]string{"n", "best_of"} {
+		n, ok, err := intParam(v, k, 1, maxN, false)
+		if err != nil {
+			return e, err
+		}
+		if ok {
+			e.n = max(e.n, int(n))
+		}
+	}
+	cost := int64(max(0, e.prompt)) + int64(e.n)*int64(e.maxOutput)
+	e.cost = int(min(cost, math.MaxInt32))
+	return e, nil
+}
