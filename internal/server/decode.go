@@ -14,6 +14,7 @@ import (
 	"github.com/valyala/fastjson"
 
 	"github.com/llproxy/llproxy/internal/backends"
+	"github.com/llproxy/llproxy/internal/ollama"
 	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/scheduler"
 	"github.com/llproxy/llproxy/tokenizer"
@@ -188,32 +189,6 @@ func intParam(v *fastjson.Value, key string, lo, hi int64, lenient bool) (int64,
 	return int64(f), true, nil
 }
 
-// keepAlive reads a keep_alive as Ollama does: a number of seconds, or a
-// duration string ("10m"); negative means never unload.
-func keepAlive(v *fastjson.Value) (time.Duration, error) {
-	switch v.Type() {
-	case fastjson.TypeNumber:
-		f := v.GetFloat64()
-		switch {
-		case f < 0, f*float64(time.Second) >= math.MaxInt64:
-			return -1, nil // never (a number too large to be a duration means as much)
-		case f != f:
-			return 0, errors.New("keep_alive must be a number of seconds or a duration such as \"10m\"")
-		}
-		return time.Duration(f * float64(time.Second)), nil
-	case fastjson.TypeString:
-		d, err := time.ParseDuration(string(v.GetStringBytes()))
-		if err != nil {
-			return 0, errors.New("keep_alive must be a number of seconds or a duration such as \"10m\"")
-		}
-		if d < 0 {
-			return -1, nil
-		}
-		return d, nil
-	}
-	return 0, errors.New("keep_alive must be a number of seconds or a duration such as \"10m\"")
-}
-
 // applyDefaults gives a chat request the model's default parameters it does
 // not set, and its default system prompt if it has no system message. It
 // reports whether it changed v. dp parses the defaults and must live as
@@ -321,7 +296,7 @@ func (rt *route) inspect(w http.ResponseWriter, path string, body []byte, rec *r
 	var a fastjson.Arena
 	rewrite := false
 	if ka := v.Get("keep_alive"); ka != nil {
-		d, err := keepAlive(ka)
+		d, err := ollama.ParseKeepAlive(ka.MarshalTo(nil))
 		if err != nil {
 			rec.outcome = outcomeBadRequest
 			writeParamError(w, "keep_alive", err.Error())
