@@ -40,52 +40,41 @@ func (g ollamaGateway) routeFor(model string) *route {
 	return nil
 }
 
-// names reports whether the route names model itself.
-func (rt *route) names(model string) bool {
-	if model == scheduler.Wildcard {
-		return false
-	}
-	if _, ok := rt.cfg.Models[model]; ok {
-		return true
-	}
-	return slices.Contains(rt.modelNames(), model)
-}
+// names reports whether the route serves model by name.
+func (rt *route) names(model string) bool { return slices.Contains(rt.models(), model) }
 
-// modelNames lists the models the route serves by name: its fleet's, its
-// mock's (beside those listed in its config).
-func (rt *route) modelNames() []string {
+// models is the one answer to "which models does this route serve", by the
+// names clients use: those listed in its config (not "*"), and those its
+// fleet or its mock serves; sorted, each once.
+func (rt *route) models() []string {
+	var out []string
+	for m := range rt.cfg.Models {
+		if m != scheduler.Wildcard {
+			out = append(out, m)
+		}
+	}
 	switch {
 	case rt.fleet != nil:
-		return rt.fleet.Models()
+		out = append(out, rt.fleet.Models()...)
 	case rt.cfg.Provider == provider.NameMock:
 		if len(rt.cfg.Mock.Models) == 0 {
-			return []string{"mock"}
+			out = append(out, "mock")
 		}
-		return rt.cfg.Mock.Models
+		out = append(out, rt.cfg.Mock.Models...)
 	}
-	return nil
+	slices.Sort(out)
+	return slices.Compact(out)
 }
 
 func (g ollamaGateway) Known(model string) bool { return g.routeFor(model) != nil }
 
 func (g ollamaGateway) Models() []string {
 	var out []string
-	add := func(m string) {
-		if m != scheduler.Wildcard && !slices.Contains(out, m) {
-			out = append(out, m)
-		}
-	}
-	for _, name := range g.s.sortedRouteNames() {
-		rt := g.s.routes[name]
-		for m := range rt.cfg.Models {
-			add(m)
-		}
-		for _, m := range rt.modelNames() {
-			add(m)
-		}
+	for _, rt := range g.s.routes {
+		out = append(out, rt.models()...)
 	}
 	slices.Sort(out)
-	return out
+	return slices.Compact(out)
 }
 
 // ServeChat sends an OpenAI chat request through the model's route, as if
@@ -139,7 +128,7 @@ func (g ollamaGateway) Running() []ollama.Loaded {
 			servers = rt.fleet.Servers()
 		}
 		if servers == nil {
-			for _, m := range rt.modelNamesAll() {
+			for _, m := range rt.models() {
 				out = append(out, ollama.Loaded{Name: m})
 			}
 			continue
@@ -153,31 +142,13 @@ func (g ollamaGateway) Running() []ollama.Loaded {
 				}
 			}
 		}
-		for _, m := range rt.modelNamesAll() {
+		for _, m := range rt.models() {
 			if !managed[m] {
 				out = append(out, ollama.Loaded{Name: m})
 			}
 		}
 	}
 	return dedupeLoaded(out)
-}
-
-// modelNamesAll lists the route's models by name, listed in its config or
-// served by its fleet or mock.
-func (rt *route) modelNamesAll() []string {
-	var out []string
-	for m := range rt.cfg.Models {
-		if m != scheduler.Wildcard {
-			out = append(out, m)
-		}
-	}
-	for _, m := range rt.modelNames() {
-		if !slices.Contains(out, m) {
-			out = append(out, m)
-		}
-	}
-	slices.Sort(out)
-	return out
 }
 
 // dedupeLoaded keeps one entry per model (the first, which has the
