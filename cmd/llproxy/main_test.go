@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -58,23 +59,40 @@ func TestCheck(t *testing.T) {
 	assert.Contains(t, string(out), "routes.openai.models.gpt-4o.tpm: must be > 0, got 0")
 }
 
-// TestExampleConfigServesAndStopsOnSIGTERM runs the README's first command:
-// the binary on the example config, with no key, serves the demo route and
-// exits cleanly on SIGTERM.
-func TestExampleConfigServesAndStopsOnSIGTERM(t *testing.T) {
+// syncBuf is a log a process writes while the test reads it.
+type syncBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuf) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuf) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// startExample runs the binary on the example config, as `go run
+// ./cmd/llproxy` does, on a free port, and waits until it serves.
+func startExample(t *testing.T) (*exec.Cmd, string, *syncBuf) {
+	t.Helper()
 	bin := build(t)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
 	addr := ln.Addr().String()
 	ln.Close()
 	cmd := exec.Command(bin, "-listen", addr)
-	cmd.Dir = "../.." // where config-example.json is, as for `go run ./cmd/llproxy`
+	cmd.Dir = "../.." // where config-example.json is
 	cmd.Env = cleanEnv()
-	var logs bytes.Buffer
-	cmd.Stderr = &logs
+	logs := &syncBuf{}
+	cmd.Stderr = logs
 	require.NoError(t, cmd.Start())
-	defer cmd.Process.Kill()
-
+	t.Cleanup(func() { cmd.Process.Kill() })
 	require.Eventually(t, func() bool {
 		resp, err := http.Get("http://" + addr + "/healthz")
 		if err != nil {
@@ -83,6 +101,14 @@ func TestExampleConfigServesAndStopsOnSIGTERM(t *testing.T) {
 		resp.Body.Close()
 		return resp.StatusCode == http.StatusOK
 	}, 20*time.Second, 10*time.Millisecond)
+	return cmd, addr, logs
+}
+
+// TestExampleConfigServesAndStopsOnSIGTERM runs the README's first command:
+// the binary on the example config, with no key, serves the demo route and
+// exits cleanly on SIGTERM.
+func TestExampleConfigServesAndStopsOnSIGTERM(t *testing.T) {
+	cmd, addr, logs := startExample(t)
 
 	resp, err := http.Post("http://"+addr+"/demo/v1/chat/completions", "application/json",
 		strings.NewReader(`{"model":"mock","messages":[{"role":"user","content":"hi"}]}`))
@@ -148,27 +174,8 @@ func TestNoOrphansEvenWhenKilled(t *testing.T) {
 // confused the binary on the example config get clear answers, and the
 // process stays up (SIGHUP included, which it ignores).
 func TestHostileRequestsDoNotKillTheProcess(t *testing.T) {
-	bin := build(t)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	addr := ln.Addr().String()
-	ln.Close()
-	cmd := exec.Command(bin, "-listen", addr)
-	cmd.Dir = "../.."
-	cmd.Env = cleanEnv()
-	var logs bytes.Buffer
-	cmd.Stderr = &logs
-	require.NoError(t, cmd.Start())
-	defer cmd.Process.Kill()
+	cmd, addr, logs := startExample(t)
 	base := "http://" + addr
-	require.Eventually(t, func() bool {
-		resp, err := http.Get(base + "/healthz")
-		if err != nil {
-			return false
-		}
-		resp.Body.Close()
-		return resp.StatusCode == http.StatusOK
-	}, 20*time.Second, 10*time.Millisecond)
 
 	for _, tc := range []struct {
 		name, method, path, ctype, body string

@@ -95,6 +95,15 @@ func writeError(w http.ResponseWriter, status int, typ, code, msg string) {
 	if code != "" {
 		e.Code = &code
 	}
+	writeAPIError(w, status, e)
+}
+
+// writeParamError writes a 400 invalid_request_error naming param.
+func writeParamError(w http.ResponseWriter, param, msg string) {
+	writeAPIError(w, http.StatusBadRequest, apiError{Message: msg, Type: "invalid_request_error", Param: &param})
+}
+
+func writeAPIError(w http.ResponseWriter, status int, e apiError) {
 	body, _ := json.Marshal(struct {
 		Error apiError `json:"error"`
 	}{e})
@@ -102,19 +111,6 @@ func writeError(w http.ResponseWriter, status int, typ, code, msg string) {
 	h["Content-Type"] = []string{"application/json"}
 	h["Content-Length"] = []string{strconv.Itoa(len(body) + 1)}
 	w.WriteHeader(status)
-	w.Write(append(body, '\n'))
-}
-
-// writeParamError writes a 400 invalid_request_error naming param.
-func writeParamError(w http.ResponseWriter, param, msg string) {
-	e := apiError{Message: msg, Type: "invalid_request_error", Param: &param}
-	body, _ := json.Marshal(struct {
-		Error apiError `json:"error"`
-	}{e})
-	h := w.Header()
-	h["Content-Type"] = []string{"application/json"}
-	h["Content-Length"] = []string{strconv.Itoa(len(body) + 1)}
-	w.WriteHeader(http.StatusBadRequest)
 	w.Write(append(body, '\n'))
 }
 
