@@ -45,8 +45,8 @@ type Config struct {
 	MaxExactBytes int `json:"maxExactBytes,omitempty"`
 }
 
-// Validate reports the first field of c that is out of range, naming it by
-// its JSON name.
+// Validate reports every field of c that is out of range, each naming the
+// field by its JSON name.
 func (c Config) Validate() error {
 	var errs []error
 	if c.MaxPieceBytes < 0 {

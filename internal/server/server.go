@@ -1,11 +1,14 @@
-// Package server is llproxy's HTTP front: it authenticates clients, reads and
-// counts each request, admits it through the scheduler queue of its (route,
-// model), forwards it to the route's upstream and streams the answer back,
-// answering every failure in OpenAI's error shape.
+// Package server is llproxy's HTTP gateway: it authenticates clients, reads
+// and counts each request, admits it through the scheduler queue of its
+// (route, model), forwards it where the route's lessor says (package fleet)
+// and streams the answer back, answering every failure in OpenAI's error
+// shape.
 //
-// The hot path is decode -> count -> admit -> forward. It parses a body once
-// with a pooled zero-copy parser, counts through the tokenizer's cache, takes
-// only the per-model queue's lock, and reuses body and copy buffers.
+// The request path reads in the file names: serve.go runs decode -> count ->
+// admit -> forward -> settle, and respond.go hands answers on. It parses a
+// body once with a pooled zero-copy parser, counts through the tokenizer's
+// cache, takes only the per-model queue's lock, and reuses body and copy
+// buffers.
 package server
 
 import (
