@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/llproxy/llproxy/internal/metrics"
+	"github.com/llproxy/llproxy/internal/relay"
 	"github.com/llproxy/llproxy/scheduler"
 )
 
@@ -72,7 +73,7 @@ func (rt *route) schedule(ex *exchange, r *http.Request, body *bodyBuf, c *call,
 		ex.tries++
 		a := rt.try(ex, r, rec.model, c, send)
 		switch a.verdict {
-		case deliver, failed:
+		case relay.Deliver, relay.Failed:
 			if a.noBackend {
 				ex.adm.Unsend(time.Now()) // never sent
 				ms.m.Unsent(c.est.cost)

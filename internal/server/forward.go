@@ -2,30 +2,26 @@ package server
 
 import (
 	"bytes"
-	"context"
 	"errors"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
-	"net/http/httputil"
 	"net/url"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/valyala/fastjson"
 
 	"github.com/llproxy/llproxy/internal/backends"
-	"github.com/llproxy/llproxy/internal/config"
 	"github.com/llproxy/llproxy/internal/fleet"
+	"github.com/llproxy/llproxy/internal/relay"
 	"github.com/llproxy/llproxy/provider"
 )
 
 // The forward stage. The loop that sends owns its round trip, as Caddy's
 // reverse proxy does: it builds the outgoing request, calls the transport,
-// classifies what came back with a pure function (judge), and either hands
-// the answer on (respond.go) or tells the loop to send again.
+// classifies what came back with a pure function (relay.Judge), and either
+// hands the answer on (relay.Respond) or tells the loop to send again.
 
 // outbound is how a route sends: its transport and its credentials (where
 // to is each send's lease).
@@ -36,172 +32,24 @@ type outbound struct {
 	prefix    string           // "/<route>", stripped from the path
 }
 
-// newTransport returns the upstream transport of a route, with every
-// timeout set on purpose: connecting is bounded by DialTimeout, the wait for
-// response headers by ResponseHeaderTimeout (long: a non-streamed completion
-// sends its headers only when done), and the body of a stream not at all.
-func newTransport(rc *config.Route) *http.Transport {
-	dialer := &net.Dialer{Timeout: time.Duration(rc.DialTimeout), KeepAlive: 30 * time.Second}
-	return &http.Transport{
-		Proxy:                 http.ProxyFromEnvironment,
-		DialContext:           dialer.DialContext,
-		ForceAttemptHTTP2:     true,
-		MaxIdleConns:          4 * rc.MaxIdleConnsPerHost,
-		MaxIdleConnsPerHost:   rc.MaxIdleConnsPerHost,
-		IdleConnTimeout:       90 * time.Second,
-		TLSHandshakeTimeout:   10 * time.Second,
-		ExpectContinueTimeout: time.Second,
-		ResponseHeaderTimeout: time.Duration(rc.ResponseHeaderTimeout),
-	}
-}
-
-// hopByHop are the headers of one connection, never forwarded (RFC 9110
-// 7.6.1), with those the client's Connection header names.
-var hopByHop = []string{"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate",
-	"Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade"}
-
-func removeHopByHop(h http.Header) {
-	for _, v := range h["Connection"] {
-		for f := range strings.SplitSeq(v, ",") {
-			if f = strings.TrimSpace(f); f != "" {
-				h.Del(f)
-			}
-		}
-	}
-	for _, k := range hopByHop {
-		delete(h, k)
-	}
-}
-
-// outgoing builds the request for target: the path after the route's
-// prefix joined to target's path, the query kept, hop-by-hop and
-// forwarding headers dropped, the credentials applied, body attached (the
-// caller closes out.Body). A nil body sends none.
+// outgoing is the request that carries r to target (relay.Request), with
+// the credentials applied and the body attached (the caller closes
+// out.Body); a nil body sends none.
 func (u *outbound) outgoing(r *http.Request, target *url.URL, auth *provider.OpenAI, body *bodyBuf) *http.Request {
-	out := r.Clone(r.Context())
-	out.RequestURI = ""
-	out.Close = false
-	out.URL.Path = stripRoute(r.URL.Path, u.prefix)
-	if r.URL.RawPath != "" {
-		out.URL.RawPath = stripRoute(r.URL.RawPath, u.prefix)
-	}
-	trailers := strings.Contains(strings.ToLower(strings.Join(r.Header["Te"], ",")), "trailers")
-	removeHopByHop(out.Header)
-	if trailers {
-		out.Header["Te"] = []string{"trailers"}
-	}
-	for _, k := range [...]string{"Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"} {
-		delete(out.Header, k)
-	}
-	if _, ok := out.Header["User-Agent"]; !ok {
-		out.Header["User-Agent"] = []string{""} // not Go's own
-	}
-	(&httputil.ProxyRequest{In: r, Out: out}).SetURL(target)
+	out := relay.Request(r, u.prefix, target)
 	auth.Authorize(out.Header)
 	if body != nil {
 		body.attach(out)
-	} else {
-		out.Body, out.GetBody, out.ContentLength = nil, nil, 0
 	}
 	return out
-}
-
-// stripRoute removes the route's prefix from a path that starts with it;
-// a request served by the default route at the root keeps its path.
-func stripRoute(path, prefix string) string {
-	if rest, ok := strings.CutPrefix(path, prefix); ok && (rest == "" || rest[0] == '/') {
-		return rest
-	}
-	return path
-}
-
-// verdict is what the send loop does with one send's outcome.
-type verdict uint8
-
-const (
-	deliver          verdict = iota // hand the answer to the client
-	retryRateLimited                // an upstream 429 that clears by waiting
-	retryServerError                // a 5xx, before any byte reached the client
-	retryConnect                    // never sent, or the connection dropped before an answer
-	failed                          // no answer: 502 or 504 (or nobody left to tell)
-)
-
-func (v verdict) String() string {
-	return [...]string{"deliver", "rate_limited", "server_error", "connect_error", "failed"}[v]
-}
-
-// policy is what the loop allows for the send being judged.
-type policy struct {
-	canRetry     bool // retries left, nothing written, the backoff ends before the deadline
-	canWait429   bool // upstream 429s left to wait out, nothing written
-	clientGone   bool
-	retryable429 bool // the 429's headers and body say waiting clears it
-}
-
-// judge is the retry policy: a pure function of a send's status (0 for
-// none), its transport error and what the loop allows.
-func judge(status int, err error, p policy) verdict {
-	switch {
-	case err != nil:
-		if !p.clientGone && p.canRetry && (isConnectError(err) || isConnectionDrop(err)) {
-			return retryConnect
-		}
-		return failed
-	case status == http.StatusTooManyRequests && p.canWait429 && p.retryable429:
-		return retryRateLimited
-	case status >= 500 && p.canRetry:
-		return retryServerError
-	}
-	return deliver
-}
-
-// isConnectError reports an error from before the request left: dialing
-// or resolving the upstream. The upstream never saw the request.
-func isConnectError(err error) bool {
-	var oe *net.OpError
-	var dns *net.DNSError
-	return (errors.As(err, &oe) && oe.Op == "dial") || errors.As(err, &dns)
-}
-
-// isConnectionDrop reports a connection that broke before any response
-// (reset, closed, a broken pipe on a pooled connection the upstream had
-// dropped), which is safe to retry; a timeout is not (the upstream may
-// still be working on it). It reads the error's chain, never its text.
-func isConnectionDrop(err error) bool {
-	if isTimeout(err) {
-		return false
-	}
-	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) ||
-		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNABORTED) ||
-		errors.Is(err, syscall.ECONNREFUSED)
-}
-
-func isTimeout(err error) bool {
-	var ne net.Error
-	return errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout())
-}
-
-// describeUpstreamError keeps the useful part of a transport error (the
-// operation and cause), which never holds credentials: keys travel in
-// headers, not URLs.
-func describeUpstreamError(err error) string {
-	var ue *url.Error
-	if errors.As(err, &ue) {
-		err = ue.Err
-	}
-	var oe *net.OpError
-	if errors.As(err, &oe) {
-		return oe.Op + ": " + oe.Err.Error()
-	}
-	return err.Error()
 }
 
 // writeUpstreamError answers a send that got no answer: 504 for a
 // timeout, else 502.
 func writeUpstreamError(w http.ResponseWriter, err error) {
-	status, msg := http.StatusBadGateway, "llproxy could not reach the upstream: "+describeUpstreamError(err)
-	if isTimeout(err) {
-		status, msg = http.StatusGatewayTimeout, "The upstream did not answer in time: "+describeUpstreamError(err)
+	status, msg := http.StatusBadGateway, "llproxy could not reach the upstream: "+relay.Describe(err)
+	if relay.IsTimeout(err) {
+		status, msg = http.StatusGatewayTimeout, "The upstream did not answer in time: "+relay.Describe(err)
 	}
 	writeError(w, status, "upstream_error", "upstream_unavailable", msg)
 }
@@ -231,12 +79,12 @@ func (rt *route) relay(ex *exchange, r *http.Request, body *bodyBuf) {
 		}
 		return
 	}
-	respond(ex, r, res)
+	relay.Respond(ex, r, res)
 }
 
 // attempt is what one send came to, for the loop.
 type attempt struct {
-	verdict    verdict
+	verdict    relay.Verdict
 	noBackend  bool              // no backend could take it; the client was answered
 	neverSent  bool              // the upstream never received it
 	retryAfter time.Duration     // retryRateLimited: how long the upstream asked to wait
@@ -264,7 +112,7 @@ func (rt *route) try(ex *exchange, r *http.Request, model string, c *call, body 
 		if ctx.Err() == nil {
 			rt.writeLeaseError(ex, model, err)
 		}
-		return attempt{verdict: failed, noBackend: true}
+		return attempt{verdict: relay.Failed, noBackend: true}
 	}
 	defer l.Release()
 	auth := rt.up.auth
@@ -286,8 +134,8 @@ func (rt *route) try(ex *exchange, r *http.Request, model string, c *call, body 
 	res, err := rt.up.transport.RoundTrip(out)
 	now := time.Now()
 	ms := ex.ms
-	p := policy{canRetry: ex.canRetry(now), canWait429: ex.status == 0 && ex.rateRetries < maxRateLimitRetries,
-		clientGone: ctx.Err() != nil}
+	p := relay.Policy{CanRetry: ex.canRetry(now), CanWait429: ex.status == 0 && ex.rateRetries < maxRateLimitRetries,
+		ClientGone: ctx.Err() != nil}
 	status := 0
 	var ri provider.RateInfo
 	var refused []byte // a 429's body, read to judge it
@@ -298,22 +146,22 @@ func (rt *route) try(ex *exchange, r *http.Request, model string, c *call, body 
 			refused, _ = io.ReadAll(io.LimitReader(res.Body, 64<<10))
 			res.Body.Close()
 			res.Body = io.NopCloser(bytes.NewReader(refused))
-			p.retryable429 = provider.Retryable429(res.Header, refused)
+			p.Retryable429 = provider.Retryable429(res.Header, refused)
 		}
 	}
-	a.verdict = judge(status, err, p)
+	a.verdict = relay.Judge(status, err, p)
 	switch a.verdict {
-	case retryConnect, failed: // judged so only on a transport error
-		a.neverSent = isConnectError(err)
-		if a.neverSent || isConnectionDrop(err) {
+	case relay.RetryConnect, relay.Failed: // judged so only on a transport error
+		a.neverSent = relay.IsConnectError(err)
+		if a.neverSent || relay.IsConnectionDrop(err) {
 			l.Failed(err) // a passive health check; and the next send goes elsewhere
 		}
-		if a.verdict == failed && !p.clientGone {
+		if a.verdict == relay.Failed && !p.ClientGone {
 			ms.m.Upstream(0, 0)
 			writeUpstreamError(ex, err)
 		}
 		return a
-	case retryRateLimited:
+	case relay.RetryRateLimited:
 		wait, ok := provider.RetryAfter(res.Header, now)
 		if !ok {
 			wait = time.Second
@@ -321,13 +169,13 @@ func (rt *route) try(ex *exchange, r *http.Request, model string, c *call, body 
 		a.retryAfter, a.refusal = max(wait, minUpstreamRetry), ri
 		res.Body.Close()
 		return a
-	case retryServerError:
+	case relay.RetryServerError:
 		rt.observe(ms, ex.adm, ri, now)
 		io.Copy(io.Discard, io.LimitReader(res.Body, 64<<10))
 		res.Body.Close()
 		return a
 	}
-	a.verdict = deliver
+	a.verdict = relay.Deliver
 	rt.observe(ms, ex.adm, ri, now)
 	if status < 300 {
 		if strings.HasPrefix(res.Header.Get("Content-Type"), "text/event-stream") {
@@ -343,7 +191,7 @@ func (rt *route) try(ex *exchange, r *http.Request, model string, c *call, body 
 		}
 	}
 	ms.m.Upstream(status, now.Sub(sent))
-	respond(ex, r, res)
+	relay.Respond(ex, r, res)
 	return a
 }
 

@@ -13,6 +13,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/llproxy/llproxy/internal/relay"
 )
 
 // The HTTP front: one http.ServeMux with Go 1.22 patterns, and
@@ -189,7 +191,7 @@ func (s *Server) serveOllama(w http.ResponseWriter, r *http.Request) {
 			switch {
 			case errors.Is(err, errBodyTooLarge):
 				status, msg = http.StatusRequestEntityTooLarge, "request body too large: the limit is "+itoa(s.cfg.MaxBodyBytes)+" bytes"
-			case isTimeout(err):
+			case relay.IsTimeout(err):
 				status, msg = http.StatusRequestTimeout, "the request body did not arrive in time"
 			}
 			w.Header().Set("Content-Type", "application/json; charset=utf-8")

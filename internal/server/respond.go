@@ -4,81 +4,16 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"math"
 	"net/http"
 	"strconv"
-	"strings"
-	"sync"
 	"time"
 
 	"github.com/llproxy/llproxy/scheduler"
 )
 
-// The respond stage: the upstream's answer handed on as it arrives, and
-// every answer of the gateway's own in OpenAI's shape.
-
-// respond hands the upstream's answer to the client: its headers but the
-// hop-by-hop ones, its status, then its body as it arrives, each read
-// flushed at once (a stream is never buffered), then its trailers. If the
-// copy breaks (the upstream or the client went away), the response is cut
-// off with http.ErrAbortHandler, so the client sees it broke, as
-// httputil.ReverseProxy does; a request that did not come from a server
-// (the Ollama façade's, a test's) just ends.
-func respond(w http.ResponseWriter, r *http.Request, res *http.Response) {
-	defer res.Body.Close()
-	removeHopByHop(res.Header)
-	h := w.Header()
-	for k, v := range res.Header {
-		h[k] = v
-	}
-	if len(res.Trailer) > 0 {
-		names := make([]string, 0, len(res.Trailer))
-		for k := range res.Trailer {
-			names = append(names, k)
-		}
-		h["Trailer"] = []string{strings.Join(names, ", ")}
-	}
-	w.WriteHeader(res.StatusCode)
-	if err := copyBody(w, res.Body); err != nil {
-		if r.Context().Value(http.ServerContextKey) != nil {
-			panic(http.ErrAbortHandler)
-		}
-		return
-	}
-	for k, v := range res.Trailer {
-		h[k] = v
-	}
-}
-
-// copyBody copies src to w, flushing after every read.
-func copyBody(w http.ResponseWriter, src io.Reader) error {
-	bp := copyBuffers.Get().(*[]byte)
-	defer copyBuffers.Put(bp)
-	buf := *bp
-	f, _ := w.(http.Flusher)
-	for {
-		n, rerr := src.Read(buf)
-		if n > 0 {
-			if _, werr := w.Write(buf[:n]); werr != nil {
-				return werr
-			}
-			if f != nil {
-				f.Flush()
-			}
-		}
-		if rerr == io.EOF {
-			return nil
-		}
-		if rerr != nil {
-			return rerr
-		}
-	}
-}
-
-// copyBuffers are the 32 KiB buffers answers are copied through, so that
-// streaming allocates none.
-var copyBuffers = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+// The respond stage's own answers, in OpenAI's shape (the upstream's are
+// handed on by relay.Respond).
 
 // apiError is OpenAI's error envelope: {"error":{"message","type","param","code"}}.
 type apiError struct {

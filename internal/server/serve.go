@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/llproxy/llproxy/internal/metrics"
+	"github.com/llproxy/llproxy/internal/relay"
 	"github.com/llproxy/llproxy/tokenizer"
 )
 
@@ -100,7 +101,7 @@ func writeBodyError(w http.ResponseWriter, err error, limit int64) string {
 		w.Header()["Retry-After"] = []string{"1"}
 		writeError(w, http.StatusServiceUnavailable, "server_error", "service_unavailable", "llproxy is shutting down; retry on another instance.")
 		return metrics.OutcomeShuttingDown
-	case isTimeout(err):
+	case relay.IsTimeout(err):
 		w.Header()["Connection"] = []string{"close"}
 		writeError(w, http.StatusRequestTimeout, "invalid_request_error", "request_timeout",
 			"The request body did not arrive in time.")

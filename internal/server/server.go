@@ -34,6 +34,7 @@ import (
 	"github.com/llproxy/llproxy/internal/fleet"
 	"github.com/llproxy/llproxy/internal/metrics"
 	"github.com/llproxy/llproxy/internal/ollama"
+	"github.com/llproxy/llproxy/internal/relay"
 	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/scheduler"
 	"github.com/llproxy/llproxy/tokenizer"
@@ -164,7 +165,8 @@ func (s *Server) newRoute(name string, rc *config.Route, opts Options) (*route, 
 		rt.fleet, rt.lessor = f, f
 		rt.up.transport = opts.Transport // each send leases its backend
 		if rt.up.transport == nil {
-			rt.up.transport = newTransport(rc)
+			rt.up.transport = relay.NewTransport(relay.TransportConfig{DialTimeout: time.Duration(rc.DialTimeout),
+				ResponseHeaderTimeout: time.Duration(rc.ResponseHeaderTimeout), MaxIdleConnsPerHost: rc.MaxIdleConnsPerHost})
 		}
 	default:
 		target, err := url.Parse(rc.Forward)
@@ -174,7 +176,8 @@ func (s *Server) newRoute(name string, rc *config.Route, opts Options) (*route, 
 		rt.lessor = fleet.NewSingle(target)
 		rt.up.transport = opts.Transport
 		if rt.up.transport == nil {
-			rt.up.transport = newTransport(rc)
+			rt.up.transport = relay.NewTransport(relay.TransportConfig{DialTimeout: time.Duration(rc.DialTimeout),
+				ResponseHeaderTimeout: time.Duration(rc.ResponseHeaderTimeout), MaxIdleConnsPerHost: rc.MaxIdleConnsPerHost})
 		}
 	}
 	return rt, nil

@@ -8,6 +8,7 @@ import (
 
 	"github.com/llproxy/llproxy/internal/config"
 	"github.com/llproxy/llproxy/internal/metrics"
+	"github.com/llproxy/llproxy/internal/relay"
 	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/scheduler"
 )
@@ -62,7 +63,7 @@ func (rt *route) observe(ms *modelState, adm *scheduler.Admission, ri provider.R
 func (rt *route) sendAgain(ctx context.Context, ex *exchange, a attempt, cost int, rec *requestLog) bool {
 	ms := ex.ms
 	ms.m.Retry(a.verdict.String())
-	if a.verdict != retryRateLimited {
+	if a.verdict != relay.RetryRateLimited {
 		backoff := ex.nextBackoff()
 		if rt.debugging(ctx) {
 			rt.debug(ctx, "sending again", slog.String("model", rec.model), slog.String("reason", a.verdict.String()),
