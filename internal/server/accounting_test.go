@@ -76,7 +76,7 @@ const settleConfig = `{"routes": {"openai": {"forward": "$UPSTREAM", "settle": "
 const streamBody = `{"model":"gpt-4o","stream":true,"max_tokens":1000,"messages":[{"role":"user","content":"hello world"}]}`
 
 func remainingTokens(g *gateway) int {
-	return g.srv.routes["openai"].listed["gpt-4o"].q.State(time.Now()).RemainingTokens
+	return mustQueue(g.srv.routes["openai"], "gpt-4o").State(time.Now()).RemainingTokens
 }
 
 func TestStreamUsageIsInjectedAndStrippedByteForByte(t *testing.T) {
@@ -130,7 +130,7 @@ func newBubbleGateway(t *testing.T, cfgJSON string, up http.Handler) (*Server, *
 
 // bubbleRemaining is the gpt-4o bucket's tokens at the bubble's now.
 func bubbleRemaining(srv *Server) int {
-	return srv.routes["openai"].listed["gpt-4o"].q.State(time.Now()).RemainingTokens
+	return mustQueue(srv.routes["openai"], "gpt-4o").State(time.Now()).RemainingTokens
 }
 
 func TestSettleModes(t *testing.T) {
@@ -178,7 +178,7 @@ func TestNeverSentGivesEverythingBack(t *testing.T) {
 	resp := g.post(t, "/openai/v1/chat/completions", chatBody)
 	assert.Equal(t, http.StatusBadGateway, resp.StatusCode)
 	g.waitLog(t, `"status":502`)
-	st := g.srv.routes["openai"].listed["gpt-4o"].q.State(time.Now())
+	st := mustQueue(g.srv.routes["openai"], "gpt-4o").State(time.Now())
 	assert.Equal(t, 100000, st.RemainingTokens)
 	assert.Equal(t, 100, st.RemainingRequests)
 	assert.Contains(t, metricsText(t, g), `llproxy_tokens_settled_total{direction="unsent",model="gpt-4o",route="openai"} 19`)
@@ -246,7 +246,7 @@ func TestUpstream429WithinBudgetIsRetriedTransparently(t *testing.T) {
 	assert.Contains(t, m, `llproxy_upstream_retries_total{model="gpt-4o",reason="rate_limited",route="openai"} 1`)
 	assert.Contains(t, m, `llproxy_bucket_lowered_total{model="gpt-4o",route="openai"} 1`, "remaining 0 lowered the buckets")
 	assert.Contains(t, m, `llproxy_upstream_ratelimit{field="remaining",model="gpt-4o",resource="tokens",route="openai"} 0`)
-	assert.False(t, g.srv.routes["openai"].listed["gpt-4o"].q.HeldUntil().IsZero(), "the queue was held")
+	assert.False(t, mustQueue(g.srv.routes["openai"], "gpt-4o").HeldUntil().IsZero(), "the queue was held")
 }
 
 func TestUpstream429BeyondBudgetGetsTheGatewaysHonest429(t *testing.T) {

@@ -33,7 +33,7 @@ type backendHealth struct {
 func (s *Server) health(w http.ResponseWriter, r *http.Request, force bool) {
 	rep := healthReport{Status: "ok", Backends: []backendHealth{}}
 	for _, name := range s.sortedRouteNames() {
-		f := s.routes[name].fleet
+		f := s.routes[name].Fleet()
 		if f == nil {
 			continue
 		}
@@ -60,10 +60,10 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request, force bool) {
 // BackendStats implements metrics.BackendSource.
 func (s *Server) BackendStats(yield func(metrics.BackendStats)) {
 	for name, rt := range s.routes {
-		if rt.fleet == nil {
+		if rt.Fleet() == nil {
 			continue
 		}
-		for _, st := range rt.fleet.Pool().Status() {
+		for _, st := range rt.Fleet().Pool().Status() {
 			yield(metrics.BackendStats{Route: name, Backend: st.Name, Healthy: st.Healthy,
 				InFlight: st.InFlight, Errors: st.TotalErrors})
 		}
@@ -76,12 +76,12 @@ func (s *Server) Run(ctx context.Context) {
 	done := make(chan struct{})
 	n := 0
 	for _, rt := range s.routes {
-		if rt.fleet != nil {
+		if rt.Fleet() != nil {
 			n++
 			go func() {
 				defer func() { done <- struct{}{} }()
-				defer safe.Recover(s.log, "fleet of route "+rt.name)
-				rt.fleet.Run(ctx)
+				defer safe.Recover(s.log, "fleet of route "+rt.Name())
+				rt.Fleet().Run(ctx)
 			}()
 		}
 	}
@@ -99,7 +99,7 @@ type managedStatus struct {
 func (s *Server) status(w http.ResponseWriter) {
 	out := []managedStatus{}
 	for _, name := range s.sortedRouteNames() {
-		if f := s.routes[name].fleet; f != nil {
+		if f := s.routes[name].Fleet(); f != nil {
 			for _, st := range f.Servers() {
 				out = append(out, managedStatus{Route: name, Status: st})
 			}
@@ -114,7 +114,7 @@ func (s *Server) status(w http.ResponseWriter) {
 func (s *Server) unload(w http.ResponseWriter, model string) {
 	stopped := []string{}
 	for _, name := range s.sortedRouteNames() {
-		if f := s.routes[name].fleet; f != nil {
+		if f := s.routes[name].Fleet(); f != nil {
 			stopped = append(stopped, f.Unload(model)...)
 		}
 	}
@@ -126,8 +126,8 @@ func (s *Server) unload(w http.ResponseWriter, model string) {
 // left behind.
 func (s *Server) StopBackends() {
 	for _, rt := range s.routes {
-		if rt.fleet != nil {
-			rt.fleet.Shutdown()
+		if rt.Fleet() != nil {
+			rt.Fleet().Shutdown()
 		}
 	}
 }

@@ -135,7 +135,7 @@ func TestFleetRoutesByRuleListedModelAndDefault(t *testing.T) {
 	  "backends": [{"name": "qwq", "url": "`+qwq.URL+`", "healthCheckPath": "/health"}, {"name": "coder", "url": "`+coder.URL+`"}],
 	  "rules": [{"model": "QwQ-32B", "backend": "qwq"}],
 	  "defaultBackend": "qwq", `+fleetModels+`}}}`, "", nil)
-	g.srv.routes["local"].fleet.Pool().CheckNow(context.Background())
+	g.srv.routes["local"].Fleet().Pool().CheckNow(context.Background())
 
 	for _, tt := range []struct{ model, server string }{
 		{"QwQ-32B", "qwq"},            // the rule
@@ -159,7 +159,7 @@ func TestFleetRoutesByRuleListedModelAndDefault(t *testing.T) {
 func TestFleetUnknownModelWithoutDefault(t *testing.T) {
 	a := newLocalServer(t, nil, "a", "llama-3")
 	g := newGateway(t, `{"routes": {"local": {"backends": [{"name": "a", "url": "`+a.URL+`"}], `+fleetModels+`}}}`, "", nil)
-	g.srv.routes["local"].fleet.Pool().CheckNow(context.Background())
+	g.srv.routes["local"].Fleet().Pool().CheckNow(context.Background())
 	resp := g.post(t, "/local/v1/chat/completions", `{"model":"nope","messages":[]}`)
 	assert.Equal(t, http.StatusNotFound, resp.StatusCode)
 	e := openAIError(t, resp)
@@ -175,7 +175,7 @@ func TestFleetDiscoveryNamesTagsAndRewritesIDs(t *testing.T) {
 	b := newLocalServer(t, lns[1], "gpu-b", "/models/Qwen2.5-7B-Instruct-Q4_K_M.gguf", "phi-3.gguf")
 	g := newGateway(t, fmt.Sprintf(`{"defaultRoute": "local", "routes": {"local": {
 	  "discover": [{"host": "127.0.0.1", "portStart": %d, "portEnd": %d, "tags": ["gpu0"]}], %s}}}`, base, base+2, fleetModels), "", nil)
-	pool := g.srv.routes["local"].fleet.Pool()
+	pool := g.srv.routes["local"].Fleet().Pool()
 	pool.Scan(context.Background(), pool.Config().Discover[0])
 
 	status, _ := chat(t, g.URL+"/local/v1/chat/completions", "phi-3:gpu0")
@@ -214,7 +214,7 @@ func TestFleetFailoverHealthAndForceCheck(t *testing.T) {
 	g := newGateway(t, `{"routes": {"local": {
 	  "backends": [{"name": "a", "url": "`+a.URL+`"}, {"name": "b", "url": "`+b.URL+`"}],
 	  "healthCheck": {"failureThreshold": 1}, "modelsCacheTTL": "1ms", `+fleetModels+`}}}`, "", nil)
-	g.srv.routes["local"].fleet.Pool().CheckNow(context.Background())
+	g.srv.routes["local"].Fleet().Pool().CheckNow(context.Background())
 
 	a.Close() // killed mid-test
 	for range 4 {
@@ -257,10 +257,13 @@ func TestFleetConcurrencySlotsFIFO(t *testing.T) {
 	s.hold = make(chan struct{})
 	g := newGateway(t, `{"routes": {"local": {"backends": [{"name": "slow", "url": "`+s.URL+`"}],
 	  "models": {"*": {"maxQueueSize": 20, "maxQueueWait": 60, "rpm": 6000, "tpm": 10000000, "maxConcurrent": 2}}}}}`, "", nil)
-	g.srv.routes["local"].fleet.Pool().CheckNow(context.Background())
+	g.srv.routes["local"].Fleet().Pool().CheckNow(context.Background())
 	q := func() int {
-		ms, _ := g.srv.routes["local"].modelFor("m")
-		return ms.q.Stats(time.Now()).Depth
+		q, ok := g.srv.routes["local"].Queue("m")
+		if !ok {
+			return 0
+		}
+		return q.Stats(time.Now()).Depth
 	}
 	var wg sync.WaitGroup
 	for i := range 5 {
@@ -299,7 +302,7 @@ func TestFleetPerBackendMaxConcurrent(t *testing.T) {
 	s := newLocalServer(t, nil, "one-slot", "m")
 	s.hold = make(chan struct{})
 	g := newGateway(t, `{"routes": {"local": {"backends": [{"name": "one", "url": "`+s.URL+`", "maxConcurrent": 1}], `+fleetModels+`}}}`, "", nil)
-	g.srv.routes["local"].fleet.Pool().CheckNow(context.Background())
+	g.srv.routes["local"].Fleet().Pool().CheckNow(context.Background())
 	var wg sync.WaitGroup
 	statuses := make(chan int, 3)
 	for range 3 {

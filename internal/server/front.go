@@ -4,6 +4,8 @@ import (
 	"net/http"
 	"sync"
 	"time"
+
+	"github.com/llproxy/llproxy/internal/route"
 )
 
 // front wraps the client's ResponseWriter for every request: it bounds
@@ -13,7 +15,7 @@ import (
 // answered with a status.
 type front struct {
 	http.ResponseWriter
-	conn    deadliner
+	conn    route.Deadliner
 	timeout time.Duration
 	wrote   bool
 }
@@ -23,7 +25,7 @@ var frontPool = sync.Pool{New: func() any { return new(front) }}
 func getFront(w http.ResponseWriter, timeout time.Duration) *front {
 	f := frontPool.Get().(*front)
 	f.ResponseWriter, f.timeout, f.wrote = w, timeout, false
-	f.conn = connOf(w)
+	f.conn = route.ConnOf(w)
 	if f.conn != nil {
 		f.conn.SetWriteDeadline(time.Time{}) // none left from an earlier request on the connection
 	}

@@ -97,7 +97,8 @@ func FuzzHandler(f *testing.F) {
 		up.mu.Lock()
 		hits := up.hits
 		up.mu.Unlock()
-		inference := method == http.MethodPost && endpointOf(path) != 0
+		inference := method == http.MethodPost && (strings.HasSuffix(path, "/completions") ||
+			strings.HasSuffix(path, "/embeddings") || strings.HasSuffix(path, "/responses"))
 		if inference && len(hits) > 0 && rec.Code == http.StatusOK {
 			// It reached the upstream: it must have been admitted, at a
 			// sane cost.

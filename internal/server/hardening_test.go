@@ -22,6 +22,7 @@ import (
 
 	"github.com/llproxy/llproxy/internal/config"
 	"github.com/llproxy/llproxy/internal/porttest"
+	"github.com/llproxy/llproxy/internal/route"
 	"github.com/llproxy/llproxy/provider"
 )
 
@@ -94,10 +95,10 @@ func TestCutStreamsLeakNothing(t *testing.T) {
 		assert.Error(t, err, "the client sees the stream cut, not a clean end: %d %s %v", resp.StatusCode, b, resp.Header)
 	}
 	g.waitLog(t, `"outcome":"aborted"`)
-	for _, st := range g.srv.routes["local"].fleet.Pool().Status() {
+	for _, st := range g.srv.routes["local"].Fleet().Pool().Status() {
 		assert.Zero(t, st.InFlight, "backend %s", st.Name)
 	}
-	q, ok2 := g.srv.routes["local"].set.Lookup("m")
+	q, ok2 := g.srv.routes["local"].Queue("m")
 	require.True(t, ok2)
 	assert.Zero(t, q.Stats(time.Now()).InFlight, "the model's slot is free")
 	// And a client that resets mid-stream: the same.
@@ -118,7 +119,7 @@ func TestCutStreamsLeakNothing(t *testing.T) {
 	resp.Body.Close()
 	close(slow.hold)
 	require.Eventually(t, func() bool {
-		st := g2.srv.routes["local"].fleet.Pool().Status()
+		st := g2.srv.routes["local"].Fleet().Pool().Status()
 		return st[0].InFlight == 0
 	}, 5*time.Second, time.Millisecond, "the backend's in-flight count comes back")
 	status, _ := chat(t, g2.URL+"/local/v1/chat/completions", "s")
@@ -195,7 +196,7 @@ func TestSlowClientsHoldNothing(t *testing.T) {
 	// It reads nothing more. Once the socket buffers are full the
 	// gateway's write blocks, times out, and the slot comes back.
 	q := func() int {
-		qq, ok := g.srv.routes["openai"].set.Lookup("gpt-4o")
+		qq, ok := g.srv.routes["openai"].Queue("gpt-4o")
 		if !ok {
 			return -1
 		}
@@ -341,7 +342,7 @@ func TestCredentialsStayInTheGateway(t *testing.T) {
 	g = newGateway(t, fmt.Sprintf(`{"routes": {"local": {"apiKey": "sk-route",
 	  "discover": [{"host": "127.0.0.1", "portStart": %d, "portEnd": %d}],
 	  "models": {"*": {"maxQueueSize": 1, "maxQueueWait": 1, "rpm": 600, "tpm": 50000}}}}}`, base, base), "", nil)
-	pool := g.srv.routes["local"].fleet.Pool()
+	pool := g.srv.routes["local"].Fleet().Pool()
 	pool.Scan(context.Background(), pool.Config().Discover[0])
 	status, _ := chat(t, g.URL+"/local/v1/chat/completions", "d")
 	require.Equal(t, 200, status)
@@ -384,7 +385,7 @@ func TestUpstreamAnswersAreBounded(t *testing.T) {
 	ra := resp.Header.Get("Retry-After")
 	assert.NotContains(t, ra, "-", "Retry-After %q", ra)
 	assert.Less(t, time.Since(start), 2*time.Second, "the client is answered at once, not after the upstream's wait")
-	q, _ := g.srv.routes["openai"].set.Lookup("m")
+	q, _ := g.srv.routes["openai"].Queue("m")
 	assert.False(t, q.HeldUntil().After(time.Now().Add(5*time.Minute+time.Second)), "held %v", time.Until(q.HeldUntil()))
 
 	up.setHandler(func(w http.ResponseWriter, r *http.Request, body []byte) {
@@ -396,7 +397,7 @@ func TestUpstreamAnswersAreBounded(t *testing.T) {
 	resp = g.post(t, "/openai/v1/chat/completions", `{"model":"m","max_tokens":10,"messages":[]}`)
 	assert.Equal(t, http.StatusOK, resp.StatusCode)
 	readAll(t, resp)
-	q, _ = g.srv.routes["openai"].set.Lookup("m")
+	q, _ = g.srv.routes["openai"].Queue("m")
 	assert.LessOrEqual(t, q.Stats(time.Now()).RemainingTokens, 50000.0, "never above capacity")
 	assert.NotContains(t, metricsText(t, g), "NaN")
 }
@@ -450,7 +451,7 @@ func TestWildcardModelsExpireAndFoldTheirLabels(t *testing.T) {
 				}
 			}
 		}
-		assert.Len(t, labels, maxModelLabels+1, "100 names, then one \"other\"")
+		assert.Len(t, labels, route.MaxModelLabels+1, "100 names, then one \"other\"")
 		assert.True(t, labels["other"])
 	})
 }

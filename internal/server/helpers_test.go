@@ -20,6 +20,8 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/llproxy/llproxy/internal/config"
+	"github.com/llproxy/llproxy/internal/route"
+	"github.com/llproxy/llproxy/scheduler"
 	"github.com/llproxy/llproxy/tokenizer"
 )
 
@@ -175,6 +177,14 @@ func readAll(t *testing.T, r *http.Response) string {
 }
 
 // openAIError decodes an error body and checks it has exactly OpenAI's keys.
+// apiError is OpenAI's error object, as a client decodes it.
+type apiError struct {
+	Message string  `json:"message"`
+	Type    string  `json:"type"`
+	Param   *string `json:"param"`
+	Code    *string `json:"code"`
+}
+
 func openAIError(t *testing.T, r *http.Response) apiError {
 	t.Helper()
 	var raw map[string]map[string]any
@@ -234,4 +244,13 @@ func runNode(t *testing.T, dir, pkg, script, gatewayURL string) []byte {
 	}
 	require.NoError(t, err, stderr)
 	return out
+}
+
+// mustQueue is rt's queue of a model it lists.
+func mustQueue(rt *route.Route, model string) *scheduler.Queue {
+	q, ok := rt.Queue(model)
+	if !ok {
+		panic("no queue for " + model)
+	}
+	return q
 }

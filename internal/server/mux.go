@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/llproxy/llproxy/internal/relay"
+	"github.com/llproxy/llproxy/internal/route"
 )
 
 // The HTTP front: one http.ServeMux with Go 1.22 patterns, and
@@ -40,8 +41,8 @@ func (s *Server) newMux() *http.ServeMux {
 	ollama := s.requireOllama(http.HandlerFunc(s.serveOllama))
 	mux.Handle("/api/", ollama)
 	mux.Handle("GET /{$}", ollama) // "Ollama is running"
-	for name, rt := range s.routes {
-		mux.Handle("/"+name+"/", rt.handler)
+	for name := range s.routes {
+		mux.Handle("/"+name+"/", s.handlers[name])
 	}
 	mux.HandleFunc("/", s.serveRoute) // the default route at the root, and unknown routes
 	return mux
@@ -55,23 +56,24 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	f := getFront(w, time.Duration(s.cfg.WriteTimeout))
 	defer putFront(f)
 	defer s.recoverPanic(f, r)
-	if err := checkPath(r.URL.Path, r.URL.RawPath); err != nil {
-		dropBody(f, r)
-		s.logFront(r, http.StatusBadRequest, outcomeBadRequest)
-		writeError(f, http.StatusBadRequest, "invalid_request_error", "invalid_path", "Invalid request path: "+err.Error()+".")
+	if err := route.CheckPath(r.URL.Path, r.URL.RawPath); err != nil {
+		route.DropBody(f, r)
+		s.logFront(r, http.StatusBadRequest, route.OutcomeBadRequest)
+		route.WriteError(f, http.StatusBadRequest, "invalid_request_error", "invalid_path", "Invalid request path: "+err.Error()+".")
 		return
 	}
-	if rt := s.routeOf(r.URL.Path); rt != nil {
+	if h := s.routeOf(r.URL.Path); h != nil {
 		// The hot path: the handler the mux picks for /<route>/..., without
 		// the allocations of its pattern matching (5 a request).
-		rt.handler.ServeHTTP(f, r)
+		h.ServeHTTP(f, r)
 		return
 	}
 	s.mux.ServeHTTP(f, r)
 }
 
-// routeOf returns the route that path names as /<route>/..., if any.
-func (s *Server) routeOf(path string) *route {
+// routeOf returns the handler of the route path names as /<route>/..., if
+// any.
+func (s *Server) routeOf(path string) http.Handler {
 	if len(path) < 2 || path[0] != '/' {
 		return nil
 	}
@@ -79,7 +81,7 @@ func (s *Server) routeOf(path string) *route {
 	if i < 0 {
 		return nil
 	}
-	return s.routes[path[1:1+i]]
+	return s.handlers[path[1:1+i]]
 }
 
 // recoverPanic is the last line of defence of a request.
@@ -96,7 +98,7 @@ func (s *Server) recoverPanic(f *front, r *http.Request) {
 	if f.wrote {
 		panic(http.ErrAbortHandler) // too late for a status: cut the response
 	}
-	writeError(f, http.StatusInternalServerError, "server_error", "internal_error",
+	route.WriteError(f, http.StatusInternalServerError, "server_error", "internal_error",
 		"llproxy failed on this request; it was logged. Nothing was sent upstream on its behalf unless it was admitted.")
 }
 
@@ -107,21 +109,21 @@ func (s *Server) serveRoute(w http.ResponseWriter, r *http.Request) {
 	if i := strings.IndexByte(name, '/'); i >= 0 {
 		name = name[:i]
 	}
-	rt, ok := s.routes[name]
+	h, ok := s.handlers[name]
 	if !ok && s.fallback != nil {
-		rt, ok = s.fallback, true // the default route, at the root
+		h, ok = s.handlers[s.fallback.Name()], true // the default route, at the root
 	}
 	if !ok {
 		msg := "Unknown route " + strconv.Quote(r.URL.Path) + "."
 		if s.authorized(r) {
 			msg = "Unknown route " + strconv.Quote(r.URL.Path) + ": this gateway serves " + strings.Join(s.routeNames, ", ") + "."
 		}
-		dropBody(w, r)
-		s.logFront(r, http.StatusNotFound, outcomeNotFound)
-		writeError(w, http.StatusNotFound, "invalid_request_error", "unknown_route", msg)
+		route.DropBody(w, r)
+		s.logFront(r, http.StatusNotFound, route.OutcomeNotFound)
+		route.WriteError(w, http.StatusNotFound, "invalid_request_error", "unknown_route", msg)
 		return
 	}
-	rt.handler.ServeHTTP(w, r)
+	h.ServeHTTP(w, r)
 }
 
 // require is the authentication middleware: with hashes, a request must
@@ -148,8 +150,8 @@ func (s *Server) requireOllama(h http.Handler) http.Handler {
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !s.authorized(r) {
-			dropBody(w, r)
-			s.logFront(r, http.StatusUnauthorized, outcomeUnauthorized)
+			route.DropBody(w, r)
+			s.logFront(r, http.StatusUnauthorized, route.OutcomeUnauthorized)
 			w.Header().Set("Content-Type", "application/json; charset=utf-8")
 			w.WriteHeader(http.StatusUnauthorized)
 			io.WriteString(w, `{"error":"unauthorized: llproxy expects one of its client keys in Authorization: Bearer <key>"}`+"\n")
@@ -177,7 +179,7 @@ func methodNotAllowed(want string) http.HandlerFunc {
 	}
 	return func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Allow", allow)
-		writeError(w, http.StatusMethodNotAllowed, "invalid_request_error", "method_not_allowed", "Use "+want+" "+r.URL.Path+".")
+		route.WriteError(w, http.StatusMethodNotAllowed, "invalid_request_error", "method_not_allowed", "Use "+want+" "+r.URL.Path+".")
 	}
 }
 
@@ -185,12 +187,12 @@ func methodNotAllowed(want string) http.HandlerFunc {
 // bounds as any other before the façade sees it.
 func (s *Server) serveOllama(w http.ResponseWriter, r *http.Request) {
 	if r.Body != nil && r.Body != http.NoBody && r.Method != http.MethodGet && r.Method != http.MethodHead {
-		body, err := s.readBody(w, r)
+		body, err := route.ReadBody(w, r, s.limits(), s.closing.Load)
 		if err != nil {
 			status, msg := http.StatusBadRequest, "could not read the request body"
 			switch {
-			case errors.Is(err, errBodyTooLarge):
-				status, msg = http.StatusRequestEntityTooLarge, "request body too large: the limit is "+itoa(s.cfg.MaxBodyBytes)+" bytes"
+			case errors.Is(err, route.ErrBodyTooLarge):
+				status, msg = http.StatusRequestEntityTooLarge, "request body too large: the limit is "+strconv.FormatInt(s.cfg.MaxBodyBytes, 10)+" bytes"
 			case relay.IsTimeout(err):
 				status, msg = http.StatusRequestTimeout, "the request body did not arrive in time"
 			}
@@ -200,31 +202,18 @@ func (s *Server) serveOllama(w http.ResponseWriter, r *http.Request) {
 			w.Write(append(b, '\n'))
 			return
 		}
-		defer body.release()
-		r.Body = body.reader()
+		defer body.Release()
+		r.Body = body.Reader()
 		defer r.Body.Close()
 	}
 	s.ollama.ServeHTTP(w, r)
 }
 
-// dropBody ends a request whose body will not be read: the connection
-// closes after the answer instead of net/http reading what is left of the
-// body, which a client trickling it could make last for ever.
-func dropBody(w http.ResponseWriter, r *http.Request) {
-	if r.Body == nil || r.Body == http.NoBody {
-		return
-	}
-	w.Header()["Connection"] = []string{"close"}
-	if conn := connOf(w); conn != nil {
-		conn.SetReadDeadline(time.Now())
-	}
-}
-
 // unauthorized answers 401 and logs it.
 func (s *Server) unauthorized(w http.ResponseWriter, r *http.Request, what string) {
-	dropBody(w, r)
-	s.logFront(r, http.StatusUnauthorized, outcomeUnauthorized)
-	writeError(w, http.StatusUnauthorized, "invalid_request_error", "invalid_api_key",
+	route.DropBody(w, r)
+	s.logFront(r, http.StatusUnauthorized, route.OutcomeUnauthorized)
+	route.WriteError(w, http.StatusUnauthorized, "invalid_request_error", "invalid_api_key",
 		"Incorrect API key provided. llproxy expects "+what+" in Authorization: Bearer <key> or api-key: <key>.")
 }
 

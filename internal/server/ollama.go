@@ -11,7 +11,7 @@ import (
 
 	"github.com/llproxy/llproxy/internal/lifecycle"
 	"github.com/llproxy/llproxy/internal/ollama"
-	"github.com/llproxy/llproxy/provider"
+	"github.com/llproxy/llproxy/internal/route"
 	"github.com/llproxy/llproxy/scheduler"
 )
 
@@ -24,46 +24,20 @@ var _ ollama.Gateway = ollamaGateway{}
 // route first, then the others by name, the first that names the model (a
 // listed model, a fleet that knows it, a mock that serves it); failing
 // that, the default route if it takes any model.
-func (g ollamaGateway) routeFor(model string) *route {
+func (g ollamaGateway) routeFor(model string) *route.Route {
 	order := g.s.sortedRouteNames()
 	if g.s.fallback != nil {
-		order = append([]string{g.s.fallback.name}, order...)
+		order = append([]string{g.s.fallback.Name()}, order...)
 	}
 	for _, name := range order {
-		if g.s.routes[name].names(model) {
+		if g.s.routes[name].Names(model) {
 			return g.s.routes[name]
 		}
 	}
-	if fb := g.s.fallback; fb != nil && (fb.cfg.Models[scheduler.Wildcard] != nil || (fb.fleet != nil && fb.fleet.Knows(model))) {
+	if fb := g.s.fallback; fb != nil && (fb.Config().Models[scheduler.Wildcard] != nil || (fb.Fleet() != nil && fb.Fleet().Knows(model))) {
 		return fb
 	}
 	return nil
-}
-
-// names reports whether the route serves model by name.
-func (rt *route) names(model string) bool { return slices.Contains(rt.models(), model) }
-
-// models is the one answer to "which models does this route serve", by the
-// names clients use: those listed in its config (not "*"), and those its
-// fleet or its mock serves; sorted, each once.
-func (rt *route) models() []string {
-	var out []string
-	for m := range rt.cfg.Models {
-		if m != scheduler.Wildcard {
-			out = append(out, m)
-		}
-	}
-	switch {
-	case rt.fleet != nil:
-		out = append(out, rt.fleet.Models()...)
-	case rt.cfg.Provider == provider.NameMock:
-		if len(rt.cfg.Mock.Models) == 0 {
-			out = append(out, "mock")
-		}
-		out = append(out, rt.cfg.Mock.Models...)
-	}
-	slices.Sort(out)
-	return slices.Compact(out)
 }
 
 func (g ollamaGateway) Known(model string) bool { return g.routeFor(model) != nil }
@@ -71,7 +45,7 @@ func (g ollamaGateway) Known(model string) bool { return g.routeFor(model) != ni
 func (g ollamaGateway) Models() []string {
 	var out []string
 	for _, rt := range g.s.routes {
-		out = append(out, rt.models()...)
+		out = append(out, rt.Models()...)
 	}
 	slices.Sort(out)
 	return slices.Compact(out)
@@ -82,12 +56,12 @@ func (g ollamaGateway) Models() []string {
 func (g ollamaGateway) ServeChat(w http.ResponseWriter, r *http.Request, model string, body []byte) {
 	rt := g.routeFor(model)
 	if rt == nil {
-		writeError(w, http.StatusNotFound, "invalid_request_error", "model_not_found", "model '"+model+"' not found")
+		route.WriteError(w, http.StatusNotFound, "invalid_request_error", "model_not_found", "model '"+model+"' not found")
 		return
 	}
 	out := r.Clone(r.Context())
 	out.Method = http.MethodPost
-	out.URL = &url.URL{Path: "/" + rt.name + "/v1/chat/completions"}
+	out.URL = &url.URL{Path: "/" + rt.Name() + "/v1/chat/completions"}
 	out.RequestURI = ""
 	out.Header.Set("Content-Type", "application/json")
 	out.Header.Del("Content-Length")
@@ -101,19 +75,19 @@ func (g ollamaGateway) ServeChat(w http.ResponseWriter, r *http.Request, model s
 			panic(p)
 		}
 	}()
-	rt.serve(w, out)
+	rt.ServeHTTP(w, out)
 }
 
 func (g ollamaGateway) Load(ctx context.Context, model string, keepAlive *time.Duration) error {
-	if rt := g.routeFor(model); rt != nil && rt.fleet != nil {
-		return rt.fleet.Load(ctx, model, keepAlive)
+	if rt := g.routeFor(model); rt != nil && rt.Fleet() != nil {
+		return rt.Fleet().Load(ctx, model, keepAlive)
 	}
 	return nil
 }
 
 func (g ollamaGateway) Unload(model string) {
 	for _, name := range g.s.sortedRouteNames() {
-		if f := g.s.routes[name].fleet; f != nil {
+		if f := g.s.routes[name].Fleet(); f != nil {
 			f.Unload(model)
 		}
 	}
@@ -124,11 +98,11 @@ func (g ollamaGateway) Running() []ollama.Loaded {
 	for _, name := range g.s.sortedRouteNames() {
 		rt := g.s.routes[name]
 		servers := []lifecycle.Status(nil)
-		if rt.fleet != nil {
-			servers = rt.fleet.Servers()
+		if rt.Fleet() != nil {
+			servers = rt.Fleet().Servers()
 		}
 		if servers == nil {
-			for _, m := range rt.models() {
+			for _, m := range rt.Models() {
 				out = append(out, ollama.Loaded{Name: m})
 			}
 			continue
@@ -142,7 +116,7 @@ func (g ollamaGateway) Running() []ollama.Loaded {
 				}
 			}
 		}
-		for _, m := range rt.models() {
+		for _, m := range rt.Models() {
 			if !managed[m] {
 				out = append(out, ollama.Loaded{Name: m})
 			}

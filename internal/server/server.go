@@ -20,21 +20,17 @@ import (
 	"log/slog"
 	"maps"
 	"net/http"
-	"net/url"
 	"slices"
-	"strconv"
 	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
-	"github.com/valyala/fastjson"
 
 	"github.com/llproxy/llproxy/internal/config"
-	"github.com/llproxy/llproxy/internal/fleet"
 	"github.com/llproxy/llproxy/internal/metrics"
 	"github.com/llproxy/llproxy/internal/ollama"
-	"github.com/llproxy/llproxy/internal/relay"
+	"github.com/llproxy/llproxy/internal/route"
 	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/scheduler"
 	"github.com/llproxy/llproxy/tokenizer"
@@ -62,17 +58,17 @@ type Server struct {
 	log        *slog.Logger
 	metrics    *metrics.Metrics
 	promHTTP   http.Handler
-	routes     map[string]*route
+	routes     map[string]*route.Route
+	handlers   map[string]http.Handler // each route behind the client-key check
 	routeNames []string
 	keyHashes  [][sha256.Size]byte
 	// adminHashes guard the admin endpoints; metricsHash /metrics.
 	adminHashes   [][sha256.Size]byte
 	metricsHashes [][sha256.Size]byte
 	mux           *http.ServeMux
-	parsers       fastjson.ParserPool
-	closing       atomic.Bool // queues closed: new requests refused, bodies still arriving cut off
-	draining      atomic.Bool // shutting down: /healthz answers 503
-	fallback      *route      // the defaultRoute, also served at the root
+	closing       atomic.Bool  // queues closed: new requests refused, bodies still arriving cut off
+	draining      atomic.Bool  // shutting down: /healthz answers 503
+	fallback      *route.Route // the defaultRoute, also served at the root
 	ollama        *ollama.Handler
 }
 
@@ -83,7 +79,8 @@ func New(opts Options) (*Server, error) {
 	if opts.Config == nil || opts.Tokenizer == nil || opts.Registry == nil {
 		return nil, errors.New("server: Config, Tokenizer and Registry are required")
 	}
-	s := &Server{cfg: opts.Config, tok: opts.Tokenizer, log: opts.Logger, routes: map[string]*route{}}
+	s := &Server{cfg: opts.Config, tok: opts.Tokenizer, log: opts.Logger, routes: map[string]*route.Route{},
+		handlers: map[string]http.Handler{}}
 	if s.log == nil {
 		s.log = slog.Default()
 	}
@@ -103,11 +100,14 @@ func New(opts Options) (*Server, error) {
 	s.metrics = m
 	s.promHTTP = promhttp.HandlerFor(opts.Registry, promhttp.HandlerOpts{})
 	for name, rc := range opts.Config.Routes {
-		rt, err := s.newRoute(name, rc, opts)
+		rt, err := route.New(name, rc, route.Options{Tokenizer: s.tok, Metrics: s.metrics, Logger: s.log,
+			Clock: opts.Clock, Transport: opts.Transport, ClientKeys: len(s.keyHashes) > 0, Secrets: s.secrets(),
+			Closing: s.closing.Load, Limits: s.limits()})
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("server: %w", err)
 		}
 		s.routes[name] = rt
+		s.handlers[name] = s.require(s.keyHashes, "one of its client keys", rt)
 		s.routeNames = append(s.routeNames, "/"+name+"/")
 	}
 	slices.Sort(s.routeNames)
@@ -121,73 +121,6 @@ func New(opts Options) (*Server, error) {
 
 func (s *Server) sortedRouteNames() []string {
 	return slices.Sorted(maps.Keys(s.routes))
-}
-
-func (s *Server) newRoute(name string, rc *config.Route, opts Options) (*route, error) {
-	set, err := scheduler.NewSet(rc.SchedulerConfig(), opts.Clock)
-	if err != nil {
-		return nil, fmt.Errorf("server: routes.%s: %w", name, err)
-	}
-	rt := &route{name: name, srv: s, cfg: rc, set: set, listed: map[string]*modelState{},
-		noModel: s.metrics.Passthrough(name)}
-	rt.handler = s.require(s.keyHashes, "one of its client keys", http.HandlerFunc(rt.serve))
-	set.OnRetire(func(q *scheduler.Queue) {
-		if v, ok := rt.dynamic.Load(q.Model()); ok && v.(*modelState).q == q {
-			rt.forget(v.(*modelState))
-		}
-	})
-	for model, mc := range rc.Models {
-		if model == scheduler.Wildcard {
-			continue
-		}
-		q, err := set.Queue(model)
-		if err != nil {
-			return nil, err
-		}
-		rt.listed[model] = rt.newModelState(q, mc)
-	}
-	rt.up = outbound{prefix: "/" + name, auth: rt.authorizer(rc.APIKey.Value()),
-		// A discovered backend that may not have the key gets the
-		// client's credentials handled as on a route without one.
-		noKey: rt.authorizer("")}
-	switch {
-	case rc.Provider == provider.NameMock:
-		mock := provider.NewMock(rc.Mock, mockCounter{s.tok})
-		rt.lessor = fleet.NewSingle(&url.URL{Scheme: "http", Host: "mock.invalid"})
-		rt.up.transport = provider.HandlerTransport{Handler: mock, Log: s.log}
-		rt.up.auth = rt.authorizer("")
-	case rc.Fleet():
-		f, err := fleet.New(rc.Config, fleet.Options{Logger: s.log.With("route", name),
-			MaxSwapWait: time.Duration(rc.MaxSwapWait), Queued: rt.queued, Secrets: s.secrets()})
-		if err != nil {
-			return nil, fmt.Errorf("server: routes.%s: %w", name, err)
-		}
-		rt.fleet, rt.lessor = f, f
-		rt.up.transport = opts.Transport // each send leases its backend
-		if rt.up.transport == nil {
-			rt.up.transport = relay.NewTransport(relay.TransportConfig{DialTimeout: time.Duration(rc.DialTimeout),
-				ResponseHeaderTimeout: time.Duration(rc.ResponseHeaderTimeout), MaxIdleConnsPerHost: rc.MaxIdleConnsPerHost})
-		}
-	default:
-		target, err := url.Parse(rc.Forward)
-		if err != nil {
-			return nil, fmt.Errorf("server: routes.%s.forward: %w", name, err)
-		}
-		rt.lessor = fleet.NewSingle(target)
-		rt.up.transport = opts.Transport
-		if rt.up.transport == nil {
-			rt.up.transport = relay.NewTransport(relay.TransportConfig{DialTimeout: time.Duration(rc.DialTimeout),
-				ResponseHeaderTimeout: time.Duration(rc.ResponseHeaderTimeout), MaxIdleConnsPerHost: rc.MaxIdleConnsPerHost})
-		}
-	}
-	return rt, nil
-}
-
-// authorizer sets a route's upstream credentials: its key if it has one;
-// never a client key of the gateway's.
-func (rt *route) authorizer(apiKey string) *provider.OpenAI {
-	return provider.NewOpenAIWith(provider.OpenAIConfig{APIKey: apiKey, DropClientAuth: len(rt.srv.cfg.ClientKeys) > 0,
-		ForwardOrganization: rt.cfg.ForwardOrganization})
 }
 
 func (s *Server) healthz(w http.ResponseWriter, _ *http.Request) {
@@ -206,7 +139,7 @@ func (s *Server) healthz(w http.ResponseWriter, _ *http.Request) {
 func (s *Server) BeginShutdown() {
 	s.closing.Store(true)
 	for _, rt := range s.routes {
-		rt.set.Close()
+		rt.Close()
 	}
 }
 
@@ -216,9 +149,9 @@ func (s *Server) QueueStats(yield func(metrics.QueueStats)) {
 	for name, rt := range s.routes {
 		other := metrics.QueueStats{Route: name, Model: metrics.OtherModel, Folded: true}
 		folded := false
-		rt.set.Range(func(q *scheduler.Queue) {
+		rt.Queues(func(q *scheduler.Queue, label string) {
 			st := q.Stats(now)
-			if rt.labelOf(q) == metrics.OtherModel {
+			if label == metrics.OtherModel {
 				other.Depth += st.Depth
 				other.QueuedTokens += st.QueuedTokens
 				folded = true
@@ -235,21 +168,15 @@ func (s *Server) QueueStats(yield func(metrics.QueueStats)) {
 	}
 }
 
-// mockCounter lets the mock report the usage the gateway counts.
-type mockCounter struct{ t *tokenizer.Tokenizer }
-
-// MockCounter adapts the tokenizer to the mock provider's TokenCounter.
-func MockCounter(t *tokenizer.Tokenizer) provider.TokenCounter { return mockCounter{t} }
-
-func (c mockCounter) PromptTokens(path, model string, body *fastjson.Value) int {
-	return c.t.PromptTokens(endpointOf(path), model, body)
+// limits bound request bodies.
+func (s *Server) limits() route.Limits {
+	return route.Limits{MaxBodyBytes: s.cfg.MaxBodyBytes, BodyTimeout: time.Duration(s.cfg.BodyTimeout),
+		BodyIdleTimeout: time.Duration(s.cfg.BodyIdleTimeout)}
 }
 
-func (c mockCounter) TextTokens(model, text string) int {
-	return c.t.EncodingFor(model).Count(text)
-}
-
-func itoa(n int64) string { return strconv.FormatInt(n, 10) }
+// MockCounter adapts the tokenizer to the mock provider's TokenCounter,
+// for the standalone mock server.
+func MockCounter(t *tokenizer.Tokenizer) provider.TokenCounter { return route.MockCounter(t) }
 
 // Shutdown is the whole SIGTERM sequence for srv serving s: after
 // shutdownDelay with /healthz at 503 (if set), answer queued requests and

@@ -266,7 +266,7 @@ func TestClientLeavingTheQueueSendsNothing(t *testing.T) {
 		}
 		done <- err
 	}()
-	q := g.srv.routes["openai"].listed["gpt-4o"].q
+	q := mustQueue(g.srv.routes["openai"], "gpt-4o")
 	require.Eventually(t, func() bool { return q.Stats(time.Now()).Depth == 1 }, 5*time.Second, time.Millisecond)
 	cancel()
 	assert.Error(t, <-done)
@@ -293,7 +293,7 @@ func TestShutdownAnswersQueuedRequests(t *testing.T) {
 		}
 		close(got)
 	}()
-	q := g.srv.routes["openai"].listed["gpt-4o"].q
+	q := mustQueue(g.srv.routes["openai"], "gpt-4o")
 	require.Eventually(t, func() bool { return q.Stats(time.Now()).Depth == 1 }, 5*time.Second, time.Millisecond)
 	g.srv.BeginShutdown()
 	resp := <-got

@@ -118,27 +118,27 @@ func TestSoak(t *testing.T) {
 
 	rt := g.srv.routes["local"]
 	require.Eventually(t, func() bool {
-		for _, st := range rt.fleet.Pool().Status() {
+		for _, st := range rt.Fleet().Pool().Status() {
 			if st.InFlight != 0 {
 				return false
 			}
 		}
 		return true
-	}, 10*time.Second, 10*time.Millisecond, "backend in-flight counts back to zero: %+v", rt.fleet.Pool().Status())
+	}, 10*time.Second, 10*time.Millisecond, "backend in-flight counts back to zero: %+v", rt.Fleet().Pool().Status())
 	for _, m := range []string{"m", "a", "x"} {
-		q, ok := rt.set.Lookup(m)
+		q, ok := rt.Queue(m)
 		require.True(t, ok)
 		st := q.Stats(time.Now())
 		assert.Zero(t, st.InFlight, "%s: slots", m)
 		assert.Zero(t, st.Depth, "%s: queue", m)
 	}
-	for _, st := range rt.fleet.Servers() {
+	for _, st := range rt.Fleet().Servers() {
 		assert.Zero(t, st.InFlight, "managed %s", st.Name)
 	}
 	// What is left by design: the upstream transports' idle connections
 	// and the managed server. Close them, then count.
-	rt.up.transport.(*http.Transport).CloseIdleConnections()
-	rt.fleet.Unload("")
+	rt.Transport().(*http.Transport).CloseIdleConnections()
+	rt.Fleet().Unload("")
 	ok := assert.Eventually(t, func() bool { return runtime.NumGoroutine() <= before+2 }, 20*time.Second, 50*time.Millisecond,
 		"goroutines back: %d now, %d before", runtime.NumGoroutine(), before)
 	if !ok {

@@ -1,4 +1,4 @@
-package server
+package route
 
 import (
 	"encoding/json"
@@ -23,9 +23,9 @@ type apiError struct {
 	Code    *string `json:"code"`
 }
 
-// writeError writes an OpenAI-shaped error. Messages never contain keys or
+// WriteError writes an OpenAI-shaped error. Messages never contain keys or
 // prompt text.
-func writeError(w http.ResponseWriter, status int, typ, code, msg string) {
+func WriteError(w http.ResponseWriter, status int, typ, code, msg string) {
 	e := apiError{Message: msg, Type: typ}
 	if code != "" {
 		e.Code = &code
@@ -104,5 +104,5 @@ func writeReject(w http.ResponseWriter, route string, e *scheduler.RejectError) 
 		msg = fmt.Sprintf("Rate limit reached for %s in llproxy route %s on %s: Limit %d, Used %d, Requested %d. "+
 			"Please try again in %s. %s", e.Model, route, unit, e.Limit, e.Used, e.Requested, retry, why)
 	}
-	writeError(w, http.StatusTooManyRequests, typ, "rate_limit_exceeded", msg)
+	WriteError(w, http.StatusTooManyRequests, typ, "rate_limit_exceeded", msg)
 }

@@ -1,4 +1,4 @@
-package server
+package route
 
 import (
 	"math"
@@ -39,8 +39,8 @@ func endpointOf(path string) tokenizer.Endpoint {
 // max(n, best_of), at least 1. Each number is bounded (an error names the
 // one that is not) and the sum saturates, so no cost is ever negative or
 // wraps.
-func (rt *route) estimateCost(ep tokenizer.Endpoint, model string, v *fastjson.Value, ms *modelState) (estimate, error) {
-	e := estimate{prompt: rt.srv.tok.PromptTokens(ep, model, v), n: 1}
+func (rt *Route) estimateCost(ep tokenizer.Endpoint, model string, v *fastjson.Value, ms *modelState) (estimate, error) {
+	e := estimate{prompt: rt.opts.Tokenizer.PromptTokens(ep, model, v), n: 1}
 	if ep != tokenizer.EndpointEmbeddings {
 		e.maxOutput = ms.defaultMaxTokens
 		found := false

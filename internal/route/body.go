@@ -1,63 +1,69 @@
-package server
+package route
 
 import (
 	"bytes"
 	"errors"
 	"io"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 )
 
-// Errors of readBody: past the configured limit, or cut off by shutdown.
+// Errors of ReadBody: past the configured limit, or cut off by shutdown.
 var (
-	errBodyTooLarge = errors.New("request body too large")
+	ErrBodyTooLarge = errors.New("request body too large")
 	errShuttingDown = errors.New("shutting down")
 )
 
-// bodyBuf is a request body read into a pooled buffer. The handler holds one
+// Body is a request body read into a pooled buffer. The handler holds one
 // reference and every reader made for the upstream request holds one until
 // it is closed; the buffer goes back to the pool when the last is released.
 //
-// httputil.ReverseProxy hands the transport a wrapper whose Close does
-// nothing and which refuses reads once ServeHTTP returns, so the handler
-// closes the request's own reader after forwarding (see attach). Readers
-// the transport makes through GetBody to replay a request are closed by the
-// transport after writing them; one it never closes keeps its buffer out of
-// the pool, which is safe.
-type bodyBuf struct {
+// The transport closes the reader it is given when it is done with it (and
+// the sender closes it again, harmlessly); readers it makes through GetBody
+// to replay a request are closed by the transport after writing them; one
+// it never closes keeps its buffer out of the pool, which is safe.
+type Body struct {
 	buf  []byte
 	refs atomic.Int32
 }
 
 const maxPooledBody = 1 << 20
 
-var bodyPool = sync.Pool{New: func() any { return &bodyBuf{buf: make([]byte, 0, 16<<10)} }}
+var bodyPool = sync.Pool{New: func() any { return &Body{buf: make([]byte, 0, 16<<10)} }}
 
 // newBodyBuf returns an empty pooled buffer holding one reference.
-func newBodyBuf() *bodyBuf {
-	b := bodyPool.Get().(*bodyBuf)
+func newBodyBuf() *Body {
+	b := bodyPool.Get().(*Body)
 	b.refs.Store(1)
 	b.buf = b.buf[:0]
 	return b
 }
 
-// deadliner is the connection under a ResponseWriter: what
+// Limits bound a request body: its size and the client's time to send it.
+type Limits struct {
+	MaxBodyBytes    int64
+	BodyTimeout     time.Duration // the whole body
+	BodyIdleTimeout time.Duration // each read
+}
+
+// Deadliner is the connection under a ResponseWriter: what
 // http.ResponseController reaches.
-type deadliner interface {
+type Deadliner interface {
 	SetReadDeadline(time.Time) error
 	SetWriteDeadline(time.Time) error
 }
 
-// connOf finds the connection's deadlines under w, unwrapping as
+// ConnOf finds the connection's deadlines under w, unwrapping as
 // http.ResponseController does; nil if there is none (a recorder, the
 // Ollama façade's capture).
-func connOf(w http.ResponseWriter) deadliner {
+func ConnOf(w http.ResponseWriter) Deadliner {
 	for {
 		switch t := w.(type) {
-		case deadliner:
+		case Deadliner:
 			return t
 		case interface{ Unwrap() http.ResponseWriter }:
 			w = t.Unwrap()
@@ -67,22 +73,22 @@ func connOf(w http.ResponseWriter) deadliner {
 	}
 }
 
-// readBody reads r's body, at most maxBodyBytes of it, with the client's
-// time bounded: each read must bring bytes within bodyIdleTimeout and the
+// ReadBody reads r's body, at most lim.MaxBodyBytes of it, with the
+// client's time bounded: each read must bring bytes within bodyIdleTimeout and the
 // whole body must arrive within bodyTimeout (a timeout error otherwise). A
 // client that trickles its body cannot hold a goroutine and a connection
 // for long. w is the client's ResponseWriter, through which the
 // connection's read deadline is set.
-func (s *Server) readBody(w http.ResponseWriter, r *http.Request) (*bodyBuf, error) {
-	limit := s.cfg.MaxBodyBytes
+func ReadBody(w http.ResponseWriter, r *http.Request, lim Limits, closing func() bool) (*Body, error) {
+	limit := lim.MaxBodyBytes
 	if r.ContentLength > limit {
-		return nil, errBodyTooLarge
+		return nil, ErrBodyTooLarge
 	}
-	conn := connOf(w)
+	conn := ConnOf(w)
 	var end time.Time
-	idle := time.Duration(s.cfg.BodyIdleTimeout)
+	idle := lim.BodyIdleTimeout
 	if conn != nil {
-		end = time.Now().Add(time.Duration(s.cfg.BodyTimeout))
+		end = time.Now().Add(lim.BodyTimeout)
 		defer conn.SetReadDeadline(time.Time{})
 	}
 	b := newBodyBuf()
@@ -94,10 +100,10 @@ func (s *Server) readBody(w http.ResponseWriter, r *http.Request) (*bodyBuf, err
 		if len(buf) == cap(buf) {
 			buf = append(buf, 0)[:len(buf)]
 		}
-		if s.closing.Load() {
+		if closing != nil && closing() {
 			// Shutting down: a body still arriving is not waited for.
 			b.buf = buf
-			b.release()
+			b.Release()
 			return nil, errShuttingDown
 		}
 		if conn != nil {
@@ -113,15 +119,15 @@ func (s *Server) readBody(w http.ResponseWriter, r *http.Request) (*bodyBuf, err
 		buf = buf[:len(buf)+n]
 		if int64(len(buf)) > limit {
 			b.buf = buf
-			b.release()
-			return nil, errBodyTooLarge
+			b.Release()
+			return nil, ErrBodyTooLarge
 		}
 		if err == io.EOF {
 			break
 		}
 		if err != nil {
 			b.buf = buf
-			b.release()
+			b.Release()
 			return nil, err
 		}
 	}
@@ -129,8 +135,8 @@ func (s *Server) readBody(w http.ResponseWriter, r *http.Request) (*bodyBuf, err
 	return b, nil
 }
 
-// release drops one reference.
-func (b *bodyBuf) release() {
+// Release drops one reference.
+func (b *Body) Release() {
 	if b.refs.Add(-1) != 0 {
 		return
 	}
@@ -141,9 +147,9 @@ func (b *bodyBuf) release() {
 	bodyPool.Put(b)
 }
 
-// reader returns a new reader over the body that releases its reference
+// Reader returns a new reader over the body that releases its reference
 // when closed.
-func (b *bodyBuf) reader() io.ReadCloser {
+func (b *Body) Reader() io.ReadCloser {
 	b.refs.Add(1)
 	br := &bodyReader{b: b}
 	br.r.Reset(b.buf)
@@ -151,7 +157,7 @@ func (b *bodyBuf) reader() io.ReadCloser {
 }
 
 type bodyReader struct {
-	b      *bodyBuf
+	b      *Body
 	r      bytes.Reader
 	closed atomic.Bool
 }
@@ -160,7 +166,7 @@ func (br *bodyReader) Read(p []byte) (int, error) { return br.r.Read(p) }
 
 func (br *bodyReader) Close() error {
 	if br.closed.CompareAndSwap(false, true) {
-		br.b.release()
+		br.b.Release()
 	}
 	return nil
 }
@@ -168,9 +174,9 @@ func (br *bodyReader) Close() error {
 // attach makes r send the buffered body: Body, GetBody (so the transport
 // can replay it on a stale pooled connection) and ContentLength. The caller
 // closes r.Body when forwarding is over.
-func (b *bodyBuf) attach(r *http.Request) {
-	r.Body = b.reader()
-	r.GetBody = func() (io.ReadCloser, error) { return b.reader(), nil }
+func (b *Body) attach(r *http.Request) {
+	r.Body = b.Reader()
+	r.GetBody = func() (io.ReadCloser, error) { return b.Reader(), nil }
 	r.ContentLength = int64(len(b.buf))
 }
 
@@ -186,3 +192,18 @@ func looksJSON(contentType string, body []byte) bool {
 	trimmed := bytes.TrimLeft(body, " \t\r\n")
 	return len(trimmed) > 0 && trimmed[0] == '{'
 }
+
+// DropBody ends a request whose body will not be read: the connection
+// closes after the answer instead of net/http reading what is left of the
+// body, which a client trickling it could make last for ever.
+func DropBody(w http.ResponseWriter, r *http.Request) {
+	if r.Body == nil || r.Body == http.NoBody {
+		return
+	}
+	w.Header()["Connection"] = []string{"close"}
+	if conn := ConnOf(w); conn != nil {
+		conn.SetReadDeadline(time.Now())
+	}
+}
+
+func itoa(n int64) string { return strconv.FormatInt(n, 10) }

@@ -1,4 +1,4 @@
-package server
+package route
 
 import (
 	"context"
@@ -41,7 +41,7 @@ type exchange struct {
 	// and the body with a backend's own model id (if it differs from the
 	// client's name).
 	lease   fleet.Request
-	renamed *bodyBuf
+	renamed *Body
 
 	// The taps themselves, kept with the pooled exchange so their buffers
 	// are reused.
@@ -64,7 +64,7 @@ func getExchange(w http.ResponseWriter) *exchange {
 
 func putExchange(ex *exchange) {
 	if ex.renamed != nil {
-		ex.renamed.release()
+		ex.renamed.Release()
 	}
 	bt, st, lr := ex.bodyTap, ex.streamTap, ex.lease
 	bt.Reset(nil)
@@ -125,8 +125,8 @@ type requestLog struct {
 	start                               time.Time
 }
 
-func (s *Server) logRequest(ctx context.Context, ex *exchange, rec *requestLog) {
-	if !s.log.Enabled(ctx, slog.LevelInfo) {
+func (rt *Route) logRequest(ctx context.Context, ex *exchange, rec *requestLog) {
+	if !rt.log.Enabled(ctx, slog.LevelInfo) {
 		return
 	}
 	status := ex.status
@@ -148,5 +148,5 @@ func (s *Server) logRequest(ctx context.Context, ex *exchange, rec *requestLog) 
 		slog.Float64("duration_ms", float64(time.Since(rec.start).Microseconds())/1000),
 		slog.Int64("bytes", ex.written),
 	}
-	s.log.LogAttrs(ctx, slog.LevelInfo, "request", attrs[:]...)
+	rt.log.LogAttrs(ctx, slog.LevelInfo, "request", attrs[:]...)
 }

@@ -1,4 +1,4 @@
-package server
+package route
 
 import (
 	"context"
@@ -35,7 +35,7 @@ func (ex *exchange) canRetry(now time.Time) bool {
 
 // observe lowers the model's buckets to what the upstream reports is left
 // and records the upstream's view.
-func (rt *route) observe(ms *modelState, adm *scheduler.Admission, ri provider.RateInfo, now time.Time) {
+func (rt *Route) observe(ms *modelState, adm *scheduler.Admission, ri provider.RateInfo, now time.Time) {
 	if !ri.Any() {
 		return
 	}
@@ -60,7 +60,7 @@ func (rt *route) observe(ms *modelState, adm *scheduler.Admission, ri provider.R
 // sendAgain prepares the next send after a retryable outcome. It returns
 // false when the request is over: the client left, or (for an upstream 429
 // that outlasts the request's budget) it was answered with an honest 429.
-func (rt *route) sendAgain(ctx context.Context, ex *exchange, a attempt, cost int, rec *requestLog) bool {
+func (rt *Route) sendAgain(ctx context.Context, ex *exchange, a attempt, cost int, rec *requestLog) bool {
 	ms := ex.ms
 	ms.m.Retry(a.verdict.String())
 	if a.verdict != relay.RetryRateLimited {
@@ -113,7 +113,7 @@ func (rt *route) sendAgain(ctx context.Context, ex *exchange, a attempt, cost in
 // usage settles to it when the route settles on actual usage; anything else
 // (an error answer, a stream cut short) keeps its reservation, as OpenAI
 // counts failed requests against the limit too.
-func (rt *route) settle(ex *exchange, c *call, a attempt, rec *requestLog) {
+func (rt *Route) settle(ex *exchange, c *call, a attempt, rec *requestLog) {
 	ms, cost := ex.ms, c.est.cost
 	now := time.Now()
 	if a.neverSent {

@@ -1,4 +1,4 @@
-package server
+package route
 
 import (
 	"context"
@@ -17,7 +17,7 @@ import (
 // forward (again, if the upstream asks for it and the budget allows), and
 // settle. Each step that fails answers in OpenAI's error shape and sends
 // nothing upstream.
-func (rt *route) serve(w http.ResponseWriter, r *http.Request) {
+func (rt *Route) serve(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	ex := getExchange(w)
 	rec := requestLog{route: rt.name, method: r.Method, path: r.URL.Path, start: start}
@@ -27,23 +27,23 @@ func (rt *route) serve(w http.ResponseWriter, r *http.Request) {
 			rec.outcome = "aborted" // the upstream or the client broke off mid-stream
 		}
 		rec.tries = ex.tries
-		rt.srv.logRequest(r.Context(), ex, &rec)
+		rt.logRequest(r.Context(), ex, &rec)
 		putExchange(ex)
 		if p != nil {
 			panic(p)
 		}
 	}()
 
-	var body *bodyBuf
+	var body *Body
 	if r.Body != nil && r.Body != http.NoBody && r.Method != http.MethodGet && r.Method != http.MethodHead {
 		var err error
-		body, err = rt.srv.readBody(ex, r)
+		body, err = ReadBody(ex, r, rt.opts.Limits, rt.opts.Closing)
 		if err != nil {
-			dropBody(ex, r)
-			rec.outcome = writeBodyError(ex, err, rt.srv.cfg.MaxBodyBytes)
+			DropBody(ex, r)
+			rec.outcome = writeBodyError(ex, err, rt.opts.Limits.MaxBodyBytes)
 			return
 		}
-		defer body.release()
+		defer body.Release()
 	}
 
 	// Every inference call is scheduled, whatever its content type claims:
@@ -61,7 +61,7 @@ func (rt *route) serve(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		if c.inject != nil {
-			defer c.inject.release()
+			defer c.inject.Release()
 		}
 	}
 
@@ -82,31 +82,31 @@ func (rt *route) serve(w http.ResponseWriter, r *http.Request) {
 
 // debugging reports whether debug logging is on; call debug behind it, so
 // that the request path builds no attributes when it is off.
-func (rt *route) debugging(ctx context.Context) bool { return rt.srv.log.Enabled(ctx, slog.LevelDebug) }
+func (rt *Route) debugging(ctx context.Context) bool { return rt.log.Enabled(ctx, slog.LevelDebug) }
 
 // debug logs a step of a request at debug level.
-func (rt *route) debug(ctx context.Context, msg string, attrs ...slog.Attr) {
-	rt.srv.log.LogAttrs(ctx, slog.LevelDebug, msg, append(attrs, slog.String("route", rt.name))...)
+func (rt *Route) debug(ctx context.Context, msg string, attrs ...slog.Attr) {
+	rt.log.LogAttrs(ctx, slog.LevelDebug, msg, append(attrs, slog.String("route", rt.name))...)
 }
 
 // writeBodyError answers a body that could not be read and returns the
 // log outcome.
 func writeBodyError(w http.ResponseWriter, err error, limit int64) string {
 	switch {
-	case errors.Is(err, errBodyTooLarge):
-		writeError(w, http.StatusRequestEntityTooLarge, "invalid_request_error", "request_too_large",
+	case errors.Is(err, ErrBodyTooLarge):
+		WriteError(w, http.StatusRequestEntityTooLarge, "invalid_request_error", "request_too_large",
 			"Request body too large: the limit is "+itoa(limit)+" bytes.")
 		return outcomeTooLarge
 	case errors.Is(err, errShuttingDown):
 		w.Header()["Retry-After"] = []string{"1"}
-		writeError(w, http.StatusServiceUnavailable, "server_error", "service_unavailable", "llproxy is shutting down; retry on another instance.")
+		WriteError(w, http.StatusServiceUnavailable, "server_error", "service_unavailable", "llproxy is shutting down; retry on another instance.")
 		return metrics.OutcomeShuttingDown
 	case relay.IsTimeout(err):
 		w.Header()["Connection"] = []string{"close"}
-		writeError(w, http.StatusRequestTimeout, "invalid_request_error", "request_timeout",
+		WriteError(w, http.StatusRequestTimeout, "invalid_request_error", "request_timeout",
 			"The request body did not arrive in time.")
 		return outcomeBodyTimeout
 	}
-	writeError(w, http.StatusBadRequest, "invalid_request_error", "", "Could not read the request body.")
+	WriteError(w, http.StatusBadRequest, "invalid_request_error", "", "Could not read the request body.")
 	return outcomeBodyError
 }

@@ -1,4 +1,4 @@
-package server
+package route
 
 import (
 	"bytes"
@@ -40,9 +40,9 @@ const (
 // escape the route's upstream base path.
 var errBadPath = errors.New("the request path must not contain '.' or '..' segments")
 
-// checkPath rejects paths with "." or ".." segments, decoded or
+// CheckPath rejects paths with "." or ".." segments, decoded or
 // percent-encoded, with a backslash counted as a slash as some servers do.
-func checkPath(path, rawPath string) error {
+func CheckPath(path, rawPath string) error {
 	if dotSegments(path) || (rawPath != "" && dotSegments(decodeDots(rawPath))) {
 		return errBadPath
 	}
@@ -233,7 +233,7 @@ type call struct {
 	// inject is the body to send instead of the request's own, or nil:
 	// rewritten to ask for a stream's usage, to drop keep_alive, or to add
 	// the model's defaults.
-	inject *bodyBuf
+	inject *Body
 	// keepAlive is the request's keep_alive, if it had one.
 	keepAlive *time.Duration
 }
@@ -242,48 +242,48 @@ type call struct {
 // cost; for a stream whose client did not ask for usage it also prepares the
 // body that asks for it. On bad input it answers the client and returns ok
 // false.
-func (rt *route) inspect(w http.ResponseWriter, path string, body []byte, rec *requestLog) (c call, ok bool) {
-	p := rt.srv.parsers.Get()
-	defer rt.srv.parsers.Put(p)
+func (rt *Route) inspect(w http.ResponseWriter, path string, body []byte, rec *requestLog) (c call, ok bool) {
+	p := parsers.Get()
+	defer parsers.Put(p)
 	v, err := p.ParseBytes(body)
 	if err != nil || v.Type() != fastjson.TypeObject {
-		rec.outcome = outcomeBadRequest
-		writeError(w, http.StatusBadRequest, "invalid_request_error", "",
+		rec.outcome = OutcomeBadRequest
+		WriteError(w, http.StatusBadRequest, "invalid_request_error", "",
 			"We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly. The OpenAI API expects a JSON payload.)")
 		return c, false
 	}
 	if err := checkDuplicateKeys(v); err != nil {
-		rec.outcome = outcomeBadRequest
-		writeError(w, http.StatusBadRequest, "invalid_request_error", "", "Invalid request: "+err.Error())
+		rec.outcome = OutcomeBadRequest
+		WriteError(w, http.StatusBadRequest, "invalid_request_error", "", "Invalid request: "+err.Error())
 		return c, false
 	}
 	mv := v.Get("model")
 	if mv == nil || mv.Type() == fastjson.TypeNull {
 		if endpointOf(path) != tokenizer.EndpointOther {
-			rec.outcome = outcomeBadRequest
+			rec.outcome = OutcomeBadRequest
 			writeParamError(w, "model", "you must provide a model parameter")
 			return c, false
 		}
 		return c, true
 	}
 	if mv.Type() != fastjson.TypeString {
-		rec.outcome = outcomeBadRequest
+		rec.outcome = OutcomeBadRequest
 		writeParamError(w, "model", "'model' must be a string.")
 		return c, false
 	}
 	if err := checkModelName(mv.GetStringBytes()); err != nil {
-		rec.outcome = outcomeBadRequest
+		rec.outcome = OutcomeBadRequest
 		writeParamError(w, "model", err.Error())
 		return c, false
 	}
 	rec.model = string(mv.GetStringBytes())
 	if !rt.lessor.Knows(rec.model) {
-		rec.outcome = outcomeNotFound
+		rec.outcome = OutcomeNotFound
 		rt.writeLeaseError(w, rec.model, backends.ErrUnknownModel)
 		return call{}, false
 	}
 	if c.ms, err = rt.modelFor(rec.model); err != nil {
-		rec.outcome = outcomeNotFound
+		rec.outcome = OutcomeNotFound
 		if errors.Is(err, scheduler.ErrTooManyModels) {
 			rec.outcome = "too_many_models"
 		}
@@ -298,7 +298,7 @@ func (rt *route) inspect(w http.ResponseWriter, path string, body []byte, rec *r
 	if ka := v.Get("keep_alive"); ka != nil {
 		d, err := ollama.ParseKeepAlive(ka.MarshalTo(nil))
 		if err != nil {
-			rec.outcome = outcomeBadRequest
+			rec.outcome = OutcomeBadRequest
 			writeParamError(w, "keep_alive", err.Error())
 			return call{}, false
 		}
@@ -311,8 +311,8 @@ func (rt *route) inspect(w http.ResponseWriter, path string, body []byte, rec *r
 		rewrite = applyDefaults(v, c.ms, &dp, &a) || rewrite
 	}
 	if c.est, err = rt.estimateCost(ep, rec.model, v, c.ms); err != nil {
-		rec.outcome = outcomeBadRequest
-		writeError(w, http.StatusBadRequest, "invalid_request_error", "", err.Error())
+		rec.outcome = OutcomeBadRequest
+		WriteError(w, http.StatusBadRequest, "invalid_request_error", "", err.Error())
 		return call{}, false
 	}
 	stream := v.GetBool("stream")

@@ -1,4 +1,4 @@
-package server
+package route
 
 import (
 	"bytes"
@@ -35,7 +35,7 @@ type outbound struct {
 // outgoing is the request that carries r to target (relay.Request), with
 // the credentials applied and the body attached (the caller closes
 // out.Body); a nil body sends none.
-func (u *outbound) outgoing(r *http.Request, target *url.URL, auth *provider.OpenAI, body *bodyBuf) *http.Request {
+func (u *outbound) outgoing(r *http.Request, target *url.URL, auth *provider.OpenAI, body *Body) *http.Request {
 	out := relay.Request(r, u.prefix, target)
 	auth.Authorize(out.Header)
 	if body != nil {
@@ -51,15 +51,15 @@ func writeUpstreamError(w http.ResponseWriter, err error) {
 	if relay.IsTimeout(err) {
 		status, msg = http.StatusGatewayTimeout, "The upstream did not answer in time: "+relay.Describe(err)
 	}
-	writeError(w, status, "upstream_error", "upstream_unavailable", msg)
+	WriteError(w, status, "upstream_error", "upstream_unavailable", msg)
 }
 
 // relay forwards a request that is not scheduled (it names no model) where
 // the route's lessor says and hands the answer on, or answers 502/503/504.
-func (rt *route) relay(ex *exchange, r *http.Request, body *bodyBuf) {
+func (rt *Route) relay(ex *exchange, r *http.Request, body *Body) {
 	l, ok := rt.lessor.Any()
 	if !ok {
-		writeError(ex, http.StatusServiceUnavailable, "server_error", "backend_unavailable",
+		WriteError(ex, http.StatusServiceUnavailable, "server_error", "backend_unavailable",
 			"No healthy backend on llproxy route "+rt.name+".")
 		return
 	}
@@ -105,7 +105,7 @@ const minUpstreamRetry = 50 * time.Millisecond
 // sends, judges the outcome, and hands a deliverable answer on. The lease
 // is released by a defer where it is taken, so an answer cut mid-way,
 // which ends with a panic, gives everything back as well.
-func (rt *route) try(ex *exchange, r *http.Request, model string, c *call, body *bodyBuf) (a attempt) {
+func (rt *Route) try(ex *exchange, r *http.Request, model string, c *call, body *Body) (a attempt) {
 	ctx := r.Context()
 	l, err := rt.lessor.Lease(ctx, &ex.lease)
 	if err != nil {
@@ -197,16 +197,16 @@ func (rt *route) try(ex *exchange, r *http.Request, model string, c *call, body 
 
 // bodyFor returns the body to send where a lease goes: the request's own,
 // or a copy naming the backend's own model id ("" or model: as it is).
-func (rt *route) bodyFor(ex *exchange, body *bodyBuf, model, id string) *bodyBuf {
+func (rt *Route) bodyFor(ex *exchange, body *Body, model, id string) *Body {
 	if id == "" || id == model {
 		return body
 	}
 	if ex.renamed != nil {
-		ex.renamed.release()
+		ex.renamed.Release()
 	}
 	ex.renamed = newBodyBuf()
-	p := rt.srv.parsers.Get()
-	defer rt.srv.parsers.Put(p)
+	p := parsers.Get()
+	defer parsers.Put(p)
 	v, err := p.ParseBytes(body.buf)
 	if err != nil { // it parsed before; cannot happen
 		ex.renamed.buf = append(ex.renamed.buf, body.buf...)
@@ -219,26 +219,26 @@ func (rt *route) bodyFor(ex *exchange, body *bodyBuf, model, id string) *bodyBuf
 }
 
 // writeLeaseError answers a request no send could be leased for.
-func (rt *route) writeLeaseError(w http.ResponseWriter, model string, err error) {
+func (rt *Route) writeLeaseError(w http.ResponseWriter, model string, err error) {
 	if errors.Is(err, backends.ErrUnknownModel) {
 		models := ""
 		if rt.fleet != nil {
 			models = " Models: " + strings.Join(rt.fleet.Models(), ", ") + "."
 		}
-		writeError(w, http.StatusNotFound, "invalid_request_error", "model_not_found",
+		WriteError(w, http.StatusNotFound, "invalid_request_error", "model_not_found",
 			"The model `"+model+"` does not exist on llproxy route "+rt.name+"."+models)
 		return
 	}
 	w.Header()["Retry-After"] = []string{"5"}
 	switch {
 	case errors.Is(err, fleet.ErrNotStarted):
-		writeError(w, http.StatusServiceUnavailable, "server_error", "backend_unavailable",
+		WriteError(w, http.StatusServiceUnavailable, "server_error", "backend_unavailable",
 			"llproxy could not start the backend for `"+model+"`: "+err.Error())
 	case errors.Is(err, backends.ErrBusy):
-		writeError(w, http.StatusServiceUnavailable, "server_error", "backend_busy",
+		WriteError(w, http.StatusServiceUnavailable, "server_error", "backend_busy",
 			"Every backend of llproxy route "+rt.name+" serving `"+model+"` stayed at its maxConcurrent for the request's maxQueueWait.")
 	default:
-		writeError(w, http.StatusServiceUnavailable, "server_error", "backend_unavailable",
+		WriteError(w, http.StatusServiceUnavailable, "server_error", "backend_unavailable",
 			"No healthy backend of llproxy route "+rt.name+" serves the model `"+model+"` right now.")
 	}
 }

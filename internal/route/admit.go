@@ -1,4 +1,4 @@
-package server
+package route
 
 import (
 	"context"
@@ -21,7 +21,7 @@ import (
 // the head of the queue, which is held as long as the upstream asked), a
 // 5xx or a connection failure (after a backoff), as long as nothing has
 // reached the client and the request's maxQueueWait budget lasts.
-func (rt *route) schedule(ex *exchange, r *http.Request, body *bodyBuf, c *call, rec *requestLog) {
+func (rt *Route) schedule(ex *exchange, r *http.Request, body *Body, c *call, rec *requestLog) {
 	ms := c.ms
 	rec.prompt, rec.cost = c.est.prompt, c.est.cost
 	arrived := time.Now()
@@ -94,7 +94,7 @@ func (rt *route) schedule(ex *exchange, r *http.Request, body *bodyBuf, c *call,
 
 // writeAcquireError answers a request the scheduler did not admit and
 // returns its outcome.
-func (rt *route) writeAcquireError(w http.ResponseWriter, ctx context.Context, err error) string {
+func (rt *Route) writeAcquireError(w http.ResponseWriter, ctx context.Context, err error) string {
 	var re *scheduler.RejectError
 	switch {
 	case errors.As(err, &re):
@@ -108,24 +108,24 @@ func (rt *route) writeAcquireError(w http.ResponseWriter, ctx context.Context, e
 		return metrics.OutcomeRejectWait
 	case errors.Is(err, scheduler.ErrClosed):
 		w.Header()["Retry-After"] = []string{"1"}
-		writeError(w, http.StatusServiceUnavailable, "server_error", "service_unavailable", "llproxy is shutting down; retry on another instance.")
+		WriteError(w, http.StatusServiceUnavailable, "server_error", "service_unavailable", "llproxy is shutting down; retry on another instance.")
 		return metrics.OutcomeShuttingDown
 	case ctx.Err() != nil:
 		// The client left while queued: nothing was sent upstream and
 		// nobody is left to answer.
 		return metrics.OutcomeCancelled
 	}
-	writeError(w, http.StatusInternalServerError, "server_error", "", "llproxy: "+err.Error())
+	WriteError(w, http.StatusInternalServerError, "server_error", "", "llproxy: "+err.Error())
 	return "error"
 }
 
-func (rt *route) writeModelError(w http.ResponseWriter, model string, err error) {
+func (rt *Route) writeModelError(w http.ResponseWriter, model string, err error) {
 	if errors.Is(err, scheduler.ErrTooManyModels) {
-		writeError(w, http.StatusServiceUnavailable, "server_error", "too_many_models",
+		WriteError(w, http.StatusServiceUnavailable, "server_error", "too_many_models",
 			"llproxy route "+rt.name+" already queues its limit of distinct models; the model `"+model+"` cannot get a queue.")
 		return
 	}
-	writeError(w, http.StatusNotFound, "invalid_request_error", "model_not_found",
+	WriteError(w, http.StatusNotFound, "invalid_request_error", "model_not_found",
 		"The model `"+model+"` does not exist or you do not have access to it. llproxy route "+rt.name+
 			" serves: "+strings.Join(rt.set.Models(), ", ")+".")
 }
