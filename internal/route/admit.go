@@ -10,6 +10,7 @@ import (
 
 	"github.com/llproxy/llproxy/internal/metrics"
 	"github.com/llproxy/llproxy/internal/relay"
+	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/scheduler"
 )
 
@@ -21,7 +22,7 @@ import (
 // the head of the queue, which is held as long as the upstream asked), a
 // 5xx or a connection failure (after a backoff), as long as nothing has
 // reached the client and the request's maxQueueWait budget lasts.
-func (rt *Route) schedule(ex *exchange, r *http.Request, body *Body, c *call, rec *requestLog) {
+func (rt *Route) schedule(ex *exchange, r *http.Request, body *request.Body, c *call, rec *requestLog) {
 	ms := c.ms
 	rec.prompt, rec.cost = c.est.prompt, c.est.cost
 	arrived := time.Now()

@@ -6,6 +6,7 @@ import (
 
 	"github.com/valyala/fastjson"
 
+	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/tokenizer"
 )
 
@@ -45,7 +46,7 @@ func (rt *Route) estimateCost(ep tokenizer.Endpoint, model string, v *fastjson.V
 		e.maxOutput = ms.defaultMaxTokens
 		found := false
 		for _, k := range [...]string{"max_completion_tokens", "max_tokens", "max_output_tokens"} {
-			n, ok, err := intParam(v, k, 1, maxOutputTokens, true)
+			n, ok, err := request.IntParam(v, k, 1, request.MaxOutputTokens, true)
 			if err != nil {
 				return e, err
 			}
@@ -55,7 +56,7 @@ func (rt *Route) estimateCost(ep tokenizer.Endpoint, model string, v *fastjson.V
 		}
 	}
 	for _, k := range [...]string{"n", "best_of"} {
-		n, ok, err := intParam(v, k, 1, maxN, false)
+		n, ok, err := request.IntParam(v, k, 1, request.MaxN, false)
 		if err != nil {
 			return e, err
 		}

@@ -10,6 +10,7 @@ import (
 
 	"github.com/llproxy/llproxy/internal/fleet"
 	"github.com/llproxy/llproxy/internal/metrics"
+	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/scheduler"
 )
@@ -41,7 +42,7 @@ type exchange struct {
 	// and the body with a backend's own model id (if it differs from the
 	// client's name).
 	lease   fleet.Request
-	renamed *Body
+	renamed *request.Body
 
 	// The taps themselves, kept with the pooled exchange so their buffers
 	// are reused.

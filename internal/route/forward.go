@@ -15,6 +15,7 @@ import (
 	"github.com/llproxy/llproxy/internal/backends"
 	"github.com/llproxy/llproxy/internal/fleet"
 	"github.com/llproxy/llproxy/internal/relay"
+	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/provider"
 )
 
@@ -35,11 +36,11 @@ type outbound struct {
 // outgoing is the request that carries r to target (relay.Request), with
 // the credentials applied and the body attached (the caller closes
 // out.Body); a nil body sends none.
-func (u *outbound) outgoing(r *http.Request, target *url.URL, auth *provider.OpenAI, body *Body) *http.Request {
+func (u *outbound) outgoing(r *http.Request, target *url.URL, auth *provider.OpenAI, body *request.Body) *http.Request {
 	out := relay.Request(r, u.prefix, target)
 	auth.Authorize(out.Header)
 	if body != nil {
-		body.attach(out)
+		body.Attach(out)
 	}
 	return out
 }
@@ -56,7 +57,7 @@ func writeUpstreamError(w http.ResponseWriter, err error) {
 
 // relay forwards a request that is not scheduled (it names no model) where
 // the route's lessor says and hands the answer on, or answers 502/503/504.
-func (rt *Route) relay(ex *exchange, r *http.Request, body *Body) {
+func (rt *Route) relay(ex *exchange, r *http.Request, body *request.Body) {
 	l, ok := rt.lessor.Any()
 	if !ok {
 		WriteError(ex, http.StatusServiceUnavailable, "server_error", "backend_unavailable",
@@ -105,7 +106,7 @@ const minUpstreamRetry = 50 * time.Millisecond
 // sends, judges the outcome, and hands a deliverable answer on. The lease
 // is released by a defer where it is taken, so an answer cut mid-way,
 // which ends with a panic, gives everything back as well.
-func (rt *Route) try(ex *exchange, r *http.Request, model string, c *call, body *Body) (a attempt) {
+func (rt *Route) try(ex *exchange, r *http.Request, model string, c *call, body *request.Body) (a attempt) {
 	ctx := r.Context()
 	l, err := rt.lessor.Lease(ctx, &ex.lease)
 	if err != nil {
@@ -197,24 +198,24 @@ func (rt *Route) try(ex *exchange, r *http.Request, model string, c *call, body 
 
 // bodyFor returns the body to send where a lease goes: the request's own,
 // or a copy naming the backend's own model id ("" or model: as it is).
-func (rt *Route) bodyFor(ex *exchange, body *Body, model, id string) *Body {
+func (rt *Route) bodyFor(ex *exchange, body *request.Body, model, id string) *request.Body {
 	if id == "" || id == model {
 		return body
 	}
 	if ex.renamed != nil {
 		ex.renamed.Release()
 	}
-	ex.renamed = newBodyBuf()
+	ex.renamed = request.NewBody()
 	p := parsers.Get()
 	defer parsers.Put(p)
-	v, err := p.ParseBytes(body.buf)
+	v, err := p.ParseBytes(body.Buf)
 	if err != nil { // it parsed before; cannot happen
-		ex.renamed.buf = append(ex.renamed.buf, body.buf...)
+		ex.renamed.Buf = append(ex.renamed.Buf, body.Buf...)
 		return ex.renamed
 	}
 	var a fastjson.Arena
 	v.Set("model", a.NewString(id))
-	ex.renamed.buf = v.MarshalTo(ex.renamed.buf)
+	ex.renamed.Buf = v.MarshalTo(ex.renamed.Buf)
 	return ex.renamed
 }
 

@@ -32,6 +32,7 @@ import (
 	"github.com/llproxy/llproxy/internal/fleet"
 	"github.com/llproxy/llproxy/internal/metrics"
 	"github.com/llproxy/llproxy/internal/relay"
+	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/scheduler"
 	"github.com/llproxy/llproxy/tokenizer"
@@ -73,7 +74,7 @@ type Options struct {
 	// Transport, if set, replaces the route's transport (tests).
 	Transport http.RoundTripper
 	// Limits bound request bodies.
-	Limits Limits
+	Limits request.Limits
 	// ClientKeys says the gateway has client keys: a client's own
 	// credentials are then never forwarded.
 	ClientKeys bool

@@ -5,11 +5,13 @@ import (
 	"errors"
 	"log/slog"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
 
 	"github.com/llproxy/llproxy/internal/metrics"
 	"github.com/llproxy/llproxy/internal/relay"
+	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/tokenizer"
 )
 
@@ -34,12 +36,12 @@ func (rt *Route) serve(w http.ResponseWriter, r *http.Request) {
 		}
 	}()
 
-	var body *Body
+	var body *request.Body
 	if r.Body != nil && r.Body != http.NoBody && r.Method != http.MethodGet && r.Method != http.MethodHead {
 		var err error
-		body, err = ReadBody(ex, r, rt.opts.Limits, rt.opts.Closing)
+		body, err = request.ReadBody(ex, r, rt.opts.Limits, rt.opts.Closing)
 		if err != nil {
-			DropBody(ex, r)
+			request.DropBody(ex, r)
 			rec.outcome = writeBodyError(ex, err, rt.opts.Limits.MaxBodyBytes)
 			return
 		}
@@ -51,10 +53,10 @@ func (rt *Route) serve(w http.ResponseWriter, r *http.Request) {
 	// look like JSON and name a model are scheduled too.
 	var c call
 	inference := r.Method == http.MethodPost && endpointOf(r.URL.Path) != tokenizer.EndpointOther
-	if inference || (body != nil && looksJSON(r.Header.Get("Content-Type"), body.buf)) {
+	if inference || (body != nil && request.LooksJSON(r.Header.Get("Content-Type"), body.Buf)) {
 		var raw []byte
 		if body != nil {
-			raw = body.buf
+			raw = body.Buf
 		}
 		var ok bool
 		if c, ok = rt.inspect(ex, r.URL.Path, raw, &rec); !ok {
@@ -93,11 +95,11 @@ func (rt *Route) debug(ctx context.Context, msg string, attrs ...slog.Attr) {
 // log outcome.
 func writeBodyError(w http.ResponseWriter, err error, limit int64) string {
 	switch {
-	case errors.Is(err, ErrBodyTooLarge):
+	case errors.Is(err, request.ErrBodyTooLarge):
 		WriteError(w, http.StatusRequestEntityTooLarge, "invalid_request_error", "request_too_large",
-			"Request body too large: the limit is "+itoa(limit)+" bytes.")
+			"Request body too large: the limit is "+strconv.FormatInt(limit, 10)+" bytes.")
 		return outcomeTooLarge
-	case errors.Is(err, errShuttingDown):
+	case errors.Is(err, request.ErrShuttingDown):
 		w.Header()["Retry-After"] = []string{"1"}
 		WriteError(w, http.StatusServiceUnavailable, "server_error", "service_unavailable", "llproxy is shutting down; retry on another instance.")
 		return metrics.OutcomeShuttingDown

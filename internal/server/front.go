@@ -5,7 +5,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/llproxy/llproxy/internal/route"
+	"github.com/llproxy/llproxy/internal/request"
 )
 
 // front wraps the client's ResponseWriter for every request: it bounds
@@ -15,7 +15,7 @@ import (
 // answered with a status.
 type front struct {
 	http.ResponseWriter
-	conn    route.Deadliner
+	conn    request.Deadliner
 	timeout time.Duration
 	wrote   bool
 }
@@ -25,7 +25,7 @@ var frontPool = sync.Pool{New: func() any { return new(front) }}
 func getFront(w http.ResponseWriter, timeout time.Duration) *front {
 	f := frontPool.Get().(*front)
 	f.ResponseWriter, f.timeout, f.wrote = w, timeout, false
-	f.conn = route.ConnOf(w)
+	f.conn = request.ConnOf(w)
 	if f.conn != nil {
 		f.conn.SetWriteDeadline(time.Time{}) // none left from an earlier request on the connection
 	}

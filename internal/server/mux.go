@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/llproxy/llproxy/internal/relay"
+	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/internal/route"
 )
 
@@ -56,8 +57,8 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	f := getFront(w, time.Duration(s.cfg.WriteTimeout))
 	defer putFront(f)
 	defer s.recoverPanic(f, r)
-	if err := route.CheckPath(r.URL.Path, r.URL.RawPath); err != nil {
-		route.DropBody(f, r)
+	if err := request.CheckPath(r.URL.Path, r.URL.RawPath); err != nil {
+		request.DropBody(f, r)
 		s.logFront(r, http.StatusBadRequest, route.OutcomeBadRequest)
 		route.WriteError(f, http.StatusBadRequest, "invalid_request_error", "invalid_path", "Invalid request path: "+err.Error()+".")
 		return
@@ -118,7 +119,7 @@ func (s *Server) serveRoute(w http.ResponseWriter, r *http.Request) {
 		if s.authorized(r) {
 			msg = "Unknown route " + strconv.Quote(r.URL.Path) + ": this gateway serves " + strings.Join(s.routeNames, ", ") + "."
 		}
-		route.DropBody(w, r)
+		request.DropBody(w, r)
 		s.logFront(r, http.StatusNotFound, route.OutcomeNotFound)
 		route.WriteError(w, http.StatusNotFound, "invalid_request_error", "unknown_route", msg)
 		return
@@ -150,7 +151,7 @@ func (s *Server) requireOllama(h http.Handler) http.Handler {
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !s.authorized(r) {
-			route.DropBody(w, r)
+			request.DropBody(w, r)
 			s.logFront(r, http.StatusUnauthorized, route.OutcomeUnauthorized)
 			w.Header().Set("Content-Type", "application/json; charset=utf-8")
 			w.WriteHeader(http.StatusUnauthorized)
@@ -187,11 +188,11 @@ func methodNotAllowed(want string) http.HandlerFunc {
 // bounds as any other before the façade sees it.
 func (s *Server) serveOllama(w http.ResponseWriter, r *http.Request) {
 	if r.Body != nil && r.Body != http.NoBody && r.Method != http.MethodGet && r.Method != http.MethodHead {
-		body, err := route.ReadBody(w, r, s.limits(), s.closing.Load)
+		body, err := request.ReadBody(w, r, s.limits(), s.closing.Load)
 		if err != nil {
 			status, msg := http.StatusBadRequest, "could not read the request body"
 			switch {
-			case errors.Is(err, route.ErrBodyTooLarge):
+			case errors.Is(err, request.ErrBodyTooLarge):
 				status, msg = http.StatusRequestEntityTooLarge, "request body too large: the limit is "+strconv.FormatInt(s.cfg.MaxBodyBytes, 10)+" bytes"
 			case relay.IsTimeout(err):
 				status, msg = http.StatusRequestTimeout, "the request body did not arrive in time"
@@ -211,7 +212,7 @@ func (s *Server) serveOllama(w http.ResponseWriter, r *http.Request) {
 
 // unauthorized answers 401 and logs it.
 func (s *Server) unauthorized(w http.ResponseWriter, r *http.Request, what string) {
-	route.DropBody(w, r)
+	request.DropBody(w, r)
 	s.logFront(r, http.StatusUnauthorized, route.OutcomeUnauthorized)
 	route.WriteError(w, http.StatusUnauthorized, "invalid_request_error", "invalid_api_key",
 		"Incorrect API key provided. llproxy expects "+what+" in Authorization: Bearer <key> or api-key: <key>.")

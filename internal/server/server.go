@@ -30,6 +30,7 @@ import (
 	"github.com/llproxy/llproxy/internal/config"
 	"github.com/llproxy/llproxy/internal/metrics"
 	"github.com/llproxy/llproxy/internal/ollama"
+	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/internal/route"
 	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/scheduler"
@@ -169,8 +170,8 @@ func (s *Server) QueueStats(yield func(metrics.QueueStats)) {
 }
 
 // limits bound request bodies.
-func (s *Server) limits() route.Limits {
-	return route.Limits{MaxBodyBytes: s.cfg.MaxBodyBytes, BodyTimeout: time.Duration(s.cfg.BodyTimeout),
+func (s *Server) limits() request.Limits {
+	return request.Limits{MaxBodyBytes: s.cfg.MaxBodyBytes, BodyTimeout: time.Duration(s.cfg.BodyTimeout),
 		BodyIdleTimeout: time.Duration(s.cfg.BodyIdleTimeout)}
 }
 
