@@ -1,11 +1,8 @@
 package provider
 
 import (
-	"encoding/base64"
-	"encoding/json"
 	"io"
 	"net/http"
-	"net/http/httptest"
 	"strings"
 	"testing"
 	"testing/iotest"
@@ -116,46 +113,4 @@ func TestUpstreamNumbersAreBounded(t *testing.T) {
 		assert.True(t, ok, body)
 		assert.Equal(t, want, u, body)
 	}
-}
-
-func TestMockBase64EmbeddingsAndResponses(t *testing.T) {
-	m := NewMock(MockConfig{Chunks: 3}, nil)
-	do := func(path, body string) *httptest.ResponseRecorder {
-		rec := httptest.NewRecorder()
-		m.ServeHTTP(rec, httptest.NewRequest(http.MethodPost, path, strings.NewReader(body)))
-		return rec
-	}
-	var emb struct {
-		Data []struct {
-			Embedding string `json:"embedding"`
-		} `json:"data"`
-	}
-	rec := do("/v1/embeddings", `{"model":"m","input":"hi","encoding_format":"base64"}`)
-	require.NoError(t, json.Unmarshal(rec.Body.Bytes(), &emb), rec.Body.String())
-	raw, err := base64.StdEncoding.DecodeString(emb.Data[0].Embedding)
-	require.NoError(t, err)
-	assert.Len(t, raw, 8*4, "8 little-endian float32s, as the SDKs decode them")
-
-	var resp struct {
-		Object string `json:"object"`
-		Output []struct {
-			Content []struct{ Text string } `json:"content"`
-		} `json:"output"`
-		Usage struct {
-			OutputTokens int `json:"output_tokens"`
-		} `json:"usage"`
-	}
-	rec = do("/v1/responses", `{"model":"m","input":"hi","max_output_tokens":2}`)
-	require.NoError(t, json.Unmarshal(rec.Body.Bytes(), &resp), rec.Body.String())
-	assert.Equal(t, "response", resp.Object)
-	assert.NotEmpty(t, resp.Output[0].Content[0].Text)
-	assert.Equal(t, 2, resp.Usage.OutputTokens)
-
-	rec = do("/v1/responses", `{"model":"m","input":"hi","stream":true}`)
-	body := rec.Body.String()
-	assert.Equal(t, 3, strings.Count(body, "event: response.output_text.delta"))
-	assert.Contains(t, body, "event: response.completed")
-	u, ok := FindUsage([]byte(body))
-	assert.True(t, ok)
-	assert.Equal(t, 3, u.Completion)
 }

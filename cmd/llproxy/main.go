@@ -23,7 +23,7 @@ import (
 
 	"github.com/llproxy/llproxy/internal/config"
 	"github.com/llproxy/llproxy/internal/server"
-	"github.com/llproxy/llproxy/provider"
+	"github.com/llproxy/llproxy/provider/mock"
 	"github.com/llproxy/llproxy/tokenizer"
 )
 
@@ -121,8 +121,8 @@ func mockServer(args []string) int {
 		fmt.Fprintln(os.Stderr, "llproxy mock-server:", err)
 		return 1
 	}
-	mock := provider.NewMock(provider.MockConfig{Chunks: *chunks, ChunkDelay: provider.Duration(*chunkDelay),
-		Latency: provider.Duration(*latency)}, server.MockCounter(tok))
+	m := mock.New(mock.Config{Chunks: *chunks, ChunkDelay: mock.Duration(*chunkDelay),
+		Latency: mock.Duration(*latency)}, server.MockCounter(tok))
 	ln, err := net.Listen("tcp", *listen)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "llproxy mock-server:", err)
@@ -131,7 +131,7 @@ func mockServer(args []string) int {
 	fmt.Printf("llproxy mock-server listening on %s\n", ln.Addr())
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
-	srv := &http.Server{Handler: mock, ReadHeaderTimeout: 10 * time.Second}
+	srv := &http.Server{Handler: m, ReadHeaderTimeout: 10 * time.Second}
 	go func() {
 		<-ctx.Done()
 		srv.Close()

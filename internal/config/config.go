@@ -21,6 +21,7 @@ import (
 
 	"github.com/llproxy/llproxy/internal/backends"
 	"github.com/llproxy/llproxy/provider"
+	"github.com/llproxy/llproxy/provider/mock"
 	"github.com/llproxy/llproxy/scheduler"
 	"github.com/llproxy/llproxy/tokenizer"
 )
@@ -122,7 +123,7 @@ type Route struct {
 	// RetryBackoff is the first backoff; each retry doubles it. Default 250ms.
 	RetryBackoff scheduler.Duration `json:"retryBackoff"`
 	// Mock configures provider "mock".
-	Mock provider.MockConfig `json:"mock"`
+	Mock mock.Config `json:"mock"`
 	// Config is the fleet of a route that lists backends (or discovers
 	// them) instead of one forward URL: backends, rules, defaultBackend,
 	// discover, healthCheck, modelsCacheTTL.

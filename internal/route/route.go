@@ -34,6 +34,7 @@ import (
 	"github.com/llproxy/llproxy/internal/relay"
 	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/provider"
+	"github.com/llproxy/llproxy/provider/mock"
 	"github.com/llproxy/llproxy/scheduler"
 	"github.com/llproxy/llproxy/tokenizer"
 )
@@ -124,9 +125,9 @@ func New(name string, rc *config.Route, opts Options) (*Route, error) {
 	}
 	switch {
 	case rc.Provider == provider.NameMock:
-		mock := provider.NewMock(rc.Mock, MockCounter(opts.Tokenizer))
+		m := mock.New(rc.Mock, MockCounter(opts.Tokenizer))
 		rt.lessor = fleet.NewSingle(&url.URL{Scheme: "http", Host: "mock.invalid"})
-		rt.up.transport = provider.HandlerTransport{Handler: mock, Log: opts.Logger}
+		rt.up.transport = mock.HandlerTransport{Handler: m, Log: opts.Logger}
 		rt.up.auth = rt.authorizer("")
 	case rc.Fleet():
 		f, err := fleet.New(rc.Config, fleet.Options{Logger: opts.Logger.With("route", name),
@@ -187,7 +188,7 @@ func (rt *Route) Transport() http.RoundTripper { return rt.up.transport }
 type mockCounter struct{ t *tokenizer.Tokenizer }
 
 // MockCounter adapts the tokenizer to the mock provider's TokenCounter.
-func MockCounter(t *tokenizer.Tokenizer) provider.TokenCounter { return mockCounter{t} }
+func MockCounter(t *tokenizer.Tokenizer) mock.TokenCounter { return mockCounter{t} }
 
 func (c mockCounter) PromptTokens(path, model string, body *fastjson.Value) int {
 	return c.t.PromptTokens(endpointOf(path), model, body)

@@ -19,7 +19,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/llproxy/llproxy/internal/config"
-	"github.com/llproxy/llproxy/provider"
+	"github.com/llproxy/llproxy/provider/mock"
 )
 
 // streamLikeOpenAI renders the chat stream OpenAI sends for words: with
@@ -123,7 +123,7 @@ func newBubbleGateway(t *testing.T, cfgJSON string, up http.Handler) (*Server, *
 	require.NoError(t, err)
 	reg := prometheus.NewRegistry()
 	srv, err := New(Options{Config: cfg, Tokenizer: testTokenizer(t), Registry: reg,
-		Logger: slog.New(slog.NewJSONHandler(io.Discard, nil)), Transport: provider.HandlerTransport{Handler: up}})
+		Logger: slog.New(slog.NewJSONHandler(io.Discard, nil)), Transport: mock.HandlerTransport{Handler: up}})
 	require.NoError(t, err)
 	return srv, reg
 }

@@ -14,7 +14,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/llproxy/llproxy/internal/config"
-	"github.com/llproxy/llproxy/provider"
+	"github.com/llproxy/llproxy/provider/mock"
 )
 
 // fuzzUpstream records what reached it; the gateway's log tells which
@@ -62,7 +62,7 @@ func FuzzHandler(f *testing.F) {
 	up := &fuzzUpstream{}
 	logs := &syncBuffer{}
 	srv, err := New(Options{Config: cfg, Tokenizer: testTokenizer(f), Registry: prometheus.NewRegistry(),
-		Logger: slog.New(slog.NewJSONHandler(logs, nil)), Transport: provider.HandlerTransport{Handler: up}})
+		Logger: slog.New(slog.NewJSONHandler(logs, nil)), Transport: mock.HandlerTransport{Handler: up}})
 	require.NoError(f, err)
 	f.Fuzz(func(t *testing.T, method, path, ctype string, body []byte) {
 		if !validMethod(method) || !strings.HasPrefix(path, "/") || strings.ContainsAny(path, " \r\n\t#?") {

@@ -23,7 +23,7 @@ import (
 	"github.com/llproxy/llproxy/internal/config"
 	"github.com/llproxy/llproxy/internal/porttest"
 	"github.com/llproxy/llproxy/internal/route"
-	"github.com/llproxy/llproxy/provider"
+	"github.com/llproxy/llproxy/provider/mock"
 )
 
 // A panic in a goroutine the gateway starts (here the in-process upstream's)
@@ -39,7 +39,7 @@ func TestPanicInTheInProcessUpstreamIsA500(t *testing.T) {
 		m["x"]++ // a nil map write: the kind of bug that used to take the process down
 	})
 	srv, err := New(Options{Config: cfg, Tokenizer: testTokenizer(t), Registry: prometheus.NewRegistry(),
-		Logger: slog.New(slog.NewJSONHandler(logs, nil)), Transport: provider.HandlerTransport{Handler: boom, Log: slog.New(slog.NewJSONHandler(logs, nil))}})
+		Logger: slog.New(slog.NewJSONHandler(logs, nil)), Transport: mock.HandlerTransport{Handler: boom, Log: slog.New(slog.NewJSONHandler(logs, nil))}})
 	require.NoError(t, err)
 	g := httptest.NewServer(srv)
 	defer g.Close()
@@ -413,7 +413,7 @@ func TestWildcardModelsExpireAndFoldTheirLabels(t *testing.T) {
 		require.NoError(t, err)
 		reg := prometheus.NewRegistry()
 		srv, err := New(Options{Config: cfg, Tokenizer: testTokenizer(t), Registry: reg,
-			Logger: slog.New(slog.NewJSONHandler(io.Discard, nil)), Transport: provider.HandlerTransport{Handler: up}})
+			Logger: slog.New(slog.NewJSONHandler(io.Discard, nil)), Transport: mock.HandlerTransport{Handler: up}})
 		require.NoError(t, err)
 		send := func(model string) int {
 			rec := httptest.NewRecorder()
@@ -434,7 +434,7 @@ func TestWildcardModelsExpireAndFoldTheirLabels(t *testing.T) {
 		require.NoError(t, err)
 		reg = prometheus.NewRegistry()
 		srv, err = New(Options{Config: cfg, Tokenizer: testTokenizer(t), Registry: reg,
-			Logger: slog.New(slog.NewJSONHandler(io.Discard, nil)), Transport: provider.HandlerTransport{Handler: up}})
+			Logger: slog.New(slog.NewJSONHandler(io.Discard, nil)), Transport: mock.HandlerTransport{Handler: up}})
 		require.NoError(t, err)
 		for i := range 130 {
 			require.Equal(t, 200, send(fmt.Sprintf("name-%d", i)))

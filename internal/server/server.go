@@ -32,7 +32,7 @@ import (
 	"github.com/llproxy/llproxy/internal/ollama"
 	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/internal/route"
-	"github.com/llproxy/llproxy/provider"
+	"github.com/llproxy/llproxy/provider/mock"
 	"github.com/llproxy/llproxy/scheduler"
 	"github.com/llproxy/llproxy/tokenizer"
 )
@@ -177,7 +177,7 @@ func (s *Server) limits() request.Limits {
 
 // MockCounter adapts the tokenizer to the mock provider's TokenCounter,
 // for the standalone mock server.
-func MockCounter(t *tokenizer.Tokenizer) provider.TokenCounter { return route.MockCounter(t) }
+func MockCounter(t *tokenizer.Tokenizer) mock.TokenCounter { return route.MockCounter(t) }
 
 // Shutdown is the whole SIGTERM sequence for srv serving s: after
 // shutdownDelay with /healthz at 503 (if set), answer queued requests and

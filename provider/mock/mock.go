@@ -1,4 +1,8 @@
-package provider
+// Package mock is an OpenAI-compatible upstream that answers locally, with
+// deterministic text and an exact usage: the gateway's demo route, its
+// load tests and its own tests run on it with no key and no network. It
+// serves in process (HandlerTransport) or as `llproxy mock-server`.
+package mock
 
 import (
 	"context"
@@ -20,9 +24,9 @@ import (
 	"github.com/valyala/fastjson"
 )
 
-// MockConfig shapes the mock upstream's answers. The zero value answers at
+// Config shapes the mock upstream's answers. The zero value answers at
 // once with 16 words.
-type MockConfig struct {
+type Config struct {
 	// Latency is waited before the response headers (time to first token).
 	Latency Duration `json:"latency,omitempty"`
 	// Chunks is how many words a completion has, one SSE chunk each when
@@ -35,7 +39,7 @@ type MockConfig struct {
 }
 
 // Validate reports fields out of range by JSON name.
-func (c MockConfig) Validate() error {
+func (c Config) Validate() error {
 	var errs []error
 	if c.Latency < 0 {
 		errs = append(errs, fmt.Errorf("latency: must be >= 0"))
@@ -63,7 +67,7 @@ type TokenCounter interface {
 // and a correct usage, streamed as SSE when asked. It is safe for concurrent
 // use.
 type Mock struct {
-	cfg     MockConfig
+	cfg     Config
 	counter TokenCounter
 	parsers fastjson.ParserPool
 	seq     atomic.Uint64
@@ -75,8 +79,8 @@ type Mock struct {
 var mockWords = []string{" the", " quick", " brown", " fox", " jumps", " over", " a", " lazy",
 	" dog", " and", " runs", " far", " away", " from", " home", " today"}
 
-// NewMock returns a mock upstream. counter may be nil.
-func NewMock(cfg MockConfig, counter TokenCounter) *Mock {
+// New returns a mock upstream. counter may be nil.
+func New(cfg Config, counter TokenCounter) *Mock {
 	if cfg.Chunks == 0 {
 		cfg.Chunks = 16
 	}
@@ -460,4 +464,26 @@ func sleep(ctx context.Context, d time.Duration) bool {
 	case <-ctx.Done():
 		return false
 	}
+}
+
+// Duration is a time.Duration that reads from JSON as a number of seconds or
+// a Go duration string ("50ms").
+type Duration time.Duration
+
+// UnmarshalJSON implements json.Unmarshaler.
+func (d *Duration) UnmarshalJSON(b []byte) error {
+	var s string
+	if err := json.Unmarshal(b, &s); err == nil {
+		if v, err := time.ParseDuration(s); err == nil {
+			*d = Duration(v)
+			return nil
+		}
+		b = []byte(s)
+	}
+	f, err := strconv.ParseFloat(string(b), 64)
+	if err != nil || math.IsNaN(f) || math.Abs(f) >= math.MaxInt64/float64(time.Second) {
+		return fmt.Errorf("invalid duration %s: want seconds or a duration such as \"50ms\"", b)
+	}
+	*d = Duration(f * float64(time.Second))
+	return nil
 }
