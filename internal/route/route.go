@@ -20,7 +20,6 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -314,30 +313,4 @@ func (rt *Route) queued(model string) int {
 		return q.Stats(time.Now()).Depth
 	}
 	return 0
-}
-
-// Names reports whether the route serves model by name.
-func (rt *Route) Names(model string) bool { return slices.Contains(rt.Models(), model) }
-
-// Models is the one answer to "which models does this route serve", by the
-// names clients use: those listed in its config (not "*"), and those its
-// fleet or its mock serves; sorted, each once.
-func (rt *Route) Models() []string {
-	var out []string
-	for m := range rt.cfg.Models {
-		if m != scheduler.Wildcard {
-			out = append(out, m)
-		}
-	}
-	switch {
-	case rt.fleet != nil:
-		out = append(out, rt.fleet.Models()...)
-	case rt.cfg.Provider == provider.NameMock:
-		if len(rt.cfg.Mock.Models) == 0 {
-			out = append(out, "mock")
-		}
-		out = append(out, rt.cfg.Mock.Models...)
-	}
-	slices.Sort(out)
-	return slices.Compact(out)
 }

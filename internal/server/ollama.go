@@ -12,6 +12,7 @@ import (
 	"github.com/llproxy/llproxy/internal/lifecycle"
 	"github.com/llproxy/llproxy/internal/ollama"
 	"github.com/llproxy/llproxy/internal/route"
+	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/scheduler"
 )
 
@@ -30,7 +31,7 @@ func (g ollamaGateway) routeFor(model string) *route.Route {
 		order = append([]string{g.s.fallback.Name()}, order...)
 	}
 	for _, name := range order {
-		if g.s.routes[name].Names(model) {
+		if names(g.s.routes[name], model) {
 			return g.s.routes[name]
 		}
 	}
@@ -45,7 +46,7 @@ func (g ollamaGateway) Known(model string) bool { return g.routeFor(model) != ni
 func (g ollamaGateway) Models() []string {
 	var out []string
 	for _, rt := range g.s.routes {
-		out = append(out, rt.Models()...)
+		out = append(out, models(rt)...)
 	}
 	slices.Sort(out)
 	return slices.Compact(out)
@@ -102,7 +103,7 @@ func (g ollamaGateway) Running() []ollama.Loaded {
 			servers = rt.Fleet().Servers()
 		}
 		if servers == nil {
-			for _, m := range rt.Models() {
+			for _, m := range models(rt) {
 				out = append(out, ollama.Loaded{Name: m})
 			}
 			continue
@@ -116,7 +117,7 @@ func (g ollamaGateway) Running() []ollama.Loaded {
 				}
 			}
 		}
-		for _, m := range rt.Models() {
+		for _, m := range models(rt) {
 			if !managed[m] {
 				out = append(out, ollama.Loaded{Name: m})
 			}
@@ -137,4 +138,30 @@ func dedupeLoaded(in []ollama.Loaded) []ollama.Loaded {
 		}
 	}
 	return out
+}
+
+// names reports whether the route serves model by name.
+func names(rt *route.Route, model string) bool { return slices.Contains(models(rt), model) }
+
+// models is the one answer to "which models does this route serve", by the
+// names clients use: those listed in its config (not "*"), and those its
+// fleet or its mock serves; sorted, each once.
+func models(rt *route.Route) []string {
+	var out []string
+	for m := range rt.Config().Models {
+		if m != scheduler.Wildcard {
+			out = append(out, m)
+		}
+	}
+	switch {
+	case rt.Fleet() != nil:
+		out = append(out, rt.Fleet().Models()...)
+	case rt.Config().Provider == provider.NameMock:
+		if len(rt.Config().Mock.Models) == 0 {
+			out = append(out, "mock")
+		}
+		out = append(out, rt.Config().Mock.Models...)
+	}
+	slices.Sort(out)
+	return slices.Compact(out)
 }
