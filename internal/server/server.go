@@ -1,14 +1,12 @@
-// Package server is llproxy's HTTP gateway: it authenticates clients, reads
-// and counts each request, admits it through the scheduler queue of its
-// (route, model), forwards it where the route's lessor says (package fleet)
-// and streams the answer back, answering every failure in OpenAI's error
-// shape.
+// Package server is llproxy's HTTP front: one http.ServeMux for every
+// endpoint, authentication applied once per endpoint as middleware (client
+// keys, admin keys, the metrics key), the admin endpoints over the routes'
+// fleets, the Ollama façade's view of the routes, the write timeout and the
+// last recovery of every request, and shutdown.
 //
-// The request path reads in the file names: serve.go runs decode -> count ->
-// admit -> forward -> settle, and respond.go hands answers on. It parses a
-// body once with a pooled zero-copy parser, counts through the tokenizer's
-// cache, takes only the per-model queue's lock, and reuses body and copy
-// buffers.
+// It exists apart from a route's request path (package route) so that each
+// reads as one idea: here, which endpoint and who may call it; there, what
+// happens to a request.
 package server
 
 import (
