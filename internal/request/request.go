@@ -12,6 +12,7 @@ package request
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"io"
 	"math"
@@ -383,4 +384,35 @@ func DropBody(w http.ResponseWriter, r *http.Request) {
 	if conn := ConnOf(w); conn != nil {
 		conn.SetReadDeadline(time.Now())
 	}
+}
+
+// errKeepAlive is the one complaint about a keep_alive.
+var errKeepAlive = errors.New(`keep_alive must be a number of seconds or a duration such as "10m"`)
+
+// ParseKeepAlive reads a keep_alive (raw JSON) as Ollama does: a number of
+// seconds or a duration string ("10m"). A negative value, or one too large
+// to be a duration, means never unload (-1).
+func ParseKeepAlive(raw []byte) (time.Duration, error) {
+	var f float64
+	var s string
+	switch {
+	case json.Unmarshal(raw, &f) == nil:
+		switch {
+		case f != f:
+			return 0, errKeepAlive
+		case f < 0, f*float64(time.Second) >= math.MaxInt64:
+			return -1, nil
+		}
+		return time.Duration(f * float64(time.Second)), nil
+	case json.Unmarshal(raw, &s) == nil:
+		d, err := time.ParseDuration(s)
+		if err != nil {
+			return 0, errKeepAlive
+		}
+		if d < 0 {
+			return -1, nil
+		}
+		return d, nil
+	}
+	return 0, errKeepAlive
 }

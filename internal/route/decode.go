@@ -9,7 +9,6 @@ import (
 	"github.com/valyala/fastjson"
 
 	"github.com/llproxy/llproxy/internal/backends"
-	"github.com/llproxy/llproxy/internal/ollama"
 	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/scheduler"
@@ -128,7 +127,7 @@ func (rt *Route) inspect(w http.ResponseWriter, path string, body []byte, rec *r
 	var a fastjson.Arena
 	rewrite := false
 	if ka := v.Get("keep_alive"); ka != nil {
-		d, err := ollama.ParseKeepAlive(ka.MarshalTo(nil))
+		d, err := request.ParseKeepAlive(ka.MarshalTo(nil))
 		if err != nil {
 			rec.outcome = OutcomeBadRequest
 			writeParamError(w, "keep_alive", err.Error())
