@@ -175,7 +175,7 @@ func (q *Queue) changed(now time.Time) {
 // RetryAfter is when a newcomer retrying alone would be admitted.
 func (q *Queue) Requeue(ctx context.Context, cost Cost, deadline time.Time) (*Admission, error) {
 	q.mu.Lock()
-	now := q.clock.Now()
+	now := time.Now()
 	w, adm, err := q.requeue(now, cost, deadline)
 	q.mu.Unlock()
 	if w == nil {

@@ -14,7 +14,7 @@ import (
 func TestSettleRefundAdmitsTheHeadSooner(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		start := time.Now()
-		q := NewQueue("m", cfg(10, time.Minute, 600, 600), nil) // 10 tokens/s
+		q := NewQueue("m", cfg(10, time.Minute, 600, 600)) // 10 tokens/s
 		first := acquire(t, q, 600)
 		out := make(chan result, 1)
 		acquireAsync(context.Background(), q, 1, 300, start, out) // 30s without a refund
@@ -31,7 +31,7 @@ func TestSettleRefundAdmitsTheHeadSooner(t *testing.T) {
 func TestSettleOverrunIsChargedAsDebt(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		start := time.Now()
-		q := NewQueue("m", cfg(10, time.Minute, 600, 600), nil)
+		q := NewQueue("m", cfg(10, time.Minute, 600, 600))
 		acquire(t, q, 600).Settle(time.Now(), 900) // the upstream counted 300 more
 		assert.Equal(t, -300.0, q.Stats(time.Now()).RemainingTokens)
 		out := make(chan result, 1)
@@ -44,7 +44,7 @@ func TestSettleOverrunIsChargedAsDebt(t *testing.T) {
 
 func TestSettleNoChangeAndUnsend(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		q := NewQueue("m", cfg(10, time.Minute, 60, 600), nil)
+		q := NewQueue("m", cfg(10, time.Minute, 60, 600))
 		adm := acquire(t, q, 500)
 		adm.Settle(time.Now(), 500)
 		st := q.State(time.Now())
@@ -61,7 +61,7 @@ func TestSettleNoChangeAndUnsend(t *testing.T) {
 
 func TestObserveLowersByWhatSomeoneElseSpent(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		q := NewQueue("m", cfg(10, time.Minute, 60, 6000), nil) // 100 tokens/s
+		q := NewQueue("m", cfg(10, time.Minute, 60, 6000)) // 100 tokens/s
 		tokens := func(v int) Upstream { return Upstream{RemainingTokens: v, HasRemainingTokens: true} }
 
 		a := acquire(t, q, 1000) // 5000 left
@@ -97,7 +97,7 @@ func TestObserveLowersByWhatSomeoneElseSpent(t *testing.T) {
 // before it: what they paid is not someone else's spending.
 func TestObserveIsRobustToReordering(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		q := NewQueue("m", cfg(10, time.Minute, 60, 6000), nil)
+		q := NewQueue("m", cfg(10, time.Minute, 60, 6000))
 		tokens := func(v int) Upstream { return Upstream{RemainingTokens: v, HasRemainingTokens: true} }
 		a := acquire(t, q, 1000) // 5000 left
 		b := acquire(t, q, 500)  // 4500 left
@@ -117,7 +117,7 @@ func TestObserveIsRobustToReordering(t *testing.T) {
 func TestObserveDelaysTheHead(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		start := time.Now()
-		q := NewQueue("m", cfg(10, time.Minute, 600, 600), nil)
+		q := NewQueue("m", cfg(10, time.Minute, 600, 600))
 		adm := acquire(t, q, 500) // 100 left
 		out := make(chan result, 1)
 		acquireAsync(context.Background(), q, 1, 200, start, out) // 10s
@@ -136,7 +136,7 @@ func TestObserveDelaysTheHead(t *testing.T) {
 // other user stops.
 func TestRefillFollowsAnotherUsersSteadyDrain(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		q := NewQueue("m", cfg(100, time.Hour, 6000, 6000), nil) // 100 tokens/s
+		q := NewQueue("m", cfg(100, time.Hour, 6000, 6000)) // 100 tokens/s
 		upstream, last := 6000.0, time.Now()
 		drain := 50.0
 		refused := 0
@@ -177,7 +177,7 @@ func TestRefillFollowsAnotherUsersSteadyDrain(t *testing.T) {
 func TestHoldDelaysAndIsPredicted(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		start := time.Now()
-		q := NewQueue("m", cfg(10, 3*time.Second, 600, 600), nil)
+		q := NewQueue("m", cfg(10, 3*time.Second, 600, 600))
 		q.Hold(time.Now(), time.Now().Add(5*time.Second))
 		_, err := q.Acquire(context.Background(), Cost{Tokens: 10})
 		var re *RejectError
@@ -196,7 +196,7 @@ func TestHoldDelaysAndIsPredicted(t *testing.T) {
 func TestRequeueGoesToTheHeadWithinItsDeadline(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		start := time.Now()
-		q := NewQueue("m", cfg(1, time.Minute, 600, 600), nil)
+		q := NewQueue("m", cfg(1, time.Minute, 600, 600))
 		drain(t, q, 600)
 		out := make(chan result, 2)
 		acquireAsync(context.Background(), q, 1, 100, start, out) // 10s, and the queue is full

@@ -14,7 +14,7 @@ import (
 func BenchmarkAcquire(b *testing.B) {
 	big := Config{MaxQueueSize: 100, MaxQueueWait: Duration(time.Minute), RPM: 1 << 30, TPM: 1 << 40}
 	b.Run("one queue", func(b *testing.B) {
-		q := NewQueue("m", big, nil)
+		q := NewQueue("m", big)
 		ctx := context.Background()
 		b.ReportAllocs()
 		b.RunParallel(func(pb *testing.PB) {
@@ -26,7 +26,7 @@ func BenchmarkAcquire(b *testing.B) {
 		})
 	})
 	b.Run("queue per model", func(b *testing.B) {
-		s, _ := NewSet(SetConfig{Models: map[string]Config{"*": big}}, nil)
+		s, _ := NewSet(SetConfig{Models: map[string]Config{"*": big}})
 		var id atomic.Int64
 		ctx := context.Background()
 		b.ReportAllocs()
@@ -40,7 +40,7 @@ func BenchmarkAcquire(b *testing.B) {
 		})
 	})
 	b.Run("reject predicted", func(b *testing.B) {
-		q := NewQueue("m", Config{MaxQueueSize: 100, MaxQueueWait: 0, RPM: 60, TPM: 1000}, nil)
+		q := NewQueue("m", Config{MaxQueueSize: 100, MaxQueueWait: 0, RPM: 60, TPM: 1000})
 		ctx := context.Background()
 		q.Acquire(ctx, Cost{Tokens: 1000})
 		b.ReportAllocs()
@@ -56,7 +56,7 @@ func BenchmarkAcquire(b *testing.B) {
 // unused reservation (and Observe, the upstream headers' correction).
 func BenchmarkSettle(b *testing.B) {
 	big := Config{MaxQueueSize: 100, MaxQueueWait: Duration(time.Minute), RPM: 1 << 30, TPM: 1 << 40}
-	q := NewQueue("m", big, nil)
+	q := NewQueue("m", big)
 	ctx := context.Background()
 	b.Run("settle", func(b *testing.B) {
 		b.ReportAllocs()

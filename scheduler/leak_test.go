@@ -15,7 +15,7 @@ import (
 // every later request.
 func TestLeavingAsAdmittedFreesTheSlot(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		q := NewQueue("m", Config{MaxQueueSize: 10, MaxQueueWait: Duration(time.Hour), RPM: 600, TPM: 600, MaxConcurrent: 1}, nil)
+		q := NewQueue("m", Config{MaxQueueSize: 10, MaxQueueWait: Duration(time.Hour), RPM: 600, TPM: 600, MaxConcurrent: 1})
 		for range 200 {
 			time.Sleep(time.Minute) // full again
 			acquire(t, q, 600).Release(time.Now())
@@ -43,7 +43,7 @@ func TestLeavingAsAdmittedFreesTheSlot(t *testing.T) {
 func TestUnsendThenReleaseFreesOneSlot(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		start := time.Now()
-		q := NewQueue("m", slotCfg(10, time.Hour, 2), nil)
+		q := NewQueue("m", slotCfg(10, time.Hour, 2))
 		h1, h2 := acquire(t, q, 1), acquire(t, q, 1)
 		out := make(chan result, 2)
 		acquireAsync(context.Background(), q, 1, 1, start, out)
@@ -78,7 +78,7 @@ func TestUnsendThenReleaseFreesOneSlot(t *testing.T) {
 func TestNoRequestWaitsPastMaxQueueWait(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		start := time.Now()
-		q := NewQueue("m", slotCfg(10, 30*time.Second, 1), nil)
+		q := NewQueue("m", slotCfg(10, 30*time.Second, 1))
 		held := acquire(t, q, 1) // holds its slot "forever": a client that stopped reading
 		out := make(chan result, 1)
 		acquireAsync(context.Background(), q, 1, 1, start, out)

@@ -75,7 +75,6 @@ type sim struct {
 type Queue struct {
 	model    string
 	cfg      Config
-	clock    Clock
 	req, tok bucket
 
 	mu           sync.Mutex
@@ -83,7 +82,7 @@ type Queue struct {
 	queuedTokens int
 	tail         sim  // prediction after the last waiter is admitted
 	tailOK       bool // false after a cancellation: recompute from the head
-	timer        Timer
+	timer        *time.Timer
 	holdUntil    time.Time // no admission before this (the upstream said wait)
 	loweredReq   float64   // how much Observe has lowered each bucket, in all
 	loweredTok   float64
@@ -98,13 +97,11 @@ type Queue struct {
 	retired      atomic.Bool // swept from its Set: Acquire answers ErrRetired; set under mu
 }
 
-// NewQueue returns an empty queue with full buckets. A nil clock means real
-// time. cfg must be valid (see Config.Validate).
-func NewQueue(model string, cfg Config, clock Clock) *Queue {
-	if clock == nil {
-		clock = realClock{}
-	}
-	return &Queue{model: model, cfg: cfg, clock: clock, req: newBucket(cfg.RPM), tok: newBucket(cfg.TPM)}
+// NewQueue returns an empty queue with full buckets. cfg must be valid (see
+// Config.Validate). It runs on the time package's clock: tests run it in a
+// testing/synctest bubble, where that clock is exact.
+func NewQueue(model string, cfg Config) *Queue {
+	return &Queue{model: model, cfg: cfg, req: newBucket(cfg.RPM), tok: newBucket(cfg.TPM)}
 }
 
 // Model returns the model name the queue was made for.
@@ -125,7 +122,7 @@ func (q *Queue) Config() Config { return q.cfg }
 // with ErrWaitTooLong: no request waits longer than MaxQueueWait.
 func (q *Queue) Acquire(ctx context.Context, cost Cost) (*Admission, error) {
 	q.mu.Lock()
-	w, adm, err := q.enqueue(q.clock.Now(), cost)
+	w, adm, err := q.enqueue(time.Now(), cost)
 	q.mu.Unlock()
 	if w == nil {
 		return adm, err
@@ -137,7 +134,7 @@ func (q *Queue) Acquire(ctx context.Context, cost Cost) (*Admission, error) {
 // ends; in the last case w leaves the queue having paid nothing, even if
 // it was admitted in the same instant.
 func (q *Queue) wait(ctx context.Context, w *waiter) (*Admission, error) {
-	expire := q.clock.AfterFunc(w.deadline.Sub(q.clock.Now()), func() { q.expire(w) })
+	expire := time.AfterFunc(w.deadline.Sub(time.Now()), func() { q.expire(w) })
 	defer expire.Stop()
 	select {
 	case <-w.ready:
@@ -148,7 +145,7 @@ func (q *Queue) wait(ctx context.Context, w *waiter) (*Admission, error) {
 	}
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	now := q.clock.Now()
+	now := time.Now()
 	if !q.cancel(now, w) && w.adm != nil {
 		// Admitted as the client left: it will never be sent, so it gives
 		// back what it paid, its slot included.
@@ -163,7 +160,7 @@ func (q *Queue) wait(ctx context.Context, w *waiter) (*Admission, error) {
 func (q *Queue) expire(w *waiter) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	now := q.clock.Now()
+	now := time.Now()
 	if !q.closed {
 		q.dispatch(now)
 	}
@@ -370,7 +367,7 @@ func (q *Queue) dispatch(now time.Time) {
 
 func (q *Queue) arm(d time.Duration) {
 	q.disarm()
-	q.timer = q.clock.AfterFunc(d, q.onTimer)
+	q.timer = time.AfterFunc(d, q.onTimer)
 }
 
 func (q *Queue) disarm() {
@@ -384,7 +381,7 @@ func (q *Queue) onTimer() {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if !q.closed {
-		q.dispatch(q.clock.Now())
+		q.dispatch(time.Now())
 	}
 }
 
@@ -469,21 +466,3 @@ func (q *Queue) Retired() bool { return q.retired.Load() }
 
 // perMinute converts a per-second rate, rounding away float noise.
 func perMinute(perSec float64) float64 { return math.Round(perSec*60*1e6) / 1e6 }
-
-// Clock is the scheduler's one time seam: the current time, and a timer
-// that wakes the queue when its head can be admitted. A nil Clock means real
-// time (which testing/synctest fakes inside a bubble).
-type Clock interface {
-	Now() time.Time
-	AfterFunc(d time.Duration, f func()) Timer
-}
-
-// Timer is the part of *time.Timer the scheduler uses.
-type Timer interface {
-	Stop() bool
-}
-
-type realClock struct{}
-
-func (realClock) Now() time.Time                            { return time.Now() }
-func (realClock) AfterFunc(d time.Duration, f func()) Timer { return time.AfterFunc(d, f) }

@@ -54,7 +54,7 @@ func acquireAsync(ctx context.Context, q *Queue, id, tokens int, start time.Time
 
 func TestFastPathAndHeaders(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		q := NewQueue("m", cfg(10, 5*time.Second, 60, 6000), nil)
+		q := NewQueue("m", cfg(10, 5*time.Second, 60, 6000))
 		adm, err := q.Acquire(context.Background(), Cost{Tokens: 600})
 		require.NoError(t, err)
 		assert.Zero(t, adm.Wait)
@@ -67,7 +67,7 @@ func TestFastPathAndHeaders(t *testing.T) {
 
 func TestRefillOverTime(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		q := NewQueue("m", cfg(10, 0, 60, 600), nil)
+		q := NewQueue("m", cfg(10, 0, 60, 600))
 		drain(t, q, 600)
 		assert.Equal(t, 0, q.State(time.Now()).RemainingTokens)
 		time.Sleep(30 * time.Second)
@@ -82,7 +82,7 @@ func TestRefillOverTime(t *testing.T) {
 func TestStrictFIFONoOvertaking(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		start := time.Now()
-		q := NewQueue("m", cfg(10, time.Minute, 600, 600), nil) // 10 tokens/s
+		q := NewQueue("m", cfg(10, time.Minute, 600, 600)) // 10 tokens/s
 		drain(t, q, 600)
 		out := make(chan result, 3)
 		acquireAsync(context.Background(), q, 1, 300, start, out) // ready at 30s
@@ -104,7 +104,7 @@ func TestStrictFIFONoOvertaking(t *testing.T) {
 func TestRejectWhenPredictedWaitTooLong(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		start := time.Now()
-		q := NewQueue("gpt-4o", cfg(10, 20*time.Second, 600, 600), nil)
+		q := NewQueue("gpt-4o", cfg(10, 20*time.Second, 600, 600))
 		drain(t, q, 600)
 		out := make(chan result, 1)
 		acquireAsync(context.Background(), q, 1, 150, start, out) // 15s: queued
@@ -131,7 +131,7 @@ func TestRejectWhenPredictedWaitTooLong(t *testing.T) {
 
 func TestZeroMaxQueueWaitAdmitsNowOrRejects(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		q := NewQueue("m", cfg(10, 0, 600, 600), nil)
+		q := NewQueue("m", cfg(10, 0, 600, 600))
 		_, err := q.Acquire(context.Background(), Cost{Tokens: 600})
 		require.NoError(t, err)
 		_, err = q.Acquire(context.Background(), Cost{Tokens: 1})
@@ -145,7 +145,7 @@ func TestZeroMaxQueueWaitAdmitsNowOrRejects(t *testing.T) {
 func TestQueueFull(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		start := time.Now()
-		q := NewQueue("m", cfg(2, time.Hour, 600, 600), nil)
+		q := NewQueue("m", cfg(2, time.Hour, 600, 600))
 		drain(t, q, 600)
 		out := make(chan result, 2)
 		acquireAsync(context.Background(), q, 1, 100, start, out)
@@ -162,7 +162,7 @@ func TestQueueFull(t *testing.T) {
 }
 
 func TestTooLargeNeverRuns(t *testing.T) {
-	q := NewQueue("gpt-4o", cfg(10, time.Hour, 60, 1000), nil)
+	q := NewQueue("gpt-4o", cfg(10, time.Hour, 60, 1000))
 	_, err := q.Acquire(context.Background(), Cost{Tokens: 1001})
 	var re *RejectError
 	require.ErrorAs(t, err, &re)
@@ -176,7 +176,7 @@ func TestTooLargeNeverRuns(t *testing.T) {
 func TestCancelledRequestLeavesAndPaysNothing(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		start := time.Now()
-		q := NewQueue("m", cfg(10, time.Hour, 600, 600), nil)
+		q := NewQueue("m", cfg(10, time.Hour, 600, 600))
 		drain(t, q, 600)
 		ctx, cancel := context.WithCancel(context.Background())
 		out := make(chan result, 3)
@@ -202,7 +202,7 @@ func TestCancelledRequestLeavesAndPaysNothing(t *testing.T) {
 func TestCancelInTheMiddleRecomputesPrediction(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		start := time.Now()
-		q := NewQueue("m", cfg(10, 45*time.Second, 600, 600), nil)
+		q := NewQueue("m", cfg(10, 45*time.Second, 600, 600))
 		drain(t, q, 600)
 		ctx, cancel := context.WithCancel(context.Background())
 		out := make(chan result, 3)
@@ -223,7 +223,7 @@ func TestCancelInTheMiddleRecomputesPrediction(t *testing.T) {
 
 func TestAdmittedWhileCancelledGivesBack(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		q := NewQueue("m", Config{MaxQueueSize: 10, MaxQueueWait: Duration(time.Hour), RPM: 600, TPM: 600, MaxConcurrent: 1}, nil)
+		q := NewQueue("m", Config{MaxQueueSize: 10, MaxQueueWait: Duration(time.Hour), RPM: 600, TPM: 600, MaxConcurrent: 1})
 		acquire(t, q, 600).Release(time.Now())
 		ctx, cancel := context.WithCancel(context.Background())
 		q.mu.Lock()
@@ -252,7 +252,7 @@ func TestRequestBucketCapBindsAfterTokenWait(t *testing.T) {
 	// request token. A prediction that ignored the cap would say 0.
 	synctest.Test(t, func(t *testing.T) {
 		start := time.Now()
-		q := NewQueue("m", cfg(10, time.Hour, 2, 600), nil)
+		q := NewQueue("m", cfg(10, time.Hour, 2, 600))
 		drain(t, q, 600) // 1 request used too
 		out := make(chan result, 3)
 		acquireAsync(context.Background(), q, 1, 600, start, out) // 60s (tokens)
@@ -274,7 +274,7 @@ func TestRequestBucketCapBindsAfterTokenWait(t *testing.T) {
 func TestCloseAnswersWaiters(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		start := time.Now()
-		q := NewQueue("m", cfg(10, time.Hour, 600, 600), nil)
+		q := NewQueue("m", cfg(10, time.Hour, 600, 600))
 		drain(t, q, 600)
 		out := make(chan result, 1)
 		acquireAsync(context.Background(), q, 1, 100, start, out)
@@ -301,7 +301,7 @@ func testPredictionMatchesAdmission(t *testing.T, rpm, tpm int) {
 	synctest.Test(t, func(t *testing.T) {
 		rng := rand.New(rand.NewPCG(1, 2))
 		start := time.Now()
-		q := NewQueue("m", cfg(50, 30*time.Second, rpm, tpm), nil)
+		q := NewQueue("m", cfg(50, 30*time.Second, rpm, tpm))
 		type rec struct {
 			id        int
 			predicted time.Duration
@@ -363,7 +363,7 @@ func TestConfigValidate(t *testing.T) {
 func TestSetWildcardQueues(t *testing.T) {
 	s, err := NewSet(SetConfig{Models: map[string]Config{
 		"gpt-4o": cfg(1, 0, 10, 100), "*": cfg(2, 0, 20, 200),
-	}, MaxWildcardModels: 2}, nil)
+	}, MaxWildcardModels: 2})
 	require.NoError(t, err)
 	q1, err := s.Queue("gpt-4o")
 	require.NoError(t, err)
@@ -388,7 +388,7 @@ func TestSetWildcardQueues(t *testing.T) {
 	assert.ErrorIs(t, err, ErrTooManyModels, "a and c hold spent tokens")
 	assert.Equal(t, []string{"*", "gpt-4o"}, s.Models())
 
-	strict, err := NewSet(SetConfig{Models: map[string]Config{"gpt-4o": cfg(1, 0, 10, 100)}}, nil)
+	strict, err := NewSet(SetConfig{Models: map[string]Config{"gpt-4o": cfg(1, 0, 10, 100)}})
 	require.NoError(t, err)
 	_, err = strict.Queue("other")
 	assert.True(t, errors.Is(err, ErrUnknownModel))

@@ -5,7 +5,7 @@
 // It exists apart from the HTTP server so that the behaviour that must be
 // exactly right (order, prediction of the wait, honest retry times, a
 // cancelled request paying nothing) is plain code over integers and times,
-// tested with an injected clock. It knows nothing of HTTP, tokenizers or
+// tested in testing/synctest bubbles. It knows nothing of HTTP, tokenizers or
 // providers: a request's cost arrives as an integer.
 package scheduler
 
@@ -75,7 +75,6 @@ type Set struct {
 	dynamic    sync.Map // model -> *Queue
 	dynCount   atomic.Int64
 	maxDynamic int64
-	clock      Clock
 	closed     atomic.Bool
 	onRetire   func(*Queue)
 }
@@ -84,13 +83,12 @@ type Set struct {
 // what the caller keeps about it). Call it before the Set is used.
 func (s *Set) OnRetire(f func(*Queue)) { s.onRetire = f }
 
-// NewSet validates cfg and builds the listed queues. A nil clock means real
-// time.
-func NewSet(cfg SetConfig, clock Clock) (*Set, error) {
+// NewSet validates cfg and builds the listed queues.
+func NewSet(cfg SetConfig) (*Set, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	s := &Set{listed: make(map[string]*Queue, len(cfg.Models)), clock: clock, maxDynamic: int64(cfg.MaxWildcardModels)}
+	s := &Set{listed: make(map[string]*Queue, len(cfg.Models)), maxDynamic: int64(cfg.MaxWildcardModels)}
 	if s.maxDynamic == 0 {
 		s.maxDynamic = 1000
 	}
@@ -100,7 +98,7 @@ func NewSet(cfg SetConfig, clock Clock) (*Set, error) {
 			s.wildcard = &w
 			continue
 		}
-		s.listed[name] = NewQueue(name, mc, clock)
+		s.listed[name] = NewQueue(name, mc)
 	}
 	return s, nil
 }
@@ -132,7 +130,7 @@ func (s *Set) Queue(model string) (*Queue, error) {
 			return nil, ErrTooManyModels
 		}
 	}
-	q, loaded := s.dynamic.LoadOrStore(model, NewQueue(model, *s.wildcard, s.clock))
+	q, loaded := s.dynamic.LoadOrStore(model, NewQueue(model, *s.wildcard))
 	if loaded {
 		s.dynCount.Add(-1)
 	} else if s.closed.Load() {
@@ -141,12 +139,7 @@ func (s *Set) Queue(model string) (*Queue, error) {
 	return q.(*Queue), nil
 }
 
-func (s *Set) now() time.Time {
-	if s.clock == nil {
-		return time.Now()
-	}
-	return s.clock.Now()
-}
+func (s *Set) now() time.Time { return time.Now() }
 
 // Sweep retires the queues of unlisted models that are idle at now: nobody
 // waiting or in flight, no hold, and both buckets full again, so that a

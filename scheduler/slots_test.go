@@ -28,7 +28,7 @@ func holdFor(t *testing.T, q *Queue, d time.Duration) {
 func TestSlotsQueueInFIFOOrderUntilReleased(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		start := time.Now()
-		q := NewQueue("m", slotCfg(10, time.Hour, 2), nil)
+		q := NewQueue("m", slotCfg(10, time.Hour, 2))
 		holdFor(t, q, 10*time.Second)
 		holdFor(t, q, 20*time.Second)
 		assert.Equal(t, 2, q.Stats(time.Now()).InFlight)
@@ -47,7 +47,7 @@ func TestSlotsQueueInFIFOOrderUntilReleased(t *testing.T) {
 
 func TestSlotWaitIsPredictedFromServiceTimes(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		q := NewQueue("m", slotCfg(10, 15*time.Second, 2), nil)
+		q := NewQueue("m", slotCfg(10, 15*time.Second, 2))
 		// Learn that requests hold a slot for 10 s.
 		holdFor(t, q, 10*time.Second)
 		holdFor(t, q, 10*time.Second)
@@ -81,7 +81,7 @@ func TestSlotWaitIsPredictedFromServiceTimes(t *testing.T) {
 // not the first hold it saw: the average moves (7/8 old, 1/8 new).
 func TestSlotWaitFollowsChangingServiceTimes(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		q := NewQueue("m", slotCfg(10, 12*time.Second, 2), nil)
+		q := NewQueue("m", slotCfg(10, 12*time.Second, 2))
 		holdFor(t, q, 10*time.Second) // the first hold sets the average: 10 s
 		time.Sleep(10 * time.Second)
 		synctest.Wait()
@@ -102,7 +102,7 @@ func TestSlotWaitFollowsChangingServiceTimes(t *testing.T) {
 
 func TestUnsendFreesTheSlot(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		q := NewQueue("m", slotCfg(10, time.Hour, 1), nil)
+		q := NewQueue("m", slotCfg(10, time.Hour, 1))
 		adm, err := q.Acquire(context.Background(), Cost{Tokens: 1})
 		require.NoError(t, err)
 		adm.Unsend(time.Now())

@@ -69,8 +69,6 @@ type Options struct {
 	Tokenizer *tokenizer.Tokenizer
 	Metrics   *metrics.Metrics
 	Logger    *slog.Logger
-	// Clock drives the scheduler; nil means real time.
-	Clock scheduler.Clock
 	// Transport, if set, replaces the route's transport (tests).
 	Transport http.RoundTripper
 	// Limits bound request bodies.
@@ -90,7 +88,7 @@ func New(name string, rc *config.Route, opts Options) (*Route, error) {
 	if opts.Tokenizer == nil || opts.Metrics == nil || opts.Logger == nil {
 		return nil, errors.New("route: Tokenizer, Metrics and Logger are required")
 	}
-	set, err := scheduler.NewSet(rc.SchedulerConfig(), opts.Clock)
+	set, err := scheduler.NewSet(rc.SchedulerConfig())
 	if err != nil {
 		return nil, fmt.Errorf("route: routes.%s: %w", name, err)
 	}

@@ -44,8 +44,6 @@ type Options struct {
 	Registry *prometheus.Registry
 	// Logger defaults to slog.Default().
 	Logger *slog.Logger
-	// Clock drives the scheduler; nil means real time.
-	Clock scheduler.Clock
 	// Transport, if set, replaces every openai route's transport (tests).
 	Transport http.RoundTripper
 }
@@ -100,7 +98,7 @@ func New(opts Options) (*Server, error) {
 	s.promHTTP = promhttp.HandlerFor(opts.Registry, promhttp.HandlerOpts{})
 	for name, rc := range opts.Config.Routes {
 		rt, err := route.New(name, rc, route.Options{Tokenizer: s.tok, Metrics: s.metrics, Logger: s.log,
-			Clock: opts.Clock, Transport: opts.Transport, ClientKeys: len(s.keyHashes) > 0, Secrets: s.secrets(),
+			Transport: opts.Transport, ClientKeys: len(s.keyHashes) > 0, Secrets: s.secrets(),
 			Closing: s.closing.Load, Limits: s.limits()})
 		if err != nil {
 			return nil, fmt.Errorf("server: %w", err)
