@@ -121,8 +121,8 @@ func mockServer(args []string) int {
 		fmt.Fprintln(os.Stderr, "llproxy mock-server:", err)
 		return 1
 	}
-	m := mock.New(mock.Config{Chunks: *chunks, ChunkDelay: mock.Duration(*chunkDelay),
-		Latency: mock.Duration(*latency)}, server.MockCounter(tok))
+	m := mock.New(mock.Config{Chunks: *chunks, ChunkDelay: *chunkDelay,
+		Latency: *latency}, server.MockCounter(tok))
 	ln, err := net.Listen("tcp", *listen)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "llproxy mock-server:", err)

@@ -123,11 +123,26 @@ type Route struct {
 	// RetryBackoff is the first backoff; each retry doubles it. Default 250ms.
 	RetryBackoff scheduler.Duration `json:"retryBackoff"`
 	// Mock configures provider "mock".
-	Mock mock.Config `json:"mock"`
+	Mock MockConfig `json:"mock"`
 	// Config is the fleet of a route that lists backends (or discovers
 	// them) instead of one forward URL: backends, rules, defaultBackend,
 	// discover, healthCheck, modelsCacheTTL.
 	backends.Config
+}
+
+// MockConfig is provider "mock"'s part of a route, as the file writes it
+// (durations as seconds or Go duration strings).
+type MockConfig struct {
+	Latency    scheduler.Duration `json:"latency,omitempty"`
+	Chunks     int                `json:"chunks,omitempty"`
+	ChunkDelay scheduler.Duration `json:"chunkDelay,omitempty"`
+	Models     []string           `json:"models,omitempty"`
+}
+
+// Config is the mock's own config.
+func (m MockConfig) Config() mock.Config {
+	return mock.Config{Latency: time.Duration(m.Latency), Chunks: m.Chunks, ChunkDelay: time.Duration(m.ChunkDelay),
+		Models: m.Models}
 }
 
 // Settle modes.
@@ -340,7 +355,7 @@ func (r *Route) validate() error {
 			errs = append(errs, fmt.Errorf("forward: must be an http or https URL, got %q", redactedURL(r.Forward)))
 		}
 	case provider.NameMock:
-		errs = append(errs, prefix("mock.", r.Mock.Validate())...)
+		errs = append(errs, prefix("mock.", r.Mock.Config().Validate())...)
 	default:
 		errs = append(errs, fmt.Errorf("provider: unknown provider %q (valid: %s)", r.Provider, strings.Join(provider.Names(), ", ")))
 	}

@@ -12,7 +12,6 @@ package request
 
 import (
 	"bytes"
-	"encoding/json"
 	"errors"
 	"io"
 	"math"
@@ -24,6 +23,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/llproxy/llproxy/scheduler"
 	"github.com/valyala/fastjson"
 )
 
@@ -390,29 +390,19 @@ func DropBody(w http.ResponseWriter, r *http.Request) {
 var errKeepAlive = errors.New(`keep_alive must be a number of seconds or a duration such as "10m"`)
 
 // ParseKeepAlive reads a keep_alive (raw JSON) as Ollama does: a number of
-// seconds or a duration string ("10m"). A negative value, or one too large
+// seconds or a duration string ("10m"), read as every duration of the
+// config is (scheduler.Duration). A negative value, or a number too large
 // to be a duration, means never unload (-1).
 func ParseKeepAlive(raw []byte) (time.Duration, error) {
-	var f float64
-	var s string
-	switch {
-	case json.Unmarshal(raw, &f) == nil:
-		switch {
-		case f != f:
-			return 0, errKeepAlive
-		case f < 0, f*float64(time.Second) >= math.MaxInt64:
-			return -1, nil
+	var d scheduler.Duration
+	if err := d.UnmarshalJSON(raw); err != nil {
+		if f, ferr := strconv.ParseFloat(string(raw), 64); ferr == nil && f > 0 && !math.IsInf(f, 0) {
+			return -1, nil // a number of seconds past any duration: never
 		}
-		return time.Duration(f * float64(time.Second)), nil
-	case json.Unmarshal(raw, &s) == nil:
-		d, err := time.ParseDuration(s)
-		if err != nil {
-			return 0, errKeepAlive
-		}
-		if d < 0 {
-			return -1, nil
-		}
-		return d, nil
+		return 0, errKeepAlive
 	}
-	return 0, errKeepAlive
+	if d < 0 {
+		return -1, nil
+	}
+	return time.Duration(d), nil
 }

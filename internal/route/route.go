@@ -122,7 +122,7 @@ func New(name string, rc *config.Route, opts Options) (*Route, error) {
 	}
 	switch {
 	case rc.Provider == provider.NameMock:
-		m := mock.New(rc.Mock, MockCounter(opts.Tokenizer))
+		m := mock.New(rc.Mock.Config(), MockCounter(opts.Tokenizer))
 		rt.lessor = fleet.NewSingle(&url.URL{Scheme: "http", Host: "mock.invalid"})
 		rt.up.transport = mock.HandlerTransport{Handler: m, Log: opts.Logger}
 		rt.up.auth = rt.authorizer("")

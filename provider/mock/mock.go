@@ -28,14 +28,14 @@ import (
 // once with 16 words.
 type Config struct {
 	// Latency is waited before the response headers (time to first token).
-	Latency Duration `json:"latency,omitempty"`
+	Latency time.Duration
 	// Chunks is how many words a completion has, one SSE chunk each when
 	// streamed, capped by the request's max tokens. 0 means 16.
-	Chunks int `json:"chunks,omitempty"`
+	Chunks int
 	// ChunkDelay is waited between two streamed chunks.
-	ChunkDelay Duration `json:"chunkDelay,omitempty"`
+	ChunkDelay time.Duration
 	// Models are listed by /v1/models. Empty means ["mock"].
-	Models []string `json:"models,omitempty"`
+	Models []string
 }
 
 // Validate reports fields out of range by JSON name.
@@ -137,7 +137,7 @@ func (m *Mock) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		mockError(w, http.StatusBadRequest, "invalid_request_error", "", "We could not parse the JSON body of your request.")
 		return
 	}
-	if !sleep(r.Context(), time.Duration(m.cfg.Latency)) {
+	if !sleep(r.Context(), m.cfg.Latency) {
 		return
 	}
 	req := m.parse(path, v)
@@ -271,7 +271,7 @@ func (m *Mock) stream(w http.ResponseWriter, ctx context.Context, req mockReques
 	var text strings.Builder
 	b := make([]byte, 0, 512)
 	for i := 0; i <= req.words; i++ {
-		if i > 0 && !sleep(ctx, time.Duration(m.cfg.ChunkDelay)) {
+		if i > 0 && !sleep(ctx, m.cfg.ChunkDelay) {
 			return
 		}
 		b = m.chunkStart(b[:0], req, id)
@@ -464,26 +464,4 @@ func sleep(ctx context.Context, d time.Duration) bool {
 	case <-ctx.Done():
 		return false
 	}
-}
-
-// Duration is a time.Duration that reads from JSON as a number of seconds or
-// a Go duration string ("50ms").
-type Duration time.Duration
-
-// UnmarshalJSON implements json.Unmarshaler.
-func (d *Duration) UnmarshalJSON(b []byte) error {
-	var s string
-	if err := json.Unmarshal(b, &s); err == nil {
-		if v, err := time.ParseDuration(s); err == nil {
-			*d = Duration(v)
-			return nil
-		}
-		b = []byte(s)
-	}
-	f, err := strconv.ParseFloat(string(b), 64)
-	if err != nil || math.IsNaN(f) || math.Abs(f) >= math.MaxInt64/float64(time.Second) {
-		return fmt.Errorf("invalid duration %s: want seconds or a duration such as \"50ms\"", b)
-	}
-	*d = Duration(f * float64(time.Second))
-	return nil
 }
