@@ -1,11 +1,9 @@
 package route
 
 import (
-	"context"
 	"errors"
 	"log/slog"
 	"net/http"
-	"strings"
 	"time"
 
 	"github.com/llproxy/llproxy/internal/metrics"
@@ -91,42 +89,4 @@ func (rt *Route) schedule(ex *exchange, r *http.Request, body *request.Body, c *
 			return
 		}
 	}
-}
-
-// writeAcquireError answers a request the scheduler did not admit and
-// returns its outcome.
-func (rt *Route) writeAcquireError(w http.ResponseWriter, ctx context.Context, err error) string {
-	var re *scheduler.RejectError
-	switch {
-	case errors.As(err, &re):
-		writeReject(w, rt.name, re)
-		switch {
-		case errors.Is(err, scheduler.ErrTooLarge):
-			return metrics.OutcomeRejectTooLarge
-		case errors.Is(err, scheduler.ErrQueueFull):
-			return metrics.OutcomeRejectQueueFull
-		}
-		return metrics.OutcomeRejectWait
-	case errors.Is(err, scheduler.ErrClosed):
-		w.Header()["Retry-After"] = []string{"1"}
-		WriteError(w, http.StatusServiceUnavailable, "server_error", "service_unavailable", "llproxy is shutting down; retry on another instance.")
-		return metrics.OutcomeShuttingDown
-	case ctx.Err() != nil:
-		// The client left while queued: nothing was sent upstream and
-		// nobody is left to answer.
-		return metrics.OutcomeCancelled
-	}
-	WriteError(w, http.StatusInternalServerError, "server_error", "", "llproxy: "+err.Error())
-	return "error"
-}
-
-func (rt *Route) writeModelError(w http.ResponseWriter, model string, err error) {
-	if errors.Is(err, scheduler.ErrTooManyModels) {
-		WriteError(w, http.StatusServiceUnavailable, "server_error", "too_many_models",
-			"llproxy route "+rt.name+" already queues its limit of distinct models; the model `"+model+"` cannot get a queue.")
-		return
-	}
-	WriteError(w, http.StatusNotFound, "invalid_request_error", "model_not_found",
-		"The model `"+model+"` does not exist or you do not have access to it. llproxy route "+rt.name+
-			" serves: "+strings.Join(rt.set.Models(), ", ")+".")
 }

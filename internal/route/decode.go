@@ -9,6 +9,7 @@ import (
 	"github.com/valyala/fastjson"
 
 	"github.com/llproxy/llproxy/internal/backends"
+	"github.com/llproxy/llproxy/internal/openai"
 	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/scheduler"
@@ -79,32 +80,32 @@ func (rt *Route) inspect(w http.ResponseWriter, path string, body []byte, rec *r
 	v, err := p.ParseBytes(body)
 	if err != nil || v.Type() != fastjson.TypeObject {
 		rec.outcome = OutcomeBadRequest
-		WriteError(w, http.StatusBadRequest, "invalid_request_error", "",
+		openai.WriteError(w, http.StatusBadRequest, "invalid_request_error", "",
 			"We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly. The OpenAI API expects a JSON payload.)")
 		return c, false
 	}
 	if err := request.CheckDuplicateKeys(v); err != nil {
 		rec.outcome = OutcomeBadRequest
-		WriteError(w, http.StatusBadRequest, "invalid_request_error", "", "Invalid request: "+err.Error())
+		openai.WriteError(w, http.StatusBadRequest, "invalid_request_error", "", "Invalid request: "+err.Error())
 		return c, false
 	}
 	mv := v.Get("model")
 	if mv == nil || mv.Type() == fastjson.TypeNull {
 		if endpointOf(path) != tokenizer.EndpointOther {
 			rec.outcome = OutcomeBadRequest
-			writeParamError(w, "model", "you must provide a model parameter")
+			openai.WriteParamError(w, "model", "you must provide a model parameter")
 			return c, false
 		}
 		return c, true
 	}
 	if mv.Type() != fastjson.TypeString {
 		rec.outcome = OutcomeBadRequest
-		writeParamError(w, "model", "'model' must be a string.")
+		openai.WriteParamError(w, "model", "'model' must be a string.")
 		return c, false
 	}
 	if err := request.CheckModelName(mv.GetStringBytes()); err != nil {
 		rec.outcome = OutcomeBadRequest
-		writeParamError(w, "model", err.Error())
+		openai.WriteParamError(w, "model", err.Error())
 		return c, false
 	}
 	rec.model = string(mv.GetStringBytes())
@@ -130,7 +131,7 @@ func (rt *Route) inspect(w http.ResponseWriter, path string, body []byte, rec *r
 		d, err := request.ParseKeepAlive(ka.MarshalTo(nil))
 		if err != nil {
 			rec.outcome = OutcomeBadRequest
-			writeParamError(w, "keep_alive", err.Error())
+			openai.WriteParamError(w, "keep_alive", err.Error())
 			return call{}, false
 		}
 		c.keepAlive = &d
@@ -143,7 +144,7 @@ func (rt *Route) inspect(w http.ResponseWriter, path string, body []byte, rec *r
 	}
 	if c.est, err = rt.estimateCost(ep, rec.model, v, c.ms); err != nil {
 		rec.outcome = OutcomeBadRequest
-		WriteError(w, http.StatusBadRequest, "invalid_request_error", "", err.Error())
+		openai.WriteError(w, http.StatusBadRequest, "invalid_request_error", "", err.Error())
 		return call{}, false
 	}
 	stream := v.GetBool("stream")

@@ -10,6 +10,7 @@ import (
 
 	"github.com/llproxy/llproxy/internal/fleet"
 	"github.com/llproxy/llproxy/internal/metrics"
+	"github.com/llproxy/llproxy/internal/openai"
 	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/scheduler"
@@ -87,7 +88,7 @@ func (ex *exchange) WriteHeader(code int) {
 	ex.headerAt = time.Now()
 	h := ex.Header()
 	if ex.hasRate {
-		setRateHeaders(h, &ex.rate)
+		openai.SetRateHeaders(h, &ex.rate)
 	}
 	if ct := h["Content-Type"]; len(ct) > 0 && strings.HasPrefix(ct[0], "text/event-stream") {
 		h["X-Accel-Buffering"] = []string{"no"}

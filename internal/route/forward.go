@@ -2,7 +2,6 @@ package route
 
 import (
 	"bytes"
-	"errors"
 	"io"
 	"log/slog"
 	"net/http"
@@ -12,8 +11,7 @@ import (
 
 	"github.com/valyala/fastjson"
 
-	"github.com/llproxy/llproxy/internal/backends"
-	"github.com/llproxy/llproxy/internal/fleet"
+	"github.com/llproxy/llproxy/internal/openai"
 	"github.com/llproxy/llproxy/internal/relay"
 	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/provider"
@@ -45,22 +43,12 @@ func (u *outbound) outgoing(r *http.Request, target *url.URL, auth *provider.Ope
 	return out
 }
 
-// writeUpstreamError answers a send that got no answer: 504 for a
-// timeout, else 502.
-func writeUpstreamError(w http.ResponseWriter, err error) {
-	status, msg := http.StatusBadGateway, "llproxy could not reach the upstream: "+relay.Describe(err)
-	if relay.IsTimeout(err) {
-		status, msg = http.StatusGatewayTimeout, "The upstream did not answer in time: "+relay.Describe(err)
-	}
-	WriteError(w, status, "upstream_error", "upstream_unavailable", msg)
-}
-
 // relay forwards a request that is not scheduled (it names no model) where
 // the route's lessor says and hands the answer on, or answers 502/503/504.
 func (rt *Route) relay(ex *exchange, r *http.Request, body *request.Body) {
 	l, ok := rt.lessor.Any()
 	if !ok {
-		WriteError(ex, http.StatusServiceUnavailable, "server_error", "backend_unavailable",
+		openai.WriteError(ex, http.StatusServiceUnavailable, "server_error", "backend_unavailable",
 			"No healthy backend on llproxy route "+rt.name+".")
 		return
 	}
@@ -217,29 +205,4 @@ func (rt *Route) bodyFor(ex *exchange, body *request.Body, model, id string) *re
 	v.Set("model", a.NewString(id))
 	ex.renamed.Buf = v.MarshalTo(ex.renamed.Buf)
 	return ex.renamed
-}
-
-// writeLeaseError answers a request no send could be leased for.
-func (rt *Route) writeLeaseError(w http.ResponseWriter, model string, err error) {
-	if errors.Is(err, backends.ErrUnknownModel) {
-		models := ""
-		if rt.fleet != nil {
-			models = " Models: " + strings.Join(rt.fleet.Models(), ", ") + "."
-		}
-		WriteError(w, http.StatusNotFound, "invalid_request_error", "model_not_found",
-			"The model `"+model+"` does not exist on llproxy route "+rt.name+"."+models)
-		return
-	}
-	w.Header()["Retry-After"] = []string{"5"}
-	switch {
-	case errors.Is(err, fleet.ErrNotStarted):
-		WriteError(w, http.StatusServiceUnavailable, "server_error", "backend_unavailable",
-			"llproxy could not start the backend for `"+model+"`: "+err.Error())
-	case errors.Is(err, backends.ErrBusy):
-		WriteError(w, http.StatusServiceUnavailable, "server_error", "backend_busy",
-			"Every backend of llproxy route "+rt.name+" serving `"+model+"` stayed at its maxConcurrent for the request's maxQueueWait.")
-	default:
-		WriteError(w, http.StatusServiceUnavailable, "server_error", "backend_unavailable",
-			"No healthy backend of llproxy route "+rt.name+" serves the model `"+model+"` right now.")
-	}
 }

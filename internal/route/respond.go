@@ -1,108 +1,116 @@
 package route
 
 import (
-	"encoding/json"
+	"context"
 	"errors"
-	"fmt"
-	"math"
 	"net/http"
 	"strconv"
-	"time"
+	"strings"
 
+	"github.com/llproxy/llproxy/internal/backends"
+	"github.com/llproxy/llproxy/internal/fleet"
+	"github.com/llproxy/llproxy/internal/metrics"
+	"github.com/llproxy/llproxy/internal/openai"
+	"github.com/llproxy/llproxy/internal/relay"
+	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/scheduler"
 )
 
-// The respond stage's own answers, in OpenAI's shape (the upstream's are
-// handed on by relay.Respond).
+// The respond stage: every answer of the route's own, each failure in
+// OpenAI's shape (package openai). The upstream's answers are handed on as
+// they arrive (relay.Respond).
 
-// apiError is OpenAI's error envelope: {"error":{"message","type","param","code"}}.
-type apiError struct {
-	Message string  `json:"message"`
-	Type    string  `json:"type"`
-	Param   *string `json:"param"`
-	Code    *string `json:"code"`
-}
-
-// WriteError writes an OpenAI-shaped error. Messages never contain keys or
-// prompt text.
-func WriteError(w http.ResponseWriter, status int, typ, code, msg string) {
-	e := apiError{Message: msg, Type: typ}
-	if code != "" {
-		e.Code = &code
-	}
-	writeAPIError(w, status, e)
-}
-
-// writeParamError writes a 400 invalid_request_error naming param.
-func writeParamError(w http.ResponseWriter, param, msg string) {
-	writeAPIError(w, http.StatusBadRequest, apiError{Message: msg, Type: "invalid_request_error", Param: &param})
-}
-
-func writeAPIError(w http.ResponseWriter, status int, e apiError) {
-	body, _ := json.Marshal(struct {
-		Error apiError `json:"error"`
-	}{e})
-	h := w.Header()
-	h["Content-Type"] = []string{"application/json"}
-	h["Content-Length"] = []string{strconv.Itoa(len(body) + 1)}
-	w.WriteHeader(status)
-	w.Write(append(body, '\n'))
-}
-
-// setRateHeaders sets the six x-ratelimit-* headers from the gateway's
-// buckets, replacing any the upstream sent. The values share one backing
-// array: one allocation for the six slices.
-func setRateHeaders(h http.Header, st *scheduler.RateState) {
-	v := [...]string{
-		strconv.Itoa(st.LimitRequests), strconv.Itoa(st.RemainingRequests), st.ResetRequests.String(),
-		strconv.Itoa(st.LimitTokens), strconv.Itoa(st.RemainingTokens), st.ResetTokens.String(),
-	}
-	vals := v[:]
-	h["X-Ratelimit-Limit-Requests"] = vals[0:1:1]
-	h["X-Ratelimit-Remaining-Requests"] = vals[1:2:2]
-	h["X-Ratelimit-Reset-Requests"] = vals[2:3:3]
-	h["X-Ratelimit-Limit-Tokens"] = vals[3:4:4]
-	h["X-Ratelimit-Remaining-Tokens"] = vals[4:5:5]
-	h["X-Ratelimit-Reset-Tokens"] = vals[5:6:6]
-}
-
-// ceilMillis rounds d up to the millisecond, so a client that waits it is
-// never early.
-func ceilMillis(d time.Duration) time.Duration {
-	return (d + time.Millisecond - 1).Truncate(time.Millisecond)
-}
-
-// writeReject answers a scheduler rejection with OpenAI's 429: the message,
-// type and code of a real rate-limit error, retry-after (whole seconds,
-// rounded up) and retry-after-ms that are true, and the x-ratelimit-*
-// headers. A request too large for the bucket also gets x-should-retry:
-// false, since no wait helps it.
-func writeReject(w http.ResponseWriter, route string, e *scheduler.RejectError) {
-	h := w.Header()
-	setRateHeaders(h, &e.State)
-	unit, typ := "requests per min (RPM)", "requests"
-	switch e.Resource {
-	case scheduler.Tokens:
-		unit, typ = "tokens per min (TPM)", "tokens"
-	case scheduler.Slots:
-		unit = "concurrent requests (slots)"
-	}
-	var msg string
-	if errors.Is(e, scheduler.ErrTooLarge) {
-		h["X-Should-Retry"] = []string{"false"}
-		msg = fmt.Sprintf("Request too large for %s in llproxy route %s on %s: Limit %d, Requested %d. "+
-			"The input or output tokens must be reduced in order to run successfully.",
-			e.Model, route, unit, e.Limit, e.Requested)
-	} else {
-		retry := ceilMillis(e.RetryAfter)
-		h["Retry-After"] = []string{strconv.FormatInt(int64(math.Ceil(retry.Seconds())), 10)}
-		h["Retry-After-Ms"] = []string{strconv.FormatInt(retry.Milliseconds(), 10)}
-		why := "Its queue is full (" + strconv.Itoa(e.QueueLen) + " requests waiting)."
-		if errors.Is(e, scheduler.ErrWaitTooLong) {
-			why = "It would wait in the queue longer than the model's maxQueueWait."
+// writeAcquireError answers a request the scheduler did not admit and
+// returns its outcome.
+func (rt *Route) writeAcquireError(w http.ResponseWriter, ctx context.Context, err error) string {
+	var re *scheduler.RejectError
+	switch {
+	case errors.As(err, &re):
+		openai.WriteReject(w, rt.name, re)
+		switch {
+		case errors.Is(err, scheduler.ErrTooLarge):
+			return metrics.OutcomeRejectTooLarge
+		case errors.Is(err, scheduler.ErrQueueFull):
+			return metrics.OutcomeRejectQueueFull
 		}
-		msg = fmt.Sprintf("Rate limit reached for %s in llproxy route %s on %s: Limit %d, Used %d, Requested %d. "+
-			"Please try again in %s. %s", e.Model, route, unit, e.Limit, e.Used, e.Requested, retry, why)
+		return metrics.OutcomeRejectWait
+	case errors.Is(err, scheduler.ErrClosed):
+		w.Header()["Retry-After"] = []string{"1"}
+		openai.WriteError(w, http.StatusServiceUnavailable, "server_error", "service_unavailable", "llproxy is shutting down; retry on another instance.")
+		return metrics.OutcomeShuttingDown
+	case ctx.Err() != nil:
+		// The client left while queued: nothing was sent upstream and
+		// nobody is left to answer.
+		return metrics.OutcomeCancelled
 	}
-	WriteError(w, http.StatusTooManyRequests, typ, "rate_limit_exceeded", msg)
+	openai.WriteError(w, http.StatusInternalServerError, "server_error", "", "llproxy: "+err.Error())
+	return "error"
+}
+
+func (rt *Route) writeModelError(w http.ResponseWriter, model string, err error) {
+	if errors.Is(err, scheduler.ErrTooManyModels) {
+		openai.WriteError(w, http.StatusServiceUnavailable, "server_error", "too_many_models",
+			"llproxy route "+rt.name+" already queues its limit of distinct models; the model `"+model+"` cannot get a queue.")
+		return
+	}
+	openai.WriteError(w, http.StatusNotFound, "invalid_request_error", "model_not_found",
+		"The model `"+model+"` does not exist or you do not have access to it. llproxy route "+rt.name+
+			" serves: "+strings.Join(rt.set.Models(), ", ")+".")
+}
+
+// writeUpstreamError answers a send that got no answer: 504 for a
+// timeout, else 502.
+func writeUpstreamError(w http.ResponseWriter, err error) {
+	status, msg := http.StatusBadGateway, "llproxy could not reach the upstream: "+relay.Describe(err)
+	if relay.IsTimeout(err) {
+		status, msg = http.StatusGatewayTimeout, "The upstream did not answer in time: "+relay.Describe(err)
+	}
+	openai.WriteError(w, status, "upstream_error", "upstream_unavailable", msg)
+}
+
+// writeLeaseError answers a request no send could be leased for.
+func (rt *Route) writeLeaseError(w http.ResponseWriter, model string, err error) {
+	if errors.Is(err, backends.ErrUnknownModel) {
+		models := ""
+		if rt.fleet != nil {
+			models = " Models: " + strings.Join(rt.fleet.Models(), ", ") + "."
+		}
+		openai.WriteError(w, http.StatusNotFound, "invalid_request_error", "model_not_found",
+			"The model `"+model+"` does not exist on llproxy route "+rt.name+"."+models)
+		return
+	}
+	w.Header()["Retry-After"] = []string{"5"}
+	switch {
+	case errors.Is(err, fleet.ErrNotStarted):
+		openai.WriteError(w, http.StatusServiceUnavailable, "server_error", "backend_unavailable",
+			"llproxy could not start the backend for `"+model+"`: "+err.Error())
+	case errors.Is(err, backends.ErrBusy):
+		openai.WriteError(w, http.StatusServiceUnavailable, "server_error", "backend_busy",
+			"Every backend of llproxy route "+rt.name+" serving `"+model+"` stayed at its maxConcurrent for the request's maxQueueWait.")
+	default:
+		openai.WriteError(w, http.StatusServiceUnavailable, "server_error", "backend_unavailable",
+			"No healthy backend of llproxy route "+rt.name+" serves the model `"+model+"` right now.")
+	}
+}
+
+// writeBodyError answers a body that could not be read and returns the
+// log outcome.
+func writeBodyError(w http.ResponseWriter, err error, limit int64) string {
+	switch {
+	case errors.Is(err, request.ErrBodyTooLarge):
+		openai.WriteError(w, http.StatusRequestEntityTooLarge, "invalid_request_error", "request_too_large",
+			"Request body too large: the limit is "+strconv.FormatInt(limit, 10)+" bytes.")
+		return outcomeTooLarge
+	case errors.Is(err, request.ErrShuttingDown):
+		w.Header()["Retry-After"] = []string{"1"}
+		openai.WriteError(w, http.StatusServiceUnavailable, "server_error", "service_unavailable", "llproxy is shutting down; retry on another instance.")
+		return metrics.OutcomeShuttingDown
+	case relay.IsTimeout(err):
+		w.Header()["Connection"] = []string{"close"}
+		openai.WriteError(w, http.StatusRequestTimeout, "invalid_request_error", "request_timeout",
+			"The request body did not arrive in time.")
+		return outcomeBodyTimeout
+	}
+	openai.WriteError(w, http.StatusBadRequest, "invalid_request_error", "", "Could not read the request body.")
+	return outcomeBodyError
 }

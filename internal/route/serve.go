@@ -2,15 +2,11 @@ package route
 
 import (
 	"context"
-	"errors"
 	"log/slog"
 	"net/http"
-	"strconv"
 	"strings"
 	"time"
 
-	"github.com/llproxy/llproxy/internal/metrics"
-	"github.com/llproxy/llproxy/internal/relay"
 	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/tokenizer"
 )
@@ -89,26 +85,4 @@ func (rt *Route) debugging(ctx context.Context) bool { return rt.log.Enabled(ctx
 // debug logs a step of a request at debug level.
 func (rt *Route) debug(ctx context.Context, msg string, attrs ...slog.Attr) {
 	rt.log.LogAttrs(ctx, slog.LevelDebug, msg, append(attrs, slog.String("route", rt.name))...)
-}
-
-// writeBodyError answers a body that could not be read and returns the
-// log outcome.
-func writeBodyError(w http.ResponseWriter, err error, limit int64) string {
-	switch {
-	case errors.Is(err, request.ErrBodyTooLarge):
-		WriteError(w, http.StatusRequestEntityTooLarge, "invalid_request_error", "request_too_large",
-			"Request body too large: the limit is "+strconv.FormatInt(limit, 10)+" bytes.")
-		return outcomeTooLarge
-	case errors.Is(err, request.ErrShuttingDown):
-		w.Header()["Retry-After"] = []string{"1"}
-		WriteError(w, http.StatusServiceUnavailable, "server_error", "service_unavailable", "llproxy is shutting down; retry on another instance.")
-		return metrics.OutcomeShuttingDown
-	case relay.IsTimeout(err):
-		w.Header()["Connection"] = []string{"close"}
-		WriteError(w, http.StatusRequestTimeout, "invalid_request_error", "request_timeout",
-			"The request body did not arrive in time.")
-		return outcomeBodyTimeout
-	}
-	WriteError(w, http.StatusBadRequest, "invalid_request_error", "", "Could not read the request body.")
-	return outcomeBodyError
 }

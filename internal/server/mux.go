@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/llproxy/llproxy/internal/openai"
 	"github.com/llproxy/llproxy/internal/relay"
 	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/internal/route"
@@ -60,7 +61,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if err := request.CheckPath(r.URL.Path, r.URL.RawPath); err != nil {
 		request.DropBody(f, r)
 		s.logFront(r, http.StatusBadRequest, route.OutcomeBadRequest)
-		route.WriteError(f, http.StatusBadRequest, "invalid_request_error", "invalid_path", "Invalid request path: "+err.Error()+".")
+		openai.WriteError(f, http.StatusBadRequest, "invalid_request_error", "invalid_path", "Invalid request path: "+err.Error()+".")
 		return
 	}
 	if h := s.routeOf(r.URL.Path); h != nil {
@@ -99,7 +100,7 @@ func (s *Server) recoverPanic(f *front, r *http.Request) {
 	if f.wrote {
 		panic(http.ErrAbortHandler) // too late for a status: cut the response
 	}
-	route.WriteError(f, http.StatusInternalServerError, "server_error", "internal_error",
+	openai.WriteError(f, http.StatusInternalServerError, "server_error", "internal_error",
 		"llproxy failed on this request; it was logged. Nothing was sent upstream on its behalf unless it was admitted.")
 }
 
@@ -121,7 +122,7 @@ func (s *Server) serveRoute(w http.ResponseWriter, r *http.Request) {
 		}
 		request.DropBody(w, r)
 		s.logFront(r, http.StatusNotFound, route.OutcomeNotFound)
-		route.WriteError(w, http.StatusNotFound, "invalid_request_error", "unknown_route", msg)
+		openai.WriteError(w, http.StatusNotFound, "invalid_request_error", "unknown_route", msg)
 		return
 	}
 	h.ServeHTTP(w, r)
@@ -180,7 +181,7 @@ func methodNotAllowed(want string) http.HandlerFunc {
 	}
 	return func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Allow", allow)
-		route.WriteError(w, http.StatusMethodNotAllowed, "invalid_request_error", "method_not_allowed", "Use "+want+" "+r.URL.Path+".")
+		openai.WriteError(w, http.StatusMethodNotAllowed, "invalid_request_error", "method_not_allowed", "Use "+want+" "+r.URL.Path+".")
 	}
 }
 
@@ -214,7 +215,7 @@ func (s *Server) serveOllama(w http.ResponseWriter, r *http.Request) {
 func (s *Server) unauthorized(w http.ResponseWriter, r *http.Request, what string) {
 	request.DropBody(w, r)
 	s.logFront(r, http.StatusUnauthorized, route.OutcomeUnauthorized)
-	route.WriteError(w, http.StatusUnauthorized, "invalid_request_error", "invalid_api_key",
+	openai.WriteError(w, http.StatusUnauthorized, "invalid_request_error", "invalid_api_key",
 		"Incorrect API key provided. llproxy expects "+what+" in Authorization: Bearer <key> or api-key: <key>.")
 }
 

@@ -11,6 +11,7 @@ import (
 
 	"github.com/llproxy/llproxy/internal/lifecycle"
 	"github.com/llproxy/llproxy/internal/ollama"
+	"github.com/llproxy/llproxy/internal/openai"
 	"github.com/llproxy/llproxy/internal/route"
 	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/scheduler"
@@ -57,7 +58,7 @@ func (g ollamaGateway) Models() []string {
 func (g ollamaGateway) ServeChat(w http.ResponseWriter, r *http.Request, model string, body []byte) {
 	rt := g.routeFor(model)
 	if rt == nil {
-		route.WriteError(w, http.StatusNotFound, "invalid_request_error", "model_not_found", "model '"+model+"' not found")
+		openai.WriteError(w, http.StatusNotFound, "invalid_request_error", "model_not_found", "model '"+model+"' not found")
 		return
 	}
 	out := r.Clone(r.Context())

@@ -1,0 +1,112 @@
+// Package openai is the OpenAI API's shapes as the gateway writes them:
+// the error envelope {"error":{message,type,param,code}}, the 429 of a rate
+// limit with its retry-after and x-ratelimit-* headers, and which API a
+// path is. (Package ollama is the same for Ollama's API.)
+//
+// It exists so that every answer of the gateway's own, on every endpoint,
+// has the one shape clients and SDKs parse.
+package openai
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/llproxy/llproxy/scheduler"
+)
+
+// apiError is OpenAI's error envelope: {"error":{"message","type","param","code"}}.
+type apiError struct {
+	Message string  `json:"message"`
+	Type    string  `json:"type"`
+	Param   *string `json:"param"`
+	Code    *string `json:"code"`
+}
+
+// WriteError writes an OpenAI-shaped error. Messages never contain keys or
+// prompt text.
+func WriteError(w http.ResponseWriter, status int, typ, code, msg string) {
+	e := apiError{Message: msg, Type: typ}
+	if code != "" {
+		e.Code = &code
+	}
+	writeError(w, status, e)
+}
+
+// WriteParamError writes a 400 invalid_request_error naming param.
+func WriteParamError(w http.ResponseWriter, param, msg string) {
+	writeError(w, http.StatusBadRequest, apiError{Message: msg, Type: "invalid_request_error", Param: &param})
+}
+
+func writeError(w http.ResponseWriter, status int, e apiError) {
+	body, _ := json.Marshal(struct {
+		Error apiError `json:"error"`
+	}{e})
+	h := w.Header()
+	h["Content-Type"] = []string{"application/json"}
+	h["Content-Length"] = []string{strconv.Itoa(len(body) + 1)}
+	w.WriteHeader(status)
+	w.Write(append(body, '\n'))
+}
+
+// SetRateHeaders sets the six x-ratelimit-* headers from the gateway's
+// buckets, replacing any the upstream sent. The values share one backing
+// array: one allocation for the six slices.
+func SetRateHeaders(h http.Header, st *scheduler.RateState) {
+	v := [...]string{
+		strconv.Itoa(st.LimitRequests), strconv.Itoa(st.RemainingRequests), st.ResetRequests.String(),
+		strconv.Itoa(st.LimitTokens), strconv.Itoa(st.RemainingTokens), st.ResetTokens.String(),
+	}
+	vals := v[:]
+	h["X-Ratelimit-Limit-Requests"] = vals[0:1:1]
+	h["X-Ratelimit-Remaining-Requests"] = vals[1:2:2]
+	h["X-Ratelimit-Reset-Requests"] = vals[2:3:3]
+	h["X-Ratelimit-Limit-Tokens"] = vals[3:4:4]
+	h["X-Ratelimit-Remaining-Tokens"] = vals[4:5:5]
+	h["X-Ratelimit-Reset-Tokens"] = vals[5:6:6]
+}
+
+// ceilMillis rounds d up to the millisecond, so a client that waits it is
+// never early.
+func ceilMillis(d time.Duration) time.Duration {
+	return (d + time.Millisecond - 1).Truncate(time.Millisecond)
+}
+
+// WriteReject answers a scheduler rejection with OpenAI's 429: the message,
+// type and code of a real rate-limit error, retry-after (whole seconds,
+// rounded up) and retry-after-ms that are true, and the x-ratelimit-*
+// headers. A request too large for the bucket also gets x-should-retry:
+// false, since no wait helps it.
+func WriteReject(w http.ResponseWriter, route string, e *scheduler.RejectError) {
+	h := w.Header()
+	SetRateHeaders(h, &e.State)
+	unit, typ := "requests per min (RPM)", "requests"
+	switch e.Resource {
+	case scheduler.Tokens:
+		unit, typ = "tokens per min (TPM)", "tokens"
+	case scheduler.Slots:
+		unit = "concurrent requests (slots)"
+	}
+	var msg string
+	if errors.Is(e, scheduler.ErrTooLarge) {
+		h["X-Should-Retry"] = []string{"false"}
+		msg = fmt.Sprintf("Request too large for %s in llproxy route %s on %s: Limit %d, Requested %d. "+
+			"The input or output tokens must be reduced in order to run successfully.",
+			e.Model, route, unit, e.Limit, e.Requested)
+	} else {
+		retry := ceilMillis(e.RetryAfter)
+		h["Retry-After"] = []string{strconv.FormatInt(int64(math.Ceil(retry.Seconds())), 10)}
+		h["Retry-After-Ms"] = []string{strconv.FormatInt(retry.Milliseconds(), 10)}
+		why := "Its queue is full (" + strconv.Itoa(e.QueueLen) + " requests waiting)."
+		if errors.Is(e, scheduler.ErrWaitTooLong) {
+			why = "It would wait in the queue longer than the model's maxQueueWait."
+		}
+		msg = fmt.Sprintf("Rate limit reached for %s in llproxy route %s on %s: Limit %d, Used %d, Requested %d. "+
+			"Please try again in %s. %s", e.Model, route, unit, e.Limit, e.Used, e.Requested, retry, why)
+	}
+	WriteError(w, http.StatusTooManyRequests, typ, "rate_limit_exceeded", msg)
+}
