@@ -14,9 +14,11 @@ import (
 	"math"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/llproxy/llproxy/scheduler"
+	"github.com/llproxy/llproxy/tokenizer"
 )
 
 // apiError is OpenAI's error envelope: {"error":{"message","type","param","code"}}.
@@ -109,4 +111,19 @@ func WriteReject(w http.ResponseWriter, route string, e *scheduler.RejectError) 
 			"Please try again in %s. %s", e.Model, route, unit, e.Limit, e.Used, e.Requested, retry, why)
 	}
 	WriteError(w, http.StatusTooManyRequests, typ, "rate_limit_exceeded", msg)
+}
+
+// Endpoint maps a request path to the API whose body it carries.
+func Endpoint(path string) tokenizer.Endpoint {
+	switch {
+	case strings.HasSuffix(path, "/chat/completions"):
+		return tokenizer.EndpointChat
+	case strings.HasSuffix(path, "/completions"):
+		return tokenizer.EndpointCompletions
+	case strings.HasSuffix(path, "/embeddings"):
+		return tokenizer.EndpointEmbeddings
+	case strings.HasSuffix(path, "/responses"):
+		return tokenizer.EndpointResponses
+	}
+	return tokenizer.EndpointOther
 }

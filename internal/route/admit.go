@@ -24,19 +24,19 @@ func (rt *Route) schedule(ex *exchange, r *http.Request, body *request.Body, c *
 	ms := c.ms
 	rec.prompt, rec.cost = c.est.prompt, c.est.cost
 	arrived := time.Now()
-	adm, err := ms.q.Acquire(r.Context(), scheduler.Cost{Tokens: c.est.cost})
+	adm, err := ms.Queue.Acquire(r.Context(), scheduler.Cost{Tokens: c.est.cost})
 	if errors.Is(err, scheduler.ErrRetired) {
 		// Its queue was retired for being idle between lookup and
 		// admission: look again (a new queue with full buckets, exactly
 		// what the idle one held).
-		if ms, err = rt.modelFor(rec.model); err == nil {
+		if ms, err = rt.models.For(rec.model); err == nil {
 			c.ms = ms
-			adm, err = ms.q.Acquire(r.Context(), scheduler.Cost{Tokens: c.est.cost})
+			adm, err = ms.Queue.Acquire(r.Context(), scheduler.Cost{Tokens: c.est.cost})
 		}
 	}
 	if err != nil {
 		rec.outcome = rt.writeAcquireError(ex, r.Context(), err)
-		ms.m.Outcome(rec.outcome)
+		ms.Metrics.Outcome(rec.outcome)
 		if rt.debugging(r.Context()) {
 			rt.debug(r.Context(), "not admitted", slog.String("model", rec.model), slog.Int("cost", c.est.cost),
 				slog.String("reason", err.Error()))
@@ -53,13 +53,13 @@ func (rt *Route) schedule(ex *exchange, r *http.Request, body *request.Body, c *
 	// when the request ends gives back its concurrency slot.
 	ex.adm = adm
 	defer func() { ex.adm.Release(time.Now()) }()
-	ms.m.Inflight(1)
-	defer ms.m.Inflight(-1)
+	ms.Metrics.Inflight(1)
+	defer ms.Metrics.Inflight(-1)
 	rec.outcome, rec.wait = metrics.OutcomeAdmitted, adm.Wait
-	ms.m.Admitted(adm.Wait, c.est.prompt, c.est.cost)
+	ms.Metrics.Admitted(adm.Wait, c.est.prompt, c.est.cost)
 
 	ex.rate, ex.hasRate = adm.State, true
-	ex.ms, ex.deadline, ex.strip = ms, arrived.Add(ms.maxQueueWait), c.inject != nil
+	ex.ms, ex.deadline, ex.strip = ms, arrived.Add(ms.MaxQueueWait), c.inject != nil
 	ex.maxRetries, ex.backoff = *rt.cfg.Retries, time.Duration(rt.cfg.RetryBackoff)
 	ex.lease.Reset(rec.model, c.keepAlive, ex.deadline)
 	send := body
@@ -75,7 +75,7 @@ func (rt *Route) schedule(ex *exchange, r *http.Request, body *request.Body, c *
 		case relay.Deliver, relay.Failed:
 			if a.noBackend {
 				ex.adm.Unsend(time.Now()) // never sent
-				ms.m.Unsent(c.est.cost)
+				ms.Metrics.Unsent(c.est.cost)
 				rec.outcome = "no_backend"
 				if r.Context().Err() != nil {
 					rec.outcome = metrics.OutcomeCancelled

@@ -2,10 +2,10 @@ package route
 
 import (
 	"math"
-	"strings"
 
 	"github.com/valyala/fastjson"
 
+	"github.com/llproxy/llproxy/internal/models"
 	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/tokenizer"
 )
@@ -18,21 +18,6 @@ type estimate struct {
 	prompt, maxOutput, n, cost int
 }
 
-// endpointOf maps a request path to the API whose body it carries.
-func endpointOf(path string) tokenizer.Endpoint {
-	switch {
-	case strings.HasSuffix(path, "/chat/completions"):
-		return tokenizer.EndpointChat
-	case strings.HasSuffix(path, "/completions"):
-		return tokenizer.EndpointCompletions
-	case strings.HasSuffix(path, "/embeddings"):
-		return tokenizer.EndpointEmbeddings
-	case strings.HasSuffix(path, "/responses"):
-		return tokenizer.EndpointResponses
-	}
-	return tokenizer.EndpointOther
-}
-
 // estimateCost is prompt tokens + n x max output tokens. Max output is the
 // first of max_completion_tokens, max_tokens and max_output_tokens that is
 // set (-1 and 0, which some servers take for "no limit", count as unset),
@@ -40,10 +25,10 @@ func endpointOf(path string) tokenizer.Endpoint {
 // max(n, best_of), at least 1. Each number is bounded (an error names the
 // one that is not) and the sum saturates, so no cost is ever negative or
 // wraps.
-func (rt *Route) estimateCost(ep tokenizer.Endpoint, model string, v *fastjson.Value, ms *modelState) (estimate, error) {
+func (rt *Route) estimateCost(ep tokenizer.Endpoint, model string, v *fastjson.Value, ms *models.Model) (estimate, error) {
 	e := estimate{prompt: rt.opts.Tokenizer.PromptTokens(ep, model, v), n: 1}
 	if ep != tokenizer.EndpointEmbeddings {
-		e.maxOutput = ms.defaultMaxTokens
+		e.maxOutput = ms.DefaultMaxTokens
 		found := false
 		for _, k := range [...]string{"max_completion_tokens", "max_tokens", "max_output_tokens"} {
 			n, ok, err := request.IntParam(v, k, 1, request.MaxOutputTokens, true)

@@ -9,6 +9,7 @@ import (
 	"github.com/valyala/fastjson"
 
 	"github.com/llproxy/llproxy/internal/backends"
+	"github.com/llproxy/llproxy/internal/models"
 	"github.com/llproxy/llproxy/internal/openai"
 	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/provider"
@@ -25,10 +26,10 @@ import (
 // not set, and its default system prompt if it has no system message. It
 // reports whether it changed v. dp parses the defaults and must live as
 // long as v.
-func applyDefaults(v *fastjson.Value, ms *modelState, dp *fastjson.Parser, a *fastjson.Arena) bool {
+func applyDefaults(v *fastjson.Value, ms *models.Model, dp *fastjson.Parser, a *fastjson.Arena) bool {
 	changed := false
-	if ms.defaults != nil {
-		if d, err := dp.ParseBytes(ms.defaults); err == nil {
+	if ms.Defaults != nil {
+		if d, err := dp.ParseBytes(ms.Defaults); err == nil {
 			d.GetObject().Visit(func(k []byte, val *fastjson.Value) {
 				if v.Get(string(k)) == nil {
 					v.Set(string(k), val)
@@ -37,7 +38,7 @@ func applyDefaults(v *fastjson.Value, ms *modelState, dp *fastjson.Parser, a *fa
 			})
 		}
 	}
-	if ms.system == "" {
+	if ms.System == "" {
 		return changed
 	}
 	msgs := v.GetArray("messages")
@@ -48,7 +49,7 @@ func applyDefaults(v *fastjson.Value, ms *modelState, dp *fastjson.Parser, a *fa
 	}
 	sys := a.NewObject()
 	sys.Set("role", a.NewString("system"))
-	sys.Set("content", a.NewString(strings.ReplaceAll(ms.system, "{{now}}", time.Now().Format(time.RFC1123))))
+	sys.Set("content", a.NewString(strings.ReplaceAll(ms.System, "{{now}}", time.Now().Format(time.RFC1123))))
 	arr := a.NewArray()
 	arr.SetArrayItem(0, sys)
 	for i, m := range msgs {
@@ -60,7 +61,7 @@ func applyDefaults(v *fastjson.Value, ms *modelState, dp *fastjson.Parser, a *fa
 
 // call is what inspect learns of a request body.
 type call struct {
-	ms  *modelState // nil: the body names no model
+	ms  *models.Model // nil: the body names no model
 	est estimate
 	// inject is the body to send instead of the request's own, or nil:
 	// rewritten to ask for a stream's usage, to drop keep_alive, or to add
@@ -91,7 +92,7 @@ func (rt *Route) inspect(w http.ResponseWriter, path string, body []byte, rec *r
 	}
 	mv := v.Get("model")
 	if mv == nil || mv.Type() == fastjson.TypeNull {
-		if endpointOf(path) != tokenizer.EndpointOther {
+		if openai.Endpoint(path) != tokenizer.EndpointOther {
 			rec.outcome = OutcomeBadRequest
 			openai.WriteParamError(w, "model", "you must provide a model parameter")
 			return c, false
@@ -114,7 +115,7 @@ func (rt *Route) inspect(w http.ResponseWriter, path string, body []byte, rec *r
 		rt.writeLeaseError(w, rec.model, backends.ErrUnknownModel)
 		return call{}, false
 	}
-	if c.ms, err = rt.modelFor(rec.model); err != nil {
+	if c.ms, err = rt.models.For(rec.model); err != nil {
 		rec.outcome = OutcomeNotFound
 		if errors.Is(err, scheduler.ErrTooManyModels) {
 			rec.outcome = "too_many_models"
@@ -138,8 +139,8 @@ func (rt *Route) inspect(w http.ResponseWriter, path string, body []byte, rec *r
 		v.Del("keep_alive")
 		rewrite = true
 	}
-	ep := endpointOf(path)
-	if ep == tokenizer.EndpointChat && (c.ms.defaults != nil || c.ms.system != "") {
+	ep := openai.Endpoint(path)
+	if ep == tokenizer.EndpointChat && (c.ms.Defaults != nil || c.ms.System != "") {
 		rewrite = applyDefaults(v, c.ms, &dp, &a) || rewrite
 	}
 	if c.est, err = rt.estimateCost(ep, rec.model, v, c.ms); err != nil {

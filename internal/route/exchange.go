@@ -10,6 +10,7 @@ import (
 
 	"github.com/llproxy/llproxy/internal/fleet"
 	"github.com/llproxy/llproxy/internal/metrics"
+	"github.com/llproxy/llproxy/internal/models"
 	"github.com/llproxy/llproxy/internal/openai"
 	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/provider"
@@ -30,7 +31,7 @@ type exchange struct {
 	written  int64
 
 	// For a scheduled request, set by schedule and read by the send loop.
-	ms          *modelState
+	ms          *models.Model
 	adm         *scheduler.Admission // the admission in force
 	deadline    time.Time            // arrival + maxQueueWait: no retry past it
 	tries       int                  // sends so far

@@ -146,7 +146,7 @@ func (rt *Route) try(ex *exchange, r *http.Request, model string, c *call, body 
 			l.Failed(err) // a passive health check; and the next send goes elsewhere
 		}
 		if a.verdict == relay.Failed && !p.ClientGone {
-			ms.m.Upstream(0, 0)
+			ms.Metrics.Upstream(0, 0)
 			writeUpstreamError(ex, err)
 		}
 		return a
@@ -179,7 +179,7 @@ func (rt *Route) try(ex *exchange, r *http.Request, model string, c *call, body 
 			res.Body, a.tap = &ex.bodyTap, &ex.bodyTap
 		}
 	}
-	ms.m.Upstream(status, now.Sub(sent))
+	ms.Metrics.Upstream(status, now.Sub(sent))
 	relay.Respond(ex, r, res)
 	return a
 }

@@ -55,7 +55,7 @@ func (rt *Route) writeModelError(w http.ResponseWriter, model string, err error)
 	}
 	openai.WriteError(w, http.StatusNotFound, "invalid_request_error", "model_not_found",
 		"The model `"+model+"` does not exist or you do not have access to it. llproxy route "+rt.name+
-			" serves: "+strings.Join(rt.set.Models(), ", ")+".")
+			" serves: "+strings.Join(rt.models.Set().Models(), ", ")+".")
 }
 
 // writeUpstreamError answers a send that got no answer: 504 for a

@@ -14,14 +14,11 @@ package route
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net/http"
 	"net/url"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -30,6 +27,8 @@ import (
 	"github.com/llproxy/llproxy/internal/config"
 	"github.com/llproxy/llproxy/internal/fleet"
 	"github.com/llproxy/llproxy/internal/metrics"
+	"github.com/llproxy/llproxy/internal/models"
+	"github.com/llproxy/llproxy/internal/openai"
 	"github.com/llproxy/llproxy/internal/relay"
 	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/provider"
@@ -46,22 +45,12 @@ type Route struct {
 	log     *slog.Logger
 	metrics *metrics.Metrics
 	cfg     *config.Route
-	set     *scheduler.Set
-	listed  map[string]*modelState // immutable after New: read without a lock
-	dynamic sync.Map               // wildcard models: string -> *modelState
+	models  *models.Registry // each model's queue, series and settings
 	up      outbound
 	noModel prometheus.Counter // requests that name no model
 	lessor  lessor             // where each send goes: one URL, or a fleet's backend
 	fleet   *fleet.Fleet       // the route's fleet, for its catalog and admin; nil for one URL
-
-	labeled   atomic.Int64 // wildcard models with series of their own
-	otherOnce sync.Once
-	other     *metrics.Model // the series of the wildcard models past MaxModelLabels
 }
-
-// MaxModelLabels bounds the wildcard models of a route that get metric
-// series of their own; the rest share model="other".
-const MaxModelLabels = 100
 
 // Options are a route's dependencies. Tokenizer, Metrics and Logger are
 // required.
@@ -88,27 +77,12 @@ func New(name string, rc *config.Route, opts Options) (*Route, error) {
 	if opts.Tokenizer == nil || opts.Metrics == nil || opts.Logger == nil {
 		return nil, errors.New("route: Tokenizer, Metrics and Logger are required")
 	}
-	set, err := scheduler.NewSet(rc.SchedulerConfig())
+	reg, err := models.New(name, rc, opts.Metrics)
 	if err != nil {
 		return nil, fmt.Errorf("route: routes.%s: %w", name, err)
 	}
-	rt := &Route{name: name, opts: opts, log: opts.Logger, metrics: opts.Metrics, cfg: rc, set: set,
-		listed: map[string]*modelState{}, noModel: opts.Metrics.Passthrough(name)}
-	set.OnRetire(func(q *scheduler.Queue) {
-		if v, ok := rt.dynamic.Load(q.Model()); ok && v.(*modelState).q == q {
-			rt.forget(v.(*modelState))
-		}
-	})
-	for model, mc := range rc.Models {
-		if model == scheduler.Wildcard {
-			continue
-		}
-		q, err := set.Queue(model)
-		if err != nil {
-			return nil, err
-		}
-		rt.listed[model] = rt.newModelState(q, mc)
-	}
+	rt := &Route{name: name, opts: opts, log: opts.Logger, metrics: opts.Metrics, cfg: rc, models: reg,
+		noModel: opts.Metrics.Passthrough(name)}
 	rt.up = outbound{prefix: "/" + name, auth: rt.authorizer(rc.APIKey.Value()),
 		// A discovered backend that may not have the key gets the
 		// client's credentials handled as on a route without one.
@@ -128,7 +102,7 @@ func New(name string, rc *config.Route, opts Options) (*Route, error) {
 		rt.up.auth = rt.authorizer("")
 	case rc.Fleet():
 		f, err := fleet.New(rc.Config, fleet.Options{Logger: opts.Logger.With("route", name),
-			MaxSwapWait: time.Duration(rc.MaxSwapWait), Queued: rt.queued, Secrets: opts.Secrets})
+			MaxSwapWait: time.Duration(rc.MaxSwapWait), Queued: rt.models.Queued, Secrets: opts.Secrets})
 		if err != nil {
 			return nil, fmt.Errorf("route: routes.%s: %w", name, err)
 		}
@@ -166,17 +140,17 @@ func (rt *Route) Config() *config.Route { return rt.cfg }
 func (rt *Route) Fleet() *fleet.Fleet { return rt.fleet }
 
 // Queue returns the queue of model if it exists, without creating one.
-func (rt *Route) Queue(model string) (*scheduler.Queue, bool) { return rt.set.Lookup(model) }
+func (rt *Route) Queue(model string) (*scheduler.Queue, bool) { return rt.models.Set().Lookup(model) }
 
 // Queues calls f for every queue of the route, with the model label of its
 // metric series.
 func (rt *Route) Queues(f func(q *scheduler.Queue, label string)) {
-	rt.set.Range(func(q *scheduler.Queue) { f(q, rt.labelOf(q)) })
+	rt.models.Set().Range(func(q *scheduler.Queue) { f(q, rt.models.LabelOf(q)) })
 }
 
 // Close closes the route's queues: waiting requests are answered with 503
 // and new ones refused.
-func (rt *Route) Close() { rt.set.Close() }
+func (rt *Route) Close() { rt.models.Set().Close() }
 
 // Transport is the route's upstream transport.
 func (rt *Route) Transport() http.RoundTripper { return rt.up.transport }
@@ -188,7 +162,7 @@ type mockCounter struct{ t *tokenizer.Tokenizer }
 func MockCounter(t *tokenizer.Tokenizer) mock.TokenCounter { return mockCounter{t} }
 
 func (c mockCounter) PromptTokens(path, model string, body *fastjson.Value) int {
-	return c.t.PromptTokens(endpointOf(path), model, body)
+	return c.t.PromptTokens(openai.Endpoint(path), model, body)
 }
 
 func (c mockCounter) TextTokens(model, text string) int {
@@ -211,75 +185,6 @@ var (
 	_ lessor = (*fleet.Fleet)(nil)
 )
 
-// modelState is what the hot path needs of one (route, model).
-type modelState struct {
-	q                *scheduler.Queue
-	m                *metrics.Model
-	label            string // the model label of its series
-	defaultMaxTokens int
-	maxQueueWait     time.Duration
-	defaults         []byte // JSON object of default request parameters, or nil
-	system           string // default system prompt
-}
-
-// modelFor returns the state of model, creating a wildcard queue on first
-// use (or anew, if its queue was retired for being idle).
-func (rt *Route) modelFor(model string) (*modelState, error) {
-	if ms, ok := rt.listed[model]; ok {
-		return ms, nil
-	}
-	if v, ok := rt.dynamic.Load(model); ok {
-		ms := v.(*modelState)
-		if !ms.q.Retired() {
-			return ms, nil
-		}
-		rt.forget(ms)
-	}
-	q, err := rt.set.Queue(model)
-	if err != nil {
-		return nil, err
-	}
-	ms := rt.newModelState(q, rt.cfg.Models[scheduler.Wildcard])
-	if v, loaded := rt.dynamic.LoadOrStore(model, ms); loaded {
-		rt.release(ms)
-		return v.(*modelState), nil
-	}
-	return ms, nil
-}
-
-// forget drops the state of a wildcard model whose queue was retired, and
-// its series.
-func (rt *Route) forget(ms *modelState) {
-	if rt.dynamic.CompareAndDelete(ms.q.Model(), ms) {
-		rt.release(ms)
-	}
-}
-
-// release gives back a wildcard model's label.
-func (rt *Route) release(ms *modelState) {
-	if ms.label != metrics.OtherModel {
-		rt.metrics.DeleteModel(rt.name, ms.label)
-		rt.labeled.Add(-1)
-	}
-}
-
-func (rt *Route) newModelState(q *scheduler.Queue, mc *config.Model) *modelState {
-	ms := &modelState{q: q, label: q.Model(), defaultMaxTokens: mc.DefaultMaxTokens,
-		maxQueueWait: time.Duration(mc.MaxQueueWait), system: mc.System}
-	if _, listed := rt.cfg.Models[q.Model()]; !listed && rt.labeled.Add(1) > MaxModelLabels {
-		rt.labeled.Add(-1)
-		ms.label = metrics.OtherModel
-		rt.otherOnce.Do(func() { rt.other = rt.metrics.Model(rt.name, metrics.OtherModel) })
-		ms.m = rt.other
-	} else {
-		ms.m = rt.metrics.Model(rt.name, q.Model())
-	}
-	if len(mc.Defaults) > 0 {
-		ms.defaults, _ = json.Marshal(mc.Defaults)
-	}
-	return ms
-}
-
 // Log outcomes of requests that are not scheduled.
 const (
 	outcomePassthrough   = "passthrough" // names no model: forwarded unscheduled
@@ -292,23 +197,3 @@ const (
 	outcomeBodyTimeout   = "body_timeout"
 	outcomeInternalError = "internal_error"
 )
-
-// labelOf is the model label of q's series.
-func (rt *Route) labelOf(q *scheduler.Queue) string {
-	if _, ok := rt.listed[q.Model()]; ok {
-		return q.Model()
-	}
-	if v, ok := rt.dynamic.Load(q.Model()); ok && v.(*modelState).q == q {
-		return v.(*modelState).label
-	}
-	return metrics.OtherModel // being created or retired: not a series of its own
-}
-
-// queued counts the requests waiting in the route's queue of model (for
-// the fleet: a server is not unloaded while any wait for it).
-func (rt *Route) queued(model string) int {
-	if q, ok := rt.set.Lookup(model); ok {
-		return q.Stats(time.Now()).Depth
-	}
-	return 0
-}

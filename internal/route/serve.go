@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/llproxy/llproxy/internal/openai"
 	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/tokenizer"
 )
@@ -48,7 +49,7 @@ func (rt *Route) serve(w http.ResponseWriter, r *http.Request) {
 	// its body must be a JSON object naming a model. Other bodies that
 	// look like JSON and name a model are scheduled too.
 	var c call
-	inference := r.Method == http.MethodPost && endpointOf(r.URL.Path) != tokenizer.EndpointOther
+	inference := r.Method == http.MethodPost && openai.Endpoint(r.URL.Path) != tokenizer.EndpointOther
 	if inference || (body != nil && request.LooksJSON(r.Header.Get("Content-Type"), body.Buf)) {
 		var raw []byte
 		if body != nil {

@@ -8,6 +8,7 @@ import (
 
 	"github.com/llproxy/llproxy/internal/config"
 	"github.com/llproxy/llproxy/internal/metrics"
+	"github.com/llproxy/llproxy/internal/models"
 	"github.com/llproxy/llproxy/internal/relay"
 	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/scheduler"
@@ -35,7 +36,7 @@ func (ex *exchange) canRetry(now time.Time) bool {
 
 // observe lowers the model's buckets to what the upstream reports is left
 // and records the upstream's view.
-func (rt *Route) observe(ms *modelState, adm *scheduler.Admission, ri provider.RateInfo, now time.Time) {
+func (rt *Route) observe(ms *models.Model, adm *scheduler.Admission, ri provider.RateInfo, now time.Time) {
 	if !ri.Any() {
 		return
 	}
@@ -43,7 +44,7 @@ func (rt *Route) observe(ms *modelState, adm *scheduler.Admission, ri provider.R
 		RemainingRequests: ri.RemainingRequests, HasRemainingRequests: ri.HasRemainingRequests,
 		RemainingTokens: ri.RemainingTokens, HasRemainingTokens: ri.HasRemainingTokens,
 	}) {
-		ms.m.Lowered()
+		ms.Metrics.Lowered()
 	}
 	orNone := func(v int, ok bool) int {
 		if ok {
@@ -51,9 +52,9 @@ func (rt *Route) observe(ms *modelState, adm *scheduler.Admission, ri provider.R
 		}
 		return -1
 	}
-	ms.m.UpstreamRate(0, orNone(ri.LimitRequests, ri.HasLimitRequests), orNone(ri.RemainingRequests, ri.HasRemainingRequests),
+	ms.Metrics.UpstreamRate(0, orNone(ri.LimitRequests, ri.HasLimitRequests), orNone(ri.RemainingRequests, ri.HasRemainingRequests),
 		ri.ResetRequests, ri.HasResetRequests)
-	ms.m.UpstreamRate(1, orNone(ri.LimitTokens, ri.HasLimitTokens), orNone(ri.RemainingTokens, ri.HasRemainingTokens),
+	ms.Metrics.UpstreamRate(1, orNone(ri.LimitTokens, ri.HasLimitTokens), orNone(ri.RemainingTokens, ri.HasRemainingTokens),
 		ri.ResetTokens, ri.HasResetTokens)
 }
 
@@ -62,7 +63,7 @@ func (rt *Route) observe(ms *modelState, adm *scheduler.Admission, ri provider.R
 // that outlasts the request's budget) it was answered with an honest 429.
 func (rt *Route) sendAgain(ctx context.Context, ex *exchange, a attempt, cost int, rec *requestLog) bool {
 	ms := ex.ms
-	ms.m.Retry(a.verdict.String())
+	ms.Metrics.Retry(a.verdict.String())
 	if a.verdict != relay.RetryRateLimited {
 		backoff := ex.nextBackoff()
 		if rt.debugging(ctx) {
@@ -84,21 +85,21 @@ func (rt *Route) sendAgain(ctx context.Context, ex *exchange, a attempt, cost in
 	// and wait again at the head of the queue within the original budget.
 	now := time.Now()
 	ex.adm.Unsend(now)
-	ms.m.Unsent(cost)
+	ms.Metrics.Unsent(cost)
 	rt.observe(ms, ex.adm, a.refusal, now) // compared as unpaid: the upstream refused it
-	ms.q.Hold(now, now.Add(a.retryAfter))
+	ms.Queue.Hold(now, now.Add(a.retryAfter))
 	if rt.debugging(ctx) {
 		rt.debug(ctx, "upstream 429: queue held, request back at its head", slog.String("model", rec.model),
 			slog.Duration("hold", a.retryAfter), slog.Int("try", ex.tries))
 	}
 	ex.rateRetries++
-	adm, err := ms.q.Requeue(ctx, scheduler.Cost{Tokens: cost}, ex.deadline)
+	adm, err := ms.Queue.Requeue(ctx, scheduler.Cost{Tokens: cost}, ex.deadline)
 	if err != nil {
 		ex.hasRate = false // writeReject sets the headers of the rejection
 		rec.outcome = rt.writeAcquireError(ex, ctx, err)
 		if rec.outcome == metrics.OutcomeRejectWait {
 			rec.outcome = metrics.OutcomeRejectUpstream
-			ms.m.Outcome(rec.outcome)
+			ms.Metrics.Outcome(rec.outcome)
 		}
 		return false
 	}
@@ -118,7 +119,7 @@ func (rt *Route) settle(ex *exchange, c *call, a attempt, rec *requestLog) {
 	now := time.Now()
 	if a.neverSent {
 		ex.adm.Unsend(now)
-		ms.m.Unsent(cost)
+		ms.Metrics.Unsent(cost)
 		return
 	}
 	if a.tap == nil {
@@ -129,9 +130,9 @@ func (rt *Route) settle(ex *exchange, c *call, a attempt, rec *requestLog) {
 		return
 	}
 	rec.used = u.Total
-	ms.m.Used(c.est.prompt, u.Prompt, u.Completion)
+	ms.Metrics.Used(c.est.prompt, u.Prompt, u.Completion)
 	if rt.cfg.Settle == config.SettleActual {
 		ex.adm.Settle(now, u.Total)
-		ms.m.Settled(cost - u.Total)
+		ms.Metrics.Settled(cost - u.Total)
 	}
 }

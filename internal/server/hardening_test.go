@@ -21,8 +21,8 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/llproxy/llproxy/internal/config"
+	"github.com/llproxy/llproxy/internal/models"
 	"github.com/llproxy/llproxy/internal/porttest"
-	"github.com/llproxy/llproxy/internal/route"
 	"github.com/llproxy/llproxy/provider/mock"
 )
 
@@ -451,7 +451,7 @@ func TestWildcardModelsExpireAndFoldTheirLabels(t *testing.T) {
 				}
 			}
 		}
-		assert.Len(t, labels, route.MaxModelLabels+1, "100 names, then one \"other\"")
+		assert.Len(t, labels, models.MaxLabels+1, "100 names, then one \"other\"")
 		assert.True(t, labels["other"])
 	})
 }

@@ -47,7 +47,7 @@ func (g ollamaGateway) Known(model string) bool { return g.routeFor(model) != ni
 func (g ollamaGateway) Models() []string {
 	var out []string
 	for _, rt := range g.s.routes {
-		out = append(out, models(rt)...)
+		out = append(out, routeModels(rt)...)
 	}
 	slices.Sort(out)
 	return slices.Compact(out)
@@ -104,7 +104,7 @@ func (g ollamaGateway) Running() []ollama.Loaded {
 			servers = rt.Fleet().Servers()
 		}
 		if servers == nil {
-			for _, m := range models(rt) {
+			for _, m := range routeModels(rt) {
 				out = append(out, ollama.Loaded{Name: m})
 			}
 			continue
@@ -118,7 +118,7 @@ func (g ollamaGateway) Running() []ollama.Loaded {
 				}
 			}
 		}
-		for _, m := range models(rt) {
+		for _, m := range routeModels(rt) {
 			if !managed[m] {
 				out = append(out, ollama.Loaded{Name: m})
 			}
@@ -142,12 +142,12 @@ func dedupeLoaded(in []ollama.Loaded) []ollama.Loaded {
 }
 
 // names reports whether the route serves model by name.
-func names(rt *route.Route, model string) bool { return slices.Contains(models(rt), model) }
+func names(rt *route.Route, model string) bool { return slices.Contains(routeModels(rt), model) }
 
-// models is the one answer to "which models does this route serve", by the
+// routeModels is the one answer to "which models does this route serve", by the
 // names clients use: those listed in its config (not "*"), and those its
 // fleet or its mock serves; sorted, each once.
-func models(rt *route.Route) []string {
+func routeModels(rt *route.Route) []string {
 	var out []string
 	for m := range rt.Config().Models {
 		if m != scheduler.Wildcard {

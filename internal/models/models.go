@@ -1,0 +1,157 @@
+// Package models holds the models of one route: each one's queue (its own
+// if listed; for an unlisted model, one with the wildcard's limits, made on
+// first use and retired when idle), its metric series (past MaxLabels
+// unlisted models, they share model="other"), and its per-model settings.
+//
+// It exists so that the request path asks one question, "what is this
+// model?", and gets everything it needs of it at once, without a lock.
+package models
+
+import (
+	"encoding/json"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/llproxy/llproxy/internal/config"
+	"github.com/llproxy/llproxy/internal/metrics"
+	"github.com/llproxy/llproxy/scheduler"
+)
+
+// MaxLabels bounds the wildcard models of a route that get metric
+// series of their own; the rest share model="other".
+const MaxLabels = 100
+
+// Model is what the request path needs of one (route, model).
+type Model struct {
+	Queue   *scheduler.Queue
+	Metrics *metrics.Model
+	// Label is the model label of its series.
+	Label            string
+	DefaultMaxTokens int
+	MaxQueueWait     time.Duration
+	// Defaults is a JSON object of default request parameters, or nil;
+	// System a default system prompt.
+	Defaults []byte
+	System   string
+}
+
+// Registry is a route's models. It is safe for concurrent use.
+type Registry struct {
+	route   string
+	cfg     map[string]*config.Model
+	set     *scheduler.Set
+	metrics *metrics.Metrics
+	listed  map[string]*Model // immutable after New: read without a lock
+	dynamic sync.Map          // wildcard models: string -> *Model
+
+	labeled   atomic.Int64 // wildcard models with series of their own
+	otherOnce sync.Once
+	other     *metrics.Model // the series of the wildcard models past MaxLabels
+}
+
+// New builds the registry of route's models (rc validated).
+func New(route string, rc *config.Route, m *metrics.Metrics) (*Registry, error) {
+	set, err := scheduler.NewSet(rc.SchedulerConfig())
+	if err != nil {
+		return nil, err
+	}
+	r := &Registry{route: route, cfg: rc.Models, set: set, metrics: m, listed: map[string]*Model{}}
+	set.OnRetire(func(q *scheduler.Queue) {
+		if v, ok := r.dynamic.Load(q.Model()); ok && v.(*Model).Queue == q {
+			r.forget(v.(*Model))
+		}
+	})
+	for model, mc := range rc.Models {
+		if model == scheduler.Wildcard {
+			continue
+		}
+		q, err := set.Queue(model)
+		if err != nil {
+			return nil, err
+		}
+		r.listed[model] = r.newModel(q, mc)
+	}
+	return r, nil
+}
+
+// Set is the route's queues.
+func (r *Registry) Set() *scheduler.Set { return r.set }
+
+// For returns model, creating a wildcard queue on first
+// use (or anew, if its queue was retired for being idle).
+func (r *Registry) For(model string) (*Model, error) {
+	if ms, ok := r.listed[model]; ok {
+		return ms, nil
+	}
+	if v, ok := r.dynamic.Load(model); ok {
+		ms := v.(*Model)
+		if !ms.Queue.Retired() {
+			return ms, nil
+		}
+		r.forget(ms)
+	}
+	q, err := r.set.Queue(model)
+	if err != nil {
+		return nil, err
+	}
+	ms := r.newModel(q, r.cfg[scheduler.Wildcard])
+	if v, loaded := r.dynamic.LoadOrStore(model, ms); loaded {
+		r.release(ms)
+		return v.(*Model), nil
+	}
+	return ms, nil
+}
+
+// forget drops the state of a wildcard model whose queue was retired, and
+// its series.
+func (r *Registry) forget(ms *Model) {
+	if r.dynamic.CompareAndDelete(ms.Queue.Model(), ms) {
+		r.release(ms)
+	}
+}
+
+// release gives back a wildcard model's label.
+func (r *Registry) release(ms *Model) {
+	if ms.Label != metrics.OtherModel {
+		r.metrics.DeleteModel(r.route, ms.Label)
+		r.labeled.Add(-1)
+	}
+}
+
+func (r *Registry) newModel(q *scheduler.Queue, mc *config.Model) *Model {
+	ms := &Model{Queue: q, Label: q.Model(), DefaultMaxTokens: mc.DefaultMaxTokens,
+		MaxQueueWait: time.Duration(mc.MaxQueueWait), System: mc.System}
+	if _, listed := r.cfg[q.Model()]; !listed && r.labeled.Add(1) > MaxLabels {
+		r.labeled.Add(-1)
+		ms.Label = metrics.OtherModel
+		r.otherOnce.Do(func() { r.other = r.metrics.Model(r.route, metrics.OtherModel) })
+		ms.Metrics = r.other
+	} else {
+		ms.Metrics = r.metrics.Model(r.route, q.Model())
+	}
+	if len(mc.Defaults) > 0 {
+		ms.Defaults, _ = json.Marshal(mc.Defaults)
+	}
+	return ms
+}
+
+// LabelOf is the model label of q's series.
+func (r *Registry) LabelOf(q *scheduler.Queue) string {
+	if _, ok := r.listed[q.Model()]; ok {
+		return q.Model()
+	}
+	if v, ok := r.dynamic.Load(q.Model()); ok && v.(*Model).Queue == q {
+		return v.(*Model).Label
+	}
+	return metrics.OtherModel // being created or retired: not a series of its own
+}
+
+// Queued counts the requests waiting in the route's queue of model (for
+// the fleet: a server is not unloaded while any wait for it).
+func (r *Registry) Queued(model string) int {
+	if q, ok := r.set.Lookup(model); ok {
+		return q.Stats(time.Now()).Depth
+	}
+	return 0
+}
