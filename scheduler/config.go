@@ -31,24 +31,28 @@ type Config struct {
 
 // Validate reports every field out of range, each error naming its field by
 // JSON name ("tpm: must be > 0, got 0"); callers prefix the path.
-func (c Config) Validate() error {
+func (c Config) Validate() error { return errors.Join(c.validate("")...) }
+
+// validate reports every field out of range, each error's path starting
+// with path (for a model of a Set: "models.<name>.").
+func (c Config) validate(path string) []error {
 	var errs []error
 	if c.MaxQueueSize < 0 {
-		errs = append(errs, fmt.Errorf("maxQueueSize: must be >= 0, got %d", c.MaxQueueSize))
+		errs = append(errs, fmt.Errorf("%smaxQueueSize: must be >= 0, got %d", path, c.MaxQueueSize))
 	}
 	if c.MaxQueueWait < 0 {
-		errs = append(errs, fmt.Errorf("maxQueueWait: must be >= 0, got %s", time.Duration(c.MaxQueueWait)))
+		errs = append(errs, fmt.Errorf("%smaxQueueWait: must be >= 0, got %s", path, time.Duration(c.MaxQueueWait)))
 	}
 	if c.RPM <= 0 {
-		errs = append(errs, fmt.Errorf("rpm: must be > 0, got %d", c.RPM))
+		errs = append(errs, fmt.Errorf("%srpm: must be > 0, got %d", path, c.RPM))
 	}
 	if c.TPM <= 0 {
-		errs = append(errs, fmt.Errorf("tpm: must be > 0, got %d", c.TPM))
+		errs = append(errs, fmt.Errorf("%stpm: must be > 0, got %d", path, c.TPM))
 	}
 	if c.MaxConcurrent < 0 {
-		errs = append(errs, fmt.Errorf("maxConcurrent: must be >= 0, got %d", c.MaxConcurrent))
+		errs = append(errs, fmt.Errorf("%smaxConcurrent: must be >= 0, got %d", path, c.MaxConcurrent))
 	}
-	return errors.Join(errs...)
+	return errs
 }
 
 // Duration is a time.Duration that reads from JSON as a number of seconds

@@ -41,9 +41,7 @@ func (c SetConfig) Validate() error {
 		if name == "" {
 			errs = append(errs, errors.New("models: a model name must not be empty"))
 		}
-		if err := c.Models[name].Validate(); err != nil {
-			errs = append(errs, prefixErrors("models."+name+".", err)...)
-		}
+		errs = append(errs, c.Models[name].validate("models."+name+".")...)
 	}
 	if c.MaxWildcardModels < 0 {
 		errs = append(errs, fmt.Errorf("maxWildcardModels: must be >= 0, got %d", c.MaxWildcardModels))
@@ -51,20 +49,6 @@ func (c SetConfig) Validate() error {
 	return errors.Join(errs...)
 }
 
-// prefixErrors splits a joined error and prefixes each part's message.
-func prefixErrors(prefix string, err error) []error {
-	var parts []error
-	if j, ok := err.(interface{ Unwrap() []error }); ok {
-		parts = j.Unwrap()
-	} else {
-		parts = []error{err}
-	}
-	out := make([]error, len(parts))
-	for i, p := range parts {
-		out[i] = fmt.Errorf("%s%w", prefix, p)
-	}
-	return out
-}
 
 // Set holds the queues of one route, one per model. Listed models have
 // their queue from the start; each unlisted model gets its own queue with
