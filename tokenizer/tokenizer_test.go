@@ -197,6 +197,14 @@ func TestHostileInputIsBounded(t *testing.T) {
 			// long run is charged by bytes.
 			assert.LessOrEqual(t, n, len(text))
 			assert.GreaterOrEqual(t, n, len(text)/8)
+			if name != "mixed words" {
+				// The work is bounded: the long run is never handed to BPE
+				// (which allocates for every piece and is quadratic in a
+				// piece's length), so counting it costs a few allocations
+				// whatever its length.
+				allocs := testing.AllocsPerRun(3, func() { enc.Count(text) })
+				assert.LessOrEqual(t, allocs, 64.0, "allocations counting %d bytes", len(text))
+			}
 		})
 	}
 	// Text without long runs is counted exactly.
