@@ -2,8 +2,6 @@ package scheduler
 
 import (
 	"context"
-	"strconv"
-	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -26,12 +24,10 @@ func BenchmarkAcquire(b *testing.B) {
 		})
 	})
 	b.Run("queue per model", func(b *testing.B) {
-		s, _ := NewSet(SetConfig{Models: map[string]Config{"*": big}})
-		var id atomic.Int64
 		ctx := context.Background()
 		b.ReportAllocs()
 		b.RunParallel(func(pb *testing.PB) {
-			q, _ := s.Queue("m" + strconv.FormatInt(id.Add(1), 10))
+			q := NewQueue("m", big) // each goroutine its own model's queue
 			for pb.Next() {
 				if _, err := q.Acquire(ctx, Cost{Tokens: 500}); err != nil {
 					b.Fatal(err)

@@ -94,7 +94,7 @@ type Queue struct {
 	answerNext   int
 	service      time.Duration // how long a request holds its slot, on average (EWMA)
 	closed       bool
-	retired      atomic.Bool // swept from its Set: Acquire answers ErrRetired; set under mu
+	retired      atomic.Bool // see Retire; set under mu
 }
 
 // NewQueue returns an empty queue with full buckets. cfg must be valid (see
@@ -448,9 +448,11 @@ func (q *Queue) Close() {
 	q.waiting, q.queuedTokens = nil, 0
 }
 
-// retire marks the queue retired if it is idle at now (see Set.Sweep) and
-// reports whether it did.
-func (q *Queue) retire(now time.Time) bool {
+// Retire marks the queue retired if it is idle at now (nobody waiting or in
+// flight, no hold, both buckets full again: a new queue for its model would
+// start exactly where it stands) and reports whether it did. A retired
+// queue answers Acquire with ErrRetired.
+func (q *Queue) Retire(now time.Time) bool {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	idle := len(q.waiting) == 0 && len(q.inflight) == 0 && !q.holdUntil.After(now) &&
@@ -461,7 +463,7 @@ func (q *Queue) retire(now time.Time) bool {
 	return q.retired.Load()
 }
 
-// Retired reports whether the queue was swept from its Set.
+// Retired reports whether the queue was retired.
 func (q *Queue) Retired() bool { return q.retired.Load() }
 
 // perMinute converts a per-second rate, rounding away float noise.

@@ -2,7 +2,6 @@ package scheduler
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"math/rand/v2"
 	"sync"
@@ -358,40 +357,6 @@ func TestConfigValidate(t *testing.T) {
 	for _, want := range []string{"models.gpt-4o.rpm: must be > 0", "models.gpt-4o.tpm: must be > 0", "models.gpt-4o.maxQueueSize"} {
 		assert.Contains(t, err.Error(), want)
 	}
-}
-
-func TestSetWildcardQueues(t *testing.T) {
-	s, err := NewSet(SetConfig{Models: map[string]Config{
-		"gpt-4o": cfg(1, 0, 10, 100), "*": cfg(2, 0, 20, 200),
-	}, MaxWildcardModels: 2})
-	require.NoError(t, err)
-	q1, err := s.Queue("gpt-4o")
-	require.NoError(t, err)
-	assert.Equal(t, 10, q1.Config().RPM)
-	a, _ := s.Queue("a")
-	a2, _ := s.Queue("a")
-	b, _ := s.Queue("b")
-	assert.Same(t, a, a2)
-	assert.NotSame(t, a, b, "each unlisted model has its own queue")
-	assert.Equal(t, 20, b.Config().RPM)
-	_, err = a.Acquire(context.Background(), Cost{Tokens: 10}) // a is in use: its buckets are not full
-	require.NoError(t, err)
-	c, err := s.Queue("c")
-	require.NoError(t, err, "b sat idle with full buckets: retired to make room")
-	assert.True(t, b.Retired())
-	_, err = b.Acquire(context.Background(), Cost{Tokens: 1})
-	assert.ErrorIs(t, err, ErrRetired, "the caller looks the model up again")
-	assert.False(t, a.Retired(), "a holds spent tokens: keeping them is the limit")
-	_, err = c.Acquire(context.Background(), Cost{Tokens: 10})
-	require.NoError(t, err)
-	_, err = s.Queue("d")
-	assert.ErrorIs(t, err, ErrTooManyModels, "a and c hold spent tokens")
-	assert.Equal(t, []string{"*", "gpt-4o"}, s.Models())
-
-	strict, err := NewSet(SetConfig{Models: map[string]Config{"gpt-4o": cfg(1, 0, 10, 100)}})
-	require.NoError(t, err)
-	_, err = strict.Queue("other")
-	assert.True(t, errors.Is(err, ErrUnknownModel))
 }
 
 func TestDurationJSON(t *testing.T) {

@@ -40,7 +40,7 @@ type Model struct {
 type Registry struct {
 	route   string
 	cfg     map[string]*config.Model
-	set     *scheduler.Set
+	set     *Set
 	metrics *metrics.Metrics
 	listed  map[string]*Model // immutable after New: read without a lock
 	dynamic sync.Map          // wildcard models: string -> *Model
@@ -52,7 +52,7 @@ type Registry struct {
 
 // New builds the registry of route's models (rc validated).
 func New(route string, rc *config.Route, m *metrics.Metrics) (*Registry, error) {
-	set, err := scheduler.NewSet(rc.SchedulerConfig())
+	set, err := NewSet(rc.SchedulerConfig())
 	if err != nil {
 		return nil, err
 	}
@@ -76,7 +76,7 @@ func New(route string, rc *config.Route, m *metrics.Metrics) (*Registry, error) 
 }
 
 // Set is the route's queues.
-func (r *Registry) Set() *scheduler.Set { return r.set }
+func (r *Registry) Set() *Set { return r.set }
 
 // For returns model, creating a wildcard queue on first
 // use (or anew, if its queue was retired for being idle).

@@ -1,0 +1,146 @@
+package models
+
+import (
+	"maps"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/llproxy/llproxy/scheduler"
+)
+
+// Set holds the queues of one route, one per model. Listed models have
+// their queue from the start; each unlisted model gets its own queue with
+// the wildcard limits when first seen. Lookups take no lock.
+type Set struct {
+	listed     map[string]*scheduler.Queue
+	wildcard   *scheduler.Config
+	dynamic    sync.Map // model -> *scheduler.Queue
+	dynCount   atomic.Int64
+	maxDynamic int64
+	closed     atomic.Bool
+	onRetire   func(*scheduler.Queue)
+}
+
+// OnRetire sets a function Sweep calls with each queue it retires (to drop
+// what the caller keeps about it). Call it before the Set is used.
+func (s *Set) OnRetire(f func(*scheduler.Queue)) { s.onRetire = f }
+
+// NewSet validates cfg and builds the listed queues.
+func NewSet(cfg scheduler.SetConfig) (*Set, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	s := &Set{listed: make(map[string]*scheduler.Queue, len(cfg.Models)), maxDynamic: int64(cfg.MaxWildcardModels)}
+	if s.maxDynamic == 0 {
+		s.maxDynamic = 1000
+	}
+	for name, mc := range cfg.Models {
+		if name == scheduler.Wildcard {
+			w := mc
+			s.wildcard = &w
+			continue
+		}
+		s.listed[name] = scheduler.NewQueue(name, mc)
+	}
+	return s, nil
+}
+
+// Queue returns the queue of model: its own if listed, else a wildcard
+// queue of its own. It fails with scheduler.ErrUnknownModel when the model is not
+// listed and there is no wildcard, and scheduler.ErrTooManyModels past
+// MaxWildcardModels.
+func (s *Set) Queue(model string) (*scheduler.Queue, error) {
+	if q, ok := s.listed[model]; ok {
+		return q, nil
+	}
+	if s.wildcard == nil {
+		return nil, scheduler.ErrUnknownModel
+	}
+	if q, ok := s.dynamic.Load(model); ok {
+		return q.(*scheduler.Queue), nil
+	}
+	if s.dynCount.Add(1) > s.maxDynamic {
+		s.dynCount.Add(-1)
+		// Make room: queues of unlisted models that sit idle with full
+		// buckets hold nothing a new queue would not (junk names must not
+		// use the room up for good).
+		if s.Sweep(s.now()) == 0 {
+			return nil, scheduler.ErrTooManyModels
+		}
+		if s.dynCount.Add(1) > s.maxDynamic {
+			s.dynCount.Add(-1)
+			return nil, scheduler.ErrTooManyModels
+		}
+	}
+	q, loaded := s.dynamic.LoadOrStore(model, scheduler.NewQueue(model, *s.wildcard))
+	if loaded {
+		s.dynCount.Add(-1)
+	} else if s.closed.Load() {
+		q.(*scheduler.Queue).Close()
+	}
+	return q.(*scheduler.Queue), nil
+}
+
+func (s *Set) now() time.Time { return time.Now() }
+
+// Sweep retires the queues of unlisted models that are idle at now: nobody
+// waiting or in flight, no hold, and both buckets full again, so that a
+// new queue for the same model would start exactly where this one stands.
+// A retired queue answers Acquire with scheduler.ErrRetired (the caller looks the
+// model up again). It returns how many it retired.
+func (s *Set) Sweep(now time.Time) int {
+	n := 0
+	s.dynamic.Range(func(k, v any) bool {
+		if q := v.(*scheduler.Queue); q.Retire(now) && s.dynamic.CompareAndDelete(k, v) {
+			s.dynCount.Add(-1)
+			n++
+			if s.onRetire != nil {
+				s.onRetire(q)
+			}
+		}
+		return true
+	})
+	return n
+}
+
+// Lookup returns the queue of model if it exists, without creating one.
+func (s *Set) Lookup(model string) (*scheduler.Queue, bool) {
+	if q, ok := s.listed[model]; ok {
+		return q, true
+	}
+	if q, ok := s.dynamic.Load(model); ok {
+		return q.(*scheduler.Queue), true
+	}
+	return nil, false
+}
+
+// Models returns the configured model names, sorted, including scheduler.Wildcard if
+// configured.
+func (s *Set) Models() []string {
+	names := slices.Collect(maps.Keys(s.listed))
+	if s.wildcard != nil {
+		names = append(names, scheduler.Wildcard)
+	}
+	slices.Sort(names)
+	return names
+}
+
+// Range calls f for every queue that exists, listed or created.
+func (s *Set) Range(f func(q *scheduler.Queue)) {
+	for _, q := range s.listed {
+		f(q)
+	}
+	s.dynamic.Range(func(_, q any) bool {
+		f(q.(*scheduler.Queue))
+		return true
+	})
+}
+
+// Close closes every queue: waiting requests get ErrClosed, and so does
+// every later one.
+func (s *Set) Close() {
+	s.closed.Store(true)
+	s.Range((*scheduler.Queue).Close)
+}
