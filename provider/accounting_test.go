@@ -39,7 +39,7 @@ func TestFindUsage(t *testing.T) {
 
 func TestBodyTapKeepsOnlyTheTail(t *testing.T) {
 	body := `{"data":"` + strings.Repeat("x", 100_000) + `","usage":{"prompt_tokens":4,"total_tokens":4}}`
-	tap := NewBodyTap(io.NopCloser(iotest.HalfReader(strings.NewReader(body))))
+	tap := newBodyTap(io.NopCloser(iotest.HalfReader(strings.NewReader(body))))
 	_, ok := tap.Usage()
 	assert.False(t, ok, "not before the end")
 	got, err := io.ReadAll(tap)
@@ -78,7 +78,7 @@ func TestStreamTapStripsWhatIncludeUsageAdded(t *testing.T) {
 		"halves":      iotest.HalfReader(strings.NewReader(withUsage)),
 	} {
 		t.Run(name, func(t *testing.T) {
-			tap := NewStreamTap(io.NopCloser(r), true)
+			tap := newStreamTap(io.NopCloser(r), true)
 			got, err := io.ReadAll(tap)
 			require.NoError(t, err)
 			assert.Equal(t, without, string(got), "byte for byte what the client gets without include_usage")
@@ -91,7 +91,7 @@ func TestStreamTapStripsWhatIncludeUsageAdded(t *testing.T) {
 
 func TestStreamTapPassesThroughWhenTheClientAskedForUsage(t *testing.T) {
 	body := sse([]string{"x", "y"}, true)
-	tap := NewStreamTap(io.NopCloser(iotest.HalfReader(strings.NewReader(body))), false)
+	tap := newStreamTap(io.NopCloser(iotest.HalfReader(strings.NewReader(body))), false)
 	got, err := io.ReadAll(tap)
 	require.NoError(t, err)
 	assert.Equal(t, body, string(got))
@@ -103,7 +103,7 @@ func TestStreamTapPassesThroughWhenTheClientAskedForUsage(t *testing.T) {
 func TestStreamTapCutShortHasNoUsage(t *testing.T) {
 	body := sse([]string{"x", "y"}, true)
 	cut := body[:len(body)/2]
-	tap := NewStreamTap(io.NopCloser(io.MultiReader(strings.NewReader(cut), iotest.ErrReader(io.ErrUnexpectedEOF))), true)
+	tap := newStreamTap(io.NopCloser(io.MultiReader(strings.NewReader(cut), iotest.ErrReader(io.ErrUnexpectedEOF))), true)
 	_, err := io.ReadAll(tap)
 	assert.ErrorIs(t, err, io.ErrUnexpectedEOF)
 	_, ok := tap.Usage()
@@ -112,7 +112,7 @@ func TestStreamTapCutShortHasNoUsage(t *testing.T) {
 
 func TestStreamTapReleasesEachEventAtOnce(t *testing.T) {
 	pr, pw := io.Pipe()
-	tap := NewStreamTap(pr, true)
+	tap := newStreamTap(pr, true)
 	go pw.Write([]byte("data: {\"choices\":[{\"delta\":{}}],\"usage\":null}\n\ndata: {\"cho"))
 	buf := make([]byte, 1024)
 	n, err := tap.Read(buf)

@@ -36,7 +36,7 @@ func pySSE(words []string, includeUsage bool, sep string) string {
 func TestStreamTapStripsByStructure(t *testing.T) {
 	for _, sep := range []string{"\n", "\r\n"} {
 		words := []string{"a", "b", "c"}
-		tap := NewStreamTap(io.NopCloser(iotest.OneByteReader(strings.NewReader(pySSE(words, true, sep)))), true)
+		tap := newStreamTap(io.NopCloser(iotest.OneByteReader(strings.NewReader(pySSE(words, true, sep)))), true)
 		got, err := io.ReadAll(tap)
 		require.NoError(t, err)
 		assert.Equal(t, pySSE(words, false, sep), string(got))
@@ -57,7 +57,7 @@ func TestStreamTapStructuralCases(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got, err := io.ReadAll(NewStreamTap(io.NopCloser(strings.NewReader(tt.in)), true))
+			got, err := io.ReadAll(newStreamTap(io.NopCloser(strings.NewReader(tt.in)), true))
 			require.NoError(t, err)
 			assert.Equal(t, tt.out, string(got))
 		})

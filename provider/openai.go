@@ -30,12 +30,8 @@ type OpenAIConfig struct {
 	ForwardOrganization bool
 }
 
-// NewOpenAI returns the provider for a route whose upstream key is apiKey;
-// an empty key lets each client's Authorization header through.
-func NewOpenAI(apiKey string) *OpenAI { return &OpenAI{cfg: OpenAIConfig{APIKey: apiKey}} }
-
-// NewOpenAIWith returns the provider configured by cfg.
-func NewOpenAIWith(cfg OpenAIConfig) *OpenAI { return &OpenAI{cfg: cfg} }
+// NewOpenAI returns the provider configured by cfg.
+func NewOpenAI(cfg OpenAIConfig) *OpenAI { return &OpenAI{cfg: cfg} }
 
 // Authorize sets the upstream credentials on h, an outgoing request's
 // header: with a key, the client's Authorization and api-key headers are

@@ -31,8 +31,8 @@ type StreamTap struct {
 	err   error
 }
 
-// NewStreamTap wraps an SSE response body.
-func NewStreamTap(src io.ReadCloser, strip bool) *StreamTap {
+// newStreamTap wraps an SSE response body.
+func newStreamTap(src io.ReadCloser, strip bool) *StreamTap {
 	t := &StreamTap{}
 	t.Reset(src, strip)
 	return t

@@ -136,8 +136,8 @@ type BodyTap struct {
 
 const tapTail = 8 << 10
 
-// NewBodyTap wraps a response body.
-func NewBodyTap(src io.ReadCloser) *BodyTap {
+// newBodyTap wraps a response body.
+func newBodyTap(src io.ReadCloser) *BodyTap {
 	t := &BodyTap{}
 	t.Reset(src)
 	return t

@@ -170,13 +170,6 @@ func New(specs []Spec, opts Options) *Manager {
 	return m
 }
 
-// Manages reports whether backend is one of the manager's.
-func (m *Manager) Manages(backend string) bool {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.procs[backend] != nil
-}
-
 func (m *Manager) broadcast() {
 	close(m.changed)
 	m.changed = make(chan struct{})

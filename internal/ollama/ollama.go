@@ -17,7 +17,6 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
-	"strings"
 	"time"
 )
 
@@ -63,9 +62,6 @@ type Handler struct {
 func New(gw Gateway) *Handler {
 	return &Handler{gw: gw, started: time.Now(), now: time.Now}
 }
-
-// Handles reports whether path belongs to the Ollama API: "/" and /api/...
-func Handles(path string) bool { return path == "/" || strings.HasPrefix(path, "/api/") }
 
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch {

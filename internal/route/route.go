@@ -122,7 +122,7 @@ func New(name string, rc *config.Route, opts Options) (*Route, error) {
 // authorizer sets a route's upstream credentials: its key if it has one;
 // never a client key of the gateway's.
 func (rt *Route) authorizer(apiKey string) *provider.OpenAI {
-	return provider.NewOpenAIWith(provider.OpenAIConfig{APIKey: apiKey, DropClientAuth: rt.opts.ClientKeys,
+	return provider.NewOpenAI(provider.OpenAIConfig{APIKey: apiKey, DropClientAuth: rt.opts.ClientKeys,
 		ForwardOrganization: rt.cfg.ForwardOrganization})
 }
 
