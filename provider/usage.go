@@ -98,28 +98,8 @@ func objectPrefix(b []byte) []byte {
 	if len(b) == 0 || b[0] != '{' {
 		return nil
 	}
-	depth, inString, escaped := 0, false, false
-	for i, c := range b {
-		switch {
-		case inString:
-			switch {
-			case escaped:
-				escaped = false
-			case c == '\\':
-				escaped = true
-			case c == '"':
-				inString = false
-			}
-		case c == '"':
-			inString = true
-		case c == '{' || c == '[':
-			depth++
-		case c == '}' || c == ']':
-			depth--
-			if depth == 0 {
-				return b[:i+1]
-			}
-		}
+	if end := skipValue(b, 0); end > 0 {
+		return b[:end]
 	}
 	return nil
 }

@@ -1,3 +1,12 @@
+// Package scheduler admits requests to an upstream in strict FIFO order per
+// (route, model), paying for each from two continuously refilling token
+// buckets (requests per minute and tokens per minute, golang.org/x/time/rate).
+//
+// It exists apart from the HTTP server so that the behaviour that must be
+// exactly right (order, prediction of the wait, honest retry times, a
+// cancelled request paying nothing) is plain code over integers and times,
+// tested in testing/synctest bubbles. It knows nothing of HTTP, tokenizers or
+// providers: a request's cost arrives as an integer.
 package scheduler
 
 import (
@@ -8,6 +17,9 @@ import (
 	"strconv"
 	"time"
 )
+
+// Wildcard is the model key whose limits apply to every model not listed.
+const Wildcard = "*"
 
 // Config holds the limits of one (route, model) queue. Its JSON names are
 // the config file's.
@@ -31,28 +43,24 @@ type Config struct {
 
 // Validate reports every field out of range, each error naming its field by
 // JSON name ("tpm: must be > 0, got 0"); callers prefix the path.
-func (c Config) Validate() error { return errors.Join(c.validate("")...) }
-
-// validate reports every field out of range, each error's path starting
-// with path (for a model of a Set: "models.<name>.").
-func (c Config) validate(path string) []error {
+func (c Config) Validate() error {
 	var errs []error
 	if c.MaxQueueSize < 0 {
-		errs = append(errs, fmt.Errorf("%smaxQueueSize: must be >= 0, got %d", path, c.MaxQueueSize))
+		errs = append(errs, fmt.Errorf("maxQueueSize: must be >= 0, got %d", c.MaxQueueSize))
 	}
 	if c.MaxQueueWait < 0 {
-		errs = append(errs, fmt.Errorf("%smaxQueueWait: must be >= 0, got %s", path, time.Duration(c.MaxQueueWait)))
+		errs = append(errs, fmt.Errorf("maxQueueWait: must be >= 0, got %s", time.Duration(c.MaxQueueWait)))
 	}
 	if c.RPM <= 0 {
-		errs = append(errs, fmt.Errorf("%srpm: must be > 0, got %d", path, c.RPM))
+		errs = append(errs, fmt.Errorf("rpm: must be > 0, got %d", c.RPM))
 	}
 	if c.TPM <= 0 {
-		errs = append(errs, fmt.Errorf("%stpm: must be > 0, got %d", path, c.TPM))
+		errs = append(errs, fmt.Errorf("tpm: must be > 0, got %d", c.TPM))
 	}
 	if c.MaxConcurrent < 0 {
-		errs = append(errs, fmt.Errorf("%smaxConcurrent: must be >= 0, got %d", path, c.MaxConcurrent))
+		errs = append(errs, fmt.Errorf("maxConcurrent: must be >= 0, got %d", c.MaxConcurrent))
 	}
-	return errs
+	return errors.Join(errs...)
 }
 
 // Duration is a time.Duration that reads from JSON as a number of seconds

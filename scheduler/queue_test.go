@@ -352,9 +352,9 @@ func testPredictionMatchesAdmission(t *testing.T, rpm, tpm int) {
 }
 
 func TestConfigValidate(t *testing.T) {
-	err := SetConfig{Models: map[string]Config{"gpt-4o": {RPM: 0, TPM: -1, MaxQueueSize: -1}}}.Validate()
+	err := Config{RPM: 0, TPM: -1, MaxQueueSize: -1}.Validate()
 	require.Error(t, err)
-	for _, want := range []string{"models.gpt-4o.rpm: must be > 0", "models.gpt-4o.tpm: must be > 0", "models.gpt-4o.maxQueueSize"} {
+	for _, want := range []string{"rpm: must be > 0", "tpm: must be > 0", "maxQueueSize: must be >= 0"} {
 		assert.Contains(t, err.Error(), want)
 	}
 }

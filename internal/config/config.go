@@ -377,8 +377,14 @@ func (r *Route) validate() error {
 	if r.RetryBackoff < 0 {
 		errs = append(errs, errors.New("retryBackoff: must be >= 0"))
 	}
+	if len(r.Models) == 0 {
+		errs = append(errs, errors.New("models: must list at least one model or \"*\""))
+	}
 	for _, name := range slices.Sorted(maps.Keys(r.Models)) {
 		m := r.Models[name]
+		if name == "" {
+			errs = append(errs, errors.New("models: a model name must not be empty"))
+		}
 		if m == nil {
 			errs = append(errs, fmt.Errorf("models.%s: must be an object", name))
 			continue
@@ -386,8 +392,11 @@ func (r *Route) validate() error {
 		if m.DefaultMaxTokens < 0 {
 			errs = append(errs, fmt.Errorf("models.%s.defaultMaxTokens: must be >= 0, got %d", name, m.DefaultMaxTokens))
 		}
+		errs = append(errs, prefix("models."+name+".", m.Config.Validate())...)
 	}
-	errs = append(errs, splitErrors(r.SchedulerConfig().Validate())...)
+	if r.MaxWildcardModels < 0 {
+		errs = append(errs, fmt.Errorf("maxWildcardModels: must be >= 0, got %d", r.MaxWildcardModels))
+	}
 	return errors.Join(errs...)
 }
 
@@ -395,15 +404,16 @@ func (r *Route) validate() error {
 // one forward URL.
 func (r *Route) Fleet() bool { return r.Config.Enabled() }
 
-// SchedulerConfig returns the route's queue limits in the scheduler's terms.
-func (r *Route) SchedulerConfig() scheduler.SetConfig {
+// QueueConfigs returns the limits of the route's queues, by model (and
+// scheduler.Wildcard).
+func (r *Route) QueueConfigs() map[string]scheduler.Config {
 	models := make(map[string]scheduler.Config, len(r.Models))
 	for name, m := range r.Models {
 		if m != nil {
 			models[name] = m.Config
 		}
 	}
-	return scheduler.SetConfig{Models: models, MaxWildcardModels: r.MaxWildcardModels}
+	return models
 }
 
 func splitErrors(err error) []error {

@@ -52,7 +52,7 @@ type Registry struct {
 
 // New builds the registry of route's models (rc validated).
 func New(route string, rc *config.Route, m *metrics.Metrics) (*Registry, error) {
-	set, err := NewSet(rc.SchedulerConfig())
+	set, err := NewSet(rc.QueueConfigs(), rc.MaxWildcardModels)
 	if err != nil {
 		return nil, err
 	}

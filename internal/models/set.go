@@ -1,6 +1,7 @@
 package models
 
 import (
+	"fmt"
 	"maps"
 	"slices"
 	"sync"
@@ -27,16 +28,21 @@ type Set struct {
 // what the caller keeps about it). Call it before the Set is used.
 func (s *Set) OnRetire(f func(*scheduler.Queue)) { s.onRetire = f }
 
-// NewSet validates cfg and builds the listed queues.
-func NewSet(cfg scheduler.SetConfig) (*Set, error) {
-	if err := cfg.Validate(); err != nil {
-		return nil, err
+// NewSet builds the queues of a route's models: the limits of each listed
+// model, and of scheduler.Wildcard for every other; at most maxWildcard
+// unlisted models have a queue at once (0 means 1000). Every limit must be
+// valid.
+func NewSet(models map[string]scheduler.Config, maxWildcard int) (*Set, error) {
+	for _, name := range slices.Sorted(maps.Keys(models)) {
+		if err := models[name].Validate(); err != nil {
+			return nil, fmt.Errorf("models.%s: %w", name, err)
+		}
 	}
-	s := &Set{listed: make(map[string]*scheduler.Queue, len(cfg.Models)), maxDynamic: int64(cfg.MaxWildcardModels)}
+	s := &Set{listed: make(map[string]*scheduler.Queue, len(models)), maxDynamic: int64(maxWildcard)}
 	if s.maxDynamic == 0 {
 		s.maxDynamic = 1000
 	}
-	for name, mc := range cfg.Models {
+	for name, mc := range models {
 		if name == scheduler.Wildcard {
 			w := mc
 			s.wildcard = &w
@@ -66,7 +72,7 @@ func (s *Set) Queue(model string) (*scheduler.Queue, error) {
 		// Make room: queues of unlisted models that sit idle with full
 		// buckets hold nothing a new queue would not (junk names must not
 		// use the room up for good).
-		if s.Sweep(s.now()) == 0 {
+		if s.Sweep(time.Now()) == 0 {
 			return nil, scheduler.ErrTooManyModels
 		}
 		if s.dynCount.Add(1) > s.maxDynamic {
@@ -82,8 +88,6 @@ func (s *Set) Queue(model string) (*scheduler.Queue, error) {
 	}
 	return q.(*scheduler.Queue), nil
 }
-
-func (s *Set) now() time.Time { return time.Now() }
 
 // Sweep retires the queues of unlisted models that are idle at now: nobody
 // waiting or in flight, no hold, and both buckets full again, so that a

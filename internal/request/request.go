@@ -23,6 +23,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/llproxy/llproxy/internal/relay"
 	"github.com/llproxy/llproxy/scheduler"
 	"github.com/valyala/fastjson"
 )
@@ -405,4 +406,28 @@ func ParseKeepAlive(raw []byte) (time.Duration, error) {
 		return -1, nil
 	}
 	return time.Duration(d), nil
+}
+
+// Failure is how the gateway answers a body ReadBody could not read, in
+// whichever shape the endpoint speaks: the status, an error code, a
+// message, and the log outcome.
+type Failure struct {
+	Status        int
+	Code, Message string
+	Outcome       string
+}
+
+// FailureOf describes err, from ReadBody with the limit lim.
+func FailureOf(err error, lim Limits) Failure {
+	switch {
+	case errors.Is(err, ErrBodyTooLarge):
+		return Failure{http.StatusRequestEntityTooLarge, "request_too_large",
+			"Request body too large: the limit is " + strconv.FormatInt(lim.MaxBodyBytes, 10) + " bytes.", "body_too_large"}
+	case errors.Is(err, ErrShuttingDown):
+		return Failure{http.StatusServiceUnavailable, "service_unavailable",
+			"llproxy is shutting down; retry on another instance.", "rejected_shutdown"}
+	case relay.IsTimeout(err):
+		return Failure{http.StatusRequestTimeout, "request_timeout", "The request body did not arrive in time.", "body_timeout"}
+	}
+	return Failure{http.StatusBadRequest, "", "Could not read the request body.", "body_error"}
 }

@@ -5,12 +5,12 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"net/url"
 	"strings"
 	"time"
 
 	"github.com/valyala/fastjson"
 
+	"github.com/llproxy/llproxy/internal/fleet"
 	"github.com/llproxy/llproxy/internal/openai"
 	"github.com/llproxy/llproxy/internal/relay"
 	"github.com/llproxy/llproxy/internal/request"
@@ -31,11 +31,15 @@ type outbound struct {
 	prefix    string           // "/<route>", stripped from the path
 }
 
-// outgoing is the request that carries r to target (relay.Request), with
-// the credentials applied and the body attached (the caller closes
-// out.Body); a nil body sends none.
-func (u *outbound) outgoing(r *http.Request, target *url.URL, auth *provider.OpenAI, body *request.Body) *http.Request {
-	out := relay.Request(r, u.prefix, target)
+// outgoing is the request that carries r where the lease goes
+// (relay.Request), with the credentials the lease allows applied and the
+// body attached (the caller closes out.Body); a nil body sends none.
+func (u *outbound) outgoing(r *http.Request, l *fleet.Lease, body *request.Body) *http.Request {
+	out := relay.Request(r, u.prefix, l.Target)
+	auth := u.auth
+	if !l.SendKey {
+		auth = u.noKey
+	}
 	auth.Authorize(out.Header)
 	if body != nil {
 		body.Attach(out)
@@ -53,11 +57,7 @@ func (rt *Route) relay(ex *exchange, r *http.Request, body *request.Body) {
 		return
 	}
 	defer l.Release()
-	auth := rt.up.auth
-	if !l.SendKey {
-		auth = rt.up.noKey
-	}
-	out := rt.up.outgoing(r, l.Target, auth, body)
+	out := rt.up.outgoing(r, l, body)
 	if out.Body != nil {
 		defer out.Body.Close()
 	}
@@ -104,18 +104,12 @@ func (rt *Route) try(ex *exchange, r *http.Request, model string, c *call, body 
 		return attempt{verdict: relay.Failed, noBackend: true}
 	}
 	defer l.Release()
-	auth := rt.up.auth
-	if !l.SendKey {
-		auth = rt.up.noKey
-	}
 	body = rt.bodyFor(ex, body, model, l.Model)
 	if l.Backend != "" && rt.debugging(ctx) {
 		rt.debug(ctx, "backend picked", slog.String("model", model), slog.String("backend", l.Backend),
 			slog.String("upstream_id", l.Model), slog.Int("try", ex.tries))
 	}
-	target := l.Target
-
-	out := rt.up.outgoing(r, target, auth, body)
+	out := rt.up.outgoing(r, l, body)
 	if out.Body != nil {
 		defer out.Body.Close()
 	}

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"net/http"
-	"strconv"
 	"strings"
 
 	"github.com/llproxy/llproxy/internal/backends"
@@ -95,22 +94,13 @@ func (rt *Route) writeLeaseError(w http.ResponseWriter, model string, err error)
 
 // writeBodyError answers a body that could not be read and returns the
 // log outcome.
-func writeBodyError(w http.ResponseWriter, err error, limit int64) string {
-	switch {
-	case errors.Is(err, request.ErrBodyTooLarge):
-		openai.WriteError(w, http.StatusRequestEntityTooLarge, "invalid_request_error", "request_too_large",
-			"Request body too large: the limit is "+strconv.FormatInt(limit, 10)+" bytes.")
-		return outcomeTooLarge
-	case errors.Is(err, request.ErrShuttingDown):
+func writeBodyError(w http.ResponseWriter, err error, lim request.Limits) string {
+	f := request.FailureOf(err, lim)
+	typ := "invalid_request_error"
+	if f.Status == http.StatusServiceUnavailable {
+		typ = "server_error"
 		w.Header()["Retry-After"] = []string{"1"}
-		openai.WriteError(w, http.StatusServiceUnavailable, "server_error", "service_unavailable", "llproxy is shutting down; retry on another instance.")
-		return metrics.OutcomeShuttingDown
-	case relay.IsTimeout(err):
-		w.Header()["Connection"] = []string{"close"}
-		openai.WriteError(w, http.StatusRequestTimeout, "invalid_request_error", "request_timeout",
-			"The request body did not arrive in time.")
-		return outcomeBodyTimeout
 	}
-	openai.WriteError(w, http.StatusBadRequest, "invalid_request_error", "", "Could not read the request body.")
-	return outcomeBodyError
+	openai.WriteError(w, f.Status, typ, f.Code, f.Message)
+	return f.Outcome
 }

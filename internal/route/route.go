@@ -187,13 +187,8 @@ var (
 
 // Log outcomes of requests that are not scheduled.
 const (
-	outcomePassthrough   = "passthrough" // names no model: forwarded unscheduled
-	OutcomeBadRequest    = "bad_request"
-	OutcomeNotFound      = "not_found"
-	OutcomeUnauthorized  = "unauthorized"
-	outcomeForbidden     = "forbidden"
-	outcomeTooLarge      = "body_too_large"
-	outcomeBodyError     = "body_error"
-	outcomeBodyTimeout   = "body_timeout"
-	outcomeInternalError = "internal_error"
+	outcomePassthrough  = "passthrough" // names no model: forwarded unscheduled
+	OutcomeBadRequest   = "bad_request"
+	OutcomeNotFound     = "not_found"
+	OutcomeUnauthorized = "unauthorized"
 )

@@ -39,7 +39,7 @@ func (rt *Route) serve(w http.ResponseWriter, r *http.Request) {
 		body, err = request.ReadBody(ex, r, rt.opts.Limits, rt.opts.Closing)
 		if err != nil {
 			request.DropBody(ex, r)
-			rec.outcome = writeBodyError(ex, err, rt.opts.Limits.MaxBodyBytes)
+			rec.outcome = writeBodyError(ex, err, rt.opts.Limits)
 			return
 		}
 		defer body.Release()

@@ -4,7 +4,6 @@ import (
 	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -15,7 +14,6 @@ import (
 	"time"
 
 	"github.com/llproxy/llproxy/internal/openai"
-	"github.com/llproxy/llproxy/internal/relay"
 	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/internal/route"
 )
@@ -191,16 +189,12 @@ func (s *Server) serveOllama(w http.ResponseWriter, r *http.Request) {
 	if r.Body != nil && r.Body != http.NoBody && r.Method != http.MethodGet && r.Method != http.MethodHead {
 		body, err := request.ReadBody(w, r, s.limits(), s.closing.Load)
 		if err != nil {
-			status, msg := http.StatusBadRequest, "could not read the request body"
-			switch {
-			case errors.Is(err, request.ErrBodyTooLarge):
-				status, msg = http.StatusRequestEntityTooLarge, "request body too large: the limit is "+strconv.FormatInt(s.cfg.MaxBodyBytes, 10)+" bytes"
-			case relay.IsTimeout(err):
-				status, msg = http.StatusRequestTimeout, "the request body did not arrive in time"
-			}
+			// Ollama's shape: {"error": "..."}.
+			f := request.FailureOf(err, s.limits())
+			request.DropBody(w, r)
 			w.Header().Set("Content-Type", "application/json; charset=utf-8")
-			w.WriteHeader(status)
-			b, _ := json.Marshal(map[string]string{"error": msg})
+			w.WriteHeader(f.Status)
+			b, _ := json.Marshal(map[string]string{"error": f.Message})
 			w.Write(append(b, '\n'))
 			return
 		}
