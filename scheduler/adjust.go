@@ -157,10 +157,10 @@ func (q *Queue) HeldUntil() time.Time {
 	return q.holdUntil
 }
 
-// changed drops the cached prediction and reconsiders the head after the
-// buckets or the hold changed. q.mu is held.
+// changed drops the kept prediction and reconsiders whose turn it is
+// after the buckets or the hold changed. q.mu is held.
 func (q *Queue) changed(now time.Time) {
-	q.tailOK = false
+	q.tail.ok = false
 	if !q.closed {
 		q.dispatch(now)
 	}
@@ -168,11 +168,13 @@ func (q *Queue) changed(now time.Time) {
 
 // Requeue puts a request that was admitted but must be sent again (the
 // upstream refused it with a 429 and its admission was given back with
-// Unsend) at the head of the queue, ahead of everyone who arrived after it,
-// ignoring MaxQueueSize. It waits like Acquire, but its limit is the
-// absolute deadline it arrived with, not a fresh MaxQueueWait: if it cannot
-// be admitted by then it is rejected at once with ErrWaitTooLong, whose
-// RetryAfter is when a newcomer retrying alone would be admitted.
+// Unsend) at the head of its client's FIFO, ahead of everyone of that
+// client who arrived after it, ignoring MaxQueueSize; its tag went back
+// with Unsend, so it is also first among the clients if it was before. It
+// waits like Acquire, but its limit is the absolute deadline it arrived
+// with, not a fresh MaxQueueWait: if it cannot be admitted by then it is
+// rejected at once with ErrWaitTooLong, whose RetryAfter is when a
+// newcomer retrying alone would be admitted.
 func (q *Queue) Requeue(ctx context.Context, cost Cost, deadline time.Time) (*Admission, error) {
 	q.mu.Lock()
 	now := time.Now()
@@ -185,22 +187,32 @@ func (q *Queue) Requeue(ctx context.Context, cost Cost, deadline time.Time) (*Ad
 }
 
 func (q *Queue) requeue(now time.Time, cost Cost, deadline time.Time) (*waiter, *Admission, error) {
-	if q.closed {
+	switch {
+	case q.closed:
 		return nil, nil, ErrClosed
+	case cost.Tokens < 0:
+		return nil, nil, ErrInvalidCost
+	case cost.Client < 0 || cost.Client >= len(q.lanes):
+		return nil, nil, ErrUnknownClient
 	}
-	if len(q.waiting) == 0 && q.canPay(now, cost) {
-		return nil, q.pay(now, cost, 0), nil
+	l := q.lanes[cost.Client]
+	if q.depth == 0 && !now.Before(q.holdUntil) && q.canPay(now, cost.Tokens) && l.canPay(now, cost.Tokens) {
+		return nil, q.pay(now, l, cost, 0), nil
 	}
-	first, binding := q.step(q.headAt(now), cost)
-	if first.at.After(deadline) {
-		tail, _ := q.step(q.tailAt(now), cost)
-		return nil, nil, q.reject(now, ErrWaitTooLong, binding, cost, tail.at.Sub(now))
+	// At the head of its lane: the lane's waiters shift back one.
+	w := q.push(now, l, cost)
+	copy(l.waiting[1:], l.waiting[:len(l.waiting)-1])
+	l.waiting[0] = w
+	w.deadline = deadline
+	q.headChanged(l)
+	q.tail.ok = false
+	ch := q.predict(now, w)
+	if ch.at.After(deadline) {
+		q.cancel(now, w)
+		tail := q.probe(now, l, cost)
+		return nil, nil, q.reject(now, ErrWaitTooLong, ch, l, cost, tail.at.Sub(now))
 	}
-	w := &waiter{cost: cost, enqueued: now, deadline: deadline, ready: make(chan struct{})}
-	q.waiting = append(q.waiting, nil)
-	copy(q.waiting[1:], q.waiting)
-	q.waiting[0] = w
-	q.queuedTokens += cost.Tokens
+	w.ready = make(chan struct{})
 	q.changed(now)
 	return w, nil, nil
 }

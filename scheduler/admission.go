@@ -1,9 +1,6 @@
 package scheduler
 
-import (
-	"slices"
-	"time"
-)
+import "time"
 
 // Admission is an admitted request's hold on its queue, returned by Acquire
 // and Requeue. Like a rate.Reservation it is the one handle through which
@@ -24,12 +21,16 @@ type Admission struct {
 	Mark Mark
 
 	q     *Queue
+	lane  *lane
+	epoch uint64 // the queue's tag epoch it was admitted in
 	start time.Time
 	cost  int
 	seq   uint64 // admission order
 	// Guarded by q.mu.
-	tokens   int  // tokens it holds in the bucket: its cost, then its settled usage
-	slot     bool // holds a concurrency slot
+	tokens   int  // tokens it holds in the buckets: its cost, then its settled usage
+	running  bool // not yet released
+	slot     bool // holds one of the model's concurrency slots
+	laneSlot bool // holds one of its client's
 	unsent   bool // given back whole
 	settled  bool
 	observed bool
@@ -46,10 +47,10 @@ type Mark struct {
 	PaidRequests, PaidTokens       float64
 }
 
-// Release frees the concurrency slot the request holds, once its response
-// has completed (streams included), and lets the head of the queue take it.
-// It does nothing for a queue without MaxConcurrent, after Unsend, or the
-// second time.
+// Release ends the request's hold once its response has completed
+// (streams included): the concurrency slots it holds, the model's and its
+// client's, go to whoever waits for them. It does nothing after Unsend or
+// the second time.
 func (a *Admission) Release(now time.Time) {
 	if a == nil || a.q == nil {
 		return
@@ -57,10 +58,14 @@ func (a *Admission) Release(now time.Time) {
 	q := a.q
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	if !a.slot {
+	if !a.running {
 		return
 	}
-	q.dropSlot(a)
+	slots := a.slot || a.laneSlot
+	q.stop(a)
+	if !slots {
+		return
+	}
 	held := now.Sub(a.start)
 	if q.service == 0 {
 		q.service = held
@@ -68,6 +73,23 @@ func (a *Admission) Release(now time.Time) {
 		q.service = (7*q.service + held) / 8
 	}
 	q.changed(now)
+}
+
+// stop ends a's run: its slots are free. q.mu is held.
+func (q *Queue) stop(a *Admission) {
+	if !a.running {
+		return
+	}
+	a.running = false
+	a.lane.running--
+	if a.slot {
+		a.slot = false
+		q.dropSlot(a)
+	}
+	if a.laneSlot {
+		a.laneSlot = false
+		a.lane.dropSlot(a)
+	}
 }
 
 // Unsend gives the whole admission back: the request was never received by
@@ -93,10 +115,11 @@ func (q *Queue) unsend(now time.Time, a *Admission) {
 	a.unsent = true
 	q.req.give(now, 1)
 	q.tok.give(now, a.tokens)
+	a.lane.req.give(now, 1)
+	a.lane.tok.give(now, a.tokens)
 	a.tokens = 0
-	if a.slot {
-		q.dropSlot(a)
-	}
+	q.stop(a)
+	q.refund(a.lane, a.cost, a.epoch)
 }
 
 // Settle corrects the token bucket once the request's real usage is known:
@@ -121,17 +144,11 @@ func (a *Admission) Settle(now time.Time, actual int) {
 	}
 	if actual < a.tokens {
 		q.tok.give(now, a.tokens-actual)
+		a.lane.tok.give(now, a.tokens-actual)
 	} else {
 		q.tok.charge(now, actual-a.tokens)
+		a.lane.tok.charge(now, actual-a.tokens)
 	}
 	a.tokens = actual
 	q.changed(now)
-}
-
-// dropSlot removes a's concurrency slot. q.mu is held and a holds one.
-func (q *Queue) dropSlot(a *Admission) {
-	a.slot = false
-	if i := slices.Index(q.inflight, a); i >= 0 {
-		q.inflight = slices.Delete(q.inflight, i, i+1)
-	}
 }

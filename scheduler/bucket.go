@@ -29,19 +29,28 @@ type bucket struct {
 }
 
 // newBucket returns a full bucket: after idle the whole minute's allowance
-// is available, as OpenAI's own limits behave.
+// is available, as OpenAI's own limits behave. A bucket of capacity 0 is no
+// limit: it is always ready, and taking from it does nothing.
 func newBucket(perMinute int) bucket {
+	if perMinute <= 0 {
+		return bucket{}
+	}
 	perSec := float64(perMinute) / 60
 	return bucket{lim: rate.NewLimiter(rate.Limit(perSec), perMinute), capacity: float64(perMinute),
 		perSec: perSec, configured: perSec}
 }
 
 // level is the number of tokens in the bucket at now.
-func (b bucket) level(now time.Time) float64 { return b.lim.TokensAt(now) }
+func (b bucket) level(now time.Time) float64 {
+	if b.lim == nil {
+		return 0
+	}
+	return b.lim.TokensAt(now)
+}
 
 // take removes n tokens at now. The caller has checked that they are there.
 func (b bucket) take(now time.Time, n int) {
-	if !b.lim.AllowN(now, n) {
+	if b.lim != nil && !b.lim.AllowN(now, n) {
 		// Only float rounding gets here: borrow the sliver.
 		b.lim.ReserveN(now, n)
 	}
@@ -51,7 +60,7 @@ func (b bucket) take(now time.Time, n int) {
 // reservation larger than what was used). The level stays capped at
 // capacity.
 func (b bucket) give(now time.Time, n int) {
-	if n > 0 {
+	if n > 0 && b.lim != nil {
 		b.lim.ReserveN(now, -n)
 	}
 }
@@ -61,7 +70,7 @@ func (b bucket) give(now time.Time, n int) {
 // refill before anything else is admitted. A single charge is capped at the
 // capacity.
 func (b bucket) charge(now time.Time, n int) {
-	if n > 0 {
+	if n > 0 && b.lim != nil {
 		b.lim.ReserveN(now, min(n, int(b.capacity)))
 	}
 }
@@ -112,7 +121,7 @@ func (b *bucket) observe(now time.Time, discrepancy float64) (lowered float64, r
 // to the microsecond so that a timer set for it finds the tokens there.
 func (b bucket) waitFrom(level float64, n int) time.Duration {
 	missing := float64(n) - level
-	if missing <= epsilon {
+	if missing <= epsilon || b.lim == nil {
 		return 0
 	}
 	us := math.Ceil(missing / b.perSec * 1e6)

@@ -105,3 +105,48 @@ func (d *Duration) setSeconds(f float64) error {
 func (d Duration) MarshalJSON() ([]byte, error) {
 	return json.Marshal(time.Duration(d).String())
 }
+
+// MaxWeight is the largest client weight.
+const MaxWeight = 1000
+
+// Client is one client of a queue: its name, its share of the queue's
+// buckets against the other clients waiting at the same time, and its own
+// limits for the queue's model. Zero RPM, TPM or MaxConcurrent mean no
+// limit of its own; MaxQueueSize and MaxQueueWait are its own values (see
+// Config.Client for the model's).
+type Client struct {
+	Name string
+	// Weight is the client's share (1 to MaxWeight).
+	Weight        int
+	RPM, TPM      int
+	MaxConcurrent int
+	MaxQueueSize  int
+	MaxQueueWait  Duration
+}
+
+// Client returns a client of the queue with weight and no limits of its
+// own: its MaxQueueSize and MaxQueueWait are the model's.
+func (c Config) Client(name string, weight int) Client {
+	return Client{Name: name, Weight: weight, MaxQueueSize: c.MaxQueueSize, MaxQueueWait: c.MaxQueueWait}
+}
+
+// Validate reports every field of the client out of range, each naming
+// its field by JSON name.
+func (c Client) Validate() error {
+	var errs []error
+	if c.Weight < 1 || c.Weight > MaxWeight {
+		errs = append(errs, fmt.Errorf("weight: must be 1 to %d, got %d", MaxWeight, c.Weight))
+	}
+	for _, f := range []struct {
+		name string
+		v    int
+	}{{"rpm", c.RPM}, {"tpm", c.TPM}, {"maxConcurrent", c.MaxConcurrent}, {"maxQueueSize", c.MaxQueueSize}} {
+		if f.v < 0 {
+			errs = append(errs, fmt.Errorf("%s: must be >= 0, got %d", f.name, f.v))
+		}
+	}
+	if c.MaxQueueWait < 0 {
+		errs = append(errs, fmt.Errorf("maxQueueWait: must be >= 0, got %s", time.Duration(c.MaxQueueWait)))
+	}
+	return errors.Join(errs...)
+}

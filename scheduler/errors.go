@@ -17,6 +17,7 @@ var (
 	ErrTooManyModels = errors.New("scheduler: too many distinct models")
 	ErrInvalidCost   = errors.New("scheduler: a cost must not be negative")
 	ErrRetired       = errors.New("scheduler: queue retired; look the model up again")
+	ErrUnknownClient = errors.New("scheduler: no such client in the queue")
 )
 
 // Resource names a bucket.
@@ -58,7 +59,11 @@ type RejectError struct {
 	// RetryAfter is how long until the request, retried alone, would be
 	// admitted at once. Zero for ErrTooLarge: it never will be.
 	RetryAfter time.Duration
-	// QueueLen is the number of requests waiting when it was rejected.
+	// Client is the client's name when the limit that binds is the
+	// client's own; empty when it is the model's.
+	Client string
+	// QueueLen is the number of its client's requests waiting when it was
+	// rejected.
 	QueueLen int
 	// State is the buckets' state at the rejection, for response headers.
 	State RateState

@@ -1,6 +1,7 @@
 package scheduler
 
 import (
+	"container/heap"
 	"context"
 	"math"
 	"sync"
@@ -8,9 +9,11 @@ import (
 	"time"
 )
 
-// Cost is what one request pays: one request and Tokens tokens.
+// Cost is what one request pays: one request and Tokens tokens, on behalf
+// of the queue's client number Client (see NewQueue).
 type Cost struct {
 	Tokens int
+	Client int
 }
 
 // RateState is a snapshot of a queue's two buckets as a newcomer sees them:
@@ -38,56 +41,64 @@ type Stats struct {
 	RefillRequests, RefillTokens float64
 }
 
-// waiter is one queued request. Its fields after cost are guarded by the
+// ClientStats is one client's state in a queue.
+type ClientStats struct {
+	Name         string
+	Depth        int // requests waiting
+	QueuedTokens int
+	InFlight     int // admitted and not yet released
+}
+
+// waiter is one queued request. Its fields after seq are guarded by the
 // queue's mutex; ready is closed once, when done is set.
 type waiter struct {
 	cost     Cost
+	lane     *lane
+	seq      uint64 // arrival order
 	enqueued time.Time
 	deadline time.Time // rejected if not admitted by then
 	ready    chan struct{}
+	// predicted is when it was predicted to be admitted as it arrived.
+	predicted time.Time
 	done     bool
 	adm      *Admission
 	err      error
 }
 
-// sim is a predicted bucket state: the levels right after a request is
-// admitted at time at.
-type sim struct {
-	at       time.Time
-	req, tok float64
-	// slots are the predicted times the concurrency slots free up,
-	// ascending; nil unless the queue has MaxConcurrent.
-	slots []time.Time
-}
-
-// Queue is the strict FIFO queue of one (route, model) in front of its
-// request and token buckets. A request is admitted only when both buckets
-// can pay for it and every request ahead of it has been admitted.
+// Queue is the queue of one (route, model) in front of its request and
+// token buckets. Each client has its own FIFO in it; between clients
+// waiting at the same time the buckets are shared in proportion to their
+// weights, in tokens (fair.go). A request is admitted only when the
+// model's buckets and its client's own can pay for it.
 //
-// The queue predicts each newcomer's admission time by replaying the buckets
-// over the costs queued ahead of it (the tail of that replay is kept, so the
-// common case is O(1)); a newcomer that would wait longer than MaxQueueWait
-// is rejected at once. Tokens are taken only at admission, so a request that
-// leaves the queue costs nothing and the requests behind it move up.
+// The queue predicts each newcomer's admission time by replaying the
+// dispatcher over the backlog (the replay is kept while one client waits,
+// so that common case is O(1)); a newcomer that would wait longer than its
+// client's MaxQueueWait is rejected at once. Tokens are taken only at
+// admission, so a request that leaves the queue costs nothing and the
+// requests behind it move up.
 //
 // Queue is safe for concurrent use. Its state is guarded by one mutex per
 // queue; no lock is shared between queues.
 type Queue struct {
-	model    string
-	cfg      Config
-	req, tok bucket
+	model string
+	cfg   Config
+	gate  // the model's buckets and slots
+	lanes []*lane
 
 	mu           sync.Mutex
-	waiting      []*waiter // FIFO; waiting[0] is the head
+	backlog      cursors // lanes with waiters, lowest tag first
+	depth        int     // requests waiting, in all
 	queuedTokens int
-	tail         sim  // prediction after the last waiter is admitted
-	tailOK       bool // false after a cancellation: recompute from the head
+	vtime        float64 // virtual time: the start tag of the last admission
+	epoch        uint64  // tags start over when nobody waits
+	arrivals     uint64
+	tail         replay // with one lane waiting: the replay after its last waiter
 	timer        *time.Timer
 	holdUntil    time.Time // no admission before this (the upstream said wait)
 	loweredReq   float64   // how much Observe has lowered each bucket, in all
 	loweredTok   float64
-	inflight     []*Admission // admissions holding a slot (MaxConcurrent only)
-	paidReq      float64      // what admissions have paid, in all (see Observe)
+	paidReq      float64 // what admissions have paid, in all (see Observe)
 	paidTok      float64
 	seq          uint64   // admissions so far
 	answers      []answer // ring of recent answers (see Observe)
@@ -95,13 +106,29 @@ type Queue struct {
 	service      time.Duration // how long a request holds its slot, on average (EWMA)
 	closed       bool
 	retired      atomic.Bool // see Retire; set under mu
+	scan         []*cursor   // scratch for next
+	simCurs      []cursor    // scratch for predict
+	simHeap      cursors
 }
 
-// NewQueue returns an empty queue with full buckets. cfg must be valid (see
-// Config.Validate). It runs on the time package's clock: tests run it in a
-// testing/synctest bubble, where that clock is exact.
-func NewQueue(model string, cfg Config) *Queue {
-	return &Queue{model: model, cfg: cfg, req: newBucket(cfg.RPM), tok: newBucket(cfg.TPM)}
+// NewQueue returns an empty queue with full buckets. cfg and each client
+// must be valid (see Config.Validate and Client.Validate); with no clients
+// the queue has one, of weight 1 and without limits of its own, and
+// behaves as one FIFO. Cost.Client is an index into clients. It runs on
+// the time package's clock: tests run it in a testing/synctest bubble,
+// where that clock is exact.
+func NewQueue(model string, cfg Config, clients ...Client) *Queue {
+	if len(clients) == 0 {
+		clients = []Client{cfg.Client("", 1)}
+	}
+	q := &Queue{model: model, cfg: cfg, gate: newGate(cfg.RPM, cfg.TPM, cfg.MaxConcurrent), lanes: make([]*lane, len(clients))}
+	for i, c := range clients {
+		c.Weight = max(1, c.Weight)
+		l := &lane{Client: c, gate: newGate(c.RPM, c.TPM, c.MaxConcurrent)}
+		l.cur = cursor{l: l, at: -1}
+		q.lanes[i] = l
+	}
+	return q
 }
 
 // Model returns the model name the queue was made for.
@@ -110,16 +137,18 @@ func (q *Queue) Model() string { return q.model }
 // Config returns the queue's limits.
 func (q *Queue) Config() Config { return q.cfg }
 
-// Acquire admits a request of the given cost, waiting in FIFO order if it
-// must, and returns its Admission, which the caller releases (see
-// Admission). It returns at once with a *RejectError when the request
-// cannot be admitted within MaxQueueWait, the queue is full, or the cost
-// exceeds a bucket's capacity; with ErrClosed after Close; and with
-// ctx.Err() if ctx ends while the request waits, in which case the request
-// leaves the queue having paid nothing. A request still waiting
-// MaxQueueWait after it arrived (the wait was predicted from how long
-// requests hold their slots, and they held them longer) is rejected then
-// with ErrWaitTooLong: no request waits longer than MaxQueueWait.
+// Acquire admits a request of the given cost, waiting behind its client's
+// earlier requests and its share of the others' if it must, and returns
+// its Admission, which the caller releases (see Admission). It returns at
+// once with a *RejectError when the request cannot be admitted within its
+// client's MaxQueueWait, its client's queue is full, or the cost exceeds a
+// bucket's capacity; with ErrClosed after Close; and with ctx.Err() if ctx
+// ends while the request waits, in which case the request leaves the queue
+// having paid nothing. A request still waiting MaxQueueWait after it
+// arrived (the wait was predicted from how long requests hold their slots,
+// and they held them longer, or another client started waiting) is
+// rejected then with ErrWaitTooLong: no request waits longer than
+// MaxQueueWait.
 func (q *Queue) Acquire(ctx context.Context, cost Cost) (*Admission, error) {
 	q.mu.Lock()
 	w, adm, err := q.enqueue(time.Now(), cost)
@@ -168,198 +197,213 @@ func (q *Queue) expire(w *waiter) {
 		return
 	}
 	q.cancel(now, w)
-	next, binding := q.step(q.tailAt(now), w.cost)
-	wait := next.at.Sub(now)
-	if !q.slotFree() {
+	ch := q.probe(now, w.lane, w.cost)
+	wait := ch.at.Sub(now)
+	if !q.slotFree() || !w.lane.slotFree() {
 		// The slots were held longer than predicted; when one frees is
 		// anyone's guess, so the client is not asked back at once.
-		binding, wait = Slots, max(wait, q.service, time.Second)
+		ch.binding, wait = Slots, max(wait, q.service, time.Second)
+		ch.own = q.slotFree()
 	}
-	w.err = q.reject(now, ErrWaitTooLong, binding, w.cost, wait)
+	w.err = q.reject(now, ErrWaitTooLong, ch, w.lane, w.cost, wait)
 	close(w.ready)
 }
 
 // enqueue is Acquire's decision, taken under q.mu:
 //
-//  1. Closed: ErrClosed.
-//  2. Cost above a bucket's capacity: ErrTooLarge; it can never run.
-//  3. Nobody waiting and both buckets can pay now: admitted (fast path).
-//  4. Predict the admission time by replaying the buckets over the queue.
-//  5. Queue holds MaxQueueSize (> 0) already: ErrQueueFull.
-//  6. Predicted wait above MaxQueueWait, or no queueing allowed: ErrWaitTooLong.
-//  7. Otherwise queue it; the head's timer admits it at its time.
+//  1. Closed, retired, a negative cost or an unknown client: an error.
+//  2. Cost above a bucket's capacity (the model's or the client's):
+//     ErrTooLarge; it can never run.
+//  3. Nobody waiting and every gate can pay now: admitted (fast path).
+//  4. Its client's queue holds its MaxQueueSize (> 0) already: ErrQueueFull.
+//  5. Predict the admission time by replaying the queue with it at the
+//     end of its client's FIFO.
+//  6. Predicted wait above MaxQueueWait, or no queueing allowed:
+//     ErrWaitTooLong.
+//  7. Otherwise it waits; the dispatcher admits it at its time.
 //
 // A nil waiter means the answer is final.
 func (q *Queue) enqueue(now time.Time, cost Cost) (*waiter, *Admission, error) {
 	// (1)
-	if q.closed {
+	switch {
+	case q.closed:
 		return nil, nil, ErrClosed
-	}
-	if q.retired.Load() {
+	case q.retired.Load():
 		return nil, nil, ErrRetired
-	}
-	if cost.Tokens < 0 {
+	case cost.Tokens < 0:
 		return nil, nil, ErrInvalidCost
+	case cost.Client < 0 || cost.Client >= len(q.lanes):
+		return nil, nil, ErrUnknownClient
 	}
+	l := q.lanes[cost.Client]
 	// (2)
-	if cost.Tokens > q.cfg.TPM {
-		st := q.state(now)
-		return nil, nil, &RejectError{Reason: ErrTooLarge, Model: q.model, Resource: Tokens,
-			Limit: q.cfg.TPM, Requested: cost.Tokens, QueueLen: len(q.waiting), State: st}
+	if cost.Tokens > q.cfg.TPM || (l.TPM > 0 && cost.Tokens > l.TPM) {
+		e := &RejectError{Reason: ErrTooLarge, Model: q.model, Resource: Tokens, Requested: cost.Tokens,
+			Limit: q.cfg.TPM, QueueLen: len(l.waiting), State: q.state(now, l)}
+		if cost.Tokens <= q.cfg.TPM {
+			e.Client, e.Limit = l.Name, l.TPM
+		}
+		return nil, nil, e
 	}
 	// (3) Fast path.
-	if len(q.waiting) == 0 && q.canPay(now, cost) {
-		return nil, q.pay(now, cost, 0), nil
+	if q.depth == 0 && !now.Before(q.holdUntil) && q.canPay(now, cost.Tokens) && l.canPay(now, cost.Tokens) {
+		return nil, q.pay(now, l, cost, 0), nil
 	}
 	// (4)
-	from := q.tailAt(now)
-	next, binding := q.step(from, cost)
-	wait := next.at.Sub(now)
-	// (5), (6)
 	// A queue that may hold nobody (MaxQueueSize 0) is never "full": the
 	// request simply cannot be admitted without waiting.
-	var reason error
-	switch {
-	case len(q.waiting) > 0 && len(q.waiting) >= q.cfg.MaxQueueSize:
-		reason = ErrQueueFull
-	case wait > time.Duration(q.cfg.MaxQueueWait), q.cfg.MaxQueueSize == 0:
-		reason = ErrWaitTooLong
+	if n := len(l.waiting); n > 0 && n >= l.MaxQueueSize {
+		ch := q.probe(now, l, cost)
+		return nil, nil, q.reject(now, ErrQueueFull, ch, l, cost, ch.at.Sub(now))
 	}
-	if reason != nil {
-		return nil, nil, q.reject(now, reason, binding, cost, wait)
+	// (5)
+	kept := q.tail
+	w := q.push(now, l, cost)
+	ch := q.predict(now, w)
+	wait := ch.at.Sub(now)
+	// (6)
+	if wait > time.Duration(l.MaxQueueWait) || l.MaxQueueSize == 0 {
+		q.pop(l)
+		q.tail = kept
+		return nil, nil, q.reject(now, ErrWaitTooLong, ch, l, cost, wait)
 	}
 	// (7)
-	w := &waiter{cost: cost, enqueued: now, deadline: now.Add(time.Duration(q.cfg.MaxQueueWait)), ready: make(chan struct{})}
-	q.waiting = append(q.waiting, w)
-	q.queuedTokens += cost.Tokens
-	q.tail, q.tailOK = next, true
-	if len(q.waiting) == 1 {
-		q.dispatch(now)
+	w.ready = make(chan struct{})
+	w.predicted = ch.at
+	if len(q.backlog) > 1 {
+		q.tail.ok = false // the replay kept is one lane's
+	}
+	if len(l.waiting) == 1 {
+		q.dispatch(now) // a new lane may change whose turn it is
 	}
 	return w, nil, nil
 }
 
-// pay takes a request's cost from both buckets and describes its
-// admission. q.mu is held and the request is no longer queued.
-func (q *Queue) pay(now time.Time, cost Cost, wait time.Duration) *Admission {
-	q.req.take(now, 1)
-	q.tok.take(now, cost.Tokens)
+// push appends a waiter of cost to lane l.
+func (q *Queue) push(now time.Time, l *lane, cost Cost) *waiter {
+	q.arrivals++
+	w := &waiter{cost: cost, lane: l, seq: q.arrivals, enqueued: now,
+		deadline: now.Add(time.Duration(l.MaxQueueWait))}
+	l.waiting = append(l.waiting, w)
+	l.queued += cost.Tokens
+	q.depth++
+	q.queuedTokens += cost.Tokens
+	if len(l.waiting) == 1 {
+		q.join(l)
+	}
+	return w
+}
+
+// pop takes back the waiter push just appended to lane l.
+func (q *Queue) pop(l *lane) {
+	w := l.waiting[len(l.waiting)-1]
+	l.waiting[len(l.waiting)-1] = nil
+	l.waiting = l.waiting[:len(l.waiting)-1]
+	q.left(l, w)
+	if len(l.waiting) == 0 {
+		heap.Remove(&q.backlog, l.cur.at)
+	}
+}
+
+// left accounts for w leaving lane l's FIFO.
+func (q *Queue) left(l *lane, w *waiter) {
+	l.queued -= w.cost.Tokens
+	q.depth--
+	q.queuedTokens -= w.cost.Tokens
+	if q.depth == 0 {
+		q.epoch++ // nobody waits: the tags start over
+		q.vtime = 0
+	}
+}
+
+// probe predicts when a request of cost from lane l, arriving now at the
+// end of its FIFO, would be admitted. It leaves the queue as it was.
+func (q *Queue) probe(now time.Time, l *lane, cost Cost) choice {
+	kept := q.tail
+	q.push(now, l, cost)
+	ch := q.predict(now, l.waiting[len(l.waiting)-1])
+	q.pop(l)
+	q.arrivals--
+	q.tail = kept
+	return ch
+}
+
+// pay takes a request's cost from the model's gate and its client's and
+// describes its admission. q.mu is held and the request is no longer
+// queued.
+func (q *Queue) pay(now time.Time, l *lane, cost Cost, wait time.Duration) *Admission {
+	q.take(now, cost.Tokens)
+	l.take(now, cost.Tokens)
 	q.paidReq++
 	q.paidTok += float64(cost.Tokens)
 	q.seq++
-	a := &Admission{Wait: wait, q: q, start: now, seq: q.seq, cost: cost.Tokens, tokens: cost.Tokens, State: q.state(now), Mark: Mark{
-		Requests: q.req.level(now), Tokens: q.tok.level(now),
-		LoweredRequests: q.loweredReq, LoweredTokens: q.loweredTok,
-		PaidRequests: q.paidReq, PaidTokens: q.paidTok,
-	}}
-	if q.cfg.MaxConcurrent > 0 {
+	l.running++
+	a := &Admission{Wait: wait, q: q, lane: l, epoch: q.epoch, start: now, seq: q.seq, cost: cost.Tokens,
+		tokens: cost.Tokens, State: q.state(now, l), Mark: Mark{
+			Requests: q.req.level(now), Tokens: q.tok.level(now),
+			LoweredRequests: q.loweredReq, LoweredTokens: q.loweredTok,
+			PaidRequests: q.paidReq, PaidTokens: q.paidTok,
+		}}
+	a.running = true
+	if q.maxConcurrent > 0 {
 		a.slot = true
 		q.inflight = append(q.inflight, a)
+	}
+	if l.maxConcurrent > 0 {
+		a.laneSlot = true
+		l.inflight = append(l.inflight, a)
 	}
 	return a
 }
 
-// canPay reports whether a request of cost could be admitted at now if it
-// were at the head.
-func (q *Queue) canPay(now time.Time, cost Cost) bool {
-	return q.slotFree() && !now.Before(q.holdUntil) && q.req.level(now) >= 1-epsilon && q.tok.level(now) >= float64(cost.Tokens)-epsilon
-}
-
-func (q *Queue) reject(now time.Time, reason error, binding Resource, cost Cost, wait time.Duration) *RejectError {
-	e := &RejectError{Reason: reason, Model: q.model, Resource: binding, RetryAfter: wait,
-		QueueLen: len(q.waiting), State: q.state(now)}
-	switch binding {
-	case Slots:
-		e.Limit, e.Requested = q.cfg.MaxConcurrent, 1
-		e.Used = len(q.inflight) + len(q.waiting)
-	case Tokens:
-		avail := q.tok.level(now) - float64(q.queuedTokens)
-		e.Limit, e.Requested = q.cfg.TPM, cost.Tokens
-		e.Used = max(0, q.cfg.TPM-int(math.Floor(avail)))
-	default:
-		avail := q.req.level(now) - float64(len(q.waiting))
-		e.Limit, e.Requested = q.cfg.RPM, 1
-		e.Used = max(0, q.cfg.RPM-int(math.Floor(avail)))
+func (q *Queue) reject(now time.Time, reason error, ch choice, l *lane, cost Cost, wait time.Duration) *RejectError {
+	e := &RejectError{Reason: reason, Model: q.model, Resource: ch.binding, RetryAfter: wait,
+		QueueLen: len(l.waiting), State: q.state(now, l)}
+	if ch.own {
+		e.Client = l.Name
+		l.describe(e, now, cost.Tokens, len(l.waiting), l.queued)
+	} else {
+		q.describe(e, now, cost.Tokens, q.depth, q.queuedTokens)
 	}
 	return e
 }
 
-// tailAt returns the predicted bucket state once every waiting request has
-// been admitted, or the state at now when none waits.
-func (q *Queue) tailAt(now time.Time) sim {
-	if len(q.waiting) == 0 || !q.tailOK {
-		s := q.headAt(now)
-		for _, w := range q.waiting {
-			s, _ = q.step(s, w.cost)
-		}
-		q.tail, q.tailOK = s, true
-		return s
-	}
-	s := q.tail
-	if d := now.Sub(s.at); d > 0 {
-		// The last admission is overdue (timer latency): advance to now.
-		s = sim{at: now, req: q.req.fill(s.req, d), tok: q.tok.fill(s.tok, d), slots: s.slots}
-	}
-	return s
-}
-
-// headAt is the bucket state the head of the queue starts from: now, or
-// the end of a hold.
+// headAt is the model's state the backlog starts from: now, or the end of
+// a hold.
 func (q *Queue) headAt(now time.Time) sim {
 	at := now
 	if q.holdUntil.After(now) {
 		at = q.holdUntil
 	}
-	return sim{at: at, req: q.req.level(at), tok: q.tok.level(at), slots: q.slotTimes(at)}
+	return q.at(at, q.service)
 }
 
-// step predicts when a request of cost is admitted after state s, and the
-// state right after it pays. binding is the bucket it waited longer for.
-func (q *Queue) step(s sim, cost Cost) (sim, Resource) {
-	dr := q.req.waitFrom(s.req, 1)
-	dt := q.tok.waitFrom(s.tok, cost.Tokens)
-	d, binding := dr, Requests
-	if dt > dr {
-		d, binding = dt, Tokens
-	}
-	var slots []time.Time
-	if len(s.slots) > 0 {
-		if free := s.slots[0].Sub(s.at); free > d {
-			d, binding = free, Slots
-		}
-		slots = q.takeSlot(s.slots, s.at.Add(d))
-	}
-	return sim{
-		at:    s.at.Add(d),
-		req:   q.req.fill(s.req, d) - 1,
-		tok:   q.tok.fill(s.tok, d) - float64(cost.Tokens),
-		slots: slots,
-	}, binding
-}
-
-// dispatch admits waiting requests from the head while both buckets can pay,
-// then sets the timer for the new head.
+// dispatch admits waiting requests while the gates can pay (fair.go says
+// whose turn it is), then sets the timer for the next admission.
 func (q *Queue) dispatch(now time.Time) {
-	if hold := q.holdUntil.Sub(now); hold > 0 && len(q.waiting) > 0 {
+	if hold := q.holdUntil.Sub(now); hold > 0 && q.depth > 0 {
 		q.arm(hold)
 		return
 	}
-	for len(q.waiting) > 0 {
-		if !q.slotFree() {
+	for q.depth > 0 {
+		ch := q.next(sim{at: now}, &q.backlog, true)
+		if ch.c == nil {
 			q.disarm() // Release dispatches again when a slot frees
 			return
 		}
-		w := q.waiting[0]
-		d := max(q.req.waitFrom(q.req.level(now), 1), q.tok.waitFrom(q.tok.level(now), w.cost.Tokens))
-		if d > 0 {
+		if d := ch.at.Sub(now); d > 0 {
 			q.arm(d)
 			return
 		}
-		q.waiting[0] = nil
-		q.waiting = q.waiting[1:]
-		q.queuedTokens -= w.cost.Tokens
+		l := ch.c.l
+		w := l.waiting[0]
+		l.waiting[0] = nil
+		l.waiting = l.waiting[1:]
+		q.charge(l, w.cost.Tokens)
+		q.headChanged(l)
+		q.left(l, w)
 		w.done = true
-		w.adm = q.pay(now, w.cost, now.Sub(w.enqueued))
+		w.adm = q.pay(now, l, w.cost, now.Sub(w.enqueued))
 		close(w.ready)
 	}
 	q.disarm()
@@ -385,54 +429,78 @@ func (q *Queue) onTimer() {
 	}
 }
 
-// cancel removes w if it is still waiting and reports whether it did.
+// cancel removes w if it is still waiting and reports whether it did. The
+// requests behind it, its client's and everyone's, move up at once.
 func (q *Queue) cancel(now time.Time, w *waiter) bool {
 	if w.done {
 		return false
 	}
-	for i, x := range q.waiting {
+	l := w.lane
+	for i, x := range l.waiting {
 		if x != w {
 			continue
 		}
-		copy(q.waiting[i:], q.waiting[i+1:])
-		q.waiting[len(q.waiting)-1] = nil
-		q.waiting = q.waiting[:len(q.waiting)-1]
-		q.queuedTokens -= w.cost.Tokens
-		q.tailOK = false
-		w.done = true
+		copy(l.waiting[i:], l.waiting[i+1:])
+		l.waiting[len(l.waiting)-1] = nil
+		l.waiting = l.waiting[:len(l.waiting)-1]
 		if i == 0 {
-			q.dispatch(now)
+			q.headChanged(l)
 		}
+		q.left(l, w)
+		q.tail.ok = false
+		w.done = true
+		q.dispatch(now)
 		return true
 	}
 	return false
 }
 
-// state reports the buckets as a newcomer sees them at now: their levels
-// less what the queued requests will take.
-func (q *Queue) state(now time.Time) RateState {
-	lr := q.req.level(now) - float64(len(q.waiting))
-	lt := q.tok.level(now) - float64(q.queuedTokens)
-	return RateState{
-		LimitRequests: q.cfg.RPM, RemainingRequests: max(0, int(math.Floor(lr+epsilon))), ResetRequests: q.req.untilFull(lr),
-		LimitTokens: q.cfg.TPM, RemainingTokens: max(0, int(math.Floor(lt+epsilon))), ResetTokens: q.tok.untilFull(lt),
+// state reports the buckets as a newcomer of lane l sees them at now: the
+// model's, less what the queued requests will take, or the client's own
+// where they leave less.
+func (q *Queue) state(now time.Time, l *lane) RateState {
+	st := q.gate.state(now, q.depth, q.queuedTokens)
+	if l.req.lim == nil && l.tok.lim == nil {
+		return st
 	}
+	own := l.gate.state(now, len(l.waiting), l.queued)
+	if l.req.lim != nil && own.RemainingRequests < st.RemainingRequests {
+		st.LimitRequests, st.RemainingRequests, st.ResetRequests = own.LimitRequests, own.RemainingRequests, own.ResetRequests
+	}
+	if l.tok.lim != nil && own.RemainingTokens < st.RemainingTokens {
+		st.LimitTokens, st.RemainingTokens, st.ResetTokens = own.LimitTokens, own.RemainingTokens, own.ResetTokens
+	}
+	return st
 }
 
-// State returns the buckets' state at now as a newcomer sees it.
+// State returns the model's buckets' state at now as a newcomer sees it.
 func (q *Queue) State(now time.Time) RateState {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	return q.state(now)
+	return q.gate.state(now, q.depth, q.queuedTokens)
 }
 
 // Stats returns the queue's depth and bucket levels at now.
 func (q *Queue) Stats(now time.Time) Stats {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	return Stats{Depth: len(q.waiting), QueuedTokens: q.queuedTokens,
+	return Stats{Depth: q.depth, QueuedTokens: q.queuedTokens,
 		RemainingRequests: q.req.level(now), RemainingTokens: q.tok.level(now),
 		RefillRequests: perMinute(q.req.perSec), RefillTokens: perMinute(q.tok.perSec), InFlight: len(q.inflight)}
+}
+
+// Clients calls f with each client's state, in the order of NewQueue's
+// clients.
+func (q *Queue) Clients(f func(i int, st ClientStats)) {
+	q.mu.Lock()
+	stats := make([]ClientStats, len(q.lanes))
+	for i, l := range q.lanes {
+		stats[i] = ClientStats{Name: l.Name, Depth: len(l.waiting), QueuedTokens: l.queued, InFlight: l.running}
+	}
+	q.mu.Unlock()
+	for i, st := range stats {
+		f(i, st)
+	}
 }
 
 // Close rejects every waiting request with ErrClosed, and every later one.
@@ -441,22 +509,29 @@ func (q *Queue) Close() {
 	defer q.mu.Unlock()
 	q.closed = true
 	q.disarm()
-	for _, w := range q.waiting {
-		w.done, w.err = true, ErrClosed
-		close(w.ready)
+	for _, l := range q.lanes {
+		for _, w := range l.waiting {
+			w.done, w.err = true, ErrClosed
+			close(w.ready)
+		}
+		l.waiting, l.queued = nil, 0
+		l.cur.at = -1
 	}
-	q.waiting, q.queuedTokens = nil, 0
+	q.backlog = q.backlog[:0]
+	q.depth, q.queuedTokens = 0, 0
 }
 
 // Retire marks the queue retired if it is idle at now (nobody waiting or in
-// flight, no hold, both buckets full again: a new queue for its model would
+// flight, no hold, every bucket full again: a new queue for its model would
 // start exactly where it stands) and reports whether it did. A retired
 // queue answers Acquire with ErrRetired.
 func (q *Queue) Retire(now time.Time) bool {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	idle := len(q.waiting) == 0 && len(q.inflight) == 0 && !q.holdUntil.After(now) &&
-		q.req.level(now) >= q.req.capacity-epsilon && q.tok.level(now) >= q.tok.capacity-epsilon
+	idle := q.depth == 0 && !q.holdUntil.After(now) && q.full(now)
+	for _, l := range q.lanes {
+		idle = idle && l.running == 0 && l.full(now)
+	}
 	if idle && !q.closed {
 		q.retired.Store(true)
 	}

@@ -257,9 +257,9 @@ func TestRequestBucketCapBindsAfterTokenWait(t *testing.T) {
 		acquireAsync(context.Background(), q, 1, 600, start, out) // 60s (tokens)
 		acquireAsync(context.Background(), q, 2, 0, start, out)   // 60s (1 request left after refill cap)
 		q.mu.Lock()
-		next, binding := q.step(q.tailAt(time.Now()), Cost{})
+		next := q.probe(time.Now(), q.lanes[0], Cost{})
 		q.mu.Unlock()
-		assert.Equal(t, Requests, binding)
+		assert.Equal(t, Requests, next.binding)
 		assert.Equal(t, 90*time.Second, next.at.Sub(start).Round(time.Millisecond), "predicted with the cap")
 		acquireAsync(context.Background(), q, 3, 0, start, out)
 		for _, want := range []time.Duration{60 * time.Second, 60 * time.Second, 90 * time.Second} {
@@ -318,7 +318,10 @@ func testPredictionMatchesAdmission(t *testing.T, rpm, tpm int) {
 			now := time.Now()
 			q.mu.Lock()
 			w, _, err := q.enqueue(now, Cost{Tokens: tokens})
-			predicted := q.tail.at.Sub(start)
+			var predicted time.Duration
+			if w != nil {
+				predicted = w.predicted.Sub(start)
+			}
 			q.mu.Unlock()
 			if err != nil {
 				continue
