@@ -175,10 +175,13 @@ func (q *Queue) changed(now time.Time) {
 // with, not a fresh MaxQueueWait: if it cannot be admitted by then it is
 // rejected at once with ErrWaitTooLong, whose RetryAfter is when a
 // newcomer retrying alone would be admitted.
-func (q *Queue) Requeue(ctx context.Context, cost Cost, deadline time.Time) (*Admission, error) {
+//
+// into, if not nil, is the admission to write into, as for AcquireInto
+// (the one given back is fine).
+func (q *Queue) Requeue(ctx context.Context, cost Cost, deadline time.Time, into *Admission) (*Admission, error) {
 	q.mu.Lock()
 	now := time.Now()
-	w, adm, err := q.requeue(now, cost, deadline)
+	w, adm, err := q.requeue(now, cost, deadline, into)
 	q.mu.Unlock()
 	if w == nil {
 		return adm, err
@@ -186,7 +189,7 @@ func (q *Queue) Requeue(ctx context.Context, cost Cost, deadline time.Time) (*Ad
 	return q.wait(ctx, w)
 }
 
-func (q *Queue) requeue(now time.Time, cost Cost, deadline time.Time) (*waiter, *Admission, error) {
+func (q *Queue) requeue(now time.Time, cost Cost, deadline time.Time, into *Admission) (*waiter, *Admission, error) {
 	switch {
 	case q.closed:
 		return nil, nil, ErrClosed
@@ -197,10 +200,11 @@ func (q *Queue) requeue(now time.Time, cost Cost, deadline time.Time) (*waiter, 
 	}
 	l := q.lanes[cost.Client]
 	if q.depth == 0 && !now.Before(q.holdUntil) && q.canPay(now, cost.Tokens) && l.canPay(now, cost.Tokens) {
-		return nil, q.pay(now, l, cost, 0), nil
+		return nil, q.pay(now, l, cost, 0, into), nil
 	}
 	// At the head of its lane: the lane's waiters shift back one.
 	w := q.push(now, l, cost)
+	w.into = into
 	copy(l.waiting[1:], l.waiting[:len(l.waiting)-1])
 	l.waiting[0] = w
 	w.deadline = deadline

@@ -201,7 +201,7 @@ func TestRequeueGoesToTheHeadWithinItsDeadline(t *testing.T) {
 		out := make(chan result, 2)
 		acquireAsync(context.Background(), q, 1, 100, start, out) // 10s, and the queue is full
 		go func() {
-			adm, err := q.Requeue(context.Background(), Cost{Tokens: 100}, start.Add(15*time.Second))
+			adm, err := q.Requeue(context.Background(), Cost{Tokens: 100}, start.Add(15*time.Second), nil)
 			out <- result{id: 2, at: time.Since(start), adm: adm, err: err}
 		}()
 		synctest.Wait()
@@ -214,7 +214,7 @@ func TestRequeueGoesToTheHeadWithinItsDeadline(t *testing.T) {
 
 		// Past its deadline: rejected at once, with the retry time of a newcomer.
 		acquireAsync(context.Background(), q, 3, 100, start, out) // 30s
-		_, err := q.Requeue(context.Background(), Cost{Tokens: 100}, time.Now().Add(5*time.Second))
+		_, err := q.Requeue(context.Background(), Cost{Tokens: 100}, time.Now().Add(5*time.Second), nil)
 		var re *RejectError
 		require.ErrorAs(t, err, &re)
 		assert.ErrorIs(t, err, ErrWaitTooLong)

@@ -2,6 +2,7 @@ package scheduler
 
 import (
 	"context"
+	"fmt"
 	"testing"
 	"time"
 )
@@ -75,4 +76,76 @@ func BenchmarkSettle(b *testing.B) {
 				RemainingRequests: 1 << 30, HasRemainingRequests: true})
 		}
 	})
+}
+
+// BenchmarkFairShare measures admission with 1, 10 and 100 active
+// clients: the fast path (the buckets have room; the admission is written
+// into the caller's, as the gateway's pooled requests do), one admission
+// from a backlog where every client waits (a heap step: O(log clients)),
+// and the prediction for a newcomer when every client has 10 waiting (a
+// replay of the requests ahead of it).
+func BenchmarkFairShare(b *testing.B) {
+	for _, n := range []int{1, 10, 100} {
+		big := Config{MaxQueueSize: 1 << 20, MaxQueueWait: Duration(time.Hour), RPM: 1 << 30, TPM: 1 << 40}
+		clients := make([]Client, n)
+		for i := range clients {
+			clients[i] = big.Client(fmt.Sprint(i), 1+i%7)
+		}
+		b.Run(fmt.Sprintf("fast path/%d clients", n), func(b *testing.B) {
+			q := NewQueue("m", big, clients...)
+			ctx := context.Background()
+			var adm Admission
+			b.ReportAllocs()
+			i := 0
+			for b.Loop() {
+				if _, err := q.AcquireInto(ctx, Cost{Tokens: 500, Client: i % n}, &adm); err != nil {
+					b.Fatal(err)
+				}
+				adm.Release(time.Now())
+				i++
+			}
+		})
+		b.Run(fmt.Sprintf("from backlog/%d clients", n), func(b *testing.B) {
+			slow := Config{MaxQueueSize: 1 << 20, MaxQueueWait: Duration(time.Hour), RPM: 1 << 30, TPM: 6000}
+			q := NewQueue("m", slow, clients...)
+			q.tok.take(time.Now(), 6000)
+			now := time.Now()
+			q.mu.Lock()
+			defer q.mu.Unlock()
+			for i := range 10 * n {
+				q.push(now, q.lanes[i%n], Cost{Tokens: 100, Client: i % n}).ready = make(chan struct{})
+			}
+			b.ReportAllocs()
+			i := 0
+			for b.Loop() {
+				// One arrival, then exactly one admission's worth of tokens.
+				q.push(now, q.lanes[i%n], Cost{Tokens: 100, Client: i % n}).ready = make(chan struct{})
+				q.tok.give(now, 100)
+				before := q.depth
+				q.dispatch(now)
+				if q.depth != before-1 {
+					b.Fatalf("admitted %d", before-q.depth)
+				}
+				i++
+			}
+			q.disarm()
+		})
+		b.Run(fmt.Sprintf("predict/%d clients", n), func(b *testing.B) {
+			slow := Config{MaxQueueSize: 1 << 20, MaxQueueWait: Duration(time.Hour), RPM: 1 << 30, TPM: 6000}
+			q := NewQueue("m", slow, clients...)
+			q.tok.take(time.Now(), 6000)
+			now := time.Now()
+			q.mu.Lock()
+			defer q.mu.Unlock()
+			for i := range 10 * n {
+				q.push(now, q.lanes[i%n], Cost{Tokens: 100, Client: i % n})
+			}
+			b.ReportAllocs()
+			i := 0
+			for b.Loop() {
+				q.probe(now, q.lanes[i%n], Cost{Tokens: 100, Client: i % n})
+				i++
+			}
+		})
+	}
 }

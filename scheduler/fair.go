@@ -39,6 +39,9 @@ type lane struct {
 	running int    // admitted and not yet released
 }
 
+// free reports whether the lane has no limits of its own.
+func (l *lane) free() bool { return l.req.lim == nil && l.tok.lim == nil && l.maxConcurrent == 0 }
+
 // cursor is a lane's place in a backlog heap: the queue's own (i is 0) or
 // a prediction's scratch copy.
 type cursor struct {
@@ -106,6 +109,12 @@ const never = time.Duration(1<<63 - 1)
 // admitted until a slot is released.
 func (q *Queue) next(s sim, h *cursors, live bool) choice {
 	T := s.at
+	if top := (*h)[0]; !live && top.l.free() {
+		// The lowest tag has no limits of its own: its turn, whatever the
+		// others' own gates say.
+		d, binding := q.ready(s, top.head().cost.Tokens)
+		return choice{c: top, at: T.Add(d), binding: binding}
+	}
 	best := choice{}
 	bestWait := never
 	m := never // the soonest a lane scanned so far is let through by its own gate
@@ -185,7 +194,10 @@ func (q *Queue) predict(now time.Time, r *waiter) choice {
 	curs := q.simCurs[:len(q.backlog)]
 	h := q.simHeap[:0]
 	for i, c := range q.backlog {
-		curs[i] = cursor{l: c.l, finish: c.finish, own: c.l.at(now, q.service), at: len(h)}
+		curs[i] = cursor{l: c.l, finish: c.finish, at: len(h)}
+		if !c.l.free() {
+			curs[i].own = c.l.at(now, q.service)
+		}
 		h = append(h, &curs[i])
 	}
 	heap.Init(&h)
@@ -196,7 +208,9 @@ func (q *Queue) predict(now time.Time, r *waiter) choice {
 		c := ch.c
 		w := c.head()
 		s = q.gate.pass(s, w.cost.Tokens, ch.at, q.service)
-		c.own = c.l.pass(c.own, w.cost.Tokens, ch.at, q.service)
+		if !c.l.free() {
+			c.own = c.l.pass(c.own, w.cost.Tokens, ch.at, q.service)
+		}
 		start := max(v, c.finish)
 		c.finish, v = start+tagCost(w.cost.Tokens, c.l.Weight), start
 		if w == r {

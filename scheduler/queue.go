@@ -60,9 +60,10 @@ type waiter struct {
 	ready    chan struct{}
 	// predicted is when it was predicted to be admitted as it arrived.
 	predicted time.Time
-	done     bool
-	adm      *Admission
-	err      error
+	into      *Admission // what to admit it into; nil: a new one
+	done      bool
+	adm       *Admission
+	err       error
 }
 
 // Queue is the queue of one (route, model) in front of its request and
@@ -150,8 +151,16 @@ func (q *Queue) Config() Config { return q.cfg }
 // rejected then with ErrWaitTooLong: no request waits longer than
 // MaxQueueWait.
 func (q *Queue) Acquire(ctx context.Context, cost Cost) (*Admission, error) {
+	return q.AcquireInto(ctx, cost, nil)
+}
+
+// AcquireInto is Acquire writing the admission into a (nil: a new one), so
+// that a caller that pools its requests' state admits without allocating
+// on the fast path. a must be zero or an admission the caller is done
+// with: released or given back, and called no more.
+func (q *Queue) AcquireInto(ctx context.Context, cost Cost, a *Admission) (*Admission, error) {
 	q.mu.Lock()
-	w, adm, err := q.enqueue(time.Now(), cost)
+	w, adm, err := q.enqueue(time.Now(), cost, a)
 	q.mu.Unlock()
 	if w == nil {
 		return adm, err
@@ -223,7 +232,7 @@ func (q *Queue) expire(w *waiter) {
 //  7. Otherwise it waits; the dispatcher admits it at its time.
 //
 // A nil waiter means the answer is final.
-func (q *Queue) enqueue(now time.Time, cost Cost) (*waiter, *Admission, error) {
+func (q *Queue) enqueue(now time.Time, cost Cost, into *Admission) (*waiter, *Admission, error) {
 	// (1)
 	switch {
 	case q.closed:
@@ -247,7 +256,7 @@ func (q *Queue) enqueue(now time.Time, cost Cost) (*waiter, *Admission, error) {
 	}
 	// (3) Fast path.
 	if q.depth == 0 && !now.Before(q.holdUntil) && q.canPay(now, cost.Tokens) && l.canPay(now, cost.Tokens) {
-		return nil, q.pay(now, l, cost, 0), nil
+		return nil, q.pay(now, l, cost, 0, into), nil
 	}
 	// (4)
 	// A queue that may hold nobody (MaxQueueSize 0) is never "full": the
@@ -259,6 +268,7 @@ func (q *Queue) enqueue(now time.Time, cost Cost) (*waiter, *Admission, error) {
 	// (5)
 	kept := q.tail
 	w := q.push(now, l, cost)
+	w.into = into
 	ch := q.predict(now, w)
 	wait := ch.at.Sub(now)
 	// (6)
@@ -331,14 +341,17 @@ func (q *Queue) probe(now time.Time, l *lane, cost Cost) choice {
 // pay takes a request's cost from the model's gate and its client's and
 // describes its admission. q.mu is held and the request is no longer
 // queued.
-func (q *Queue) pay(now time.Time, l *lane, cost Cost, wait time.Duration) *Admission {
+func (q *Queue) pay(now time.Time, l *lane, cost Cost, wait time.Duration, a *Admission) *Admission {
 	q.take(now, cost.Tokens)
 	l.take(now, cost.Tokens)
 	q.paidReq++
 	q.paidTok += float64(cost.Tokens)
 	q.seq++
 	l.running++
-	a := &Admission{Wait: wait, q: q, lane: l, epoch: q.epoch, start: now, seq: q.seq, cost: cost.Tokens,
+	if a == nil {
+		a = new(Admission)
+	}
+	*a = Admission{Wait: wait, q: q, lane: l, epoch: q.epoch, start: now, seq: q.seq, cost: cost.Tokens,
 		tokens: cost.Tokens, State: q.state(now, l), Mark: Mark{
 			Requests: q.req.level(now), Tokens: q.tok.level(now),
 			LoweredRequests: q.loweredReq, LoweredTokens: q.loweredTok,
@@ -403,7 +416,7 @@ func (q *Queue) dispatch(now time.Time) {
 		q.headChanged(l)
 		q.left(l, w)
 		w.done = true
-		w.adm = q.pay(now, l, w.cost, now.Sub(w.enqueued))
+		w.adm = q.pay(now, l, w.cost, now.Sub(w.enqueued), w.into)
 		close(w.ready)
 	}
 	q.disarm()

@@ -226,7 +226,7 @@ func TestAdmittedWhileCancelledGivesBack(t *testing.T) {
 		acquire(t, q, 600).Release(time.Now())
 		ctx, cancel := context.WithCancel(context.Background())
 		q.mu.Lock()
-		w, _, err := q.enqueue(time.Now(), Cost{Tokens: 100})
+		w, _, err := q.enqueue(time.Now(), Cost{Tokens: 100}, nil)
 		q.mu.Unlock()
 		require.NoError(t, err)
 		time.Sleep(10 * time.Second)
@@ -317,7 +317,7 @@ func testPredictionMatchesAdmission(t *testing.T, rpm, tpm int) {
 			tokens := rng.IntN(400)
 			now := time.Now()
 			q.mu.Lock()
-			w, _, err := q.enqueue(now, Cost{Tokens: tokens})
+			w, _, err := q.enqueue(now, Cost{Tokens: tokens}, nil)
 			var predicted time.Duration
 			if w != nil {
 				predicted = w.predicted.Sub(start)
