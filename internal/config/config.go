@@ -39,6 +39,7 @@ const (
 	DefaultBodyTimeout      = 60 * time.Second
 	DefaultBodyIdleTimeout  = 10 * time.Second
 	DefaultWriteTimeout     = 30 * time.Second
+	DefaultStateFile        = "llproxy-state.json"
 )
 
 // Config is the whole file.
@@ -68,6 +69,13 @@ type Config struct {
 	// (with /healthz answering 503) before it stops accepting connections,
 	// so a load balancer can take it out first. Default 0.
 	ShutdownDelay scheduler.Duration `json:"shutdownDelay"`
+	// Clients are the teams that share the gateway, by name: each with its
+	// keys, weight, routes and limits. See Client.
+	Clients map[string]*Client `json:"clients"`
+	// StateFile keeps what must survive a restart (the clients' token use
+	// today, for their daily budgets). Default llproxy-state.json next to
+	// the config file.
+	StateFile string `json:"stateFile"`
 	// AdminKeys, when set, are the only keys accepted on the admin
 	// endpoints (/status, /health, /health/force-check, /unload). Without
 	// them any client key is, when clientKeys are set.
@@ -194,12 +202,17 @@ func (s Secret) LogValue() slog.Value { return slog.StringValue(s.String()) }
 func (s Secret) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
 
 // reservedRoutes are paths the gateway serves itself.
-var reservedRoutes = []string{"metrics", "healthz", "health", "v1", "api", "status", "unload"}
+var reservedRoutes = []string{"metrics", "healthz", "health", "v1", "api", "status", "unload", "clients"}
 
 var routeName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]*$`)
 
 // setDefaults fills zero fields with their defaults.
 func (c *Config) setDefaults() {
+	for _, cl := range c.Clients {
+		if cl != nil && cl.Weight == 0 {
+			cl.Weight = 1
+		}
+	}
 	if c.Listen == "" {
 		c.Listen = DefaultListen
 	}
@@ -289,18 +302,14 @@ func (c *Config) Validate() error {
 		}
 	}
 	seen := map[string]string{}
-	for _, keys := range []struct {
-		path string
-		keys []Secret
-	}{{"clientKeys", c.ClientKeys}, {"adminKeys", c.AdminKeys}} {
-		for i, k := range keys.keys {
-			path := fmt.Sprintf("%s[%d]", keys.path, i)
-			if prev, ok := seen[k.Value()]; ok && k != "" {
-				errs = append(errs, fmt.Errorf("%s: the same key as %s", path, prev))
-			}
-			seen[k.Value()] = path
+	for _, k := range c.keyPaths() {
+		if prev, ok := seen[k.key.Value()]; ok && k.key != "" {
+			errs = append(errs, fmt.Errorf("%s: the same key as %s", k.path, prev))
+			continue
 		}
+		seen[k.key.Value()] = k.path
 	}
+	errs = append(errs, c.validateClients()...)
 	for i, k := range c.AdminKeys {
 		if k == "" {
 			errs = append(errs, fmt.Errorf("adminKeys[%d]: must not be empty", i))

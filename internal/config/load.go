@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"maps"
 	"os"
+	"path/filepath"
 	"reflect"
 	"slices"
 	"strconv"
@@ -25,6 +26,9 @@ func Load(path string, env LookupEnv) (*Config, error) {
 	cfg, err := Parse(data, env)
 	if err != nil {
 		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	if cfg.StateFile == "" {
+		cfg.StateFile = filepath.Join(filepath.Dir(path), DefaultStateFile)
 	}
 	return cfg, nil
 }

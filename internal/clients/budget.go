@@ -1,0 +1,191 @@
+package clients
+
+import (
+	"fmt"
+	"maps"
+	"slices"
+	"time"
+)
+
+// Daily budgets: a client's tokens used per model and UTC day, settled
+// from what the upstream reports, so refunds count. A request holds its
+// estimated cost against the budget from admission to settlement (a Spend),
+// so that concurrent requests cannot all slip under it; it is refused once
+// what is used and held reaches the budget.
+
+// maxModels bounds the models a client's usage is kept for (model names
+// come from clients); past it, new models share one entry.
+const maxModels = 1000
+
+// otherModels is the entry of the models past maxModels.
+const otherModels = "*other*"
+
+// usage is a client's use of one model on one day.
+type usage struct {
+	day  int64 // UTC days since the epoch
+	used int64 // tokens settled
+	held int64 // tokens of admitted requests not yet settled
+}
+
+// dayOf is the UTC day of t, counted from the epoch.
+func dayOf(t time.Time) int64 {
+	s := t.Unix()
+	if s < 0 {
+		return (s+1)/86400 - 1
+	}
+	return s / 86400
+}
+
+// nextDay is when the UTC day of t ends.
+func nextDay(t time.Time) time.Time {
+	return time.Unix((dayOf(t)+1)*86400, 0).UTC()
+}
+
+// entry returns c's usage of model today. c.mu is held.
+func (c *Client) entry(model string, now time.Time) *usage {
+	today := dayOf(now)
+	u, ok := c.usage[model]
+	if !ok {
+		if len(c.usage) >= maxModels {
+			for m, old := range c.usage {
+				if old.day != today && old.held == 0 {
+					delete(c.usage, m) // yesterday's, done with
+				}
+			}
+		}
+		if len(c.usage) >= maxModels {
+			model = otherModels
+			if u, ok = c.usage[model]; ok {
+				return c.roll(u, today)
+			}
+		}
+		u = &usage{day: today}
+		c.usage[model] = u
+	}
+	return c.roll(u, today)
+}
+
+// roll starts u over on a new day.
+func (c *Client) roll(u *usage, today int64) *usage {
+	if u.day != today {
+		u.day, u.used, u.held = today, 0, 0
+	}
+	return u
+}
+
+// Exhausted is a request refused because its client's daily budget for
+// its model is used up.
+type Exhausted struct {
+	Client, Model string
+	Budget, Used  int64
+	Reset         time.Time // when the budget starts over
+}
+
+func (e *Exhausted) Error() string {
+	return fmt.Sprintf("You exceeded your current quota: client %s has used %d of its %d tokens per day for %s. "+
+		"The budget resets at %s (UTC midnight).", e.Client, e.Used, e.Budget, e.Model, e.Reset.Format(time.RFC3339))
+}
+
+// Spend is a request's hold on its client's daily budget: taken by
+// Reserve, ended once by Settle (what the upstream reports it used) or
+// Release (it used nothing that counts). Release after Settle does
+// nothing, so a caller defers Release where it reserves. The zero Spend
+// does nothing.
+type Spend struct {
+	c    *Client
+	u    *usage
+	day  int64
+	held int64
+}
+
+// Reserve holds cost tokens of c's budget for model at now, or returns an
+// *Exhausted when what c has used and holds today reaches it. A client
+// without a budget for model is only counted.
+func (c *Client) Reserve(now time.Time, model string, cost int) (Spend, error) {
+	budget := c.Budget(model)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	u := c.entry(model, now)
+	if budget > 0 && u.used+u.held >= budget {
+		return Spend{}, &Exhausted{Client: c.Name, Model: model, Budget: budget, Used: u.used, Reset: nextDay(now)}
+	}
+	u.held += int64(cost)
+	return Spend{c: c, u: u, day: u.day, held: int64(cost)}, nil
+}
+
+// Settle ends the hold and counts used tokens as spent today.
+func (s *Spend) Settle(now time.Time, used int) {
+	if s.c == nil {
+		return
+	}
+	c := s.c
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s.end()
+	u := c.roll(s.u, dayOf(now))
+	u.used += int64(max(0, used))
+	if c.dirty != nil {
+		c.dirty.Store(true)
+	}
+	s.c = nil
+}
+
+// Release ends the hold, counting nothing.
+func (s *Spend) Release() {
+	if s.c == nil {
+		return
+	}
+	s.c.mu.Lock()
+	s.end()
+	s.c.mu.Unlock()
+	s.c = nil
+}
+
+// end gives the hold back, if its day is still the entry's. c.mu is held.
+func (s *Spend) end() {
+	if s.u.day == s.day {
+		s.u.held = max(0, s.u.held-s.held)
+	}
+}
+
+// ModelUse is a client's use of one model today.
+type ModelUse struct {
+	Model string `json:"model"`
+	// Used is tokens used today; Held is what admitted requests hold.
+	Used int64 `json:"tokensUsedToday"`
+	Held int64 `json:"tokensHeld"`
+	// Budget is the daily budget (0: none); Left what remains of it.
+	Budget int64  `json:"tokensPerDay,omitempty"`
+	Left   *int64 `json:"budgetLeft,omitempty"`
+}
+
+// Today returns c's use of every model today, by model name, including
+// the models it has a budget for and has not used.
+func (c *Client) Today(now time.Time) []ModelUse {
+	today := dayOf(now)
+	c.mu.Lock()
+	byModel := map[string]ModelUse{}
+	for m, u := range c.usage {
+		if u.day == today {
+			byModel[m] = ModelUse{Model: m, Used: u.used, Held: u.held}
+		}
+	}
+	c.mu.Unlock()
+	if c.cfg != nil {
+		for m, l := range c.cfg.Limits {
+			if _, ok := byModel[m]; !ok && l != nil && l.TokensPerDay > 0 {
+				byModel[m] = ModelUse{Model: m}
+			}
+		}
+	}
+	out := make([]ModelUse, 0, len(byModel))
+	for _, m := range slices.Sorted(maps.Keys(byModel)) {
+		mu := byModel[m]
+		if mu.Budget = c.Budget(m); mu.Budget > 0 {
+			left := max(0, mu.Budget-mu.Used)
+			mu.Left = &left
+		}
+		out = append(out, mu)
+	}
+	return out
+}

@@ -1,0 +1,160 @@
+package clients
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/llproxy/llproxy/internal/safe"
+)
+
+// The state file keeps the clients' token use today across restarts, so
+// that a restart does not hand out a fresh daily budget. It is written
+// atomically (a temporary file renamed over the old one), at least every
+// SaveEvery while usage changes and once more at shutdown. A file that
+// cannot be read back is a start-up error: silently starting from zero
+// would lift every budget.
+
+// SaveEvery is how often changed usage is written.
+const SaveEvery = 10 * time.Second
+
+// stateVersion is the state file's format.
+const stateVersion = 1
+
+type stateFile struct {
+	Version int `json:"version"`
+	// Day is the UTC day the usage is of (YYYY-MM-DD).
+	Day string `json:"day"`
+	// Clients maps client -> model -> tokens used that day.
+	Clients map[string]map[string]int64 `json:"clients"`
+}
+
+const dayLayout = "2006-01-02"
+
+// Load reads the usage of today at now from path. A missing file is an
+// empty state; another day's usage is over and not loaded; clients no
+// longer configured are dropped.
+func (d *Directory) Load(path string, now time.Time) error {
+	data, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("state file %s: %w", path, err)
+	}
+	var st stateFile
+	if err := json.Unmarshal(data, &st); err != nil {
+		return fmt.Errorf("state file %s is corrupt (%v); fix or remove it: budgets would start from zero", path, err)
+	}
+	day, err := time.Parse(dayLayout, st.Day)
+	if st.Version != stateVersion || err != nil {
+		return fmt.Errorf("state file %s is corrupt (version %d, day %q); fix or remove it: budgets would start from zero",
+			path, st.Version, st.Day)
+	}
+	for name, models := range st.Clients {
+		for model, used := range models {
+			if used < 0 {
+				return fmt.Errorf("state file %s is corrupt (clients.%s.%s: %d tokens); fix or remove it", path, name, model, used)
+			}
+		}
+	}
+	if dayOf(day) != dayOf(now) {
+		return nil
+	}
+	for _, c := range d.clients {
+		models := st.Clients[c.Name]
+		c.mu.Lock()
+		for model, used := range models {
+			c.entry(model, now).used = used
+		}
+		c.mu.Unlock()
+	}
+	return nil
+}
+
+// Save writes the usage of today at now to path, atomically.
+func (d *Directory) Save(path string, now time.Time) error {
+	d.dirty.Store(false)
+	today := dayOf(now)
+	st := stateFile{Version: stateVersion, Day: now.UTC().Format(dayLayout), Clients: map[string]map[string]int64{}}
+	for _, c := range d.clients {
+		c.mu.Lock()
+		for model, u := range c.usage {
+			if u.day == today && u.used > 0 {
+				if st.Clients[c.Name] == nil {
+					st.Clients[c.Name] = map[string]int64{}
+				}
+				st.Clients[c.Name][model] = u.used
+			}
+		}
+		c.mu.Unlock()
+	}
+	data, err := json.MarshalIndent(st, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := writeAtomic(path, append(data, '\n')); err != nil {
+		d.dirty.Store(true) // try again next time
+		return fmt.Errorf("state file %s: %w", path, err)
+	}
+	return nil
+}
+
+// writeAtomic replaces path with data: written to a temporary file in the
+// same directory, synced, renamed over path.
+func writeAtomic(path string, data []byte) error {
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	if dh, err := os.Open(dir); err == nil {
+		dh.Sync() // the rename itself, on file systems that need it
+		dh.Close()
+	}
+	return nil
+}
+
+// Keep saves the usage to path every SaveEvery while it changes, until ctx
+// ends, and then once more. It returns when the last save is done.
+func (d *Directory) Keep(ctx context.Context, path string, log *slog.Logger) {
+	t := time.NewTicker(SaveEvery)
+	defer t.Stop()
+	save := func() {
+		if err := d.Save(path, time.Now()); err != nil {
+			log.Error("saving the clients' usage", "error", err)
+		}
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			save()
+			return
+		case <-t.C:
+			if d.dirty.Load() {
+				safe.Func(log, "saving the state file", save)()
+			}
+		}
+	}
+}
