@@ -81,6 +81,9 @@ type Exhausted struct {
 	Reset         time.Time // when the budget starts over
 }
 
+// ResetAt is when the budget starts over.
+func (e *Exhausted) ResetAt() time.Time { return e.Reset }
+
 func (e *Exhausted) Error() string {
 	return fmt.Sprintf("You exceeded your current quota: client %s has used %d of its %d tokens per day for %s. "+
 		"The budget resets at %s (UTC midnight).", e.Client, e.Used, e.Budget, e.Model, e.Reset.Format(time.RFC3339))

@@ -49,6 +49,15 @@ func (c *Client) Allowed(route string) bool {
 // Routes are the routes the client may use; nil means all.
 func (c *Client) Routes() []string { return c.routes }
 
+// Lists reports whether the client's limits name model itself.
+func (c *Client) Lists(model string) bool {
+	if c.cfg == nil {
+		return false
+	}
+	_, ok := c.cfg.Limits[model]
+	return ok && model != scheduler.Wildcard
+}
+
 // Budget is the client's daily token budget for model; 0 means none.
 func (c *Client) Budget(model string) int64 {
 	if c.cfg == nil {

@@ -137,7 +137,7 @@ func writeAtomic(path string, data []byte) error {
 }
 
 // Keep saves the usage to path every SaveEvery while it changes, until ctx
-// ends, and then once more. It returns when the last save is done.
+// ends. (The last save is the caller's, once the last request settled.)
 func (d *Directory) Keep(ctx context.Context, path string, log *slog.Logger) {
 	t := time.NewTicker(SaveEvery)
 	defer t.Stop()
@@ -149,7 +149,6 @@ func (d *Directory) Keep(ctx context.Context, path string, log *slog.Logger) {
 	for {
 		select {
 		case <-ctx.Done():
-			save()
 			return
 		case <-t.C:
 			if d.dirty.Load() {

@@ -52,6 +52,7 @@ type Metrics struct {
 	retries         *prometheus.CounterVec
 	upstreamRate    *prometheus.GaugeVec
 	bucketLowered   *prometheus.CounterVec
+	clients         clientVecs
 }
 
 // Source is what the scrape-time collectors read: queues and fleet
@@ -59,6 +60,7 @@ type Metrics struct {
 type Source interface {
 	QueueSource
 	BackendSource
+	ClientSource
 }
 
 // New builds the collectors and registers them, with the collectors that
@@ -125,7 +127,8 @@ func New(reg prometheus.Registerer, src Source) (*Metrics, error) {
 		Namespace: namespace, Name: "bucket_lowered_total",
 		Help: "Times the gateway lowered a bucket because the upstream reported less remaining (another user of the key).",
 	}, []string{"route", "model"})
-	for _, c := range []prometheus.Collector{m.tokensUsed, m.tokensSettled, m.estimateError, m.retries,
+	m.clients = newClientVecs()
+	for _, c := range []prometheus.Collector{m.clients.requests, m.clients.used, newClientCollector(src), m.tokensUsed, m.tokensSettled, m.estimateError, m.retries,
 		m.upstreamRate, m.bucketLowered, m.passthrough, m.requests, m.queueWait, m.tokensReserved, m.promptTokens,
 		m.upstreamStatus, m.upstreamLatency, m.inflight, newQueueCollector(src), newBackendCollector(src)} {
 		if err := reg.Register(c); err != nil {

@@ -51,8 +51,8 @@ type Registry struct {
 }
 
 // New builds the registry of route's models (rc validated).
-func New(route string, rc *config.Route, m *metrics.Metrics) (*Registry, error) {
-	set, err := NewSet(rc.QueueConfigs(), rc.MaxWildcardModels)
+func New(route string, rc *config.Route, m *metrics.Metrics, clients Clients) (*Registry, error) {
+	set, err := NewSet(rc.QueueConfigs(), rc.MaxWildcardModels, clients)
 	if err != nil {
 		return nil, err
 	}

@@ -22,6 +22,18 @@ type Set struct {
 	maxDynamic int64
 	closed     atomic.Bool
 	onRetire   func(*scheduler.Queue)
+	clients    Clients
+}
+
+// Clients returns the clients of a queue of model with limits cfg, in the
+// order of their IDs (see scheduler.NewQueue). Nil: one anonymous client.
+type Clients func(model string, cfg scheduler.Config) []scheduler.Client
+
+func (s *Set) newQueue(model string, cfg scheduler.Config) *scheduler.Queue {
+	if s.clients == nil {
+		return scheduler.NewQueue(model, cfg)
+	}
+	return scheduler.NewQueue(model, cfg, s.clients(model, cfg)...)
 }
 
 // OnRetire sets a function Sweep calls with each queue it retires (to drop
@@ -31,14 +43,14 @@ func (s *Set) OnRetire(f func(*scheduler.Queue)) { s.onRetire = f }
 // NewSet builds the queues of a route's models: the limits of each listed
 // model, and of scheduler.Wildcard for every other; at most maxWildcard
 // unlisted models have a queue at once (0 means 1000). Every limit must be
-// valid.
-func NewSet(models map[string]scheduler.Config, maxWildcard int) (*Set, error) {
+// valid. Each queue's clients are what clients says.
+func NewSet(models map[string]scheduler.Config, maxWildcard int, clients Clients) (*Set, error) {
 	for _, name := range slices.Sorted(maps.Keys(models)) {
 		if err := models[name].Validate(); err != nil {
 			return nil, fmt.Errorf("models.%s: %w", name, err)
 		}
 	}
-	s := &Set{listed: make(map[string]*scheduler.Queue, len(models)), maxDynamic: int64(maxWildcard)}
+	s := &Set{listed: make(map[string]*scheduler.Queue, len(models)), maxDynamic: int64(maxWildcard), clients: clients}
 	if s.maxDynamic == 0 {
 		s.maxDynamic = 1000
 	}
@@ -48,7 +60,7 @@ func NewSet(models map[string]scheduler.Config, maxWildcard int) (*Set, error) {
 			s.wildcard = &w
 			continue
 		}
-		s.listed[name] = scheduler.NewQueue(name, mc)
+		s.listed[name] = s.newQueue(name, mc)
 	}
 	return s, nil
 }
@@ -80,7 +92,7 @@ func (s *Set) Queue(model string) (*scheduler.Queue, error) {
 			return nil, scheduler.ErrTooManyModels
 		}
 	}
-	q, loaded := s.dynamic.LoadOrStore(model, scheduler.NewQueue(model, *s.wildcard))
+	q, loaded := s.dynamic.LoadOrStore(model, s.newQueue(model, *s.wildcard))
 	if loaded {
 		s.dynCount.Add(-1)
 	} else if s.closed.Load() {

@@ -19,7 +19,7 @@ func qcfg(size int, wait time.Duration, rpm, tpm int) scheduler.Config {
 func TestSetWildcardQueues(t *testing.T) {
 	s, err := NewSet(map[string]scheduler.Config{
 		"gpt-4o": qcfg(1, 0, 10, 100), "*": qcfg(2, 0, 20, 200),
-	}, 2)
+	}, 2, nil)
 	require.NoError(t, err)
 	q1, err := s.Queue("gpt-4o")
 	require.NoError(t, err)
@@ -44,7 +44,7 @@ func TestSetWildcardQueues(t *testing.T) {
 	assert.ErrorIs(t, err, scheduler.ErrTooManyModels, "a and c hold spent tokens")
 	assert.Equal(t, []string{"*", "gpt-4o"}, s.Models())
 
-	strict, err := NewSet(map[string]scheduler.Config{"gpt-4o": qcfg(1, 0, 10, 100)}, 0)
+	strict, err := NewSet(map[string]scheduler.Config{"gpt-4o": qcfg(1, 0, 10, 100)}, 0, nil)
 	require.NoError(t, err)
 	_, err = strict.Queue("other")
 	assert.True(t, errors.Is(err, scheduler.ErrUnknownModel))

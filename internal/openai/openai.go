@@ -93,24 +93,46 @@ func WriteReject(w http.ResponseWriter, route string, e *scheduler.RejectError) 
 	case scheduler.Slots:
 		unit = "concurrent requests (slots)"
 	}
+	// Whose limit: the model's, or the client's own.
+	where, whose := "in llproxy route "+route, "the model's"
+	if e.Client != "" {
+		where, whose = "in llproxy route "+route+" for client "+e.Client, "its client's"
+	}
 	var msg string
 	if errors.Is(e, scheduler.ErrTooLarge) {
 		h["X-Should-Retry"] = []string{"false"}
-		msg = fmt.Sprintf("Request too large for %s in llproxy route %s on %s: Limit %d, Requested %d. "+
+		msg = fmt.Sprintf("Request too large for %s %s on %s: Limit %d, Requested %d. "+
 			"The input or output tokens must be reduced in order to run successfully.",
-			e.Model, route, unit, e.Limit, e.Requested)
+			e.Model, where, unit, e.Limit, e.Requested)
 	} else {
 		retry := ceilMillis(e.RetryAfter)
 		h["Retry-After"] = []string{strconv.FormatInt(int64(math.Ceil(retry.Seconds())), 10)}
 		h["Retry-After-Ms"] = []string{strconv.FormatInt(retry.Milliseconds(), 10)}
-		why := "Its queue is full (" + strconv.Itoa(e.QueueLen) + " requests waiting)."
+		why := "Its queue is full (" + strconv.Itoa(e.QueueLen) + " requests of its client waiting)."
 		if errors.Is(e, scheduler.ErrWaitTooLong) {
-			why = "It would wait in the queue longer than the model's maxQueueWait."
+			why = "It would wait in the queue longer than " + whose + " maxQueueWait."
 		}
-		msg = fmt.Sprintf("Rate limit reached for %s in llproxy route %s on %s: Limit %d, Used %d, Requested %d. "+
-			"Please try again in %s. %s", e.Model, route, unit, e.Limit, e.Used, e.Requested, retry, why)
+		msg = fmt.Sprintf("Rate limit reached for %s %s on %s: Limit %d, Used %d, Requested %d. "+
+			"Please try again in %s. %s", e.Model, where, unit, e.Limit, e.Used, e.Requested, retry, why)
 	}
 	WriteError(w, http.StatusTooManyRequests, typ, "rate_limit_exceeded", msg)
+}
+
+// WriteQuota answers a request whose client's daily budget is used up:
+// OpenAI's 429 insufficient_quota, which no wait of a few seconds helps
+// (x-should-retry: false), with retry-after until the budget starts over.
+func WriteQuota(w http.ResponseWriter, e QuotaError) {
+	h := w.Header()
+	h["X-Should-Retry"] = []string{"false"}
+	secs := int64(math.Ceil(time.Until(e.ResetAt()).Seconds()))
+	h["Retry-After"] = []string{strconv.FormatInt(max(1, secs), 10)}
+	WriteError(w, http.StatusTooManyRequests, "insufficient_quota", "insufficient_quota", e.Error())
+}
+
+// QuotaError is a budget used up: its message and when it starts over.
+type QuotaError interface {
+	error
+	ResetAt() time.Time
 }
 
 // Endpoint maps a request path to the API whose body it carries.

@@ -6,7 +6,9 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/llproxy/llproxy/internal/clients"
 	"github.com/llproxy/llproxy/internal/metrics"
+	"github.com/llproxy/llproxy/internal/openai"
 	"github.com/llproxy/llproxy/internal/relay"
 	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/scheduler"
@@ -20,23 +22,37 @@ import (
 // the head of the queue, which is held as long as the upstream asked), a
 // 5xx or a connection failure (after a backoff), as long as nothing has
 // reached the client and the request's maxQueueWait budget lasts.
-func (rt *Route) schedule(ex *exchange, r *http.Request, body *request.Body, c *call, rec *requestLog) {
+func (rt *Route) schedule(ex *exchange, r *http.Request, body *request.Body, c *call, who *clients.Client, rec *requestLog) {
 	ms := c.ms
 	rec.prompt, rec.cost = c.est.prompt, c.est.cost
 	arrived := time.Now()
-	adm, err := ms.Queue.Acquire(r.Context(), scheduler.Cost{Tokens: c.est.cost})
+	ex.who = rt.clients[who.ID]
+	// The client's daily budget first: over it, nothing is queued.
+	spend, err := who.Reserve(arrived, rec.model, c.est.cost)
+	if err != nil {
+		rec.outcome = metrics.OutcomeRejectBudget
+		ms.Metrics.Outcome(rec.outcome)
+		ex.who.Outcome(rec.outcome)
+		openai.WriteQuota(ex, err.(*clients.Exhausted))
+		return
+	}
+	ex.spend = spend
+	defer ex.spend.Release()
+	cost := scheduler.Cost{Tokens: c.est.cost, Client: who.ID}
+	adm, err := ms.Queue.AcquireInto(r.Context(), cost, &ex.admission)
 	if errors.Is(err, scheduler.ErrRetired) {
 		// Its queue was retired for being idle between lookup and
 		// admission: look again (a new queue with full buckets, exactly
 		// what the idle one held).
 		if ms, err = rt.models.For(rec.model); err == nil {
 			c.ms = ms
-			adm, err = ms.Queue.Acquire(r.Context(), scheduler.Cost{Tokens: c.est.cost})
+			adm, err = ms.Queue.AcquireInto(r.Context(), cost, &ex.admission)
 		}
 	}
 	if err != nil {
 		rec.outcome = rt.writeAcquireError(ex, r.Context(), err)
 		ms.Metrics.Outcome(rec.outcome)
+		ex.who.Outcome(rec.outcome)
 		if rt.debugging(r.Context()) {
 			rt.debug(r.Context(), "not admitted", slog.String("model", rec.model), slog.Int("cost", c.est.cost),
 				slog.String("reason", err.Error()))
@@ -57,6 +73,7 @@ func (rt *Route) schedule(ex *exchange, r *http.Request, body *request.Body, c *
 	defer ms.Metrics.Inflight(-1)
 	rec.outcome, rec.wait = metrics.OutcomeAdmitted, adm.Wait
 	ms.Metrics.Admitted(adm.Wait, c.est.prompt, c.est.cost)
+	ex.who.Outcome(rec.outcome)
 
 	ex.rate, ex.hasRate = adm.State, true
 	ex.ms, ex.deadline, ex.strip = ms, arrived.Add(ms.MaxQueueWait), c.inject != nil
@@ -85,7 +102,7 @@ func (rt *Route) schedule(ex *exchange, r *http.Request, body *request.Body, c *
 			rt.settle(ex, c, a, rec)
 			return
 		}
-		if !rt.sendAgain(r.Context(), ex, a, c.est.cost, rec) {
+		if !rt.sendAgain(r.Context(), ex, a, cost, rec) {
 			return
 		}
 	}

@@ -8,6 +8,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/llproxy/llproxy/internal/clients"
 	"github.com/llproxy/llproxy/internal/fleet"
 	"github.com/llproxy/llproxy/internal/metrics"
 	"github.com/llproxy/llproxy/internal/models"
@@ -33,6 +34,9 @@ type exchange struct {
 	// For a scheduled request, set by schedule and read by the send loop.
 	ms          *models.Model
 	adm         *scheduler.Admission // the admission in force
+	admission   scheduler.Admission  // what adm points to: pooled with the exchange
+	spend       clients.Spend        // the request's hold on its client's daily budget
+	who         *metrics.Client      // its client's series
 	deadline    time.Time            // arrival + maxQueueWait: no retry past it
 	tries       int                  // sends so far
 	maxRetries  int
@@ -122,7 +126,8 @@ func (ex *exchange) Unwrap() http.ResponseWriter { return ex.ResponseWriter }
 // requestLog is the one structured line logged per request. It holds no
 // prompt text and no credentials.
 type requestLog struct {
-	route, model, method, path, outcome string
+	route, client, model, method, path  string
+	outcome                             string
 	prompt, cost, used, tries           int
 	wait                                time.Duration
 	start                               time.Time
@@ -138,6 +143,7 @@ func (rt *Route) logRequest(ctx context.Context, ex *exchange, rec *requestLog) 
 	}
 	attrs := [...]slog.Attr{
 		slog.String("route", rec.route),
+		slog.String("client", rec.client),
 		slog.String("model", rec.model),
 		slog.String("method", rec.method),
 		slog.String("path", rec.path),

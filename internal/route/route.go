@@ -24,6 +24,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/valyala/fastjson"
 
+	"github.com/llproxy/llproxy/internal/clients"
 	"github.com/llproxy/llproxy/internal/config"
 	"github.com/llproxy/llproxy/internal/fleet"
 	"github.com/llproxy/llproxy/internal/metrics"
@@ -50,6 +51,7 @@ type Route struct {
 	noModel prometheus.Counter // requests that name no model
 	lessor  lessor             // where each send goes: one URL, or a fleet's backend
 	fleet   *fleet.Fleet       // the route's fleet, for its catalog and admin; nil for one URL
+	clients []*metrics.Client  // each client's series on the route, by ID
 }
 
 // Options are a route's dependencies. Tokenizer, Metrics and Logger are
@@ -62,9 +64,9 @@ type Options struct {
 	Transport http.RoundTripper
 	// Limits bound request bodies.
 	Limits request.Limits
-	// ClientKeys says the gateway has client keys: a client's own
-	// credentials are then never forwarded.
-	ClientKeys bool
+	// Clients are the gateway's clients; nil: one anonymous client. When
+	// they have keys, a client's own credentials are never forwarded.
+	Clients *clients.Directory
 	// Secrets never reach a model server's environment.
 	Secrets []string
 	// Closing reports that the gateway shuts down: a body still arriving
@@ -77,12 +79,18 @@ func New(name string, rc *config.Route, opts Options) (*Route, error) {
 	if opts.Tokenizer == nil || opts.Metrics == nil || opts.Logger == nil {
 		return nil, errors.New("route: Tokenizer, Metrics and Logger are required")
 	}
-	reg, err := models.New(name, rc, opts.Metrics)
+	if opts.Clients == nil {
+		opts.Clients = clients.New(&config.Config{})
+	}
+	reg, err := models.New(name, rc, opts.Metrics, opts.Clients.Queue)
 	if err != nil {
 		return nil, fmt.Errorf("route: routes.%s: %w", name, err)
 	}
 	rt := &Route{name: name, opts: opts, log: opts.Logger, metrics: opts.Metrics, cfg: rc, models: reg,
 		noModel: opts.Metrics.Passthrough(name)}
+	for _, c := range opts.Clients.All() {
+		rt.clients = append(rt.clients, opts.Metrics.Client(name, c.Name))
+	}
 	rt.up = outbound{prefix: "/" + name, auth: rt.authorizer(rc.APIKey.Value()),
 		// A discovered backend that may not have the key gets the
 		// client's credentials handled as on a route without one.
@@ -122,13 +130,17 @@ func New(name string, rc *config.Route, opts Options) (*Route, error) {
 // authorizer sets a route's upstream credentials: its key if it has one;
 // never a client key of the gateway's.
 func (rt *Route) authorizer(apiKey string) *provider.OpenAI {
-	return provider.NewOpenAI(provider.OpenAIConfig{APIKey: apiKey, DropClientAuth: rt.opts.ClientKeys,
+	return provider.NewOpenAI(provider.OpenAIConfig{APIKey: apiKey, DropClientAuth: rt.opts.Clients.Keyed(),
 		ForwardOrganization: rt.cfg.ForwardOrganization})
 }
 
-// ServeHTTP serves one request of the route (its path starts /<name>/, or
-// it is the default route's at the root).
-func (rt *Route) ServeHTTP(w http.ResponseWriter, r *http.Request) { rt.serve(w, r) }
+// Serve serves one request of the route (its path starts /<name>/, or it
+// is the default route's at the root) from client who, whom the caller
+// authenticated.
+func (rt *Route) Serve(w http.ResponseWriter, r *http.Request, who *clients.Client) { rt.serve(w, r, who) }
+
+// Clients is the gateway's clients.
+func (rt *Route) Clients() *clients.Directory { return rt.opts.Clients }
 
 // Name is the route's name.
 func (rt *Route) Name() string { return rt.name }

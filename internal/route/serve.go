@@ -7,6 +7,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/llproxy/llproxy/internal/clients"
+	"github.com/llproxy/llproxy/internal/metrics"
 	"github.com/llproxy/llproxy/internal/openai"
 	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/tokenizer"
@@ -16,10 +18,10 @@ import (
 // forward (again, if the upstream asks for it and the budget allows), and
 // settle. Each step that fails answers in OpenAI's error shape and sends
 // nothing upstream.
-func (rt *Route) serve(w http.ResponseWriter, r *http.Request) {
+func (rt *Route) serve(w http.ResponseWriter, r *http.Request, who *clients.Client) {
 	start := time.Now()
 	ex := getExchange(w)
-	rec := requestLog{route: rt.name, method: r.Method, path: r.URL.Path, start: start}
+	rec := requestLog{route: rt.name, client: who.Name, method: r.Method, path: r.URL.Path, start: start}
 	defer func() {
 		p := recover()
 		if p == http.ErrAbortHandler {
@@ -32,6 +34,15 @@ func (rt *Route) serve(w http.ResponseWriter, r *http.Request) {
 			panic(p)
 		}
 	}()
+
+	if !who.Allowed(rt.name) {
+		request.DropBody(ex, r)
+		rec.outcome = metrics.OutcomeForbidden
+		rt.clients[who.ID].Outcome(rec.outcome)
+		openai.WriteError(ex, http.StatusForbidden, "invalid_request_error", "route_not_allowed",
+			"Client "+who.Name+" may not use llproxy route "+rt.name+"; it may use: "+strings.Join(who.Routes(), ", ")+".")
+		return
+	}
 
 	var body *request.Body
 	if r.Body != nil && r.Body != http.NoBody && r.Method != http.MethodGet && r.Method != http.MethodHead {
@@ -76,7 +87,7 @@ func (rt *Route) serve(w http.ResponseWriter, r *http.Request) {
 		rt.relay(ex, r, body)
 		return
 	}
-	rt.schedule(ex, r, body, &c, &rec)
+	rt.schedule(ex, r, body, &c, who, &rec)
 }
 
 // debugging reports whether debug logging is on; call debug behind it, so

@@ -61,7 +61,7 @@ func (rt *Route) observe(ms *models.Model, adm *scheduler.Admission, ri provider
 // sendAgain prepares the next send after a retryable outcome. It returns
 // false when the request is over: the client left, or (for an upstream 429
 // that outlasts the request's budget) it was answered with an honest 429.
-func (rt *Route) sendAgain(ctx context.Context, ex *exchange, a attempt, cost int, rec *requestLog) bool {
+func (rt *Route) sendAgain(ctx context.Context, ex *exchange, a attempt, cost scheduler.Cost, rec *requestLog) bool {
 	ms := ex.ms
 	ms.Metrics.Retry(a.verdict.String())
 	if a.verdict != relay.RetryRateLimited {
@@ -85,7 +85,7 @@ func (rt *Route) sendAgain(ctx context.Context, ex *exchange, a attempt, cost in
 	// and wait again at the head of the queue within the original budget.
 	now := time.Now()
 	ex.adm.Unsend(now)
-	ms.Metrics.Unsent(cost)
+	ms.Metrics.Unsent(cost.Tokens)
 	rt.observe(ms, ex.adm, a.refusal, now) // compared as unpaid: the upstream refused it
 	ms.Queue.Hold(now, now.Add(a.retryAfter))
 	if rt.debugging(ctx) {
@@ -93,13 +93,14 @@ func (rt *Route) sendAgain(ctx context.Context, ex *exchange, a attempt, cost in
 			slog.Duration("hold", a.retryAfter), slog.Int("try", ex.tries))
 	}
 	ex.rateRetries++
-	adm, err := ms.Queue.Requeue(ctx, scheduler.Cost{Tokens: cost}, ex.deadline)
+	adm, err := ms.Queue.Requeue(ctx, cost, ex.deadline, ex.adm) // given back whole: reused
 	if err != nil {
 		ex.hasRate = false // writeReject sets the headers of the rejection
 		rec.outcome = rt.writeAcquireError(ex, ctx, err)
 		if rec.outcome == metrics.OutcomeRejectWait {
 			rec.outcome = metrics.OutcomeRejectUpstream
 			ms.Metrics.Outcome(rec.outcome)
+			ex.who.Outcome(rec.outcome)
 		}
 		return false
 	}
@@ -122,15 +123,23 @@ func (rt *Route) settle(ex *exchange, c *call, a attempt, rec *requestLog) {
 		ms.Metrics.Unsent(cost)
 		return
 	}
-	if a.tap == nil {
-		return
+	var u provider.Usage
+	ok := false
+	if a.tap != nil {
+		u, ok = a.tap.Usage()
 	}
-	u, ok := a.tap.Usage()
 	if !ok {
+		// No usage reported: an answer counts against the client's
+		// budget at its reservation, an error not at all.
+		if ex.status >= 200 && ex.status < 300 {
+			ex.spend.Settle(now, cost)
+		}
 		return
 	}
 	rec.used = u.Total
 	ms.Metrics.Used(c.est.prompt, u.Prompt, u.Completion)
+	ex.spend.Settle(now, u.Total)
+	ex.who.Used(u.Total)
 	if rt.cfg.Settle == config.SettleActual {
 		ex.adm.Settle(now, u.Total)
 		ms.Metrics.Settled(cost - u.Total)

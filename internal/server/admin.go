@@ -70,11 +70,19 @@ func (s *Server) BackendStats(yield func(metrics.BackendStats)) {
 	}
 }
 
-// Run keeps every fleet's health checks and discovery scans going until
-// ctx ends.
+// Run keeps every fleet's health checks and discovery scans going, and
+// the clients' usage saved, until ctx ends.
 func (s *Server) Run(ctx context.Context) {
 	done := make(chan struct{})
 	n := 0
+	if s.statePath != "" {
+		n++
+		go func() {
+			defer func() { done <- struct{}{} }()
+			defer safe.Recover(s.log, "state file")
+			s.dir.Keep(ctx, s.statePath, s.log)
+		}()
+	}
 	for _, rt := range s.routes {
 		if rt.Fleet() != nil {
 			n++

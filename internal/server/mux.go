@@ -36,6 +36,7 @@ func (s *Server) newMux() *http.ServeMux {
 	admin("GET", "/health", func(w http.ResponseWriter, r *http.Request) { s.health(w, r, false) })
 	admin("GET", "/status", func(w http.ResponseWriter, r *http.Request) { s.status(w) })
 	admin("POST", "/health/force-check", func(w http.ResponseWriter, r *http.Request) { s.health(w, r, true) })
+	admin("GET", "/clients", func(w http.ResponseWriter, r *http.Request) { s.clients(w) })
 	admin("POST", "/unload", func(w http.ResponseWriter, r *http.Request) { s.unload(w, "") })
 	admin("POST", "/unload/{model...}", func(w http.ResponseWriter, r *http.Request) { s.unload(w, r.PathValue("model")) })
 	ollama := s.requireOllama(http.HandlerFunc(s.serveOllama))
@@ -139,6 +140,19 @@ func (s *Server) require(hashes [][sha256.Size]byte, what string, h http.Handler
 			return
 		}
 		h.ServeHTTP(w, r)
+	})
+}
+
+// authenticate finds who sends a request to rt by its key (401 without
+// one of the client keys) and hands it to rt.
+func (s *Server) authenticate(rt *route.Route) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		who, ok := s.dir.Identify(requestKey(r))
+		if !ok {
+			s.unauthorized(w, r, "one of its client keys")
+			return
+		}
+		rt.Serve(w, r, who)
 	})
 }
 

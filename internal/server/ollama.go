@@ -77,7 +77,12 @@ func (g ollamaGateway) ServeChat(w http.ResponseWriter, r *http.Request, model s
 			panic(p)
 		}
 	}()
-	rt.ServeHTTP(w, out)
+	who, ok := g.s.dir.Identify(requestKey(r))
+	if !ok { // requireOllama let it in: only a key gone since could get here
+		openai.WriteError(w, http.StatusUnauthorized, "invalid_request_error", "invalid_api_key", "Incorrect API key provided.")
+		return
+	}
+	rt.Serve(w, out, who)
 }
 
 func (g ollamaGateway) Load(ctx context.Context, model string, keepAlive *time.Duration) error {

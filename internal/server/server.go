@@ -14,6 +14,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"github.com/llproxy/llproxy/internal/clients"
 	"io"
 	"log/slog"
 	"maps"
@@ -58,7 +59,9 @@ type Server struct {
 	routes     map[string]*route.Route
 	handlers   map[string]http.Handler // each route behind the client-key check
 	routeNames []string
-	keyHashes  [][sha256.Size]byte
+	keyHashes  [][sha256.Size]byte // every client key
+	dir        *clients.Directory
+	statePath  string // where the clients' usage is kept; "" without budgets
 	// adminHashes guard the admin endpoints; metricsHash /metrics.
 	adminHashes   [][sha256.Size]byte
 	metricsHashes [][sha256.Size]byte
@@ -81,8 +84,14 @@ func New(opts Options) (*Server, error) {
 	if s.log == nil {
 		s.log = slog.Default()
 	}
-	for _, k := range opts.Config.ClientKeys {
-		s.keyHashes = append(s.keyHashes, sha256.Sum256([]byte(k.Value())))
+	s.dir = clients.New(opts.Config)
+	s.keyHashes = s.dir.Hashes()
+	if opts.Config.HasBudgets() && opts.Config.StateFile != "" {
+		// Budgets survive a restart: today's use so far is read back.
+		s.statePath = opts.Config.StateFile
+		if err := s.dir.Load(s.statePath, time.Now()); err != nil {
+			return nil, fmt.Errorf("server: %w", err)
+		}
 	}
 	for _, k := range opts.Config.AdminKeys {
 		s.adminHashes = append(s.adminHashes, sha256.Sum256([]byte(k.Value())))
@@ -98,13 +107,13 @@ func New(opts Options) (*Server, error) {
 	s.promHTTP = promhttp.HandlerFor(opts.Registry, promhttp.HandlerOpts{})
 	for name, rc := range opts.Config.Routes {
 		rt, err := route.New(name, rc, route.Options{Tokenizer: s.tok, Metrics: s.metrics, Logger: s.log,
-			Transport: opts.Transport, ClientKeys: len(s.keyHashes) > 0, Secrets: s.secrets(),
+			Transport: opts.Transport, Clients: s.dir, Secrets: s.secrets(),
 			Closing: s.closing.Load, Limits: s.limits()})
 		if err != nil {
 			return nil, fmt.Errorf("server: %w", err)
 		}
 		s.routes[name] = rt
-		s.handlers[name] = s.require(s.keyHashes, "one of its client keys", rt)
+		s.handlers[name] = s.authenticate(rt)
 		s.routeNames = append(s.routeNames, "/"+name+"/")
 	}
 	slices.Sort(s.routeNames)
@@ -200,6 +209,7 @@ func Shutdown(ctx context.Context, srv *http.Server, s *Server, timeout time.Dur
 		srv.Close()
 	}
 	s.StopBackends() // no model server outlives llproxy
+	s.SaveState()    // after the last request settled
 	if err != nil {
 		return fmt.Errorf("server: admitted requests did not finish within %s: %w", timeout, err)
 	}

@@ -1,0 +1,150 @@
+package server
+
+import (
+	"encoding/json"
+	"net/http"
+	"maps"
+	"slices"
+	"sort"
+	"time"
+
+	"github.com/llproxy/llproxy/internal/clients"
+	"github.com/llproxy/llproxy/internal/metrics"
+	"github.com/llproxy/llproxy/scheduler"
+)
+
+// The clients' view for operators: GET /clients (an admin endpoint), the
+// scrape-time client series, and keeping their usage across restarts.
+
+// clientQueue is one client's state in one (route, model) queue.
+type clientQueue struct {
+	Route    string `json:"route"`
+	Model    string `json:"model"`
+	Depth    int    `json:"queueDepth"`
+	Queued   int    `json:"queuedTokens"`
+	InFlight int    `json:"inFlight"`
+}
+
+// clientView is one client in GET /clients.
+type clientView struct {
+	Name     string   `json:"name"`
+	Weight   int      `json:"weight"`
+	Routes   []string `json:"routes,omitempty"`
+	Depth    int      `json:"queueDepth"`
+	InFlight int      `json:"inFlight"`
+	// UsedToday is tokens used today (UTC) over every model.
+	UsedToday int64              `json:"tokensUsedToday"`
+	Queues    []clientQueue      `json:"queues"`
+	Models    []clients.ModelUse `json:"models"`
+}
+
+// clients is GET /clients: each client's queue depth per model, in-flight
+// requests, tokens used today and what is left of its budgets.
+func (s *Server) clients(w http.ResponseWriter) {
+	now := time.Now()
+	all := s.dir.All()
+	views := make([]clientView, len(all))
+	for i, c := range all {
+		views[i] = clientView{Name: c.Name, Weight: c.Weight, Routes: c.Routes(), Queues: []clientQueue{}, Models: c.Today(now)}
+		for _, m := range views[i].Models {
+			views[i].UsedToday += m.Used
+		}
+	}
+	s.eachClientQueue(func(route string, q *scheduler.Queue, label string, id int, st scheduler.ClientStats) {
+		v := &views[id]
+		v.Depth += st.Depth
+		v.InFlight += st.InFlight
+		if st.Depth > 0 || st.InFlight > 0 {
+			v.Queues = append(v.Queues, clientQueue{Route: route, Model: q.Model(), Depth: st.Depth,
+				Queued: st.QueuedTokens, InFlight: st.InFlight})
+		}
+	})
+	for i := range views {
+		sort.Slice(views[i].Queues, func(a, b int) bool {
+			qa, qb := views[i].Queues[a], views[i].Queues[b]
+			return qa.Route < qb.Route || (qa.Route == qb.Route && qa.Model < qb.Model)
+		})
+	}
+	w.Header().Set("Content-Type", "application/json")
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.Encode(struct {
+		Clients []clientView `json:"clients"`
+	}{views})
+}
+
+// eachClientQueue calls f for every client of every queue.
+func (s *Server) eachClientQueue(f func(route string, q *scheduler.Queue, label string, id int, st scheduler.ClientStats)) {
+	for _, name := range s.sortedRouteNames() {
+		s.routes[name].Queues(func(q *scheduler.Queue, label string) {
+			q.Clients(func(id int, st scheduler.ClientStats) { f(name, q, label, id, st) })
+		})
+	}
+}
+
+// ClientStats implements metrics.ClientSource: every client of every
+// queue with a series of its own (the models past the label bound are
+// summed as "other").
+func (s *Server) ClientStats(yield func(metrics.ClientStats)) {
+	type key struct{ route, model, client string }
+	other := map[key]*metrics.ClientStats{}
+	var order []key
+	s.eachClientQueue(func(route string, q *scheduler.Queue, label string, id int, st scheduler.ClientStats) {
+		name := s.dir.All()[id].Name
+		if label != metrics.OtherModel {
+			yield(metrics.ClientStats{Route: route, Model: label, Client: name, Depth: st.Depth, InFlight: st.InFlight})
+			return
+		}
+		k := key{route, label, name}
+		o, ok := other[k]
+		if !ok {
+			o = &metrics.ClientStats{Route: route, Model: label, Client: name}
+			other[k] = o
+			order = append(order, k)
+		}
+		o.Depth += st.Depth
+		o.InFlight += st.InFlight
+	})
+	for _, k := range order {
+		yield(*other[k])
+	}
+}
+
+// BudgetStats implements metrics.ClientSource: each client's use today,
+// and each of its budgets, with a model label only for the models its
+// limits name (client-chosen names make no series).
+func (s *Server) BudgetStats(yield func(metrics.BudgetStats)) {
+	now := time.Now()
+	for _, c := range s.dir.All() {
+		total := int64(0)
+		budgets := map[string]*metrics.BudgetStats{}
+		for _, m := range c.Today(now) {
+			total += m.Used
+			if m.Budget == 0 {
+				continue
+			}
+			key := m.Model
+			if !c.Lists(m.Model) {
+				key = scheduler.Wildcard
+			}
+			if b, ok := budgets[key]; !ok || m.Used > b.Used {
+				budgets[key] = &metrics.BudgetStats{Client: c.Name, Model: key, Used: m.Used, Budget: m.Budget}
+			}
+		}
+		yield(metrics.BudgetStats{Client: c.Name, Used: total})
+		for _, key := range slices.Sorted(maps.Keys(budgets)) {
+			yield(*budgets[key])
+		}
+	}
+}
+
+// SaveState writes the clients' usage to the state file, if budgets are
+// kept; Shutdown calls it once the last request settled.
+func (s *Server) SaveState() {
+	if s.statePath == "" {
+		return
+	}
+	if err := s.dir.Save(s.statePath, time.Now()); err != nil {
+		s.log.Error("saving the clients' usage", "error", err)
+	}
+}
