@@ -14,8 +14,8 @@ import (
 type fakeQueues []QueueStats
 
 func (f fakeQueues) BackendStats(yield func(BackendStats)) {}
-func (f fakeQueues) ClientStats(yield func(ClientStats)) {}
-func (f fakeQueues) BudgetStats(yield func(BudgetStats)) {}
+func (f fakeQueues) ClientStats(yield func(ClientStats))   {}
+func (f fakeQueues) BudgetStats(yield func(BudgetStats))   {}
 
 func (f fakeQueues) QueueStats(yield func(QueueStats)) {
 	for _, s := range f {

@@ -126,11 +126,11 @@ func (ex *exchange) Unwrap() http.ResponseWriter { return ex.ResponseWriter }
 // requestLog is the one structured line logged per request. It holds no
 // prompt text and no credentials.
 type requestLog struct {
-	route, client, model, method, path  string
-	outcome                             string
-	prompt, cost, used, tries           int
-	wait                                time.Duration
-	start                               time.Time
+	route, client, model, method, path string
+	outcome                            string
+	prompt, cost, used, tries          int
+	wait                               time.Duration
+	start                              time.Time
 }
 
 func (rt *Route) logRequest(ctx context.Context, ex *exchange, rec *requestLog) {

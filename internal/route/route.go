@@ -137,7 +137,9 @@ func (rt *Route) authorizer(apiKey string) *provider.OpenAI {
 // Serve serves one request of the route (its path starts /<name>/, or it
 // is the default route's at the root) from client who, whom the caller
 // authenticated.
-func (rt *Route) Serve(w http.ResponseWriter, r *http.Request, who *clients.Client) { rt.serve(w, r, who) }
+func (rt *Route) Serve(w http.ResponseWriter, r *http.Request, who *clients.Client) {
+	rt.serve(w, r, who)
+}
 
 // Clients is the gateway's clients.
 func (rt *Route) Clients() *clients.Directory { return rt.opts.Clients }

@@ -2,8 +2,8 @@ package server
 
 import (
 	"encoding/json"
-	"net/http"
 	"maps"
+	"net/http"
 	"slices"
 	"sort"
 	"time"
