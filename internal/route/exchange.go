@@ -143,8 +143,8 @@ func (rt *Route) logRequest(ctx context.Context, ex *exchange, rec *requestLog) 
 	}
 	attrs := [...]slog.Attr{
 		slog.String("route", rec.route),
-		slog.String("client", rec.client),
 		slog.String("model", rec.model),
+		slog.String("client", rec.client),
 		slog.String("method", rec.method),
 		slog.String("path", rec.path),
 		slog.Int("status", status),

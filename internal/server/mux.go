@@ -228,9 +228,14 @@ func (s *Server) unauthorized(w http.ResponseWriter, r *http.Request, what strin
 }
 
 // logFront logs a request answered before it reached a route.
+// Its client is the one the request's key names, or "unknown".
 func (s *Server) logFront(r *http.Request, status int, outcome string) {
+	who := "unknown"
+	if c, ok := s.dir.Identify(requestKey(r)); ok {
+		who = c.Name
+	}
 	s.log.LogAttrs(r.Context(), slog.LevelInfo, "request", slog.String("method", r.Method),
-		slog.String("path", r.URL.Path), slog.Int("status", status), slog.String("outcome", outcome))
+		slog.String("path", r.URL.Path), slog.String("client", who), slog.Int("status", status), slog.String("outcome", outcome))
 }
 
 // authorized checks the client's key against clientKeys in constant time.
