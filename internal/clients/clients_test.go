@@ -1,0 +1,130 @@
+package clients
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/llproxy/llproxy/internal/config"
+	"github.com/llproxy/llproxy/scheduler"
+)
+
+func directory(t *testing.T) *Directory {
+	t.Helper()
+	cfg, err := config.Parse([]byte(`{
+	  "clientKeys": ["k1"],
+	  "clients": {
+	    "b": {"keys": ["b1", "b2"], "weight": 3, "routes": ["r"]},
+	    "a": {"keys": ["a1"], "limits": {"*": {"tokensPerDay": 100}, "big": {"tokensPerDay": 1000, "tpm": 50}}}
+	  },
+	  "routes": {"r": {"forward": "http://x", "models": {"*": {"rpm": 10, "tpm": 1000, "maxQueueSize": 5, "maxQueueWait": 5}}}}
+	}`), nil)
+	require.NoError(t, err)
+	return New(cfg)
+}
+
+func TestDirectory(t *testing.T) {
+	d := directory(t)
+	require.True(t, d.Keyed())
+	var names []string
+	for _, c := range d.All() {
+		names = append(names, c.Name)
+	}
+	assert.Equal(t, []string{"a", "b", "key-1"}, names, "configured clients by name, then clientKeys")
+	for key, want := range map[string]string{"a1": "a", "b1": "b", "b2": "b", "k1": "key-1"} {
+		c, ok := d.Identify(key)
+		require.True(t, ok, key)
+		assert.Equal(t, want, c.Name)
+	}
+	for _, key := range []string{"", "a", "b1 ", "k2"} {
+		_, ok := d.Identify(key)
+		assert.False(t, ok, key)
+	}
+	b, _ := d.Identify("b1")
+	assert.True(t, b.Allowed("r"))
+	assert.False(t, b.Allowed("other"))
+	a, _ := d.Identify("a1")
+	assert.True(t, a.Allowed("other"))
+	q := d.Queue("big", scheduler.Config{RPM: 10, TPM: 1000})
+	assert.Equal(t, 50, q[0].TPM, "a's own limit for big")
+	assert.Equal(t, 3, q[1].Weight)
+	assert.Zero(t, q[2].TPM)
+
+	anon := New(&config.Config{})
+	assert.False(t, anon.Keyed())
+	c, ok := anon.Identify("")
+	require.True(t, ok)
+	assert.Equal(t, Anonymous, c.Name)
+}
+
+func TestBudgetIsHeldThenSettledAndStartsOverAtMidnight(t *testing.T) {
+	d := directory(t)
+	a, _ := d.Identify("a1")
+	day := time.Date(2026, 12, 1, 23, 0, 0, 0, time.UTC)
+	s1, err := a.Reserve(day, "m", 80)
+	require.NoError(t, err)
+	s2, err := a.Reserve(day, "m", 30) // 80 held < 100
+	require.NoError(t, err)
+	_, err = a.Reserve(day, "m", 1)
+	require.Error(t, err, "80 + 30 held reach 100")
+	s1.Settle(day, 20) // used 20 of its 80: the rest goes back
+	s1.Release()       // no effect after Settle
+	s2.Release()       // used nothing
+	s3, err := a.Reserve(day, "m", 70)
+	require.NoError(t, err)
+	s3.Settle(day, 85)
+	_, err = a.Reserve(day, "m", 1)
+	var ex *Exhausted
+	require.ErrorAs(t, err, &ex)
+	assert.Equal(t, int64(105), ex.Used)
+	assert.Equal(t, time.Date(2026, 12, 2, 0, 0, 0, 0, time.UTC), ex.Reset)
+	assert.Contains(t, ex.Error(), "client a has used 105 of its 100 tokens per day for m")
+	_, err = a.Reserve(day, "big", 500)
+	assert.NoError(t, err, "a listed model has its own budget")
+	_, err = a.Reserve(day.Add(time.Hour), "m", 1)
+	assert.NoError(t, err, "a new UTC day")
+	b, _ := d.Identify("b1")
+	for range 10 {
+		s, err := b.Reserve(day, "m", 1000)
+		require.NoError(t, err, "no budget: only counted")
+		s.Settle(day, 1000)
+	}
+	assert.Equal(t, int64(10000), b.Today(day)[0].Used)
+}
+
+func TestStateFileRoundTripAndCorruption(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "state.json")
+	now := time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
+	d := directory(t)
+	require.NoError(t, d.Load(path, now), "no file yet: empty")
+	a, _ := d.Identify("a1")
+	s, _ := a.Reserve(now, "m", 10)
+	s.Settle(now, 60)
+	require.NoError(t, d.Save(path, now))
+
+	d2 := directory(t)
+	require.NoError(t, d2.Load(path, now.Add(time.Hour)))
+	a2, _ := d2.Identify("a1")
+	used := map[string]int64{}
+	for _, m := range a2.Today(now) {
+		used[m.Model] = m.Used
+	}
+	assert.Equal(t, int64(60), used["m"])
+	d3 := directory(t)
+	require.NoError(t, d3.Load(path, now.Add(24*time.Hour)), "yesterday's file")
+	a3, _ := d3.Identify("a1")
+	for _, m := range a3.Today(now.Add(24 * time.Hour)) {
+		assert.Zero(t, m.Used)
+	}
+	for _, bad := range []string{`{"version":1,"day":`, `{"version":2,"day":"2026-12-01","clients":{}}`,
+		`{"version":1,"day":"yesterday","clients":{}}`, `{"version":1,"day":"2026-12-01","clients":{"a":{"m":-5}}}`, `[]`} {
+		require.NoError(t, os.WriteFile(path, []byte(bad), 0o600))
+		err := directory(t).Load(path, now)
+		require.Error(t, err, bad)
+		assert.Contains(t, err.Error(), "corrupt")
+	}
+}
