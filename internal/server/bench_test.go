@@ -1,6 +1,7 @@
 package server
 
 import (
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -49,16 +50,25 @@ func BenchmarkServeChat(b *testing.B) {
 	rateHeaders := http.Header{"X-Ratelimit-Limit-Requests": {"1000000000"}, "X-Ratelimit-Remaining-Requests": {"999999999"},
 		"X-Ratelimit-Reset-Requests": {"1ms"}, "X-Ratelimit-Limit-Tokens": {"2000000000"},
 		"X-Ratelimit-Remaining-Tokens": {"1999999000"}, "X-Ratelimit-Reset-Tokens": {"6ms"}}
+	// Ten teams, the request from the last one (every key is compared),
+	// with a daily budget.
+	var teams strings.Builder
+	for i := range 10 {
+		fmt.Fprintf(&teams, `"team-%d": {"keys": ["key-%d"], "weight": %d, "limits": {"*": {"tokensPerDay": 1000000000000}}},`, i, i, i+1)
+	}
+	clients := `"clients": {` + strings.TrimSuffix(teams.String(), ",") + `},`
 	for _, bc := range []struct {
 		name, settle string
 		headers      http.Header
+		clients      string
 	}{
-		{"settle=reserved", "reserved", nil},
-		{"settle=actual", "actual", nil},
-		{"settle=actual+rate headers", "actual", rateHeaders},
+		{"settle=reserved", "reserved", nil, ""},
+		{"settle=actual", "actual", nil, ""},
+		{"settle=actual+rate headers", "actual", rateHeaders, ""},
+		{"settle=actual+10 teams with budgets", "actual", nil, clients},
 	} {
 		b.Run(bc.name, func(b *testing.B) {
-			cfg, err := config.Parse([]byte(`{"routes": {"openai": {"forward": "http://upstream.invalid", "settle": "`+bc.settle+`",
+			cfg, err := config.Parse([]byte(`{`+bc.clients+`"routes": {"openai": {"forward": "http://upstream.invalid", "settle": "`+bc.settle+`",
 			  "models": {"*": {"maxQueueSize": 10, "maxQueueWait": 60, "rpm": 1000000000, "tpm": 2000000000}}}}}`), nil)
 			if err != nil {
 				b.Fatal(err)
@@ -74,6 +84,7 @@ func BenchmarkServeChat(b *testing.B) {
 				for pb.Next() {
 					r := httptest.NewRequest(http.MethodPost, "/openai/v1/chat/completions", strings.NewReader(benchChat))
 					r.Header.Set("Content-Type", "application/json")
+					r.Header.Set("Authorization", "Bearer key-9")
 					w := httptest.NewRecorder()
 					srv.ServeHTTP(w, r)
 					if w.Code != 200 {
