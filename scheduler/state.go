@@ -1,0 +1,99 @@
+package scheduler
+
+import (
+	"math"
+	"time"
+)
+
+// What a queue shows: the buckets as a newcomer sees them (for
+// x-ratelimit-* headers), its depth and levels (for metrics), each
+// client's state, and its end: Close, and Retire when idle.
+
+// state reports the buckets as a newcomer of lane l sees them at now: the
+// model's, less what the queued requests will take, or the client's own
+// where they leave less.
+func (q *Queue) state(now time.Time, l *lane) RateState {
+	st := q.gate.state(now, q.depth, q.queuedTokens)
+	if l.req.lim == nil && l.tok.lim == nil {
+		return st
+	}
+	own := l.gate.state(now, len(l.waiting), l.queued)
+	if l.req.lim != nil && own.RemainingRequests < st.RemainingRequests {
+		st.LimitRequests, st.RemainingRequests, st.ResetRequests = own.LimitRequests, own.RemainingRequests, own.ResetRequests
+	}
+	if l.tok.lim != nil && own.RemainingTokens < st.RemainingTokens {
+		st.LimitTokens, st.RemainingTokens, st.ResetTokens = own.LimitTokens, own.RemainingTokens, own.ResetTokens
+	}
+	return st
+}
+
+// State returns the model's buckets' state at now as a newcomer sees it.
+func (q *Queue) State(now time.Time) RateState {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.gate.state(now, q.depth, q.queuedTokens)
+}
+
+// Stats returns the queue's depth and bucket levels at now.
+func (q *Queue) Stats(now time.Time) Stats {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return Stats{Depth: q.depth, QueuedTokens: q.queuedTokens,
+		RemainingRequests: q.req.level(now), RemainingTokens: q.tok.level(now),
+		RefillRequests: perMinute(q.req.perSec), RefillTokens: perMinute(q.tok.perSec), InFlight: len(q.inflight)}
+}
+
+// Clients calls f with each client's state, in the order of NewQueue's
+// clients.
+func (q *Queue) Clients(f func(i int, st ClientStats)) {
+	q.mu.Lock()
+	stats := make([]ClientStats, len(q.lanes))
+	for i, l := range q.lanes {
+		stats[i] = ClientStats{Name: l.Name, Depth: len(l.waiting), QueuedTokens: l.queued, InFlight: l.running}
+	}
+	q.mu.Unlock()
+	for i, st := range stats {
+		f(i, st)
+	}
+}
+
+// Close rejects every waiting request with ErrClosed, and every later one.
+func (q *Queue) Close() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.closed = true
+	q.disarm()
+	for _, l := range q.lanes {
+		for _, w := range l.waiting {
+			w.done, w.err = true, ErrClosed
+			close(w.ready)
+		}
+		l.waiting, l.queued = nil, 0
+		l.cur.at = -1
+	}
+	q.backlog = q.backlog[:0]
+	q.depth, q.queuedTokens = 0, 0
+}
+
+// Retire marks the queue retired if it is idle at now (nobody waiting or in
+// flight, no hold, every bucket full again: a new queue for its model would
+// start exactly where it stands) and reports whether it did. A retired
+// queue answers Acquire with ErrRetired.
+func (q *Queue) Retire(now time.Time) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	idle := q.depth == 0 && !q.holdUntil.After(now) && q.full(now)
+	for _, l := range q.lanes {
+		idle = idle && l.running == 0 && l.full(now)
+	}
+	if idle && !q.closed {
+		q.retired.Store(true)
+	}
+	return q.retired.Load()
+}
+
+// Retired reports whether the queue was retired.
+func (q *Queue) Retired() bool { return q.retired.Load() }
+
+// perMinute converts a per-second rate, rounding away float noise.
+func perMinute(perSec float64) float64 { return math.Round(perSec*60*1e6) / 1e6 }
