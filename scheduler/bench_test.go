@@ -106,15 +106,8 @@ func BenchmarkFairShare(b *testing.B) {
 			}
 		})
 		b.Run(fmt.Sprintf("from backlog/%d clients", n), func(b *testing.B) {
-			slow := Config{MaxQueueSize: 1 << 20, MaxQueueWait: Duration(time.Hour), RPM: 1 << 30, TPM: 6000}
-			q := NewQueue("m", slow, clients...)
-			q.tok.take(time.Now(), 6000)
-			now := time.Now()
-			q.mu.Lock()
+			q, now := backlogged(clients)
 			defer q.mu.Unlock()
-			for i := range 10 * n {
-				q.push(now, q.lanes[i%n], Cost{Tokens: 100, Client: i % n}).ready = make(chan struct{})
-			}
 			b.ReportAllocs()
 			i := 0
 			for b.Loop() {
@@ -131,15 +124,8 @@ func BenchmarkFairShare(b *testing.B) {
 			q.disarm()
 		})
 		b.Run(fmt.Sprintf("predict/%d clients", n), func(b *testing.B) {
-			slow := Config{MaxQueueSize: 1 << 20, MaxQueueWait: Duration(time.Hour), RPM: 1 << 30, TPM: 6000}
-			q := NewQueue("m", slow, clients...)
-			q.tok.take(time.Now(), 6000)
-			now := time.Now()
-			q.mu.Lock()
+			q, now := backlogged(clients)
 			defer q.mu.Unlock()
-			for i := range 10 * n {
-				q.push(now, q.lanes[i%n], Cost{Tokens: 100, Client: i % n})
-			}
 			b.ReportAllocs()
 			i := 0
 			for b.Loop() {
@@ -148,4 +134,19 @@ func BenchmarkFairShare(b *testing.B) {
 			}
 		})
 	}
+}
+
+// backlogged returns a queue of clients with an empty token bucket and 10
+// requests of 100 tokens waiting for each client, locked.
+func backlogged(clients []Client) (*Queue, time.Time) {
+	n := len(clients)
+	slow := Config{MaxQueueSize: 1 << 20, MaxQueueWait: Duration(time.Hour), RPM: 1 << 30, TPM: 6000}
+	q := NewQueue("m", slow, clients...)
+	now := time.Now()
+	q.tok.take(now, 6000)
+	q.mu.Lock()
+	for i := range 10 * n {
+		q.push(now, q.lanes[i%n], Cost{Tokens: 100, Client: i % n}).ready = make(chan struct{})
+	}
+	return q, now
 }
