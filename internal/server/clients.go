@@ -27,15 +27,20 @@ type clientQueue struct {
 
 // clientView is one client in GET /clients.
 type clientView struct {
-	Name     string   `json:"name"`
-	Weight   int      `json:"weight"`
-	Routes   []string `json:"routes,omitempty"`
-	Depth    int      `json:"queueDepth"`
-	InFlight int      `json:"inFlight"`
-	// UsedToday is tokens used today (UTC) over every model.
-	UsedToday int64              `json:"tokensUsedToday"`
-	Queues    []clientQueue      `json:"queues"`
-	Models    []clients.ModelUse `json:"models"`
+	Name   string   `json:"name"`
+	Weight int      `json:"weight"`
+	Routes []string `json:"routes,omitempty"`
+	// Depth is its requests waiting, per model (every route together);
+	// Waiting the sum.
+	Depth    map[string]int `json:"queueDepth"`
+	Waiting  int            `json:"waiting"`
+	InFlight int            `json:"inFlight"`
+	// UsedToday is tokens used today (UTC) over every model; BudgetLeft
+	// what is left of each daily budget.
+	UsedToday  int64              `json:"tokensUsedToday"`
+	BudgetLeft map[string]int64   `json:"budgetLeft"`
+	Queues     []clientQueue      `json:"queues"`
+	Models     []clients.ModelUse `json:"models"`
 }
 
 // clients is GET /clients: each client's queue depth per model, in-flight
@@ -45,14 +50,19 @@ func (s *Server) clients(w http.ResponseWriter) {
 	all := s.dir.All()
 	views := make([]clientView, len(all))
 	for i, c := range all {
-		views[i] = clientView{Name: c.Name, Weight: c.Weight, Routes: c.Routes(), Queues: []clientQueue{}, Models: c.Today(now)}
+		views[i] = clientView{Name: c.Name, Weight: c.Weight, Routes: c.Routes(), Depth: map[string]int{},
+			BudgetLeft: map[string]int64{}, Queues: []clientQueue{}, Models: c.Today(now)}
 		for _, m := range views[i].Models {
 			views[i].UsedToday += m.Used
+			if m.Left != nil {
+				views[i].BudgetLeft[m.Model] = *m.Left
+			}
 		}
 	}
 	s.eachClientQueue(func(route string, q *scheduler.Queue, label string, id int, st scheduler.ClientStats) {
 		v := &views[id]
-		v.Depth += st.Depth
+		v.Depth[q.Model()] += st.Depth
+		v.Waiting += st.Depth
 		v.InFlight += st.InFlight
 		if st.Depth > 0 || st.InFlight > 0 {
 			v.Queues = append(v.Queues, clientQueue{Route: route, Model: q.Model(), Depth: st.Depth,

@@ -195,7 +195,7 @@ func TestTwoTeamsShareOneKey(t *testing.T) {
 	var st struct {
 		Clients []struct {
 			Name   string
-			Depth  int `json:"queueDepth"`
+			Depth  map[string]int `json:"queueDepth"`
 			Queues []struct{ Route, Model string }
 		}
 	}
@@ -208,8 +208,8 @@ func TestTwoTeamsShareOneKey(t *testing.T) {
 	r.Body.Close()
 	require.Len(t, st.Clients, 2)
 	assert.Equal(t, "a", st.Clients[0].Name)
-	assert.Greater(t, st.Clients[0].Depth, 10, "A's backlog, A's alone")
-	assert.Zero(t, st.Clients[1].Depth)
+	assert.Greater(t, st.Clients[0].Depth["gpt-4o"], 10, "A's backlog, A's alone")
+	assert.Zero(t, st.Clients[1].Depth["gpt-4o"])
 	cancel()
 	wg.Wait()
 }
@@ -238,6 +238,7 @@ func TestClientsEndpointFollowsTheAdminRule(t *testing.T) {
 	}
 	assert.Contains(t, body, `"name": "interns"`)
 	assert.Contains(t, body, `"tokensPerDay": 12`)
+	assert.Contains(t, body, `"budgetLeft": {`)
 }
 
 func TestTeamsConfigErrors(t *testing.T) {
