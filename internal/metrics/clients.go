@@ -105,8 +105,8 @@ type ClientSource interface {
 }
 
 type clientCollector struct {
-	src                                 ClientSource
-	depth, inflight, used, left, budget *prometheus.Desc
+	src                                             ClientSource
+	depth, inflight, used, budgetUsed, left, budget *prometheus.Desc
 }
 
 func newClientCollector(src ClientSource) *clientCollector {
@@ -118,6 +118,9 @@ func newClientCollector(src ClientSource) *clientCollector {
 			"Requests of the client admitted to the (route, model) queue and not yet done.", []string{"route", "model", "client"}, nil),
 		used: prometheus.NewDesc("llproxy_client_tokens_used_today",
 			"Tokens the client used today (UTC), every model together, as settled.", []string{"client"}, nil),
+		budgetUsed: prometheus.NewDesc("llproxy_client_budget_used_tokens",
+			"What the client used today of its daily token budget for the model (model \"*\": the most used of the models it covers).",
+			[]string{"client", "model"}, nil),
 		budget: prometheus.NewDesc("llproxy_client_budget_tokens",
 			"The client's daily token budget (tokensPerDay) for the model.", []string{"client", "model"}, nil),
 		left: prometheus.NewDesc("llproxy_client_budget_left_tokens",
@@ -127,7 +130,7 @@ func newClientCollector(src ClientSource) *clientCollector {
 }
 
 func (c *clientCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.depth, c.inflight, c.used, c.budget, c.left} {
+	for _, d := range []*prometheus.Desc{c.depth, c.inflight, c.used, c.budgetUsed, c.budget, c.left} {
 		ch <- d
 	}
 }
@@ -143,6 +146,7 @@ func (c *clientCollector) Collect(ch chan<- prometheus.Metric) {
 			return
 		}
 		if s.Budget > 0 {
+			ch <- prometheus.MustNewConstMetric(c.budgetUsed, prometheus.GaugeValue, float64(s.Used), s.Client, s.Model)
 			ch <- prometheus.MustNewConstMetric(c.budget, prometheus.GaugeValue, float64(s.Budget), s.Client, s.Model)
 			ch <- prometheus.MustNewConstMetric(c.left, prometheus.GaugeValue, float64(max(0, s.Budget-s.Used)), s.Client, s.Model)
 		}

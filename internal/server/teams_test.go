@@ -313,6 +313,19 @@ func TestBudgetsSurviveARestartOfTheBinary(t *testing.T) {
 	assert.Contains(t, e.Message, "interns")
 	assert.Contains(t, e.Message, "T00:00:00Z")
 	assert.Len(t, up.requests(), 2, "the refused one was not forwarded")
+	mr, err := http.Get(base + "/metrics")
+	require.NoError(t, err)
+	m := readAll(t, mr)
+	mr.Body.Close()
+	for _, want := range []string{
+		`llproxy_client_budget_left_tokens{client="interns",model="*"} 0`,
+		`llproxy_client_budget_used_tokens{client="interns",model="*"} 12`,
+		`llproxy_client_budget_tokens{client="interns",model="*"} 12`,
+		`llproxy_client_tokens_used_today{client="interns"} 12`,
+		`llproxy_client_requests_total{client="interns",outcome="rejected_budget",route="openai"} 1`,
+	} {
+		assert.Contains(t, m, want)
+	}
 
 	require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
 	require.NoError(t, cmd.Wait())
