@@ -1,0 +1,218 @@
+package shared
+
+import (
+	"context"
+	"errors"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/llproxy/llproxy/scheduler"
+)
+
+// Buckets are the shared buckets and concurrency counts of one (route,
+// model) queue: the model's and each client's. It is safe for concurrent
+// use.
+type Buckets struct {
+	s       *State
+	model   scheduler.Config
+	clients []scheduler.Client
+	keys    []keys // by client
+	seq     atomic.Uint64
+
+	mu     sync.Mutex
+	leases map[string]int // live leases of this replica -> client
+	// What this replica admitted while Redis was down, per client: written
+	// to the shared buckets when it answers again.
+	spentReq, spentTok []int
+}
+
+// keys of one client's call: model requests, model tokens, client
+// requests, client tokens, model leases, client leases. One hash tag.
+type keys [6]string
+
+// Queue returns the shared buckets of a queue of model on route, with the
+// model's limits and its clients' (by ID).
+func (s *State) Queue(route, model string, cfg scheduler.Config, clients []scheduler.Client) *Buckets {
+	tag := s.cfg.Prefix + "{" + route + "/" + model + "}:"
+	b := &Buckets{s: s, model: cfg, clients: clients, keys: make([]keys, len(clients)),
+		leases: map[string]int{}, spentReq: make([]int, len(clients)), spentTok: make([]int, len(clients))}
+	for i, c := range clients {
+		b.keys[i] = keys{tag + "req", tag + "tok", tag + "c:" + c.Name + ":req", tag + "c:" + c.Name + ":tok",
+			tag + "slots", tag + "c:" + c.Name + ":slots"}
+	}
+	s.mu.Lock()
+	s.queues = append(s.queues, b)
+	s.mu.Unlock()
+	return b
+}
+
+// Close forgets the buckets (their queue was retired).
+func (b *Buckets) Close() {
+	s := b.s
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i, q := range s.queues {
+		if q == b {
+			s.queues = append(s.queues[:i], s.queues[i+1:]...)
+			return
+		}
+	}
+}
+
+// Took is a take's answer.
+type Took struct {
+	// OK: the request was paid for in every shared bucket (and holds a
+	// slot if there are any: Lease).
+	OK    bool
+	Lease string
+	// Wait is how long until it could be, from Redis's view; negative
+	// when a concurrency slot binds (when one frees is not known).
+	Wait time.Duration
+	// Binding is the resource that binds, Own whether it is the client's.
+	Binding scheduler.Resource
+	Own     bool
+	// Levels are the buckets after: model requests, model tokens, client
+	// requests, client tokens (0 where the client has none).
+	Levels [4]float64
+}
+
+// args are a call's capacities and maxima for client.
+func (b *Buckets) args(client int) []any {
+	c := b.clients[client]
+	return []any{b.model.RPM, b.model.TPM, c.RPM, c.TPM}
+}
+
+var errClient = errors.New("shared: no such client")
+
+// Take reserves one request and tokens for client from every shared
+// bucket of the queue (and a slot where there is a maximum), in one
+// atomic call, or reports the wait.
+func (b *Buckets) Take(parent context.Context, client, tokens int) (Took, error) {
+	if client < 0 || client >= len(b.clients) {
+		return Took{}, errClient
+	}
+	c := b.clients[client]
+	lease := b.s.id + ":" + strconv.FormatUint(b.seq.Add(1), 36)
+	ctx, cancel := b.s.ctx(parent)
+	defer cancel()
+	k := b.keys[client]
+	res, err := takeScript.Run(ctx, b.s.rdb, k[:], append(b.args(client), tokens, b.model.MaxConcurrent,
+		c.MaxConcurrent, lease, leaseTTL.Milliseconds())...).Slice()
+	if err != nil {
+		return Took{}, b.s.failed(err)
+	}
+	if len(res) < 7 {
+		return Took{}, b.s.failed(errors.New("shared: take answered " + strconv.Itoa(len(res)) + " values"))
+	}
+	t := Took{OK: res[0].(int64) == 1}
+	wait := res[1].(int64)
+	t.Wait = time.Duration(wait) * time.Millisecond
+	switch res[2].(int64) {
+	case 1:
+		t.Binding = scheduler.Requests
+	case 2:
+		t.Binding = scheduler.Tokens
+	case 3:
+		t.Binding, t.Own = scheduler.Requests, true
+	case 4:
+		t.Binding, t.Own = scheduler.Tokens, true
+	case 5:
+		t.Binding = scheduler.Slots
+	case 6:
+		t.Binding, t.Own = scheduler.Slots, true
+	}
+	for i := range 4 {
+		t.Levels[i] = parseFloat(res[3+i])
+	}
+	if t.OK && (b.model.MaxConcurrent > 0 || c.MaxConcurrent > 0) {
+		t.Lease = lease
+		b.mu.Lock()
+		b.leases[lease] = client
+		b.mu.Unlock()
+	}
+	return t, nil
+}
+
+// Adjust gives back (positive) or charges (negative) requests and tokens
+// to the model's shared buckets and client's.
+func (b *Buckets) Adjust(parent context.Context, client, requests, tokens int) error {
+	if requests == 0 && tokens == 0 {
+		return nil
+	}
+	ctx, cancel := b.s.ctx(parent)
+	defer cancel()
+	k := b.keys[client]
+	if err := adjustScript.Run(ctx, b.s.rdb, k[:4], append(b.args(client), requests, tokens)...).Err(); err != nil {
+		return b.s.failed(err)
+	}
+	return nil
+}
+
+// Release ends a lease: the slots it held are free.
+func (b *Buckets) Release(parent context.Context, client int, lease string) error {
+	if lease == "" {
+		return nil
+	}
+	b.mu.Lock()
+	delete(b.leases, lease)
+	b.mu.Unlock()
+	ctx, cancel := b.s.ctx(parent)
+	defer cancel()
+	k := b.keys[client]
+	if err := releaseScript.Run(ctx, b.s.rdb, k[4:], lease).Err(); err != nil {
+		return b.s.failed(err) // the lease expires within leaseTTL anyway
+	}
+	return nil
+}
+
+// Spent records an admission this replica made while Redis was down.
+func (b *Buckets) Spent(client, requests, tokens int) {
+	b.mu.Lock()
+	b.spentReq[client] += requests
+	b.spentTok[client] += tokens
+	b.mu.Unlock()
+}
+
+// refresh extends this replica's leases.
+func (b *Buckets) refresh(ctx context.Context) error {
+	b.mu.Lock()
+	byKey := map[string][]any{}
+	for lease, client := range b.leases {
+		for _, k := range b.keys[client][4:] {
+			byKey[k] = append(byKey[k], lease)
+		}
+	}
+	b.mu.Unlock()
+	for k, leases := range byKey {
+		args := append([]any{leaseTTL.Milliseconds()}, leases...)
+		if err := refreshScript.Run(ctx, b.s.rdb, []string{k}, args...).Err(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// flush charges the shared buckets with what was admitted while Redis
+// was down, so that they resume from it rather than from full: all of it
+// after an outage of up to a minute, else the last minute's share of it
+// (the buckets refill in a minute; what was spent before has refilled).
+func (b *Buckets) flush(parent context.Context, outage time.Duration) error {
+	share := 1.0
+	if outage > time.Minute {
+		share = float64(time.Minute) / float64(outage)
+	}
+	for client := range b.clients {
+		b.mu.Lock()
+		req := int(float64(b.spentReq[client])*share + 0.5)
+		tok := int(float64(b.spentTok[client])*share + 0.5)
+		b.spentReq[client], b.spentTok[client] = 0, 0
+		b.mu.Unlock()
+		if err := b.Adjust(parent, client, -req, -tok); err != nil {
+			b.Spent(client, req, tok)
+			return err
+		}
+	}
+	return nil
+}

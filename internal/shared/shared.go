@@ -1,0 +1,338 @@
+// Package shared keeps one key's limits together across llproxy replicas
+// through Redis: the model buckets, each client's buckets, the
+// concurrency counts and the daily budgets live there, and every replica
+// reserves from them with one atomic script call per admission, on
+// Redis's clock.
+//
+// It exists apart from the scheduler, which stays one process's queue:
+// each replica keeps its own FIFO and fair share, and only the buckets are
+// shared. When Redis is down, slow or restarted the package says so (a
+// metric, a log line on each change) and the gateway follows onRedisDown:
+// each replica enforces its share of the limits, refuses, or lets traffic
+// through.
+package shared
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/llproxy/llproxy/scheduler"
+)
+
+// What a replica does while Redis cannot be reached.
+const (
+	// Split: each replica enforces limit / live replicas, counting the
+	// replicas it last saw alive.
+	Split = "split"
+	// Deny: 503 in OpenAI's shape.
+	Deny = "deny"
+	// Allow: forward without limits.
+	Allow = "allow"
+)
+
+// Defaults.
+const (
+	DefaultPrefix  = "llproxy:"
+	DefaultTimeout = 50 * time.Millisecond
+	// Heartbeat is how often a replica says it is alive (and checks Redis);
+	// a replica not heard from for three is gone, and so are its leases.
+	Heartbeat = time.Second
+	leaseTTL  = 3 * Heartbeat
+)
+
+// Config is the "shared" section of the config file.
+type Config struct {
+	// Redis is the server's URL: redis://[:password@]host:port/db.
+	Redis string `json:"redis"`
+	// Prefix starts every key. Default "llproxy:".
+	Prefix string `json:"prefix"`
+	// Timeout bounds every Redis call. Default 50ms.
+	Timeout scheduler.Duration `json:"timeout"`
+	// OnRedisDown is split (default), deny or allow.
+	OnRedisDown string `json:"onRedisDown"`
+}
+
+// SetDefaults fills what is not set.
+func (c *Config) SetDefaults() {
+	if c.Prefix == "" {
+		c.Prefix = DefaultPrefix
+	}
+	if c.Timeout == 0 {
+		c.Timeout = scheduler.Duration(DefaultTimeout)
+	}
+	if c.OnRedisDown == "" {
+		c.OnRedisDown = Split
+	}
+}
+
+// Validate reports every field out of range, each by its JSON name.
+func (c Config) Validate() error {
+	var errs []error
+	if c.Redis == "" {
+		errs = append(errs, errors.New("redis: required (redis://host:port/db)"))
+	} else if _, err := redis.ParseURL(c.Redis); err != nil {
+		errs = append(errs, fmt.Errorf("redis: %v", err))
+	}
+	if c.Timeout <= 0 {
+		errs = append(errs, fmt.Errorf("timeout: must be > 0, got %s", time.Duration(c.Timeout)))
+	}
+	switch c.OnRedisDown {
+	case Split, Deny, Allow:
+	default:
+		errs = append(errs, fmt.Errorf("onRedisDown: must be split, deny or allow, got %q", c.OnRedisDown))
+	}
+	return errors.Join(errs...)
+}
+
+// State is one replica's link to the shared limits. It is safe for
+// concurrent use.
+type State struct {
+	cfg     Config
+	rdb     *redis.Client
+	id      string // this replica
+	log     *slog.Logger
+	timeout time.Duration
+
+	degraded atomic.Bool
+	since    atomic.Int64 // when it turned degraded (unix ns, this replica's clock)
+	live     atomic.Int64 // replicas seen alive at the last heartbeat
+	gauge    *prometheus.GaugeVec
+	changes  *prometheus.CounterVec
+
+	mu       sync.Mutex
+	queues   []*Buckets          // every queue's buckets, for leases and recovery
+	onChange []func(degraded bool) // told when the mode changes
+	pending  []func(ctx context.Context) error
+}
+
+// New connects to cfg.Redis (lazily: the first call dials) and registers
+// the shared-state metrics on reg.
+func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*State, error) {
+	cfg.SetDefaults()
+	opts, err := redis.ParseURL(cfg.Redis)
+	if err != nil {
+		return nil, fmt.Errorf("shared.redis: %w", err)
+	}
+	t := time.Duration(cfg.Timeout)
+	opts.DialTimeout, opts.ReadTimeout, opts.WriteTimeout = t, t, t
+	opts.MaxRetries = -1 // a retry would double the bound
+	opts.ContextTimeoutEnabled = true
+	var b [8]byte
+	rand.Read(b[:])
+	s := &State{cfg: cfg, rdb: redis.NewClient(opts), id: hex.EncodeToString(b[:]), log: log, timeout: t,
+		gauge: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "llproxy_shared_state",
+			Help: "1 for the mode the shared limits are in: ok (Redis answers) or degraded (onRedisDown in force)."},
+			[]string{"state"}),
+		changes: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "llproxy_shared_state_changes_total",
+			Help: "Times the shared limits changed mode, by the mode entered."}, []string{"state"}),
+	}
+	s.live.Store(1)
+	s.gauge.WithLabelValues("ok").Set(1)
+	s.gauge.WithLabelValues("degraded").Set(0)
+	if reg != nil {
+		for _, c := range []prometheus.Collector{s.gauge, s.changes} {
+			if err := reg.Register(c); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return s, nil
+}
+
+// Mode is what the replica does while Redis is down.
+func (s *State) Mode() string { return s.cfg.OnRedisDown }
+
+// Degraded reports whether Redis could not be reached last time.
+func (s *State) Degraded() bool { return s.degraded.Load() }
+
+// Live is how many replicas were alive at the last heartbeat (at least 1).
+func (s *State) Live() int { return int(max(1, s.live.Load())) }
+
+// OnChange registers f, told (outside any lock) each time the mode
+// changes. Call it before Run.
+func (s *State) OnChange(f func(degraded bool)) {
+	s.mu.Lock()
+	s.onChange = append(s.onChange, f)
+	s.mu.Unlock()
+}
+
+// Close closes the connection pool.
+func (s *State) Close() error { return s.rdb.Close() }
+
+// ctx bounds one Redis call by the timeout.
+func (s *State) ctx(parent context.Context) (context.Context, context.CancelFunc) {
+	if parent == nil {
+		parent = context.Background()
+	}
+	return context.WithTimeout(context.WithoutCancel(parent), s.timeout)
+}
+
+// failed records that a Redis call failed: the mode turns degraded.
+func (s *State) failed(err error) error {
+	if s.degraded.CompareAndSwap(false, true) {
+		s.since.Store(time.Now().UnixNano())
+		s.log.Warn("shared limits degraded: Redis cannot be reached", "error", err.Error(),
+			"onRedisDown", s.cfg.OnRedisDown, "live_replicas", s.Live())
+		s.changed(true)
+	}
+	return err
+}
+
+func (s *State) changed(degraded bool) {
+	state := "ok"
+	if degraded {
+		state = "degraded"
+	}
+	s.gauge.WithLabelValues("ok").Set(b2f(!degraded))
+	s.gauge.WithLabelValues("degraded").Set(b2f(degraded))
+	s.changes.WithLabelValues(state).Inc()
+	s.mu.Lock()
+	fs := append([]func(bool){}, s.onChange...)
+	s.mu.Unlock()
+	for _, f := range fs {
+		f(degraded)
+	}
+}
+
+func b2f(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// Run sends a heartbeat every Heartbeat until ctx ends: it counts the
+// live replicas, extends this replica's leases, and, when Redis answers
+// again after an outage, writes what was spent meanwhile before the
+// shared buckets are used again.
+func (s *State) Run(ctx context.Context) {
+	t := time.NewTicker(Heartbeat)
+	defer t.Stop()
+	for {
+		s.beat(ctx)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func (s *State) beat(parent context.Context) {
+	ctx, cancel := s.ctx(parent)
+	defer cancel()
+	n, err := heartbeatScript.Run(ctx, s.rdb, []string{s.cfg.Prefix + "replicas"}, s.id, leaseTTL.Milliseconds()).Int64()
+	if err != nil {
+		s.failed(err)
+		return
+	}
+	s.live.Store(n)
+	s.mu.Lock()
+	queues := append([]*Buckets{}, s.queues...)
+	s.mu.Unlock()
+	for _, b := range queues {
+		if err := b.refresh(ctx); err != nil {
+			s.failed(err)
+			return
+		}
+	}
+	if s.degraded.Load() {
+		if err := s.flush(parent); err != nil {
+			s.failed(err)
+			return
+		}
+		if s.degraded.CompareAndSwap(true, false) {
+			s.log.Info("shared limits ok: Redis answers again", "live_replicas", n)
+			s.changed(false)
+		}
+	}
+}
+
+// Defer queues f, a write that could not reach Redis (a budget counted
+// during an outage), to be retried when Redis answers again.
+func (s *State) Defer(f func(ctx context.Context) error) {
+	s.mu.Lock()
+	s.pending = append(s.pending, f)
+	s.mu.Unlock()
+}
+
+// flush writes what was spent while Redis was down: the buckets' local
+// spend (so that the shared buckets resume from it, not from full) and
+// the deferred writes.
+func (s *State) flush(parent context.Context) error {
+	s.mu.Lock()
+	queues := append([]*Buckets{}, s.queues...)
+	pending := s.pending
+	s.pending = nil
+	s.mu.Unlock()
+	outage := time.Since(time.Unix(0, s.since.Load()))
+	for _, b := range queues {
+		if err := b.flush(parent, outage); err != nil {
+			return err
+		}
+	}
+	for i, f := range pending {
+		ctx, cancel := s.ctx(parent)
+		err := f(ctx)
+		cancel()
+		if err != nil {
+			s.mu.Lock()
+			s.pending = append(pending[i:], s.pending...)
+			s.mu.Unlock()
+			return err
+		}
+	}
+	return nil
+}
+
+// AddBudget adds tokens to client's use of model on day and returns the
+// total in Redis.
+func (s *State) AddBudget(parent context.Context, client, model, day string, tokens int64) (int64, error) {
+	ctx, cancel := s.ctx(parent)
+	defer cancel()
+	n, err := budgetScript.Run(ctx, s.rdb, []string{s.budgetKey(client, model, day)}, tokens).Int64()
+	if err != nil {
+		return 0, s.failed(err)
+	}
+	return n, nil
+}
+
+// Budget returns client's use of model on day in Redis.
+func (s *State) Budget(parent context.Context, client, model, day string) (int64, error) {
+	ctx, cancel := s.ctx(parent)
+	defer cancel()
+	n, err := s.rdb.Get(ctx, s.budgetKey(client, model, day)).Int64()
+	if errors.Is(err, redis.Nil) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, s.failed(err)
+	}
+	return n, nil
+}
+
+func (s *State) budgetKey(client, model, day string) string {
+	return s.cfg.Prefix + "budget:{" + client + "}:" + model + ":" + day
+}
+
+func parseFloat(v any) float64 {
+	switch x := v.(type) {
+	case string:
+		f, _ := strconv.ParseFloat(x, 64)
+		return f
+	case int64:
+		return float64(x)
+	}
+	return 0
+}
