@@ -17,8 +17,10 @@ const epsilon = 1e-6
 type bucket struct {
 	lim        *rate.Limiter
 	capacity   float64
-	perSec     float64 // the refill rate now: configured less others' estimated use
+	perSec     float64 // the refill rate now: configured less others' estimated use, times share
 	configured float64 // the configured refill rate, per second
+	full       float64 // the configured capacity
+	share      float64 // of the configured limits this bucket enforces (see Queue.Share); 1 alone
 
 	// others is the estimated rate (per second) at which someone the
 	// gateway does not see spends the upstream's limit; residual is the
@@ -37,7 +39,7 @@ func newBucket(perMinute int) bucket {
 	}
 	perSec := float64(perMinute) / 60
 	return bucket{lim: rate.NewLimiter(rate.Limit(perSec), perMinute), capacity: float64(perMinute),
-		perSec: perSec, configured: perSec}
+		perSec: perSec, configured: perSec, full: float64(perMinute), share: 1}
 }
 
 // level is the number of tokens in the bucket at now.
@@ -110,7 +112,7 @@ func (b *bucket) observe(now time.Time, discrepancy float64) (lowered float64, r
 	others = max(0, min(others, maxOthersShare*b.configured))
 	if others != b.others {
 		b.others = others
-		b.perSec = b.configured - others
+		b.perSec = (b.configured - others) * b.share
 		b.lim.SetLimitAt(now, rate.Limit(b.perSec))
 		rateChanged = true
 	}
@@ -139,4 +141,32 @@ func (b bucket) untilFull(level float64) time.Duration {
 		return 0
 	}
 	return time.Duration(math.Ceil((b.capacity-level)/b.perSec*1e3)) * time.Millisecond
+}
+
+// setShare makes the bucket enforce share of its configured limit, in
+// capacity and refill.
+func (b *bucket) setShare(now time.Time, share float64) {
+	if b.lim == nil || share == b.share {
+		return
+	}
+	b.share = share
+	b.capacity = math.Max(1, math.Floor(b.full*share))
+	b.perSec = (b.configured - b.others) * share
+	b.lim.SetBurstAt(now, int(b.capacity))
+	b.lim.SetLimitAt(now, rate.Limit(b.perSec))
+}
+
+// set moves the bucket's level at now to level (what a shared store
+// says it holds), to the token.
+func (b *bucket) set(now time.Time, level float64) {
+	if b.lim == nil {
+		return
+	}
+	diff := math.Round(level - b.level(now))
+	switch {
+	case diff > 0:
+		b.give(now, int(diff))
+	case diff < 0:
+		b.lim.ReserveN(now, int(-diff))
+	}
 }

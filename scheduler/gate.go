@@ -23,6 +23,9 @@ type gate struct {
 	req, tok      bucket
 	maxConcurrent int
 	inflight      []*Admission // admissions holding one of its slots (maxConcurrent only)
+	// fullConcurrent is the configured maxConcurrent while a share of it is
+	// in force (see Queue.Share); 0 before.
+	fullConcurrent int
 }
 
 func newGate(rpm, tpm, maxConcurrent int) gate {

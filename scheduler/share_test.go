@@ -1,0 +1,55 @@
+package scheduler
+
+import (
+	"context"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func TestSyncTakesTheSharedLevels(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c := cfg(10, 20*time.Second, 60, 6000)
+		own := c.Client("b", 1)
+		own.TPM = 600
+		q := NewQueue("m", c, c.Client("a", 1), own)
+		q.Sync(time.Now(), 1, Levels{Requests: 30, Tokens: 100, ClientRequests: 0, ClientTokens: 50})
+		st := q.State(time.Now())
+		assert.Equal(t, 30, st.RemainingRequests)
+		assert.Equal(t, 100, st.RemainingTokens)
+		// 400 tokens: 3 s at 100 a second for the model's shared level,
+		// 35 s at 10 a second for b's own: over b's 20.
+		_, err := q.Acquire(context.Background(), Cost{Tokens: 400, Client: 1})
+		var re *RejectError
+		require.ErrorAs(t, err, &re)
+		assert.Equal(t, "b", re.Client)
+		assert.Equal(t, 35*time.Second, re.RetryAfter.Round(time.Millisecond))
+		// a has no bucket of its own: the model's 3 s.
+		adm, err := q.Acquire(context.Background(), Cost{Tokens: 400, Client: 0})
+		require.NoError(t, err)
+		assert.Equal(t, 3*time.Second, adm.Wait.Round(time.Millisecond))
+	})
+}
+
+func TestShareSplitsEveryLimit(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c := Config{MaxQueueSize: 10, MaxQueueWait: 0, RPM: 60, TPM: 6000, MaxConcurrent: 3}
+		q := NewQueue("m", c)
+		q.Share(time.Now(), 1.0/3)
+		st := q.State(time.Now())
+		assert.Equal(t, 20, st.LimitRequests)
+		assert.Equal(t, 2000, st.LimitTokens)
+		assert.Equal(t, 2000, st.RemainingTokens)
+		_, err := q.Acquire(context.Background(), Cost{Tokens: 1})
+		require.NoError(t, err)
+		_, err = q.Acquire(context.Background(), Cost{Tokens: 1})
+		assert.Error(t, err, "one slot of three")
+		q.Share(time.Now(), 1)
+		assert.Equal(t, 6000, q.State(time.Now()).LimitTokens)
+		_, err = q.Acquire(context.Background(), Cost{Tokens: 1})
+		assert.NoError(t, err, "the slots are back")
+	})
+}
