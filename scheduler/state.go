@@ -34,6 +34,17 @@ func (q *Queue) State(now time.Time) RateState {
 	return q.gate.state(now, q.depth, q.queuedTokens)
 }
 
+// StateFor returns the buckets' state at now as a newcomer of client
+// number client sees them: the model's, or its own where they leave less.
+func (q *Queue) StateFor(now time.Time, client int) RateState {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if client < 0 || client >= len(q.lanes) {
+		return q.gate.state(now, q.depth, q.queuedTokens)
+	}
+	return q.state(now, q.lanes[client])
+}
+
 // Stats returns the queue's depth and bucket levels at now.
 func (q *Queue) Stats(now time.Time) Stats {
 	q.mu.Lock()

@@ -1,6 +1,7 @@
 package clients
 
 import (
+	"context"
 	"fmt"
 	"maps"
 	"slices"
@@ -22,9 +23,10 @@ const otherModels = "*other*"
 
 // usage is a client's use of one model on one day.
 type usage struct {
-	day  int64 // UTC days since the epoch
-	used int64 // tokens settled
-	held int64 // tokens of admitted requests not yet settled
+	day    int64 // UTC days since the epoch
+	used   int64 // tokens settled
+	held   int64 // tokens of admitted requests not yet settled
+	synced time.Time
 }
 
 // dayOf is the UTC day of t, counted from the epoch.
@@ -95,10 +97,11 @@ func (e *Exhausted) Error() string {
 // nothing, so a caller defers Release where it reserves. The zero Spend
 // does nothing.
 type Spend struct {
-	c    *Client
-	u    *usage
-	day  int64
-	held int64
+	c     *Client
+	u     *usage
+	day   int64
+	held  int64
+	model string
 }
 
 // Reserve holds cost tokens of c's budget for model at now, or returns an
@@ -106,6 +109,9 @@ type Spend struct {
 // without a budget for model is only counted.
 func (c *Client) Reserve(now time.Time, model string, cost int) (Spend, error) {
 	budget := c.Budget(model)
+	if budget > 0 && c.store != nil {
+		c.sync(now, model)
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	u := c.entry(model, now)
@@ -113,7 +119,7 @@ func (c *Client) Reserve(now time.Time, model string, cost int) (Spend, error) {
 		return Spend{}, &Exhausted{Client: c.Name, Model: model, Budget: budget, Used: u.used, Reset: nextDay(now)}
 	}
 	u.held += int64(cost)
-	return Spend{c: c, u: u, day: u.day, held: int64(cost)}, nil
+	return Spend{c: c, u: u, day: u.day, held: int64(cost), model: model}, nil
 }
 
 // Settle ends the hold and counts used tokens as spent today.
@@ -131,6 +137,11 @@ func (s *Spend) Settle(now time.Time, used int) {
 		c.dirty.Store(true)
 	}
 	s.c = nil
+	if c.store != nil && used > 0 {
+		c.mu.Unlock()
+		c.record(now, s.model, int64(used), u)
+		c.mu.Lock()
+	}
 }
 
 // Release ends the hold, counting nothing.
@@ -191,4 +202,79 @@ func (c *Client) Today(now time.Time) []ModelUse {
 		out = append(out, mu)
 	}
 	return out
+}
+
+// Store is a record of the clients' daily use shared by replicas (Redis):
+// each one's spend adds up there, and each replica reads the total.
+type Store interface {
+	AddBudget(ctx context.Context, client, model, day string, tokens int64) (int64, error)
+	Budget(ctx context.Context, client, model, day string) (int64, error)
+	// Defer retries a write that failed when the store answers again.
+	Defer(func(ctx context.Context) error)
+}
+
+// syncEvery is how stale a replica's view of a shared budget may be
+// before a request reads it again.
+const syncEvery = time.Second
+
+// Share makes every client's budgets shared through st.
+func (d *Directory) Share(st Store) {
+	for _, c := range d.clients {
+		c.store = st
+	}
+}
+
+func dayString(t time.Time) string { return t.UTC().Format(dayLayout) }
+
+// sync reads c's use of model today from the store, at most every
+// syncEvery. A store that has less than this replica knows of (it
+// restarted without its data) is seeded again with the difference.
+func (c *Client) sync(now time.Time, model string) {
+	c.mu.Lock()
+	u := c.entry(model, now)
+	fresh := now.Sub(u.synced) < syncEvery
+	known := u.used
+	c.mu.Unlock()
+	if fresh {
+		return
+	}
+	day := dayString(now)
+	n, err := c.store.Budget(context.Background(), c.Name, model, day)
+	if err != nil {
+		return // the local view stands in
+	}
+	if n < known {
+		n, err = c.store.AddBudget(context.Background(), c.Name, model, day, known-n)
+		if err != nil {
+			return
+		}
+	}
+	c.mu.Lock()
+	if u = c.entry(model, now); n > u.used {
+		u.used = n
+	}
+	u.synced = now
+	c.mu.Unlock()
+}
+
+// record adds used tokens to the store; the total there (every replica's)
+// becomes c's view. A write that fails is retried when the store answers
+// again: no use is lost.
+func (c *Client) record(now time.Time, model string, used int64, u *usage) {
+	day := dayString(now)
+	n, err := c.store.AddBudget(context.Background(), c.Name, model, day, used)
+	if err != nil {
+		name := c.Name
+		c.store.Defer(func(ctx context.Context) error {
+			_, err := c.store.AddBudget(ctx, name, model, day, used)
+			return err
+		})
+		return
+	}
+	c.mu.Lock()
+	if u.day == dayOf(now) && n > u.used {
+		u.used = n
+	}
+	u.synced = now
+	c.mu.Unlock()
 }

@@ -39,6 +39,7 @@ type Client struct {
 	mu    sync.Mutex
 	usage map[string]*usage // model -> today's use (budget.go)
 	dirty *atomic.Bool      // the directory's: usage changed since the last save
+	store Store             // shared daily use (replicas); nil alone
 }
 
 // Allowed reports whether the client may use route.

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/llproxy/llproxy/internal/backends"
+	"github.com/llproxy/llproxy/internal/shared"
 	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/provider/mock"
 	"github.com/llproxy/llproxy/scheduler"
@@ -72,6 +73,9 @@ type Config struct {
 	// Clients are the teams that share the gateway, by name: each with its
 	// keys, weight, routes and limits. See Client.
 	Clients map[string]*Client `json:"clients"`
+	// Shared, when set, keeps the limits of every replica pointed at the
+	// same Redis together. See package shared.
+	Shared *shared.Config `json:"shared"`
 	// StateFile keeps what must survive a restart (the clients' token use
 	// today, for their daily budgets). Default llproxy-state.json next to
 	// the config file.
@@ -208,6 +212,9 @@ var routeName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]*$`)
 
 // setDefaults fills zero fields with their defaults.
 func (c *Config) setDefaults() {
+	if c.Shared != nil {
+		c.Shared.SetDefaults()
+	}
 	for _, cl := range c.Clients {
 		if cl != nil && cl.Weight == 0 {
 			cl.Weight = 1
@@ -325,6 +332,9 @@ func (c *Config) Validate() error {
 		}
 	}
 	add("tokenizer.", c.Tokenizer.Validate())
+	if c.Shared != nil {
+		add("shared.", c.Shared.Validate())
+	}
 	if len(c.Routes) == 0 {
 		errs = append(errs, errors.New("routes: must have at least one route"))
 	}

@@ -17,11 +17,14 @@ import (
 const (
 	OutcomeRejectBudget = "rejected_budget"
 	OutcomeForbidden    = "forbidden"
+	// OutcomeSharedDown is a request refused because the shared limits
+	// cannot be reached (onRedisDown: deny).
+	OutcomeSharedDown = "rejected_shared_down"
 )
 
 // clientOutcomes are the outcomes whose children are made up front.
 var clientOutcomes = []string{OutcomeAdmitted, OutcomeRejectQueueFull, OutcomeRejectWait, OutcomeRejectTooLarge,
-	OutcomeCancelled, OutcomeShuttingDown, OutcomeRejectUpstream, OutcomeRejectBudget, OutcomeForbidden}
+	OutcomeCancelled, OutcomeShuttingDown, OutcomeRejectUpstream, OutcomeRejectBudget, OutcomeForbidden, OutcomeSharedDown}
 
 type clientVecs struct {
 	requests *prometheus.CounterVec

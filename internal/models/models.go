@@ -15,6 +15,7 @@ import (
 
 	"github.com/llproxy/llproxy/internal/config"
 	"github.com/llproxy/llproxy/internal/metrics"
+	"github.com/llproxy/llproxy/internal/shared"
 	"github.com/llproxy/llproxy/scheduler"
 )
 
@@ -34,7 +35,14 @@ type Model struct {
 	// System a default system prompt.
 	Defaults []byte
 	System   string
+	// Shared is the model's buckets in the shared store, when replicas
+	// share the limits; nil otherwise.
+	Shared *shared.Buckets
 }
+
+// Share returns the shared buckets of a queue of model with limits cfg;
+// nil: the limits are not shared.
+type Share func(model string, cfg scheduler.Config) *shared.Buckets
 
 // Registry is a route's models. It is safe for concurrent use.
 type Registry struct {
@@ -48,15 +56,16 @@ type Registry struct {
 	labeled   atomic.Int64 // wildcard models with series of their own
 	otherOnce sync.Once
 	other     *metrics.Model // the series of the wildcard models past MaxLabels
+	share     Share
 }
 
 // New builds the registry of route's models (rc validated).
-func New(route string, rc *config.Route, m *metrics.Metrics, clients Clients) (*Registry, error) {
+func New(route string, rc *config.Route, m *metrics.Metrics, clients Clients, share Share) (*Registry, error) {
 	set, err := NewSet(rc.QueueConfigs(), rc.MaxWildcardModels, clients)
 	if err != nil {
 		return nil, err
 	}
-	r := &Registry{route: route, cfg: rc.Models, set: set, metrics: m, listed: map[string]*Model{}}
+	r := &Registry{route: route, cfg: rc.Models, set: set, metrics: m, listed: map[string]*Model{}, share: share}
 	set.OnRetire(func(q *scheduler.Queue) {
 		if v, ok := r.dynamic.Load(q.Model()); ok && v.(*Model).Queue == q {
 			r.forget(v.(*Model))
@@ -111,8 +120,11 @@ func (r *Registry) forget(ms *Model) {
 	}
 }
 
-// release gives back a wildcard model's label.
+// release gives back a wildcard model's label and shared buckets.
 func (r *Registry) release(ms *Model) {
+	if ms.Shared != nil {
+		ms.Shared.Close()
+	}
 	if ms.Label != metrics.OtherModel {
 		r.metrics.DeleteModel(r.route, ms.Label)
 		r.labeled.Add(-1)
@@ -132,6 +144,12 @@ func (r *Registry) newModel(q *scheduler.Queue, mc *config.Model) *Model {
 	}
 	if len(mc.Defaults) > 0 {
 		ms.Defaults, _ = json.Marshal(mc.Defaults)
+	}
+	if r.share != nil {
+		ms.Shared = r.share(q.Model(), q.Config())
+		if f := ms.Shared.LocalShare(); f < 1 {
+			q.Share(time.Now(), f) // made while Redis is down
+		}
 	}
 	return ms
 }

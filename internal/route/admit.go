@@ -38,8 +38,17 @@ func (rt *Route) schedule(ex *exchange, r *http.Request, body *request.Body, c *
 	}
 	ex.spend = spend
 	defer ex.spend.Release()
+	goOn, unlimited := rt.degradedBefore(ex, ms, rec)
+	if !goOn {
+		return
+	}
 	cost := scheduler.Cost{Tokens: c.est.cost, Client: who.ID}
-	adm, err := ms.Queue.AcquireInto(r.Context(), cost, &ex.admission)
+	var adm *scheduler.Admission
+	if unlimited {
+		adm = &ex.admission // the zero admission: nothing held, nothing to give back
+	} else {
+		adm, err = ms.Queue.AcquireInto(r.Context(), cost, &ex.admission)
+	}
 	if errors.Is(err, scheduler.ErrRetired) {
 		// Its queue was retired for being idle between lookup and
 		// admission: look again (a new queue with full buckets, exactly
@@ -69,14 +78,20 @@ func (rt *Route) schedule(ex *exchange, r *http.Request, body *request.Body, c *
 	// when the request ends gives back its concurrency slot.
 	ex.adm = adm
 	defer func() { ex.adm.Release(time.Now()) }()
+	defer ex.hold.release()
+	ex.rate, ex.hasRate = adm.State, !unlimited
+	ex.deadline = arrived.Add(ms.MaxQueueWait)
+	rec.wait = adm.Wait
+	if !unlimited && !rt.takeShared(r.Context(), ex, ms, cost, rec) {
+		return
+	}
 	ms.Metrics.Inflight(1)
 	defer ms.Metrics.Inflight(-1)
-	rec.outcome, rec.wait = metrics.OutcomeAdmitted, adm.Wait
-	ms.Metrics.Admitted(adm.Wait, c.est.prompt, c.est.cost)
+	rec.outcome = metrics.OutcomeAdmitted
+	ms.Metrics.Admitted(rec.wait, c.est.prompt, c.est.cost)
 	ex.who.Outcome(rec.outcome)
 
-	ex.rate, ex.hasRate = adm.State, true
-	ex.ms, ex.deadline, ex.strip = ms, arrived.Add(ms.MaxQueueWait), c.inject != nil
+	ex.ms, ex.strip = ms, c.inject != nil
 	ex.maxRetries, ex.backoff = *rt.cfg.Retries, time.Duration(rt.cfg.RetryBackoff)
 	ex.lease.Reset(rec.model, c.keepAlive, ex.deadline)
 	send := body
@@ -91,7 +106,7 @@ func (rt *Route) schedule(ex *exchange, r *http.Request, body *request.Body, c *
 		switch a.verdict {
 		case relay.Deliver, relay.Failed:
 			if a.noBackend {
-				ex.adm.Unsend(time.Now()) // never sent
+				ex.unsend(time.Now()) // never sent
 				ms.Metrics.Unsent(c.est.cost)
 				rec.outcome = "no_backend"
 				if r.Context().Err() != nil {

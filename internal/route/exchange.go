@@ -36,6 +36,8 @@ type exchange struct {
 	adm         *scheduler.Admission // the admission in force
 	admission   scheduler.Admission  // what adm points to: pooled with the exchange
 	spend       clients.Spend        // the request's hold on its client's daily budget
+	hold        sharedHold           // its reservation in the shared buckets (replicas)
+	local       bool                 // the limits in force are this replica's alone (Redis down)
 	who         *metrics.Client      // its client's series
 	deadline    time.Time            // arrival + maxQueueWait: no retry past it
 	tries       int                  // sends so far
@@ -94,6 +96,9 @@ func (ex *exchange) WriteHeader(code int) {
 	h := ex.Header()
 	if ex.hasRate {
 		openai.SetRateHeaders(h, &ex.rate)
+	}
+	if ex.local {
+		h["X-Llproxy-Limits"] = []string{"local"}
 	}
 	if ct := h["Content-Type"]; len(ct) > 0 && strings.HasPrefix(ct[0], "text/event-stream") {
 		h["X-Accel-Buffering"] = []string{"no"}

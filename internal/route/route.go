@@ -32,6 +32,7 @@ import (
 	"github.com/llproxy/llproxy/internal/openai"
 	"github.com/llproxy/llproxy/internal/relay"
 	"github.com/llproxy/llproxy/internal/request"
+	"github.com/llproxy/llproxy/internal/shared"
 	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/provider/mock"
 	"github.com/llproxy/llproxy/scheduler"
@@ -69,6 +70,8 @@ type Options struct {
 	Clients *clients.Directory
 	// Secrets never reach a model server's environment.
 	Secrets []string
+	// Shared, when set, is where the limits of every replica live.
+	Shared *shared.State
 	// Closing reports that the gateway shuts down: a body still arriving
 	// is cut off. Nil: never.
 	Closing func() bool
@@ -82,7 +85,13 @@ func New(name string, rc *config.Route, opts Options) (*Route, error) {
 	if opts.Clients == nil {
 		opts.Clients = clients.New(&config.Config{})
 	}
-	reg, err := models.New(name, rc, opts.Metrics, opts.Clients.Queue)
+	var share models.Share
+	if opts.Shared != nil {
+		share = func(model string, cfg scheduler.Config) *shared.Buckets {
+			return opts.Shared.Queue(name, model, cfg, opts.Clients.Queue(model, cfg))
+		}
+	}
+	reg, err := models.New(name, rc, opts.Metrics, opts.Clients.Queue, share)
 	if err != nil {
 		return nil, fmt.Errorf("route: routes.%s: %w", name, err)
 	}

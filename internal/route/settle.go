@@ -40,7 +40,11 @@ func (rt *Route) observe(ms *models.Model, adm *scheduler.Admission, ri provider
 	if !ri.Any() {
 		return
 	}
-	if adm.Observe(now, scheduler.Upstream{
+	// With shared limits, the shared buckets are the key's: another
+	// replica's spend is not someone else's, and the headers are not
+	// applied to this replica's view (see README, Running several
+	// replicas).
+	if ms.Shared == nil && adm.Observe(now, scheduler.Upstream{
 		RemainingRequests: ri.RemainingRequests, HasRemainingRequests: ri.HasRemainingRequests,
 		RemainingTokens: ri.RemainingTokens, HasRemainingTokens: ri.HasRemainingTokens,
 	}) {
@@ -84,7 +88,7 @@ func (rt *Route) sendAgain(ctx context.Context, ex *exchange, a attempt, cost sc
 	// admission back, hold the whole queue as long as the upstream asked,
 	// and wait again at the head of the queue within the original budget.
 	now := time.Now()
-	ex.adm.Unsend(now)
+	ex.unsend(now)
 	ms.Metrics.Unsent(cost.Tokens)
 	rt.observe(ms, ex.adm, a.refusal, now) // compared as unpaid: the upstream refused it
 	ms.Queue.Hold(now, now.Add(a.retryAfter))
@@ -107,7 +111,7 @@ func (rt *Route) sendAgain(ctx context.Context, ex *exchange, a attempt, cost sc
 	ex.rate, ex.adm = adm.State, adm
 	ex.hasRate = true
 	rec.wait += adm.Wait
-	return true
+	return rt.takeShared(ctx, ex, ms, cost, rec)
 }
 
 // settle reconciles the reservation with what happened: a request the
@@ -119,7 +123,7 @@ func (rt *Route) settle(ex *exchange, c *call, a attempt, rec *requestLog) {
 	ms, cost := ex.ms, c.est.cost
 	now := time.Now()
 	if a.neverSent {
-		ex.adm.Unsend(now)
+		ex.unsend(now)
 		ms.Metrics.Unsent(cost)
 		return
 	}
@@ -142,6 +146,7 @@ func (rt *Route) settle(ex *exchange, c *call, a attempt, rec *requestLog) {
 	ex.who.Used(u.Total)
 	if rt.cfg.Settle == config.SettleActual {
 		ex.adm.Settle(now, u.Total)
+		ex.hold.settle(u.Total)
 		ms.Metrics.Settled(cost - u.Total)
 	}
 }

@@ -75,6 +75,14 @@ func (s *Server) BackendStats(yield func(metrics.BackendStats)) {
 func (s *Server) Run(ctx context.Context) {
 	done := make(chan struct{})
 	n := 0
+	if s.shared != nil {
+		n++
+		go func() {
+			defer func() { done <- struct{}{} }()
+			defer safe.Recover(s.log, "shared limits")
+			s.shared.Run(ctx)
+		}()
+	}
 	if s.statePath != "" {
 		n++
 		go func() {

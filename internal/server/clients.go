@@ -158,3 +158,14 @@ func (s *Server) SaveState() {
 		s.log.Error("saving the clients' usage", "error", err)
 	}
 }
+
+// sharedChanged follows the shared limits' mode: while Redis is down under
+// onRedisDown split, every queue enforces this replica's share of its
+// limits (1 / the replicas last seen alive); when it answers again, all.
+func (s *Server) sharedChanged(degraded bool) {
+	share := s.shared.LocalShare()
+	now := time.Now()
+	for _, rt := range s.routes {
+		rt.Queues(func(q *scheduler.Queue, _ string) { q.Share(now, share) })
+	}
+}

@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"github.com/llproxy/llproxy/internal/clients"
+	"github.com/llproxy/llproxy/internal/shared"
 	"io"
 	"log/slog"
 	"maps"
@@ -61,7 +62,8 @@ type Server struct {
 	routeNames []string
 	keyHashes  [][sha256.Size]byte // every client key
 	dir        *clients.Directory
-	statePath  string // where the clients' usage is kept; "" without budgets
+	shared     *shared.State // the limits shared with other replicas; nil alone
+	statePath  string        // where the clients' usage is kept; "" without budgets
 	// adminHashes guard the admin endpoints; metricsHash /metrics.
 	adminHashes   [][sha256.Size]byte
 	metricsHashes [][sha256.Size]byte
@@ -99,6 +101,15 @@ func New(opts Options) (*Server, error) {
 	if k := opts.Config.MetricsKey.Value(); k != "" {
 		s.metricsHashes = append(s.metricsHashes, sha256.Sum256([]byte(k)))
 	}
+	if sc := opts.Config.Shared; sc != nil {
+		st, err := shared.New(*sc, s.log, opts.Registry)
+		if err != nil {
+			return nil, fmt.Errorf("server: %w", err)
+		}
+		s.shared = st
+		s.dir.Share(st)
+		st.OnChange(s.sharedChanged)
+	}
 	m, err := metrics.New(opts.Registry, s)
 	if err != nil {
 		return nil, fmt.Errorf("server: metrics: %w", err)
@@ -107,7 +118,7 @@ func New(opts Options) (*Server, error) {
 	s.promHTTP = promhttp.HandlerFor(opts.Registry, promhttp.HandlerOpts{})
 	for name, rc := range opts.Config.Routes {
 		rt, err := route.New(name, rc, route.Options{Tokenizer: s.tok, Metrics: s.metrics, Logger: s.log,
-			Transport: opts.Transport, Clients: s.dir, Secrets: s.secrets(),
+			Transport: opts.Transport, Clients: s.dir, Secrets: s.secrets(), Shared: s.shared,
 			Closing: s.closing.Load, Limits: s.limits()})
 		if err != nil {
 			return nil, fmt.Errorf("server: %w", err)

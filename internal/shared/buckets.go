@@ -216,3 +216,16 @@ func (b *Buckets) flush(parent context.Context, outage time.Duration) error {
 	}
 	return nil
 }
+
+// LocalShare is the share of its limits a replica's queue enforces now:
+// 1 while Redis answers (or onRedisDown is not split), else 1 / the
+// replicas last seen alive.
+func (s *State) LocalShare() float64 {
+	if !s.Degraded() || s.cfg.OnRedisDown != Split {
+		return 1
+	}
+	return 1 / float64(s.Live())
+}
+
+// LocalShare is the share of its limits the queue enforces now.
+func (b *Buckets) LocalShare() float64 { return b.s.LocalShare() }

@@ -111,7 +111,7 @@ type State struct {
 	changes  *prometheus.CounterVec
 
 	mu       sync.Mutex
-	queues   []*Buckets          // every queue's buckets, for leases and recovery
+	queues   []*Buckets            // every queue's buckets, for leases and recovery
 	onChange []func(degraded bool) // told when the mode changes
 	pending  []func(ctx context.Context) error
 }

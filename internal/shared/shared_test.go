@@ -1,0 +1,178 @@
+package shared
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/llproxy/llproxy/internal/redistest"
+	"github.com/llproxy/llproxy/scheduler"
+)
+
+func replica(t *testing.T, url string) *State {
+	t.Helper()
+	s, err := New(Config{Redis: url, Timeout: scheduler.Duration(200 * time.Millisecond)},
+		slog.New(slog.NewTextHandler(io.Discard, nil)), prometheus.NewRegistry())
+	require.NoError(t, err)
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+var model = scheduler.Config{RPM: 60, TPM: 6000, MaxQueueSize: 10, MaxQueueWait: scheduler.Duration(time.Minute)}
+
+func clientsOf(c scheduler.Config) []scheduler.Client {
+	own := c.Client("own", 1)
+	own.TPM = 100
+	return []scheduler.Client{c.Client("a", 1), own}
+}
+
+func TestTakeSharesTheBucketsAcrossReplicas(t *testing.T) {
+	r := redistest.Start(t)
+	a := replica(t, r.URL()).Queue("openai", "gpt-4o", model, clientsOf(model))
+	b := replica(t, r.URL()).Queue("openai", "gpt-4o", model, clientsOf(model))
+	ctx := context.Background()
+	ok := 0
+	for i := range 70 {
+		q := a
+		if i%2 == 1 {
+			q = b
+		}
+		took, err := q.Take(ctx, 0, 10)
+		require.NoError(t, err)
+		if took.OK {
+			ok++
+			continue
+		}
+		assert.Equal(t, scheduler.Requests, took.Binding)
+		assert.False(t, took.Own)
+		assert.InDelta(t, float64(time.Second), float64(took.Wait), float64(100*time.Millisecond), "one request a second")
+	}
+	assert.InDelta(t, 60, ok, 1, "the key's 60, not 60 a replica")
+
+	// The client's own bucket (100 tokens): shared too, and it says so.
+	c := replica(t, r.URL()).Queue("openai", "gpt-4o-mini", model, clientsOf(model))
+	took, err := c.Take(ctx, 1, 80)
+	require.NoError(t, err)
+	require.True(t, took.OK)
+	assert.InDelta(t, 20, took.Levels[3], 0.5)
+	took, err = replica(t, r.URL()).Queue("openai", "gpt-4o-mini", model, clientsOf(model)).Take(ctx, 1, 80)
+	require.NoError(t, err)
+	assert.False(t, took.OK)
+	assert.True(t, took.Own)
+	assert.Equal(t, scheduler.Tokens, took.Binding)
+	assert.InDelta(t, float64(36*time.Second), float64(took.Wait), float64(time.Second), "60 more at 100 a minute")
+
+	// Adjust gives back, never above capacity, and charges.
+	require.NoError(t, c.Adjust(ctx, 1, 0, 80))
+	took, err = c.Take(ctx, 1, 80)
+	require.NoError(t, err)
+	assert.True(t, took.OK, "given back")
+}
+
+func TestLeasesCountAcrossReplicas(t *testing.T) {
+	r := redistest.Start(t)
+	m := model
+	m.MaxConcurrent = 2
+	a := replica(t, r.URL()).Queue("local", "llama", m, clientsOf(m))
+	b := replica(t, r.URL()).Queue("local", "llama", m, clientsOf(m))
+	ctx := context.Background()
+	t1, err := a.Take(ctx, 0, 1)
+	require.NoError(t, err)
+	t2, err := b.Take(ctx, 0, 1)
+	require.NoError(t, err)
+	require.True(t, t1.OK && t2.OK)
+	require.NotEmpty(t, t1.Lease)
+	t3, err := a.Take(ctx, 0, 1)
+	require.NoError(t, err)
+	assert.False(t, t3.OK)
+	assert.Equal(t, scheduler.Slots, t3.Binding)
+	assert.Negative(t, t3.Wait, "when a slot frees is not known")
+	require.NoError(t, b.Release(ctx, 0, t2.Lease))
+	t4, err := a.Take(ctx, 0, 1)
+	require.NoError(t, err)
+	assert.True(t, t4.OK)
+}
+
+func TestRedisDownDegradesAndRecoversWithoutBurst(t *testing.T) {
+	r := redistest.Start(t)
+	s := replica(t, r.URL())
+	reg := prometheus.NewRegistry()
+	require.NoError(t, reg.Register(s.gauge))
+	changes := make(chan bool, 4)
+	s.OnChange(func(d bool) { changes <- d })
+	q := s.Queue("openai", "gpt-4o", model, clientsOf(model))
+	ctx := context.Background()
+	s.beat(ctx)
+	assert.Equal(t, 1, s.Live())
+
+	r.Stop()
+	start := time.Now()
+	_, err := q.Take(ctx, 0, 10)
+	require.Error(t, err)
+	assert.Less(t, time.Since(start), time.Second, "bounded by the timeout")
+	assert.True(t, s.Degraded())
+	assert.True(t, <-changes)
+	assert.Equal(t, 1.0, testutil.ToFloat64(s.gauge.WithLabelValues("degraded")))
+	assert.Equal(t, 1.0, s.LocalShare(), "one replica: all of it")
+	// This replica admits on its own meanwhile.
+	q.Spent(0, 50, 500)
+	var deferred int64
+	s.Defer(func(ctx context.Context) error { deferred++; return nil })
+
+	r.Restart() // empty: every key lost
+	s.beat(ctx)
+	assert.False(t, s.Degraded())
+	assert.False(t, <-changes)
+	assert.Equal(t, 1.0, testutil.ToFloat64(s.gauge.WithLabelValues("ok")))
+	assert.Equal(t, int64(1), deferred, "the deferred write was made")
+	// The shared buckets resume from what was spent, not from full: 10
+	// requests are left of 60.
+	ok := 0
+	for range 20 {
+		took, err := q.Take(ctx, 0, 1)
+		require.NoError(t, err)
+		if took.OK {
+			ok++
+		}
+	}
+	assert.InDelta(t, 10, ok, 1)
+}
+
+func TestBudgets(t *testing.T) {
+	r := redistest.Start(t)
+	a, b := replica(t, r.URL()), replica(t, r.URL())
+	ctx := context.Background()
+	n, err := a.AddBudget(ctx, "interns", "gpt-4o", "2026-12-01", 40)
+	require.NoError(t, err)
+	assert.Equal(t, int64(40), n)
+	n, err = b.AddBudget(ctx, "interns", "gpt-4o", "2026-12-01", 2)
+	require.NoError(t, err)
+	assert.Equal(t, int64(42), n)
+	n, err = a.Budget(ctx, "interns", "gpt-4o", "2026-12-01")
+	require.NoError(t, err)
+	assert.Equal(t, int64(42), n)
+	n, err = a.Budget(ctx, "interns", "gpt-4o", "2026-12-02")
+	require.NoError(t, err)
+	assert.Zero(t, n)
+}
+
+func TestConfigValidate(t *testing.T) {
+	c := Config{Redis: "http://x", OnRedisDown: "maybe", Timeout: -1}
+	err := c.Validate()
+	require.Error(t, err)
+	for _, want := range []string{"redis:", "timeout: must be > 0", `onRedisDown: must be split, deny or allow, got "maybe"`} {
+		assert.Contains(t, err.Error(), want)
+	}
+	c = Config{Redis: "redis://127.0.0.1:6379/0"}
+	c.SetDefaults()
+	require.NoError(t, c.Validate())
+	assert.Equal(t, Split, c.OnRedisDown)
+	assert.Equal(t, DefaultPrefix, c.Prefix)
+}
