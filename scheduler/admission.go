@@ -32,6 +32,7 @@ type Admission struct {
 	slot     bool // holds one of the model's concurrency slots
 	laneSlot bool // holds one of its client's
 	unsent   bool // given back whole
+	pending  bool // not yet confirmed by the shared store (see ConfirmAdmissions)
 	settled  bool
 	observed bool
 }
@@ -112,6 +113,7 @@ func (q *Queue) unsend(now time.Time, a *Admission) {
 	if a.unsent {
 		return
 	}
+	q.settlePending(a)
 	a.unsent = true
 	q.req.give(now, 1)
 	q.tok.give(now, a.tokens)

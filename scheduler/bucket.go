@@ -149,6 +149,11 @@ func (b *bucket) setShare(now time.Time, share float64) {
 	if b.lim == nil || share == b.share {
 		return
 	}
+	if share < b.share {
+		// What is left is shared too: this bucket keeps its part of it.
+		level := b.level(now) * share / b.share
+		defer b.set(now, level)
+	}
 	b.share = share
 	b.capacity = math.Max(1, math.Floor(b.full*share))
 	b.perSec = (b.configured - b.others) * share

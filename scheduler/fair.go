@@ -37,6 +37,8 @@ type lane struct {
 	epoch   uint64 // the queue's epoch cur.finish belongs to
 	cur     cursor // its place in the queue's backlog
 	running int    // admitted and not yet released
+	pendReq int    // admitted and pending the shared store's word
+	pendTok int
 }
 
 // free reports whether the lane has no limits of its own.

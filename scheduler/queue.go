@@ -106,6 +106,9 @@ type Queue struct {
 	service      time.Duration // how long a request holds its slot, on average (EWMA)
 	closed       bool
 	retired      atomic.Bool // see Retire; set under mu
+	confirm      bool        // admissions wait for the shared store's word (share.go)
+	pendReq      int         // admissions pending it, and their tokens
+	pendTok      int
 	scan         []*cursor   // scratch for next
 	simCurs      []cursor    // scratch for predict
 	simHeap      cursors
@@ -357,6 +360,13 @@ func (q *Queue) pay(now time.Time, l *lane, cost Cost, wait time.Duration, a *Ad
 			PaidRequests: q.paidReq, PaidTokens: q.paidTok,
 		}}
 	a.running = true
+	if q.confirm {
+		a.pending = true
+		q.pendReq++
+		q.pendTok += cost.Tokens
+		l.pendReq++
+		l.pendTok += cost.Tokens
+	}
 	if q.maxConcurrent > 0 {
 		a.slot = true
 		q.inflight = append(q.inflight, a)

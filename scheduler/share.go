@@ -18,18 +18,66 @@ type Levels struct {
 	ClientRequests, ClientTokens float64
 }
 
-// Sync sets the buckets of the model and of client number client to what
-// the shared store reported at now, and reconsiders whose turn it is.
-func (q *Queue) Sync(now time.Time, client int, lv Levels) {
+// ConfirmAdmissions makes every admission of the queue pending until the
+// shared store confirms it (Confirm) or refuses it (Refused): the store's
+// levels, when they come, do not yet count the admissions still pending,
+// and the queue keeps them apart. Call it before the queue is used.
+func (q *Queue) ConfirmAdmissions() {
+	q.mu.Lock()
+	q.confirm = true
+	q.mu.Unlock()
+}
+
+// Confirm ends a's pending state: the shared store paid for it too, and
+// lv (if not nil) is what its buckets hold now; the queue's buckets become
+// that, less what the admissions still pending took.
+func (a *Admission) Confirm(now time.Time, lv *Levels) {
+	if a == nil || a.q == nil {
+		return
+	}
+	q := a.q
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	q.req.set(now, lv.Requests)
-	q.tok.set(now, lv.Tokens)
-	if client >= 0 && client < len(q.lanes) {
-		l := q.lanes[client]
-		l.req.set(now, lv.ClientRequests)
-		l.tok.set(now, lv.ClientTokens)
+	q.settlePending(a)
+	if lv != nil {
+		q.learn(now, a.lane, lv)
 	}
+}
+
+// Refused gives back an admission the shared store refused (another
+// replica spent its buckets first): whole, as Unsend does, and the queue's
+// buckets become lv less what the admissions still pending took.
+func (a *Admission) Refused(now time.Time, lv Levels) {
+	if a == nil || a.q == nil {
+		return
+	}
+	q := a.q
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.settlePending(a)
+	q.unsend(now, a)
+	q.learn(now, a.lane, &lv)
+}
+
+// settlePending takes a out of the pending admissions. q.mu is held.
+func (q *Queue) settlePending(a *Admission) {
+	if !a.pending {
+		return
+	}
+	a.pending = false
+	q.pendReq--
+	q.pendTok -= a.cost
+	a.lane.pendReq--
+	a.lane.pendTok -= a.cost
+}
+
+// learn sets the buckets to the shared store's levels less the pending
+// admissions. q.mu is held.
+func (q *Queue) learn(now time.Time, l *lane, lv *Levels) {
+	q.req.set(now, lv.Requests-float64(q.pendReq))
+	q.tok.set(now, lv.Tokens-float64(q.pendTok))
+	l.req.set(now, lv.ClientRequests-float64(l.pendReq))
+	l.tok.set(now, lv.ClientTokens-float64(l.pendTok))
 	q.changed(now)
 }
 
@@ -56,4 +104,24 @@ func (g *gate) setShare(now time.Time, share float64) {
 		}
 		g.maxConcurrent = max(1, int(math.Ceil(float64(g.fullConcurrent)*share)))
 	}
+}
+
+// Estimate is what the queue can vouch the shared buckets hold at now,
+// for client number client: its own levels, its share of what is left
+// (the other replicas hold the rest, and may have spent it: so this is a
+// floor, never more than there is). A bucket it does not have is -1.
+func (q *Queue) Estimate(now time.Time, client int) Levels {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	est := func(b *bucket) float64 {
+		if b.lim == nil {
+			return -1
+		}
+		return math.Max(0, b.level(now))
+	}
+	lv := Levels{Requests: est(&q.req), Tokens: est(&q.tok), ClientRequests: -1, ClientTokens: -1}
+	if client >= 0 && client < len(q.lanes) {
+		lv.ClientRequests, lv.ClientTokens = est(&q.lanes[client].req), est(&q.lanes[client].tok)
+	}
+	return lv
 }

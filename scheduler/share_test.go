@@ -10,27 +10,41 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-func TestSyncTakesTheSharedLevels(t *testing.T) {
+func TestConfirmedAndRefusedAdmissionsLearnTheSharedLevels(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		c := cfg(10, 20*time.Second, 60, 6000)
 		own := c.Client("b", 1)
 		own.TPM = 600
 		q := NewQueue("m", c, c.Client("a", 1), own)
-		q.Sync(time.Now(), 1, Levels{Requests: 30, Tokens: 100, ClientRequests: 0, ClientTokens: 50})
+		q.ConfirmAdmissions()
+		// Two admissions go to the shared store at once; the first is
+		// confirmed while the second is still pending.
+		first, err := q.Acquire(context.Background(), Cost{Tokens: 100, Client: 1})
+		require.NoError(t, err)
+		second, err := q.Acquire(context.Background(), Cost{Tokens: 100, Client: 1})
+		require.NoError(t, err)
+		first.Confirm(time.Now(), &Levels{Requests: 31, Tokens: 300, ClientRequests: 0, ClientTokens: 150})
 		st := q.State(time.Now())
-		assert.Equal(t, 30, st.RemainingRequests)
-		assert.Equal(t, 100, st.RemainingTokens)
-		// 400 tokens: 3 s at 100 a second for the model's shared level,
-		// 35 s at 10 a second for b's own: over b's 20.
-		_, err := q.Acquire(context.Background(), Cost{Tokens: 400, Client: 1})
+		assert.Equal(t, 30, st.RemainingRequests, "the store's 31, less the one still pending")
+		assert.Equal(t, 200, st.RemainingTokens)
+		// The store refuses the second: it goes back, and the store's
+		// levels (which never counted it) stand.
+		second.Refused(time.Now(), Levels{Requests: 31, Tokens: 300, ClientRequests: 0, ClientTokens: 150})
+		st = q.State(time.Now())
+		assert.Equal(t, 31, st.RemainingRequests)
+		assert.Equal(t, 300, st.RemainingTokens)
+		second.Release(time.Now())
+		// 400 tokens: 1 s at 100 a second for the model's shared level,
+		// 25 s at 10 a second for b's own 150: over b's 20.
+		_, err = q.Acquire(context.Background(), Cost{Tokens: 400, Client: 1})
 		var re *RejectError
 		require.ErrorAs(t, err, &re)
 		assert.Equal(t, "b", re.Client)
-		assert.Equal(t, 35*time.Second, re.RetryAfter.Round(time.Millisecond))
-		// a has no bucket of its own: the model's 3 s.
+		assert.Equal(t, 25*time.Second, re.RetryAfter.Round(time.Millisecond))
+		// a has no bucket of its own: the model's 1 s.
 		adm, err := q.Acquire(context.Background(), Cost{Tokens: 400, Client: 0})
 		require.NoError(t, err)
-		assert.Equal(t, 3*time.Second, adm.Wait.Round(time.Millisecond))
+		assert.Equal(t, time.Second, adm.Wait.Round(time.Millisecond))
 	})
 }
 
@@ -42,7 +56,7 @@ func TestShareSplitsEveryLimit(t *testing.T) {
 		st := q.State(time.Now())
 		assert.Equal(t, 20, st.LimitRequests)
 		assert.Equal(t, 2000, st.LimitTokens)
-		assert.Equal(t, 2000, st.RemainingTokens)
+		assert.Equal(t, 2000, st.RemainingTokens, "and its share of what is left")
 		_, err := q.Acquire(context.Background(), Cost{Tokens: 1})
 		require.NoError(t, err)
 		_, err = q.Acquire(context.Background(), Cost{Tokens: 1})

@@ -72,7 +72,16 @@ func run(args []string) int {
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	gw, err := server.New(server.Options{Config: cfg, Tokenizer: tok, Registry: reg, Logger: logger})
+	// LLPROXY_CLOCK_OFFSET skews this process's clock as the shared limits
+	// see it (tests of replicas whose clocks disagree).
+	var offset time.Duration
+	if v := os.Getenv("LLPROXY_CLOCK_OFFSET"); v != "" {
+		if offset, err = time.ParseDuration(v); err != nil {
+			logger.Error("LLPROXY_CLOCK_OFFSET", "err", err)
+			return 1
+		}
+	}
+	gw, err := server.New(server.Options{Config: cfg, Tokenizer: tok, Registry: reg, Logger: logger, ClockOffset: offset})
 	if err != nil {
 		logger.Error("server", "err", err)
 		return 1

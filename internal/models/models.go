@@ -147,6 +147,7 @@ func (r *Registry) newModel(q *scheduler.Queue, mc *config.Model) *Model {
 	}
 	if r.share != nil {
 		ms.Shared = r.share(q.Model(), q.Config())
+		q.ConfirmAdmissions()
 		if f := ms.Shared.LocalShare(); f < 1 {
 			q.Share(time.Now(), f) // made while Redis is down
 		}
@@ -172,4 +173,15 @@ func (r *Registry) Queued(model string) int {
 		return q.Stats(time.Now()).Depth
 	}
 	return 0
+}
+
+// Range calls f with every model of the route that has a queue now.
+func (r *Registry) Range(f func(*Model)) {
+	for _, ms := range r.listed {
+		f(ms)
+	}
+	r.dynamic.Range(func(_, v any) bool {
+		f(v.(*Model))
+		return true
+	})
 }

@@ -43,8 +43,9 @@ func (rt *Route) observe(ms *models.Model, adm *scheduler.Admission, ri provider
 	// With shared limits, the shared buckets are the key's: another
 	// replica's spend is not someone else's, and the headers are not
 	// applied to this replica's view (see README, Running several
-	// replicas).
-	if ms.Shared == nil && adm.Observe(now, scheduler.Upstream{
+	// replicas), unless Redis is down and this view is all there is.
+	alone := ms.Shared == nil || rt.opts.Shared.Degraded()
+	if alone && adm.Observe(now, scheduler.Upstream{
 		RemainingRequests: ri.RemainingRequests, HasRemainingRequests: ri.HasRemainingRequests,
 		RemainingTokens: ri.RemainingTokens, HasRemainingTokens: ri.HasRemainingTokens,
 	}) {

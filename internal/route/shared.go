@@ -2,6 +2,7 @@ package route
 
 import (
 	"context"
+	"log/slog"
 	"net/http"
 	"time"
 
@@ -96,30 +97,45 @@ func (rt *Route) takeShared(ctx context.Context, ex *exchange, ms *models.Model,
 	backoff := 20 * time.Millisecond
 	for {
 		if st.Degraded() {
-			// onRedisDown split (deny and allow were decided on arrival):
-			// the queue enforces this replica's share; what it admits is
-			// written to Redis when it answers again.
+			// Redis went down while the request waited. Split: the queue
+			// enforces this replica's share (what is left of it is written
+			// to Redis when it answers again); allow: it goes; deny: 503.
 			ex.local = true
-			b.Spent(cost.Client, 1, cost.Tokens)
+			if st.Mode() == shared.Deny {
+				ex.adm.Unsend(time.Now())
+				_, _ = rt.degradedBefore(ex, ms, rec)
+				return false
+			}
+			ex.adm.Confirm(time.Now(), nil)
 			return true
 		}
 		took, err := b.Take(ctx, cost.Client, cost.Tokens)
 		now := time.Now()
 		if err != nil {
-			continue // degraded now
+			// Redis is down (degraded now). The queue admitted this request
+			// counting on the shared buckets: it decides again, with this
+			// replica's share of the limits.
+			ex.adm.Unsend(now)
+			if !rt.requeueShared(ctx, ex, ms, cost, rec) {
+				return false
+			}
+			continue
+		}
+		if rt.debugging(ctx) {
+			rt.debug(ctx, "shared take", slog.Bool("ok", took.OK), slog.Duration("wait", took.Wait),
+				slog.Float64("requests_left", took.Levels[0]))
 		}
 		lv := scheduler.Levels{Requests: took.Levels[0], Tokens: took.Levels[1],
 			ClientRequests: took.Levels[2], ClientTokens: took.Levels[3]}
 		if took.OK {
 			ex.hold = sharedHold{b: b, client: cost.Client, tokens: cost.Tokens, lease: took.Lease, held: true}
-			ms.Queue.Sync(now, cost.Client, lv)
+			ex.adm.Confirm(now, &lv)
 			ex.rate = ms.Queue.StateFor(now, cost.Client)
 			return true
 		}
 		// Another replica spent them first: the admission goes back, the
 		// queue learns the shared levels, and the request waits again.
-		ex.adm.Unsend(now)
-		ms.Queue.Sync(now, cost.Client, lv)
+		ex.adm.Refused(now, lv)
 		ms.Metrics.Retry("shared_limit")
 		if took.Wait < 0 {
 			// A shared slot: when one frees is not known; look again soon.
@@ -141,15 +157,49 @@ func (rt *Route) takeShared(ctx context.Context, ex *exchange, ms *models.Model,
 			}
 			backoff = min(2*backoff, time.Second)
 		}
-		adm, err := ms.Queue.Requeue(ctx, cost, ex.deadline, ex.adm)
-		if err != nil {
-			ex.hasRate = false
-			rec.outcome = rt.writeAcquireError(ex, ctx, err)
-			ms.Metrics.Outcome(rec.outcome)
-			ex.who.Outcome(rec.outcome)
+		if !rt.requeueShared(ctx, ex, ms, cost, rec) {
 			return false
 		}
-		ex.adm = adm
-		rec.wait += adm.Wait
 	}
 }
+
+// requeueShared puts a request whose admission went back at the head of
+// its client's FIFO again, within its deadline; false: it was answered.
+func (rt *Route) requeueShared(ctx context.Context, ex *exchange, ms *models.Model, cost scheduler.Cost, rec *requestLog) bool {
+	adm, err := ms.Queue.Requeue(ctx, cost, ex.deadline, ex.adm)
+	if err != nil {
+		ex.hasRate = false
+		rec.outcome = rt.writeAcquireError(ex, ctx, err)
+		ms.Metrics.Outcome(rec.outcome)
+		ex.who.Outcome(rec.outcome)
+		return false
+	}
+	ex.adm = adm
+	ex.rate = adm.State
+	rec.wait += adm.Wait
+	return true
+}
+
+// recoverShared lowers the shared buckets of every model of the route to
+// what this replica's queues hold of them, after an outage: a floor of
+// what is left (each replica holds its share of it), so the buckets
+// resume from what was spent, never from more.
+func (rt *Route) recoverShared(ctx context.Context) error {
+	now := time.Now()
+	var err error
+	rt.models.Range(func(ms *models.Model) {
+		if ms.Shared == nil || err != nil {
+			return
+		}
+		for client := range rt.clients {
+			lv := ms.Queue.Estimate(now, client)
+			if err = ms.Shared.Cap(ctx, client, [4]float64{lv.Requests, lv.Tokens, lv.ClientRequests, lv.ClientTokens}); err != nil {
+				return
+			}
+		}
+	})
+	return err
+}
+
+// RecoverShared is recoverShared for the server's recovery hook.
+func (rt *Route) RecoverShared(ctx context.Context) error { return rt.recoverShared(ctx) }

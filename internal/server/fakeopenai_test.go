@@ -28,6 +28,10 @@ type fakeOpenAI struct {
 	last               time.Time
 	latency            time.Duration
 	jitter             time.Duration // up to this long on the way in, at random: requests overtake each other
+	// slack is how many requests the fake lets through beyond its bucket:
+	// the tolerance any upstream needs when requests that left in order,
+	// paced exactly, reach it with a varying network delay.
+	slack float64
 	served, limited    int
 	limitedAt          []time.Time
 }
@@ -65,7 +69,7 @@ func (f *fakeOpenAI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	f.mu.Lock()
 	f.refill(now)
 	h := w.Header()
-	if f.reqLevel < 1 || f.tokLevel < cost {
+	if f.reqLevel+f.slack < 1 || f.tokLevel < cost {
 		f.limited++
 		f.limitedAt = append(f.limitedAt, now)
 		wait := math.Max((1-f.reqLevel)/f.rpm, (cost-f.tokLevel)/f.tpm) // minutes

@@ -48,6 +48,9 @@ type Options struct {
 	Logger *slog.Logger
 	// Transport, if set, replaces every openai route's transport (tests).
 	Transport http.RoundTripper
+	// ClockOffset skews this replica's own clock for the shared limits
+	// (tests: replicas whose clocks disagree). The buckets run on Redis's.
+	ClockOffset time.Duration
 }
 
 // Server is an http.Handler for the whole gateway.
@@ -107,8 +110,19 @@ func New(opts Options) (*Server, error) {
 			return nil, fmt.Errorf("server: %w", err)
 		}
 		s.shared = st
+		if off := opts.ClockOffset; off != 0 {
+			st.SetClock(func() time.Time { return time.Now().Add(off) })
+		}
 		s.dir.Share(st)
 		st.OnChange(s.sharedChanged)
+		st.OnRecover(func(ctx context.Context) error {
+			for _, rt := range s.routes {
+				if err := rt.RecoverShared(ctx); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
 	}
 	m, err := metrics.New(opts.Registry, s)
 	if err != nil {
@@ -221,6 +235,9 @@ func Shutdown(ctx context.Context, srv *http.Server, s *Server, timeout time.Dur
 	}
 	s.StopBackends() // no model server outlives llproxy
 	s.SaveState()    // after the last request settled
+	if s.shared != nil {
+		s.shared.Close()
+	}
 	if err != nil {
 		return fmt.Errorf("server: admitted requests did not finish within %s: %w", timeout, err)
 	}

@@ -23,9 +23,6 @@ type Buckets struct {
 
 	mu     sync.Mutex
 	leases map[string]int // live leases of this replica -> client
-	// What this replica admitted while Redis was down, per client: written
-	// to the shared buckets when it answers again.
-	spentReq, spentTok []int
 }
 
 // keys of one client's call: model requests, model tokens, client
@@ -37,7 +34,7 @@ type keys [6]string
 func (s *State) Queue(route, model string, cfg scheduler.Config, clients []scheduler.Client) *Buckets {
 	tag := s.cfg.Prefix + "{" + route + "/" + model + "}:"
 	b := &Buckets{s: s, model: cfg, clients: clients, keys: make([]keys, len(clients)),
-		leases: map[string]int{}, spentReq: make([]int, len(clients)), spentTok: make([]int, len(clients))}
+		leases: map[string]int{}}
 	for i, c := range clients {
 		b.keys[i] = keys{tag + "req", tag + "tok", tag + "c:" + c.Name + ":req", tag + "c:" + c.Name + ":tok",
 			tag + "slots", tag + "c:" + c.Name + ":slots"}
@@ -167,14 +164,6 @@ func (b *Buckets) Release(parent context.Context, client int, lease string) erro
 	return nil
 }
 
-// Spent records an admission this replica made while Redis was down.
-func (b *Buckets) Spent(client, requests, tokens int) {
-	b.mu.Lock()
-	b.spentReq[client] += requests
-	b.spentTok[client] += tokens
-	b.mu.Unlock()
-}
-
 // refresh extends this replica's leases.
 func (b *Buckets) refresh(ctx context.Context) error {
 	b.mu.Lock()
@@ -194,25 +183,20 @@ func (b *Buckets) refresh(ctx context.Context) error {
 	return nil
 }
 
-// flush charges the shared buckets with what was admitted while Redis
-// was down, so that they resume from it rather than from full: all of it
-// after an outage of up to a minute, else the last minute's share of it
-// (the buckets refill in a minute; what was spent before has refilled).
-func (b *Buckets) flush(parent context.Context, outage time.Duration) error {
-	share := 1.0
-	if outage > time.Minute {
-		share = float64(time.Minute) / float64(outage)
+// Cap lowers client's shared buckets (and the model's) to at most
+// levels (model requests, model tokens, client requests, client tokens;
+// negative: leave it): what this replica estimates they hold after an
+// outage, so that they resume from what was spent, not from full.
+func (b *Buckets) Cap(parent context.Context, client int, levels [4]float64) error {
+	ctx, cancel := b.s.ctx(parent)
+	defer cancel()
+	k := b.keys[client]
+	args := b.args(client)
+	for _, l := range levels {
+		args = append(args, strconv.FormatFloat(l, 'f', 3, 64))
 	}
-	for client := range b.clients {
-		b.mu.Lock()
-		req := int(float64(b.spentReq[client])*share + 0.5)
-		tok := int(float64(b.spentTok[client])*share + 0.5)
-		b.spentReq[client], b.spentTok[client] = 0, 0
-		b.mu.Unlock()
-		if err := b.Adjust(parent, client, -req, -tok); err != nil {
-			b.Spent(client, req, tok)
-			return err
-		}
+	if err := capScript.Run(ctx, b.s.rdb, k[:4], args...).Err(); err != nil {
+		return b.s.failed(err)
 	}
 	return nil
 }

@@ -130,3 +130,18 @@ local n = redis.call('INCRBY', KEYS[1], ARGV[1])
 redis.call('EXPIRE', KEYS[1], 172800)
 return n
 `)
+
+// capScript lowers every bucket with a capacity (KEYS 1-4, ARGV 1-4 as
+// takeScript) to at most ARGV[5..8] (negative: leave it): after an outage
+// the shared buckets resume from what the replicas spent meanwhile, not
+// from full.
+var capScript = redis.NewScript(luaLevel + `
+for i = 1, 4 do
+  local cap, ceil = tonumber(ARGV[i]), tonumber(ARGV[4 + i])
+  if cap > 0 and ceil >= 0 then
+    local l = level(KEYS[i], cap)
+    if ceil < l then store(KEYS[i], cap, ceil) end
+  end
+end
+return 1
+`)

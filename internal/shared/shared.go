@@ -48,7 +48,9 @@ const (
 	// Heartbeat is how often a replica says it is alive (and checks Redis);
 	// a replica not heard from for three is gone, and so are its leases.
 	Heartbeat = time.Second
-	leaseTTL  = 3 * Heartbeat
+	// Probe is how often a degraded replica tries Redis again.
+	Probe    = 100 * time.Millisecond
+	leaseTTL = 3 * Heartbeat
 )
 
 // Config is the "shared" section of the config file.
@@ -103,6 +105,7 @@ type State struct {
 	id      string // this replica
 	log     *slog.Logger
 	timeout time.Duration
+	now     func() time.Time // this replica's clock: only for how long an outage lasted
 
 	degraded atomic.Bool
 	since    atomic.Int64 // when it turned degraded (unix ns, this replica's clock)
@@ -113,6 +116,7 @@ type State struct {
 	mu       sync.Mutex
 	queues   []*Buckets            // every queue's buckets, for leases and recovery
 	onChange []func(degraded bool) // told when the mode changes
+	recover  []func(ctx context.Context) error
 	pending  []func(ctx context.Context) error
 }
 
@@ -137,6 +141,7 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*State, error
 		changes: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "llproxy_shared_state_changes_total",
 			Help: "Times the shared limits changed mode, by the mode entered."}, []string{"state"}),
 	}
+	s.now = time.Now
 	s.live.Store(1)
 	s.gauge.WithLabelValues("ok").Set(1)
 	s.gauge.WithLabelValues("degraded").Set(0)
@@ -149,6 +154,11 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*State, error
 	}
 	return s, nil
 }
+
+// SetClock replaces this replica's clock (tests skew it). The buckets
+// never read it: their arithmetic runs on Redis's clock. Call it before
+// Run.
+func (s *State) SetClock(now func() time.Time) { s.now = now }
 
 // Mode is what the replica does while Redis is down.
 func (s *State) Mode() string { return s.cfg.OnRedisDown }
@@ -167,6 +177,15 @@ func (s *State) OnChange(f func(degraded bool)) {
 	s.mu.Unlock()
 }
 
+// OnRecover registers f, run when Redis answers after an outage and
+// before the shared buckets are used again (to write what was spent
+// meanwhile). Call it before Run.
+func (s *State) OnRecover(f func(ctx context.Context) error) {
+	s.mu.Lock()
+	s.recover = append(s.recover, f)
+	s.mu.Unlock()
+}
+
 // Close closes the connection pool.
 func (s *State) Close() error { return s.rdb.Close() }
 
@@ -181,7 +200,7 @@ func (s *State) ctx(parent context.Context) (context.Context, context.CancelFunc
 // failed records that a Redis call failed: the mode turns degraded.
 func (s *State) failed(err error) error {
 	if s.degraded.CompareAndSwap(false, true) {
-		s.since.Store(time.Now().UnixNano())
+		s.since.Store(s.now().UnixNano())
 		s.log.Warn("shared limits degraded: Redis cannot be reached", "error", err.Error(),
 			"onRedisDown", s.cfg.OnRedisDown, "live_replicas", s.Live())
 		s.changed(true)
@@ -216,13 +235,21 @@ func b2f(b bool) float64 {
 // live replicas, extends this replica's leases, and, when Redis answers
 // again after an outage, writes what was spent meanwhile before the
 // shared buckets are used again.
+//
+// While degraded it tries every Probe instead, so that the replicas come
+// back to the shared buckets close together: one that is back spends from
+// them at the full rate while one still degraded spends its share.
 func (s *State) Run(ctx context.Context) {
-	t := time.NewTicker(Heartbeat)
-	defer t.Stop()
 	for {
 		s.beat(ctx)
+		every := Heartbeat
+		if s.Degraded() {
+			every = Probe
+		}
+		t := time.NewTimer(every)
 		select {
 		case <-ctx.Done():
+			t.Stop()
 			return
 		case <-t.C:
 		}
@@ -253,7 +280,8 @@ func (s *State) beat(parent context.Context) {
 			return
 		}
 		if s.degraded.CompareAndSwap(true, false) {
-			s.log.Info("shared limits ok: Redis answers again", "live_replicas", n)
+			s.log.Info("shared limits ok: Redis answers again", "live_replicas", n,
+				"outage", s.now().Sub(time.Unix(0, s.since.Load())).Round(time.Millisecond).String())
 			s.changed(false)
 		}
 	}
@@ -267,18 +295,20 @@ func (s *State) Defer(f func(ctx context.Context) error) {
 	s.mu.Unlock()
 }
 
-// flush writes what was spent while Redis was down: the buckets' local
-// spend (so that the shared buckets resume from it, not from full) and
-// the deferred writes.
+// flush writes what was spent while Redis was down: the recovery hooks
+// (the buckets resume from what was spent, not from full) and the
+// deferred writes.
 func (s *State) flush(parent context.Context) error {
 	s.mu.Lock()
-	queues := append([]*Buckets{}, s.queues...)
+	hooks := append([]func(context.Context) error{}, s.recover...)
 	pending := s.pending
 	s.pending = nil
 	s.mu.Unlock()
-	outage := time.Since(time.Unix(0, s.since.Load()))
-	for _, b := range queues {
-		if err := b.flush(parent, outage); err != nil {
+	for _, f := range hooks {
+		if err := f(parent); err != nil {
+			s.mu.Lock()
+			s.pending = append(pending, s.pending...)
+			s.mu.Unlock()
 			return err
 		}
 	}
