@@ -109,8 +109,8 @@ type Queue struct {
 	confirm      bool        // admissions wait for the shared store's word (share.go)
 	pendReq      int         // admissions pending it, and their tokens
 	pendTok      int
-	scan         []*cursor   // scratch for next
-	simCurs      []cursor    // scratch for predict
+	scan         []*cursor // scratch for next
+	simCurs      []cursor  // scratch for predict
 	simHeap      cursors
 }
 

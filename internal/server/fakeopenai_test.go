@@ -31,9 +31,9 @@ type fakeOpenAI struct {
 	// slack is how many requests the fake lets through beyond its bucket:
 	// the tolerance any upstream needs when requests that left in order,
 	// paced exactly, reach it with a varying network delay.
-	slack float64
-	served, limited    int
-	limitedAt          []time.Time
+	slack           float64
+	served, limited int
+	limitedAt       []time.Time
 }
 
 func newFakeOpenAI(rpm, tpm int, latency time.Duration) *fakeOpenAI {
