@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -36,8 +37,11 @@ func (r result) cpuPerRequest() time.Duration {
 }
 
 // drive sends POSTs of body(i) to url from conc workers for d and measures
-// each full response. A response that is not 200 counts as an error.
+// each full response. A response that is not 200 counts as an error. url
+// may list several URLs, space-separated (replicas): worker w sends to the
+// w-th, round robin.
 func drive(client *http.Client, url string, body func(i int64) []byte, conc int, d time.Duration) result {
+	urls := strings.Fields(url)
 	var (
 		seq      atomic.Int64
 		mu       sync.Mutex
@@ -46,7 +50,8 @@ func drive(client *http.Client, url string, body func(i int64) []byte, conc int,
 		deadline = time.Now().Add(d)
 	)
 	start := time.Now()
-	for range conc {
+	for w := range conc {
+		url := urls[w%len(urls)]
 		wg.Go(func() {
 			var lat []time.Duration
 			errs := 0

@@ -49,6 +49,16 @@ type target struct {
 	name string
 	p    *proc
 	url  string
+	more []*proc // its other processes (replicas), whose CPU counts too
+}
+
+// cpu is the CPU time of the target's processes so far.
+func (t target) cpu() time.Duration {
+	c := t.p.cpu()
+	for _, p := range t.more {
+		c += p.cpu()
+	}
+	return c
 }
 
 func bench(args []string) int {
@@ -60,6 +70,7 @@ func bench(args []string) int {
 	chunkDelay := fs.Duration("chunk-delay", 0, "the mock upstream's delay between streamed chunks (0: CPU-bound streams)")
 	gomaxprocs := fs.Int("gomaxprocs", 0, "GOMAXPROCS for the proxies (0: Go's default)")
 	only := fs.String("only", "", "run only the scenarios whose name contains this")
+	redisURL := fs.String("redis", "", "also run 2 llproxy replicas sharing their limits through this Redis (redis://host:port/db), against 1 without")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -100,11 +111,23 @@ func bench(args []string) int {
 		return 1
 	}
 	defer ll.stop()
+	var replicas *target
+	if *redisURL != "" {
+		r, err := startReplicas(dir, *llproxyBin, mockAddr, *redisURL, env)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		for _, p := range append([]*proc{r.p}, r.more...) {
+			defer p.stop()
+		}
+		replicas = r
+	}
 
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64, DisableCompression: true}}
-	direct := target{"direct", mock, "http://" + mockAddr + "/v1/chat/completions"}
-	baseT := target{"baseline", base, "http://" + baseAddr + "/v1/chat/completions"}
-	llT := target{"llproxy", ll, "http://" + llAddr + "/bench/v1/chat/completions"}
+	direct := target{name: "direct", p: mock, url: "http://" + mockAddr + "/v1/chat/completions"}
+	baseT := target{name: "baseline", p: base, url: "http://" + baseAddr + "/v1/chat/completions"}
+	llT := target{name: "llproxy", p: ll, url: "http://" + llAddr + "/bench/v1/chat/completions"}
 
 	// The stream must come through llproxy byte for byte (ids and
 	// timestamps aside, which the mock makes fresh per response).
@@ -116,41 +139,39 @@ func bench(args []string) int {
 	fmt.Printf("stream through llproxy identical to direct: %v (%d bytes, %d chunks)\n\n", same, len(b), bytes.Count(b, []byte("\n\n")))
 
 	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "scenario\tconc\ttarget\treq/s\tp50 ms\tp99 ms\tCPU µs/req\tvs baseline req/s\tΔp50 ms\terrors\t")
+	fmt.Fprintln(tw, "scenario\tconc\ttarget\treq/s\tp50 ms\tp99 ms\tCPU µs/req\tvs first req/s\tΔp50 ms\terrors\t")
 	type scenario struct {
 		name    string
 		body    func(int64) []byte
 		conc    []int
-		targets []target
+		targets []target // the first is what the others are compared with
 	}
-	for _, sc := range []scenario{
+	scenarios := []scenario{
 		{"chat, repeated prompt", chat(16, false, false), []int{1, 16}, []target{baseT, llT}},
 		{"chat, unique prompts", chat(16, false, true), []int{1, 16}, []target{baseT, llT}},
-		{fmt.Sprintf("stream, %d chunks %s apart", *chunks, chunkDelay), chat(*chunks, true, false), []int{16}, []target{direct, baseT, llT}},
-	} {
+		{fmt.Sprintf("stream, %d chunks %s apart", *chunks, chunkDelay), chat(*chunks, true, false), []int{16}, []target{baseT, llT, direct}},
+	}
+	if replicas != nil {
+		scenarios = append(scenarios, scenario{"chat, repeated prompt, shared limits", chat(16, false, false),
+			[]int{1, 16}, []target{llT, *replicas}})
+	}
+	for _, sc := range scenarios {
 		if !strings.Contains(sc.name, *only) {
 			continue
 		}
 		for _, conc := range sc.conc {
-			var ref, directRef result
-			for _, t := range sc.targets {
+			var ref result
+			for i, t := range sc.targets {
 				drive(client, t.url, sc.body, conc, *warmup)
-				cpu0 := t.p.cpu()
+				cpu0 := t.cpu()
 				r := drive(client, t.url, sc.body, conc, *duration)
-				r.cpu = t.p.cpu() - cpu0
-				if t.name == "baseline" {
-					ref = r
-				}
+				r.cpu = t.cpu() - cpu0
 				vs, dp50 := "", ""
-				if t.name == "llproxy" && ref.requests > 0 {
+				if i == 0 {
+					ref = r
+				} else if ref.requests > 0 {
 					vs = fmt.Sprintf("%.2fx", r.rps()/ref.rps())
 					dp50 = fmt.Sprintf("%+.3f", ms(r.percentile(.5)-ref.percentile(.5)))
-				}
-				if t.name == "direct" {
-					directRef = r
-				}
-				if t.name == "llproxy" && directRef.requests > 0 {
-					vs += fmt.Sprintf(" (%.2fx direct)", r.rps()/directRef.rps())
 				}
 				fmt.Fprintf(tw, "%s\t%d\t%s\t%.0f\t%.3f\t%.3f\t%.0f\t%s\t%s\t%d\t\n", sc.name, conc, t.name, r.rps(),
 					ms(r.percentile(.5)), ms(r.percentile(.99)), float64(r.cpuPerRequest().Microseconds()), vs, dp50, r.errors)
@@ -171,4 +192,37 @@ func orDefault(n int) string {
 		return "default"
 	}
 	return strconv.Itoa(n)
+}
+
+// replicasName is the target of two llproxy replicas sharing their limits.
+const replicasName = "2 replicas + Redis"
+
+// startReplicas starts two llproxy processes whose limits are shared
+// through Redis at redisURL; the load alternates between them.
+func startReplicas(dir, bin, mockAddr, redisURL string, env []string) (*target, error) {
+	t := &target{name: replicasName}
+	for i := range 2 {
+		addr := freeAddr()
+		sub := filepath.Join(dir, "replica"+strconv.Itoa(i))
+		if err := os.MkdirAll(sub, 0o700); err != nil {
+			return nil, err
+		}
+		cfg := fmt.Sprintf(`{"listen": %q, "shared": {"redis": %q, "prefix": "llbench:"}, "routes": {"bench": {"forward": "http://%s",
+		  "models": {"*": {"maxQueueSize": 100000, "maxQueueWait": 60, "rpm": 1000000000, "tpm": 2000000000}}}}}`, addr, redisURL, mockAddr)
+		path := filepath.Join(sub, "config.json")
+		if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
+			return nil, err
+		}
+		p, err := start("replica", addr, "/healthz", env, bin, "-config", path)
+		if err != nil {
+			return nil, err
+		}
+		if i == 0 {
+			t.p = p
+		} else {
+			t.more = append(t.more, p)
+		}
+		t.url += "http://" + addr + "/bench/v1/chat/completions "
+	}
+	return t, nil
 }

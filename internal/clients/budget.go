@@ -137,7 +137,7 @@ func (s *Spend) Settle(now time.Time, used int) {
 		c.dirty.Store(true)
 	}
 	s.c = nil
-	if c.store != nil && used > 0 {
+	if c.store != nil && used > 0 && c.Budget(s.model) > 0 {
 		c.mu.Unlock()
 		c.record(now, s.model, int64(used), u)
 		c.mu.Lock()
