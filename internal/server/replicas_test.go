@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -118,7 +119,7 @@ func waitDone(t *testing.T, m *sync.Map) {
 
 const replicasConfig = `{
   "clients": {"a": {"keys": ["ka"]}, "interns": {"keys": ["ki"], "limits": {"*": {"tokensPerDay": 30}}}},
-  "shared": {"redis": "$REDIS", "timeout": "200ms"},
+  "shared": {"redis": "$REDIS", "timeout": "1s"},
   "routes": {"openai": {"forward": "$UPSTREAM", "models": {
     "gpt-4o": {"rpm": 600, "tpm": 100000000, "maxQueueSize": 200, "maxQueueWait": 30}}}}
 }`
@@ -223,6 +224,12 @@ func TestReplicasBudgetAndRetryAfter(t *testing.T) {
 		resp.Body.Close()
 		require.Equal(t, http.StatusOK, resp.StatusCode)
 	}
+	// Each settlement reaches Redis just after its answer reached the
+	// client: wait for the third.
+	rdb := redis.NewClient(&redis.Options{Addr: "127.0.0.1:" + strconv.Itoa(r.Port)})
+	defer rdb.Close()
+	key := "llproxy:budget:{interns}:gpt-4o:" + time.Now().UTC().Format("2006-01-02")
+	require.Eventually(t, func() bool { n, _ := rdb.Get(ctx, key).Int(); return n == 39 }, 5*time.Second, 5*time.Millisecond)
 	resp, err := chatAt(ctx, b, "ki")
 	require.NoError(t, err)
 	e := openAIError(t, resp)
@@ -278,7 +285,7 @@ func fakeUpstream(t *testing.T, rpm int) (*fakeOpenAI, *httptest.Server) {
 func TestReplicaDeniesWhileRedisIsDown(t *testing.T) {
 	r := redistest.Start(t)
 	fake, up := fakeUpstream(t, 600)
-	cfg := strings.Replace(replicasConfig, `"timeout": "200ms"`, `"timeout": "200ms", "onRedisDown": "deny"`, 1)
+	cfg := strings.Replace(replicasConfig, `"timeout": "1s"`, `"timeout": "1s", "onRedisDown": "deny"`, 1)
 	p := startReplicas(t, 1, cfg, up.URL, r.URL())[0]
 	resp, err := chatAt(context.Background(), p.url, "ka")
 	require.NoError(t, err)
