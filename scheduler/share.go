@@ -88,16 +88,16 @@ func (q *Queue) Share(now time.Time, share float64) {
 	share = math.Max(1e-6, math.Min(1, share))
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	q.gate.setShare(now, share)
+	q.gate.setShare(now, share, q.pendReq, q.pendTok)
 	for _, l := range q.lanes {
-		l.gate.setShare(now, share)
+		l.gate.setShare(now, share, l.pendReq, l.pendTok)
 	}
 	q.changed(now)
 }
 
-func (g *gate) setShare(now time.Time, share float64) {
-	g.req.setShare(now, share)
-	g.tok.setShare(now, share)
+func (g *gate) setShare(now time.Time, share float64, pendReq, pendTok int) {
+	g.req.setShare(now, share, float64(pendReq))
+	g.tok.setShare(now, share, float64(pendTok))
 	if g.maxConcurrent > 0 || g.fullConcurrent > 0 {
 		if g.fullConcurrent == 0 {
 			g.fullConcurrent = g.maxConcurrent

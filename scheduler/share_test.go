@@ -67,3 +67,22 @@ func TestShareSplitsEveryLimit(t *testing.T) {
 		assert.NoError(t, err, "the slots are back")
 	})
 }
+
+func TestShareCountsThePendingAdmissionsAsShared(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		q := NewQueue("m", Config{MaxQueueSize: 10, MaxQueueWait: 0, RPM: 60, TPM: 6000})
+		q.ConfirmAdmissions()
+		a, err := q.Acquire(context.Background(), Cost{Tokens: 100})
+		require.NoError(t, err)
+		b, err := q.Acquire(context.Background(), Cost{Tokens: 100})
+		require.NoError(t, err)
+		// The store goes away while both are pending: half of everything,
+		// the two included, is this replica's.
+		q.Share(time.Now(), 0.5)
+		a.Unsend(time.Now())
+		b.Unsend(time.Now())
+		st := q.State(time.Now())
+		assert.Equal(t, 30, st.RemainingRequests)
+		assert.Equal(t, 3000, st.RemainingTokens)
+	})
+}
