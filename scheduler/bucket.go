@@ -144,14 +144,16 @@ func (b bucket) untilFull(level float64) time.Duration {
 }
 
 // setShare makes the bucket enforce share of its configured limit, in
-// capacity and refill.
-func (b *bucket) setShare(now time.Time, share float64) {
+// capacity and refill. pending is what admissions not yet confirmed by
+// the shared store took from it: they will give it back and be decided
+// again, so they are shared like the rest.
+func (b *bucket) setShare(now time.Time, share, pending float64) {
 	if b.lim == nil || share == b.share {
 		return
 	}
 	if share < b.share {
 		// What is left is shared too: this bucket keeps its part of it.
-		level := b.level(now) * share / b.share
+		level := (b.level(now)+pending)*share/b.share - pending
 		defer b.set(now, level)
 	}
 	b.share = share
