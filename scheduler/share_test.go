@@ -72,17 +72,22 @@ func TestShareCountsThePendingAdmissionsAsShared(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		q := NewQueue("m", Config{MaxQueueSize: 10, MaxQueueWait: 0, RPM: 60, TPM: 6000})
 		q.ConfirmAdmissions()
+		for range 20 { // 20 requests and 2,000 tokens spent, confirmed
+			adm, err := q.Acquire(context.Background(), Cost{Tokens: 100})
+			require.NoError(t, err)
+			adm.Confirm(time.Now(), nil)
+		}
 		a, err := q.Acquire(context.Background(), Cost{Tokens: 100})
 		require.NoError(t, err)
 		b, err := q.Acquire(context.Background(), Cost{Tokens: 100})
 		require.NoError(t, err)
-		// The store goes away while both are pending: half of everything,
-		// the two included, is this replica's.
+		// The store goes away while both are pending: half of what is
+		// left, the two included, is this replica's.
 		q.Share(time.Now(), 0.5)
 		a.Unsend(time.Now())
 		b.Unsend(time.Now())
 		st := q.State(time.Now())
-		assert.Equal(t, 30, st.RemainingRequests)
-		assert.Equal(t, 3000, st.RemainingTokens)
+		assert.Equal(t, 20, st.RemainingRequests)
+		assert.Equal(t, 2000, st.RemainingTokens)
 	})
 }
