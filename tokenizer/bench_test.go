@@ -55,3 +55,52 @@ func BenchmarkHostile100KB(b *testing.B) {
 		tok.Encoding(O200kBase).Count(text)
 	}
 }
+
+// corpus is about 2 MB of prose, code, JSON and several scripts, each
+// text different (nothing is cached).
+func corpus() []string {
+	parts := []string{
+		"The gateway admits each request when both buckets can pay for it; a request that would wait too long is told so at once. ",
+		"func (q *Queue) Acquire(ctx context.Context, cost Cost) (*Admission, error) {\n\tq.mu.Lock()\n\tdefer q.mu.Unlock()\n}\n",
+		`{"model":"gpt-4o","messages":[{"role":"user","content":"hello"}],"max_tokens":512,"temperature":0.2}` + "\n",
+		"今天我们讨论分布式系统中的限流策略，以及令牌桶算法的实现细节。", "Привет! Это текст на русском языке о сетях. ",
+		"مرحبا، هذا نص عربي عن الشبكات والخوادم. ", "    if err != nil {\n        return nil, fmt.Errorf(\"x: %w\", err)\n    }\n",
+	}
+	var out []string
+	for i := 0; len(out) < 20000; i++ {
+		out = append(out, fmt.Sprintf("%d %s", i, parts[i%len(parts)]))
+	}
+	return out
+}
+
+// BenchmarkCorpus is tokenizer throughput on fresh text, per encoding.
+func BenchmarkCorpus(b *testing.B) {
+	texts := corpus()
+	size := 0
+	for _, t := range texts {
+		size += len(t)
+	}
+	for _, name := range []string{Cl100kBase, O200kBase} {
+		b.Run(name, func(b *testing.B) {
+			tok, _ := New(Config{CacheEntries: -1})
+			enc := tok.Encoding(name)
+			b.SetBytes(int64(size))
+			b.ReportAllocs()
+			for b.Loop() {
+				for _, t := range texts {
+					enc.Count(t)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkNew is building both encodings at start-up.
+func BenchmarkNew(b *testing.B) {
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := New(Config{}); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

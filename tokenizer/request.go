@@ -68,7 +68,7 @@ type counter struct {
 	budget *int // bytes of exact counting the request may still spend
 }
 
-func (c counter) text(b []byte) int { return c.e.countWithin(b, c.budget) }
+func (c counter) text(b []byte) int { return c.e.countWithin(unsafeString(b), c.budget) }
 
 // chat implements the cookbook's num_tokens_from_messages plus
 // num_tokens_for_tools.

@@ -16,10 +16,10 @@ import (
 	"hash/maphash"
 	"math"
 	"strings"
+	"sync"
 	"sync/atomic"
+	"unsafe"
 
-	"github.com/pkoukk/tiktoken-go"
-	tiktoken_loader "github.com/pkoukk/tiktoken-go-loader"
 )
 
 // Encoding names understood by the tokenizer.
@@ -33,10 +33,8 @@ type Config struct {
 	// CacheEntries is the number of slots of the text-count cache, rounded up
 	// to a power of two. 0 means 65536 (512 KiB). Negative disables caching.
 	CacheEntries int `json:"cacheEntries,omitempty"`
-	// MaxPieceBytes bounds the length of one unbroken run of letters,
-	// punctuation or white space that is given to the BPE merge, whose cost is
-	// quadratic in a piece's length. Longer runs are charged one token per
-	// byte, an over-estimate. 0 means 256.
+	// MaxPieceBytes is accepted for old configs and ignored: every piece
+	// is counted exactly, in O(n log n) (see bpe.go).
 	MaxPieceBytes int `json:"maxPieceBytes,omitempty"`
 	// MaxExactBytes bounds the text one request may have counted exactly
 	// (uncached texts only); texts past it are charged one token per two
@@ -65,7 +63,7 @@ func (c Config) Validate() error {
 // concurrent use.
 type Encoding struct {
 	name string
-	bpe  *tiktoken.Tiktoken
+	bpe  *bpe
 	seed maphash.Seed // per-encoding seed, so cache keys never collide across encodings
 	tok  *Tokenizer
 	// family decides the tool-definition overheads of the cookbook.
@@ -80,24 +78,17 @@ func (e *Encoding) Name() string { return e.name }
 type Tokenizer struct {
 	o200k, cl100k *Encoding
 	cache         *countCache
-	maxPiece      int
 	maxExact      int
 }
 
 // New builds both encodings from the ranks embedded in the binary. It never
-// touches the network. It takes 100-300 ms, so call it once at start-up.
+// touches the network. It takes tens of milliseconds; call it once at
+// start-up.
 func New(cfg Config) (*Tokenizer, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("tokenizer: %w", err)
 	}
-	// The offline loader serves the ranks from an embedded file system; the
-	// library's default loader would download them at first use.
-	tiktoken.SetBpeLoader(tiktoken_loader.NewOfflineLoader())
-	t := &Tokenizer{maxPiece: cfg.MaxPieceBytes}
-	if t.maxPiece == 0 {
-		t.maxPiece = 256
-	}
-	t.maxExact = cfg.MaxExactBytes
+	t := &Tokenizer{maxExact: cfg.MaxExactBytes}
 	if t.maxExact == 0 {
 		t.maxExact = 1 << 20
 	}
@@ -108,16 +99,26 @@ func New(cfg Config) (*Tokenizer, error) {
 	if entries > 0 {
 		t.cache = newCountCache(entries)
 	}
-	for _, e := range []struct {
+	encs := []struct {
 		dst    **Encoding
 		name   string
 		legacy bool
-	}{{&t.o200k, O200kBase, false}, {&t.cl100k, Cl100kBase, true}} {
-		bpe, err := tiktoken.GetEncoding(e.name)
-		if err != nil {
-			return nil, fmt.Errorf("tokenizer: loading %s: %w", e.name, err)
-		}
-		*e.dst = &Encoding{name: e.name, bpe: bpe, seed: maphash.MakeSeed(), tok: t, legacy: e.legacy}
+	}{{&t.o200k, O200kBase, false}, {&t.cl100k, Cl100kBase, true}}
+	errs := make([]error, len(encs))
+	var wg sync.WaitGroup
+	for i, e := range encs {
+		wg.Go(func() { // the two vocabularies load in parallel
+			b, err := newBPE(e.name)
+			if err != nil {
+				errs[i] = fmt.Errorf("tokenizer: loading %s: %w", e.name, err)
+				return
+			}
+			*e.dst = &Encoding{name: e.name, bpe: b, seed: maphash.MakeSeed(), tok: t, legacy: e.legacy}
+		})
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
 	}
 	return t, nil
 }
@@ -165,28 +166,29 @@ func (t *Tokenizer) Encoding(name string) *Encoding {
 // they are, never as control tokens). Repeated texts are answered from the
 // cache without tokenizer work.
 func (e *Encoding) Count(text string) int {
-	return e.countBytes([]byte(text))
+	unlimited := math.MaxInt
+	return e.countWithin(text, &unlimited)
 }
 
 // countBytes is Count for text held in a byte slice (as JSON parsers give
 // it); on a cache hit it allocates nothing.
 func (e *Encoding) countBytes(text []byte) int {
 	unlimited := math.MaxInt
-	return e.countWithin(text, &unlimited)
+	return e.countWithin(unsafeString(text), &unlimited)
 }
 
 // countWithin counts text exactly if it is cached or fits in *budget bytes
 // of tokenizer work, which it then spends; otherwise it estimates one token
 // per two bytes (generous for prose and code, about right for CJK) and does
 // not cache the estimate.
-func (e *Encoding) countWithin(text []byte, budget *int) int {
+func (e *Encoding) countWithin(text string, budget *int) int {
 	if len(text) == 0 {
 		return 0
 	}
 	c := e.tok.cache
 	var h uint64
 	if c != nil {
-		h = maphash.Bytes(e.seed, text)
+		h = maphash.String(e.seed, text)
 		if n, ok := c.get(h); ok {
 			return n
 		}
@@ -195,34 +197,16 @@ func (e *Encoding) countWithin(text []byte, budget *int) int {
 		return (len(text) + 1) / 2
 	}
 	*budget -= len(text)
-	n := e.countBounded(string(text))
+	n := e.bpe.count(text)
 	if c != nil {
 		c.put(h, n)
 	}
 	return n
 }
 
-// countBounded counts text exactly unless it holds a run longer than the
-// tokenizer's MaxPieceBytes, which is charged one token per byte instead (an
-// upper bound: every byte is at most one token).
-func (e *Encoding) countBounded(text string) int {
-	max := e.tok.maxPiece
-	if len(text) <= max {
-		return len(e.bpe.EncodeOrdinary(text))
-	}
-	n, start := 0, 0
-	for _, r := range longRuns(text, max) {
-		if r.start > start {
-			n += len(e.bpe.EncodeOrdinary(text[start:r.start]))
-		}
-		n += r.end - r.start
-		start = r.end
-	}
-	if start < len(text) {
-		n += len(e.bpe.EncodeOrdinary(text[start:]))
-	}
-	return n
-}
+// unsafeString views b as a string without copying; b must not change
+// while the string is used (the count holds it only for its duration).
+func unsafeString(b []byte) string { return unsafe.String(unsafe.SliceData(b), len(b)) }
 
 // countCache is a direct-mapped cache from a text's 64-bit hash to its token
 // count. Each slot is one atomic word, so lookups take no lock and allocate
