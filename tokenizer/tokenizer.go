@@ -19,7 +19,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"unsafe"
-
 )
 
 // Encoding names understood by the tokenizer.
