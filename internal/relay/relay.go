@@ -212,7 +212,11 @@ func Respond(w http.ResponseWriter, r *http.Request, res *http.Response) {
 		h["Trailer"] = []string{strings.Join(names, ", ")}
 	}
 	w.WriteHeader(res.StatusCode)
-	if err := copyBody(w, res.Body); err != nil {
+	// A stream (an event stream, or a body of unknown length such as
+	// Ollama's NDJSON) is flushed after every read; any other body goes out
+	// as the server buffers it, headers and body together.
+	stream := res.ContentLength < 0 || strings.HasPrefix(res.Header.Get("Content-Type"), "text/event-stream")
+	if err := copyBody(w, res.Body, stream); err != nil {
 		if r.Context().Value(http.ServerContextKey) != nil {
 			panic(http.ErrAbortHandler)
 		}
@@ -223,12 +227,15 @@ func Respond(w http.ResponseWriter, r *http.Request, res *http.Response) {
 	}
 }
 
-// copyBody copies src to w, flushing after every read.
-func copyBody(w http.ResponseWriter, src io.Reader) error {
+// copyBody copies src to w, flushing after every read if flush.
+func copyBody(w http.ResponseWriter, src io.Reader, flush bool) error {
 	bp := copyBuffers.Get().(*[]byte)
 	defer copyBuffers.Put(bp)
 	buf := *bp
-	f, _ := w.(http.Flusher)
+	var f http.Flusher
+	if flush {
+		f, _ = w.(http.Flusher)
+	}
 	for {
 		n, rerr := src.Read(buf)
 		if n > 0 {
@@ -248,6 +255,7 @@ func copyBody(w http.ResponseWriter, src io.Reader) error {
 	}
 }
 
-// copyBuffers are the 32 KiB buffers answers are copied through, so that
-// streaming allocates none.
-var copyBuffers = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+// copyBuffers are the 8 KiB buffers answers are copied through, so that
+// streaming allocates none. An open stream holds one: its events are far
+// smaller, and a large body takes a few more reads.
+var copyBuffers = sync.Pool{New: func() any { b := make([]byte, 8<<10); return &b }}

@@ -15,6 +15,7 @@ import (
 	"errors"
 	"io"
 	"math"
+	"math/bits"
 	"net/http"
 	"strconv"
 	"strings"
@@ -212,13 +213,43 @@ type Body struct {
 	refs atomic.Int32
 }
 
-const maxPooledBody = 1 << 20
+// Body buffers are pooled by size class, 1 KiB to 1 MiB in powers of
+// two, so that a request holds about its own size while it waits, not a
+// fixed large buffer. Larger bodies are not pooled.
+const (
+	minBodyClass  = 10 // 1 KiB
+	maxBodyClass  = 20 // 1 MiB
+	maxPooledBody = 1 << maxBodyClass
+)
 
-var bodyPool = sync.Pool{New: func() any { return &Body{Buf: make([]byte, 0, 16<<10)} }}
+var bodyPools [maxBodyClass + 1]sync.Pool
 
-// NewBody returns an empty pooled buffer holding one reference.
-func NewBody() *Body {
-	b := bodyPool.Get().(*Body)
+// bodyClass is the smallest class that holds n bytes, or -1.
+func bodyClass(n int) int {
+	c := max(minBodyClass, bits.Len(uint(max(n, 1)-1)))
+	if c > maxBodyClass {
+		return -1
+	}
+	return c
+}
+
+// NewBody returns an empty pooled buffer holding one reference, for a
+// body of about 1 KiB (it grows as needed).
+func NewBody() *Body { return NewBodySize(0) }
+
+// NewBodySize returns an empty pooled buffer of at least n bytes holding
+// one reference.
+func NewBodySize(n int) *Body {
+	c := bodyClass(n)
+	if c < 0 {
+		b := &Body{Buf: make([]byte, 0, n)}
+		b.refs.Store(1)
+		return b
+	}
+	b, _ := bodyPools[c].Get().(*Body)
+	if b == nil {
+		b = &Body{Buf: make([]byte, 0, 1<<c)}
+	}
 	b.refs.Store(1)
 	b.Buf = b.Buf[:0]
 	return b
@@ -272,14 +303,18 @@ func ReadBody(w http.ResponseWriter, r *http.Request, lim Limits, closing func()
 		end = time.Now().Add(lim.BodyTimeout)
 		defer conn.SetReadDeadline(time.Time{})
 	}
-	b := NewBody()
+	// One byte more than the length, so that the read that finds EOF does
+	// not grow the buffer.
+	b := NewBodySize(int(max(r.ContentLength, 0)) + 1)
 	buf := b.Buf
-	if r.ContentLength > 0 && int(r.ContentLength) > cap(buf) {
-		buf = make([]byte, 0, r.ContentLength)
-	}
 	for {
 		if len(buf) == cap(buf) {
-			buf = append(buf, 0)[:len(buf)]
+			// Grow to the next class, in the pool's sizes.
+			nb := NewBodySize(2 * cap(buf))
+			nb.Buf = append(nb.Buf, buf...)
+			b.Buf = buf
+			b.Release()
+			b, buf = nb, nb.Buf
 		}
 		if closing != nil && closing() {
 			// Shutting down: a body still arriving is not waited for.
@@ -321,11 +356,12 @@ func (b *Body) Release() {
 	if b.refs.Add(-1) != 0 {
 		return
 	}
-	if cap(b.Buf) > maxPooledBody {
-		return // let a huge buffer go rather than pin it
+	c := bodyClass(cap(b.Buf))
+	if c < 0 || cap(b.Buf) != 1<<c {
+		return // huge, or grown to no class: let it go rather than pin it
 	}
 	b.Buf = b.Buf[:0]
-	bodyPool.Put(b)
+	bodyPools[c].Put(b)
 }
 
 // Reader returns a new reader over the body that releases its reference

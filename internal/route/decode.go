@@ -153,14 +153,14 @@ func (rt *Route) inspect(w http.ResponseWriter, path string, body []byte, rec *r
 		(ep == tokenizer.EndpointChat || ep == tokenizer.EndpointCompletions)
 	switch {
 	case rewrite:
-		c.inject = request.NewBody()
+		c.inject = request.NewBodySize(len(body) + 64)
 		if wantUsage {
 			c.inject.Buf = provider.WithStreamUsage(c.inject.Buf, nil, v)
 		} else {
 			c.inject.Buf = v.MarshalTo(c.inject.Buf)
 		}
 	case wantUsage:
-		c.inject = request.NewBody()
+		c.inject = request.NewBodySize(len(body) + 64)
 		c.inject.Buf = provider.WithStreamUsage(c.inject.Buf, body, v)
 	}
 	return c, true

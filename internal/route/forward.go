@@ -187,7 +187,7 @@ func (rt *Route) bodyFor(ex *exchange, body *request.Body, model, id string) *re
 	if ex.renamed != nil {
 		ex.renamed.Release()
 	}
-	ex.renamed = request.NewBody()
+	ex.renamed = request.NewBodySize(len(body.Buf) + 64)
 	p := parsers.Get()
 	defer parsers.Put(p)
 	v, err := p.ParseBytes(body.Buf)

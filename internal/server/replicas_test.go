@@ -143,7 +143,10 @@ func TestReplicasKeepTheKeysLimits(t *testing.T) {
 	// The key's 600 a minute: its full bucket, then 10 a second.
 	want := 600 + 10*elapsed.Seconds()
 	assert.InEpsilon(t, want, float64(served), 0.02, "admitted %d in %s, the key allows %.0f", served, elapsed, want)
-	assert.EqualValues(t, served, count(counts, "200"))
+	// Every answer the upstream gave reached its client as a 200, but for
+	// those in flight when the drive stopped.
+	assert.LessOrEqual(t, count(counts, "200"), int64(served))
+	assert.GreaterOrEqual(t, count(counts, "200"), int64(served-30))
 	for _, p := range replicas {
 		assert.Contains(t, p.logs.String(), `"client":"a"`)
 		assert.NotContains(t, p.logs.String(), "degraded")
