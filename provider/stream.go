@@ -65,8 +65,10 @@ func (t *StreamTap) Read(p []byte) (int, error) {
 		if t.err != nil {
 			return 0, t.err
 		}
-		if cap(t.buf)-len(t.buf) < 4<<10 {
-			t.buf = append(t.buf, make([]byte, 32<<10)...)[:len(t.buf)]
+		if cap(t.buf)-len(t.buf) < 1<<10 {
+			// Events are small: an open stream holds 8 KiB, more only
+			// while one event is longer.
+			t.buf = append(t.buf, make([]byte, 8<<10)...)[:len(t.buf)]
 		}
 		from := len(t.buf)
 		n, err := t.src.Read(t.buf[from:cap(t.buf)])

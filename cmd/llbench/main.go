@@ -70,6 +70,7 @@ func bench(args []string) int {
 	chunkDelay := fs.Duration("chunk-delay", 0, "the mock upstream's delay between streamed chunks (0: CPU-bound streams)")
 	gomaxprocs := fs.Int("gomaxprocs", 0, "GOMAXPROCS for the proxies (0: Go's default)")
 	only := fs.String("only", "", "run only the scenarios whose name contains this")
+	mem := fs.Bool("memory", false, "measure the memory of an open stream and of a queued request instead")
 	redisURL := fs.String("redis", "", "also run 2 llproxy replicas sharing their limits through this Redis (redis://host:port/db), against 1 without")
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -82,6 +83,13 @@ func bench(args []string) int {
 	var env []string
 	if *gomaxprocs > 0 {
 		env = append(env, "GOMAXPROCS="+strconv.Itoa(*gomaxprocs))
+	}
+	if *mem {
+		if err := memory(*llproxyBin, self, env); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		return 0
 	}
 	mockAddr, baseAddr, llAddr := freeAddr(), freeAddr(), freeAddr()
 	mock, err := start("mock", mockAddr, "/v1/models", nil, *llproxyBin, "mock-server", "-listen", mockAddr, "-chunks", strconv.Itoa(*chunks), "-chunk-delay", chunkDelay.String())
