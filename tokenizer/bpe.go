@@ -73,7 +73,11 @@ type scratch struct {
 	next  []int32
 	prev  []int32
 	pair  []uint32
-	heap  []uint64
+	// the long pieces' priority queue
+	buckets []bucket
+	slots   []int32 // rank -> bucket index + 1, open addressing
+	used    []uint32
+	ranks   []uint32 // heap of the ranks with candidates
 }
 
 var scratchPool = sync.Pool{New: func() any { return &scratch{buf: make([]byte, 0, 256)} }}
@@ -130,55 +134,186 @@ func (b *bpe) mergeSmall(p string, s *scratch) int {
 	return len(start) - 1
 }
 
-// The heap of candidate merges holds keys rank<<32 | from: the pair of
-// the part starting at byte from and the part after it, the lowest rank
-// first, then the leftmost, as tiktoken merges. It is 4-ary: half the
-// depth of a binary heap, and the four children of a node share a cache
-// line.
+// The candidate merges of a long piece wait in a two-level priority
+// queue: the pair of the part starting at byte pos and the part after it,
+// the lowest rank first, then the leftmost, as tiktoken merges. Few ranks
+// are in play at once, and within one rank candidates mostly arrive left
+// to right: so each rank has a bucket whose queue takes candidates in
+// order (O(1)) and a small heap for the rest, and a heap orders the ranks.
 
-func (s *scratch) push(key uint64) {
-	h := append(s.heap, key)
-	for i := len(h) - 1; i > 0; {
-		parent := (i - 1) / 4
-		if h[i] >= h[parent] {
-			break
-		}
-		h[i], h[parent] = h[parent], h[i]
-		i = parent
-	}
-	s.heap = h
+// bucket holds the candidates of one rank.
+type bucket struct {
+	rank   uint32
+	queue  []int32 // ascending
+	head   int
+	heap   []int32 // those that arrived out of order
+	queued bool    // its rank is in the rank heap
 }
 
-func (s *scratch) pop() uint64 {
-	h := s.heap
-	top := h[0]
+func (b *bucket) empty() bool { return b.head == len(b.queue) && len(b.heap) == 0 }
+
+// bucketOf returns the bucket of rank, made on first use.
+func (s *scratch) bucketOf(rank uint32) *bucket {
+	if len(s.slots) == 0 {
+		s.slots = make([]int32, 1024)
+	}
+	mask := uint32(len(s.slots) - 1)
+	for i := (rank * 2654435761) & mask; ; i = (i + 1) & mask {
+		e := s.slots[i]
+		if e == 0 {
+			if 2*(len(s.used)+1) > len(s.slots) {
+				s.growSlots()
+				return s.bucketOf(rank)
+			}
+			if len(s.used) == len(s.buckets) {
+				s.buckets = append(s.buckets, bucket{})
+			}
+			b := &s.buckets[len(s.used)]
+			b.rank, b.queue, b.head, b.heap, b.queued = rank, b.queue[:0], 0, b.heap[:0], false
+			s.used = append(s.used, i)
+			s.slots[i] = int32(len(s.used))
+			return b
+		}
+		if b := &s.buckets[e-1]; b.rank == rank {
+			return b
+		}
+	}
+}
+
+// growSlots doubles the rank table.
+func (s *scratch) growSlots() {
+	old := s.slots
+	s.slots = make([]int32, 2*len(old))
+	mask := uint32(len(s.slots) - 1)
+	used := s.used[:0]
+	for _, e := range old {
+		if e == 0 {
+			continue
+		}
+		i := (s.buckets[e-1].rank * 2654435761) & mask
+		for s.slots[i] != 0 {
+			i = (i + 1) & mask
+		}
+		s.slots[i] = e
+		used = append(used, i)
+	}
+	s.used = used
+}
+
+// resetBuckets empties the queue for the next piece.
+func (s *scratch) resetBuckets() {
+	for _, i := range s.used {
+		s.slots[i] = 0
+	}
+	s.used, s.ranks = s.used[:0], s.ranks[:0]
+}
+
+func (s *scratch) push(rank uint32, pos int32) {
+	b := s.bucketOf(rank)
+	if n := len(b.queue); n == b.head || pos > b.queue[n-1] {
+		b.queue = append(b.queue, pos)
+	} else {
+		b.heap = heapPush(b.heap, pos)
+	}
+	if !b.queued {
+		b.queued = true
+		s.ranks = heapPushU(s.ranks, rank)
+	}
+}
+
+// pop returns the lowest candidate; ok false when there is none.
+func (s *scratch) pop() (rank uint32, pos int32, ok bool) {
+	for len(s.ranks) > 0 {
+		b := s.bucketOf(s.ranks[0])
+		if b.empty() {
+			b.queued = false
+			s.ranks = heapPopU(s.ranks)
+			continue
+		}
+		if len(b.heap) > 0 && (b.head == len(b.queue) || b.heap[0] < b.queue[b.head]) {
+			pos = b.heap[0]
+			b.heap = heapPop(b.heap)
+		} else {
+			pos = b.queue[b.head]
+			b.head++
+		}
+		return b.rank, pos, true
+	}
+	return 0, 0, false
+}
+
+// Binary min-heaps over int32 positions and uint32 ranks.
+
+func heapPush(h []int32, x int32) []int32 {
+	h = append(h, x)
+	for i := len(h) - 1; i > 0; {
+		p := (i - 1) / 2
+		if h[i] >= h[p] {
+			break
+		}
+		h[i], h[p] = h[p], h[i]
+		i = p
+	}
+	return h
+}
+
+func heapPop(h []int32) []int32 {
 	last := len(h) - 1
 	h[0] = h[last]
 	h = h[:last]
 	for i := 0; ; {
-		c := 4*i + 1
-		if c >= len(h) {
-			break
+		l, m := 2*i+1, i
+		if l < len(h) && h[l] < h[m] {
+			m = l
 		}
-		m := c
-		for k := c + 1; k < c+4 && k < len(h); k++ {
-			if h[k] < h[m] {
-				m = k
-			}
+		if r := l + 1; r < len(h) && h[r] < h[m] {
+			m = r
 		}
-		if h[i] <= h[m] {
-			break
+		if m == i {
+			return h
 		}
 		h[i], h[m] = h[m], h[i]
 		i = m
 	}
-	s.heap = h
-	return top
+}
+
+func heapPushU(h []uint32, x uint32) []uint32 {
+	h = append(h, x)
+	for i := len(h) - 1; i > 0; {
+		p := (i - 1) / 2
+		if h[i] >= h[p] {
+			break
+		}
+		h[i], h[p] = h[p], h[i]
+		i = p
+	}
+	return h
+}
+
+func heapPopU(h []uint32) []uint32 {
+	last := len(h) - 1
+	h[0] = h[last]
+	h = h[:last]
+	for i := 0; ; {
+		l, m := 2*i+1, i
+		if l < len(h) && h[l] < h[m] {
+			m = l
+		}
+		if r := l + 1; r < len(h) && h[r] < h[m] {
+			m = r
+		}
+		if m == i {
+			return h
+		}
+		h[i], h[m] = h[m], h[i]
+		i = m
+	}
 }
 
 // mergeHeap is the same merge for long pieces: the parts are a linked
-// list over byte offsets and the candidate pairs a min-heap, so a piece of
-// n bytes takes O(n log n), not O(n^2). A candidate is stale when its part
+// list over byte offsets and the candidate pairs a priority queue, so a
+// piece of n bytes takes O(n log n) at worst, not O(n^2), and about O(n)
+// for a run of one character. A candidate is stale when its part
 // was merged away or its pair changed since (pair[from] holds the rank of
 // the part's current pair: a token's rank names its bytes, so a different
 // pair has a different rank); stale ones are skipped when popped.
@@ -191,7 +326,7 @@ func (b *bpe) mergeHeap(p string, s *scratch) int {
 	for i := range n + 1 {
 		next[i], prev[i] = int32(i+1), int32(i-1)
 	}
-	s.heap = s.heap[:0]
+	s.resetBuckets()
 	candidate := func(from int32) {
 		cur[from] = noRank
 		with := next[from]
@@ -200,16 +335,18 @@ func (b *bpe) mergeHeap(p string, s *scratch) int {
 		}
 		if r := b.ranks.rankString(p[from:next[with]]); r != noRank {
 			cur[from] = r
-			s.push(uint64(r)<<32 | uint64(from))
+			s.push(r, from)
 		}
 	}
 	alive := n
 	for i := range int32(n - 1) {
 		candidate(i)
 	}
-	for len(s.heap) > 0 {
-		x := s.pop()
-		from, rank := int32(x), uint32(x>>32)
+	for {
+		rank, from, ok := s.pop()
+		if !ok {
+			break
+		}
 		if prev[from] == -2 || cur[from] != rank {
 			continue // stale
 		}

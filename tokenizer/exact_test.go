@@ -116,3 +116,33 @@ func FuzzExactCount(f *testing.F) {
 }
 
 var _ = fmt.Sprint
+
+// TestLongPieceMergeEqualsTheShortOne: the priority-queue merge long
+// pieces take gives what tiktoken's own loop gives, piece by piece.
+func TestLongPieceMergeEqualsTheShortOne(t *testing.T) {
+	_, our := exactPair(t)
+	rng := rand.New(rand.NewPCG(9, 10))
+	var texts []string
+	for range 3000 {
+		var b strings.Builder
+		for range 1 + rng.IntN(40) {
+			b.WriteString([]string{"a", "ab", "é", "中", "!", "=", "0", " ", "xyz", "\u0301", "😀"}[rng.IntN(11)])
+		}
+		texts = append(texts, b.String())
+	}
+	texts = append(texts, exactCorpus...)
+	s := &scratch{}
+	for _, name := range []string{Cl100kBase, O200kBase} {
+		b := our[name]
+		for _, text := range texts {
+			text = replaceInvalid(text)
+			for i := 0; i < len(text); {
+				j := b.next(text, i)
+				if p := text[i:j]; len(p) > 1 {
+					require.Equal(t, b.mergeSmall(p, s), b.mergeHeap(p, s), "%s %q", name, p)
+				}
+				i = j
+			}
+		}
+	}
+}
