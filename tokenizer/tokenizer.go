@@ -38,7 +38,7 @@ type Config struct {
 	// MaxExactBytes bounds the text one request may have counted exactly
 	// (uncached texts only); texts past it are charged one token per two
 	// bytes without tokenizer work. It caps the CPU a single request can
-	// take (about 0.25 s per MiB of prose). 0 means 1 MiB.
+	// take (about 60 ms per MiB). 0 means 1 MiB.
 	MaxExactBytes int `json:"maxExactBytes,omitempty"`
 }
 

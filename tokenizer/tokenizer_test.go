@@ -199,7 +199,9 @@ func TestHostileInputIsCountedExactly(t *testing.T) {
 				assert.Equal(t, len(oracle[name].EncodeOrdinary(text)), enc.Count(text))
 				long := strings.Repeat(unit, 100_000)
 				enc.Count(long) // warm the scratch
-				assert.Zero(t, testing.AllocsPerRun(3, func() { enc.Count(long) }), "no allocation per count")
+				if !raceEnabled {
+					assert.Zero(t, testing.AllocsPerRun(3, func() { enc.Count(long) }), "no allocation per count")
+				}
 			})
 		}
 	}
