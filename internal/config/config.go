@@ -90,9 +90,13 @@ type Config struct {
 	Tokenizer tokenizer.Config `json:"tokenizer"`
 	// Routes maps a route name R, served at /R/..., to its upstream.
 	Routes map[string]*Route `json:"routes"`
-	// DefaultRoute also serves that route at the root (/v1/...), since local
-	// tools expect http://host:port/v1.
+	// DefaultRoute breaks ties when several routes serve a model asked for
+	// at the root (/v1/...), and serves the root's requests that name no
+	// model.
 	DefaultRoute string `json:"defaultRoute"`
+	// RouteOrder is the routes' names in the order the file lists them:
+	// the root resolves a model in that order.
+	RouteOrder []string `json:"-"`
 }
 
 // Route is one upstream and its per-model queues.

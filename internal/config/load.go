@@ -68,7 +68,48 @@ func Parse(data []byte, env LookupEnv) (*Config, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
+	cfg.RouteOrder = keyOrder(data, "routes")
 	return &cfg, nil
+}
+
+// keyOrder returns the keys of the top-level object member name of the
+// JSON document data, in the order they are written (a Go map forgets
+// it).
+func keyOrder(data []byte, name string) []string {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	if t, err := dec.Token(); err != nil || t != json.Delim('{') {
+		return nil
+	}
+	for dec.More() {
+		t, err := dec.Token()
+		if err != nil {
+			return nil
+		}
+		if k, _ := t.(string); k != name {
+			var skip json.RawMessage
+			if dec.Decode(&skip) != nil {
+				return nil
+			}
+			continue
+		}
+		if t, err := dec.Token(); err != nil || t != json.Delim('{') {
+			return nil
+		}
+		var keys []string
+		for dec.More() {
+			t, err := dec.Token()
+			if err != nil {
+				return nil
+			}
+			keys = append(keys, t.(string))
+			var skip json.RawMessage
+			if dec.Decode(&skip) != nil {
+				return nil
+			}
+		}
+		return keys
+	}
+	return nil
 }
 
 func syntaxError(data []byte, err error) error {

@@ -111,6 +111,10 @@ func (s *Server) serveRoute(w http.ResponseWriter, r *http.Request) {
 		name = name[:i]
 	}
 	h, ok := s.handlers[name]
+	if !ok && name == "v1" {
+		s.serveRoot(w, r) // one base URL for every model
+		return
+	}
 	if !ok && s.fallback != nil {
 		h, ok = s.handlers[s.fallback.Name()], true // the default route, at the root
 	}

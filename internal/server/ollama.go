@@ -22,25 +22,9 @@ type ollamaGateway struct{ s *Server }
 
 var _ ollama.Gateway = ollamaGateway{}
 
-// routeFor finds the route that serves model for the façade: the default
-// route first, then the others by name, the first that names the model (a
-// listed model, a fleet that knows it, a mock that serves it); failing
-// that, the default route if it takes any model.
-func (g ollamaGateway) routeFor(model string) *route.Route {
-	order := g.s.sortedRouteNames()
-	if g.s.fallback != nil {
-		order = append([]string{g.s.fallback.Name()}, order...)
-	}
-	for _, name := range order {
-		if names(g.s.routes[name], model) {
-			return g.s.routes[name]
-		}
-	}
-	if fb := g.s.fallback; fb != nil && (fb.Config().Models[scheduler.Wildcard] != nil || (fb.Fleet() != nil && fb.Fleet().Knows(model))) {
-		return fb
-	}
-	return nil
-}
+// routeFor finds the route that serves model for the façade: the same
+// resolution as the root's (see resolve).
+func (g ollamaGateway) routeFor(model string) *route.Route { return g.s.resolve(model) }
 
 func (g ollamaGateway) Known(model string) bool { return g.routeFor(model) != nil }
 

@@ -71,9 +71,10 @@ type Server struct {
 	adminHashes   [][sha256.Size]byte
 	metricsHashes [][sha256.Size]byte
 	mux           *http.ServeMux
-	closing       atomic.Bool  // queues closed: new requests refused, bodies still arriving cut off
-	draining      atomic.Bool  // shutting down: /healthz answers 503
-	fallback      *route.Route // the defaultRoute, also served at the root
+	closing       atomic.Bool    // queues closed: new requests refused, bodies still arriving cut off
+	draining      atomic.Bool    // shutting down: /healthz answers 503
+	fallback      *route.Route   // the defaultRoute, also served at the root
+	routeList     []*route.Route // the routes in the config's order
 	ollama        *ollama.Handler
 }
 
@@ -145,6 +146,7 @@ func New(opts Options) (*Server, error) {
 	if opts.Config.DefaultRoute != "" {
 		s.fallback = s.routes[opts.Config.DefaultRoute]
 	}
+	s.routeList = s.ordered()
 	s.ollama = ollama.New(ollamaGateway{s})
 	s.mux = s.newMux()
 	return s, nil

@@ -1,0 +1,173 @@
+package server
+
+import (
+	"encoding/json"
+	"net/http"
+	"slices"
+	"strings"
+
+	"github.com/valyala/fastjson"
+
+	"github.com/llproxy/llproxy/internal/openai"
+	"github.com/llproxy/llproxy/internal/request"
+	"github.com/llproxy/llproxy/internal/route"
+	"github.com/llproxy/llproxy/scheduler"
+	"github.com/llproxy/llproxy/tokenizer"
+)
+
+// One base URL: /v1/... without a route prefix goes to the route that
+// serves the body's model, so that one base_url reaches every model.
+// resolve is the one answer to "which route serves this model", for the
+// root and for the Ollama façade alike.
+
+// ordered returns the routes in the order the config lists them.
+func (s *Server) ordered() []*route.Route {
+	out := make([]*route.Route, 0, len(s.routes))
+	for _, name := range s.cfg.RouteOrder {
+		if rt := s.routes[name]; rt != nil {
+			out = append(out, rt)
+		}
+	}
+	for _, name := range s.sortedRouteNames() { // configs built without a file
+		if rt := s.routes[name]; !slices.Contains(out, rt) {
+			out = append(out, rt)
+		}
+	}
+	return out
+}
+
+// resolve returns the route that serves model: a route that lists it (or
+// whose mock serves it) first, then a fleet that knows it (its name:tag
+// names), then a route whose "*" accepts any model; each step in the
+// config's order, defaultRoute winning a tie. Nil: none.
+func (s *Server) resolve(model string) *route.Route {
+	steps := [...]func(rt *route.Route) bool{
+		func(rt *route.Route) bool {
+			if rt.Fleet() != nil {
+				return rt.Config().Models[model] != nil
+			}
+			return names(rt, model)
+		},
+		func(rt *route.Route) bool { return rt.Fleet() != nil && rt.Fleet().Knows(model) },
+		func(rt *route.Route) bool { return rt.Config().Models[scheduler.Wildcard] != nil },
+	}
+	for _, match := range steps {
+		if s.fallback != nil && match(s.fallback) {
+			return s.fallback
+		}
+		for _, rt := range s.routeList {
+			if match(rt) {
+				return rt
+			}
+		}
+	}
+	return nil
+}
+
+// serveRoot serves /v1/... without a route prefix: the models of every
+// route; a request whose body names a model, on the route that serves it;
+// an inference call that names none is a 400; anything else goes to the
+// defaultRoute, if there is one.
+func (s *Server) serveRoot(w http.ResponseWriter, r *http.Request) {
+	who, ok := s.dir.Identify(requestKey(r))
+	if !ok {
+		s.unauthorized(w, r, "one of its client keys")
+		return
+	}
+	if r.Method == http.MethodGet && r.URL.Path == "/v1/models" {
+		s.listModels(w, r)
+		return
+	}
+	var model string
+	if r.Body != nil && r.Body != http.NoBody && r.Method != http.MethodGet && r.Method != http.MethodHead {
+		body, err := request.ReadBody(w, r, s.limits(), s.closing.Load)
+		if err != nil {
+			request.DropBody(w, r)
+			f := request.FailureOf(err, s.limits())
+			openai.WriteError(w, f.Status, "invalid_request_error", f.Code, f.Message)
+			return
+		}
+		defer body.Release()
+		if v, err := fastjson.ParseBytes(body.Buf); err == nil && v.Type() == fastjson.TypeObject {
+			model = string(v.GetStringBytes("model"))
+		}
+		r.Body = body.Reader()
+		r.ContentLength = int64(len(body.Buf))
+	}
+	inference := r.Method == http.MethodPost && openai.Endpoint(r.URL.Path) != tokenizer.EndpointOther
+	switch {
+	case model != "":
+		rt := s.resolve(model)
+		if rt == nil {
+			s.logFront(r, http.StatusNotFound, route.OutcomeNotFound)
+			openai.WriteError(w, http.StatusNotFound, "invalid_request_error", "model_not_found",
+				"The model `"+model+"` does not exist or you do not have access to it. llproxy serves: "+
+					strings.Join(s.allModels(), ", ")+".")
+			return
+		}
+		rt.Serve(w, r, who)
+	case inference:
+		s.logFront(r, http.StatusBadRequest, route.OutcomeBadRequest)
+		openai.WriteParamError(w, "model", "you must provide a model parameter: 'model' is required.")
+	case s.fallback != nil:
+		s.fallback.Serve(w, r, who)
+	default:
+		s.logFront(r, http.StatusNotFound, route.OutcomeNotFound)
+		openai.WriteError(w, http.StatusNotFound, "invalid_request_error", "unknown_route",
+			"llproxy serves /v1/... by model, and "+strings.Join(s.routeNames, ", ")+".")
+	}
+}
+
+// allModels is every model of every route, each once, sorted.
+func (s *Server) allModels() []string {
+	var out []string
+	for _, rt := range s.routes {
+		out = append(out, routeModels(rt)...)
+	}
+	slices.Sort(out)
+	return slices.Compact(out)
+}
+
+// listModels answers GET /v1/models at the root: every model of every
+// route, once (as the route that resolve picks for it lists it: a fleet's
+// entries keep their backends and upstream ids), in OpenAI's list shape.
+func (s *Server) listModels(w http.ResponseWriter, r *http.Request) {
+	entries := map[string]json.RawMessage{}
+	for _, rt := range s.routeList {
+		if rt.Fleet() == nil {
+			continue
+		}
+		var list struct{ Data []json.RawMessage }
+		if json.Unmarshal(rt.Fleet().ModelsJSON(r.Context()), &list) != nil {
+			continue
+		}
+		for _, e := range list.Data {
+			var id struct{ ID string }
+			if json.Unmarshal(e, &id) == nil && id.ID != "" && s.resolve(id.ID) == rt {
+				entries[id.ID] = e
+			}
+		}
+	}
+	list := struct {
+		Object string            `json:"object"`
+		Data   []json.RawMessage `json:"data"`
+	}{Object: "list", Data: []json.RawMessage{}}
+	for _, m := range s.allModels() {
+		e, ok := entries[m]
+		if !ok {
+			owner := "llproxy"
+			if rt := s.resolve(m); rt != nil {
+				owner = "llproxy/" + rt.Name()
+			}
+			e, _ = json.Marshal(struct {
+				ID      string `json:"id"`
+				Object  string `json:"object"`
+				Created int64  `json:"created"`
+				OwnedBy string `json:"owned_by"`
+			}{m, "model", 0, owner})
+		}
+		list.Data = append(list.Data, e)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	json.NewEncoder(w).Encode(list)
+}
