@@ -2,5 +2,6 @@
 # Builds ./llproxy (and ./llbench, the load-test driver).
 set -euo pipefail
 cd "$(dirname "$0")"
-go build -trimpath -o llproxy ./cmd/llproxy
+version=$(git describe --always --dirty 2>/dev/null || echo dev)
+go build -trimpath -ldflags "-X main.version=$version" -o llproxy ./cmd/llproxy
 go build -trimpath -o llbench ./cmd/llbench

@@ -1,7 +1,9 @@
 // Command llproxy is a scheduling gateway between LLM clients and LLM
 // servers. See README.md.
 //
-//	llproxy [-config file] [-listen addr] [-check]
+//	llproxy [-config file] [-listen addr] [-check] [-version]
+//	llproxy check [-config file]
+//	llproxy version
 //	llproxy mock-server [-listen addr] [-chunks n] [-chunk-delay d] [-latency d]
 package main
 
@@ -15,6 +17,8 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"runtime"
+	"runtime/debug"
 	"syscall"
 	"time"
 
@@ -22,25 +26,90 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/llproxy/llproxy/internal/config"
+	"github.com/llproxy/llproxy/internal/metrics"
 	"github.com/llproxy/llproxy/internal/server"
 	"github.com/llproxy/llproxy/provider/mock"
 	"github.com/llproxy/llproxy/tokenizer"
 )
 
+// version is the release, set at build time (-ldflags "-X main.version=v1.2.3");
+// without it, the module's version or VCS revision from the build info.
+var version = ""
+
+// Version returns llproxy's version and the Go it was built with.
+func Version() (v, goVersion string) {
+	v = version
+	info, ok := debug.ReadBuildInfo()
+	if v == "" && ok {
+		v = info.Main.Version
+		for _, s := range info.Settings {
+			if s.Key == "vcs.revision" && (v == "" || v == "(devel)") {
+				v = s.Value
+				if len(v) > 12 {
+					v = v[:12]
+				}
+			}
+		}
+	}
+	if v == "" {
+		v = "(devel)"
+	}
+	return v, runtime.Version()
+}
+
+const usage = `llproxy: a scheduling gateway between LLM clients and LLM servers.
+
+Usage:
+  llproxy [-config file] [-listen addr]   serve (default config: config.json if present, else config-example.json)
+  llproxy check [-config file]            validate the config and exit: 0 if valid, 1 if not (also: -check)
+  llproxy version                         print the version and exit (also: -version)
+  llproxy mock-server [flags]             serve the mock OpenAI-compatible upstream (-h for its flags)
+
+Flags:
+`
+
 func main() {
-	if len(os.Args) > 1 && os.Args[1] == "mock-server" {
-		os.Exit(mockServer(os.Args[2:]))
+	if len(os.Args) > 1 {
+		switch os.Args[1] {
+		case "mock-server":
+			os.Exit(mockServer(os.Args[2:]))
+		case "version":
+			if len(os.Args) > 2 {
+				fmt.Fprintln(os.Stderr, "llproxy version: takes no arguments")
+				os.Exit(2)
+			}
+			os.Exit(run([]string{"-version"}))
+		case "check":
+			os.Exit(run(append([]string{"-check"}, os.Args[2:]...)))
+		}
 	}
 	os.Exit(run(os.Args[1:]))
 }
 
 func run(args []string) int {
 	fs := flag.NewFlagSet("llproxy", flag.ContinueOnError)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), usage)
+		fs.PrintDefaults()
+	}
 	configPath := fs.String("config", "", "config file (default: config.json if present, else config-example.json)")
 	listen := fs.String("listen", "", "listen address, overriding the config's \"listen\"")
 	check := fs.Bool("check", false, "validate the config and exit: 0 if valid, 1 if not")
+	showVersion := fs.Bool("version", false, "print the version and exit")
 	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
 		return 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(os.Stderr, "llproxy: unknown argument %q (llproxy -h lists what it takes)\n", fs.Arg(0))
+		return 2
+	}
+	if *showVersion {
+		v, gv := Version()
+		fmt.Printf("llproxy %s (%s)\n", v, gv)
+		return 0
 	}
 	path := *configPath
 	if path == "" {
@@ -72,6 +141,11 @@ func run(args []string) int {
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	v, gv := Version()
+	if err := metrics.BuildInfo(reg, v, gv); err != nil {
+		logger.Error("metrics", "err", err)
+		return 1
+	}
 	// LLPROXY_CLOCK_OFFSET skews this process's clock as the shared limits
 	// see it (tests of replicas whose clocks disagree).
 	var offset time.Duration
@@ -123,6 +197,13 @@ func mockServer(args []string) int {
 	chunkDelay := fs.Duration("chunk-delay", 0, "delay between streamed chunks")
 	latency := fs.Duration("latency", 0, "delay before the response headers")
 	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(os.Stderr, "llproxy mock-server: unknown argument %q\n", fs.Arg(0))
 		return 2
 	}
 	tok, err := tokenizer.New(tokenizer.Config{})

@@ -117,10 +117,56 @@ func TestExampleConfigServesAndStopsOnSIGTERM(t *testing.T) {
 	assert.Equal(t, http.StatusOK, resp.StatusCode)
 	assert.Equal(t, "30", resp.Header.Get("X-Ratelimit-Limit-Requests"))
 
+	m, err := http.Get("http://" + addr + "/metrics")
+	require.NoError(t, err)
+	body, _ := io.ReadAll(m.Body)
+	m.Body.Close()
+	for _, want := range []string{`llproxy_build_info{goversion="go`, `process_start_time_seconds `,
+		`llproxy_http_responses_total{code="200",route="demo"} 1`} {
+		assert.Contains(t, string(body), want)
+	}
+
 	require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
 	require.NoError(t, cmd.Wait(), logs.String())
 	assert.Contains(t, logs.String(), `"msg":"shutting down"`)
 	assert.Contains(t, logs.String(), `"route":"demo","model":"mock"`)
+}
+
+func TestCommandLine(t *testing.T) {
+	bin := build(t)
+	run := func(args ...string) (string, int) {
+		cmd := exec.Command(bin, args...)
+		cmd.Env = cleanEnv()
+		cmd.Dir = "../.."
+		out, err := cmd.CombinedOutput()
+		code := 0
+		if ee, ok := err.(*exec.ExitError); ok {
+			code = ee.ExitCode()
+		}
+		return string(out), code
+	}
+	for _, args := range [][]string{{"-h"}, {"--help"}} {
+		out, code := run(args...)
+		assert.Zero(t, code, "%v", args)
+		for _, sub := range []string{"mock-server", "version", "check"} {
+			assert.Contains(t, out, sub)
+		}
+	}
+	out, code := run("version")
+	assert.Zero(t, code)
+	assert.Regexp(t, `^llproxy \S+ \(go1\.`, out)
+	out2, code := run("-version")
+	assert.Zero(t, code)
+	assert.Equal(t, out, out2)
+	out, code = run("check", "-config", "config-example.json")
+	assert.Zero(t, code, out)
+	assert.Contains(t, out, "is valid")
+	for _, args := range [][]string{{"serve"}, {"-check", "extra"}, {"version", "x"}, {"mock-server", "y"}, {"-nope"}} {
+		out, code := run(args...)
+		assert.Equal(t, 2, code, "%v: %s", args, out)
+	}
+	_, code = run("mock-server", "-h")
+	assert.Zero(t, code)
 }
 
 // TestNoOrphansEvenWhenKilled starts a model server through llproxy, then

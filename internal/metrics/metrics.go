@@ -53,6 +53,7 @@ type Metrics struct {
 	upstreamRate    *prometheus.GaugeVec
 	bucketLowered   *prometheus.CounterVec
 	clients         clientVecs
+	responses       *prometheus.CounterVec
 }
 
 // Source is what the scrape-time collectors read: queues and fleet
@@ -128,7 +129,8 @@ func New(reg prometheus.Registerer, src Source) (*Metrics, error) {
 		Help: "Times the gateway lowered a bucket because the upstream reported less remaining (another user of the key).",
 	}, []string{"route", "model"})
 	m.clients = newClientVecs()
-	for _, c := range []prometheus.Collector{m.clients.requests, m.clients.used, newClientCollector(src), m.tokensUsed, m.tokensSettled, m.estimateError, m.retries,
+	m.responses = newResponsesVec()
+	for _, c := range []prometheus.Collector{m.responses, m.clients.requests, m.clients.used, newClientCollector(src), m.tokensUsed, m.tokensSettled, m.estimateError, m.retries,
 		m.upstreamRate, m.bucketLowered, m.passthrough, m.requests, m.queueWait, m.tokensReserved, m.promptTokens,
 		m.upstreamStatus, m.upstreamLatency, m.inflight, newQueueCollector(src), newBackendCollector(src)} {
 		if err := reg.Register(c); err != nil {

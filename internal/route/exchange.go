@@ -139,12 +139,13 @@ type requestLog struct {
 }
 
 func (rt *Route) logRequest(ctx context.Context, ex *exchange, rec *requestLog) {
-	if !rt.log.Enabled(ctx, slog.LevelInfo) {
-		return
-	}
 	status := ex.status
 	if status == 0 && rec.outcome == metrics.OutcomeCancelled {
 		status = 499 // client closed the request while queued
+	}
+	rt.answers.Count(status)
+	if !rt.log.Enabled(ctx, slog.LevelInfo) {
+		return
 	}
 	attrs := [...]slog.Attr{
 		slog.String("route", rec.route),

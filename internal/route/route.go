@@ -53,6 +53,7 @@ type Route struct {
 	lessor  lessor             // where each send goes: one URL, or a fleet's backend
 	fleet   *fleet.Fleet       // the route's fleet, for its catalog and admin; nil for one URL
 	clients []*metrics.Client  // each client's series on the route, by ID
+	answers *metrics.Responses // the route's responses by status
 }
 
 // Options are a route's dependencies. Tokenizer, Metrics and Logger are
@@ -100,6 +101,7 @@ func New(name string, rc *config.Route, opts Options) (*Route, error) {
 	for _, c := range opts.Clients.All() {
 		rt.clients = append(rt.clients, opts.Metrics.Client(name, c.Name))
 	}
+	rt.answers = opts.Metrics.Responses(name)
 	rt.up = outbound{prefix: "/" + name, auth: rt.authorizer(rc.APIKey.Value()),
 		// A discovered backend that may not have the key gets the
 		// client's credentials handled as on a route without one.

@@ -234,6 +234,7 @@ func (s *Server) unauthorized(w http.ResponseWriter, r *http.Request, what strin
 // logFront logs a request answered before it reached a route.
 // Its client is the one the request's key names, or "unknown".
 func (s *Server) logFront(r *http.Request, status int, outcome string) {
+	s.front.Count(status)
 	who := "unknown"
 	if c, ok := s.dir.Identify(requestKey(r)); ok {
 		who = c.Name

@@ -75,6 +75,7 @@ type Server struct {
 	draining      atomic.Bool    // shutting down: /healthz answers 503
 	fallback      *route.Route   // the defaultRoute, also served at the root
 	routeList     []*route.Route // the routes in the config's order
+	front         *metrics.Responses
 	ollama        *ollama.Handler
 }
 
@@ -130,6 +131,7 @@ func New(opts Options) (*Server, error) {
 		return nil, fmt.Errorf("server: metrics: %w", err)
 	}
 	s.metrics = m
+	s.front = m.Responses("")
 	s.promHTTP = promhttp.HandlerFor(opts.Registry, promhttp.HandlerOpts{})
 	for name, rc := range opts.Config.Routes {
 		rt, err := route.New(name, rc, route.Options{Tokenizer: s.tok, Metrics: s.metrics, Logger: s.log,
