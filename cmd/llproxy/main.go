@@ -64,6 +64,7 @@ Usage:
   llproxy check [-config file]            validate the config and exit: 0 if valid, 1 if not (also: -check)
   llproxy version                         print the version and exit (also: -version)
   llproxy mock-server [flags]             serve the mock OpenAI-compatible upstream (-h for its flags)
+  llproxy healthcheck [-url url]          exit 0 if a running llproxy answers /healthz (containers' HEALTHCHECK)
 
 Flags:
 `
@@ -81,6 +82,8 @@ func main() {
 			os.Exit(run([]string{"-version"}))
 		case "check":
 			os.Exit(run(append([]string{"-check"}, os.Args[2:]...)))
+		case "healthcheck":
+			os.Exit(healthcheck(os.Args[2:]))
 		}
 	}
 	os.Exit(run(os.Args[1:]))
@@ -228,6 +231,35 @@ func mockServer(args []string) int {
 	}()
 	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 		fmt.Fprintln(os.Stderr, "llproxy mock-server:", err)
+		return 1
+	}
+	return 0
+}
+
+// healthcheck asks a running llproxy whether it is healthy: for container
+// images without curl.
+func healthcheck(args []string) int {
+	fs := flag.NewFlagSet("llproxy healthcheck", flag.ContinueOnError)
+	url := fs.String("url", "http://127.0.0.1:8080/healthz", "the /healthz to ask")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(os.Stderr, "llproxy healthcheck: unknown argument %q\n", fs.Arg(0))
+		return 2
+	}
+	client := &http.Client{Timeout: 2 * time.Second}
+	resp, err := client.Get(*url)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "llproxy healthcheck:", err)
+		return 1
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		fmt.Fprintln(os.Stderr, "llproxy healthcheck:", resp.Status)
 		return 1
 	}
 	return 0

@@ -19,6 +19,9 @@ type LookupEnv func(name string) (string, bool)
 
 // Load reads and validates the config file at path.
 func Load(path string, env LookupEnv) (*Config, error) {
+	if env == nil {
+		env = os.LookupEnv
+	}
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("config: %w", err)
@@ -28,7 +31,14 @@ func Load(path string, env LookupEnv) (*Config, error) {
 		return nil, fmt.Errorf("config %s: %w", path, err)
 	}
 	if cfg.StateFile == "" {
-		cfg.StateFile = filepath.Join(filepath.Dir(path), DefaultStateFile)
+		// LLPROXY_STATE_FILE, for deployments whose config directory is
+		// read-only (the container image, the systemd unit); else next to
+		// the config.
+		if v, ok := env("LLPROXY_STATE_FILE"); ok && v != "" {
+			cfg.StateFile = v
+		} else {
+			cfg.StateFile = filepath.Join(filepath.Dir(path), DefaultStateFile)
+		}
 	}
 	return cfg, nil
 }
