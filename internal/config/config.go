@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"net"
 	"net/url"
 	"regexp"
 	"slices"
@@ -326,6 +327,9 @@ func (c *Config) Validate() error {
 			errs = append(errs, fmt.Errorf("adminKeys[%d]: must not be empty", i))
 		}
 	}
+	if _, port, err := net.SplitHostPort(c.Listen); err != nil || port == "" {
+		errs = append(errs, fmt.Errorf("listen: want host:port or :port, got %q", c.Listen))
+	}
 	var lvl slog.Level
 	if err := lvl.UnmarshalText([]byte(c.LogLevel)); err != nil {
 		errs = append(errs, fmt.Errorf("logLevel: must be debug, info, warn or error, got %q", c.LogLevel))
@@ -376,6 +380,8 @@ func (r *Route) validate() error {
 			errs = append(errs, errors.New("forward: required for provider \"openai\" (or list backends, or discover them)"))
 		} else if u, err := url.Parse(r.Forward); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 			errs = append(errs, fmt.Errorf("forward: must be an http or https URL, got %q", redactedURL(r.Forward)))
+		} else if strings.HasSuffix(strings.TrimRight(u.Path, "/"), "/v1") {
+			errs = append(errs, fmt.Errorf("forward: ends in /v1, but the client's path (/v1/...) is appended to it: the upstream would get /v1/v1/...; drop the /v1 (got %q)", redactedURL(r.Forward)))
 		}
 	case provider.NameMock:
 		errs = append(errs, prefix("mock.", r.Mock.Config().Validate())...)

@@ -177,3 +177,19 @@ func TestFleetDefaults(t *testing.T) {
 	assert.Equal(t, "127.0.0.1", r.Discover[0].Host)
 	assert.Equal(t, 30*time.Second, time.Duration(r.MaxSwapWait))
 }
+
+func TestEveryErrorInOnePass(t *testing.T) {
+	_, err := Parse([]byte(`{"listen": "8080", "maxBodyBytes": "big",
+	  "routes": {"openai": {"forward": "https://api.openai.com/v1/", "models": {"gpt-4o": {"rpm": "x", "tpm": 0}}}}}`), nil)
+	require.Error(t, err)
+	for _, want := range []string{
+		`listen: want host:port or :port, got "8080"`,
+		"maxBodyBytes: must be",
+		"routes.openai.models.gpt-4o.rpm: must be",
+		"routes.openai.models.gpt-4o.tpm: must be > 0, got 0",
+		"routes.openai.forward: ends in /v1",
+	} {
+		assert.Contains(t, err.Error(), want)
+	}
+	assert.NotContains(t, err.Error(), "rpm: must be > 0", "a value of the wrong type is reported once, as such")
+}

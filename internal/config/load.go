@@ -63,20 +63,27 @@ func Parse(data []byte, env LookupEnv) (*Config, error) {
 	var errs []error
 	raw = expand(raw, "", env, &errs)
 	errs = append(errs, check(raw, reflect.TypeFor[Config](), "")...)
-	if len(errs) > 0 {
-		return nil, errors.Join(errs...)
-	}
 	clean, err := json.Marshal(raw)
 	if err != nil {
 		return nil, err
 	}
 	var cfg Config
-	if err := json.Unmarshal(clean, &cfg); err != nil {
+	if err := json.Unmarshal(clean, &cfg); err != nil && len(errs) == 0 {
 		return nil, err
 	}
+	// Everything in one pass: the values that decoded are validated even
+	// when others had the wrong type (their own range errors aside: their
+	// type error says it).
 	cfg.setDefaults()
 	if err := cfg.Validate(); err != nil {
-		return nil, err
+		for _, e := range unwrapJoined(err) {
+			if !coveredBy(e, errs) {
+				errs = append(errs, e)
+			}
+		}
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
 	}
 	cfg.RouteOrder = keyOrder(data, "routes")
 	return &cfg, nil
@@ -314,4 +321,23 @@ func describe(v any) string {
 		return "an object"
 	}
 	return fmt.Sprintf("%T", v)
+}
+
+// unwrapJoined lists the errors errors.Join put together.
+func unwrapJoined(err error) []error {
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		return j.Unwrap()
+	}
+	return []error{err}
+}
+
+// coveredBy reports whether e is about a path one of errs already names.
+func coveredBy(e error, errs []error) bool {
+	path, _, _ := strings.Cut(e.Error(), ": ")
+	for _, o := range errs {
+		if p, _, _ := strings.Cut(o.Error(), ": "); p == path {
+			return true
+		}
+	}
+	return false
 }
