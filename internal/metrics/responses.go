@@ -24,7 +24,9 @@ func newResponsesVec() *prometheus.CounterVec {
 }
 
 // Responses returns the response counters of route.
-func (m *Metrics) Responses(route string) *Responses { return &Responses{vec: m.responses, route: route} }
+func (m *Metrics) Responses(route string) *Responses {
+	return &Responses{vec: m.responses, route: route}
+}
 
 // Count counts one response with status code.
 func (r *Responses) Count(code int) {

@@ -38,6 +38,7 @@ type exchange struct {
 	spend       clients.Spend        // the request's hold on its client's daily budget
 	hold        sharedHold           // its reservation in the shared buckets (replicas)
 	local       bool                 // the limits in force are this replica's alone (Redis down)
+	backend     string               // the fleet backend of the last send
 	who         *metrics.Client      // its client's series
 	deadline    time.Time            // arrival + maxQueueWait: no retry past it
 	tries       int                  // sends so far
@@ -132,7 +133,7 @@ func (ex *exchange) Unwrap() http.ResponseWriter { return ex.ResponseWriter }
 // prompt text and no credentials.
 type requestLog struct {
 	route, client, model, method, path string
-	outcome                            string
+	outcome, id, remote, backend       string
 	prompt, cost, used, tries          int
 	wait                               time.Duration
 	start                              time.Time
@@ -148,6 +149,7 @@ func (rt *Route) logRequest(ctx context.Context, ex *exchange, rec *requestLog) 
 		return
 	}
 	attrs := [...]slog.Attr{
+		slog.String("request_id", rec.id),
 		slog.String("route", rec.route),
 		slog.String("model", rec.model),
 		slog.String("client", rec.client),
@@ -162,6 +164,8 @@ func (rt *Route) logRequest(ctx context.Context, ex *exchange, rec *requestLog) 
 		slog.Float64("wait_ms", float64(rec.wait.Microseconds())/1000),
 		slog.Float64("duration_ms", float64(time.Since(rec.start).Microseconds())/1000),
 		slog.Int64("bytes", ex.written),
+		slog.String("backend", rec.backend),
+		slog.String("remote", rec.remote),
 	}
 	rt.log.LogAttrs(ctx, slog.LevelInfo, "request", attrs[:]...)
 }

@@ -104,6 +104,7 @@ func (rt *Route) try(ex *exchange, r *http.Request, model string, c *call, body 
 		return attempt{verdict: relay.Failed, noBackend: true}
 	}
 	defer l.Release()
+	ex.backend = l.Backend
 	body = rt.bodyFor(ex, body, model, l.Model)
 	if l.Backend != "" && rt.debugging(ctx) {
 		rt.debug(ctx, "backend picked", slog.String("model", model), slog.String("backend", l.Backend),

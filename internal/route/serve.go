@@ -21,12 +21,14 @@ import (
 func (rt *Route) serve(w http.ResponseWriter, r *http.Request, who *clients.Client) {
 	start := time.Now()
 	ex := getExchange(w)
-	rec := requestLog{route: rt.name, client: who.Name, method: r.Method, path: r.URL.Path, start: start}
+	rec := requestLog{route: rt.name, client: who.Name, method: r.Method, path: r.URL.Path, start: start,
+		id: r.Header.Get("X-Request-Id"), remote: r.RemoteAddr}
 	defer func() {
 		p := recover()
-		if p == http.ErrAbortHandler {
+		if p == http.ErrAbortHandler || (rec.outcome == metrics.OutcomeAdmitted && r.Context().Err() != nil) {
 			rec.outcome = "aborted" // the upstream or the client broke off mid-stream
 		}
+		rec.backend = ex.backend
 		rec.tries = ex.tries
 		rt.logRequest(r.Context(), ex, &rec)
 		putExchange(ex)

@@ -3,10 +3,13 @@ package server
 import (
 	"crypto/sha256"
 	"crypto/subtle"
+	"encoding/binary"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
+	"math/rand/v2"
 	"net/http"
 	"runtime/debug"
 	"strconv"
@@ -57,6 +60,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	f := getFront(w, time.Duration(s.cfg.WriteTimeout))
 	defer putFront(f)
 	defer s.recoverPanic(f, r)
+	requestID(f, r)
 	if err := request.CheckPath(r.URL.Path, r.URL.RawPath); err != nil {
 		request.DropBody(f, r)
 		s.logFront(r, http.StatusBadRequest, route.OutcomeBadRequest)
@@ -239,8 +243,9 @@ func (s *Server) logFront(r *http.Request, status int, outcome string) {
 	if c, ok := s.dir.Identify(requestKey(r)); ok {
 		who = c.Name
 	}
-	s.log.LogAttrs(r.Context(), slog.LevelInfo, "request", slog.String("method", r.Method),
-		slog.String("path", r.URL.Path), slog.String("client", who), slog.Int("status", status), slog.String("outcome", outcome))
+	s.log.LogAttrs(r.Context(), slog.LevelInfo, "request", slog.String("request_id", r.Header.Get("X-Request-Id")),
+		slog.String("method", r.Method), slog.String("path", r.URL.Path), slog.String("client", who),
+		slog.Int("status", status), slog.String("outcome", outcome), slog.String("remote", r.RemoteAddr))
 }
 
 // authorized checks the client's key against clientKeys in constant time.
@@ -272,4 +277,31 @@ func keyMatches(key string, hashes [][sha256.Size]byte) bool {
 		ok |= subtle.ConstantTimeCompare(h[:], hashes[i][:])
 	}
 	return ok == 1
+}
+
+// requestID gives every request an id: the client's X-Request-Id if it is
+// a reasonable one, else a new one. It is in every log line of the
+// request, goes upstream, and comes back in the response.
+func requestID(w http.ResponseWriter, r *http.Request) {
+	id := r.Header.Get("X-Request-Id")
+	if !validRequestID(id) {
+		var b [8]byte
+		binary.LittleEndian.PutUint64(b[:], rand.Uint64())
+		id = hex.EncodeToString(b[:])
+		r.Header["X-Request-Id"] = []string{id}
+	}
+	w.Header()["X-Request-Id"] = []string{id}
+}
+
+// validRequestID accepts 1 to 128 printable ASCII characters.
+func validRequestID(id string) bool {
+	if id == "" || len(id) > 128 {
+		return false
+	}
+	for i := range len(id) {
+		if id[i] <= ' ' || id[i] > '~' {
+			return false
+		}
+	}
+	return true
 }
