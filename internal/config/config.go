@@ -81,6 +81,8 @@ type Config struct {
 	// today, for their daily budgets). Default llproxy-state.json next to
 	// the config file.
 	StateFile string `json:"stateFile"`
+	// CORS lets browsers call the gateway from the listed origins.
+	CORS CORS `json:"cors"`
 	// AdminKeys, when set, are the only keys accepted on the admin
 	// endpoints (/status, /health, /health/force-check, /unload). Without
 	// them any client key is, when clientKeys are set.
@@ -188,6 +190,13 @@ type Model struct {
 	System string `json:"system"`
 }
 
+// CORS is the "cors" section: the origins browsers may call the gateway
+// from ("*": any), and how long a preflight's answer may be cached.
+type CORS struct {
+	AllowOrigins []string           `json:"allowOrigins"`
+	MaxAge       scheduler.Duration `json:"maxAge"`
+}
+
 // Secret is a string that never prints: not in logs, errors or JSON.
 type Secret string
 
@@ -217,6 +226,9 @@ var routeName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]*$`)
 
 // setDefaults fills zero fields with their defaults.
 func (c *Config) setDefaults() {
+	if c.CORS.MaxAge == 0 {
+		c.CORS.MaxAge = scheduler.Duration(10 * time.Minute)
+	}
 	if c.Shared != nil {
 		c.Shared.SetDefaults()
 	}
@@ -325,6 +337,11 @@ func (c *Config) Validate() error {
 	for i, k := range c.AdminKeys {
 		if k == "" {
 			errs = append(errs, fmt.Errorf("adminKeys[%d]: must not be empty", i))
+		}
+	}
+	for i, o := range c.CORS.AllowOrigins {
+		if u, err := url.Parse(o); o != "*" && (err != nil || u.Scheme == "" || u.Host == "" || u.Path != "") {
+			errs = append(errs, fmt.Errorf("cors.allowOrigins[%d]: want \"*\" or an origin such as https://app.example.com, got %q", i, o))
 		}
 	}
 	if _, port, err := net.SplitHostPort(c.Listen); err != nil || port == "" {

@@ -51,3 +51,35 @@ func TestAbortedStreamIsLoggedAsAborted(t *testing.T) {
 	g.waitLog(t, `"outcome":"aborted"`)
 	assert.NotContains(t, g.logs.String(), `"outcome":"admitted"`)
 }
+
+func TestCORS(t *testing.T) {
+	up := newUpstream(t)
+	g := newGateway(t, `{"clientKeys": ["k"], "cors": {"allowOrigins": ["https://app.example.com"]},
+	  "routes": {"openai": {"forward": "$UPSTREAM", "models": {"*": {"rpm": 100, "tpm": 100000, "maxQueueSize": 5, "maxQueueWait": 5}}}}}`, up.URL, nil)
+	pre := func(origin string) *http.Response {
+		req, _ := http.NewRequest(http.MethodOptions, g.URL+"/openai/v1/chat/completions", nil)
+		req.Header.Set("Origin", origin)
+		req.Header.Set("Access-Control-Request-Method", "POST")
+		req.Header.Set("Access-Control-Request-Headers", "authorization, content-type")
+		resp, err := http.DefaultClient.Do(req)
+		require.NoError(t, err)
+		resp.Body.Close()
+		return resp
+	}
+	resp := pre("https://app.example.com")
+	assert.Equal(t, http.StatusNoContent, resp.StatusCode, "answered without a key")
+	assert.Equal(t, "https://app.example.com", resp.Header.Get("Access-Control-Allow-Origin"))
+	assert.Equal(t, "authorization, content-type", resp.Header.Get("Access-Control-Allow-Headers"))
+	assert.Contains(t, resp.Header.Get("Access-Control-Allow-Methods"), "POST")
+	assert.Equal(t, http.StatusForbidden, pre("https://evil.example").StatusCode)
+	assert.Empty(t, up.requests(), "preflights are never forwarded")
+
+	resp = g.post(t, "/openai/v1/chat/completions", `{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}`,
+		"Authorization", "Bearer k", "Origin", "https://app.example.com")
+	require.Equal(t, http.StatusOK, resp.StatusCode)
+	assert.Equal(t, "https://app.example.com", resp.Header.Get("Access-Control-Allow-Origin"))
+	assert.Contains(t, resp.Header.Get("Access-Control-Expose-Headers"), "X-Ratelimit-Remaining-Tokens")
+	resp = g.post(t, "/openai/v1/chat/completions", `{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}`,
+		"Authorization", "Bearer k", "Origin", "https://evil.example")
+	assert.Empty(t, resp.Header.Get("Access-Control-Allow-Origin"))
+}

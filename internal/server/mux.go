@@ -61,6 +61,10 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	defer putFront(f)
 	defer s.recoverPanic(f, r)
 	requestID(f, r)
+	if s.cors(f, r) {
+		request.DropBody(f, r)
+		return // a preflight, answered here
+	}
 	if err := request.CheckPath(r.URL.Path, r.URL.RawPath); err != nil {
 		request.DropBody(f, r)
 		s.logFront(r, http.StatusBadRequest, route.OutcomeBadRequest)
