@@ -193,3 +193,21 @@ func TestEveryErrorInOnePass(t *testing.T) {
 	}
 	assert.NotContains(t, err.Error(), "rpm: must be > 0", "a value of the wrong type is reported once, as such")
 }
+
+func TestNumbersFromTheEnvironment(t *testing.T) {
+	env := func(k string) (string, bool) {
+		v, ok := map[string]string{"RPM": "120", "STREAM_USAGE": "false"}[k]
+		return v, ok
+	}
+	cfg, err := Parse([]byte(`{"routes": {"openai": {"forward": "https://api.openai.com", "injectStreamUsage": "${STREAM_USAGE}",
+	  "models": {"*": {"rpm": "${RPM:-60}", "tpm": "${TPM:-1000}", "maxQueueSize": 1, "maxQueueWait": 1}}}}}`), env)
+	require.NoError(t, err)
+	m := cfg.Routes["openai"].Models["*"]
+	assert.Equal(t, 120, m.RPM)
+	assert.Equal(t, 1000, m.TPM, "the default")
+	assert.False(t, *cfg.Routes["openai"].InjectStreamUsage)
+	_, err = Parse([]byte(`{"routes": {"openai": {"forward": "https://api.openai.com",
+	  "models": {"*": {"rpm": "${RPM:-lots}", "tpm": 1, "maxQueueSize": 1, "maxQueueWait": 1}}}}}`), func(string) (string, bool) { return "", false })
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "routes.openai.models.*.rpm: must be an integer")
+}

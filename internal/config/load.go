@@ -62,6 +62,7 @@ func Parse(data []byte, env LookupEnv) (*Config, error) {
 	}
 	var errs []error
 	raw = expand(raw, "", env, &errs)
+	raw = numbers(raw, reflect.TypeFor[Config]())
 	errs = append(errs, check(raw, reflect.TypeFor[Config](), "")...)
 	clean, err := json.Marshal(raw)
 	if err != nil {
@@ -340,4 +341,51 @@ func coveredBy(e error, errs []error) bool {
 		}
 	}
 	return false
+}
+
+// numbers turns the strings found where a number or a boolean is expected
+// into one, when they are one: so that "rpm": "${RPM:-60}" works (an
+// environment variable is always a string).
+func numbers(v any, t reflect.Type) any {
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	if reflect.PointerTo(t).Implements(unmarshalerType) {
+		return v
+	}
+	switch x := v.(type) {
+	case map[string]any:
+		switch t.Kind() {
+		case reflect.Struct:
+			fields := jsonFields(t)
+			for k, e := range x {
+				if ft, ok := fields[k]; ok {
+					x[k] = numbers(e, ft)
+				}
+			}
+		case reflect.Map:
+			for k, e := range x {
+				x[k] = numbers(e, t.Elem())
+			}
+		}
+	case []any:
+		if t.Kind() == reflect.Slice {
+			for i, e := range x {
+				x[i] = numbers(e, t.Elem())
+			}
+		}
+	case string:
+		s := strings.TrimSpace(x)
+		switch t.Kind() {
+		case reflect.Int, reflect.Int64, reflect.Int32, reflect.Float64:
+			if _, err := strconv.ParseFloat(s, 64); err == nil && s != "" {
+				return json.Number(s)
+			}
+		case reflect.Bool:
+			if b, err := strconv.ParseBool(s); err == nil {
+				return b
+			}
+		}
+	}
+	return v
 }
