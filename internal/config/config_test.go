@@ -211,3 +211,41 @@ func TestNumbersFromTheEnvironment(t *testing.T) {
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "routes.openai.models.*.rpm: must be an integer")
 }
+
+func TestYAMLConfig(t *testing.T) {
+	dir := t.TempDir()
+	y := filepath.Join(dir, "config.yaml")
+	require.NoError(t, os.WriteFile(y, []byte(`
+listen: ":9090"
+clients:
+  search: {keys: ["k1"], weight: 3}
+routes:
+  zeta:
+    provider: mock
+    models:
+      "*": {rpm: 30, tpm: 20000, maxQueueSize: 5, maxQueueWait: 1500ms}
+  alpha:
+    forward: https://api.openai.com
+    apiKey: ${KEY:-sk-x}
+    models:
+      gpt-4o: &limits {rpm: 200, tpm: 40000, maxQueueSize: 10, maxQueueWait: 30}
+      gpt-4o-mini: *limits
+`), 0o600))
+	cfg, err := Load(y, func(string) (string, bool) { return "", false })
+	require.NoError(t, err)
+	assert.Equal(t, ":9090", cfg.Listen)
+	assert.Equal(t, []string{"zeta", "alpha"}, cfg.RouteOrder, "the order as written")
+	assert.Equal(t, 40000, cfg.Routes["alpha"].Models["gpt-4o-mini"].TPM, "anchors and aliases")
+	assert.Equal(t, 1500*time.Millisecond, time.Duration(cfg.Routes["zeta"].Models["*"].MaxQueueWait))
+	assert.Equal(t, "sk-x", cfg.Routes["alpha"].APIKey.Value())
+	assert.Equal(t, 3, cfg.Clients["search"].Weight)
+
+	bad := filepath.Join(dir, "bad.yml")
+	require.NoError(t, os.WriteFile(bad, []byte("routes:\n  alpha:\n    forward: https://x\n    models:\n      gpt-4o: {rpm: 1, tpm: 0}\n"), 0o600))
+	_, err = Load(bad, nil)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "routes.alpha.models.gpt-4o.tpm: must be > 0, got 0", "the same paths as JSON")
+	require.NoError(t, os.WriteFile(bad, []byte("routes: [unclosed\n"), 0o600))
+	_, err = Load(bad, nil)
+	assert.ErrorContains(t, err, "invalid YAML")
+}

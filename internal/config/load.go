@@ -26,6 +26,11 @@ func Load(path string, env LookupEnv) (*Config, error) {
 	if err != nil {
 		return nil, fmt.Errorf("config: %w", err)
 	}
+	if ext := strings.ToLower(filepath.Ext(path)); ext == ".yaml" || ext == ".yml" {
+		if data, err = yamlToJSON(data); err != nil {
+			return nil, fmt.Errorf("config %s: %w", path, err)
+		}
+	}
 	cfg, err := Parse(data, env)
 	if err != nil {
 		return nil, fmt.Errorf("config %s: %w", path, err)
