@@ -10,7 +10,6 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
-	"syscall"
 	"time"
 
 	"github.com/llproxy/llproxy/internal/safe"
@@ -34,7 +33,7 @@ func (m *Manager) start(p *proc) {
 	cmd.Env = append(append([]string(nil), m.env...), p.spec.Env...)
 	// Its own process group, so that stopping it reaches whatever it
 	// starts; and SIGKILL if llproxy itself dies without stopping it.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	cmd.SysProcAttr = groupAttr()
 	// A pipe of our own rather than StdoutPipe: Wait must not close it
 	// under the reader, or the last lines (often the reason it failed) are
 	// lost; the reader ends when every process holding it has.
@@ -59,7 +58,7 @@ func (m *Manager) start(p *proc) {
 	go func() {
 		err := cmd.Wait()
 		// Whatever the server left behind in its group goes with it.
-		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		signalGroup(cmd.Process.Pid, true)
 		m.mu.Lock()
 		defer m.mu.Unlock()
 		close(exited)
@@ -166,12 +165,12 @@ func (m *Manager) stop(p *proc) {
 	m.cancelUnload(p)
 	pid, exited, grace := p.cmd.Process.Pid, p.exited, p.spec.StopGrace
 	m.log.Info("backend stopping", "backend", p.spec.Name, "pid", pid)
-	syscall.Kill(-pid, syscall.SIGTERM)
+	signalGroup(pid, false)
 	go func() {
 		select {
 		case <-exited:
 		case <-time.After(grace):
-			syscall.Kill(-pid, syscall.SIGKILL)
+			signalGroup(pid, true)
 		}
 	}()
 	m.broadcast()
@@ -180,7 +179,7 @@ func (m *Manager) stop(p *proc) {
 // kill ends p's process group at once. m.mu is held.
 func (m *Manager) kill(p *proc) {
 	if p.cmd != nil {
-		syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+		signalGroup(p.cmd.Process.Pid, true)
 	}
 }
 
