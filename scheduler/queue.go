@@ -38,6 +38,8 @@ type Stats struct {
 	// minute now: the configured limits less what others are estimated to
 	// spend of the upstream's (see Observe).
 	RefillRequests, RefillTokens float64
+	// PredictedWait is how long a newcomer would wait now.
+	PredictedWait time.Duration
 }
 
 // ClientStats is one client's state in a queue.

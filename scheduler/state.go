@@ -45,13 +45,18 @@ func (q *Queue) StateFor(now time.Time, client int) RateState {
 	return q.state(now, q.lanes[client])
 }
 
-// Stats returns the queue's depth and bucket levels at now.
+// Stats returns the queue's depth and bucket levels at now, and the wait
+// predicted for a newcomer (of one token, from the first client).
 func (q *Queue) Stats(now time.Time) Stats {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	return Stats{Depth: q.depth, QueuedTokens: q.queuedTokens,
+	st := Stats{Depth: q.depth, QueuedTokens: q.queuedTokens,
 		RemainingRequests: q.req.level(now), RemainingTokens: q.tok.level(now),
 		RefillRequests: perMinute(q.req.perSec), RefillTokens: perMinute(q.tok.perSec), InFlight: len(q.inflight)}
+	if !q.closed {
+		st.PredictedWait = max(0, q.probe(now, q.lanes[0], Cost{Tokens: 1}).at.Sub(now))
+	}
+	return st
 }
 
 // Clients calls f with each client's state, in the order of NewQueue's

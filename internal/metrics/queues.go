@@ -15,6 +15,9 @@ type QueueStats struct {
 	LimitTokens       int
 	RefillRequests    float64
 	RefillTokens      float64
+	// PredictedWait is a newcomer's predicted wait, MaxWait the model's
+	// maxQueueWait, in seconds.
+	PredictedWait, MaxWait float64
 	// Folded is the sum of the queues of models past the label bound,
 	// reported as model "other": depth and queued tokens only.
 	Folded bool
@@ -30,6 +33,7 @@ type QueueSource interface {
 type queueCollector struct {
 	src                                             QueueSource
 	depth, queuedTokens, remaining, limitDs, refill *prometheus.Desc
+	predicted, maxWait                              *prometheus.Desc
 }
 
 func newQueueCollector(src QueueSource) *queueCollector {
@@ -44,6 +48,10 @@ func newQueueCollector(src QueueSource) *queueCollector {
 			"Tokens in the gateway's bucket now, by resource (requests or tokens).", append(labels, "resource"), nil),
 		limitDs: prometheus.NewDesc("llproxy_bucket_limit",
 			"The bucket's per-minute limit (its capacity), by resource.", append(labels, "resource"), nil),
+		predicted: prometheus.NewDesc("llproxy_queue_predicted_wait_seconds",
+			"How long a newcomer to the queue would wait now, as predicted.", labels, nil),
+		maxWait: prometheus.NewDesc("llproxy_queue_max_wait_seconds",
+			"The model's maxQueueWait: a request predicted to wait longer gets a 429.", labels, nil),
 		refill: prometheus.NewDesc("llproxy_bucket_refill_per_minute",
 			"The bucket's refill rate now: the limit less what others are estimated to spend of the upstream's, by resource.",
 			append(labels, "resource"), nil),
@@ -56,6 +64,8 @@ func (c *queueCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.remaining
 	ch <- c.limitDs
 	ch <- c.refill
+	ch <- c.predicted
+	ch <- c.maxWait
 }
 
 func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
@@ -74,6 +84,8 @@ func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.limitDs, prometheus.GaugeValue, float64(s.LimitTokens), s.Route, s.Model, "tokens")
 		ch <- prometheus.MustNewConstMetric(c.refill, prometheus.GaugeValue, s.RefillRequests, s.Route, s.Model, "requests")
 		ch <- prometheus.MustNewConstMetric(c.refill, prometheus.GaugeValue, s.RefillTokens, s.Route, s.Model, "tokens")
+		ch <- prometheus.MustNewConstMetric(c.predicted, prometheus.GaugeValue, s.PredictedWait, s.Route, s.Model)
+		ch <- prometheus.MustNewConstMetric(c.maxWait, prometheus.GaugeValue, s.MaxWait, s.Route, s.Model)
 	})
 }
 

@@ -195,7 +195,8 @@ func (s *Server) QueueStats(yield func(metrics.QueueStats)) {
 			c := q.Config()
 			yield(metrics.QueueStats{Route: name, Model: q.Model(), Depth: st.Depth, QueuedTokens: st.QueuedTokens,
 				RemainingRequests: st.RemainingRequests, RemainingTokens: st.RemainingTokens,
-				LimitRequests: c.RPM, LimitTokens: c.TPM, RefillRequests: st.RefillRequests, RefillTokens: st.RefillTokens})
+				LimitRequests: c.RPM, LimitTokens: c.TPM, RefillRequests: st.RefillRequests, RefillTokens: st.RefillTokens,
+				PredictedWait: st.PredictedWait.Seconds(), MaxWait: time.Duration(c.MaxQueueWait).Seconds()})
 		})
 		if folded {
 			yield(other)
