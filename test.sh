@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 # The official clients the tests drive: the openai SDK and the ollama client.
-for dir in internal/server/testdata/sdk internal/server/testdata/ollama; do
+for dir in internal/server/testdata/sdk internal/server/testdata/ollama internal/server/testdata/ui; do
   if [ ! -f "$dir/node_modules/.package-lock.json" ] || [ "$dir/package-lock.json" -nt "$dir/node_modules/.package-lock.json" ]; then
     npm ci --prefix "$dir" --no-audit --no-fund --loglevel=error
   fi

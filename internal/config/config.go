@@ -220,7 +220,7 @@ func (s Secret) LogValue() slog.Value { return slog.StringValue(s.String()) }
 func (s Secret) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
 
 // reservedRoutes are paths the gateway serves itself.
-var reservedRoutes = []string{"metrics", "healthz", "health", "v1", "api", "status", "unload", "clients"}
+var reservedRoutes = []string{"metrics", "healthz", "health", "v1", "api", "status", "unload", "clients", "ui"}
 
 var routeName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]*$`)
 

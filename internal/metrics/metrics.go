@@ -10,7 +10,9 @@ package metrics
 
 import (
 	"strconv"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -156,7 +158,17 @@ type Model struct {
 	lowered                                     prometheus.Counter
 	upOnce                                      sync.Once
 	upRate                                      [2][3]prometheus.Gauge // resource x field, made on first report
+	// For the status page: admitted and refused so far, and the upstream's
+	// latency (EWMA, µs).
+	nAdmitted, nRejected, latencyUS atomic.Int64
 }
+
+// Totals returns how many requests were admitted and refused (a 429 of
+// any reason) so far.
+func (mm *Model) Totals() (admitted, rejected int64) { return mm.nAdmitted.Load(), mm.nRejected.Load() }
+
+// Latency returns the upstream's recent time to headers (an EWMA).
+func (mm *Model) Latency() time.Duration { return time.Duration(mm.latencyUS.Load()) * time.Microsecond }
 
 // Model returns the children for (route, model).
 func (m *Metrics) Model(route, model string) *Model {
@@ -256,6 +268,7 @@ func (mm *Model) UpstreamRate(resource int, limit, remaining int, reset time.Dur
 // Admitted records an admitted request: its wait and what it reserved.
 func (mm *Model) Admitted(wait time.Duration, promptTokens, reservedTokens int) {
 	mm.admitted.Inc()
+	mm.nAdmitted.Add(1)
 	mm.queueWait.Observe(wait.Seconds())
 	mm.prompt.Add(float64(promptTokens))
 	mm.reserved.Add(float64(reservedTokens))
@@ -263,6 +276,9 @@ func (mm *Model) Admitted(wait time.Duration, promptTokens, reservedTokens int) 
 
 // Outcome counts a request that was not admitted.
 func (mm *Model) Outcome(outcome string) {
+	if strings.HasPrefix(outcome, "rejected_") {
+		mm.nRejected.Add(1)
+	}
 	switch outcome {
 	case OutcomeRejectQueueFull:
 		mm.queueFull.Inc()
@@ -297,6 +313,11 @@ func (mm *Model) Upstream(status int, latency time.Duration) {
 	}
 	if status != 0 {
 		mm.latency.Observe(latency.Seconds())
+		us := latency.Microseconds()
+		if old := mm.latencyUS.Load(); old != 0 {
+			us = (7*old + us) / 8
+		}
+		mm.latencyUS.Store(us)
 	}
 }
 

@@ -217,3 +217,6 @@ const (
 	OutcomeNotFound     = "not_found"
 	OutcomeUnauthorized = "unauthorized"
 )
+
+// Models calls f with every model of the route that has a queue now.
+func (rt *Route) Models(f func(ms *models.Model)) { rt.models.Range(f) }

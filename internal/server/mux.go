@@ -40,6 +40,8 @@ func (s *Server) newMux() *http.ServeMux {
 	admin("GET", "/status", func(w http.ResponseWriter, r *http.Request) { s.status(w) })
 	admin("POST", "/health/force-check", func(w http.ResponseWriter, r *http.Request) { s.health(w, r, true) })
 	admin("GET", "/clients", func(w http.ResponseWriter, r *http.Request) { s.clients(w) })
+	admin("GET", "/ui", s.uiPageHandler)
+	admin("GET", "/ui/state", s.uiState)
 	admin("POST", "/unload", func(w http.ResponseWriter, r *http.Request) { s.unload(w, "") })
 	admin("POST", "/unload/{model...}", func(w http.ResponseWriter, r *http.Request) { s.unload(w, r.PathValue("model")) })
 	ollama := s.requireOllama(http.HandlerFunc(s.serveOllama))
@@ -234,6 +236,9 @@ func (s *Server) serveOllama(w http.ResponseWriter, r *http.Request) {
 // unauthorized answers 401 and logs it.
 func (s *Server) unauthorized(w http.ResponseWriter, r *http.Request, what string) {
 	request.DropBody(w, r)
+	if strings.HasPrefix(r.URL.Path, "/ui") {
+		w.Header().Set("WWW-Authenticate", `Basic realm="llproxy", charset="UTF-8"`) // the browser asks for the key
+	}
 	s.logFront(r, http.StatusUnauthorized, route.OutcomeUnauthorized)
 	openai.WriteError(w, http.StatusUnauthorized, "invalid_request_error", "invalid_api_key",
 		"Incorrect API key provided. llproxy expects "+what+" in Authorization: Bearer <key> or api-key: <key>.")
@@ -264,6 +269,13 @@ func requestKey(r *http.Request) string {
 	if auth := r.Header.Get("Authorization"); auth != "" {
 		if len(auth) > 7 && strings.EqualFold(auth[:7], "bearer ") {
 			key = strings.TrimSpace(auth[7:])
+		} else if user, pass, ok := r.BasicAuth(); ok {
+			// A browser's: the status page's login prompt (the key as the
+			// password, any user name).
+			key = pass
+			if key == "" {
+				key = user
+			}
 		}
 	}
 	return key

@@ -76,6 +76,7 @@ type Server struct {
 	fallback      *route.Route   // the defaultRoute, also served at the root
 	routeList     []*route.Route // the routes in the config's order
 	front         *metrics.Responses
+	history       uiHistory // the status page's counts per second
 	ollama        *ollama.Handler
 }
 

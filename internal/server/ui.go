@@ -1,0 +1,160 @@
+package server
+
+import (
+	_ "embed"
+	"encoding/json"
+	"net/http"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/llproxy/llproxy/internal/models"
+	"github.com/llproxy/llproxy/scheduler"
+)
+
+// The status page: GET /ui is one self-contained page (no CDN), which
+// polls GET /ui/state every second. Both follow the admin rule; a browser
+// may give the key as a Basic password (it prompts for one on the 401).
+
+//go:embed ui/index.html
+var uiPage []byte
+
+// historyLen is how many seconds of admitted/refused counts the page shows.
+const historyLen = 300
+
+// uiHistory keeps, per (route, model), the requests admitted and refused
+// in each of the last historyLen seconds, sampled from the cumulative
+// counts whenever the state is asked for (and every second while Run runs).
+type uiHistory struct {
+	mu     sync.Mutex
+	last   time.Time
+	series map[string]*uiSeries
+}
+
+type uiSeries struct {
+	admitted, rejected []int64 // per second, oldest first
+	lastA, lastR       int64
+	at                 time.Time
+}
+
+func (h *uiHistory) sample(now time.Time, key string, admitted, rejected int64) *uiSeries {
+	if h.series == nil {
+		h.series = map[string]*uiSeries{}
+	}
+	s := h.series[key]
+	if s == nil {
+		s = &uiSeries{lastA: admitted, lastR: rejected, at: now}
+		h.series[key] = s
+		return s
+	}
+	secs := int(now.Sub(s.at) / time.Second)
+	if secs < 1 {
+		return s
+	}
+	// What happened since the last sample, in its last second; idle
+	// seconds before it are zeros.
+	for range min(secs-1, historyLen) {
+		s.admitted, s.rejected = append(s.admitted, 0), append(s.rejected, 0)
+	}
+	s.admitted, s.rejected = append(s.admitted, admitted-s.lastA), append(s.rejected, rejected-s.lastR)
+	if n := len(s.admitted); n > historyLen {
+		s.admitted, s.rejected = s.admitted[n-historyLen:], s.rejected[n-historyLen:]
+	}
+	s.lastA, s.lastR, s.at = admitted, rejected, s.at.Add(time.Duration(secs)*time.Second)
+	return s
+}
+
+type uiBucket struct {
+	Remaining float64 `json:"remaining"`
+	Limit     int     `json:"limit"`
+}
+
+type uiModel struct {
+	Model         string         `json:"model"`
+	Depth         int            `json:"depth"`
+	ByClient      map[string]int `json:"byClient"`
+	InFlight      int            `json:"inFlight"`
+	PredictedWait float64        `json:"predictedWait"`
+	MaxQueueWait  float64        `json:"maxQueueWait"`
+	Requests      uiBucket       `json:"requests"`
+	Tokens        uiBucket       `json:"tokens"`
+	LatencyMs     float64        `json:"latencyMs"`
+	Admitted      []int64        `json:"admitted"`
+	Rejected      []int64        `json:"rejected"`
+}
+
+type uiBackend struct {
+	Name     string   `json:"name"`
+	URL      string   `json:"url"`
+	Healthy  bool     `json:"healthy"`
+	InFlight int64    `json:"inFlight"`
+	Models   []string `json:"models"`
+	Managed  bool     `json:"managed"`
+	State    string   `json:"state,omitempty"`
+	IdleFor  string   `json:"idleFor,omitempty"`
+}
+
+type uiRoute struct {
+	Name     string      `json:"name"`
+	Models   []uiModel   `json:"models"`
+	Backends []uiBackend `json:"backends,omitempty"`
+}
+
+// uiState is GET /ui/state.
+func (s *Server) uiState(w http.ResponseWriter, r *http.Request) {
+	now := time.Now()
+	s.history.mu.Lock()
+	out := struct {
+		Time   time.Time `json:"time"`
+		Routes []uiRoute `json:"routes"`
+	}{Time: now, Routes: []uiRoute{}}
+	for _, rt := range s.routeList {
+		ur := uiRoute{Name: rt.Name(), Models: []uiModel{}}
+		rt.Models(func(ms *models.Model) {
+			q := ms.Queue
+			st := q.Stats(now)
+			c := q.Config()
+			m := uiModel{Model: q.Model(), Depth: st.Depth, ByClient: map[string]int{}, InFlight: st.InFlight,
+				PredictedWait: st.PredictedWait.Seconds(), MaxQueueWait: time.Duration(c.MaxQueueWait).Seconds(),
+				Requests: uiBucket{st.RemainingRequests, c.RPM}, Tokens: uiBucket{st.RemainingTokens, c.TPM},
+				LatencyMs: float64(ms.Metrics.Latency().Microseconds()) / 1000}
+			q.Clients(func(_ int, cs scheduler.ClientStats) {
+				if cs.Depth > 0 {
+					m.ByClient[cs.Name] = cs.Depth
+				}
+			})
+			a, rej := ms.Metrics.Totals()
+			series := s.history.sample(now, rt.Name()+"\x00"+q.Model(), a, rej)
+			m.Admitted, m.Rejected = append([]int64{}, series.admitted...), append([]int64{}, series.rejected...)
+			ur.Models = append(ur.Models, m)
+		})
+		sort.Slice(ur.Models, func(i, j int) bool { return ur.Models[i].Model < ur.Models[j].Model })
+		if f := rt.Fleet(); f != nil {
+			managed := map[string]uiBackend{}
+			for _, sv := range f.Servers() {
+				managed[sv.Name] = uiBackend{Managed: true, State: string(sv.State), IdleFor: sv.IdleFor}
+			}
+			for _, b := range f.Health(r.Context(), false) {
+				ub := uiBackend{Name: b.Name, URL: b.URL, Healthy: b.Healthy, InFlight: b.InFlight, Models: b.Models}
+				if m, ok := managed[b.Name]; ok {
+					ub.Managed, ub.State, ub.IdleFor = true, m.State, m.IdleFor
+				}
+				ur.Backends = append(ur.Backends, ub)
+			}
+		}
+		out.Routes = append(out.Routes, ur)
+	}
+	s.history.mu.Unlock()
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	json.NewEncoder(w).Encode(out)
+}
+
+// uiPageHandler is GET /ui.
+func (s *Server) uiPageHandler(w http.ResponseWriter, _ *http.Request) {
+	h := w.Header()
+	h.Set("Content-Type", "text/html; charset=utf-8")
+	h.Set("Cache-Control", "no-store")
+	h.Set("Content-Security-Policy", "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'unsafe-inline'")
+	w.Write(uiPage)
+}

@@ -1,0 +1,91 @@
+package server
+
+import (
+	"bufio"
+	"encoding/json"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// TestStatusPageInABrowser loads /ui in headless Chromium (Debian's
+// chromium, driven by playwright-core), sees a queue fill and drain while
+// the test sends a burst, and clicks unload on a managed backend.
+func TestStatusPageInABrowser(t *testing.T) {
+	dir := filepath.Join("testdata", "ui")
+	if _, err := os.Stat(filepath.Join(dir, "node_modules", "playwright-core")); err != nil {
+		t.Fatalf("playwright-core is not installed: run `npm ci --prefix %s` (./test.sh does): %v", dir, err)
+	}
+	bin := llproxyBinary(t)
+	pa := port(t)
+	cmdJSON, _ := json.Marshal([]string{bin, "mock-server", "-listen", pa})
+	g := newGateway(t, `{"adminKeys": ["admin-key"], "routes": {
+	  "slow": {"provider": "mock", "mock": {"latency": "400ms", "models": ["slow-model"]},
+	    "models": {"slow-model": {"rpm": 1000, "tpm": 1000000, "maxQueueSize": 50, "maxQueueWait": 30, "maxConcurrent": 1}}},
+	  "local": {"backends": [{"name": "a", "url": "http://`+pa+`", "cmd": `+string(cmdJSON)+`, "models": ["a-model"], "unloadAfter": "1h"}],
+	    `+fleetModels+`}}}`, "", nil)
+	// The managed backend runs (it starts on demand).
+	status, _ := ask(t, g, "/local/v1/chat/completions", `{"model":"a-model","messages":[{"role":"user","content":"hi"}]}`)
+	require.Equal(t, http.StatusOK, status)
+
+	// Without the key, the page is refused (and the browser asked for it).
+	resp, err := http.Get(g.URL + "/ui")
+	require.NoError(t, err)
+	resp.Body.Close()
+	assert.Equal(t, http.StatusUnauthorized, resp.StatusCode)
+	assert.Contains(t, resp.Header.Get("WWW-Authenticate"), "Basic")
+
+	cmd := exec.Command("node", "ui.mjs")
+	cmd.Dir = dir
+	shot := filepath.Join(t.TempDir(), "status.png")
+	if p := os.Getenv("LLPROXY_UI_SCREENSHOT"); p != "" {
+		shot = p // docs/status-page.png is made so
+	}
+	cmd.Env = append(os.Environ(), "GATEWAY_URL="+g.URL, "ADMIN_KEY=admin-key", "SCREENSHOT="+shot)
+	stdin, _ := cmd.StdinPipe()
+	stdout, _ := cmd.StdoutPipe()
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	require.NoError(t, cmd.Start())
+	defer cmd.Process.Kill()
+	lines := bufio.NewScanner(stdout)
+	next := func() string {
+		lines.Scan()
+		return lines.Text()
+	}
+	require.Equal(t, "ready", next(), stderr.String())
+
+	// A burst: one slot, 400 ms a request, so they queue and drain.
+	var wg sync.WaitGroup
+	for range 6 {
+		wg.Go(func() {
+			r, err := http.Post(g.URL+"/slow/v1/chat/completions", "application/json",
+				strings.NewReader(`{"model":"slow-model","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}`))
+			if err == nil {
+				io.Copy(io.Discard, r.Body)
+				r.Body.Close()
+			}
+		})
+	}
+	io.WriteString(stdin, "go\n")
+	stdin.Close()
+	filled := next()
+	assert.True(t, strings.HasPrefix(filled, "filled "), "%s %s", filled, stderr.String())
+	assert.Equal(t, "drained", next(), stderr.String())
+	assert.Equal(t, "charts 1", next())
+	wg.Wait()
+	assert.Equal(t, "unloaded", next(), stderr.String())
+	assert.Equal(t, "done", next(), stderr.String())
+	require.NoError(t, cmd.Wait(), stderr.String())
+	info, err := os.Stat(shot)
+	require.NoError(t, err)
+	assert.Positive(t, info.Size())
+}
