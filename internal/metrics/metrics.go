@@ -168,7 +168,9 @@ type Model struct {
 func (mm *Model) Totals() (admitted, rejected int64) { return mm.nAdmitted.Load(), mm.nRejected.Load() }
 
 // Latency returns the upstream's recent time to headers (an EWMA).
-func (mm *Model) Latency() time.Duration { return time.Duration(mm.latencyUS.Load()) * time.Microsecond }
+func (mm *Model) Latency() time.Duration {
+	return time.Duration(mm.latencyUS.Load()) * time.Microsecond
+}
 
 // Model returns the children for (route, model).
 func (m *Metrics) Model(route, model string) *Model {
