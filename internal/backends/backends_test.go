@@ -1,6 +1,7 @@
 package backends
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -268,4 +269,22 @@ func TestPerBackendMaxConcurrent(t *testing.T) {
 	assert.Equal(t, first.Name, third.Name)
 	p.Done(second)
 	p.Done(third)
+}
+
+// TestScanLogsOnlyChanges: a scan that finds what the last one found
+// says nothing at info level.
+func TestScanLogsOnlyChanges(t *testing.T) {
+	base, lns := porttest.Listen(t, 2)
+	newFakeServer(t, lns[0], "coder.gguf")
+	lns[1].Close()
+	d := DiscoverConfig{Host: "127.0.0.1", PortStart: base, PortEnd: base + 1}
+	var logs bytes.Buffer
+	p, err := New(Config{Discover: []DiscoverConfig{d}}, Options{Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	require.NoError(t, err)
+	p.Scan(context.Background(), d)
+	assert.Contains(t, logs.String(), "discovery scan", "the first scan finds a server")
+	logs.Reset()
+	p.Scan(context.Background(), d)
+	p.Scan(context.Background(), d)
+	assert.Empty(t, logs.String(), "nothing changed")
 }

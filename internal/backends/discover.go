@@ -3,6 +3,7 @@ package backends
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"net/url"
 	"strconv"
 	"strings"
@@ -55,14 +56,21 @@ func (p *Pool) Scan(ctx context.Context, d DiscoverConfig) {
 	}
 	added, removed, models := p.applyScan(d, all)
 	p.invalidate()
+	// Only changes are news: a scan that found what the last one did
+	// logs at debug level.
+	level := slog.LevelDebug
+	if added+removed > 0 {
+		level = slog.LevelInfo
+	}
+
 	for _, f := range all {
 		ids := make([]string, len(f.models))
 		for i, m := range f.models {
 			ids[i] = m.ID
 		}
-		p.log.Info("discovery found", "addr", f.addr, "models", strings.Join(ids, ","))
+		p.log.Log(ctx, level, "discovery found", "addr", f.addr, "models", strings.Join(ids, ","))
 	}
-	p.log.Info(fmt.Sprintf("discovery scan %s:%d-%d: %d servers (%d new, %d gone), %d models in %s",
+	p.log.Log(ctx, level, fmt.Sprintf("discovery scan %s:%d-%d: %d servers (%d new, %d gone), %d models in %s",
 		d.Host, d.PortStart, d.PortEnd, len(all), added, removed, models, time.Since(start).Round(time.Millisecond)))
 }
 
