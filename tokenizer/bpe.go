@@ -67,7 +67,6 @@ func (b *bpe) piece(p string, s *scratch) int {
 
 // scratch is one count's reusable memory.
 type scratch struct {
-	buf   []byte
 	start []int
 	rank  []uint32
 	next  []int32
@@ -80,16 +79,10 @@ type scratch struct {
 	ranks   []uint32 // heap of the ranks with candidates
 }
 
-var scratchPool = sync.Pool{New: func() any { return &scratch{buf: make([]byte, 0, 256)} }}
-
-// bytes returns p as a byte slice, in the scratch buffer (no allocation).
-func (s *scratch) bytes(p string) []byte {
-	s.buf = append(s.buf[:0], p...)
-	return s.buf
-}
+var scratchPool = sync.Pool{New: func() any { return new(scratch) }}
 
 // pairRank is the rank of p[from:to] as one token, or noRank.
-func (b *bpe) pairRank(_ *scratch, p string, from, to int) uint32 {
+func (b *bpe) pairRank(p string, from, to int) uint32 {
 	return b.ranks.rankString(p[from:to])
 }
 
@@ -103,7 +96,7 @@ func (b *bpe) mergeSmall(p string, s *scratch) int {
 	}
 	// rank[i] is the rank of parts i and i+1 merged.
 	for i := 0; i < n-1; i++ {
-		rank = append(rank, b.pairRank(s, p, i, i+2))
+		rank = append(rank, b.pairRank(p, i, i+2))
 	}
 	rank = append(rank, noRank)
 	for len(start) > 2 {
@@ -122,12 +115,12 @@ func (b *bpe) mergeSmall(p string, s *scratch) int {
 		copy(rank[at+1:], rank[at+2:])
 		rank = rank[:len(rank)-1]
 		if at+2 < len(start) {
-			rank[at] = b.pairRank(s, p, start[at], start[at+2])
+			rank[at] = b.pairRank(p, start[at], start[at+2])
 		} else {
 			rank[at] = noRank
 		}
 		if at > 0 {
-			rank[at-1] = b.pairRank(s, p, start[at-1], start[at+1])
+			rank[at-1] = b.pairRank(p, start[at-1], start[at+1])
 		}
 	}
 	s.start, s.rank = start, rank
@@ -217,7 +210,7 @@ func (s *scratch) push(rank uint32, pos int32) {
 	}
 	if !b.queued {
 		b.queued = true
-		s.ranks = heapPushU(s.ranks, rank)
+		s.ranks = heapPush(s.ranks, rank)
 	}
 }
 
@@ -227,7 +220,7 @@ func (s *scratch) pop() (rank uint32, pos int32, ok bool) {
 		b := s.bucketOf(s.ranks[0])
 		if b.empty() {
 			b.queued = false
-			s.ranks = heapPopU(s.ranks)
+			s.ranks = heapPop(s.ranks)
 			continue
 		}
 		if len(b.heap) > 0 && (b.head == len(b.queue) || b.heap[0] < b.queue[b.head]) {
@@ -242,9 +235,8 @@ func (s *scratch) pop() (rank uint32, pos int32, ok bool) {
 	return 0, 0, false
 }
 
-// Binary min-heaps over int32 positions and uint32 ranks.
-
-func heapPush(h []int32, x int32) []int32 {
+// heapPush and heapPop are a binary min-heap over positions or ranks.
+func heapPush[T int32 | uint32](h []T, x T) []T {
 	h = append(h, x)
 	for i := len(h) - 1; i > 0; {
 		p := (i - 1) / 2
@@ -257,40 +249,7 @@ func heapPush(h []int32, x int32) []int32 {
 	return h
 }
 
-func heapPop(h []int32) []int32 {
-	last := len(h) - 1
-	h[0] = h[last]
-	h = h[:last]
-	for i := 0; ; {
-		l, m := 2*i+1, i
-		if l < len(h) && h[l] < h[m] {
-			m = l
-		}
-		if r := l + 1; r < len(h) && h[r] < h[m] {
-			m = r
-		}
-		if m == i {
-			return h
-		}
-		h[i], h[m] = h[m], h[i]
-		i = m
-	}
-}
-
-func heapPushU(h []uint32, x uint32) []uint32 {
-	h = append(h, x)
-	for i := len(h) - 1; i > 0; {
-		p := (i - 1) / 2
-		if h[i] >= h[p] {
-			break
-		}
-		h[i], h[p] = h[p], h[i]
-		i = p
-	}
-	return h
-}
-
-func heapPopU(h []uint32) []uint32 {
+func heapPop[T int32 | uint32](h []T) []T {
 	last := len(h) - 1
 	h[0] = h[last]
 	h = h[:last]

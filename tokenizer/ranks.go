@@ -80,25 +80,7 @@ func (r *ranks) token(rank uint32) []byte { return r.blob[r.start[rank]:r.start[
 // noRank is the rank of a byte string that is not a token.
 const noRank = ^uint32(0)
 
-// rank returns the rank of b, or noRank.
-func (r *ranks) rank(b []byte) uint32 {
-	if len(b) == 1 {
-		return r.byteRank[b[0]]
-	}
-	i := maphash.Bytes(r.seed, b) & r.mask
-	for {
-		e := r.table[i]
-		if e == 0 {
-			return noRank
-		}
-		if bytes.Equal(r.token(e-1), b) {
-			return e - 1
-		}
-		i = (i + 1) & r.mask
-	}
-}
-
-// rankString is rank for a string, without copying it.
+// rankString returns the rank of b, or noRank. It copies nothing.
 func (r *ranks) rankString(b string) uint32 {
 	if len(b) == 1 {
 		return r.byteRank[b[0]]

@@ -99,15 +99,8 @@ func run(args []string) int {
 	listen := fs.String("listen", "", "listen address, overriding the config's \"listen\"")
 	check := fs.Bool("check", false, "validate the config and exit: 0 if valid, 1 if not")
 	showVersion := fs.Bool("version", false, "print the version and exit")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		return 2
-	}
-	if fs.NArg() > 0 {
-		fmt.Fprintf(os.Stderr, "llproxy: unknown argument %q (llproxy -h lists what it takes)\n", fs.Arg(0))
-		return 2
+	if code := parse(fs, args); code >= 0 {
+		return code
 	}
 	if *showVersion {
 		v, gv := Version()
@@ -199,15 +192,8 @@ func mockServer(args []string) int {
 	chunks := fs.Int("chunks", 16, "words per completion (SSE chunks when streamed)")
 	chunkDelay := fs.Duration("chunk-delay", 0, "delay between streamed chunks")
 	latency := fs.Duration("latency", 0, "delay before the response headers")
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		return 2
-	}
-	if fs.NArg() > 0 {
-		fmt.Fprintf(os.Stderr, "llproxy mock-server: unknown argument %q\n", fs.Arg(0))
-		return 2
+	if code := parse(fs, args); code >= 0 {
+		return code
 	}
 	tok, err := tokenizer.New(tokenizer.Config{})
 	if err != nil {
@@ -236,11 +222,9 @@ func mockServer(args []string) int {
 	return 0
 }
 
-// healthcheck asks a running llproxy whether it is healthy: for container
-// images without curl.
-func healthcheck(args []string) int {
-	fs := flag.NewFlagSet("llproxy healthcheck", flag.ContinueOnError)
-	url := fs.String("url", "http://127.0.0.1:8080/healthz", "the /healthz to ask")
+// parse parses a subcommand's flags: code < 0 means go on; otherwise exit
+// with it (0 for -h, 2 for a bad flag or an argument nobody takes).
+func parse(fs *flag.FlagSet, args []string) (code int) {
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return 0
@@ -248,8 +232,19 @@ func healthcheck(args []string) int {
 		return 2
 	}
 	if fs.NArg() > 0 {
-		fmt.Fprintf(os.Stderr, "llproxy healthcheck: unknown argument %q\n", fs.Arg(0))
+		fmt.Fprintf(os.Stderr, "%s: unknown argument %q (-h lists what it takes)\n", fs.Name(), fs.Arg(0))
 		return 2
+	}
+	return -1
+}
+
+// healthcheck asks a running llproxy whether it is healthy: for container
+// images without curl.
+func healthcheck(args []string) int {
+	fs := flag.NewFlagSet("llproxy healthcheck", flag.ContinueOnError)
+	url := fs.String("url", "http://127.0.0.1:8080/healthz", "the /healthz to ask")
+	if code := parse(fs, args); code >= 0 {
+		return code
 	}
 	client := &http.Client{Timeout: 2 * time.Second}
 	resp, err := client.Get(*url)
