@@ -299,14 +299,14 @@ func keyMatches(key string, hashes [][sha256.Size]byte) bool {
 // a reasonable one, else a new one. It is in every log line of the
 // request, goes upstream, and comes back in the response.
 func requestID(w http.ResponseWriter, r *http.Request) {
-	id := r.Header.Get("X-Request-Id")
-	if !validRequestID(id) {
-		var b [8]byte
-		binary.LittleEndian.PutUint64(b[:], rand.Uint64())
-		id = hex.EncodeToString(b[:])
-		r.Header["X-Request-Id"] = []string{id}
+	if v := r.Header["X-Request-Id"]; len(v) > 0 && validRequestID(v[0]) {
+		w.Header()["X-Request-Id"] = v[:1:1]
+		return
 	}
-	w.Header()["X-Request-Id"] = []string{id}
+	var b [8]byte
+	binary.LittleEndian.PutUint64(b[:], rand.Uint64())
+	v := []string{hex.EncodeToString(b[:])} // one value for both: headers replace, never append in place
+	r.Header["X-Request-Id"], w.Header()["X-Request-Id"] = v, v
 }
 
 // validRequestID accepts 1 to 128 printable ASCII characters.
