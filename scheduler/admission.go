@@ -13,8 +13,9 @@ import "time"
 // An Admission's methods are safe for concurrent use; they take the
 // queue's lock.
 type Admission struct {
-	// Wait is how long the request was queued (0 on the fast path).
-	Wait time.Duration
+	// Wait is how long the request was queued (0 on the fast path), and
+	// Predicted how long it was predicted to wait when it arrived.
+	Wait, Predicted time.Duration
 	// State is the buckets' state right after the request paid.
 	State RateState
 	// Mark is the buckets' raw state at that moment (see Observe).

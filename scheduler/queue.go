@@ -428,6 +428,9 @@ func (q *Queue) dispatch(now time.Time) {
 		q.left(l, w)
 		w.done = true
 		w.adm = q.pay(now, l, w.cost, now.Sub(w.enqueued), w.into)
+		if !w.predicted.IsZero() {
+			w.adm.Predicted = w.predicted.Sub(w.enqueued)
+		}
 		close(w.ready)
 	}
 	q.disarm()

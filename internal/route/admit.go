@@ -70,7 +70,8 @@ func (rt *Route) schedule(ex *exchange, r *http.Request, body *request.Body, c *
 	}
 	if rt.debugging(r.Context()) {
 		rt.debug(r.Context(), "admitted", slog.String("model", rec.model), slog.Int("cost", c.est.cost),
-			slog.Duration("wait", adm.Wait), slog.Int("remaining_requests", adm.State.RemainingRequests),
+			slog.Duration("wait", adm.Wait), slog.Duration("predicted_wait", adm.Predicted),
+			slog.Int("remaining_requests", adm.State.RemainingRequests),
 			slog.Int("remaining_tokens", adm.State.RemainingTokens))
 	}
 	// Whatever happens from here (a retry's new admission, a response cut
