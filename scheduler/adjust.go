@@ -195,7 +195,7 @@ func (q *Queue) requeue(now time.Time, cost Cost, deadline time.Time, into *Admi
 		return nil, nil, ErrClosed
 	case cost.Tokens < 0:
 		return nil, nil, ErrInvalidCost
-	case cost.Client < 0 || cost.Client >= len(q.lanes):
+	case cost.Client < 0 || cost.Client >= q.clients:
 		return nil, nil, ErrUnknownClient
 	}
 	l := q.lanes[cost.Client]

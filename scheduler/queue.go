@@ -83,10 +83,11 @@ type waiter struct {
 // Queue is safe for concurrent use. Its state is guarded by one mutex per
 // queue; no lock is shared between queues.
 type Queue struct {
-	model string
-	cfg   Config
-	gate  // the model's buckets and slots
-	lanes []*lane
+	model   string
+	cfg     Config
+	gate    // the model's buckets and slots
+	lanes   []*lane
+	clients int // lanes[:clients] are the clients Cost.Client names; the rest drain (Reconfigure)
 
 	mu           sync.Mutex
 	backlog      cursors // lanes with waiters, lowest tag first
@@ -126,7 +127,8 @@ func NewQueue(model string, cfg Config, clients ...Client) *Queue {
 	if len(clients) == 0 {
 		clients = []Client{cfg.Client("", 1)}
 	}
-	q := &Queue{model: model, cfg: cfg, gate: newGate(cfg.RPM, cfg.TPM, cfg.MaxConcurrent), lanes: make([]*lane, len(clients))}
+	q := &Queue{model: model, cfg: cfg, gate: newGate(cfg.RPM, cfg.TPM, cfg.MaxConcurrent), lanes: make([]*lane, len(clients)),
+		clients: len(clients)}
 	for i, c := range clients {
 		c.Weight = max(1, c.Weight)
 		l := &lane{Client: c, gate: newGate(c.RPM, c.TPM, c.MaxConcurrent)}
@@ -245,7 +247,7 @@ func (q *Queue) enqueue(now time.Time, cost Cost, into *Admission) (*waiter, *Ad
 		return nil, nil, ErrRetired
 	case cost.Tokens < 0:
 		return nil, nil, ErrInvalidCost
-	case cost.Client < 0 || cost.Client >= len(q.lanes):
+	case cost.Client < 0 || cost.Client >= q.clients:
 		return nil, nil, ErrUnknownClient
 	}
 	l := q.lanes[cost.Client]

@@ -3,6 +3,8 @@ package scheduler
 import (
 	"math"
 	"time"
+
+	"golang.org/x/time/rate"
 )
 
 // When several gateways share one key's limits (through a store such as
@@ -120,8 +122,80 @@ func (q *Queue) Estimate(now time.Time, client int) Levels {
 		return math.Max(0, b.level(now))
 	}
 	lv := Levels{Requests: est(&q.req), Tokens: est(&q.tok), ClientRequests: -1, ClientTokens: -1}
-	if client >= 0 && client < len(q.lanes) {
+	if client >= 0 && client < q.clients {
 		lv.ClientRequests, lv.ClientTokens = est(&q.lanes[client].req), est(&q.lanes[client].tok)
 	}
 	return lv
+}
+
+// Reconfigure gives the queue new limits and clients (a reloaded config)
+// without losing anyone: waiting requests keep their places, in order,
+// and admitted ones their slots. A client is known by its name: one that
+// stays keeps its FIFO and gets its new weight and limits; a new one gets
+// an empty FIFO; one that is gone keeps its FIFO until it drains, beyond
+// the new clients (Cost.Client never names it again). The buckets keep
+// their levels, capped at their new capacities. cfg and the clients must
+// be valid.
+func (q *Queue) Reconfigure(now time.Time, cfg Config, clients ...Client) {
+	if len(clients) == 0 {
+		clients = []Client{cfg.Client("", 1)}
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.cfg = cfg
+	q.gate.reconfigure(now, cfg.RPM, cfg.TPM, cfg.MaxConcurrent)
+	old := map[string]*lane{}
+	for _, l := range q.lanes {
+		old[l.Name] = l
+	}
+	lanes := make([]*lane, 0, len(clients))
+	for _, c := range clients {
+		c.Weight = max(1, c.Weight)
+		l := old[c.Name]
+		if l == nil {
+			l = &lane{Client: c, gate: newGate(c.RPM, c.TPM, c.MaxConcurrent)}
+			l.cur = cursor{l: l, at: -1}
+		} else {
+			delete(old, c.Name)
+			l.Client = c
+			l.gate.reconfigure(now, c.RPM, c.TPM, c.MaxConcurrent)
+		}
+		lanes = append(lanes, l)
+	}
+	for _, l := range q.lanes { // the clients that are gone, in their old order
+		if old[l.Name] == l && (len(l.waiting) > 0 || l.running > 0) {
+			lanes = append(lanes, l)
+		}
+	}
+	q.lanes, q.clients = lanes, len(clients)
+	q.tail.ok = false
+	q.changed(now)
+}
+
+// reconfigure gives the gate new limits, keeping what its buckets hold
+// (capped at the new capacities) and the slots held.
+func (g *gate) reconfigure(now time.Time, rpm, tpm, maxConcurrent int) {
+	g.req.reconfigure(now, rpm)
+	g.tok.reconfigure(now, tpm)
+	g.maxConcurrent, g.fullConcurrent = maxConcurrent, 0
+}
+
+// reconfigure gives the bucket a new limit per minute, keeping its level
+// (at most the new capacity); 0 makes it no limit.
+func (b *bucket) reconfigure(now time.Time, perMinute int) {
+	if perMinute <= 0 {
+		*b = bucket{}
+		return
+	}
+	if b.lim == nil {
+		*b = newBucket(perMinute)
+		return
+	}
+	level := b.level(now)
+	others := b.others
+	*b = newBucket(perMinute)
+	b.others = math.Min(others, maxOthersShare*b.configured)
+	b.perSec = b.configured - b.others
+	b.lim.SetLimitAt(now, rate.Limit(b.perSec))
+	b.set(now, math.Min(level, b.capacity))
 }

@@ -91,3 +91,46 @@ func TestShareCountsThePendingAdmissionsAsShared(t *testing.T) {
 		assert.Equal(t, 2000, st.RemainingTokens)
 	})
 }
+
+func TestReconfigureKeepsEveryoneInOrder(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c := cfg(10, time.Hour, 60, 6000) // 100 tokens a second
+		q := NewQueue("m", c, c.Client("a", 1), c.Client("gone", 1))
+		drain(t, q, 6000)
+		start := time.Now()
+		out := make(chan result, 8)
+		for i := range 3 {
+			acquireAsync(context.Background(), q, i, 100, start, out) // a's: 1 s, 2 s, 3 s
+		}
+		go func() {
+			adm, err := q.Acquire(context.Background(), Cost{Tokens: 100, Client: 1})
+			out <- result{id: 9, at: time.Since(start), adm: adm, err: err}
+		}()
+		synctest.Wait()
+		// Ten times the rate, a new client first, "gone" removed: the
+		// waiters stay, in order, and go at the new rate.
+		c2 := cfg(10, time.Hour, 600, 60000) // 1,000 tokens a second
+		q.Reconfigure(time.Now(), c2, c2.Client("new", 1), c2.Client("a", 2))
+		var ids []int
+		for range 4 {
+			r := <-out
+			require.NoError(t, r.err)
+			assert.Less(t, r.at, time.Second, "request %d goes at the new rate", r.id)
+			ids = append(ids, r.id)
+		}
+		aOrder := []int{}
+		for _, id := range ids {
+			if id < 9 {
+				aOrder = append(aOrder, id)
+			}
+		}
+		assert.Equal(t, []int{0, 1, 2}, aOrder, "a's in order")
+		assert.Contains(t, ids, 9, "the gone client's waiter was admitted, not dropped")
+		assert.Equal(t, 60000, q.Config().TPM)
+		// The new client is number 0 now.
+		_, err := q.Acquire(context.Background(), Cost{Tokens: 1, Client: 0})
+		assert.NoError(t, err)
+		_, err = q.Acquire(context.Background(), Cost{Tokens: 1, Client: 2})
+		assert.ErrorIs(t, err, ErrUnknownClient, "only the new clients are addressable... and the drained one is gone")
+	})
+}

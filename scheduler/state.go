@@ -39,7 +39,7 @@ func (q *Queue) State(now time.Time) RateState {
 func (q *Queue) StateFor(now time.Time, client int) RateState {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	if client < 0 || client >= len(q.lanes) {
+	if client < 0 || client >= q.clients {
 		return q.gate.state(now, q.depth, q.queuedTokens)
 	}
 	return q.state(now, q.lanes[client])
@@ -63,8 +63,8 @@ func (q *Queue) Stats(now time.Time) Stats {
 // clients.
 func (q *Queue) Clients(f func(i int, st ClientStats)) {
 	q.mu.Lock()
-	stats := make([]ClientStats, len(q.lanes))
-	for i, l := range q.lanes {
+	stats := make([]ClientStats, q.clients)
+	for i, l := range q.lanes[:q.clients] {
 		stats[i] = ClientStats{Name: l.Name, Depth: len(l.waiting), QueuedTokens: l.queued, InFlight: l.running}
 	}
 	q.mu.Unlock()
