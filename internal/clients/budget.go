@@ -46,23 +46,23 @@ func nextDay(t time.Time) time.Time {
 // entry returns c's usage of model today. c.mu is held.
 func (c *Client) entry(model string, now time.Time) *usage {
 	today := dayOf(now)
-	u, ok := c.usage[model]
+	u, ok := c.led.usage[model]
 	if !ok {
-		if len(c.usage) >= maxModels {
-			for m, old := range c.usage {
+		if len(c.led.usage) >= maxModels {
+			for m, old := range c.led.usage {
 				if old.day != today && old.held == 0 {
-					delete(c.usage, m) // yesterday's, done with
+					delete(c.led.usage, m) // yesterday's, done with
 				}
 			}
 		}
-		if len(c.usage) >= maxModels {
+		if len(c.led.usage) >= maxModels {
 			model = otherModels
-			if u, ok = c.usage[model]; ok {
+			if u, ok = c.led.usage[model]; ok {
 				return c.roll(u, today)
 			}
 		}
 		u = &usage{day: today}
-		c.usage[model] = u
+		c.led.usage[model] = u
 	}
 	return c.roll(u, today)
 }
@@ -112,8 +112,8 @@ func (c *Client) Reserve(now time.Time, model string, cost int) (Spend, error) {
 	if budget > 0 && c.store != nil {
 		c.sync(now, model)
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
+	c.led.mu.Lock()
+	defer c.led.mu.Unlock()
 	u := c.entry(model, now)
 	if budget > 0 && u.used+u.held >= budget {
 		return Spend{}, &Exhausted{Client: c.Name, Model: model, Budget: budget, Used: u.used, Reset: nextDay(now)}
@@ -128,8 +128,8 @@ func (s *Spend) Settle(now time.Time, used int) {
 		return
 	}
 	c := s.c
-	c.mu.Lock()
-	defer c.mu.Unlock()
+	c.led.mu.Lock()
+	defer c.led.mu.Unlock()
 	s.end()
 	u := c.roll(s.u, dayOf(now))
 	u.used += int64(max(0, used))
@@ -138,9 +138,9 @@ func (s *Spend) Settle(now time.Time, used int) {
 	}
 	s.c = nil
 	if c.store != nil && used > 0 && c.Budget(s.model) > 0 {
-		c.mu.Unlock()
+		c.led.mu.Unlock()
 		c.record(now, s.model, int64(used), u)
-		c.mu.Lock()
+		c.led.mu.Lock()
 	}
 }
 
@@ -149,9 +149,9 @@ func (s *Spend) Release() {
 	if s.c == nil {
 		return
 	}
-	s.c.mu.Lock()
+	s.c.led.mu.Lock()
 	s.end()
-	s.c.mu.Unlock()
+	s.c.led.mu.Unlock()
 	s.c = nil
 }
 
@@ -177,14 +177,14 @@ type ModelUse struct {
 // the models it has a budget for and has not used.
 func (c *Client) Today(now time.Time) []ModelUse {
 	today := dayOf(now)
-	c.mu.Lock()
+	c.led.mu.Lock()
 	byModel := map[string]ModelUse{}
-	for m, u := range c.usage {
+	for m, u := range c.led.usage {
 		if u.day == today {
 			byModel[m] = ModelUse{Model: m, Used: u.used, Held: u.held}
 		}
 	}
-	c.mu.Unlock()
+	c.led.mu.Unlock()
 	if c.cfg != nil {
 		for m, l := range c.cfg.Limits {
 			if _, ok := byModel[m]; !ok && l != nil && l.TokensPerDay > 0 {
@@ -230,11 +230,11 @@ func dayString(t time.Time) string { return t.UTC().Format(dayLayout) }
 // syncEvery. A store that has less than this replica knows of (it
 // restarted without its data) is seeded again with the difference.
 func (c *Client) sync(now time.Time, model string) {
-	c.mu.Lock()
+	c.led.mu.Lock()
 	u := c.entry(model, now)
 	fresh := now.Sub(u.synced) < syncEvery
 	known := u.used
-	c.mu.Unlock()
+	c.led.mu.Unlock()
 	if fresh {
 		return
 	}
@@ -249,12 +249,12 @@ func (c *Client) sync(now time.Time, model string) {
 			return
 		}
 	}
-	c.mu.Lock()
+	c.led.mu.Lock()
 	if u = c.entry(model, now); n > u.used {
 		u.used = n
 	}
 	u.synced = now
-	c.mu.Unlock()
+	c.led.mu.Unlock()
 }
 
 // record adds used tokens to the store; the total there (every replica's)
@@ -271,10 +271,10 @@ func (c *Client) record(now time.Time, model string, used int64, u *usage) {
 		})
 		return
 	}
-	c.mu.Lock()
+	c.led.mu.Lock()
 	if u.day == dayOf(now) && n > u.used {
 		u.used = n
 	}
 	u.synced = now
-	c.mu.Unlock()
+	c.led.mu.Unlock()
 }

@@ -36,10 +36,9 @@ type Client struct {
 	cfg    *config.Client
 	hashes [][sha256.Size]byte
 
-	mu    sync.Mutex
-	usage map[string]*usage // model -> today's use (budget.go)
-	dirty *atomic.Bool      // the directory's: usage changed since the last save
-	store Store             // shared daily use (replicas); nil alone
+	led   *ledger      // its use of each model today (budget.go); kept across reloads
+	dirty *atomic.Bool // the directory's: usage changed since the last save
+	store Store        // shared daily use (replicas); nil alone
 }
 
 // Allowed reports whether the client may use route.
@@ -76,14 +75,14 @@ type Directory struct {
 	clients []*Client
 	keyed   bool
 	hashes  [][sha256.Size]byte // every client key, for the admin fallback
-	dirty   atomic.Bool         // usage changed since the last save (state.go)
+	dirty   *atomic.Bool        // usage changed since the last save (state.go)
 }
 
 // New builds the directory of a validated config: the clients map in name
 // order, then one client per key of clientKeys. With neither, one
 // anonymous client.
 func New(cfg *config.Config) *Directory {
-	d := &Directory{}
+	d := &Directory{dirty: new(atomic.Bool)}
 	for _, name := range slices.Sorted(maps.Keys(cfg.Clients)) {
 		cc := cfg.Clients[name]
 		c := &Client{Name: name, Weight: max(1, cc.Weight), routes: cc.Routes, cfg: cc}
@@ -106,8 +105,8 @@ func New(cfg *config.Config) *Directory {
 
 func (d *Directory) add(c *Client) {
 	c.ID = len(d.clients)
-	c.usage = map[string]*usage{}
-	c.dirty = &d.dirty
+	c.led = &ledger{usage: map[string]*usage{}}
+	c.dirty = d.dirty
 	d.clients = append(d.clients, c)
 	d.hashes = append(d.hashes, c.hashes...)
 }
@@ -157,4 +156,27 @@ func (d *Directory) Queue(model string, cfg scheduler.Config) []scheduler.Client
 		out[i] = l.Queue(c.Name, c.Weight, cfg)
 	}
 	return out
+}
+
+// ledger is a client's use of each model today, guarded by its mutex.
+type ledger struct {
+	mu    sync.Mutex
+	usage map[string]*usage // model -> today's use
+}
+
+// Adopt takes over what old knew (a reloaded config): each client that
+// keeps its name keeps its use today, and what requests admitted under old
+// still settle counts here.
+func (d *Directory) Adopt(old *Directory) {
+	byName := map[string]*Client{}
+	for _, c := range old.clients {
+		byName[c.Name] = c
+	}
+	d.dirty = old.dirty
+	for _, c := range d.clients {
+		c.dirty = d.dirty
+		if o := byName[c.Name]; o != nil {
+			c.led = o.led
+		}
+	}
 }

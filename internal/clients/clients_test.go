@@ -128,3 +128,24 @@ func TestStateFileRoundTripAndCorruption(t *testing.T) {
 		assert.Contains(t, err.Error(), "corrupt")
 	}
 }
+
+func TestAdoptKeepsTodaysUse(t *testing.T) {
+	old := directory(t)
+	a, _ := old.Identify("a1")
+	day := time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
+	s, err := a.Reserve(day, "m", 10)
+	require.NoError(t, err)
+	// A reload while the request is in flight.
+	cfg, err := config.Parse([]byte(`{"clients": {"a": {"keys": ["a2"], "limits": {"*": {"tokensPerDay": 100}}}},
+	  "routes": {"r": {"forward": "http://x", "models": {"*": {"rpm": 10, "tpm": 1000, "maxQueueSize": 5, "maxQueueWait": 5}}}}}`), nil)
+	require.NoError(t, err)
+	d := New(cfg)
+	d.Adopt(old)
+	s.Settle(day, 95) // settles into the same ledger
+	a2, ok := d.Identify("a2")
+	require.True(t, ok)
+	_, err = a2.Reserve(day, "m", 10)
+	assert.Error(t, err, "95 used before the reload counts after it")
+	_, ok = d.Identify("a1")
+	assert.False(t, ok, "the old key is gone")
+}

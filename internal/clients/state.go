@@ -69,11 +69,11 @@ func (d *Directory) Load(path string, now time.Time) error {
 	}
 	for _, c := range d.clients {
 		models := st.Clients[c.Name]
-		c.mu.Lock()
+		c.led.mu.Lock()
 		for model, used := range models {
 			c.entry(model, now).used = used
 		}
-		c.mu.Unlock()
+		c.led.mu.Unlock()
 	}
 	return nil
 }
@@ -84,8 +84,8 @@ func (d *Directory) Save(path string, now time.Time) error {
 	today := dayOf(now)
 	st := stateFile{Version: stateVersion, Day: now.UTC().Format(dayLayout), Clients: map[string]map[string]int64{}}
 	for _, c := range d.clients {
-		c.mu.Lock()
-		for model, u := range c.usage {
+		c.led.mu.Lock()
+		for model, u := range c.led.usage {
 			if u.day == today && u.used > 0 {
 				if st.Clients[c.Name] == nil {
 					st.Clients[c.Name] = map[string]int64{}
@@ -93,7 +93,7 @@ func (d *Directory) Save(path string, now time.Time) error {
 				st.Clients[c.Name][model] = u.used
 			}
 		}
-		c.mu.Unlock()
+		c.led.mu.Unlock()
 	}
 	data, err := json.MarshalIndent(st, "", "  ")
 	if err != nil {
