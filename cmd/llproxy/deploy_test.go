@@ -42,6 +42,7 @@ func TestDeployFilesAgreeWithTheCode(t *testing.T) {
 	u := string(unit)
 	assert.Contains(t, u, "ExecStart="+bin[1]+" -config "+cfg[1])
 	assert.Contains(t, u, "Restart=on-failure")
+	assert.Contains(t, u, "ExecReload=/bin/kill -HUP $MAINPID", "SIGHUP reloads")
 	for _, file := range []string{d, u} {
 		m := regexp.MustCompile(`LLPROXY_STATE_FILE=(\S+)`).FindStringSubmatch(file)
 		require.NotNil(t, m)

@@ -17,8 +17,11 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"reflect"
 	"runtime"
 	"runtime/debug"
+	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -161,27 +164,94 @@ func run(args []string) int {
 		logger.Error("listen", "err", err)
 		return 1
 	}
-	srv := &http.Server{Handler: gw, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 120 * time.Second}
-	// SIGHUP would end the process silently; there is no reload (yet).
-	signal.Ignore(syscall.SIGHUP)
+	// The listener serves whichever gateway is current: SIGHUP builds a
+	// new one from the reloaded config, which takes the old one's queues
+	// over (see server.Options.Previous).
+	var cur atomic.Pointer[server.Server]
+	cur.Store(gw)
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { cur.Load().ServeHTTP(w, r) }),
+		ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 120 * time.Second}
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
-	go gw.Run(ctx) // fleet health checks and discovery
+	run := runGateway(ctx, gw) // fleet health checks and discovery, state file, heartbeats
 	logger.Info("llproxy listening", "addr", ln.Addr().String(), "config", path, "routes", len(cfg.Routes))
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
-	select {
-	case err := <-errc:
-		logger.Error("serve", "err", err)
-		return 1
-	case <-ctx.Done():
+	for done := false; !done; {
+		select {
+		case err := <-errc:
+			logger.Error("serve", "err", err)
+			return 1
+		case <-ctx.Done():
+			done = true
+		case <-hup:
+			next, nextCfg, err := reload(path, cfg, tok, reg, logger, offset, cur.Load())
+			if err != nil {
+				continue // logged; the current config stays
+			}
+			run.stop()
+			prev := cur.Load()
+			cur.Store(next)
+			next.Takeover(prev, time.Duration(cfg.ShutdownTimeout))
+			run = runGateway(ctx, next)
+			cfg = nextCfg
+		}
 	}
 	logger.Info("shutting down", "timeout", time.Duration(cfg.ShutdownTimeout).String())
-	if err := server.Shutdown(context.Background(), srv, gw, time.Duration(cfg.ShutdownTimeout)); err != nil {
+	if err := server.Shutdown(context.Background(), srv, cur.Load(), time.Duration(cfg.ShutdownTimeout)); err != nil {
 		logger.Warn("shutdown", "err", err)
 		return 1
 	}
 	return 0
+}
+
+// running is a gateway's background work, stopped on a reload.
+type running struct {
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+func runGateway(ctx context.Context, gw *server.Server) running {
+	ctx, cancel := context.WithCancel(ctx)
+	r := running{cancel: cancel, done: make(chan struct{})}
+	go func() {
+		defer close(r.done)
+		gw.Run(ctx)
+	}()
+	return r
+}
+
+func (r running) stop() {
+	r.cancel()
+	<-r.done
+}
+
+// reload reads the config at path again and builds the gateway that takes
+// over from prev. A config that does not validate changes nothing: each of
+// its errors is logged. What only a restart changes (the listen address,
+// the tokenizer, the log level, shared) is logged as such.
+func reload(path string, old *config.Config, tok *tokenizer.Tokenizer, reg *prometheus.Registry, logger *slog.Logger,
+	offset time.Duration, prev *server.Server) (*server.Server, *config.Config, error) {
+	cfg, err := config.Load(path, os.LookupEnv)
+	if err != nil {
+		for _, line := range strings.Split(err.Error(), "\n") {
+			logger.Error("reload: the config is not valid; the current one stays", "config", path, "error", line)
+		}
+		return nil, nil, err
+	}
+	if cfg.Listen != old.Listen || cfg.LogLevel != old.LogLevel || !reflect.DeepEqual(cfg.Tokenizer, old.Tokenizer) {
+		logger.Warn("reload: listen, logLevel and tokenizer change with a restart only; the rest is applied")
+	}
+	next, err := server.New(server.Options{Config: cfg, Tokenizer: tok, Registry: reg, Logger: logger, ClockOffset: offset,
+		Previous: prev})
+	if err != nil {
+		logger.Error("reload: the new config could not be applied; the current one stays", "error", err.Error())
+		return nil, nil, err
+	}
+	logger.Info("config reloaded", "config", path, "routes", len(cfg.Routes))
+	return next, cfg, nil
 }
 
 // mockServer serves the mock provider standalone: an OpenAI-compatible

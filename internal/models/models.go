@@ -60,10 +60,13 @@ type Registry struct {
 }
 
 // New builds the registry of route's models (rc validated).
-func New(route string, rc *config.Route, m *metrics.Metrics, clients Clients, share Share) (*Registry, error) {
+func New(route string, rc *config.Route, m *metrics.Metrics, clients Clients, share Share, prev *Registry) (*Registry, error) {
 	set, err := NewSet(rc.QueueConfigs(), rc.MaxWildcardModels, clients)
 	if err != nil {
 		return nil, err
+	}
+	if prev != nil {
+		set.Inherit(prev.set) // a reloaded config: nobody waiting is lost
 	}
 	r := &Registry{route: route, cfg: rc.Models, set: set, metrics: m, listed: map[string]*Model{}, share: share}
 	set.OnRetire(func(q *scheduler.Queue) {

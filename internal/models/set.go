@@ -30,10 +30,7 @@ type Set struct {
 type Clients func(model string, cfg scheduler.Config) []scheduler.Client
 
 func (s *Set) newQueue(model string, cfg scheduler.Config) *scheduler.Queue {
-	if s.clients == nil {
-		return scheduler.NewQueue(model, cfg)
-	}
-	return scheduler.NewQueue(model, cfg, s.clients(model, cfg)...)
+	return scheduler.NewQueue(model, cfg, s.clientsOf(model, cfg)...)
 }
 
 // OnRetire sets a function Sweep calls with each queue it retires (to drop
@@ -63,6 +60,51 @@ func NewSet(models map[string]scheduler.Config, maxWildcard int, clients Clients
 		s.listed[name] = s.newQueue(name, mc)
 	}
 	return s, nil
+}
+
+// Inherit takes over prev's queues (a reloaded config) for the models this
+// set serves: each keeps its waiters and admissions, with this set's
+// limits and clients. A listed model takes prev's queue of the same name
+// (listed or not); prev's unlisted models go on under this set's "*", if
+// it has one. Call it before the set is used.
+func (s *Set) Inherit(prev *Set) {
+	now := time.Now()
+	for name, mc := range s.listedConfigs() {
+		if q, ok := prev.Lookup(name); ok && !q.Retired() {
+			q.Reconfigure(now, mc, s.clientsOf(name, mc)...)
+			s.listed[name] = q
+		}
+	}
+	if s.wildcard == nil {
+		return
+	}
+	prev.dynamic.Range(func(k, v any) bool {
+		name, q := k.(string), v.(*scheduler.Queue)
+		if _, listed := s.listed[name]; listed || q.Retired() || s.dynCount.Load() >= s.maxDynamic {
+			return true
+		}
+		q.Reconfigure(now, *s.wildcard, s.clientsOf(name, *s.wildcard)...)
+		s.dynamic.Store(name, q)
+		s.dynCount.Add(1)
+		return true
+	})
+}
+
+// listedConfigs returns the limits of the listed models.
+func (s *Set) listedConfigs() map[string]scheduler.Config {
+	out := make(map[string]scheduler.Config, len(s.listed))
+	for name, q := range s.listed {
+		out[name] = q.Config()
+	}
+	return out
+}
+
+// clientsOf is the clients of a queue of model.
+func (s *Set) clientsOf(model string, cfg scheduler.Config) []scheduler.Client {
+	if s.clients == nil {
+		return nil
+	}
+	return s.clients(model, cfg)
 }
 
 // Queue returns the queue of model: its own if listed, else a wildcard

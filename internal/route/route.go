@@ -19,6 +19,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
+	"reflect"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -73,6 +74,9 @@ type Options struct {
 	Secrets []string
 	// Shared, when set, is where the limits of every replica live.
 	Shared *shared.State
+	// Previous is the route of the same name before a reload: its queues
+	// (and its fleet, if the fleet's config is the same) go on in this one.
+	Previous *Route
 	// Closing reports that the gateway shuts down: a body still arriving
 	// is cut off. Nil: never.
 	Closing func() bool
@@ -92,7 +96,11 @@ func New(name string, rc *config.Route, opts Options) (*Route, error) {
 			return opts.Shared.Queue(name, model, cfg, opts.Clients.Queue(model, cfg))
 		}
 	}
-	reg, err := models.New(name, rc, opts.Metrics, opts.Clients.Queue, share)
+	var prevModels *models.Registry
+	if opts.Previous != nil {
+		prevModels = opts.Previous.models
+	}
+	reg, err := models.New(name, rc, opts.Metrics, opts.Clients.Queue, share, prevModels)
 	if err != nil {
 		return nil, fmt.Errorf("route: routes.%s: %w", name, err)
 	}
@@ -119,6 +127,11 @@ func New(name string, rc *config.Route, opts Options) (*Route, error) {
 		rt.lessor = fleet.NewSingle(&url.URL{Scheme: "http", Host: "mock.invalid"})
 		rt.up.transport = mock.HandlerTransport{Handler: m, Log: opts.Logger}
 		rt.up.auth = rt.authorizer("")
+	case rc.Fleet() && opts.Previous != nil && opts.Previous.fleet != nil && opts.Previous.SameFleet(rc):
+		// The same backends: the fleet (its health, its running model
+		// servers) goes on.
+		rt.fleet, rt.lessor = opts.Previous.fleet, opts.Previous.fleet
+		rt.up.transport = opts.Previous.up.transport
 	case rc.Fleet():
 		f, err := fleet.New(rc.Config, fleet.Options{Logger: opts.Logger.With("route", name),
 			MaxSwapWait: time.Duration(rc.MaxSwapWait), Queued: rt.models.Queued, Secrets: opts.Secrets})
@@ -220,3 +233,11 @@ const (
 
 // Models calls f with every model of the route that has a queue now.
 func (rt *Route) Models(f func(ms *models.Model)) { rt.models.Range(f) }
+
+// SameFleet reports whether rc describes the route's fleet as it is: the
+// same backends, discovery, health checks and swap wait.
+func (rt *Route) SameFleet(rc *config.Route) bool {
+	return rt.cfg.Fleet() && reflect.DeepEqual(rt.cfg.Config, rc.Config) && rt.cfg.MaxSwapWait == rc.MaxSwapWait &&
+		rt.cfg.DialTimeout == rc.DialTimeout && rt.cfg.ResponseHeaderTimeout == rc.ResponseHeaderTimeout &&
+		rt.cfg.MaxIdleConnsPerHost == rc.MaxIdleConnsPerHost
+}

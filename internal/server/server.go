@@ -51,6 +51,11 @@ type Options struct {
 	// ClockOffset skews this replica's own clock for the shared limits
 	// (tests: replicas whose clocks disagree). The buckets run on Redis's.
 	ClockOffset time.Duration
+	// Previous is the gateway before a reload (SIGHUP): its queues, with
+	// their waiters and admissions, its fleets whose config is the same,
+	// its metrics, its shared state and its clients' use today go on in
+	// the new one.
+	Previous *Server
 }
 
 // Server is an http.Handler for the whole gateway.
@@ -76,11 +81,21 @@ type Server struct {
 	fallback      *route.Route   // the defaultRoute, also served at the root
 	routeList     []*route.Route // the routes in the config's order
 	front         *metrics.Responses
-	history       uiHistory // the status page's counts per second
+	history       *uiHistory // the status page's counts per second
+	src           *source    // what the scrape-time metrics and the shared hooks read: the current gateway
 	ollama        *ollama.Handler
 }
 
 var _ metrics.Source = (*Server)(nil)
+
+// source is the current gateway for the scrape-time collectors and the
+// shared state's hooks, which outlive a reload.
+type source struct{ cur atomic.Pointer[Server] }
+
+func (p *source) QueueStats(y func(metrics.QueueStats))     { p.cur.Load().QueueStats(y) }
+func (p *source) BackendStats(y func(metrics.BackendStats)) { p.cur.Load().BackendStats(y) }
+func (p *source) ClientStats(y func(metrics.ClientStats))   { p.cur.Load().ClientStats(y) }
+func (p *source) BudgetStats(y func(metrics.BudgetStats))   { p.cur.Load().BudgetStats(y) }
 
 // New builds the gateway from a validated config.
 func New(opts Options) (*Server, error) {
@@ -92,9 +107,18 @@ func New(opts Options) (*Server, error) {
 	if s.log == nil {
 		s.log = slog.Default()
 	}
+	prev := opts.Previous
 	s.dir = clients.New(opts.Config)
 	s.keyHashes = s.dir.Hashes()
-	if opts.Config.HasBudgets() && opts.Config.StateFile != "" {
+	s.src, s.history = &source{}, &uiHistory{}
+	if prev != nil {
+		s.dir.Adopt(prev.dir)
+		s.src, s.history = prev.src, prev.history
+		s.statePath = prev.statePath
+		if s.statePath == "" && opts.Config.HasBudgets() {
+			s.statePath = opts.Config.StateFile // budgets from now on: kept from now on
+		}
+	} else if opts.Config.HasBudgets() && opts.Config.StateFile != "" {
 		// Budgets survive a restart: today's use so far is read back.
 		s.statePath = opts.Config.StateFile
 		if err := s.dir.Load(s.statePath, time.Now()); err != nil {
@@ -107,7 +131,10 @@ func New(opts Options) (*Server, error) {
 	if k := opts.Config.MetricsKey.Value(); k != "" {
 		s.metricsHashes = append(s.metricsHashes, sha256.Sum256([]byte(k)))
 	}
-	if sc := opts.Config.Shared; sc != nil {
+	if prev != nil && prev.shared != nil {
+		s.shared = prev.shared // its config is the process's: changed by a restart
+		s.dir.Share(s.shared)
+	} else if sc := opts.Config.Shared; sc != nil {
 		st, err := shared.New(*sc, s.log, opts.Registry)
 		if err != nil {
 			return nil, fmt.Errorf("server: %w", err)
@@ -117,9 +144,11 @@ func New(opts Options) (*Server, error) {
 			st.SetClock(func() time.Time { return time.Now().Add(off) })
 		}
 		s.dir.Share(st)
-		st.OnChange(s.sharedChanged)
+		// The hooks reach whichever gateway is current (reloads swap it).
+		src := s.src
+		st.OnChange(func(degraded bool) { src.cur.Load().sharedChanged(degraded) })
 		st.OnRecover(func(ctx context.Context) error {
-			for _, rt := range s.routes {
+			for _, rt := range src.cur.Load().routes {
 				if err := rt.RecoverShared(ctx); err != nil {
 					return err
 				}
@@ -127,17 +156,25 @@ func New(opts Options) (*Server, error) {
 			return nil
 		})
 	}
-	m, err := metrics.New(opts.Registry, s)
-	if err != nil {
-		return nil, fmt.Errorf("server: metrics: %w", err)
+	if prev != nil {
+		s.metrics, s.front, s.promHTTP = prev.metrics, prev.front, prev.promHTTP
+	} else {
+		m, err := metrics.New(opts.Registry, s.src)
+		if err != nil {
+			return nil, fmt.Errorf("server: metrics: %w", err)
+		}
+		s.metrics = m
+		s.front = m.Responses("")
+		s.promHTTP = promhttp.HandlerFor(opts.Registry, promhttp.HandlerOpts{})
 	}
-	s.metrics = m
-	s.front = m.Responses("")
-	s.promHTTP = promhttp.HandlerFor(opts.Registry, promhttp.HandlerOpts{})
 	for name, rc := range opts.Config.Routes {
+		var prevRoute *route.Route
+		if prev != nil {
+			prevRoute = prev.routes[name]
+		}
 		rt, err := route.New(name, rc, route.Options{Tokenizer: s.tok, Metrics: s.metrics, Logger: s.log,
 			Transport: opts.Transport, Clients: s.dir, Secrets: s.secrets(), Shared: s.shared,
-			Closing: s.closing.Load, Limits: s.limits()})
+			Closing: s.closing.Load, Limits: s.limits(), Previous: prevRoute})
 		if err != nil {
 			return nil, fmt.Errorf("server: %w", err)
 		}
@@ -150,6 +187,9 @@ func New(opts Options) (*Server, error) {
 		s.fallback = s.routes[opts.Config.DefaultRoute]
 	}
 	s.routeList = s.ordered()
+	if prev == nil {
+		s.src.cur.Store(s) // a reload swaps it when it takes over (Takeover)
+	}
 	s.ollama = ollama.New(ollamaGateway{s})
 	s.mux = s.newMux()
 	return s, nil
