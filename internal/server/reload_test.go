@@ -79,8 +79,10 @@ func TestSIGHUPReloadsWithoutDroppingAnyone(t *testing.T) {
 			codes <- c
 		})
 	}
-	require.Eventually(t, func() bool { return strings.Contains(metricsAt(base), `llproxy_queue_depth{model="m",route="slow"} `) &&
-		!strings.Contains(metricsAt(base), `llproxy_queue_depth{model="m",route="slow"} 0`) }, 5*time.Second, 10*time.Millisecond,
+	require.Eventually(t, func() bool {
+		return strings.Contains(metricsAt(base), `llproxy_queue_depth{model="m",route="slow"} `) &&
+			!strings.Contains(metricsAt(base), `llproxy_queue_depth{model="m",route="slow"} 0`)
+	}, 5*time.Second, 10*time.Millisecond,
 		"requests wait")
 
 	write(4, `, "extra": {"provider": "mock", "models": {"*": {"rpm": 10, "tpm": 100000, "maxQueueSize": 5, "maxQueueWait": 5}}}`, u2.URL)
