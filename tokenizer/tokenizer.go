@@ -19,12 +19,14 @@ import (
 	"sync"
 	"sync/atomic"
 	"unsafe"
+
+	"github.com/llproxy/llproxy/tokenizer/bpe"
 )
 
 // Encoding names understood by the tokenizer.
 const (
-	O200kBase  = "o200k_base"
-	Cl100kBase = "cl100k_base"
+	O200kBase  = bpe.O200k
+	Cl100kBase = bpe.Cl100k
 )
 
 // Config tunes the tokenizer. The zero value is valid and uses the defaults.
@@ -33,7 +35,7 @@ type Config struct {
 	// to a power of two. 0 means 65536 (512 KiB). Negative disables caching.
 	CacheEntries int `json:"cacheEntries,omitempty"`
 	// MaxPieceBytes is accepted for old configs and ignored: every piece
-	// is counted exactly, in O(n log n) (see bpe.go).
+	// is counted exactly, in O(n log n) (see package bpe).
 	MaxPieceBytes int `json:"maxPieceBytes,omitempty"`
 	// MaxExactBytes bounds the text one request may have counted exactly
 	// (uncached texts only); texts past it are charged one token per two
@@ -62,7 +64,7 @@ func (c Config) Validate() error {
 // concurrent use.
 type Encoding struct {
 	name string
-	bpe  *bpe
+	bpe  *bpe.Counter
 	seed maphash.Seed // per-encoding seed, so cache keys never collide across encodings
 	tok  *Tokenizer
 	// family decides the tool-definition overheads of the cookbook.
@@ -107,7 +109,7 @@ func New(cfg Config) (*Tokenizer, error) {
 	var wg sync.WaitGroup
 	for i, e := range encs {
 		wg.Go(func() { // the two vocabularies load in parallel
-			b, err := newBPE(e.name)
+			b, err := bpe.New(e.name)
 			if err != nil {
 				errs[i] = fmt.Errorf("tokenizer: loading %s: %w", e.name, err)
 				return
@@ -196,7 +198,7 @@ func (e *Encoding) countWithin(text string, budget *int) int {
 		return (len(text) + 1) / 2
 	}
 	*budget -= len(text)
-	n := e.bpe.count(text)
+	n := e.bpe.Count(text)
 	if c != nil {
 		c.put(h, n)
 	}

@@ -1,4 +1,4 @@
-package tokenizer
+package bpe
 
 import (
 	"fmt"
@@ -10,6 +10,7 @@ import (
 
 	"github.com/pkoukk/tiktoken-go"
 	tiktoken_loader "github.com/pkoukk/tiktoken-go-loader"
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
 
@@ -19,19 +20,19 @@ import (
 var (
 	oracleOnce sync.Once
 	oracles    map[string]*tiktoken.Tiktoken
-	ours       map[string]*bpe
+	ours       map[string]*Counter
 )
 
-func exactPair(t testing.TB) (map[string]*tiktoken.Tiktoken, map[string]*bpe) {
+func exactPair(t testing.TB) (map[string]*tiktoken.Tiktoken, map[string]*Counter) {
 	oracleOnce.Do(func() {
 		tiktoken.SetBpeLoader(tiktoken_loader.NewOfflineLoader())
-		oracles, ours = map[string]*tiktoken.Tiktoken{}, map[string]*bpe{}
-		for _, name := range []string{Cl100kBase, O200kBase} {
+		oracles, ours = map[string]*tiktoken.Tiktoken{}, map[string]*Counter{}
+		for _, name := range []string{Cl100k, O200k} {
 			o, err := tiktoken.GetEncoding(name)
 			if err != nil {
 				panic(err)
 			}
-			b, err := newBPE(name)
+			b, err := New(name)
 			if err != nil {
 				panic(err)
 			}
@@ -64,10 +65,10 @@ var exactCorpus = []string{
 
 func TestCountsAreExact(t *testing.T) {
 	oracle, our := exactPair(t)
-	for _, name := range []string{Cl100kBase, O200kBase} {
+	for _, name := range []string{Cl100k, O200k} {
 		for _, text := range exactCorpus {
 			want := len(oracle[name].EncodeOrdinary(text))
-			require.Equal(t, want, our[name].count(text), "%s %q", name, text)
+			require.Equal(t, want, our[name].Count(text), "%s %q", name, text)
 		}
 	}
 }
@@ -85,9 +86,9 @@ func TestCountsAreExactOnGeneratedText(t *testing.T) {
 			b.WriteString(frags[rng.IntN(len(frags))])
 		}
 		text := b.String()
-		for _, name := range []string{Cl100kBase, O200kBase} {
+		for _, name := range []string{Cl100k, O200k} {
 			want := len(oracle[name].EncodeOrdinary(text))
-			if got := our[name].count(text); got != want {
+			if got := our[name].Count(text); got != want {
 				t.Fatalf("case %d, %s %q: %d, tiktoken %d", i, name, text, got, want)
 			}
 		}
@@ -106,9 +107,9 @@ func FuzzExactCount(f *testing.F) {
 		if len(text) > 500 {
 			return
 		}
-		for _, name := range []string{Cl100kBase, O200kBase} {
+		for _, name := range []string{Cl100k, O200k} {
 			want := len(oracle[name].EncodeOrdinary(text))
-			if got := our[name].count(text); got != want {
+			if got := our[name].Count(text); got != want {
 				t.Fatalf("%s %q (valid %v): %d, tiktoken %d", name, text, utf8.ValidString(text), got, want)
 			}
 		}
@@ -132,7 +133,7 @@ func TestLongPieceMergeEqualsTheShortOne(t *testing.T) {
 	}
 	texts = append(texts, exactCorpus...)
 	s := &scratch{}
-	for _, name := range []string{Cl100kBase, O200kBase} {
+	for _, name := range []string{Cl100k, O200k} {
 		b := our[name]
 		for _, text := range texts {
 			text = replaceInvalid(text)
@@ -145,4 +146,13 @@ func TestLongPieceMergeEqualsTheShortOne(t *testing.T) {
 			}
 		}
 	}
+}
+
+func TestRanks(t *testing.T) {
+	_, our := exactPair(t)
+	o, c := our[O200k].ranks, our[Cl100k].ranks
+	assert.Equal(t, []uint32{24912, 2375}, []uint32{o.rankString("hello"), o.rankString(" world")})
+	assert.Equal(t, []uint32{15339, 1917}, []uint32{c.rankString("hello"), c.rankString(" world")})
+	assert.Equal(t, noRank, o.rankString("hello world, not a token"))
+	assert.Less(t, o.size()+c.size(), 25<<20, "both vocabularies in 25 MiB")
 }

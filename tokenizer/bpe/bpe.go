@@ -1,20 +1,36 @@
-package tokenizer
+// Package bpe counts the tokens of a text exactly as tiktoken's
+// encode_ordinary would produce them, for cl100k_base and o200k_base,
+// without producing them: a hand-written pre-splitter per encoding
+// (split.go), a compact rank table (ranks.go) and byte-pair merging that
+// stays O(n log n) on hostile input, allocating nothing per count.
+//
+// It exists apart from package tokenizer (which knows models and request
+// shapes) because it is the part that must be exactly right, and is
+// proven so against tiktoken-go, its oracle, in its own tests.
+package bpe
 
 import (
+	"fmt"
 	"sync"
 	"unicode/utf8"
 )
 
-// bpe counts texts with one encoding's vocabulary and pre-splitter: the
-// number of tokens tiktoken's encode_ordinary would give, exactly, without
-// producing them.
-type bpe struct {
+// The encodings it knows.
+const (
+	O200k  = "o200k_base"
+	Cl100k = "cl100k_base"
+)
+
+// Counter counts texts with one encoding's vocabulary and pre-splitter. It
+// is safe for concurrent use.
+type Counter struct {
 	ranks *ranks
 	next  func(text string, i int) int // the pre-splitter
 }
 
-// count returns the number of tokens of text.
-func (b *bpe) count(text string) int {
+// Count returns the number of tokens of text, an ordinary text (special
+// tokens in it are the plain text they are).
+func (b *Counter) Count(text string) int {
 	if !utf8.ValidString(text) {
 		text = replaceInvalid(text)
 	}
@@ -52,7 +68,7 @@ const smallPiece = 64
 // piece returns the number of tokens of one pre-split piece: byte-pair
 // merging by rank, the lowest (leftmost on ties) first, until no adjacent
 // pair is a token.
-func (b *bpe) piece(p string, s *scratch) int {
+func (b *Counter) piece(p string, s *scratch) int {
 	if len(p) <= 1 {
 		return len(p)
 	}
@@ -82,13 +98,13 @@ type scratch struct {
 var scratchPool = sync.Pool{New: func() any { return new(scratch) }}
 
 // pairRank is the rank of p[from:to] as one token, or noRank.
-func (b *bpe) pairRank(p string, from, to int) uint32 {
+func (b *Counter) pairRank(p string, from, to int) uint32 {
 	return b.ranks.rankString(p[from:to])
 }
 
 // mergeSmall is tiktoken's own merge loop: parts are byte offsets; each
 // step finds the lowest-ranked adjacent pair and merges it.
-func (b *bpe) mergeSmall(p string, s *scratch) int {
+func (b *Counter) mergeSmall(p string, s *scratch) int {
 	n := len(p)
 	start, rank := s.start[:0], s.rank[:0]
 	for i := 0; i <= n; i++ {
@@ -276,7 +292,7 @@ func heapPop[T int32 | uint32](h []T) []T {
 // was merged away or its pair changed since (pair[from] holds the rank of
 // the part's current pair: a token's rank names its bytes, so a different
 // pair has a different rank); stale ones are skipped when popped.
-func (b *bpe) mergeHeap(p string, s *scratch) int {
+func (b *Counter) mergeHeap(p string, s *scratch) int {
 	n := len(p)
 	if cap(s.next) < n+1 {
 		s.next, s.prev, s.pair = make([]int32, n+1), make([]int32, n+1), make([]uint32, n+1)
@@ -326,15 +342,24 @@ func (b *bpe) mergeHeap(p string, s *scratch) int {
 	return alive
 }
 
-// newBPE builds the counter of encoding name.
-func newBPE(name string) (*bpe, error) {
+// New builds the counter of the encoding name (O200k or Cl100k) from the
+// vocabulary embedded in the binary. It never touches the network.
+func New(name string) (*Counter, error) {
+	var next func(string, int) int
+	switch name {
+	case O200k:
+		next = nextO200k
+	case Cl100k:
+		next = nextCl100k
+	default:
+		return nil, fmt.Errorf("bpe: unknown encoding %q", name)
+	}
 	r, err := loadRanks(name)
 	if err != nil {
 		return nil, err
 	}
-	b := &bpe{ranks: r, next: nextO200k}
-	if name == Cl100kBase {
-		b.next = nextCl100k
-	}
-	return b, nil
+	return &Counter{ranks: r, next: next}, nil
 }
+
+// Size is the memory the vocabulary takes, in bytes.
+func (b *Counter) Size() int { return b.ranks.size() }
