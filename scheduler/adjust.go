@@ -190,16 +190,11 @@ func (q *Queue) Requeue(ctx context.Context, cost Cost, deadline time.Time, into
 }
 
 func (q *Queue) requeue(now time.Time, cost Cost, deadline time.Time, into *Admission) (*waiter, *Admission, error) {
-	switch {
-	case q.closed:
-		return nil, nil, ErrClosed
-	case cost.Tokens < 0:
-		return nil, nil, ErrInvalidCost
-	case cost.Client < 0 || cost.Client >= q.clients:
-		return nil, nil, ErrUnknownClient
+	l, err := q.laneOf(cost)
+	if err != nil {
+		return nil, nil, err
 	}
-	l := q.lanes[cost.Client]
-	if q.depth == 0 && !now.Before(q.holdUntil) && q.canPay(now, cost.Tokens) && l.canPay(now, cost.Tokens) {
+	if q.admitsNow(now, l, cost.Tokens) {
 		return nil, q.pay(now, l, cost, 0, into), nil
 	}
 	// At the head of its lane: the lane's waiters shift back one.

@@ -240,17 +240,13 @@ func (q *Queue) expire(w *waiter) {
 // A nil waiter means the answer is final.
 func (q *Queue) enqueue(now time.Time, cost Cost, into *Admission) (*waiter, *Admission, error) {
 	// (1)
-	switch {
-	case q.closed:
-		return nil, nil, ErrClosed
-	case q.retired.Load():
+	if q.retired.Load() && !q.closed {
 		return nil, nil, ErrRetired
-	case cost.Tokens < 0:
-		return nil, nil, ErrInvalidCost
-	case cost.Client < 0 || cost.Client >= q.clients:
-		return nil, nil, ErrUnknownClient
 	}
-	l := q.lanes[cost.Client]
+	l, err := q.laneOf(cost)
+	if err != nil {
+		return nil, nil, err
+	}
 	// (2)
 	if cost.Tokens > q.cfg.TPM || (l.TPM > 0 && cost.Tokens > l.TPM) {
 		e := &RejectError{Reason: ErrTooLarge, Model: q.model, Resource: Tokens, Requested: cost.Tokens,
@@ -261,7 +257,7 @@ func (q *Queue) enqueue(now time.Time, cost Cost, into *Admission) (*waiter, *Ad
 		return nil, nil, e
 	}
 	// (3) Fast path.
-	if q.depth == 0 && !now.Before(q.holdUntil) && q.canPay(now, cost.Tokens) && l.canPay(now, cost.Tokens) {
+	if q.admitsNow(now, l, cost.Tokens) {
 		return nil, q.pay(now, l, cost, 0, into), nil
 	}
 	// (4)
@@ -293,6 +289,27 @@ func (q *Queue) enqueue(now time.Time, cost Cost, into *Admission) (*waiter, *Ad
 		q.dispatch(now) // a new lane may change whose turn it is
 	}
 	return w, nil, nil
+}
+
+// laneOf returns the lane a request of cost waits in, or why it cannot
+// be taken at all: the queue is closed, the cost negative or the client
+// unknown.
+func (q *Queue) laneOf(cost Cost) (*lane, error) {
+	switch {
+	case q.closed:
+		return nil, ErrClosed
+	case cost.Tokens < 0:
+		return nil, ErrInvalidCost
+	case cost.Client < 0 || cost.Client >= q.clients:
+		return nil, ErrUnknownClient
+	}
+	return q.lanes[cost.Client], nil
+}
+
+// admitsNow reports whether a request of tokens from lane l is admitted at
+// once: nobody waits, no hold, and every gate can pay.
+func (q *Queue) admitsNow(now time.Time, l *lane, tokens int) bool {
+	return q.depth == 0 && !now.Before(q.holdUntil) && q.canPay(now, tokens) && l.canPay(now, tokens)
 }
 
 // push appends a waiter of cost to lane l.

@@ -7,8 +7,6 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"sync"
 	"time"
 )
@@ -16,21 +14,6 @@ import (
 // The memory a waiting request and an open stream hold, measured as the
 // growth of each proxy's resident set while n of them are in progress
 // (llbench -memory).
-
-// rss returns the process's resident set size in bytes now.
-func (p *proc) rss() float64 {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.cmd.Process.Pid))
-	if err != nil {
-		return 0
-	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if rest, ok := strings.CutPrefix(line, "VmRSS:"); ok {
-			kb, _ := strconv.ParseFloat(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")), 64)
-			return kb * 1024
-		}
-	}
-	return 0
-}
 
 // holding starts n requests of body to url that stay in progress until
 // release is closed, waits until p's RSS has settled, and returns its

@@ -79,15 +79,21 @@ func (p *proc) cpu() time.Duration {
 }
 
 // peakRSS returns the process's peak resident set size in MiB.
-func (p *proc) peakRSS() float64 {
+func (p *proc) peakRSS() float64 { return p.statusKB("VmHWM:") / 1024 }
+
+// rss returns the process's resident set size in bytes now.
+func (p *proc) rss() float64 { return p.statusKB("VmRSS:") * 1024 }
+
+// statusKB reads a field in kB from the process's /proc status.
+func (p *proc) statusKB(field string) float64 {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.cmd.Process.Pid))
 	if err != nil {
 		return 0
 	}
 	for _, line := range strings.Split(string(b), "\n") {
-		if rest, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+		if rest, ok := strings.CutPrefix(line, field); ok {
 			kb, _ := strconv.ParseFloat(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")), 64)
-			return kb / 1024
+			return kb
 		}
 	}
 	return 0

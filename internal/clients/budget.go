@@ -128,19 +128,17 @@ func (s *Spend) Settle(now time.Time, used int) {
 		return
 	}
 	c := s.c
+	s.c = nil
 	c.led.mu.Lock()
-	defer c.led.mu.Unlock()
 	s.end()
 	u := c.roll(s.u, dayOf(now))
 	u.used += int64(max(0, used))
+	c.led.mu.Unlock()
 	if c.dirty != nil {
 		c.dirty.Store(true)
 	}
-	s.c = nil
 	if c.store != nil && used > 0 && c.Budget(s.model) > 0 {
-		c.led.mu.Unlock()
-		c.record(now, s.model, int64(used), u)
-		c.led.mu.Lock()
+		c.record(now, s.model, int64(used), u) // a round trip: not under the lock
 	}
 }
 

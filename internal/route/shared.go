@@ -180,11 +180,11 @@ func (rt *Route) requeueShared(ctx context.Context, ex *exchange, ms *models.Mod
 	return true
 }
 
-// recoverShared lowers the shared buckets of every model of the route to
+// RecoverShared lowers the shared buckets of every model of the route to
 // what this replica's queues hold of them, after an outage: a floor of
 // what is left (each replica holds its share of it), so the buckets
 // resume from what was spent, never from more.
-func (rt *Route) recoverShared(ctx context.Context) error {
+func (rt *Route) RecoverShared(ctx context.Context) error {
 	now := time.Now()
 	var err error
 	rt.models.Range(func(ms *models.Model) {
@@ -200,6 +200,3 @@ func (rt *Route) recoverShared(ctx context.Context) error {
 	})
 	return err
 }
-
-// RecoverShared is recoverShared for the server's recovery hook.
-func (rt *Route) RecoverShared(ctx context.Context) error { return rt.recoverShared(ctx) }

@@ -80,8 +80,8 @@ func TestSIGHUPReloadsWithoutDroppingAnyone(t *testing.T) {
 		})
 	}
 	require.Eventually(t, func() bool {
-		return strings.Contains(metricsAt(base), `llproxy_queue_depth{model="m",route="slow"} `) &&
-			!strings.Contains(metricsAt(base), `llproxy_queue_depth{model="m",route="slow"} 0`)
+		return strings.Contains(metricsOf(t, base), `llproxy_queue_depth{model="m",route="slow"} `) &&
+			!strings.Contains(metricsOf(t, base), `llproxy_queue_depth{model="m",route="slow"} 0`)
 	}, 5*time.Second, 10*time.Millisecond,
 		"requests wait")
 
@@ -91,7 +91,7 @@ func TestSIGHUPReloadsWithoutDroppingAnyone(t *testing.T) {
 	// The waiting requests are the new gateway's, under its limits: four
 	// in flight at once now, where the old config allowed one.
 	require.Eventually(t, func() bool {
-		return strings.Contains(metricsAt(base), `llproxy_client_inflight_requests{client="a",model="m",route="slow"} 4`)
+		return strings.Contains(metricsOf(t, base), `llproxy_client_inflight_requests{client="a",model="m",route="slow"} 4`)
 	}, 5*time.Second, 10*time.Millisecond, "the queue kept its waiters and took the new limit")
 
 	wg.Wait()
@@ -111,7 +111,7 @@ func TestSIGHUPReloadsWithoutDroppingAnyone(t *testing.T) {
 	assert.Equal(t, http.StatusOK, status)
 	assert.Equal(t, 1, posts(u1), "the old backend is out")
 	assert.Equal(t, 1, posts(u2), "the new one is in")
-	assert.Contains(t, metricsAt(base), `llproxy_bucket_limit{model="m",resource="requests",route="slow"} 1000`)
+	assert.Contains(t, metricsOf(t, base), `llproxy_bucket_limit{model="m",resource="requests",route="slow"} 1000`)
 
 	// A bad config: every error logged, nothing changes.
 	require.NoError(t, os.WriteFile(cfgPath, []byte(`{"routes": {"slow": {"provider": "mock", "models": {"m": {"rpm": 1, "tpm": 0}}}}}`), 0o600))
@@ -126,16 +126,6 @@ func TestSIGHUPReloadsWithoutDroppingAnyone(t *testing.T) {
 	require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
 	require.NoError(t, cmd.Wait())
 	assert.NotContains(t, logs.String(), "panic")
-}
-
-func metricsAt(base string) string {
-	resp, err := http.Get(base + "/metrics")
-	if err != nil {
-		return ""
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return string(b)
 }
 
 // posts counts the chat requests an upstream got (health checks aside).

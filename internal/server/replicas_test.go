@@ -170,26 +170,12 @@ func TestReplicasRedisDownAndBack(t *testing.T) {
 	time.Sleep(2 * time.Second)
 	r.Stop()
 	stopped := time.Since(start)
-	require.Eventually(t, func() bool {
-		for _, p := range replicas {
-			if !strings.Contains(metricsOf(t, p.url), `llproxy_shared_state{state="degraded"} 1`) {
-				return false
-			}
-		}
-		return true
-	}, 5*time.Second, 50*time.Millisecond, "both degraded")
+	allShow(t, replicas, `llproxy_shared_state{state="degraded"} 1`, "both degraded")
 	time.Sleep(2 * time.Second)
 	assert.Positive(t, count(counts, "200 local"), "answered with this replica's share, and said so")
 	r.Restart()
 	restarted := time.Since(start)
-	require.Eventually(t, func() bool {
-		for _, p := range replicas {
-			if !strings.Contains(metricsOf(t, p.url), `llproxy_shared_state{state="ok"} 1`) {
-				return false
-			}
-		}
-		return true
-	}, 5*time.Second, 50*time.Millisecond, "both back")
+	allShow(t, replicas, `llproxy_shared_state{state="ok"} 1`, "both back")
 	<-ctx.Done()
 	waitDone(t, counts)
 	_, limited := fake.counts()
@@ -212,6 +198,19 @@ func TestReplicasRedisDownAndBack(t *testing.T) {
 		assert.Contains(t, p.logs.String(), "shared limits degraded")
 		assert.Contains(t, p.logs.String(), "shared limits ok")
 	}
+}
+
+// allShow waits until every replica's metrics show want.
+func allShow(t *testing.T, replicas []*replicaProc, want, what string) {
+	t.Helper()
+	require.Eventually(t, func() bool {
+		for _, p := range replicas {
+			if !strings.Contains(metricsOf(t, p.url), want) {
+				return false
+			}
+		}
+		return true
+	}, 5*time.Second, 50*time.Millisecond, what)
 }
 
 func metricsOf(t *testing.T, url string) string {

@@ -20,6 +20,10 @@ import (
 // resolve is the one answer to "which route serves this model", for the
 // root and for the Ollama façade alike.
 
+// rootParsers find the model of a root request's body (the route parses
+// it again, fully: this one only picks the route).
+var rootParsers fastjson.ParserPool
+
 // ordered returns the routes in the order the config lists them.
 func (s *Server) ordered() []*route.Route {
 	out := make([]*route.Route, 0, len(s.routes))
@@ -88,9 +92,11 @@ func (s *Server) serveRoot(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		defer body.Release()
-		if v, err := fastjson.ParseBytes(body.Buf); err == nil && v.Type() == fastjson.TypeObject {
+		p := rootParsers.Get()
+		if v, err := p.ParseBytes(body.Buf); err == nil && v.Type() == fastjson.TypeObject {
 			model = string(v.GetStringBytes("model"))
 		}
+		rootParsers.Put(p)
 		r.Body = body.Reader()
 		r.ContentLength = int64(len(body.Buf))
 	}

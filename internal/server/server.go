@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"github.com/llproxy/llproxy/internal/clients"
 	"github.com/llproxy/llproxy/internal/shared"
+	"github.com/llproxy/llproxy/internal/statuspage"
 	"io"
 	"log/slog"
 	"maps"
@@ -81,8 +82,8 @@ type Server struct {
 	fallback      *route.Route   // the defaultRoute, also served at the root
 	routeList     []*route.Route // the routes in the config's order
 	front         *metrics.Responses
-	history       *uiHistory // the status page's counts per second
-	src           *source    // what the scrape-time metrics and the shared hooks read: the current gateway
+	page          *statuspage.Page // GET /ui: it outlives reloads
+	src           *source          // what the scrape-time metrics and the shared hooks read: the current gateway
 	ollama        *ollama.Handler
 }
 
@@ -110,10 +111,12 @@ func New(opts Options) (*Server, error) {
 	prev := opts.Previous
 	s.dir = clients.New(opts.Config)
 	s.keyHashes = s.dir.Hashes()
-	s.src, s.history = &source{}, &uiHistory{}
+	s.src = &source{}
+	src := s.src
+	s.page = statuspage.New(func() []*route.Route { return src.cur.Load().routeList })
 	if prev != nil {
 		s.dir.Adopt(prev.dir)
-		s.src, s.history = prev.src, prev.history
+		s.src, s.page = prev.src, prev.page
 		s.statePath = prev.statePath
 		if s.statePath == "" && opts.Config.HasBudgets() {
 			s.statePath = opts.Config.StateFile // budgets from now on: kept from now on
@@ -145,7 +148,6 @@ func New(opts Options) (*Server, error) {
 		}
 		s.dir.Share(st)
 		// The hooks reach whichever gateway is current (reloads swap it).
-		src := s.src
 		st.OnChange(func(degraded bool) { src.cur.Load().sharedChanged(degraded) })
 		st.OnRecover(func(ctx context.Context) error {
 			for _, rt := range src.cur.Load().routes {

@@ -1,4 +1,11 @@
-package server
+// Package statuspage is llproxy's live status page: one self-contained
+// page (embedded, no CDN) and the JSON it polls every second, read from
+// the routes' queues, metrics and fleets, with a few minutes of admitted
+// and refused counts kept to draw.
+//
+// It exists apart from the HTTP front so that the page, its state and its
+// history, which live across config reloads, are one piece.
+package statuspage
 
 import (
 	_ "embed"
@@ -9,15 +16,22 @@ import (
 	"time"
 
 	"github.com/llproxy/llproxy/internal/models"
+	"github.com/llproxy/llproxy/internal/route"
 	"github.com/llproxy/llproxy/scheduler"
 )
 
-// The status page: GET /ui is one self-contained page (no CDN), which
-// polls GET /ui/state every second. Both follow the admin rule; a browser
-// may give the key as a Basic password (it prompts for one on the 401).
+//go:embed index.html
+var page []byte
 
-//go:embed ui/index.html
-var uiPage []byte
+// Page serves the status page of the routes that routes returns (the
+// current ones: a reload changes them, the page and its history stay).
+type Page struct {
+	routes  func() []*route.Route
+	history uiHistory
+}
+
+// New returns the page of the routes routes returns, in order.
+func New(routes func() []*route.Route) *Page { return &Page{routes: routes} }
 
 // historyLen is how many seconds of admitted/refused counts the page shows.
 const historyLen = 300
@@ -100,15 +114,15 @@ type uiRoute struct {
 	Backends []uiBackend `json:"backends,omitempty"`
 }
 
-// uiState is GET /ui/state.
-func (s *Server) uiState(w http.ResponseWriter, r *http.Request) {
+// ServeState answers the page's poll: every route and model, now.
+func (p *Page) ServeState(w http.ResponseWriter, r *http.Request) {
 	now := time.Now()
-	s.history.mu.Lock()
+	p.history.mu.Lock()
 	out := struct {
 		Time   time.Time `json:"time"`
 		Routes []uiRoute `json:"routes"`
 	}{Time: now, Routes: []uiRoute{}}
-	for _, rt := range s.routeList {
+	for _, rt := range p.routes() {
 		ur := uiRoute{Name: rt.Name(), Models: []uiModel{}}
 		rt.Models(func(ms *models.Model) {
 			q := ms.Queue
@@ -124,7 +138,7 @@ func (s *Server) uiState(w http.ResponseWriter, r *http.Request) {
 				}
 			})
 			a, rej := ms.Metrics.Totals()
-			series := s.history.sample(now, rt.Name()+"\x00"+q.Model(), a, rej)
+			series := p.history.sample(now, rt.Name()+"\x00"+q.Model(), a, rej)
 			m.Admitted, m.Rejected = append([]int64{}, series.admitted...), append([]int64{}, series.rejected...)
 			ur.Models = append(ur.Models, m)
 		})
@@ -144,17 +158,17 @@ func (s *Server) uiState(w http.ResponseWriter, r *http.Request) {
 		}
 		out.Routes = append(out.Routes, ur)
 	}
-	s.history.mu.Unlock()
+	p.history.mu.Unlock()
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")
 	json.NewEncoder(w).Encode(out)
 }
 
-// uiPageHandler is GET /ui.
-func (s *Server) uiPageHandler(w http.ResponseWriter, _ *http.Request) {
+// ServeHTML serves the page.
+func (p *Page) ServeHTML(w http.ResponseWriter, _ *http.Request) {
 	h := w.Header()
 	h.Set("Content-Type", "text/html; charset=utf-8")
 	h.Set("Cache-Control", "no-store")
 	h.Set("Content-Security-Policy", "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'unsafe-inline'")
-	w.Write(uiPage)
+	w.Write(page)
 }
