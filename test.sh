@@ -1,11 +1,23 @@
 #!/usr/bin/env bash
-# Runs every test: installs the official openai and ollama npm clients from
-# their lockfiles (tests drive the gateway with them), vets, then runs the
-# Go tests with the race detector.
+# Runs every test: installs what the tests run for real (Debian packages,
+# and the openai, ollama and playwright-core npm packages from their
+# lockfiles), vets, then runs the Go tests with the race detector.
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# The official clients the tests drive: the openai SDK and the ollama client.
+# The servers and tools the tests run for real: redis-server (replicas),
+# promtool (the alert rules), chromium (the status page).
+need=""
+command -v redis-server >/dev/null || need="$need redis-server"
+command -v promtool >/dev/null || need="$need prometheus"
+command -v chromium >/dev/null || need="$need chromium"
+if [ -n "$need" ]; then
+  SUDO=""
+  [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq $need
+fi
+
+# The npm packages the tests drive: the openai SDK, the ollama client, playwright-core.
 for dir in internal/server/testdata/sdk internal/server/testdata/ollama internal/server/testdata/ui; do
   if [ ! -f "$dir/node_modules/.package-lock.json" ] || [ "$dir/package-lock.json" -nt "$dir/node_modules/.package-lock.json" ]; then
     npm ci --prefix "$dir" --no-audit --no-fund --loglevel=error
