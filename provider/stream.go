@@ -29,6 +29,8 @@ type StreamTap struct {
 	found bool
 	eof   bool
 	err   error
+	sent  int   // events passed to the client (strip mode)
+	out   int64 // bytes passed to the client (strip mode)
 }
 
 // newStreamTap wraps an SSE response body.
@@ -44,7 +46,7 @@ func (t *StreamTap) Reset(src io.ReadCloser, strip bool) {
 	t.src, t.strip = src, strip
 	t.tail.Reset(src)
 	t.buf, t.ready = t.buf[:0], 0
-	t.usage, t.found, t.eof, t.err = Usage{}, false, false, nil
+	t.usage, t.found, t.eof, t.err, t.sent, t.out = Usage{}, false, false, nil, 0, 0
 }
 
 var (
@@ -85,6 +87,7 @@ func (t *StreamTap) Read(p []byte) (int, error) {
 	n := copy(p, t.buf[:t.ready])
 	rest := copy(t.buf, t.buf[n:])
 	t.buf, t.ready = t.buf[:rest], t.ready-n
+	t.out += int64(n)
 	return n, nil
 }
 
@@ -100,6 +103,9 @@ func (t *StreamTap) events(from int) {
 			break
 		}
 		ev := t.event(t.buf[start:end])
+		if len(ev) > 0 {
+			t.sent++
+		}
 		t.ready += copy(t.buf[t.ready:], ev)
 		start, r = end, end
 	}
@@ -227,6 +233,17 @@ func removeUsageNull(ev []byte) ([]byte, bool) {
 
 // Close closes the upstream body.
 func (t *StreamTap) Close() error { return t.src.Close() }
+
+// Relayed is what has passed so far: chunks (events; each event of a
+// chat or Responses stream carries about one token) and bytes. It is how
+// much of a stream cut short the client got.
+func (t *StreamTap) Relayed() (chunks int, bytes int64) {
+	if !t.strip {
+		lines, n := t.tail.Relayed()
+		return lines / 2, n // an event is a data line and a blank one
+	}
+	return t.sent, t.out
+}
 
 // Usage returns the usage the stream reported, if it was read to the end
 // and reported one. A stream cut short has none.

@@ -109,9 +109,11 @@ func objectPrefix(b []byte) []byte {
 // read when the body is done without holding the whole body. A BodyTap may
 // be reused with Reset, keeping its buffer.
 type BodyTap struct {
-	src  io.ReadCloser
-	tail []byte
-	eof  bool
+	src   io.ReadCloser
+	tail  []byte
+	eof   bool
+	lines int   // newlines passed: NDJSON chunks
+	n     int64 // bytes passed
 }
 
 const tapTail = 8 << 10
@@ -125,12 +127,14 @@ func newBodyTap(src io.ReadCloser) *BodyTap {
 
 // Reset makes t tap src, forgetting what it saw before.
 func (t *BodyTap) Reset(src io.ReadCloser) {
-	t.src, t.tail, t.eof = src, t.tail[:0], false
+	t.src, t.tail, t.eof, t.lines, t.n = src, t.tail[:0], false, 0, 0
 }
 
 func (t *BodyTap) Read(p []byte) (int, error) {
 	n, err := t.src.Read(p)
 	if n > 0 {
+		t.lines += bytes.Count(p[:n], newline)
+		t.n += int64(n)
 		if len(t.tail)+n > 2*tapTail {
 			keep := max(0, tapTail-n)
 			t.tail = append(t.tail[:0], t.tail[len(t.tail)-keep:]...)
@@ -143,8 +147,14 @@ func (t *BodyTap) Read(p []byte) (int, error) {
 	return n, err
 }
 
+var newline = []byte{'\n'}
+
 // Close closes the upstream body.
 func (t *BodyTap) Close() error { return t.src.Close() }
+
+// Relayed is what has passed so far: chunks (lines: an NDJSON stream's
+// chunks) and bytes. It is how much of an answer cut short the client got.
+func (t *BodyTap) Relayed() (chunks int, bytes int64) { return t.lines, t.n }
 
 // Usage returns the body's usage once it was read to the end.
 func (t *BodyTap) Usage() (Usage, bool) {

@@ -6,6 +6,8 @@ import (
 	"maps"
 	"slices"
 	"time"
+
+	"github.com/llproxy/llproxy/scheduler"
 )
 
 // Daily budgets: a client's tokens used per model and UTC day, settled
@@ -75,11 +77,12 @@ func (c *Client) roll(u *usage, today int64) *usage {
 	return u
 }
 
-// Exhausted is a request refused because its client's daily budget for
-// its model is used up.
+// Exhausted is a request refused because its client's daily budget cannot
+// pay for it: what is used today plus the request's reservation is over it.
 type Exhausted struct {
-	Client, Model string
+	Client, Model string // Model is the budget's: a model, or "*" for every model it covers
 	Budget, Used  int64
+	Requested     int64
 	Reset         time.Time // when the budget starts over
 }
 
@@ -87,8 +90,34 @@ type Exhausted struct {
 func (e *Exhausted) ResetAt() time.Time { return e.Reset }
 
 func (e *Exhausted) Error() string {
-	return fmt.Sprintf("You exceeded your current quota: client %s has used %d of its %d tokens per day for %s. "+
-		"The budget resets at %s (UTC midnight).", e.Client, e.Used, e.Budget, e.Model, e.Reset.Format(time.RFC3339))
+	return fmt.Sprintf("You exceeded your current quota: client %s has used %d of its %d tokens per day for %s; "+
+		"this request reserves %d. The budget resets at %s (UTC midnight).",
+		e.Client, e.Used, e.Budget, budgetName(e.Model), e.Requested, e.Reset.Format(time.RFC3339))
+}
+
+// Reserved is a request refused only because requests in flight hold the
+// rest of the budget: it may fit once they settle, so it is worth a retry
+// soon.
+type Reserved struct {
+	Client, Model                 string
+	Budget, Used, Held, Requested int64
+}
+
+// RetryAfter is how soon a retry may fit: requests in flight settle
+// within seconds, usually for less than they hold.
+func (e *Reserved) RetryAfter() time.Duration { return time.Second }
+
+func (e *Reserved) Error() string {
+	return fmt.Sprintf("Budget reserved: client %s has used %d of its %d tokens per day for %s and requests in flight "+
+		"hold %d more; this request reserves %d. Retry when they finish.",
+		e.Client, e.Used, e.Budget, budgetName(e.Model), e.Held, e.Requested)
+}
+
+func budgetName(model string) string {
+	if model == "*" {
+		return "every model its * limits cover"
+	}
+	return model
 }
 
 // Spend is a request's hold on its client's daily budget: taken by
@@ -97,29 +126,55 @@ func (e *Exhausted) Error() string {
 // nothing, so a caller defers Release where it reserves. The zero Spend
 // does nothing.
 type Spend struct {
-	c     *Client
-	u     *usage
-	day   int64
-	held  int64
-	model string
+	c    *Client
+	u    *usage
+	day  int64
+	held int64
+	key  string // the budget's ledger entry: the model, or "*"
 }
 
-// Reserve holds cost tokens of c's budget for model at now, or returns an
-// *Exhausted when what c has used and holds today reaches it. A client
-// without a budget for model is only counted.
+// budgetKey is the ledger entry a request for model counts in, and its
+// daily budget (0: none): a model the client's limits list is a budget of
+// its own; every other model that a "*" budget covers shares that one
+// budget, entry "*", so a new model name is not a fresh budget.
+func (c *Client) budgetKey(model string) (string, int64) {
+	if c.cfg == nil {
+		return model, 0
+	}
+	if l, ok := c.cfg.Limits[model]; ok && model != scheduler.Wildcard {
+		if l == nil {
+			return model, 0
+		}
+		return model, l.TokensPerDay
+	}
+	if l := c.cfg.Limits[scheduler.Wildcard]; l != nil && l.TokensPerDay > 0 {
+		return scheduler.Wildcard, l.TokensPerDay
+	}
+	return model, 0
+}
+
+// Reserve holds cost tokens of c's budget for model at now. It admits only
+// if what is used today, what requests in flight hold and cost together
+// fit the budget: over it by what is used alone, an *Exhausted; only
+// because of what is held, a *Reserved. A client without a budget for
+// model is only counted.
 func (c *Client) Reserve(now time.Time, model string, cost int) (Spend, error) {
-	budget := c.Budget(model)
+	key, budget := c.budgetKey(model)
 	if budget > 0 && c.store != nil {
-		c.sync(now, model)
+		c.sync(now, key)
 	}
 	c.led.mu.Lock()
 	defer c.led.mu.Unlock()
-	u := c.entry(model, now)
-	if budget > 0 && u.used+u.held >= budget {
-		return Spend{}, &Exhausted{Client: c.Name, Model: model, Budget: budget, Used: u.used, Reset: nextDay(now)}
+	u := c.entry(key, now)
+	need := int64(max(0, cost))
+	if budget > 0 && u.used+need > budget {
+		return Spend{}, &Exhausted{Client: c.Name, Model: key, Budget: budget, Used: u.used, Requested: need, Reset: nextDay(now)}
 	}
-	u.held += int64(cost)
-	return Spend{c: c, u: u, day: u.day, held: int64(cost), model: model}, nil
+	if budget > 0 && u.used+u.held+need > budget {
+		return Spend{}, &Reserved{Client: c.Name, Model: key, Budget: budget, Used: u.used, Held: u.held, Requested: need}
+	}
+	u.held += need
+	return Spend{c: c, u: u, day: u.day, held: need, key: key}, nil
 }
 
 // Settle ends the hold and counts used tokens as spent today.
@@ -137,8 +192,8 @@ func (s *Spend) Settle(now time.Time, used int) {
 	if c.dirty != nil {
 		c.dirty.Store(true)
 	}
-	if c.store != nil && used > 0 && c.Budget(s.model) > 0 {
-		c.record(now, s.model, int64(used), u) // a round trip: not under the lock
+	if c.store != nil && used > 0 && c.Budget(s.key) > 0 {
+		c.record(now, s.key, int64(used), u) // a round trip: not under the lock
 	}
 }
 

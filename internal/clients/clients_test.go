@@ -65,24 +65,29 @@ func TestBudgetIsHeldThenSettledAndStartsOverAtMidnight(t *testing.T) {
 	d := directory(t)
 	a, _ := d.Identify("a1")
 	day := time.Date(2026, 12, 1, 23, 0, 0, 0, time.UTC)
-	s1, err := a.Reserve(day, "m", 80)
+	s1, err := a.Reserve(day, "m", 60)
 	require.NoError(t, err)
-	s2, err := a.Reserve(day, "m", 30) // 80 held < 100
+	s2, err := a.Reserve(day, "m", 30) // 60 held + 30 <= 100
 	require.NoError(t, err)
-	_, err = a.Reserve(day, "m", 1)
-	require.Error(t, err, "80 + 30 held reach 100")
-	s1.Settle(day, 20) // used 20 of its 80: the rest goes back
+	_, err = a.Reserve(day, "m", 11)
+	var held *Reserved
+	require.ErrorAs(t, err, &held, "90 held + 11 > 100: only because of what is in flight")
+	assert.Equal(t, int64(90), held.Held)
+	s1.Settle(day, 20) // used 20 of its 60: the rest goes back
 	s1.Release()       // no effect after Settle
 	s2.Release()       // used nothing
 	s3, err := a.Reserve(day, "m", 70)
 	require.NoError(t, err)
-	s3.Settle(day, 85)
-	_, err = a.Reserve(day, "m", 1)
+	s3.Settle(day, 75)
+	_, err = a.Reserve(day, "m", 10)
 	var ex *Exhausted
-	require.ErrorAs(t, err, &ex)
-	assert.Equal(t, int64(105), ex.Used)
+	require.ErrorAs(t, err, &ex, "95 used + 10 > 100")
+	assert.Equal(t, int64(95), ex.Used)
 	assert.Equal(t, time.Date(2026, 12, 2, 0, 0, 0, 0, time.UTC), ex.Reset)
-	assert.Contains(t, ex.Error(), "client a has used 105 of its 100 tokens per day for m")
+	assert.Contains(t, ex.Error(), "client a has used 95 of its 100 tokens per day for every model its * limits cover")
+	s4, err := a.Reserve(day, "m", 5)
+	require.NoError(t, err, "95 + 5 fits exactly")
+	s4.Release()
 	_, err = a.Reserve(day, "big", 500)
 	assert.NoError(t, err, "a listed model has its own budget")
 	_, err = a.Reserve(day.Add(time.Hour), "m", 1)
@@ -96,13 +101,57 @@ func TestBudgetIsHeldThenSettledAndStartsOverAtMidnight(t *testing.T) {
 	assert.Equal(t, int64(10000), b.Today(day)[0].Used)
 }
 
+// TestOneRequestCannotOvershootTheBudget: a request is checked against its
+// own reservation, not only against what was used before it.
+func TestOneRequestCannotOvershootTheBudget(t *testing.T) {
+	d := directory(t)
+	a, _ := d.Identify("a1")
+	day := time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
+	_, err := a.Reserve(day, "m", 9_990_010) // max_tokens 999000, n=10
+	var ex *Exhausted
+	require.ErrorAs(t, err, &ex, "a fresh budget of 100 cannot pay for 9,990,010")
+	assert.Equal(t, int64(9_990_010), ex.Requested)
+	_, err = a.Reserve(day, "big", 1001)
+	require.ErrorAs(t, err, &ex)
+	s, err := a.Reserve(day, "big", 1000)
+	require.NoError(t, err, "exactly the budget fits")
+	s.Release()
+}
+
+// TestWildcardBudgetIsOneAcrossModels: every model that "*" covers draws
+// on one budget; a new model name is not a new budget.
+func TestWildcardBudgetIsOneAcrossModels(t *testing.T) {
+	d := directory(t)
+	a, _ := d.Identify("a1")
+	day := time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
+	for _, m := range []string{"m1", "m2", "m3", "m4"} {
+		s, err := a.Reserve(day, m, 25)
+		require.NoError(t, err, m)
+		s.Settle(day, 25)
+	}
+	_, err := a.Reserve(day, "m5", 1)
+	var ex *Exhausted
+	require.ErrorAs(t, err, &ex, "100 used across four names under *")
+	assert.Equal(t, "*", ex.Model)
+	_, err = a.Reserve(day, "big", 10)
+	assert.NoError(t, err, "a listed model is not under *")
+	var total int64
+	for _, m := range a.Today(day) {
+		if m.Model == "*" {
+			total = m.Used
+			assert.Equal(t, int64(100), m.Budget)
+		}
+	}
+	assert.Equal(t, int64(100), total)
+}
+
 func TestStateFileRoundTripAndCorruption(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "state.json")
 	now := time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
 	d := directory(t)
 	require.NoError(t, d.Load(path, now), "no file yet: empty")
 	a, _ := d.Identify("a1")
-	s, _ := a.Reserve(now, "m", 10)
+	s, _ := a.Reserve(now, "big", 10)
 	s.Settle(now, 60)
 	require.NoError(t, d.Save(path, now))
 
@@ -113,7 +162,7 @@ func TestStateFileRoundTripAndCorruption(t *testing.T) {
 	for _, m := range a2.Today(now) {
 		used[m.Model] = m.Used
 	}
-	assert.Equal(t, int64(60), used["m"])
+	assert.Equal(t, int64(60), used["big"])
 	d3 := directory(t)
 	require.NoError(t, d3.Load(path, now.Add(24*time.Hour)), "yesterday's file")
 	a3, _ := d3.Identify("a1")

@@ -93,8 +93,8 @@ type ClientStats struct {
 }
 
 // BudgetStats is a client's use today: of every model together (Model
-// "", Budget 0), or of one model it has a budget for ("*": the unlisted
-// model with the most use).
+// "", Budget 0), or of one budget ("*": the one budget of every model
+// its "*" limits cover).
 type BudgetStats struct {
 	Client, Model string
 	Used          int64
@@ -122,12 +122,12 @@ func newClientCollector(src ClientSource) *clientCollector {
 		used: prometheus.NewDesc("llproxy_client_tokens_used_today",
 			"Tokens the client used today (UTC), every model together, as settled.", []string{"client"}, nil),
 		budgetUsed: prometheus.NewDesc("llproxy_client_budget_used_tokens",
-			"What the client used today of its daily token budget for the model (model \"*\": the most used of the models it covers).",
+			"What the client used today of its daily token budget for the model (model \"*\": every model it covers, together).",
 			[]string{"client", "model"}, nil),
 		budget: prometheus.NewDesc("llproxy_client_budget_tokens",
 			"The client's daily token budget (tokensPerDay) for the model.", []string{"client", "model"}, nil),
 		left: prometheus.NewDesc("llproxy_client_budget_left_tokens",
-			"What is left of the client's daily token budget for the model today (model \"*\": the least left of the models it covers).",
+			"What is left of the client's daily token budget for the model today (model \"*\": the one budget of every model it covers).",
 			[]string{"client", "model"}, nil),
 	}
 }

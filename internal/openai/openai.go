@@ -129,6 +129,21 @@ func WriteQuota(w http.ResponseWriter, e QuotaError) {
 	WriteError(w, http.StatusTooManyRequests, "insufficient_quota", "insufficient_quota", e.Error())
 }
 
+// WriteBudgetReserved answers a request that does not fit its client's
+// budget only because requests in flight hold the rest: a retryable 429
+// (code budget_reserved) with a short Retry-After.
+func WriteBudgetReserved(w http.ResponseWriter, e interface {
+	error
+	RetryAfter() time.Duration
+}) {
+	h := w.Header()
+	retry := ceilMillis(e.RetryAfter())
+	h["Retry-After"] = []string{strconv.FormatInt(int64(math.Ceil(retry.Seconds())), 10)}
+	h["Retry-After-Ms"] = []string{strconv.FormatInt(retry.Milliseconds(), 10)}
+	h["X-Should-Retry"] = []string{"true"}
+	WriteError(w, http.StatusTooManyRequests, "rate_limit_exceeded", "budget_reserved", e.Error())
+}
+
 // QuotaError is a budget used up: its message and when it starts over.
 type QuotaError interface {
 	error

@@ -33,7 +33,12 @@ func (rt *Route) schedule(ex *exchange, r *http.Request, body *request.Body, c *
 		rec.outcome = metrics.OutcomeRejectBudget
 		ms.Metrics.Outcome(rec.outcome)
 		ex.who.Outcome(rec.outcome)
-		openai.WriteQuota(ex, err.(*clients.Exhausted))
+		var reserved *clients.Reserved
+		if errors.As(err, &reserved) {
+			openai.WriteBudgetReserved(ex, reserved)
+		} else {
+			openai.WriteQuota(ex, err.(*clients.Exhausted))
+		}
 		return
 	}
 	ex.spend = spend
@@ -80,6 +85,13 @@ func (rt *Route) schedule(ex *exchange, r *http.Request, body *request.Body, c *
 	ex.adm = adm
 	defer func() { ex.adm.Release(time.Now()) }()
 	defer ex.hold.release()
+	// An answer whose copy broke off (the client cut the stream: a panic
+	// with http.ErrAbortHandler) still settles what it relayed.
+	defer func() {
+		if ex.unsettled {
+			rt.settle(ex, c, ex.delivering, rec)
+		}
+	}()
 	ex.rate, ex.hasRate = adm.State, !unlimited
 	ex.deadline = arrived.Add(ms.MaxQueueWait)
 	rec.wait = adm.Wait

@@ -47,6 +47,12 @@ type exchange struct {
 	strip       bool // include_usage was injected: strip it from the stream
 	rateRetries int  // upstream 429s retried so far
 
+	// The answer being handed on and not settled yet: settled by the send
+	// loop when the answer is done, or by schedule's deferred step when
+	// the copy ends in a panic (the client cut the stream).
+	delivering attempt
+	unsettled  bool
+
 	// What the request asks of its route's upstream over all its sends,
 	// and the body with a backend's own model id (if it differs from the
 	// client's name).
@@ -62,6 +68,8 @@ type exchange struct {
 // usageSource is a response body tap that knows the usage once read.
 type usageSource interface {
 	Usage() (provider.Usage, bool)
+	// Relayed is what reached the client so far: chunks and bytes.
+	Relayed() (chunks int, bytes int64)
 }
 
 var exchangePool = sync.Pool{New: func() any { return new(exchange) }}

@@ -175,6 +175,7 @@ func (rt *Route) try(ex *exchange, r *http.Request, model string, c *call, body 
 		}
 	}
 	ms.Metrics.Upstream(status, now.Sub(sent))
+	ex.delivering, ex.unsettled = a, true
 	relay.Respond(ex, r, res)
 	return a
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"math/rand/v2"
+	"strings"
 	"time"
 
 	"github.com/llproxy/llproxy/internal/config"
@@ -123,6 +124,7 @@ func (rt *Route) sendAgain(ctx context.Context, ex *exchange, a attempt, cost sc
 func (rt *Route) settle(ex *exchange, c *call, a attempt, rec *requestLog) {
 	ms, cost := ex.ms, c.est.cost
 	now := time.Now()
+	ex.unsettled = false
 	if a.neverSent {
 		ex.unsend(now)
 		ms.Metrics.Unsent(cost)
@@ -134,10 +136,15 @@ func (rt *Route) settle(ex *exchange, c *call, a attempt, rec *requestLog) {
 		u, ok = a.tap.Usage()
 	}
 	if !ok {
-		// No usage reported: an answer counts against the client's
-		// budget at its reservation, an error not at all.
-		if ex.status >= 200 && ex.status < 300 {
-			ex.spend.Settle(now, cost)
+		// No usage reported (a stream the client cut, a server that
+		// reports none): an answer counts against the client's budget
+		// as its counted prompt plus the output relayed so far, never
+		// more than its reservation; an error not at all.
+		if ex.status >= 200 && ex.status < 300 && a.tap != nil {
+			used := c.est.prompt + relayedOutput(a.tap, ex.Header().Get("Content-Type"), cost-c.est.prompt)
+			rec.used = used
+			ex.spend.Settle(now, used)
+			ex.who.Used(used)
 		}
 		return
 	}
@@ -150,4 +157,17 @@ func (rt *Route) settle(ex *exchange, c *call, a attempt, rec *requestLog) {
 		ex.hold.settle(u.Total)
 		ms.Metrics.Settled(cost - u.Total)
 	}
+}
+
+// relayedOutput estimates the output tokens of an answer that reported no
+// usage from what reached the client, at most reserved: a chunk of a
+// stream (an SSE event, an NDJSON line) carries about one token, a JSON
+// body about one per 4 bytes.
+func relayedOutput(tap usageSource, contentType string, reserved int) int {
+	chunks, n := tap.Relayed()
+	out := chunks
+	if !strings.HasPrefix(contentType, "text/event-stream") && !strings.Contains(contentType, "ndjson") {
+		out = int(min(n/4, int64(reserved)))
+	}
+	return max(0, min(out, reserved))
 }

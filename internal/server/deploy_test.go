@@ -20,7 +20,7 @@ import (
 // shared limits.
 func exportedMetrics(t *testing.T) map[string]bool {
 	up := newUpstream(t)
-	g := newGateway(t, `{"clients": {"a": {"keys": ["k"], "limits": {"*": {"tokensPerDay": 1000}}}}, "routes": {
+	g := newGateway(t, `{"clients": {"a": {"keys": ["k"], "limits": {"*": {"tokensPerDay": 5000}}}}, "routes": {
 	  "demo": {"provider": "mock", "models": {"*": {"rpm": 100, "tpm": 100000, "maxQueueSize": 5, "maxQueueWait": 5}}},
 	  "local": {"backends": [{"name": "b", "url": "$UPSTREAM", "models": ["m"]}],
 	    "models": {"*": {"rpm": 100, "tpm": 100000, "maxQueueSize": 5, "maxQueueWait": 5}}}}}`, up.URL, nil)

@@ -118,7 +118,7 @@ func waitDone(t *testing.T, m *sync.Map) {
 }
 
 const replicasConfig = `{
-  "clients": {"a": {"keys": ["ka"]}, "interns": {"keys": ["ki"], "limits": {"*": {"tokensPerDay": 30}}}},
+  "clients": {"a": {"keys": ["ka"]}, "interns": {"keys": ["ki"], "limits": {"*": {"tokensPerDay": 48}}}},
   "shared": {"redis": "$REDIS", "timeout": "1s"},
   "routes": {"openai": {"forward": "$UPSTREAM", "models": {
     "gpt-4o": {"rpm": 600, "tpm": 100000000, "maxQueueSize": 200, "maxQueueWait": 30}}}}
@@ -234,7 +234,7 @@ func TestReplicasBudgetAndRetryAfter(t *testing.T) {
 	a, b := replicas[0].url, replicas[1].url
 	ctx := context.Background()
 
-	// Budget: 30 tokens a day; each answer uses 13.
+	// Budget: 48 tokens a day; each request reserves 18 and uses 13.
 	for range 3 {
 		resp, err := chatAt(ctx, a, "ki")
 		require.NoError(t, err)
@@ -245,7 +245,7 @@ func TestReplicasBudgetAndRetryAfter(t *testing.T) {
 	// client: wait for the third.
 	rdb := redis.NewClient(&redis.Options{Addr: "127.0.0.1:" + strconv.Itoa(r.Port)})
 	defer rdb.Close()
-	key := "llproxy:budget:{interns}:gpt-4o:" + time.Now().UTC().Format("2006-01-02")
+	key := "llproxy:budget:{interns}:*:" + time.Now().UTC().Format("2006-01-02")
 	require.Eventually(t, func() bool { n, _ := rdb.Get(ctx, key).Int(); return n == 39 }, 5*time.Second, 5*time.Millisecond)
 	resp, err := chatAt(ctx, b, "ki")
 	require.NoError(t, err)

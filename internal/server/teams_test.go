@@ -26,7 +26,7 @@ const teamsConfig = `{
     "batch":   {"keys": ["batch-key-1", "batch-key-2"], "weight": 1,
                 "limits": {"gpt-4o": {"tpm": 300, "maxConcurrent": 4, "maxQueueSize": 1000, "maxQueueWait": 600}}},
     "interns": {"keys": ["intern-key"], "routes": ["openai"],
-                "limits": {"*": {"tpm": 5000, "tokensPerDay": 12}}}
+                "limits": {"*": {"tpm": 5000, "tokensPerDay": 24}}}
   },
   "routes": {
     "openai": {"forward": "$UPSTREAM", "models": {
@@ -237,7 +237,7 @@ func TestClientsEndpointFollowsTheAdminRule(t *testing.T) {
 		assert.NotContains(t, body, key)
 	}
 	assert.Contains(t, body, `"name": "interns"`)
-	assert.Contains(t, body, `"tokensPerDay": 12`)
+	assert.Contains(t, body, `"tokensPerDay": 24`)
 	assert.Contains(t, body, `"budgetLeft": {`)
 }
 
@@ -304,7 +304,7 @@ func TestBudgetsSurviveARestartOfTheBinary(t *testing.T) {
 	assert.Equal(t, http.StatusOK, send(base).StatusCode)
 	assert.Equal(t, http.StatusOK, send(base).StatusCode)
 	resp := send(base)
-	require.Equal(t, http.StatusTooManyRequests, resp.StatusCode, "12 of 12 used")
+	require.Equal(t, http.StatusTooManyRequests, resp.StatusCode, "12 of 24 used, and this one reserves 13")
 	assert.Equal(t, "false", resp.Header.Get("X-Should-Retry"))
 	assert.NotEmpty(t, resp.Header.Get("Retry-After"))
 	e := openAIError(t, resp)
@@ -318,9 +318,9 @@ func TestBudgetsSurviveARestartOfTheBinary(t *testing.T) {
 	m := readAll(t, mr)
 	mr.Body.Close()
 	for _, want := range []string{
-		`llproxy_client_budget_left_tokens{client="interns",model="*"} 0`,
+		`llproxy_client_budget_left_tokens{client="interns",model="*"} 12`,
 		`llproxy_client_budget_used_tokens{client="interns",model="*"} 12`,
-		`llproxy_client_budget_tokens{client="interns",model="*"} 12`,
+		`llproxy_client_budget_tokens{client="interns",model="*"} 24`,
 		`llproxy_client_tokens_used_today{client="interns"} 12`,
 		`llproxy_client_requests_total{client="interns",outcome="rejected_budget",route="openai"} 1`,
 	} {
@@ -331,7 +331,7 @@ func TestBudgetsSurviveARestartOfTheBinary(t *testing.T) {
 	require.NoError(t, cmd.Wait())
 	state, err := os.ReadFile(filepath.Join(dir, config.DefaultStateFile))
 	require.NoError(t, err, "written next to the config")
-	assert.Contains(t, string(state), `"gpt-4o": 12`)
+	assert.Contains(t, string(state), `"*": 12`)
 
 	base, cmd = start()
 	resp = send(base)
