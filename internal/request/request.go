@@ -80,6 +80,13 @@ func CheckModelName(b []byte) error {
 		if r < 0x20 || r == 0x7f || (r >= 0x80 && r < 0xa0) {
 			return errors.New("'model' must not contain control characters.")
 		}
+		if r == utf8.RuneError || r == '\\' {
+			// An escaped lone surrogate ("\ud800", "\ud800\u0041") is
+			// kept as its escape or read as U+FFFD by the parser, and read
+			// otherwise upstream: the queue and the upstream would
+			// disagree on which model it is.
+			return errors.New("'model' must not contain escaped lone surrogates, U+FFFD or backslashes.")
+		}
 	}
 	return nil
 }
@@ -162,10 +169,9 @@ func duplicateKey(k []byte) error {
 // IntParam reads an optional integer parameter the cost is made of: absent
 // or null is (0, false, nil); a number with an integral value (100000,
 // 1e5, 100000.0) is accepted as that integer; anything else, or a value
-// outside [lo, hi], is an error naming the parameter. Values below lo that
-// upstreams take to mean "no limit" (-1, 0) are returned with ok false when
-// lenient is set.
-func IntParam(v *fastjson.Value, key string, lo, hi int64, lenient bool) (int64, bool, error) {
+// outside [lo, hi] (max_tokens -1 or 0 included, as OpenAI answers them),
+// is an error naming the parameter.
+func IntParam(v *fastjson.Value, key string, lo, hi int64) (int64, bool, error) {
 	x := v.Get(key)
 	if x == nil || x.Type() == fastjson.TypeNull {
 		return 0, false, nil
@@ -181,13 +187,7 @@ func IntParam(v *fastjson.Value, key string, lo, hi int64, lenient bool) (int64,
 	if err != nil || math.IsNaN(f) || math.IsInf(f, 0) || f != math.Trunc(f) {
 		return 0, false, bad()
 	}
-	if f < float64(lo) {
-		if lenient && f <= 0 && f >= -1 {
-			return 0, false, nil
-		}
-		return 0, false, bad()
-	}
-	if f > float64(hi) {
+	if f < float64(lo) || f > float64(hi) {
 		return 0, false, bad()
 	}
 	return int64(f), true, nil

@@ -62,13 +62,13 @@ func TestIntParam(t *testing.T) {
 		`{"k":100000.0}`:   {100000, true, false},
 		`{"k":1.5}`:        {0, false, true},
 		`{"k":"5"}`:        {0, false, true},
-		`{"k":0}`:          {0, false, false}, // lenient: "no limit"
-		`{"k":-1}`:         {0, false, false},
+		`{"k":0}`:          {0, false, true}, // OpenAI's 400, never "no limit"
+		`{"k":-1}`:         {0, false, true},
 		`{"k":-2}`:         {0, false, true},
 		`{"k":4294967296}`: {0, false, true},
 		`{"k":1e400}`:      {0, false, true},
 	} {
-		n, ok, err := IntParam(fastjson.MustParse(body), "k", 1, MaxOutputTokens, true)
+		n, ok, err := IntParam(fastjson.MustParse(body), "k", 1, MaxOutputTokens)
 		assert.Equal(t, want.n, n, body)
 		assert.Equal(t, want.ok, ok, body)
 		assert.Equal(t, want.err, err != nil, body)

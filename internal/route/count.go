@@ -20,8 +20,8 @@ type estimate struct {
 
 // estimateCost is prompt tokens + n x max output tokens. Max output is the
 // first of max_completion_tokens, max_tokens and max_output_tokens that is
-// set (-1 and 0, which some servers take for "no limit", count as unset),
-// else the model's defaultMaxTokens; embeddings have none. n is
+// set (each at least 1: -1 and 0 are a 400, as OpenAI answers them), else
+// the model's defaultMaxTokens; embeddings have none. n is
 // max(n, best_of), at least 1. Each number is bounded (an error names the
 // one that is not) and the sum saturates, so no cost is ever negative or
 // wraps.
@@ -31,7 +31,7 @@ func (rt *Route) estimateCost(ep tokenizer.Endpoint, model string, v *fastjson.V
 		e.maxOutput = ms.DefaultMaxTokens
 		found := false
 		for _, k := range [...]string{"max_completion_tokens", "max_tokens", "max_output_tokens"} {
-			n, ok, err := request.IntParam(v, k, 1, request.MaxOutputTokens, true)
+			n, ok, err := request.IntParam(v, k, 1, request.MaxOutputTokens)
 			if err != nil {
 				return e, err
 			}
@@ -41,7 +41,7 @@ func (rt *Route) estimateCost(ep tokenizer.Endpoint, model string, v *fastjson.V
 		}
 	}
 	for _, k := range [...]string{"n", "best_of"} {
-		n, ok, err := request.IntParam(v, k, 1, request.MaxN, false)
+		n, ok, err := request.IntParam(v, k, 1, request.MaxN)
 		if err != nil {
 			return e, err
 		}

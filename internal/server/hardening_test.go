@@ -263,7 +263,13 @@ func TestTheGatewayReadsWhatTheUpstreamReads(t *testing.T) {
 		{"invalid UTF-8 model", "{\"model\":\"a\xffb\",\"messages\":[]}", "application/json", 400, ""},
 		{"control character in model", `{"model":"a\u0001b","messages":[]}`, "application/json", 400, ""},
 		{"no model", `{"messages":[]}`, "application/json", 400, ""},
-		{"negative tokens mean none (local servers)", `{"model":"m","max_tokens":-1,"messages":[]}`, "application/json", 200, ""},
+		{"negative max_tokens", `{"model":"m","max_tokens":-1,"messages":[]}`, "application/json", 400, ""},
+		{"zero max_completion_tokens", `{"model":"m","max_completion_tokens":0,"messages":[]}`, "application/json", 400, ""},
+		{"negative max_output_tokens", `{"model":"m","max_output_tokens":-5,"input":"hi"}`, "application/json", 400, ""},
+		{"escaped lone surrogate in model", `{"model":"gpt-4o\ud800","messages":[]}`, "application/json", 400, ""},
+		{"escaped lone low surrogate in model", `{"model":"gpt-4o\udc00x","messages":[]}`, "application/json", 400, ""},
+		{"escaped high surrogate before a letter", `{"model":"gpt-4o\ud800\u0041","messages":[]}`, "application/json", 400, ""},
+		{"valid", `{"model":"m","max_tokens":7,"messages":[]}`, "application/json", 200, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			resp := g.post(t, "/openai/v1/chat/completions", tc.body, "Content-Type", tc.ctype)
@@ -277,7 +283,7 @@ func TestTheGatewayReadsWhatTheUpstreamReads(t *testing.T) {
 		})
 	}
 	for _, r := range up.requests() {
-		assert.Contains(t, string(r.Body), `"max_tokens":-1`, "only the valid request reached the upstream: %s", r.Body)
+		assert.Contains(t, string(r.Body), `"max_tokens":7`, "only the valid request reached the upstream: %s", r.Body)
 	}
 	assert.Len(t, up.requests(), 1)
 	assert.NotContains(t, metricsText(t, g), "\\xff", "metrics still render")
