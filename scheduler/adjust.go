@@ -194,6 +194,11 @@ func (q *Queue) requeue(now time.Time, cost Cost, deadline time.Time, into *Admi
 	if err != nil {
 		return nil, nil, err
 	}
+	if now.After(deadline) {
+		// Its time is up: it cannot be admitted by then, even at once.
+		tail := q.probe(now, l, cost)
+		return nil, nil, q.reject(now, ErrWaitTooLong, tail, l, cost, tail.at.Sub(now))
+	}
 	if q.admitsNow(now, l, cost.Tokens) {
 		return nil, q.pay(now, l, cost, 0, into), nil
 	}

@@ -20,6 +20,11 @@ type Admission struct {
 	State RateState
 	// Mark is the buckets' raw state at that moment (see Observe).
 	Mark Mark
+	// MaxQueueWait is the request's own wait limit: its client's
+	// maxQueueWait where it has one, else the model's. Whatever the
+	// request waits for after admission (a retry, a requeue after an
+	// upstream 429, a slot) ends by its arrival plus this.
+	MaxQueueWait time.Duration
 
 	q     *Queue
 	lane  *lane

@@ -375,7 +375,7 @@ func (q *Queue) pay(now time.Time, l *lane, cost Cost, wait time.Duration, a *Ad
 		a = new(Admission)
 	}
 	*a = Admission{Wait: wait, q: q, lane: l, epoch: q.epoch, start: now, seq: q.seq, cost: cost.Tokens,
-		tokens: cost.Tokens, State: q.state(now, l), Mark: Mark{
+		tokens: cost.Tokens, State: q.state(now, l), MaxQueueWait: time.Duration(l.MaxQueueWait), Mark: Mark{
 			Requests: q.req.level(now), Tokens: q.tok.level(now),
 			LoweredRequests: q.loweredReq, LoweredTokens: q.loweredTok,
 			PaidRequests: q.paidReq, PaidTokens: q.paidTok,

@@ -93,7 +93,13 @@ func (rt *Route) schedule(ex *exchange, r *http.Request, body *request.Body, c *
 		}
 	}()
 	ex.rate, ex.hasRate = adm.State, !unlimited
-	ex.deadline = arrived.Add(ms.MaxQueueWait)
+	// The request's deadline is its client's maxQueueWait (the model's
+	// where the client has none): retries, requeues and slot waits end by it.
+	maxWait := adm.MaxQueueWait
+	if unlimited {
+		maxWait = ms.MaxQueueWait
+	}
+	ex.deadline = arrived.Add(maxWait)
 	rec.wait = adm.Wait
 	if !unlimited && !rt.takeShared(r.Context(), ex, ms, cost, rec) {
 		return

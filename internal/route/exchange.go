@@ -32,20 +32,19 @@ type exchange struct {
 	written  int64
 
 	// For a scheduled request, set by schedule and read by the send loop.
-	ms          *models.Model
-	adm         *scheduler.Admission // the admission in force
-	admission   scheduler.Admission  // what adm points to: pooled with the exchange
-	spend       clients.Spend        // the request's hold on its client's daily budget
-	hold        sharedHold           // its reservation in the shared buckets (replicas)
-	local       bool                 // the limits in force are this replica's alone (Redis down)
-	backend     string               // the fleet backend of the last send
-	who         *metrics.Client      // its client's series
-	deadline    time.Time            // arrival + maxQueueWait: no retry past it
-	tries       int                  // sends so far
-	maxRetries  int
-	backoff     time.Duration
-	strip       bool // include_usage was injected: strip it from the stream
-	rateRetries int  // upstream 429s retried so far
+	ms         *models.Model
+	adm        *scheduler.Admission // the admission in force
+	admission  scheduler.Admission  // what adm points to: pooled with the exchange
+	spend      clients.Spend        // the request's hold on its client's daily budget
+	hold       sharedHold           // its reservation in the shared buckets (replicas)
+	local      bool                 // the limits in force are this replica's alone (Redis down)
+	backend    string               // the fleet backend of the last send
+	who        *metrics.Client      // its client's series
+	deadline   time.Time            // arrival + maxQueueWait: no retry past it
+	tries      int                  // sends so far
+	maxRetries int
+	backoff    time.Duration
+	strip      bool // include_usage was injected: strip it from the stream
 
 	// The answer being handed on and not settled yet: settled by the send
 	// loop when the answer is done, or by schedule's deferred step when

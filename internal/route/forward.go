@@ -81,12 +81,9 @@ type attempt struct {
 	tap        usageSource       // deliver: reads the answer's usage on its way
 }
 
-// maxRateLimitRetries bounds the upstream 429s one request waits out, so an
-// upstream that answers 429 with no wait cannot keep it looping.
-const maxRateLimitRetries = 8
-
 // minUpstreamRetry is the least an upstream 429 is waited out, so that one
-// that says "retry at once" is not asked again in a tight loop.
+// that says "retry at once" (or names a date in the past) is not asked
+// again in a tight loop, even with retryBackoff 0.
 const minUpstreamRetry = 50 * time.Millisecond
 
 // try makes one send of a scheduled request: it leases where the send goes
@@ -118,7 +115,7 @@ func (rt *Route) try(ex *exchange, r *http.Request, model string, c *call, body 
 	res, err := rt.up.transport.RoundTrip(out)
 	now := time.Now()
 	ms := ex.ms
-	p := relay.Policy{CanRetry: ex.canRetry(now), CanWait429: ex.status == 0 && ex.rateRetries < maxRateLimitRetries,
+	p := relay.Policy{CanRetry: ex.canRetry(now), CanWait429: ex.status == 0,
 		ClientGone: ctx.Err() != nil}
 	status := 0
 	var ri provider.RateInfo
@@ -150,7 +147,9 @@ func (rt *Route) try(ex *exchange, r *http.Request, model string, c *call, body 
 		if !ok {
 			wait = time.Second
 		}
-		a.retryAfter, a.refusal = max(wait, minUpstreamRetry), ri
+		// Whatever the headers say, at least the backoff of this try:
+		// the tries of one request back off as any retry does.
+		a.retryAfter, a.refusal = max(wait, minUpstreamRetry, ex.nextBackoff()), ri
 		res.Body.Close()
 		return a
 	case relay.RetryServerError:

@@ -98,8 +98,15 @@ func (rt *Route) sendAgain(ctx context.Context, ex *exchange, a attempt, cost sc
 		rt.debug(ctx, "upstream 429: queue held, request back at its head", slog.String("model", rec.model),
 			slog.Duration("hold", a.retryAfter), slog.Int("try", ex.tries))
 	}
-	ex.rateRetries++
-	adm, err := ms.Queue.Requeue(ctx, cost, ex.deadline, ex.adm) // given back whole: reused
+	deadline := ex.deadline
+	if ex.tries > ex.maxRetries {
+		// Out of tries: no further send. The queue is held (at least
+		// minUpstreamRetry), so a requeue that may not wait is refused
+		// with the gateway's own 429, whose retry-after includes the hold:
+		// the upstream's 429 never reaches the client.
+		deadline = now
+	}
+	adm, err := ms.Queue.Requeue(ctx, cost, deadline, ex.adm) // given back whole: reused
 	if err != nil {
 		ex.hasRate = false // writeReject sets the headers of the rejection
 		rec.outcome = rt.writeAcquireError(ex, ctx, err)
