@@ -150,10 +150,9 @@ func New(specs []Spec, opts Options) *Manager {
 	}
 	for _, kv := range os.Environ() {
 		_, v, _ := strings.Cut(kv, "=")
-		if v != "" && slices.Contains(opts.Secrets, v) {
-			continue
+		if !holdsSecret(v, opts.Secrets) {
+			m.env = append(m.env, kv)
 		}
-		m.env = append(m.env, kv)
 	}
 	for _, s := range specs {
 		if s.ReadyTimeout == 0 {
@@ -486,4 +485,20 @@ func (m *Manager) Shutdown() {
 		case <-deadline:
 		}
 	}
+}
+
+// holdsSecret reports whether an environment value is a secret, or holds
+// one (a URL with a password, a list of keys): such a variable is not
+// handed to a model server. Secrets shorter than 8 bytes count only as
+// the whole value, so that a short one does not drop unrelated variables.
+func holdsSecret(v string, secrets []string) bool {
+	if v == "" {
+		return false
+	}
+	for _, s := range secrets {
+		if s != "" && (v == s || (len(s) >= 8 && strings.Contains(v, s))) {
+			return true
+		}
+	}
+	return false
 }

@@ -11,6 +11,7 @@
 package relay
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"io"
@@ -18,6 +19,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -259,3 +261,48 @@ func copyBody(w http.ResponseWriter, src io.Reader, flush bool) error {
 // streaming allocates none. An open stream holds one: its events are far
 // smaller, and a large body takes a few more reads.
 var copyBuffers = sync.Pool{New: func() any { b := make([]byte, 8<<10); return &b }}
+
+// maxRedacted bounds how much of an error body is searched for secrets;
+// error bodies are small, and the rest of a larger one passes as it is.
+const maxRedacted = 1 << 20
+
+// Redacted is what stands in an answer for a secret.
+const Redacted = "[redacted]"
+
+// RedactErrors replaces every secret in the body of an error answer
+// (status 400 and above) with Redacted before it is handed on: an upstream
+// that quotes the key it was sent ("Incorrect API key provided: sk-...")
+// must not hand it to the client. Successful answers pass untouched.
+func RedactErrors(res *http.Response, secrets []string) {
+	if res.StatusCode < 400 || len(secrets) == 0 {
+		return
+	}
+	head, err := io.ReadAll(io.LimitReader(res.Body, maxRedacted))
+	changed := false
+	for _, s := range secrets {
+		if s != "" && bytes.Contains(head, []byte(s)) {
+			head = bytes.ReplaceAll(head, []byte(s), []byte(Redacted))
+			changed = true
+		}
+	}
+	var rest io.Reader = res.Body
+	if err != nil {
+		rest = errReader{err}
+	}
+	res.Body = struct {
+		io.Reader
+		io.Closer
+	}{io.MultiReader(bytes.NewReader(head), rest), res.Body}
+	if changed {
+		res.Header.Del("Content-Length")
+		res.ContentLength = -1
+		if len(head) < maxRedacted {
+			res.ContentLength = int64(len(head))
+			res.Header.Set("Content-Length", strconv.Itoa(len(head)))
+		}
+	}
+}
+
+type errReader struct{ err error }
+
+func (e errReader) Read([]byte) (int, error) { return 0, e.err }

@@ -68,6 +68,7 @@ func (rt *Route) relay(ex *exchange, r *http.Request, body *request.Body) {
 		}
 		return
 	}
+	relay.RedactErrors(res, rt.opts.Secrets)
 	relay.Respond(ex, r, res)
 }
 
@@ -174,6 +175,7 @@ func (rt *Route) try(ex *exchange, r *http.Request, model string, c *call, body 
 		}
 	}
 	ms.Metrics.Upstream(status, now.Sub(sent))
+	relay.RedactErrors(res, rt.opts.Secrets)
 	ex.delivering, ex.unsettled = a, true
 	relay.Respond(ex, r, res)
 	return a

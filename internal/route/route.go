@@ -70,7 +70,8 @@ type Options struct {
 	// Clients are the gateway's clients; nil: one anonymous client. When
 	// they have keys, a client's own credentials are never forwarded.
 	Clients *clients.Directory
-	// Secrets never reach a model server's environment.
+	// Secrets (every key the config holds) never reach a model server's
+	// environment, and are redacted from upstream error bodies.
 	Secrets []string
 	// Shared, when set, is where the limits of every replica live.
 	Shared *shared.State

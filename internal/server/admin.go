@@ -147,17 +147,3 @@ func (s *Server) StopBackends() {
 		}
 	}
 }
-
-// secrets are every key the config holds: upstream keys and client keys.
-func (s *Server) secrets() []string {
-	var out []string
-	for _, k := range s.cfg.ClientKeys {
-		out = append(out, k.Value())
-	}
-	for _, rc := range s.cfg.Routes {
-		if k := rc.APIKey.Value(); k != "" {
-			out = append(out, k)
-		}
-	}
-	return out
-}

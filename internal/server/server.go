@@ -175,7 +175,7 @@ func New(opts Options) (*Server, error) {
 			prevRoute = prev.routes[name]
 		}
 		rt, err := route.New(name, rc, route.Options{Tokenizer: s.tok, Metrics: s.metrics, Logger: s.log,
-			Transport: opts.Transport, Clients: s.dir, Secrets: s.secrets(), Shared: s.shared,
+			Transport: opts.Transport, Clients: s.dir, Secrets: s.cfg.Secrets(), Shared: s.shared,
 			Closing: s.closing.Load, Limits: s.limits(), Previous: prevRoute})
 		if err != nil {
 			return nil, fmt.Errorf("server: %w", err)
