@@ -184,7 +184,7 @@ func (f *Fleet) Lease(ctx context.Context, req *Request) (*Lease, error) {
 	l := &Lease{Target: be.URL, Model: id, SendKey: be.SendKey(), Backend: be.Name, f: f, be: be, req: req}
 	if f.life != nil && be.Managed() {
 		if req.KeepAlive != nil {
-			f.life.KeepAlive(be.Name, *req.KeepAlive)
+			f.life.KeepAlive(be.Name, *req.KeepAlive, false) // a request's: never a pin
 		}
 		release, err := f.life.Acquire(ctx, be.Name)
 		if err != nil {
@@ -280,8 +280,9 @@ func (f *Fleet) Unload(model string) []string {
 }
 
 // Load starts the managed server serving model (an Ollama load request),
-// with keepAlive if given.
-func (f *Fleet) Load(ctx context.Context, model string, keepAlive *time.Duration) error {
+// with keepAlive if given; pin lets it exceed the configured idle time (an
+// admin's request), else it is clamped to it.
+func (f *Fleet) Load(ctx context.Context, model string, keepAlive *time.Duration, pin bool) error {
 	if f.life == nil {
 		return nil
 	}
@@ -290,7 +291,7 @@ func (f *Fleet) Load(ctx context.Context, model string, keepAlive *time.Duration
 			continue
 		}
 		if keepAlive != nil {
-			f.life.KeepAlive(b.Name, *keepAlive)
+			f.life.KeepAlive(b.Name, *keepAlive, pin)
 		}
 		release, err := f.life.Acquire(ctx, b.Name)
 		if err != nil {

@@ -191,22 +191,36 @@ func TestKeepAlive(t *testing.T) {
 		require.NoError(t, err)
 		release()
 	}
-	m.KeepAlive("a", -1) // never
+	m.KeepAlive("a", -1, true) // an admin's pin: never
 	use()
 	clock.Advance(24 * time.Hour)
 	assert.Equal(t, Ready, state(m, "a").State)
 	assert.True(t, state(m, "a").UnloadAt.IsZero())
 
-	m.KeepAlive("a", 10*time.Minute)
+	m.KeepAlive("a", 10*time.Minute, true)
 	use()
 	clock.Advance(9 * time.Minute)
 	assert.Equal(t, Ready, state(m, "a").State)
 	clock.Advance(2 * time.Minute) // past the keep-alive: unloaded
 	waitState(t, m, "a", Stopped)
 
-	m.KeepAlive("a", 0) // unload right after this request
+	m.KeepAlive("a", 0, false) // unload right after this request
 	use()
 	clock.Advance(0)
+	waitState(t, m, "a", Stopped)
+
+	// Anyone else's pin is clamped to the configured idle time (1 min).
+	for _, d := range []time.Duration{-1, time.Hour} {
+		m.KeepAlive("a", d, false)
+		use()
+		clock.Advance(time.Minute - time.Second)
+		assert.Equal(t, Ready, state(m, "a").State)
+		clock.Advance(2 * time.Second)
+		waitState(t, m, "a", Stopped)
+	}
+	m.KeepAlive("a", 30*time.Second, false) // shorter than the idle time: as asked
+	use()
+	clock.Advance(31 * time.Second)
 	waitState(t, m, "a", Stopped)
 }
 

@@ -327,10 +327,7 @@ func (m *Manager) idle(p *proc) {
 	if p.state != Ready || p.inflight > 0 || p.waiting > 0 {
 		return
 	}
-	after := p.spec.UnloadAfter
-	if after == 0 {
-		after = DefaultUnloadAfter
-	}
+	after := p.idleAfter()
 	if p.keepAlive != nil {
 		after = *p.keepAlive
 	}
@@ -376,14 +373,29 @@ func (m *Manager) cancelUnload(p *proc) {
 }
 
 // KeepAlive sets how long backend stays loaded after its last request,
-// from this request on: 0 unloads right after it, negative never.
-func (m *Manager) KeepAlive(backend string, d time.Duration) {
+// from this request on: 0 unloads right after it, negative never. Unless
+// pin is set (an admin's), a keep-alive longer than the backend's
+// configured idle time (negative included) is clamped to it: a client
+// cannot hold a GPU past what the operator configured.
+func (m *Manager) KeepAlive(backend string, d time.Duration, pin bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if p := m.procs[backend]; p != nil {
+		if idle := p.idleAfter(); !pin && idle >= 0 && (d < 0 || d > idle) {
+			d = idle
+		}
 		p.keepAlive = &d
 		m.idle(p)
 	}
+}
+
+// idleAfter is how long p may sit idle as configured: its UnloadAfter,
+// DefaultUnloadAfter when unset; negative means never.
+func (p *proc) idleAfter() time.Duration {
+	if p.spec.UnloadAfter == 0 {
+		return DefaultUnloadAfter
+	}
+	return p.spec.UnloadAfter
 }
 
 // Unload stops backend, or every backend when backend is "": at once if it

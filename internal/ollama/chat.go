@@ -38,13 +38,21 @@ func (h *Handler) chat(w http.ResponseWriter, r *http.Request, generate bool) {
 			return
 		}
 		out.stream = req.stream()
+		var refused *Refusal
 		if ka != nil && *ka == 0 {
-			h.gw.Unload(req.Model)
+			if err := h.gw.Unload(r, req.Model); errors.As(err, &refused) {
+				writeError(w, refused.Status, refused.Message)
+				return
+			}
 			out.done("unload", usage{})
 			return
 		}
-		if err := h.gw.Load(r.Context(), req.Model, ka); err != nil {
-			writeError(w, http.StatusServiceUnavailable, err.Error())
+		if err := h.gw.Load(r, req.Model, ka); err != nil {
+			status := http.StatusServiceUnavailable
+			if errors.As(err, &refused) {
+				status = refused.Status
+			}
+			writeError(w, status, err.Error())
 			return
 		}
 		out.done("load", usage{})

@@ -11,7 +11,6 @@
 package ollama
 
 import (
-	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -37,13 +36,24 @@ type Gateway interface {
 	Known(model string) bool
 	// Load gets model's server running if llproxy runs it (an Ollama
 	// load request), keeping it loaded for keepAlive if given; Unload
-	// stops it if it is idle.
-	Load(ctx context.Context, model string, keepAlive *time.Duration) error
-	Unload(model string)
+	// stops it (at once if idle, else after its last request). Both are
+	// the requesting client's to ask (r carries its key): a *Refusal
+	// says it may not.
+	Load(r *http.Request, model string, keepAlive *time.Duration) error
+	Unload(r *http.Request, model string) error
 	// Running lists the models that are loaded now, with when each will
 	// be unloaded (zero: not on a timer).
 	Running() []Loaded
 }
+
+// Refusal is a load or unload the gateway does not allow the client:
+// answered with Status (403) and Message in Ollama's error shape.
+type Refusal struct {
+	Status  int
+	Message string
+}
+
+func (e *Refusal) Error() string { return e.Message }
 
 // Loaded is a model /api/ps reports.
 type Loaded struct {

@@ -2,7 +2,6 @@ package ollama
 
 import (
 	"bufio"
-	"context"
 	"encoding/base64"
 	"encoding/json"
 	"io"
@@ -78,8 +77,8 @@ func (f fakeGateway) ServeChat(w http.ResponseWriter, r *http.Request, model str
 }
 func (fakeGateway) Models() []string                                   { return []string{"m"} }
 func (fakeGateway) Known(model string) bool                            { return model == "m" }
-func (fakeGateway) Load(context.Context, string, *time.Duration) error { return nil }
-func (fakeGateway) Unload(string)                                      {}
+func (fakeGateway) Load(*http.Request, string, *time.Duration) error { return nil }
+func (fakeGateway) Unload(*http.Request, string) error                { return nil }
 
 func post(h http.Handler, path, body string) *httptest.ResponseRecorder {
 	w := httptest.NewRecorder()

@@ -262,6 +262,13 @@ func (s *Server) authorized(r *http.Request) bool {
 	return len(s.keyHashes) == 0 || keyMatches(requestKey(r), s.keyHashes)
 }
 
+// isAdmin reports whether r carries an admin key (the admin rule: adminKeys,
+// else any client key; open without keys).
+func (s *Server) isAdmin(r *http.Request) bool {
+	hashes := s.adminKeys()
+	return len(hashes) == 0 || keyMatches(requestKey(r), hashes)
+}
+
 // requestKey is the key a request carries: Authorization: Bearer, else
 // api-key.
 func requestKey(r *http.Request) string {

@@ -2,13 +2,13 @@ package server
 
 import (
 	"bytes"
-	"context"
 	"io"
 	"net/http"
 	"net/url"
 	"slices"
 	"time"
 
+	"github.com/llproxy/llproxy/internal/clients"
 	"github.com/llproxy/llproxy/internal/lifecycle"
 	"github.com/llproxy/llproxy/internal/ollama"
 	"github.com/llproxy/llproxy/internal/openai"
@@ -69,19 +69,70 @@ func (g ollamaGateway) ServeChat(w http.ResponseWriter, r *http.Request, model s
 	rt.Serve(w, out, who)
 }
 
-func (g ollamaGateway) Load(ctx context.Context, model string, keepAlive *time.Duration) error {
-	if rt := g.routeFor(model); rt != nil && rt.Fleet() != nil {
-		return rt.Fleet().Load(ctx, model, keepAlive)
+// Load and unload are inference-scoped: a client may load or unload only
+// the models of the routes it may use. A non-admin's pin (a keep_alive
+// beyond the backend's configured idle time, or negative) is clamped to
+// that idle time, and its unload of a model other clients have requests
+// waiting or in flight for is refused: that is the admin's (POST /unload).
+
+func (g ollamaGateway) Load(r *http.Request, model string, keepAlive *time.Duration) error {
+	rt, _, err := g.lifecycleCall(r, model)
+	if err != nil || rt.Fleet() == nil {
+		return err
 	}
+	admin := g.s.isAdmin(r)
+	if err := rt.Fleet().Load(r.Context(), model, keepAlive, admin); err != nil {
+		return err
+	}
+	g.s.log.Info("ollama load", "model", model, "route", rt.Name(), "client", g.clientName(r), "admin", admin)
 	return nil
 }
 
-func (g ollamaGateway) Unload(model string) {
-	for _, name := range g.s.sortedRouteNames() {
-		if f := g.s.routes[name].Fleet(); f != nil {
-			f.Unload(model)
+func (g ollamaGateway) Unload(r *http.Request, model string) error {
+	rt, who, err := g.lifecycleCall(r, model)
+	if err != nil || rt.Fleet() == nil {
+		return err
+	}
+	if !g.s.isAdmin(r) {
+		if q, ok := rt.Queue(model); ok {
+			busy := false
+			q.Clients(func(id int, st scheduler.ClientStats) {
+				busy = busy || (id != who.ID && (st.Depth > 0 || st.InFlight > 0))
+			})
+			if busy {
+				return &ollama.Refusal{Status: http.StatusForbidden, Message: "model '" + model +
+					"' has other clients' requests in flight: only an admin may unload it now (POST /unload/" + model + ")"}
+			}
 		}
 	}
+	stopped := rt.Fleet().Unload(model)
+	g.s.log.Info("ollama unload", "model", model, "route", rt.Name(), "client", who.Name, "backends", stopped)
+	return nil
+}
+
+// lifecycleCall checks that the client of r may load or unload model: the
+// route that serves it is one of the client's routes.
+func (g ollamaGateway) lifecycleCall(r *http.Request, model string) (*route.Route, *clients.Client, error) {
+	who, ok := g.s.dir.Identify(requestKey(r))
+	if !ok {
+		return nil, nil, &ollama.Refusal{Status: http.StatusUnauthorized, Message: "unauthorized: llproxy expects one of its client keys"}
+	}
+	rt := g.routeFor(model)
+	if rt == nil {
+		return nil, nil, &ollama.Refusal{Status: http.StatusNotFound, Message: "model '" + model + "' not found"}
+	}
+	if !who.Allowed(rt.Name()) {
+		return nil, nil, &ollama.Refusal{Status: http.StatusForbidden, Message: "client " + who.Name +
+			" may not use llproxy route " + rt.Name() + ", which serves model '" + model + "'"}
+	}
+	return rt, who, nil
+}
+
+func (g ollamaGateway) clientName(r *http.Request) string {
+	if who, ok := g.s.dir.Identify(requestKey(r)); ok {
+		return who.Name
+	}
+	return ""
 }
 
 func (g ollamaGateway) Running() []ollama.Loaded {
