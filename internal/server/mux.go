@@ -33,6 +33,12 @@ func (s *Server) newMux() *http.ServeMux {
 	mux.HandleFunc("GET /healthz", s.healthz)
 	mux.Handle("GET /metrics", s.require(s.metricsHashes, "a metrics key", s.promHTTP))
 	admin := func(method, path string, h http.HandlerFunc) {
+		if method == http.MethodPost {
+			h = s.guarded(h) // mutating: never another site's form
+		}
+		if path != "/ui/state" && path != "/ui/app.js" {
+			h = s.logged(h) // not the page's own polling
+		}
 		mux.Handle(method+" "+path, s.require(s.adminKeys(), "an admin key", h))
 		mux.Handle(path, s.require(s.adminKeys(), "an admin key", methodNotAllowed(method)))
 	}
@@ -41,6 +47,7 @@ func (s *Server) newMux() *http.ServeMux {
 	admin("POST", "/health/force-check", func(w http.ResponseWriter, r *http.Request) { s.health(w, r, true) })
 	admin("GET", "/clients", func(w http.ResponseWriter, r *http.Request) { s.clients(w) })
 	admin("GET", "/ui", s.page.ServeHTML)
+	admin("GET", "/ui/app.js", s.page.ServeScript)
 	admin("GET", "/ui/state", s.page.ServeState)
 	admin("POST", "/unload", func(w http.ResponseWriter, r *http.Request) { s.unload(w, "") })
 	admin("POST", "/unload/{model...}", func(w http.ResponseWriter, r *http.Request) { s.unload(w, r.PathValue("model")) })

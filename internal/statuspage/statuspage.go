@@ -23,6 +23,9 @@ import (
 //go:embed index.html
 var page []byte
 
+//go:embed app.js
+var script []byte
+
 // Page serves the status page of the routes that routes returns (the
 // current ones: a reload changes them, the page and its history stay).
 type Page struct {
@@ -49,6 +52,16 @@ type uiSeries struct {
 	admitted, rejected []int64 // per second, oldest first
 	lastA, lastR       int64
 	at                 time.Time
+}
+
+// prune forgets the series not sampled for historyLen seconds: a model
+// whose queue is gone (retired, reloaded away) shows nothing anyway.
+func (h *uiHistory) prune(now time.Time) {
+	for k, s := range h.series {
+		if now.Sub(s.at) > historyLen*time.Second {
+			delete(h.series, k)
+		}
+	}
 }
 
 func (h *uiHistory) sample(now time.Time, key string, admitted, rejected int64) *uiSeries {
@@ -158,17 +171,32 @@ func (p *Page) ServeState(w http.ResponseWriter, r *http.Request) {
 		}
 		out.Routes = append(out.Routes, ur)
 	}
+	p.history.prune(now)
 	p.history.mu.Unlock()
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")
 	json.NewEncoder(w).Encode(out)
 }
 
+// csp lets the page run only its own script (no inline one) and never be
+// framed by another site.
+const csp = "default-src 'self'; script-src 'self'; style-src 'unsafe-inline'; frame-ancestors 'none'"
+
 // ServeHTML serves the page.
 func (p *Page) ServeHTML(w http.ResponseWriter, _ *http.Request) {
 	h := w.Header()
 	h.Set("Content-Type", "text/html; charset=utf-8")
 	h.Set("Cache-Control", "no-store")
-	h.Set("Content-Security-Policy", "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'unsafe-inline'")
+	h.Set("Content-Security-Policy", csp)
+	h.Set("X-Frame-Options", "DENY")
 	w.Write(page)
+}
+
+// ServeScript serves the page's script.
+func (p *Page) ServeScript(w http.ResponseWriter, _ *http.Request) {
+	h := w.Header()
+	h.Set("Content-Type", "text/javascript; charset=utf-8")
+	h.Set("Cache-Control", "no-store")
+	h.Set("X-Content-Type-Options", "nosniff")
+	w.Write(script)
 }

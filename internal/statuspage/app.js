@@ -1,0 +1,102 @@
+"use strict";
+// The page fetches /ui/state every second and redraws. Everything from the
+// server is set as text (never as HTML).
+const $ = (tag, attrs = {}, ...children) => {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "text") e.textContent = v; else if (k === "class") e.className = v; else e.setAttribute(k, v);
+  }
+  for (const c of children) if (c) e.append(c);
+  return e;
+};
+const secs = s => s < 1 ? (s * 1000).toFixed(0) + " ms" : s.toFixed(1) + " s";
+function bar(remaining, limit) {
+  const pct = limit > 0 ? Math.max(0, Math.min(100, 100 * remaining / limit)) : 0;
+  const b = $("span", { class: "bar", title: `${Math.floor(remaining)} of ${limit} left` }, $("span"));
+  b.firstChild.style.width = pct + "%";
+  return $("span", {}, b, $("span", { class: "small num", text: ` ${Math.floor(Math.max(0, remaining))}/${limit}` }));
+}
+function chart(admitted, rejected) {
+  const c = $("canvas", { width: 300, height: 48, title: "admitted (blue) and refused (red) per second, last 5 minutes" });
+  const g = c.getContext("2d");
+  const n = 300, max = Math.max(1, ...admitted, ...rejected);
+  const line = (data, color) => {
+    g.strokeStyle = color; g.lineWidth = 1.5; g.beginPath();
+    data.forEach((v, i) => {
+      const x = (n - data.length + i) * (c.width / n), y = c.height - 2 - v / max * (c.height - 4);
+      i ? g.lineTo(x, y) : g.moveTo(x, y);
+    });
+    g.stroke();
+  };
+  line(admitted, "#4c7bd9"); line(rejected, "#d64545");
+  return c;
+}
+async function unload(model, button) {
+  button.disabled = true;
+  try {
+    // A header no form can send: the gateway refuses a mutating admin
+    // call made with a browser's saved login without it (cross-site forms).
+    const r = await fetch("/unload/" + encodeURIComponent(model),
+      { method: "POST", headers: { "x-llproxy-admin": "1" } });
+    if (!r.ok) throw new Error((await r.text()) || r.statusText);
+  } catch (e) { document.getElementById("error").textContent = "unload: " + e.message; }
+  button.disabled = false;
+}
+function render(state) {
+  const main = document.getElementById("routes");
+  const sections = [];
+  for (const rt of state.routes) {
+    const s = $("section", { class: "route", "data-route": rt.name }, $("h2", { text: "/" + rt.name + "/" }));
+    const t = $("table", {}, $("tr", {},
+      ...["model", "queue", "by client", "wait for a newcomer", "requests", "tokens", "in flight", "upstream", "last 5 minutes"].map(h => $("th", { text: h }))));
+    for (const m of rt.models) {
+      const clients = Object.entries(m.byClient).map(([c, n]) => `${c} ${n}`).join(", ");
+      const waitClass = m.maxQueueWait > 0 && m.predictedWait > 0.8 * m.maxQueueWait ? "warn num" : "num";
+      t.append($("tr", { "data-model": m.model },
+        $("td", { text: m.model }),
+        $("td", { class: "num depth", text: String(m.depth) }),
+        $("td", { class: "small", text: clients || "–" }),
+        $("td", { class: waitClass, text: `${secs(m.predictedWait)} / ${secs(m.maxQueueWait)}` }),
+        $("td", {}, bar(m.requests.remaining, m.requests.limit)),
+        $("td", {}, bar(m.tokens.remaining, m.tokens.limit)),
+        $("td", { class: "num", text: String(m.inFlight) }),
+        $("td", { class: "num", text: m.latencyMs ? m.latencyMs.toFixed(0) + " ms" : "–" }),
+        $("td", {}, chart(m.admitted, m.rejected))));
+    }
+    s.append(t);
+    if (rt.backends && rt.backends.length) {
+      const bt = $("table", {}, $("tr", {}, ...["backend", "url", "health", "in flight", "state", "idle", "models", ""].map(h => $("th", { text: h }))));
+      for (const b of rt.backends) {
+        let action = null;
+        if (b.managed && b.state !== "stopped" && b.models.length) {
+          action = $("button", { text: "Unload", "data-unload": b.name });
+          action.addEventListener("click", () => unload(b.models[0], action));
+        }
+        bt.append($("tr", { "data-backend": b.name },
+          $("td", { text: b.name }), $("td", { class: "small", text: b.url }),
+          $("td", { class: b.healthy ? "ok" : "bad", text: b.healthy ? "healthy" : "down" }),
+          $("td", { class: "num", text: String(b.inFlight) }),
+          $("td", { class: "state", text: b.managed ? b.state : "–" }),
+          $("td", { class: "small", text: b.idleFor || "–" }),
+          $("td", { class: "small", text: b.models.join(", ") }),
+          $("td", {}, action)));
+      }
+      s.append($("h2", { text: "backends" }), bt);
+    }
+    sections.push(s);
+  }
+  main.replaceChildren(...sections);
+  document.getElementById("updated").textContent = "updated " + new Date(state.time).toLocaleTimeString();
+}
+async function tick() {
+  try {
+    const r = await fetch("/ui/state", { cache: "no-store" });
+    if (!r.ok) throw new Error(r.status + " " + r.statusText);
+    render(await r.json());
+    document.getElementById("error").textContent = "";
+  } catch (e) {
+    document.getElementById("error").textContent = "cannot reach llproxy: " + e.message;
+  }
+  setTimeout(tick, 1000);
+}
+tick();
