@@ -75,10 +75,10 @@ func (f fakeGateway) ServeChat(w http.ResponseWriter, r *http.Request, model str
 		w.(http.Flusher).Flush()
 	}
 }
-func (fakeGateway) Models() []string                                   { return []string{"m"} }
-func (fakeGateway) Known(model string) bool                            { return model == "m" }
+func (fakeGateway) Models() []string                                 { return []string{"m"} }
+func (fakeGateway) Known(model string) bool                          { return model == "m" }
 func (fakeGateway) Load(*http.Request, string, *time.Duration) error { return nil }
-func (fakeGateway) Unload(*http.Request, string) error                { return nil }
+func (fakeGateway) Unload(*http.Request, string) error               { return nil }
 
 func post(h http.Handler, path, body string) *httptest.ResponseRecorder {
 	w := httptest.NewRecorder()
