@@ -233,8 +233,16 @@ func (r running) stop() {
 // its errors is logged. What only a restart changes (the listen address,
 // the tokenizer, the log level, shared) is logged as such.
 func reload(path string, old *config.Config, tok *tokenizer.Tokenizer, reg *prometheus.Registry, logger *slog.Logger,
-	offset time.Duration, prev *server.Server) (*server.Server, *config.Config, error) {
-	cfg, err := config.Load(path, os.LookupEnv)
+	offset time.Duration, prev *server.Server) (next *server.Server, cfg *config.Config, err error) {
+	defer func() {
+		// A reload never takes the running gateway down.
+		if p := recover(); p != nil {
+			logger.Error("reload failed; the current config stays", "config", path, "panic", fmt.Sprint(p),
+				"stack", string(debug.Stack()))
+			next, cfg, err = nil, nil, fmt.Errorf("reload: %v", p)
+		}
+	}()
+	cfg, err = config.Load(path, os.LookupEnv)
 	if err != nil {
 		for _, line := range strings.Split(err.Error(), "\n") {
 			logger.Error("reload: the config is not valid; the current one stays", "config", path, "error", line)
@@ -244,7 +252,7 @@ func reload(path string, old *config.Config, tok *tokenizer.Tokenizer, reg *prom
 	if cfg.Listen != old.Listen || cfg.LogLevel != old.LogLevel || !reflect.DeepEqual(cfg.Tokenizer, old.Tokenizer) {
 		logger.Warn("reload: listen, logLevel and tokenizer change with a restart only; the rest is applied")
 	}
-	next, err := server.New(server.Options{Config: cfg, Tokenizer: tok, Registry: reg, Logger: logger, ClockOffset: offset,
+	next, err = server.New(server.Options{Config: cfg, Tokenizer: tok, Registry: reg, Logger: logger, ClockOffset: offset,
 		Previous: prev})
 	if err != nil {
 		logger.Error("reload: the new config could not be applied; the current one stays", "error", err.Error())

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -117,12 +118,19 @@ func TestExampleConfigServesAndStopsOnSIGTERM(t *testing.T) {
 	assert.Equal(t, http.StatusOK, resp.StatusCode)
 	assert.Equal(t, "30", resp.Header.Get("X-Ratelimit-Limit-Requests"))
 
-	m, err := http.Get("http://" + addr + "/metrics")
-	require.NoError(t, err)
-	body, _ := io.ReadAll(m.Body)
-	m.Body.Close()
-	for _, want := range []string{`llproxy_build_info{goversion="go`, `process_start_time_seconds `,
-		`llproxy_http_responses_total{code="200",route="demo"} 1`} {
+	// The response is counted in the request's deferred log step, after
+	// its body reached the client: wait for it, as the server tests do.
+	var body []byte
+	require.Eventually(t, func() bool {
+		m, err := http.Get("http://" + addr + "/metrics")
+		if err != nil {
+			return false
+		}
+		body, _ = io.ReadAll(m.Body)
+		m.Body.Close()
+		return strings.Contains(string(body), `llproxy_http_responses_total{code="200",route="demo"} 1`)
+	}, 10*time.Second, 5*time.Millisecond, "the 200 is counted")
+	for _, want := range []string{`llproxy_build_info{goversion="go`, `process_start_time_seconds `} {
 		assert.Contains(t, string(body), want)
 	}
 
@@ -268,4 +276,77 @@ func TestHostileRequestsDoNotKillTheProcess(t *testing.T) {
 	require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
 	require.NoError(t, cmd.Wait(), logs.String())
 	assert.NotContains(t, logs.String(), "panic")
+}
+
+// yamlBomb is 9 levels of aliases, each naming the one before 9 times:
+// 9^9 (387 million) values once expanded, from a few hundred bytes.
+func yamlBomb() string {
+	var b strings.Builder
+	b.WriteString("a0: &a0 [x, x, x, x, x, x, x, x, x]\n")
+	for i := 1; i <= 9; i++ {
+		fmt.Fprintf(&b, "a%d: &a%d [", i, i)
+		for j := range 9 {
+			if j > 0 {
+				b.WriteString(", ")
+			}
+			fmt.Fprintf(&b, "*a%d", i-1)
+		}
+		b.WriteString("]\n")
+	}
+	return b.String()
+}
+
+// TestYAMLAliasBombNeverKillsTheProcess: a config of nested aliases is
+// refused at start and at a reload (SIGHUP), with a clear error and in
+// bounded memory; the running gateway goes on serving.
+func TestYAMLAliasBombNeverKillsTheProcess(t *testing.T) {
+	bin := build(t)
+	dir := t.TempDir()
+	path := filepath.Join(dir, "config.yaml")
+	bomb := yamlBomb()
+	require.Less(t, len(bomb), 600)
+	require.NoError(t, os.WriteFile(path, []byte(bomb), 0o600))
+	out, err := exec.Command(bin, "-check", "-config", path).CombinedOutput()
+	require.Error(t, err)
+	assert.Contains(t, string(out), "aliases are expanded")
+
+	good := "routes:\n  demo:\n    provider: mock\n    models:\n      \"*\": {rpm: 30, tpm: 20000, maxQueueSize: 5, maxQueueWait: 2}\n"
+	require.NoError(t, os.WriteFile(path, []byte(good), 0o600))
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	addr := ln.Addr().String()
+	ln.Close()
+	cmd := exec.Command(bin, "-config", path, "-listen", addr)
+	logs := &syncBuf{}
+	cmd.Stderr = logs
+	require.NoError(t, cmd.Start())
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	healthy := func() bool {
+		resp, err := http.Get("http://" + addr + "/healthz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	}
+	require.Eventually(t, healthy, 20*time.Second, 10*time.Millisecond)
+
+	require.NoError(t, os.WriteFile(path, []byte(bomb+good), 0o600))
+	require.NoError(t, cmd.Process.Signal(syscall.SIGHUP))
+	require.Eventually(t, func() bool { return strings.Contains(logs.String(), "aliases are expanded") },
+		20*time.Second, 10*time.Millisecond, logs.String())
+	assert.True(t, healthy(), "still serving on the current config")
+	resp, err := http.Post("http://"+addr+"/demo/v1/chat/completions", "application/json",
+		strings.NewReader(`{"model":"mock","messages":[{"role":"user","content":"hi"}]}`))
+	require.NoError(t, err)
+	resp.Body.Close()
+	assert.Equal(t, http.StatusOK, resp.StatusCode)
+	rss, err := os.ReadFile("/proc/" + strconv.Itoa(cmd.Process.Pid) + "/status")
+	require.NoError(t, err)
+	for _, line := range strings.Split(string(rss), "\n") {
+		if strings.HasPrefix(line, "VmHWM:") { // peak RSS
+			kb, _ := strconv.Atoi(strings.Fields(line)[1])
+			assert.Less(t, kb, 200<<10, "peak RSS %d KiB: the bomb was never expanded", kb)
+		}
+	}
 }

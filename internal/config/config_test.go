@@ -1,6 +1,8 @@
 package config
 
 import (
+	"bytes"
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -248,4 +250,74 @@ routes:
 	require.NoError(t, os.WriteFile(bad, []byte("routes: [unclosed\n"), 0o600))
 	_, err = Load(bad, nil)
 	assert.ErrorContains(t, err, "invalid YAML")
+}
+
+// TestYAMLMergeKeysAndIntegerForms: <<: *defaults merges a mapping (the
+// mapping's own keys win; earlier merges win over later ones), and YAML's
+// integer forms are read as integers.
+func TestYAMLMergeKeysAndIntegerForms(t *testing.T) {
+	y := filepath.Join(t.TempDir(), "config.yaml")
+	require.NoError(t, os.WriteFile(y, []byte(`
+x-defaults: &defaults {rpm: 200, tpm: 40000, maxQueueSize: 10, maxQueueWait: 30}
+x-small: &small {tpm: 1000, maxQueueSize: 2}
+routes:
+  openai:
+    forward: https://api.openai.com
+    models:
+      gpt-4o:
+        <<: *defaults
+        tpm: 50000
+      gpt-4o-mini:
+        <<: [*small, *defaults]
+      o1: {<<: *defaults, rpm: 0x10, maxQueueSize: 1_000}
+`), 0o600))
+	_, err := Load(y, nil)
+	// x-defaults and x-small are not fields of the config: the merge works
+	// and the unknown fields are still named.
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "x-defaults")
+	assert.NotContains(t, err.Error(), "<<")
+
+	data, err := yamlToJSON([]byte(`
+d: &d {rpm: 200, tpm: 40000}
+s: &s {tpm: 1000, maxQueueSize: 2}
+a: {<<: *d, tpm: 50000}
+b: {<<: [*s, *d]}
+c: {<<: *d, rpm: 0x10, hex: -0x1F, oct: 0o17, bin: 0b101, big: 1_000, f: 1.5}
+`))
+	require.NoError(t, err)
+	var got map[string]map[string]any
+	require.NoError(t, json.Unmarshal(data, &got), string(data))
+	assert.Equal(t, map[string]any{"rpm": 200.0, "tpm": 50000.0}, got["a"], "its own key wins")
+	assert.Equal(t, map[string]any{"rpm": 200.0, "tpm": 1000.0, "maxQueueSize": 2.0}, got["b"], "the earlier merge wins")
+	assert.Equal(t, map[string]any{"rpm": 16.0, "tpm": 40000.0, "hex": -31.0, "oct": 15.0, "bin": 5.0, "big": 1000.0, "f": 1.5}, got["c"])
+
+	_, err = yamlToJSON([]byte("a: &a x\nb: {<<: *a}\n"))
+	assert.ErrorContains(t, err, "merge key (<<) takes a mapping")
+}
+
+// TestYAMLAliasBombIsRefused: nested aliases that would expand to hundreds
+// of millions of values are refused with a clear error, at once.
+func TestYAMLAliasBombIsRefused(t *testing.T) {
+	var b strings.Builder
+	b.WriteString("a0: &a0 [x, x, x, x, x, x, x, x, x]\n")
+	for i := 1; i <= 9; i++ {
+		fmt.Fprintf(&b, "a%d: &a%d [*a%d, *a%d, *a%d, *a%d, *a%d, *a%d, *a%d, *a%d, *a%d]\n", i, i, i-1, i-1, i-1, i-1, i-1, i-1, i-1, i-1, i-1)
+	}
+	_, err := yamlToJSON([]byte(b.String()))
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "aliases are expanded")
+	// The same through merge keys.
+	b.Reset()
+	b.WriteString("m0: &m0 {k: v}\n")
+	for i := 1; i <= 30; i++ {
+		fmt.Fprintf(&b, "m%d: &m%d {<<: [*m%d, *m%d], k%d: v}\n", i, i, i-1, i-1, i)
+	}
+	_, err = yamlToJSON([]byte(b.String()))
+	assert.ErrorContains(t, err, "aliases are expanded")
+
+	big := filepath.Join(t.TempDir(), "big.json")
+	require.NoError(t, os.WriteFile(big, append([]byte(`{"listen":":1",`), bytes.Repeat([]byte(" "), MaxConfigBytes)...), 0o600))
+	_, err = Load(big, nil)
+	assert.ErrorContains(t, err, "larger than")
 }

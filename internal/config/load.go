@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"maps"
 	"os"
 	"path/filepath"
@@ -17,12 +18,34 @@ import (
 // LookupEnv finds an environment variable; os.LookupEnv in production.
 type LookupEnv func(name string) (string, bool)
 
+// MaxConfigBytes bounds a config file: a config of thousands of models is
+// far below it, and nothing larger is read.
+const MaxConfigBytes = 4 << 20
+
+// readBounded reads the file at path, or fails if it is larger than
+// MaxConfigBytes.
+func readBounded(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	data, err := io.ReadAll(io.LimitReader(f, MaxConfigBytes+1))
+	if err != nil {
+		return nil, err
+	}
+	if len(data) > MaxConfigBytes {
+		return nil, fmt.Errorf("%s is larger than %d bytes (4 MiB): not read", path, MaxConfigBytes)
+	}
+	return data, nil
+}
+
 // Load reads and validates the config file at path.
 func Load(path string, env LookupEnv) (*Config, error) {
 	if env == nil {
 		env = os.LookupEnv
 	}
-	data, err := os.ReadFile(path)
+	data, err := readBounded(path)
 	if err != nil {
 		return nil, fmt.Errorf("config: %w", err)
 	}
