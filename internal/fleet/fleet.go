@@ -263,17 +263,19 @@ func (f *Fleet) Servers() []lifecycle.Status {
 
 // Unload stops the managed servers serving model (all for ""), at once if
 // idle, else when their last request ends; it returns their names.
-func (f *Fleet) Unload(model string) []string {
+func (f *Fleet) Unload(model string) lifecycle.Unloaded {
+	var out lifecycle.Unloaded
 	if f.life == nil {
-		return nil
+		return out
 	}
 	if model == "" {
 		return f.life.Unload("")
 	}
-	var out []string
 	for _, b := range f.pool.Serving(model) {
 		if b.Managed() {
-			out = append(out, f.life.Unload(b.Name)...)
+			u := f.life.Unload(b.Name)
+			out.Stopped = append(out.Stopped, u.Stopped...)
+			out.Deferred = append(out.Deferred, u.Deferred...)
 		}
 	}
 	return out

@@ -234,12 +234,14 @@ func TestUnloadWaitsForTheLastRequest(t *testing.T) {
 	rb, err := m.Acquire(context.Background(), "b")
 	require.NoError(t, err)
 	rb()
-	assert.Equal(t, []string{"a", "b"}, m.Unload(""), "b now, a when its request ends")
-	waitState(t, m, "b", Stopped)
+	u := m.Unload("")
+	assert.Equal(t, []string{"b"}, u.Stopped, "b now")
+	assert.Equal(t, []Deferred{{Name: "a", InFlight: 1}}, u.Deferred, "a when its request ends")
+	assert.Equal(t, Stopped, state(m, "b").State, "answered once its process is gone")
 	assert.Equal(t, Ready, state(m, "a").State, "a is streaming: it stays until then")
 	ra()
 	waitState(t, m, "a", Stopped)
-	assert.Empty(t, m.Unload("a"), "nothing left to unload")
+	assert.Empty(t, m.Unload("a").Stopped, "nothing left to unload")
 }
 
 // A request queued in the gateway for an idle server keeps it loaded; when

@@ -398,29 +398,53 @@ func (p *proc) idleAfter() time.Duration {
 	return p.spec.UnloadAfter
 }
 
-// Unload stops backend, or every backend when backend is "": at once if it
-// is idle (nothing in flight, waiting or queued), else when its last
-// request in flight ends, as Ollama does. It returns the names it stopped
-// or will stop.
-func (m *Manager) Unload(backend string) []string {
+// Unloaded is what an unload did: the backends stopped (their processes
+// have exited, or their stop timed out and they were killed), and the
+// busy ones it will stop when their last request ends, with the requests
+// they have in flight or waiting for them.
+type Unloaded struct {
+	Stopped  []string
+	Deferred []Deferred
+}
+
+// Deferred is a busy backend an unload stops when its last request ends.
+type Deferred struct {
+	Name     string `json:"name"`
+	InFlight int    `json:"inFlight"`
+}
+
+// Unload stops backend, or every backend when backend is "": the idle ones
+// (nothing in flight, waiting or queued) now, returning once their
+// processes have exited (bounded by their stop grace, after which they are
+// killed); the busy ones when their last request ends, as Ollama does.
+func (m *Manager) Unload(backend string) Unloaded {
 	m.mu.Lock()
-	defer m.mu.Unlock()
-	var stopped []string
+	var out Unloaded
+	var exits []chan struct{}
 	for name, p := range m.procs {
 		if backend != "" && name != backend {
 			continue
 		}
 		switch {
 		case p.state == Ready && p.inflight == 0 && p.waiting == 0 && m.queued(name) == 0:
+			exits = append(exits, p.exited)
 			m.stop(p)
-			stopped = append(stopped, name)
+			out.Stopped = append(out.Stopped, name)
+		case p.state == Stopping:
+			exits = append(exits, p.exited) // already on its way: answer when it is gone
+			out.Stopped = append(out.Stopped, name)
 		case (p.state == Ready || p.state == Starting) && (p.inflight > 0 || p.waiting > 0):
 			p.unloadAsk = true
-			stopped = append(stopped, name)
+			out.Deferred = append(out.Deferred, Deferred{Name: name, InFlight: p.inflight + p.waiting})
 		}
 	}
-	sort.Strings(stopped)
-	return stopped
+	m.mu.Unlock()
+	for _, e := range exits {
+		<-e // the stop's grace ends with a kill, and the waiter closes it
+	}
+	sort.Strings(out.Stopped)
+	slices.SortFunc(out.Deferred, func(a, b Deferred) int { return cmpString(a.Name, b.Name) })
+	return out
 }
 
 // Status is a managed backend's state, as /status reports it.

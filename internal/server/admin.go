@@ -126,16 +126,19 @@ func (s *Server) status(w http.ResponseWriter) {
 }
 
 // unload serves POST /unload (every managed server) and /unload/{model}
-// (those serving model).
+// (those serving model): it answers once the idle ones' processes are
+// gone ("unloaded"), and lists the busy ones apart ("deferred", with
+// their requests in flight), which stop when their last request ends.
 func (s *Server) unload(w http.ResponseWriter, model string) {
-	stopped := []string{}
+	stopped, deferred := []string{}, []lifecycle.Deferred{}
 	for _, name := range s.sortedRouteNames() {
 		if f := s.routes[name].Fleet(); f != nil {
-			stopped = append(stopped, f.Unload(model)...)
+			u := f.Unload(model)
+			stopped, deferred = append(stopped, u.Stopped...), append(deferred, u.Deferred...)
 		}
 	}
 	w.Header().Set("Content-Type", "application/json")
-	json.NewEncoder(w).Encode(map[string]any{"unloaded": stopped})
+	json.NewEncoder(w).Encode(map[string]any{"unloaded": stopped, "deferred": deferred})
 }
 
 // StopBackends stops every model server llproxy started. No process is

@@ -159,7 +159,7 @@ func TestLifecycleOnDemandSwapKeepAliveAndUnload(t *testing.T) {
 	require.Equal(t, http.StatusOK, status)
 	status, body = ask(t, g, "/unload/b-model", ``)
 	assert.Equal(t, http.StatusOK, status)
-	assert.JSONEq(t, `{"unloaded":["b"]}`, body)
+	assert.JSONEq(t, `{"unloaded":["b"],"deferred":[]}`, body)
 	waitStatus(t, g, "b", "stopped")
 
 	// /unload stops what is idle.
@@ -173,7 +173,7 @@ func TestLifecycleOnDemandSwapKeepAliveAndUnload(t *testing.T) {
 	require.NoError(t, err)
 	b, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	assert.JSONEq(t, `{"unloaded":["b"]}`, string(b))
+	assert.JSONEq(t, `{"unloaded":["b"],"deferred":[]}`, string(b))
 	waitStatus(t, g, "b", "stopped")
 
 	// A server that cannot start: a clear 503, not a hang.

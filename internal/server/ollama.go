@@ -105,8 +105,9 @@ func (g ollamaGateway) Unload(r *http.Request, model string) error {
 			}
 		}
 	}
-	stopped := rt.Fleet().Unload(model)
-	g.s.log.Info("ollama unload", "model", model, "route", rt.Name(), "client", who.Name, "backends", stopped)
+	u := rt.Fleet().Unload(model)
+	g.s.log.Info("ollama unload", "model", model, "route", rt.Name(), "client", who.Name, "stopped", u.Stopped,
+		"deferred", len(u.Deferred))
 	return nil
 }
 
