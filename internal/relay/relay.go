@@ -95,6 +95,15 @@ func Request(r *http.Request, prefix string, target *url.URL) *http.Request {
 	if _, ok := out.Header["User-Agent"]; !ok {
 		out.Header["User-Agent"] = []string{""} // not Go's own
 	}
+	// A pooled connection the upstream closed as idle while the request
+	// was on its way ("server closed idle connection") never ran it: the
+	// transport sends it again on a fresh connection, as it does for
+	// idempotent requests, when the request is marked so. A zero-length
+	// key marks it without sending the header; a client's own key stays.
+	_, own := out.Header["Idempotency-Key"]
+	if _, ownX := out.Header["X-Idempotency-Key"]; !own && !ownX {
+		out.Header["X-Idempotency-Key"] = []string{}
+	}
 	(&httputil.ProxyRequest{In: r, Out: out}).SetURL(target)
 	return out
 }

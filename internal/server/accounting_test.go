@@ -323,3 +323,31 @@ func TestDroppedConnectionIsRetried(t *testing.T) {
 	assert.Contains(t, metricsText(t, g), `llproxy_upstream_retries_total{model="gpt-4o",reason="connect_error",route="openai"} 1`)
 	g.waitLog(t, `"tries":2`)
 }
+
+// TestStalePooledConnectionIsSentAgain: a POST that meets a pooled
+// connection the upstream closed as idle ("server closed idle
+// connection") is sent again on a fresh one, not answered with a 502.
+func TestStalePooledConnectionIsSentAgain(t *testing.T) {
+	up := newUpstream(t)
+	var calls atomic.Int32
+	up.setHandler(func(w http.ResponseWriter, r *http.Request, body []byte) {
+		if calls.Add(1) == 2 {
+			// The second request arrives on the first one's pooled
+			// connection: closed as idle, with nothing answered.
+			if conn, _, err := http.NewResponseController(w).Hijack(); err == nil {
+				conn.Close()
+			}
+			return
+		}
+		openAILike(w, r, body)
+	})
+	g := newGateway(t, `{"routes": {"openai": {"forward": "$UPSTREAM", "retries": 0,
+	  "models": {"gpt-4o": {"maxQueueSize": 10, "maxQueueWait": 5, "rpm": 100, "tpm": 100000}}}}}`, up.URL, nil)
+	require.Equal(t, http.StatusOK, g.post(t, "/openai/v1/chat/completions", chatBody).StatusCode)
+	resp := g.post(t, "/openai/v1/chat/completions", chatBody)
+	assert.Equal(t, http.StatusOK, resp.StatusCode, readAll(t, resp))
+	assert.Equal(t, int32(3), calls.Load(), "sent again on a fresh connection")
+	for _, s := range up.requests() {
+		assert.NotContains(t, s.Header, "X-Idempotency-Key", "the mark is not sent")
+	}
+}
