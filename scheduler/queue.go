@@ -13,6 +13,10 @@ import (
 type Cost struct {
 	Tokens int
 	Client int
+	// Name, if set, is the client's name. A request whose Client index
+	// names another client's lane (a reload renumbered the clients between
+	// its authentication and its admission) waits in the lane of its name.
+	Name string
 }
 
 // RateState is a snapshot of a queue's two buckets as a newcomer sees them:
@@ -300,10 +304,17 @@ func (q *Queue) laneOf(cost Cost) (*lane, error) {
 		return nil, ErrClosed
 	case cost.Tokens < 0:
 		return nil, ErrInvalidCost
-	case cost.Client < 0 || cost.Client >= q.clients:
-		return nil, ErrUnknownClient
+	case cost.Client >= 0 && cost.Client < q.clients &&
+		(cost.Name == "" || q.lanes[cost.Client].Name == "" || q.lanes[cost.Client].Name == cost.Name):
+		return q.lanes[cost.Client], nil
+	case cost.Name != "":
+		for _, l := range q.lanes { // renumbered: found by name, draining lanes too
+			if l.Name == cost.Name {
+				return l, nil
+			}
+		}
 	}
-	return q.lanes[cost.Client], nil
+	return nil, ErrUnknownClient
 }
 
 // admitsNow reports whether a request of tokens from lane l is admitted at

@@ -134,3 +134,22 @@ func TestReconfigureKeepsEveryoneInOrder(t *testing.T) {
 		assert.ErrorIs(t, err, ErrUnknownClient, "only the new clients are addressable... and the drained one is gone")
 	})
 }
+
+// TestRenumberedClientWaitsInItsOwnLane: a reload that adds a client
+// renumbers the others; a request counted with its old index, admitted
+// after the queue was reconfigured, still waits in its own client's lane.
+func TestRenumberedClientWaitsInItsOwnLane(t *testing.T) {
+	cfg := Config{RPM: 60, TPM: 100000, MaxQueueSize: 10, MaxQueueWait: Duration(time.Second)}
+	q := NewQueue("m", cfg, cfg.Client("a", 1), cfg.Client("c", 1))
+	// b is added: c moves from index 1 to 2, and only b has a limit.
+	b := cfg.Client("b", 1)
+	b.RPM = 1
+	q.Reconfigure(time.Now(), cfg, cfg.Client("a", 1), b, cfg.Client("c", 1))
+	for range 3 {
+		adm, err := q.Acquire(context.Background(), Cost{Tokens: 1, Client: 1, Name: "c"})
+		require.NoError(t, err, "c's request, counted before the reload: not b's one-a-minute lane")
+		adm.Release(time.Now())
+	}
+	_, err := q.Acquire(context.Background(), Cost{Tokens: 1, Client: 5, Name: "gone"})
+	assert.ErrorIs(t, err, ErrUnknownClient)
+}

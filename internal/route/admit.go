@@ -47,7 +47,7 @@ func (rt *Route) schedule(ex *exchange, r *http.Request, body *request.Body, c *
 	if !goOn {
 		return
 	}
-	cost := scheduler.Cost{Tokens: c.est.cost, Client: who.ID}
+	cost := scheduler.Cost{Tokens: c.est.cost, Client: who.ID, Name: who.Name}
 	var adm *scheduler.Admission
 	if unlimited {
 		adm = &ex.admission // the zero admission: nothing held, nothing to give back
