@@ -86,6 +86,11 @@ func (c counter) chat(body *fastjson.Value) int {
 	if rf := body.Get("response_format"); rf != nil {
 		n += c.strings(rf.Get("json_schema"))
 	}
+	// Predicted Outputs: the prediction's tokens are processed and billed
+	// (those not used as completion tokens), so they are part of the cost.
+	if pc := body.Get("prediction", "content"); pc != nil {
+		n += c.content(pc)
+	}
 	return n
 }
 

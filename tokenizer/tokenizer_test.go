@@ -123,6 +123,12 @@ func TestEndpoints(t *testing.T) {
 		{"chat null content with tool calls", EndpointChat,
 			`{"messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"x","type":"function","function":{"name":"f","arguments":"{}"}}]}]}`,
 			tokensPerMessage + 1 + 1 + 1 + 1 + 1 + replyPriming},
+		{"chat prediction string", EndpointChat,
+			`{"messages":[{"role":"user","content":"hello world"}],"prediction":{"type":"content","content":"hello world hello world"}}`,
+			tokensPerMessage + 1 + 2 + replyPriming + 4},
+		{"chat prediction parts", EndpointChat,
+			`{"messages":[],"prediction":{"type":"content","content":[{"type":"text","text":"hello world"}]}}`,
+			replyPriming + 2},
 		{"other endpoint input", EndpointOther, `{"input":"hello world"}`, 2},
 	}
 	for _, tt := range tests {

@@ -76,13 +76,14 @@ type Directory struct {
 	keyed   bool
 	hashes  [][sha256.Size]byte // every client key, for the admin fallback
 	dirty   *atomic.Bool        // usage changed since the last save (state.go)
+	persist *persistence        // the state file's lock and health (state.go); kept across reloads
 }
 
 // New builds the directory of a validated config: the clients map in name
 // order, then one client per key of clientKeys. With neither, one
 // anonymous client.
 func New(cfg *config.Config) *Directory {
-	d := &Directory{dirty: new(atomic.Bool)}
+	d := &Directory{dirty: new(atomic.Bool), persist: &persistence{}}
 	for _, name := range slices.Sorted(maps.Keys(cfg.Clients)) {
 		cc := cfg.Clients[name]
 		c := &Client{Name: name, Weight: max(1, cc.Weight), routes: cc.Routes, cfg: cc}
@@ -172,7 +173,7 @@ func (d *Directory) Adopt(old *Directory) {
 	for _, c := range old.clients {
 		byName[c.Name] = c
 	}
-	d.dirty = old.dirty
+	d.dirty, d.persist = old.dirty, old.persist
 	for _, c := range d.clients {
 		c.dirty = d.dirty
 		if o := byName[c.Name]; o != nil {

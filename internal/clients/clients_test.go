@@ -198,3 +198,36 @@ func TestAdoptKeepsTodaysUse(t *testing.T) {
 	_, ok = d.Identify("a1")
 	assert.False(t, ok, "the old key is gone")
 }
+
+// TestStateFileIsOwnedWritableAndNotFromTheFuture: Open locks the state
+// file against a second process, fails at once when it cannot be written,
+// and a file dated after today is an error, not silently ignored.
+func TestStateFileIsOwnedWritableAndNotFromTheFuture(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "state.json")
+	now := time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
+	d := directory(t)
+	require.NoError(t, d.Open(path, now))
+	_, err := os.Stat(path)
+	require.NoError(t, err, "written once at start")
+	err = directory(t).Open(path, now)
+	require.Error(t, err, "a second owner of the same file")
+	assert.Contains(t, err.Error(), "another llproxy")
+
+	err = directory(t).Open(filepath.Join(dir, "missing-dir", "state.json"), now)
+	require.Error(t, err, "cannot be written: a start-up error")
+
+	tomorrow := filepath.Join(dir, "tomorrow.json")
+	require.NoError(t, os.WriteFile(tomorrow, []byte(`{"version":1,"day":"2026-12-02","clients":{"a":{"*":50}}}`), 0o600))
+	err = directory(t).Load(tomorrow, now)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "after today")
+
+	// A save that fails later is remembered until one succeeds.
+	require.NoError(t, os.RemoveAll(dir))
+	require.Error(t, d.Save(path, now))
+	assert.Error(t, d.StateError())
+	require.NoError(t, os.MkdirAll(dir, 0o700))
+	require.NoError(t, d.Save(path, now))
+	assert.NoError(t, d.StateError())
+}

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"time"
 
 	"github.com/llproxy/llproxy/internal/safe"
@@ -20,6 +21,53 @@ import (
 // SaveEvery while usage changes and once more at shutdown. A file that
 // cannot be read back is a start-up error: silently starting from zero
 // would lift every budget.
+
+// persistence is what a directory's state file holds across reloads: the
+// lock that keeps a second llproxy off the file, and how the last save
+// went.
+type persistence struct {
+	lock    *os.File
+	lastErr atomic.Pointer[error]
+}
+
+// errLocked is a state file another process holds.
+var errLocked = errors.New("another process holds it")
+
+// Open makes path the directory's state file for the life of the process:
+// it locks it (path + ".lock": a second llproxy on the same file would
+// keep only the last writer's use), reads today's use back (Load) and
+// writes it once, so that a file that cannot be written is a start-up
+// error, not budgets that silently start from zero at the next start.
+func (d *Directory) Open(path string, now time.Time) error {
+	lf, err := os.OpenFile(path+".lock", os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return fmt.Errorf("state file %s: cannot create its lock: %w", path, err)
+	}
+	if err := lockFile(lf); err != nil {
+		lf.Close()
+		return fmt.Errorf("state file %s: cannot lock it (%w): is another llproxy using it? Give each its own stateFile, "+
+			"or share budgets between replicas through shared.redis", path, err)
+	}
+	if err := d.Load(path, now); err != nil {
+		lf.Close()
+		return err
+	}
+	if err := d.Save(path, now); err != nil {
+		lf.Close()
+		return fmt.Errorf("%w: it must be writable, or budgets would start from zero at the next start", err)
+	}
+	d.persist.lock = lf
+	return nil
+}
+
+// StateError is why the last save of the state file failed; nil when it
+// succeeded (or there is none).
+func (d *Directory) StateError() error {
+	if e := d.persist.lastErr.Load(); e != nil {
+		return *e
+	}
+	return nil
+}
 
 // SaveEvery is how often changed usage is written.
 const SaveEvery = 10 * time.Second
@@ -64,8 +112,12 @@ func (d *Directory) Load(path string, now time.Time) error {
 			}
 		}
 	}
-	if dayOf(day) != dayOf(now) {
-		return nil
+	switch {
+	case dayOf(day) > dayOf(now):
+		return fmt.Errorf("state file %s is dated %s, after today (%s): is the clock right? Fix it, or remove the file",
+			path, st.Day, now.UTC().Format(dayLayout))
+	case dayOf(day) < dayOf(now):
+		return nil // another day's: over
 	}
 	for _, c := range d.clients {
 		models := st.Clients[c.Name]
@@ -101,8 +153,11 @@ func (d *Directory) Save(path string, now time.Time) error {
 	}
 	if err := writeAtomic(path, append(data, '\n')); err != nil {
 		d.dirty.Store(true) // try again next time
-		return fmt.Errorf("state file %s: %w", path, err)
+		err = fmt.Errorf("state file %s: %w", path, err)
+		d.persist.lastErr.Store(&err)
+		return err
 	}
+	d.persist.lastErr.Store(nil)
 	return nil
 }
 

@@ -72,6 +72,13 @@ func TestMissingVariableIsNamedAndSecretsNeverPrint(t *testing.T) {
 	for _, format := range []string{"%v", "%+v", "%#v", "%s"} {
 		assert.NotContains(t, fmt.Sprintf(format, cfg.Routes["openai"]), "sk-secret-123", format)
 	}
+
+	// A key written in the file with a stray "${" is not quoted back.
+	_, err = Parse([]byte(`{"routes": {"openai": {"forward": "https://x", "apiKey": "sk-live-abc${oops",
+	  "models": {"*": {"rpm": 1, "tpm": 1, "maxQueueSize": 1, "maxQueueWait": 1}}}}}`), env(nil))
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "routes.openai.apiKey: unterminated ${ at byte 11")
+	assert.NotContains(t, err.Error(), "sk-live-abc")
 }
 
 func TestErrorsNameTheJSONPath(t *testing.T) {

@@ -195,6 +195,7 @@ func expandString(s string, env LookupEnv) (string, error) {
 		return s, nil
 	}
 	var b strings.Builder
+	at := 0 // where s starts in the original value
 	for {
 		i := strings.Index(s, "${")
 		if i < 0 {
@@ -203,7 +204,8 @@ func expandString(s string, env LookupEnv) (string, error) {
 		}
 		end := strings.IndexByte(s[i:], '}')
 		if end < 0 {
-			return "", fmt.Errorf("unterminated ${ in %q", s)
+			// The value is not quoted: it may be a secret.
+			return "", fmt.Errorf("unterminated ${ at byte %d of the value (not shown: it may be a secret)", at+i)
 		}
 		b.WriteString(s[:i])
 		expr := s[i+2 : i+end]
@@ -220,6 +222,7 @@ func expandString(s string, env LookupEnv) (string, error) {
 		default:
 			return "", fmt.Errorf("environment variable %s is not set (use ${%s:-default} for a default)", name, name)
 		}
+		at += i + end + 1
 		s = s[i+end+1:]
 	}
 }

@@ -398,17 +398,20 @@ func (b *Body) Attach(r *http.Request) {
 }
 
 // LooksJSON reports whether a body should be parsed as JSON: a JSON content
-// type, or no multipart/form type and an object as the first character.
+// type, or a body that is a JSON object whatever its content type claims
+// (multipart and form types included: a real multipart body starts with
+// its boundary, never with "{"), after any UTF-8 byte order mark and white
+// space. What the upstream would read as JSON is scheduled, never
+// forwarded unscheduled for a claim.
 func LooksJSON(contentType string, body []byte) bool {
 	if strings.HasPrefix(contentType, "application/json") || strings.Contains(contentType, "+json") {
 		return true
 	}
-	if strings.HasPrefix(contentType, "multipart/") {
-		return false
-	}
-	trimmed := bytes.TrimLeft(body, " \t\r\n")
+	trimmed := bytes.TrimLeft(bytes.TrimPrefix(body, utf8BOM), " \t\r\n")
 	return len(trimmed) > 0 && trimmed[0] == '{'
 }
+
+var utf8BOM = []byte("\xef\xbb\xbf")
 
 // DropBody ends a request whose body will not be read: the connection
 // closes after the answer instead of net/http reading what is left of the

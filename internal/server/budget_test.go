@@ -4,15 +4,22 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"io"
+	"log/slog"
 	"net/http"
+	"os"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/llproxy/llproxy/internal/config"
 )
 
 const budgetConfig = `{
@@ -148,4 +155,36 @@ func TestWildcardBudgetCoversEveryModelOnce(t *testing.T) {
 	assert.Equal(t, 5, ok)
 	assert.Equal(t, 30, budgetUsed(t, g, "interns"), "one total over six model names")
 	assert.Len(t, up.requests(), 5)
+}
+
+// TestStateFileTroubleShowsInHealthz: a state file that can no longer be
+// written is reported by /healthz (today's use would not survive a
+// restart), and a second gateway on the same file does not start.
+func TestStateFileTroubleShowsInHealthz(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "state")
+	require.NoError(t, os.MkdirAll(dir, 0o700))
+	cfg := strings.Replace(fmt.Sprintf(budgetConfig, 1000), `"clients"`, `"stateFile": "`+filepath.Join(dir, "state.json")+`", "clients"`, 1)
+	g := newGateway(t, cfg, "http://127.0.0.1:1", nil)
+	health := func() (int, string) {
+		resp, err := http.Get(g.URL + "/healthz")
+		require.NoError(t, err)
+		defer resp.Body.Close()
+		return resp.StatusCode, readAll(t, resp)
+	}
+	_, body := health()
+	assert.Contains(t, body, `"ok"`)
+
+	parsed, err := config.Parse([]byte(strings.ReplaceAll(cfg, "$UPSTREAM", "http://127.0.0.1:1")), nil)
+	require.NoError(t, err)
+	_, err = New(Options{Config: parsed, Tokenizer: testTokenizer(t), Registry: prometheus.NewRegistry(),
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	require.Error(t, err, "a second gateway on the same state file")
+	assert.Contains(t, err.Error(), "another llproxy")
+
+	require.NoError(t, os.RemoveAll(dir))
+	g.srv.SaveState()
+	status, body := health()
+	assert.Equal(t, http.StatusOK, status, "still serving")
+	assert.Contains(t, body, `"status":"degraded"`)
+	assert.Contains(t, body, `"stateFile"`)
 }

@@ -573,3 +573,21 @@ func TestEveryLogLineHasAnOutcome(t *testing.T) {
 	g.waitLog(t, `"status":413,"outcome":"body_too_large"`)
 	assert.NotContains(t, g.logs.String(), `"outcome":""`)
 }
+
+// TestJSONUnderAnyClaimIsScheduled: on a path that is not an inference
+// call, a JSON body that names a model is scheduled whatever its content
+// type claims (multipart included), and one behind a UTF-8 byte order mark
+// is a 400: neither goes upstream unscheduled.
+func TestJSONUnderAnyClaimIsScheduled(t *testing.T) {
+	up := newUpstream(t)
+	g := newGateway(t, `{"routes": {"openai": {"forward": "$UPSTREAM",
+	  "models": {"*": {"maxQueueSize": 1, "maxQueueWait": 1, "rpm": 600, "tpm": 50000}}}}}`, up.URL, nil)
+	for _, ctype := range []string{"multipart/form-data; boundary=x", "application/x-www-form-urlencoded", "text/plain"} {
+		resp := g.post(t, "/openai/v1/batches", `{"model":"m","max_tokens":100000}`, "Content-Type", ctype)
+		assert.Equal(t, http.StatusTooManyRequests, resp.StatusCode, ctype)
+		assert.Equal(t, "rate_limit_exceeded", strOf(openAIError(t, resp).Code), ctype)
+	}
+	resp := g.post(t, "/openai/v1/batches", "\xef\xbb\xbf"+`{"model":"m","max_tokens":100000}`)
+	assert.Equal(t, http.StatusBadRequest, resp.StatusCode)
+	assert.Empty(t, up.requests(), "nothing went upstream unscheduled")
+}

@@ -12,6 +12,7 @@ package server
 import (
 	"context"
 	"crypto/sha256"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"github.com/llproxy/llproxy/internal/clients"
@@ -124,7 +125,7 @@ func New(opts Options) (*Server, error) {
 	} else if opts.Config.HasBudgets() && opts.Config.StateFile != "" {
 		// Budgets survive a restart: today's use so far is read back.
 		s.statePath = opts.Config.StateFile
-		if err := s.dir.Load(s.statePath, time.Now()); err != nil {
+		if err := s.dir.Open(s.statePath, time.Now()); err != nil {
 			return nil, fmt.Errorf("server: %w", err)
 		}
 	}
@@ -206,6 +207,12 @@ func (s *Server) healthz(w http.ResponseWriter, _ *http.Request) {
 	if s.draining.Load() || s.closing.Load() {
 		w.WriteHeader(http.StatusServiceUnavailable)
 		io.WriteString(w, `{"status":"shutting down"}`+"\n")
+		return
+	}
+	if err := s.dir.StateError(); err != nil {
+		// Still serving, but today's use is not kept: a restart would
+		// start the budgets from what the file last held.
+		json.NewEncoder(w).Encode(map[string]string{"status": "degraded", "stateFile": err.Error()})
 		return
 	}
 	io.WriteString(w, `{"status":"ok"}`+"\n")
