@@ -30,11 +30,13 @@ const observeNoise = 1
 // The request's Mark and u describe the same moment, so a response that
 // arrives late (its headers were made when the request arrived, and both
 // buckets have refilled since) compares like with like; what other
-// responses already corrected since the mark is not corrected twice. The
-// requests the gateway admitted after this one may have reached the
-// upstream first (they run concurrently; the network reorders them), so
-// what they paid is not taken for someone else's spending: only a
-// discrepancy larger than all of it, and than the upstream's rounding, is.
+// responses already corrected since the mark is not corrected twice. Every
+// request the gateway admitted after this one may have reached the
+// upstream first, answered or not (they run concurrently; the network
+// reorders them), so what they paid is not taken for someone else's
+// spending: only a discrepancy larger than all of it, and than the
+// upstream's rounding, is. The gateway's own requests in flight never
+// lower a bucket.
 // What someone else really spent shows again in the next observations and
 // is corrected then.
 //
@@ -62,10 +64,11 @@ func (a *Admission) Observe(now time.Time, u Upstream) bool {
 		mark.Requests++
 		mark.Tokens += float64(a.cost)
 	}
-	// What the requests admitted after this one and answered before it
-	// paid: the upstream may have counted them first.
-	aheadReq, aheadTok := q.answeredAhead(a)
-	q.recordAnswer(a, now)
+	// What the requests admitted after this one paid, answered or still
+	// in flight: the upstream may have counted any of them first (they run
+	// concurrently, and the network and the gateway's own goroutines
+	// reorder them), so none of it is taken for someone else's spending.
+	aheadReq, aheadTok := q.paidReq-mark.PaidRequests, q.paidTok-mark.PaidTokens
 	var lowered float64
 	changed := false
 	if u.HasRemainingRequests {
@@ -84,59 +87,6 @@ func (a *Admission) Observe(now time.Time, u Upstream) bool {
 		q.changed(now)
 	}
 	return lowered > 0
-}
-
-// answer is one observed response: which admission, when, and what the
-// upstream counted for it.
-type answer struct {
-	seq      uint64
-	at       time.Time
-	req, tok float64
-}
-
-// answerLog is how many recent answers a queue keeps to tell which requests
-// may have overtaken one another.
-const answerLog = 128
-
-// answeredAhead sums what the requests admitted after a and answered before
-// it paid. Answers come back in the order the upstream took the requests,
-// so these are the ones it may have counted before a. When the log no
-// longer reaches back to a's admission, everything paid since is taken,
-// which never lowers a bucket wrongly. q.mu is held.
-func (q *Queue) answeredAhead(a *Admission) (req, tok float64) {
-	n := len(q.answers)
-	for i := range n {
-		j := n - 1 - i // newest first
-		if n == answerLog {
-			j = (q.answerNext - 1 - i + 2*answerLog) % answerLog
-		}
-		e := &q.answers[j]
-		if e.at.Before(a.start) {
-			return req, tok
-		}
-		if e.seq > a.seq {
-			req += e.req
-			tok += e.tok
-		}
-	}
-	if n < answerLog {
-		return req, tok // the whole history: complete
-	}
-	return q.paidReq - a.Mark.PaidRequests, q.paidTok - a.Mark.PaidTokens
-}
-
-// recordAnswer logs a's answer. q.mu is held.
-func (q *Queue) recordAnswer(a *Admission, now time.Time) {
-	e := answer{seq: a.seq, at: now, req: 1, tok: float64(a.cost)}
-	if a.unsent {
-		e.req, e.tok = 0, 0 // refused: the upstream counted nothing
-	}
-	if len(q.answers) < answerLog {
-		q.answers = append(q.answers, e)
-		return
-	}
-	q.answers[q.answerNext] = e
-	q.answerNext = (q.answerNext + 1) % answerLog
 }
 
 // Hold stops all admissions until until (the upstream answered 429 with a

@@ -3,6 +3,7 @@ package scheduler
 import (
 	"context"
 	"math"
+	"math/rand/v2"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -111,6 +112,33 @@ func TestObserveIsRobustToReordering(t *testing.T) {
 		// Truncation by the upstream is not spending either.
 		d := acquire(t, q, 300)
 		assert.False(t, d.Observe(time.Now(), tokens(3999)))
+	})
+}
+
+// A burst the upstream takes in one order and the gateway hears answered
+// in another (any other): the gateway's own requests in flight never
+// lower a bucket, whatever the order.
+func TestObserveBurstInAnyOrderNeverLowers(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const n = 120
+		q := NewQueue("m", cfg(200, time.Minute, 200, 1000000))
+		adms := make([]*Admission, n)
+		for i := range adms {
+			adms[i] = acquire(t, q, 10)
+		}
+		rng := rand.New(rand.NewPCG(7, 17))
+		arrival := rng.Perm(n) // the order the upstream took them
+		remaining := make([]int, n)
+		for k, i := range arrival {
+			remaining[i] = 200 - (k + 1) // what it had left after each
+		}
+		for _, i := range rng.Perm(n) { // the order their answers are heard
+			assert.False(t, adms[i].Observe(time.Now(), Upstream{RemainingRequests: remaining[i], HasRemainingRequests: true}), i)
+		}
+		assert.Equal(t, 200-n, q.State(time.Now()).RemainingRequests, "nothing lowered")
+		// Someone else's spending is still seen: 20 more than the burst.
+		d := acquire(t, q, 10)
+		assert.True(t, d.Observe(time.Now(), Upstream{RemainingRequests: 200 - n - 1 - 20, HasRemainingRequests: true}))
 	})
 }
 

@@ -107,9 +107,7 @@ type Queue struct {
 	loweredTok   float64
 	paidReq      float64 // what admissions have paid, in all (see Observe)
 	paidTok      float64
-	seq          uint64   // admissions so far
-	answers      []answer // ring of recent answers (see Observe)
-	answerNext   int
+	seq          uint64        // admissions so far
 	service      time.Duration // how long a request holds its slot, on average (EWMA)
 	closed       bool
 	retired      atomic.Bool // see Retire; set under mu
