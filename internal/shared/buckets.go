@@ -95,7 +95,7 @@ func (b *Buckets) Take(parent context.Context, client, tokens int) (Took, error)
 	ctx, cancel := b.s.ctx(parent)
 	defer cancel()
 	k := b.keys[client]
-	res, err := takeScript.Run(ctx, b.s.rdb, k[:], append(b.args(client), tokens, b.model.MaxConcurrent,
+	res, err := b.s.eval(ctx, takeScript, k[:], bucketTypes[:], append(b.args(client), tokens, b.model.MaxConcurrent,
 		c.MaxConcurrent, lease, leaseTTL.Milliseconds())...).Slice()
 	if err != nil {
 		return Took{}, b.s.failed(err)
@@ -141,7 +141,7 @@ func (b *Buckets) Adjust(parent context.Context, client, requests, tokens int) e
 	ctx, cancel := b.s.ctx(parent)
 	defer cancel()
 	k := b.keys[client]
-	if err := adjustScript.Run(ctx, b.s.rdb, k[:4], append(b.args(client), requests, tokens)...).Err(); err != nil {
+	if err := b.s.eval(ctx, adjustScript, k[:4], bucketTypes[:4], append(b.args(client), requests, tokens)...).Err(); err != nil {
 		return b.s.failed(err)
 	}
 	return nil
@@ -158,7 +158,7 @@ func (b *Buckets) Release(parent context.Context, client int, lease string) erro
 	ctx, cancel := b.s.ctx(parent)
 	defer cancel()
 	k := b.keys[client]
-	if err := releaseScript.Run(ctx, b.s.rdb, k[4:], lease).Err(); err != nil {
+	if err := b.s.eval(ctx, releaseScript, k[4:], bucketTypes[4:], lease).Err(); err != nil {
 		return b.s.failed(err) // the lease expires within leaseTTL anyway
 	}
 	return nil
@@ -176,7 +176,7 @@ func (b *Buckets) refresh(ctx context.Context) error {
 	b.mu.Unlock()
 	for k, leases := range byKey {
 		args := append([]any{leaseTTL.Milliseconds()}, leases...)
-		if err := refreshScript.Run(ctx, b.s.rdb, []string{k}, args...).Err(); err != nil {
+		if err := b.s.eval(ctx, refreshScript, []string{k}, []string{typeLeases}, args...).Err(); err != nil {
 			return err
 		}
 	}
@@ -195,7 +195,7 @@ func (b *Buckets) Cap(parent context.Context, client int, levels [4]float64) err
 	for _, l := range levels {
 		args = append(args, strconv.FormatFloat(l, 'f', 3, 64))
 	}
-	if err := capScript.Run(ctx, b.s.rdb, k[:4], args...).Err(); err != nil {
+	if err := b.s.eval(ctx, capScript, k[:4], bucketTypes[:4], args...).Err(); err != nil {
 		return b.s.failed(err)
 	}
 	return nil

@@ -112,6 +112,7 @@ type State struct {
 	live     atomic.Int64 // replicas seen alive at the last heartbeat
 	gauge    *prometheus.GaugeVec
 	changes  *prometheus.CounterVec
+	repaired prometheus.Counter
 
 	mu       sync.Mutex
 	queues   []*Buckets            // every queue's buckets, for leases and recovery
@@ -140,13 +141,15 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*State, error
 			[]string{"state"}),
 		changes: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "llproxy_shared_state_changes_total",
 			Help: "Times the shared limits changed mode, by the mode entered."}, []string{"state"}),
+		repaired: prometheus.NewCounter(prometheus.CounterOpts{Name: "llproxy_shared_keys_replaced_total",
+			Help: "Redis keys of the shared limits found holding the wrong type of value, and replaced."}),
 	}
 	s.now = time.Now
 	s.live.Store(1)
 	s.gauge.WithLabelValues("ok").Set(1)
 	s.gauge.WithLabelValues("degraded").Set(0)
 	if reg != nil {
-		for _, c := range []prometheus.Collector{s.gauge, s.changes} {
+		for _, c := range []prometheus.Collector{s.gauge, s.changes, s.repaired} {
 			if err := reg.Register(c); err != nil {
 				return nil, err
 			}
@@ -197,8 +200,14 @@ func (s *State) ctx(parent context.Context) (context.Context, context.CancelFunc
 	return context.WithTimeout(context.WithoutCancel(parent), s.timeout)
 }
 
-// failed records that a Redis call failed: the mode turns degraded.
+// failed records that a Redis call failed: the mode turns degraded, unless
+// Redis did answer, about one key's data (see repair.go): that is the
+// key's problem, not every model's.
 func (s *State) failed(err error) error {
+	if keyTrouble(err) {
+		s.log.Warn("shared limits: a Redis key holds the wrong type of value", "error", err.Error())
+		return err
+	}
 	if s.degraded.CompareAndSwap(false, true) {
 		s.since.Store(s.now().UnixNano())
 		s.log.Warn("shared limits degraded: Redis cannot be reached", "error", err.Error(),
@@ -259,7 +268,8 @@ func (s *State) Run(ctx context.Context) {
 func (s *State) beat(parent context.Context) {
 	ctx, cancel := s.ctx(parent)
 	defer cancel()
-	n, err := heartbeatScript.Run(ctx, s.rdb, []string{s.cfg.Prefix + "replicas"}, s.id, leaseTTL.Milliseconds()).Int64()
+	n, err := s.eval(ctx, heartbeatScript, []string{s.cfg.Prefix + "replicas"}, []string{typeLeases}, s.id,
+		leaseTTL.Milliseconds()).Int64()
 	if err != nil {
 		s.failed(err)
 		return
@@ -269,7 +279,7 @@ func (s *State) beat(parent context.Context) {
 	queues := append([]*Buckets{}, s.queues...)
 	s.mu.Unlock()
 	for _, b := range queues {
-		if err := b.refresh(ctx); err != nil {
+		if err := b.refresh(ctx); err != nil && !keyTrouble(err) {
 			s.failed(err)
 			return
 		}
@@ -331,7 +341,7 @@ func (s *State) flush(parent context.Context) error {
 func (s *State) AddBudget(parent context.Context, client, model, day string, tokens int64) (int64, error) {
 	ctx, cancel := s.ctx(parent)
 	defer cancel()
-	n, err := budgetScript.Run(ctx, s.rdb, []string{s.budgetKey(client, model, day)}, tokens).Int64()
+	n, err := s.eval(ctx, budgetScript, []string{s.budgetKey(client, model, day)}, []string{typeCount}, tokens).Int64()
 	if err != nil {
 		return 0, s.failed(err)
 	}
@@ -342,7 +352,11 @@ func (s *State) AddBudget(parent context.Context, client, model, day string, tok
 func (s *State) Budget(parent context.Context, client, model, day string) (int64, error) {
 	ctx, cancel := s.ctx(parent)
 	defer cancel()
-	n, err := s.rdb.Get(ctx, s.budgetKey(client, model, day)).Int64()
+	key := s.budgetKey(client, model, day)
+	n, err := s.rdb.Get(ctx, key).Int64()
+	if keyTrouble(err) && s.repair(ctx, []string{key}, []string{typeCount}) {
+		n, err = s.rdb.Get(ctx, key).Int64()
+	}
 	if errors.Is(err, redis.Nil) {
 		return 0, nil
 	}

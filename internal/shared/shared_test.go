@@ -177,3 +177,41 @@ func TestConfigValidate(t *testing.T) {
 	assert.Equal(t, Split, c.OnRedisDown)
 	assert.Equal(t, DefaultPrefix, c.Prefix)
 }
+
+// TestAWrongTypedKeyIsThatKeysProblem: a bucket key that holds the wrong
+// kind of value (SET over it) is replaced by the call that meets it; the
+// shared limits never turn degraded, and every model (that one included)
+// stays shared.
+func TestAWrongTypedKeyIsThatKeysProblem(t *testing.T) {
+	r := redistest.Start(t)
+	s := replica(t, r.URL())
+	bad := s.Queue("openai", "ok", model, clientsOf(model))
+	good := s.Queue("openai", "gpt-4o", model, clientsOf(model))
+	ctx := context.Background()
+	for _, k := range []string{"llproxy:{openai/ok}:req", "llproxy:{openai/ok}:c:a:tok", "llproxy:replicas"} {
+		require.NoError(t, s.rdb.Set(ctx, k, "x", 0).Err())
+	}
+	took, err := bad.Take(ctx, 0, 10)
+	require.NoError(t, err, "the bad keys are replaced and the take runs again")
+	assert.True(t, took.OK)
+	took, err = good.Take(ctx, 0, 10)
+	require.NoError(t, err)
+	assert.True(t, took.OK)
+	s.beat(ctx)
+	assert.False(t, s.Degraded(), "Redis answers: nothing is degraded")
+	typ, err := s.rdb.Type(ctx, "llproxy:{openai/ok}:req").Result()
+	require.NoError(t, err)
+	assert.Equal(t, "hash", typ)
+	assert.Equal(t, 3.0, testutil.ToFloat64(s.repaired))
+	require.NoError(t, bad.Cap(ctx, 0, [4]float64{-1, -1, -1, -1}), "the recovery call on the bad model")
+
+	// A budget key, too.
+	require.NoError(t, s.rdb.HSet(ctx, s.budgetKey("interns", "*", "2026-12-01"), "l", 1).Err())
+	n, err := s.Budget(ctx, "interns", "*", "2026-12-01")
+	require.NoError(t, err)
+	assert.Zero(t, n)
+	n, err = s.AddBudget(ctx, "interns", "*", "2026-12-01", 5)
+	require.NoError(t, err)
+	assert.Equal(t, int64(5), n)
+	assert.False(t, s.Degraded())
+}
