@@ -3,6 +3,7 @@ package shared
 import (
 	"context"
 	"errors"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -23,6 +24,7 @@ type Buckets struct {
 
 	mu     sync.Mutex
 	leases map[string]int // live leases of this replica -> client
+	closed bool           // its queue is retired: forgotten once its leases end
 }
 
 // keys of one client's call: model requests, model tokens, client
@@ -45,17 +47,29 @@ func (s *State) Queue(route, model string, cfg scheduler.Config, clients []sched
 	return b
 }
 
-// Close forgets the buckets (their queue was retired).
+// Close forgets the buckets (their queue was retired, or a reload replaced
+// it) once the leases of its requests still in flight have ended: until
+// then the heartbeat keeps them, so a request older than the reload keeps
+// its slot.
 func (b *Buckets) Close() {
-	s := b.s
+	b.mu.Lock()
+	b.closed = true
+	b.mu.Unlock()
+	b.s.forgetClosed()
+}
+
+// done reports whether b is closed and holds no lease.
+func (b *Buckets) done() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.closed && len(b.leases) == 0
+}
+
+// forgetClosed drops the closed buckets that hold no lease.
+func (s *State) forgetClosed() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for i, q := range s.queues {
-		if q == b {
-			s.queues = append(s.queues[:i], s.queues[i+1:]...)
-			return
-		}
-	}
+	s.queues = slices.DeleteFunc(s.queues, (*Buckets).done)
 }
 
 // Took is a take's answer.
@@ -164,16 +178,18 @@ func (b *Buckets) Release(parent context.Context, client int, lease string) erro
 	return nil
 }
 
-// refresh extends this replica's leases.
+// refresh extends this replica's leases, and re-asserts those Redis lost.
+// It holds b.mu throughout, so that a lease released meanwhile is never
+// added back.
 func (b *Buckets) refresh(ctx context.Context) error {
 	b.mu.Lock()
+	defer b.mu.Unlock()
 	byKey := map[string][]any{}
 	for lease, client := range b.leases {
 		for _, k := range b.keys[client][4:] {
 			byKey[k] = append(byKey[k], lease)
 		}
 	}
-	b.mu.Unlock()
 	for k, leases := range byKey {
 		args := append([]any{leaseTTL.Milliseconds()}, leases...)
 		if err := b.s.eval(ctx, refreshScript, []string{k}, []string{typeLeases}, args...).Err(); err != nil {

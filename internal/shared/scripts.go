@@ -98,14 +98,16 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
 `)
 
-// refreshScript extends the leases ARGV[2..] of set KEYS[1] that still
-// exist to ARGV[1] ms from now.
+// refreshScript extends the leases ARGV[2..] of set KEYS[1] to ARGV[1] ms
+// from now, adding those the set lost (Redis flushed or restarted without
+// its data): a lease a replica holds is re-asserted, so the slots of
+// requests in flight are counted again.
 var refreshScript = redis.NewScript(`
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local until_ = now + tonumber(ARGV[1])
 for i = 2, #ARGV do
-  redis.call('ZADD', KEYS[1], 'XX', until_, ARGV[i])
+  redis.call('ZADD', KEYS[1], until_, ARGV[i])
 end
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]) * 2)
 return 1

@@ -284,6 +284,7 @@ func (s *State) beat(parent context.Context) {
 			return
 		}
 	}
+	s.forgetClosed()
 	if s.degraded.Load() {
 		if err := s.flush(parent); err != nil {
 			s.failed(err)

@@ -215,3 +215,52 @@ func TestAWrongTypedKeyIsThatKeysProblem(t *testing.T) {
 	assert.Equal(t, int64(5), n)
 	assert.False(t, s.Degraded())
 }
+
+// TestLeasesOutliveAFlushAndAReload: the concurrency slots of requests in
+// flight are re-asserted by the heartbeat after Redis loses its data, and
+// the buckets a reload replaced keep their leases until they end.
+func TestLeasesOutliveAFlushAndAReload(t *testing.T) {
+	r := redistest.Start(t)
+	s := replica(t, r.URL())
+	two := model
+	two.MaxConcurrent = 2
+	b := s.Queue("openai", "gpt-4o", two, clientsOf(two))
+	ctx := context.Background()
+	var leases []string
+	for range 2 {
+		took, err := b.Take(ctx, 0, 1)
+		require.NoError(t, err)
+		require.True(t, took.OK)
+		leases = append(leases, took.Lease)
+	}
+	took, err := b.Take(ctx, 0, 1)
+	require.NoError(t, err)
+	require.False(t, took.OK, "two slots, two in flight")
+
+	require.NoError(t, s.rdb.FlushAll(ctx).Err()) // Redis restarted without its data
+	s.beat(ctx)
+	took, err = b.Take(ctx, 0, 1)
+	require.NoError(t, err)
+	assert.False(t, took.OK, "the two in flight hold their slots again")
+	assert.Equal(t, scheduler.Slots, took.Binding)
+
+	// A reload replaces the buckets: the old ones keep their leases alive
+	// until their requests end.
+	b.Close()
+	nb := s.Queue("openai", "gpt-4o", two, clientsOf(two))
+	require.NoError(t, s.rdb.FlushAll(ctx).Err())
+	s.beat(ctx)
+	took, err = nb.Take(ctx, 0, 1)
+	require.NoError(t, err)
+	assert.False(t, took.OK, "the old buckets' requests still hold both slots")
+	for _, l := range leases {
+		require.NoError(t, b.Release(ctx, 0, l))
+	}
+	s.beat(ctx)
+	s.mu.Lock()
+	assert.NotContains(t, s.queues, b, "forgotten once its leases ended")
+	s.mu.Unlock()
+	took, err = nb.Take(ctx, 0, 1)
+	require.NoError(t, err)
+	assert.True(t, took.OK)
+}
