@@ -16,6 +16,7 @@ import (
 	"log/slog"
 	"net/url"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/llproxy/llproxy/internal/backends"
@@ -111,6 +112,8 @@ type Fleet struct {
 	pool *backends.Pool
 	life *lifecycle.Manager // nil if llproxy runs none of them
 	log  *slog.Logger
+	// handedOver: a reloaded fleet took life over; Shutdown leaves it.
+	handedOver atomic.Bool
 }
 
 // Options are a Fleet's dependencies.
@@ -123,6 +126,10 @@ type Options struct {
 	Queued func(model string) int
 	// Secrets never reach a managed server's environment.
 	Secrets []string
+	// Previous is the route's fleet before a reload, if it had one: its
+	// model servers are handed over (see lifecycle.Manager.Reconfigure),
+	// never run twice.
+	Previous *Fleet
 }
 
 // New builds the fleet of cfg (validated and defaulted).
@@ -163,6 +170,12 @@ func New(cfg backends.Config, opts Options) (*Fleet, error) {
 				}
 			}
 			return n
+		}
+		if prev := opts.Previous; prev != nil && prev.life != nil {
+			prev.handedOver.Store(true)
+			f.life = prev.life
+			f.life.Reconfigure(specs, queued)
+			return f, nil
 		}
 		f.life = lifecycle.New(specs, lifecycle.Options{Logger: opts.Logger, MaxSwapWait: opts.MaxSwapWait,
 			Queued: queued, Secrets: opts.Secrets})
@@ -308,9 +321,10 @@ func (f *Fleet) Load(ctx context.Context, model string, keepAlive *time.Duration
 // Run keeps the health checks and discovery scans going until ctx ends.
 func (f *Fleet) Run(ctx context.Context) { f.pool.Run(ctx) }
 
-// Shutdown stops every server llproxy started.
+// Shutdown stops every server llproxy started, unless a reloaded fleet
+// took them over.
 func (f *Fleet) Shutdown() {
-	if f.life != nil {
+	if f.life != nil && !f.handedOver.Load() {
 		f.life.Shutdown()
 	}
 }

@@ -107,6 +107,7 @@ type Manager struct {
 
 	mu      sync.Mutex
 	procs   map[string]*proc
+	retired []*proc          // replaced by a reload, still running (reconfigure.go)
 	next    map[string]*proc // per group: the member a drain was made for, which starts next
 	changed chan struct{}    // closed and replaced on every change
 	closed  bool
@@ -155,19 +156,16 @@ func New(specs []Spec, opts Options) *Manager {
 		}
 	}
 	for _, s := range specs {
-		if s.ReadyTimeout == 0 {
-			s.ReadyTimeout = 2 * time.Minute
-		}
-		if s.StopGrace == 0 {
-			s.StopGrace = 10 * time.Second
-		}
-		if s.ReadyPath == "" {
-			s.ReadyPath = "/v1/models"
-		}
-		m.procs[s.Name] = &proc{spec: s, state: Stopped}
+		m.procs[s.Name] = &proc{spec: withDefaults(s), state: Stopped}
 	}
 	return m
 }
+
+// Defaults of a Spec.
+const (
+	DefaultReadyTimeout = 2 * time.Minute
+	DefaultStopGrace    = 10 * time.Second
+)
 
 func (m *Manager) broadcast() {
 	close(m.changed)
@@ -218,7 +216,7 @@ func (m *Manager) Acquire(ctx context.Context, backend string) (release func(), 
 			}
 			fallthrough
 		case Stopped:
-			if m.makeRoom(p) {
+			if !m.portTaken(p) && m.makeRoom(p) {
 				m.start(p)
 				attempt = p.startSeq
 				if p.state == Failed {
@@ -469,7 +467,8 @@ func (m *Manager) Status() []Status {
 	defer m.mu.Unlock()
 	now := m.clock.Now()
 	var out []Status
-	for name, p := range m.procs {
+	for _, p := range m.all() {
+		name := p.spec.Name
 		s := Status{Name: name, State: p.state, Models: p.spec.Models, Group: p.spec.Group, InFlight: p.inflight,
 			Queued: p.waiting + m.queued(name), UnloadAt: p.unloadAt, Draining: p.draining}
 		if p.cmd != nil {
@@ -483,7 +482,22 @@ func (m *Manager) Status() []Status {
 		}
 		out = append(out, s)
 	}
-	slices.SortFunc(out, func(a, b Status) int { return cmpString(a.Name, b.Name) })
+	slices.SortStableFunc(out, func(a, b Status) int { return cmpString(a.Name, b.Name) })
+	return out
+}
+
+// all is every process the manager knows: its backends, then the retired
+// ones still running. m.mu is held.
+func (m *Manager) all() []*proc {
+	out := make([]*proc, 0, len(m.procs)+len(m.retired))
+	for _, p := range m.procs {
+		out = append(out, p)
+	}
+	for _, p := range m.retired {
+		if p.state != Stopped && p.state != Failed {
+			out = append(out, p)
+		}
+	}
 	return out
 }
 
@@ -505,7 +519,7 @@ func (m *Manager) Shutdown() {
 	m.closed = true
 	var exits []chan struct{}
 	var grace time.Duration
-	for _, p := range m.procs {
+	for _, p := range m.all() {
 		if p.cmd != nil {
 			exits = append(exits, p.exited)
 			grace = max(grace, p.spec.StopGrace)

@@ -134,8 +134,12 @@ func New(name string, rc *config.Route, opts Options) (*Route, error) {
 		rt.fleet, rt.lessor = opts.Previous.fleet, opts.Previous.fleet
 		rt.up.transport = opts.Previous.up.transport
 	case rc.Fleet():
+		var prev *fleet.Fleet
+		if opts.Previous != nil {
+			prev = opts.Previous.fleet
+		}
 		f, err := fleet.New(rc.Config, fleet.Options{Logger: opts.Logger.With("route", name),
-			MaxSwapWait: time.Duration(rc.MaxSwapWait), Queued: rt.models.Queued, Secrets: opts.Secrets})
+			MaxSwapWait: time.Duration(rc.MaxSwapWait), Queued: rt.models.Queued, Secrets: opts.Secrets, Previous: prev})
 		if err != nil {
 			return nil, fmt.Errorf("route: routes.%s: %w", name, err)
 		}
