@@ -39,7 +39,14 @@ func baseline(args []string) int {
 		FlushInterval: -1,
 	}
 	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path == "/healthz" {
+		switch r.URL.Path {
+		case "/healthz":
+			return
+		case "/hold":
+			// The floor of a request held in a Go HTTP server: its body
+			// read, then nothing until the client leaves (llbench -memory).
+			io.Copy(io.Discard, r.Body)
+			<-r.Context().Done()
 			return
 		}
 		body, err := io.ReadAll(r.Body)

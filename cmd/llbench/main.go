@@ -71,6 +71,8 @@ func bench(args []string) int {
 	gomaxprocs := fs.Int("gomaxprocs", 0, "GOMAXPROCS for the proxies (0: Go's default)")
 	only := fs.String("only", "", "run only the scenarios whose name contains this")
 	mem := fs.Bool("memory", false, "measure the memory of an open stream and of a queued request instead")
+	memStreams := fs.Int("memory-streams", 1000, "-memory: open streams held")
+	memQueued := fs.Int("memory-queued", 10000, "-memory: requests held waiting in a queue")
 	redisURL := fs.String("redis", "", "also run 2 llproxy replicas sharing their limits through this Redis (redis://host:port/db), against 1 without")
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -85,7 +87,7 @@ func bench(args []string) int {
 		env = append(env, "GOMAXPROCS="+strconv.Itoa(*gomaxprocs))
 	}
 	if *mem {
-		if err := memory(*llproxyBin, self, env); err != nil {
+		if err := memory(*llproxyBin, self, env, *memStreams, *memQueued); err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			return 1
 		}

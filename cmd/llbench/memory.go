@@ -8,24 +8,34 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
-// The memory a waiting request and an open stream hold, measured as the
-// growth of each proxy's resident set while n of them are in progress
-// (llbench -memory).
+// The memory a waiting request and an open stream hold, measured as an
+// operator sees it (llbench -memory): the resident set of a fresh process
+// with n of them in progress, less the same process's resident set idle.
+// Each figure has a process of its own: a process that already grew for
+// one measurement reuses that memory for the next, and would report it as
+// nearly free (which is how an earlier version of this measured 2.4 KiB
+// for a queued request).
 
 // holding starts n requests of body to url that stay in progress until
-// release is closed, waits until p's RSS has settled, and returns its
-// growth per request.
-func holding(client *http.Client, p *proc, url string, body []byte, n int) float64 {
+// they are released, waits until p has sockets open for every one (sockets
+// of them each: 2 for a stream, its client's and its upstream's; 1 for a
+// request waiting) and its RSS has settled, and returns its growth per
+// request.
+func holding(p *proc, url string, body []byte, n, sockets int) float64 {
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: n, DisableCompression: true}}
 	before := p.rss()
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
+	var started atomic.Int64
 	for range n {
 		wg.Go(func() {
 			req, _ := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
 			req.Header.Set("Content-Type", "application/json")
+			started.Add(1)
 			if resp, err := client.Do(req); err == nil {
 				buf := make([]byte, 64)
 				resp.Body.Read(buf) // the stream's first bytes; then it stays open
@@ -34,52 +44,74 @@ func holding(client *http.Client, p *proc, url string, body []byte, n int) float
 			}
 		})
 	}
-	time.Sleep(3 * time.Second)
+	// Every request in progress at the proxy, then its RSS settled.
+	deadline := time.Now().Add(2 * time.Minute)
+	for p.connections() < n*sockets && time.Now().Before(deadline) {
+		time.Sleep(100 * time.Millisecond)
+	}
+	time.Sleep(2 * time.Second)
 	after := p.rss()
 	cancel()
 	wg.Wait()
 	return (after - before) / float64(n)
 }
 
-// memory measures a queued request in llproxy and an open stream in the
-// baseline and llproxy.
-func memory(llproxyBin string, self string, env []string) error {
-	const n = 400
-	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: n, MaxConnsPerHost: 0, DisableCompression: true}}
-	mockAddr, baseAddr, llAddr := freeAddr(), freeAddr(), freeAddr()
+// memory measures an open stream in the baseline and llproxy, and a queued
+// request in llproxy, each in a fresh process.
+func memory(llproxyBin string, self string, env []string, streams, queued int) error {
+	mockAddr := freeAddr()
 	mock, err := start("mock", mockAddr, "/v1/models", nil, llproxyBin, "mock-server", "-listen", mockAddr,
-		"-chunks", "1000", "-chunk-delay", "50ms")
+		"-chunks", "100000", "-chunk-delay", "50ms")
 	if err != nil {
 		return err
 	}
 	defer mock.stop()
-	base, err := start("baseline", baseAddr, "/healthz", env, self, "baseline", "-listen", baseAddr, "-upstream", "http://"+mockAddr)
-	if err != nil {
-		return err
-	}
-	defer base.stop()
 	dir, _ := os.MkdirTemp("", "llbench")
 	defer os.RemoveAll(dir)
-	cfgPath := filepath.Join(dir, "config.json")
-	// Model "stream" has room for everyone; model "queued" admits one a
-	// minute, so every other request waits in its queue.
-	cfg := fmt.Sprintf(`{"listen": %q, "routes": {"bench": {"forward": "http://%s", "models": {
-	  "queued": {"maxQueueSize": 100000, "maxQueueWait": 3600, "rpm": 1, "tpm": 2000000000},
-	  "*": {"maxQueueSize": 100000, "maxQueueWait": 60, "rpm": 1000000000, "tpm": 2000000000}}}}}`, llAddr, mockAddr)
-	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+	// A fresh llproxy: model "stream" has room for everyone; model
+	// "queued" admits one a minute, so every other request waits.
+	llproxy := func() (*proc, string, error) {
+		addr := freeAddr()
+		cfgPath := filepath.Join(dir, "config.json")
+		cfg := fmt.Sprintf(`{"listen": %q, "routes": {"bench": {"forward": "http://%s", "models": {
+		  "queued": {"maxQueueSize": 1000000, "maxQueueWait": 3600, "rpm": 1, "tpm": 2000000000},
+		  "*": {"maxQueueSize": 1000000, "maxQueueWait": 60, "rpm": 1000000000, "tpm": 2000000000}}}}}`, addr, mockAddr)
+		if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+			return nil, "", err
+		}
+		p, err := start("llproxy", addr, "/healthz", env, llproxyBin, "-config", cfgPath)
+		return p, addr, err
+	}
+	stream := chat(1000, true, false)(0)
+	queuedBody := bytes.Replace(chat(16, false, false)(0), []byte(`"model":"gpt-4o"`), []byte(`"model":"queued"`), 1)
+
+	base, baseAddr := (*proc)(nil), freeAddr()
+	if base, err = start("baseline", baseAddr, "/healthz", env, self, "baseline", "-listen", baseAddr, "-upstream", "http://"+mockAddr); err != nil {
 		return err
 	}
-	ll, err := start("llproxy", llAddr, "/healthz", env, llproxyBin, "-config", cfgPath)
+	b := holding(base, "http://"+baseAddr+"/v1/chat/completions", stream, streams, 2)
+	base.stop()
+	if base, err = start("baseline", baseAddr, "/healthz", env, self, "baseline", "-listen", baseAddr, "-upstream", "http://"+mockAddr); err != nil {
+		return err
+	}
+	floor := holding(base, "http://"+baseAddr+"/hold", queuedBody, queued, 1)
+	base.stop()
+	ll, llAddr, err := llproxy()
 	if err != nil {
 		return err
 	}
-	defer ll.stop()
-	stream := chat(1000, true, false)(0)
-	queued := bytes.Replace(chat(16, false, false)(0), []byte(`"model":"gpt-4o"`), []byte(`"model":"queued"`), 1)
-	fmt.Printf("memory per open stream (%d open):  baseline %.1f KiB, llproxy %.1f KiB\n", n,
-		holding(client, base, "http://"+baseAddr+"/v1/chat/completions", stream, n)/1024,
-		holding(client, ll, "http://"+llAddr+"/bench/v1/chat/completions", stream, n)/1024)
-	fmt.Printf("memory per queued request (%d waiting): llproxy %.1f KiB\n", n,
-		holding(client, ll, "http://"+llAddr+"/bench/v1/chat/completions", queued, n)/1024)
+	l := holding(ll, "http://"+llAddr+"/bench/v1/chat/completions", stream, streams, 2)
+	ll.stop()
+	fmt.Printf("memory per open stream (%d open, fresh processes): baseline %.1f KiB, llproxy %.1f KiB\n", streams, b/1024, l/1024)
+
+	ll, llAddr, err = llproxy()
+	if err != nil {
+		return err
+	}
+	idle := ll.rss()
+	q := holding(ll, "http://"+llAddr+"/bench/v1/chat/completions", queuedBody, queued, 1)
+	ll.stop()
+	fmt.Printf("memory per queued request (%d waiting, a fresh process): llproxy %.1f KiB (idle RSS %.1f MiB, %.1f MiB with them); "+
+		"a bare Go HTTP server holding as many: %.1f KiB\n", queued, q/1024, idle/(1<<20), (idle+q*float64(queued))/(1<<20), floor/1024)
 	return nil
 }

@@ -98,3 +98,20 @@ func (p *proc) statusKB(field string) float64 {
 	}
 	return 0
 }
+
+// connections is how many TCP connections the process has open (its
+// sockets in /proc/<pid>/fd): the requests it has accepted, and their
+// upstream connections.
+func (p *proc) connections() int {
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", p.cmd.Process.Pid))
+	if err != nil {
+		return 0
+	}
+	n := 0
+	for _, e := range ents {
+		if l, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", p.cmd.Process.Pid, e.Name())); err == nil && strings.HasPrefix(l, "socket:") {
+			n++
+		}
+	}
+	return n
+}
