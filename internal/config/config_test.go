@@ -13,6 +13,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/llproxy/llproxy/internal/config/yamljson"
 )
 
 func env(vars map[string]string) LookupEnv {
@@ -285,7 +287,7 @@ routes:
 	assert.Contains(t, err.Error(), "x-defaults")
 	assert.NotContains(t, err.Error(), "<<")
 
-	data, err := yamlToJSON([]byte(`
+	data, err := yamljson.ToJSON([]byte(`
 d: &d {rpm: 200, tpm: 40000}
 s: &s {tpm: 1000, maxQueueSize: 2}
 a: {<<: *d, tpm: 50000}
@@ -299,7 +301,7 @@ c: {<<: *d, rpm: 0x10, hex: -0x1F, oct: 0o17, bin: 0b101, big: 1_000, f: 1.5}
 	assert.Equal(t, map[string]any{"rpm": 200.0, "tpm": 1000.0, "maxQueueSize": 2.0}, got["b"], "the earlier merge wins")
 	assert.Equal(t, map[string]any{"rpm": 16.0, "tpm": 40000.0, "hex": -31.0, "oct": 15.0, "bin": 5.0, "big": 1000.0, "f": 1.5}, got["c"])
 
-	_, err = yamlToJSON([]byte("a: &a x\nb: {<<: *a}\n"))
+	_, err = yamljson.ToJSON([]byte("a: &a x\nb: {<<: *a}\n"))
 	assert.ErrorContains(t, err, "merge key (<<) takes a mapping")
 }
 
@@ -311,7 +313,7 @@ func TestYAMLAliasBombIsRefused(t *testing.T) {
 	for i := 1; i <= 9; i++ {
 		fmt.Fprintf(&b, "a%d: &a%d [*a%d, *a%d, *a%d, *a%d, *a%d, *a%d, *a%d, *a%d, *a%d]\n", i, i, i-1, i-1, i-1, i-1, i-1, i-1, i-1, i-1, i-1)
 	}
-	_, err := yamlToJSON([]byte(b.String()))
+	_, err := yamljson.ToJSON([]byte(b.String()))
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "aliases are expanded")
 	// The same through merge keys.
@@ -320,7 +322,7 @@ func TestYAMLAliasBombIsRefused(t *testing.T) {
 	for i := 1; i <= 30; i++ {
 		fmt.Fprintf(&b, "m%d: &m%d {<<: [*m%d, *m%d], k%d: v}\n", i, i, i-1, i-1, i)
 	}
-	_, err = yamlToJSON([]byte(b.String()))
+	_, err = yamljson.ToJSON([]byte(b.String()))
 	assert.ErrorContains(t, err, "aliases are expanded")
 
 	big := filepath.Join(t.TempDir(), "big.json")

@@ -13,6 +13,8 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+
+	"github.com/llproxy/llproxy/internal/config/yamljson"
 )
 
 // LookupEnv finds an environment variable; os.LookupEnv in production.
@@ -50,7 +52,7 @@ func Load(path string, env LookupEnv) (*Config, error) {
 		return nil, fmt.Errorf("config: %w", err)
 	}
 	if ext := strings.ToLower(filepath.Ext(path)); ext == ".yaml" || ext == ".yml" {
-		if data, err = yamlToJSON(data); err != nil {
+		if data, err = yamljson.ToJSON(data); err != nil {
 			return nil, fmt.Errorf("config %s: %w", path, err)
 		}
 	}

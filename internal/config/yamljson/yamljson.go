@@ -1,4 +1,12 @@
-package config
+// Package yamljson reads a YAML config as the JSON document it stands for,
+// so that a YAML config gets the same fields, checks, defaults and error
+// paths as a JSON one, and the routes' order as written. Anchors, aliases
+// and merge keys are expanded within a bound: a few hundred bytes of
+// nested aliases must not become gigabytes.
+//
+// It exists apart from package config so that the YAML reader, with its
+// expansion bound, is one piece with its own tests.
+package yamljson
 
 import (
 	"bytes"
@@ -11,23 +19,18 @@ import (
 	"go.yaml.in/yaml/v3"
 )
 
-// YAML configs are read as the same document in JSON: the same fields,
-// checks, defaults and error paths, and the routes' order as written.
-// Anchors, aliases and merge keys (<<: *defaults) are expanded, within a
-// bound: a few hundred bytes of nested aliases must not become gigabytes.
-
-// maxYAMLNodes bounds the nodes of a YAML config after its aliases are
+// MaxNodes bounds the nodes of a YAML config after its aliases are
 // expanded: a config of thousands of models is far below it.
-const maxYAMLNodes = 100_000
+const MaxNodes = 100_000
 
 // errTooManyNodes is a YAML config whose aliases expand beyond
-// maxYAMLNodes (an "alias bomb").
+// MaxNodes (an "alias bomb").
 var errTooManyNodes = fmt.Errorf("invalid YAML: more than %d values once its aliases are expanded "+
-	"(nested aliases that multiply, an \"alias bomb\"?)", maxYAMLNodes)
+	"(nested aliases that multiply, an \"alias bomb\"?)", MaxNodes)
 
-// yamlToJSON converts a YAML document to JSON, keeping the order of
-// mapping keys.
-func yamlToJSON(data []byte) ([]byte, error) {
+// ToJSON converts a YAML document to JSON, keeping the order of mapping
+// keys.
+func ToJSON(data []byte) ([]byte, error) {
 	var doc yaml.Node
 	if err := yaml.Unmarshal(data, &doc); err != nil {
 		return nil, fmt.Errorf("invalid YAML: %w", err)
@@ -35,7 +38,7 @@ func yamlToJSON(data []byte) ([]byte, error) {
 	if doc.Kind == 0 {
 		return nil, errors.New("the config is empty")
 	}
-	w := yamlWriter{budget: maxYAMLNodes}
+	w := yamlWriter{budget: MaxNodes}
 	if err := w.write(&doc, 0); err != nil {
 		return nil, err
 	}
