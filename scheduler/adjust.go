@@ -32,11 +32,10 @@ const observeNoise = 1
 // buckets have refilled since) compares like with like; what other
 // responses already corrected since the mark is not corrected twice. Every
 // request the gateway admitted after this one may have reached the
-// upstream first, answered or not (they run concurrently; the network
-// reorders them), so what they paid is not taken for someone else's
-// spending: only a discrepancy larger than all of it, and than the
-// upstream's rounding, is. The gateway's own requests in flight never
-// lower a bucket.
+// upstream first, answered or still in flight (they run concurrently; the
+// network and the gateway's goroutines reorder them), so the bucket is
+// lowered only by a discrepancy larger than all they paid, and than the
+// upstream's rounding: the gateway's own requests never lower it.
 // What someone else really spent shows again in the next observations and
 // is corrected then.
 //
@@ -44,8 +43,12 @@ const observeNoise = 1
 // request, so each discrepancy also moves an estimate of what others spend,
 // and the bucket refills that much slower (never below a tenth of the
 // configured rate); when others stop, the upstream reports more than the
-// gateway holds and the rate recovers. It reports whether a bucket was
-// lowered.
+// gateway holds and the rate recovers. That estimate takes the upstream to
+// have counted, of the requests admitted after this one, those answered
+// before it (answers come back mostly in the order the upstream took the
+// requests): a reordering makes one observation high and a later one as
+// much lower, which cancel in the estimate, while a drain persists. It
+// reports whether a bucket was lowered.
 func (a *Admission) Observe(now time.Time, u Upstream) bool {
 	if a == nil || a.q == nil {
 		return false
@@ -64,29 +67,88 @@ func (a *Admission) Observe(now time.Time, u Upstream) bool {
 		mark.Requests++
 		mark.Tokens += float64(a.cost)
 	}
-	// What the requests admitted after this one paid, answered or still
-	// in flight: the upstream may have counted any of them first (they run
-	// concurrently, and the network and the gateway's own goroutines
-	// reorder them), so none of it is taken for someone else's spending.
-	aheadReq, aheadTok := q.paidReq-mark.PaidRequests, q.paidTok-mark.PaidTokens
+	// What the requests admitted after this one paid: all of it may have
+	// been counted first (the level is lowered only beyond it); what those
+	// answered before it paid, most likely counted first (the drain
+	// estimate).
+	aheadReq, aheadTok := q.answeredAhead(a)
+	afterReq, afterTok := q.paidReq-mark.PaidRequests, q.paidTok-mark.PaidTokens
+	q.recordAnswer(a, now)
 	var lowered float64
 	changed := false
 	if u.HasRemainingRequests {
-		d := mark.Requests - float64(u.RemainingRequests) - (q.loweredReq - mark.LoweredRequests) - aheadReq
-		n, c := q.req.observe(now, d)
+		d := mark.Requests - float64(u.RemainingRequests)
+		n, dr, c := q.req.observe(now, d-(q.loweredReq-mark.LoweredRequests)-afterReq,
+			d-(q.drainedReq-mark.DrainedRequests)-aheadReq)
 		q.loweredReq += n
+		q.drainedReq += dr
 		lowered, changed = lowered+n, changed || c
 	}
 	if u.HasRemainingTokens {
-		d := mark.Tokens - float64(u.RemainingTokens) - (q.loweredTok - mark.LoweredTokens) - aheadTok
-		n, c := q.tok.observe(now, d)
+		d := mark.Tokens - float64(u.RemainingTokens)
+		n, dr, c := q.tok.observe(now, d-(q.loweredTok-mark.LoweredTokens)-afterTok,
+			d-(q.drainedTok-mark.DrainedTokens)-aheadTok)
 		q.loweredTok += n
+		q.drainedTok += dr
 		lowered, changed = lowered+n, changed || c
 	}
 	if lowered > 0 || changed {
 		q.changed(now)
 	}
 	return lowered > 0
+}
+
+// answer is one observed response: which admission, when, and what the
+// upstream counted for it.
+type answer struct {
+	seq      uint64
+	at       time.Time
+	req, tok float64
+}
+
+// answerLog is how many recent answers a queue keeps to tell which requests
+// may have overtaken one another.
+const answerLog = 128
+
+// answeredAhead sums what the requests admitted after a and answered before
+// it paid. Answers come back in the order the upstream took the requests,
+// so these are the ones it may have counted before a. When the log no
+// longer reaches back to a's admission, everything paid since is taken,
+// which never lowers a bucket wrongly. q.mu is held.
+func (q *Queue) answeredAhead(a *Admission) (req, tok float64) {
+	n := len(q.answers)
+	for i := range n {
+		j := n - 1 - i // newest first
+		if n == answerLog {
+			j = (q.answerNext - 1 - i + 2*answerLog) % answerLog
+		}
+		e := &q.answers[j]
+		if e.at.Before(a.start) {
+			return req, tok
+		}
+		if e.seq > a.seq {
+			req += e.req
+			tok += e.tok
+		}
+	}
+	if n < answerLog {
+		return req, tok // the whole history: complete
+	}
+	return q.paidReq - a.Mark.PaidRequests, q.paidTok - a.Mark.PaidTokens
+}
+
+// recordAnswer logs a's answer. q.mu is held.
+func (q *Queue) recordAnswer(a *Admission, now time.Time) {
+	e := answer{seq: a.seq, at: now, req: 1, tok: float64(a.cost)}
+	if a.unsent {
+		e.req, e.tok = 0, 0 // refused: the upstream counted nothing
+	}
+	if len(q.answers) < answerLog {
+		q.answers = append(q.answers, e)
+		return
+	}
+	q.answers[q.answerNext] = e
+	q.answerNext = (q.answerNext + 1) % answerLog
 }
 
 // Hold stops all admissions until until (the upstream answered 429 with a

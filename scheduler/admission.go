@@ -51,6 +51,7 @@ type Admission struct {
 type Mark struct {
 	Requests, Tokens               float64
 	LoweredRequests, LoweredTokens float64
+	DrainedRequests, DrainedTokens float64
 	PaidRequests, PaidTokens       float64
 }
 

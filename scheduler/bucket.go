@@ -87,12 +87,15 @@ const maxOthersShare = 0.9
 
 // observe takes a discrepancy between the bucket and the upstream's view
 // of the same moment (positive: the upstream had less, so someone else
-// spent it): a positive one is taken out of the bucket at once, and its
-// change since the last observation moves the estimate of others'
-// spending, and with it the refill rate, so that a steady drain stops
-// surprising the gateway. It returns how much it lowered the bucket, and
-// whether the refill rate changed.
-func (b *bucket) observe(now time.Time, discrepancy float64) (lowered float64, rateChanged bool) {
+// spent it), counted two ways (see Admission.Observe): discrepancy, beyond
+// anything the gateway's own later requests can explain, is taken out of
+// the bucket at once; drain, the most likely one, moves the estimate of
+// others' spending by its change since the last observation, and with it
+// the refill rate, so that a steady drain stops surprising the gateway. It
+// returns how much it lowered the bucket, how much drain it took as
+// others' (from then on not counted again), and whether the refill rate
+// changed.
+func (b *bucket) observe(now time.Time, discrepancy, drain float64) (lowered, drained float64, rateChanged bool) {
 	// What others can have spent since the last observation, at a steady
 	// rate, is at most the configured rate times the time between: more is
 	// a burst, corrected by the lowering but not taken as a rate.
@@ -101,12 +104,14 @@ func (b *bucket) observe(now time.Time, discrepancy float64) (lowered float64, r
 		span = max(0, now.Sub(b.observed).Seconds()) * b.configured
 	}
 	b.observed = now
-	change := max(-span, min(span, discrepancy-b.residual))
-	b.residual = min(discrepancy, 0)
+	change := max(-span, min(span, drain-b.residual))
+	b.residual = min(drain, 0)
 	if n := math.Floor(discrepancy); n > observeNoise {
 		b.lim.ReserveN(now, min(int(n), int(b.capacity)))
 		lowered = n
-		b.residual = 0
+	}
+	if n := math.Floor(drain); n > observeNoise {
+		drained = n
 	}
 	others := b.others + change/adaptWindow.Seconds()
 	others = max(0, min(others, maxOthersShare*b.configured))
@@ -116,7 +121,7 @@ func (b *bucket) observe(now time.Time, discrepancy float64) (lowered float64, r
 		b.lim.SetLimitAt(now, rate.Limit(b.perSec))
 		rateChanged = true
 	}
-	return lowered, rateChanged
+	return lowered, drained, rateChanged
 }
 
 // waitFrom is how long a bucket at level needs to hold n tokens, rounded up

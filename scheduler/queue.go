@@ -105,9 +105,13 @@ type Queue struct {
 	holdUntil    time.Time // no admission before this (the upstream said wait)
 	loweredReq   float64   // how much Observe has lowered each bucket, in all
 	loweredTok   float64
+	drainedReq   float64 // how much of it Observe took for others' drain, in all
+	drainedTok   float64
 	paidReq      float64 // what admissions have paid, in all (see Observe)
 	paidTok      float64
-	seq          uint64        // admissions so far
+	seq          uint64   // admissions so far
+	answers      []answer // ring of recent answers (see Observe)
+	answerNext   int
 	service      time.Duration // how long a request holds its slot, on average (EWMA)
 	closed       bool
 	retired      atomic.Bool // see Retire; set under mu
@@ -387,6 +391,7 @@ func (q *Queue) pay(now time.Time, l *lane, cost Cost, wait time.Duration, a *Ad
 		tokens: cost.Tokens, State: q.state(now, l), MaxQueueWait: time.Duration(l.MaxQueueWait), Mark: Mark{
 			Requests: q.req.level(now), Tokens: q.tok.level(now),
 			LoweredRequests: q.loweredReq, LoweredTokens: q.loweredTok,
+			DrainedRequests: q.drainedReq, DrainedTokens: q.drainedTok,
 			PaidRequests: q.paidReq, PaidTokens: q.paidTok,
 		}}
 	a.running = true
