@@ -324,6 +324,12 @@ func TestYAMLAliasBombIsRefused(t *testing.T) {
 	}
 	_, err = yamljson.ToJSON([]byte(b.String()))
 	assert.ErrorContains(t, err, "aliases are expanded")
+	// A long string aliased many times: few values, many bytes.
+	b.Reset()
+	fmt.Fprintf(&b, "s: &s %s\nl1: &l1 [%s]\nl2: [%s]\n", strings.Repeat("x", 1<<20),
+		strings.TrimSuffix(strings.Repeat("*s, ", 100), ", "), strings.TrimSuffix(strings.Repeat("*l1, ", 100), ", "))
+	_, err = yamljson.ToJSON([]byte(b.String()))
+	assert.ErrorContains(t, err, "aliases are expanded", "10,000 copies of 1 MiB")
 
 	big := filepath.Join(t.TempDir(), "big.json")
 	require.NoError(t, os.WriteFile(big, append([]byte(`{"listen":":1",`), bytes.Repeat([]byte(" "), MaxConfigBytes)...), 0o600))

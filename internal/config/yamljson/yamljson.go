@@ -23,10 +23,14 @@ import (
 // expanded: a config of thousands of models is far below it.
 const MaxNodes = 100_000
 
-// errTooManyNodes is a YAML config whose aliases expand beyond
-// MaxNodes (an "alias bomb").
-var errTooManyNodes = fmt.Errorf("invalid YAML: more than %d values once its aliases are expanded "+
-	"(nested aliases that multiply, an \"alias bomb\"?)", MaxNodes)
+// MaxBytes bounds the JSON a YAML config expands to: a long string
+// aliased many times must not become gigabytes either.
+const MaxBytes = 32 << 20
+
+// errTooManyNodes is a YAML config whose aliases expand beyond MaxNodes or
+// MaxBytes (an "alias bomb").
+var errTooManyNodes = fmt.Errorf("invalid YAML: more than %d values or %d MiB once its aliases are expanded "+
+	"(nested aliases that multiply, an \"alias bomb\"?)", MaxNodes, MaxBytes>>20)
 
 // ToJSON converts a YAML document to JSON, keeping the order of mapping
 // keys.
@@ -56,7 +60,7 @@ func (w *yamlWriter) write(n *yaml.Node, depth int) error {
 	if depth > 100 {
 		return errors.New("invalid YAML: nested too deeply")
 	}
-	if w.budget--; w.budget < 0 {
+	if w.budget--; w.budget < 0 || w.b.Len() > MaxBytes {
 		return errTooManyNodes
 	}
 	b := &w.b
