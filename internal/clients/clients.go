@@ -58,15 +58,11 @@ func (c *Client) Lists(model string) bool {
 	return ok && model != scheduler.Wildcard
 }
 
-// Budget is the client's daily token budget for model; 0 means none.
+// Budget is the client's daily token budget for model (or for "*": the
+// one budget of every model its "*" limits cover); 0 means none.
 func (c *Client) Budget(model string) int64 {
-	if c.cfg == nil {
-		return 0
-	}
-	if l := c.cfg.LimitsFor(model); l != nil {
-		return l.TokensPerDay
-	}
-	return 0
+	_, budget := c.budgetKey(model)
+	return budget
 }
 
 // Directory is every client of the gateway. It is read-only after New,
