@@ -66,12 +66,8 @@ func (s *localServer) serve(w http.ResponseWriter, r *http.Request) {
 			Messages []struct{ Content string }
 		}
 		json.NewDecoder(r.Body).Decode(&req)
-		s.mu.Lock()
-		s.got = append(s.got, req.Model)
-		if len(req.Messages) > 0 {
-			s.asked = append(s.asked, req.Messages[len(req.Messages)-1].Content)
-		}
-		s.mu.Unlock()
+		// In flight before it is seen: a test that sees it received finds
+		// it counted.
 		n := s.inflight.Add(1)
 		defer s.inflight.Add(-1)
 		for {
@@ -80,6 +76,12 @@ func (s *localServer) serve(w http.ResponseWriter, r *http.Request) {
 				break
 			}
 		}
+		s.mu.Lock()
+		s.got = append(s.got, req.Model)
+		if len(req.Messages) > 0 {
+			s.asked = append(s.asked, req.Messages[len(req.Messages)-1].Content)
+		}
+		s.mu.Unlock()
 		w.Header().Set("Content-Type", "text/event-stream")
 		io.WriteString(w, `data: {"choices":[{"index":0,"delta":{"content":"`+s.name+`"}}]}`+"\n\n")
 		w.(http.Flusher).Flush()
