@@ -370,3 +370,99 @@ func testFairQueueProperties(t *testing.T, seed uint64) {
 		}
 	})
 }
+
+// A client that was away starts level with the others: its tag starts at
+// the virtual time, not where it left off, so its arrival is no burst of
+// credit for the time it did not wait (charge's max(vtime, finish)).
+func TestNoCreditForTimeAway(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const tpm = 6000 // 100 tokens a second: one request a second
+		c := Config{MaxQueueSize: 100, MaxQueueWait: Duration(time.Hour), RPM: 100000, TPM: tpm}
+		q := NewQueue("m", c, c.Client("a", 1), c.Client("b", 1))
+		drain(t, q, tpm)
+		ctx, cancel := context.WithCancel(context.Background())
+		var mu sync.Mutex
+		var order []int
+		take := func(client int) {
+			adm, err := q.Acquire(ctx, Cost{Tokens: 100, Client: client})
+			if err == nil {
+				mu.Lock()
+				order = append(order, client)
+				mu.Unlock()
+				adm.Release(time.Now())
+			}
+		}
+		for range 40 {
+			go take(0)
+			synctest.Wait()
+		}
+		time.Sleep(20*time.Second + time.Millisecond) // A alone: 20 of its requests
+		for range 10 {
+			go take(1)
+			synctest.Wait()
+		}
+		time.Sleep(10 * time.Second)
+		cancel()
+		synctest.Wait()
+		mu.Lock()
+		defer mu.Unlock()
+		require.GreaterOrEqual(t, len(order), 30)
+		next := order[20:30]
+		a := 0
+		for _, c := range next {
+			if c == 0 {
+				a++
+			}
+		}
+		assert.InDelta(t, 5, a, 1, "A and B share the 10 s after B arrives, as %v", next)
+	})
+}
+
+// A request given back whole (Unsend: the upstream refused it) gives its
+// client's place back too: requeued, it is admitted before the other
+// client's next request, as it would have been.
+func TestUnsendGivesTheTagBack(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		const tpm = 6000
+		c := Config{MaxQueueSize: 100, MaxQueueWait: Duration(time.Hour), RPM: 100000, TPM: tpm}
+		q := NewQueue("m", c, c.Client("a", 1), c.Client("b", 1))
+		drain(t, q, tpm)
+		got := make(chan int, 100)
+		for i := range 4 {
+			for _, client := range []int{0, 1} {
+				go func() {
+					adm, err := q.Acquire(context.Background(), Cost{Tokens: 100, Client: client})
+					if err != nil {
+						return
+					}
+					if client == 0 && i == 0 {
+						// A's first: refused upstream, given back whole,
+						// and requeued at the head of A's FIFO.
+						now := time.Now()
+						adm.Unsend(now)
+						adm, err = q.Requeue(context.Background(), Cost{Tokens: 100, Client: 0}, now.Add(time.Hour), adm)
+						if err != nil {
+							return
+						}
+					}
+					got <- client
+					adm.Release(time.Now())
+				}()
+				synctest.Wait()
+			}
+		}
+		time.Sleep(8*time.Second + time.Millisecond)
+		synctest.Wait()
+		close(got)
+		var order []int
+		for c := range got {
+			order = append(order, c)
+		}
+		require.Len(t, order, 8)
+		// A's requeued request keeps A's place: the clients still take
+		// turns, and A has its four by the end.
+		for i := 0; i+1 < len(order); i += 2 {
+			assert.NotEqual(t, order[i], order[i+1], "turns broken: %v", order)
+		}
+	})
+}
