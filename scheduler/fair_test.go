@@ -466,3 +466,19 @@ func TestUnsendGivesTheTagBack(t *testing.T) {
 		}
 	})
 }
+
+// The newcomer's predicted wait (the metric, the status page) is a client's
+// with no limits of its own, not the first configured client's.
+func TestNewcomersWaitIsNotTheFirstClients(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		c := Config{MaxQueueSize: 10, MaxQueueWait: Duration(time.Hour), RPM: 600, TPM: 100000}
+		a := c.Client("a", 1)
+		a.RPM = 1 // a's own limit: one a minute
+		q := NewQueue("m", c, a, c.Client("b", 1))
+		adm, err := q.Acquire(context.Background(), Cost{Tokens: 1, Client: 0})
+		require.NoError(t, err)
+		adm.Release(time.Now())
+		assert.Equal(t, time.Minute, q.StateFor(time.Now(), 0).ResetRequests, "a waits for its own bucket")
+		assert.Zero(t, q.Stats(time.Now()).PredictedWait, "a newcomer does not: the model has room")
+	})
+}

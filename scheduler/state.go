@@ -46,7 +46,9 @@ func (q *Queue) StateFor(now time.Time, client int) RateState {
 }
 
 // Stats returns the queue's depth and bucket levels at now, and the wait
-// predicted for a newcomer (of one token, from the first client).
+// predicted for a newcomer: a request of one token from a client that is
+// not waiting and has no limits of its own (not any configured client,
+// whose own limits or backlog would make it that client's wait).
 func (q *Queue) Stats(now time.Time) Stats {
 	q.mu.Lock()
 	defer q.mu.Unlock()
@@ -54,7 +56,7 @@ func (q *Queue) Stats(now time.Time) Stats {
 		RemainingRequests: q.req.level(now), RemainingTokens: q.tok.level(now),
 		RefillRequests: perMinute(q.req.perSec), RefillTokens: perMinute(q.tok.perSec), InFlight: len(q.inflight)}
 	if !q.closed {
-		st.PredictedWait = max(0, q.probe(now, q.lanes[0], Cost{Tokens: 1}).at.Sub(now))
+		st.PredictedWait = max(0, q.probe(now, q.newcomer(), Cost{Tokens: 1}).at.Sub(now))
 	}
 	return st
 }
@@ -113,3 +115,11 @@ func (q *Queue) Retired() bool { return q.retired.Load() }
 
 // perMinute converts a per-second rate, rounding away float noise.
 func perMinute(perSec float64) float64 { return math.Round(perSec*60*1e6) / 1e6 }
+
+// newcomer is a lane for predictions only: a client of weight 1, with no
+// limits of its own and nothing waiting, that is in no backlog.
+func (q *Queue) newcomer() *lane {
+	l := &lane{Client: q.cfg.Client("", 1), gate: newGate(0, 0, 0)}
+	l.cur = cursor{l: l, at: -1}
+	return l
+}
