@@ -1,9 +1,8 @@
-// Package provider knows the upstreams llproxy speaks to: "openai" (any
-// OpenAI-compatible server: its credentials, its rate-limit headers and
-// retry advice, its usage in JSON bodies and SSE streams) and "mock", an
-// OpenAI-compatible upstream answering locally (with its in-process
-// transport), so the gateway runs and can be load-tested with no key and no
-// network.
+// Package provider knows how llproxy reads the upstreams it speaks to
+// ("openai": any OpenAI-compatible server): their credentials, their
+// rate-limit headers and retry advice, their usage in JSON bodies and SSE
+// streams. The "mock" upstream, answering locally, is package
+// provider/mock.
 //
 // It exists so that what differs between upstreams (authentication, what
 // they report and how) stays out of the HTTP server and the scheduler. It

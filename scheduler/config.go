@@ -1,6 +1,9 @@
-// Package scheduler admits requests to an upstream in strict FIFO order per
-// (route, model), paying for each from two continuously refilling token
-// buckets (requests per minute and tokens per minute, golang.org/x/time/rate).
+// Package scheduler admits requests to an upstream per (route, model): each
+// client waits in a FIFO of its own, and between clients waiting at the same
+// time the model is shared by weight in tokens (start-time fair queueing,
+// fair.go); each request is paid for from continuously refilling buckets
+// (the model's requests and tokens per minute, and its client's own),
+// with a predicted wait that decides at arrival.
 //
 // It exists apart from the HTTP server so that the behaviour that must be
 // exactly right (order, prediction of the wait, honest retry times, a

@@ -1,4 +1,5 @@
-// Package config reads llproxy's JSON config file: it expands ${VAR} and
+// Package config reads llproxy's config file, JSON or YAML (read as the same
+// document, package yamljson): it expands ${VAR} and
 // ${VAR:-default} from the environment, rejects unknown fields, applies
 // defaults and validates, naming every error by its JSON path
 // ("routes.openai.models.gpt-4o.tpm: must be > 0, got 0").
