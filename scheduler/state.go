@@ -116,6 +116,14 @@ func (q *Queue) Retired() bool { return q.retired.Load() }
 // perMinute converts a per-second rate, rounding away float noise.
 func perMinute(perSec float64) float64 { return math.Round(perSec*60*1e6) / 1e6 }
 
+// Depth is how many requests wait in the queue: Stats without its
+// prediction, for callers that want only this.
+func (q *Queue) Depth() int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.depth
+}
+
 // newcomer is a lane for predictions only: a client of weight 1, with no
 // limits of its own and nothing waiting, that is in no backlog.
 func (q *Queue) newcomer() *lane {

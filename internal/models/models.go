@@ -173,7 +173,7 @@ func (r *Registry) LabelOf(q *scheduler.Queue) string {
 // the fleet: a server is not unloaded while any wait for it).
 func (r *Registry) Queued(model string) int {
 	if q, ok := r.set.Lookup(model); ok {
-		return q.Stats(time.Now()).Depth
+		return q.Depth() // no prediction: the fleet asks often
 	}
 	return 0
 }
