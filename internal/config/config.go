@@ -22,7 +22,7 @@ import (
 	"time"
 
 	"github.com/llproxy/llproxy/internal/backends"
-	"github.com/llproxy/llproxy/internal/shared"
+	"github.com/llproxy/llproxy/internal/replicas"
 	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/provider/mock"
 	"github.com/llproxy/llproxy/scheduler"
@@ -76,8 +76,8 @@ type Config struct {
 	// keys, weight, routes and limits. See Client.
 	Clients map[string]*Client `json:"clients"`
 	// Shared, when set, keeps the limits of every replica pointed at the
-	// same Redis together. See package shared.
-	Shared *shared.Config `json:"shared"`
+	// same Redis together. See package replicas.
+	Shared *replicas.Config `json:"shared"`
 	// StateFile keeps what must survive a restart (the clients' token use
 	// today, for their daily budgets). Default llproxy-state.json next to
 	// the config file.
@@ -359,7 +359,7 @@ func (c *Config) Validate() error {
 	}
 	add("tokenizer.", c.Tokenizer.Validate())
 	if c.Shared != nil {
-		add("shared.", c.Shared.Validate())
+		add("replicas.", c.Shared.Validate())
 	}
 	if len(c.Routes) == 0 {
 		errs = append(errs, errors.New("routes: must have at least one route"))

@@ -15,7 +15,7 @@ import (
 
 	"github.com/llproxy/llproxy/internal/config"
 	"github.com/llproxy/llproxy/internal/metrics"
-	"github.com/llproxy/llproxy/internal/shared"
+	"github.com/llproxy/llproxy/internal/replicas"
 	"github.com/llproxy/llproxy/scheduler"
 )
 
@@ -37,12 +37,12 @@ type Model struct {
 	System   string
 	// Shared is the model's buckets in the shared store, when replicas
 	// share the limits; nil otherwise.
-	Shared *shared.Buckets
+	Shared *replicas.Buckets
 }
 
 // Share returns the shared buckets of a queue of model with limits cfg;
-// nil: the limits are not shared.
-type Share func(model string, cfg scheduler.Config) *shared.Buckets
+// nil: the limits are not replicas.
+type Share func(model string, cfg scheduler.Config) *replicas.Buckets
 
 // Registry is a route's models. It is safe for concurrent use.
 type Registry struct {

@@ -32,8 +32,8 @@ import (
 	"github.com/llproxy/llproxy/internal/models"
 	"github.com/llproxy/llproxy/internal/openai"
 	"github.com/llproxy/llproxy/internal/relay"
+	"github.com/llproxy/llproxy/internal/replicas"
 	"github.com/llproxy/llproxy/internal/request"
-	"github.com/llproxy/llproxy/internal/shared"
 	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/provider/mock"
 	"github.com/llproxy/llproxy/scheduler"
@@ -74,7 +74,7 @@ type Options struct {
 	// environment, and are redacted from upstream error bodies.
 	Secrets []string
 	// Shared, when set, is where the limits of every replica live.
-	Shared *shared.State
+	Shared *replicas.State
 	// Previous is the route of the same name before a reload: its queues
 	// (and its fleet, if the fleet's config is the same) go on in this one.
 	Previous *Route
@@ -93,7 +93,7 @@ func New(name string, rc *config.Route, opts Options) (*Route, error) {
 	}
 	var share models.Share
 	if opts.Shared != nil {
-		share = func(model string, cfg scheduler.Config) *shared.Buckets {
+		share = func(model string, cfg scheduler.Config) *replicas.Buckets {
 			return opts.Shared.Queue(name, model, cfg, opts.Clients.Queue(model, cfg))
 		}
 	}

@@ -9,11 +9,11 @@ import (
 	"github.com/llproxy/llproxy/internal/metrics"
 	"github.com/llproxy/llproxy/internal/models"
 	"github.com/llproxy/llproxy/internal/openai"
-	"github.com/llproxy/llproxy/internal/shared"
+	"github.com/llproxy/llproxy/internal/replicas"
 	"github.com/llproxy/llproxy/scheduler"
 )
 
-// Replicas: when the limits are shared (package shared), a request
+// Replicas: when the limits are shared (package replicas), a request
 // admitted by its replica's queue is then reserved in the shared buckets,
 // one round trip. If another replica spent them first, the admission goes
 // back, the queue learns the shared levels, and the request waits again in
@@ -23,7 +23,7 @@ import (
 // sharedHold is a request's reservation in the shared buckets: a handle
 // like the admission, each of whose ends takes effect once.
 type sharedHold struct {
-	b      *shared.Buckets
+	b      *replicas.Buckets
 	client int
 	tokens int // what it holds: its cost, then its settled usage
 	lease  string
@@ -72,7 +72,7 @@ func (rt *Route) degradedBefore(ex *exchange, ms *models.Model, rec *requestLog)
 	}
 	ex.local = true
 	switch st.Mode() {
-	case shared.Deny:
+	case replicas.Deny:
 		rec.outcome = metrics.OutcomeSharedDown
 		ms.Metrics.Outcome(rec.outcome)
 		ex.who.Outcome(rec.outcome)
@@ -80,7 +80,7 @@ func (rt *Route) degradedBefore(ex *exchange, ms *models.Model, rec *requestLog)
 		openai.WriteError(ex, http.StatusServiceUnavailable, "server_error", "limits_unavailable",
 			"llproxy cannot reach the shared limits (Redis) and is configured to refuse until it can (onRedisDown: deny).")
 		return false, false
-	case shared.Allow:
+	case replicas.Allow:
 		return true, true
 	}
 	return true, false
@@ -101,7 +101,7 @@ func (rt *Route) takeShared(ctx context.Context, ex *exchange, ms *models.Model,
 			// enforces this replica's share (what is left of it is written
 			// to Redis when it answers again); allow: it goes; deny: 503.
 			ex.local = true
-			if st.Mode() == shared.Deny {
+			if st.Mode() == replicas.Deny {
 				ex.adm.Unsend(time.Now())
 				_, _ = rt.degradedBefore(ex, ms, rec)
 				return false

@@ -12,7 +12,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/llproxy/llproxy/internal/shared"
+	"github.com/llproxy/llproxy/internal/replicas"
 )
 
 // exportedMetrics returns the names of every series llproxy exports with a
@@ -28,7 +28,7 @@ func exportedMetrics(t *testing.T) map[string]bool {
 	require.Equal(t, 200, resp.StatusCode)
 	resp = g.post(t, "/demo/v1/chat/completions", `{"model":"mock","max_tokens":1000000,"messages":[{"role":"user","content":"hi"}]}`, "Authorization", "Bearer k")
 	require.Equal(t, 429, resp.StatusCode)
-	st, err := shared.New(shared.Config{Redis: "redis://127.0.0.1:1/0"}, slog.New(slog.NewTextHandler(io.Discard, nil)), g.reg)
+	st, err := replicas.New(replicas.Config{Redis: "redis://127.0.0.1:1/0"}, slog.New(slog.NewTextHandler(io.Discard, nil)), g.reg)
 	require.NoError(t, err)
 	defer st.Close()
 	families, err := g.reg.Gather()

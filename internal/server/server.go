@@ -16,7 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"github.com/llproxy/llproxy/internal/clients"
-	"github.com/llproxy/llproxy/internal/shared"
+	"github.com/llproxy/llproxy/internal/replicas"
 	"github.com/llproxy/llproxy/internal/statuspage"
 	"io"
 	"log/slog"
@@ -72,8 +72,8 @@ type Server struct {
 	routeNames []string
 	keyHashes  [][sha256.Size]byte // every client key
 	dir        *clients.Directory
-	shared     *shared.State // the limits shared with other replicas; nil alone
-	statePath  string        // where the clients' usage is kept; "" without budgets
+	shared     *replicas.State // the limits shared with other replicas; nil alone
+	statePath  string          // where the clients' usage is kept; "" without budgets
 	// adminHashes guard the admin endpoints; metricsHash /metrics.
 	adminHashes   [][sha256.Size]byte
 	metricsHashes [][sha256.Size]byte
@@ -139,7 +139,7 @@ func New(opts Options) (*Server, error) {
 		s.shared = prev.shared // its config is the process's: changed by a restart
 		s.dir.Share(s.shared)
 	} else if sc := opts.Config.Shared; sc != nil {
-		st, err := shared.New(*sc, s.log, opts.Registry)
+		st, err := replicas.New(*sc, s.log, opts.Registry)
 		if err != nil {
 			return nil, fmt.Errorf("server: %w", err)
 		}

@@ -1,4 +1,4 @@
-package shared
+package replicas
 
 import (
 	"context"
@@ -95,7 +95,7 @@ func (b *Buckets) args(client int) []any {
 	return []any{b.model.RPM, b.model.TPM, c.RPM, c.TPM}
 }
 
-var errClient = errors.New("shared: no such client")
+var errClient = errors.New("replicas: no such client")
 
 // Take reserves one request and tokens for client from every shared
 // bucket of the queue (and a slot where there is a maximum), in one
@@ -115,7 +115,7 @@ func (b *Buckets) Take(parent context.Context, client, tokens int) (Took, error)
 		return Took{}, b.s.failed(err)
 	}
 	if len(res) < 7 {
-		return Took{}, b.s.failed(errors.New("shared: take answered " + strconv.Itoa(len(res)) + " values"))
+		return Took{}, b.s.failed(errors.New("replicas: take answered " + strconv.Itoa(len(res)) + " values"))
 	}
 	t := Took{OK: res[0].(int64) == 1}
 	wait := res[1].(int64)

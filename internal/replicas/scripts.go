@@ -1,4 +1,4 @@
-package shared
+package replicas
 
 import "github.com/redis/go-redis/v9"
 

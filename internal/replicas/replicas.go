@@ -1,4 +1,4 @@
-// Package shared keeps one key's limits together across llproxy replicas
+// Package replicas keeps one key's limits together across llproxy replicas
 // through Redis: the model buckets, each client's buckets, the
 // concurrency counts and the daily budgets live there, and every replica
 // reserves from them with one atomic script call per admission, on
@@ -10,7 +10,7 @@
 // metric, a log line on each change) and the gateway follows onRedisDown:
 // each replica enforces its share of the limits, refuses, or lets traffic
 // through.
-package shared
+package replicas
 
 import (
 	"context"
