@@ -26,6 +26,13 @@ import (
 // ErrNotStarted wraps the reason a managed server could not be started.
 var ErrNotStarted = errors.New("fleet: the backend could not be started")
 
+// Errors of a lease, as its callers branch on them: no backend serves the
+// model, or every one serving it stayed at its maxConcurrent.
+var (
+	ErrUnknownModel = backends.ErrUnknownModel
+	ErrBusy         = backends.ErrBusy
+)
+
 // Request is what one request asks of its route's upstream, over all its
 // sends; the pipeline keeps one per request.
 type Request struct {

@@ -8,7 +8,7 @@ import (
 
 	"github.com/valyala/fastjson"
 
-	"github.com/llproxy/llproxy/internal/backends"
+	"github.com/llproxy/llproxy/internal/fleet"
 	"github.com/llproxy/llproxy/internal/models"
 	"github.com/llproxy/llproxy/internal/openai"
 	"github.com/llproxy/llproxy/internal/request"
@@ -112,7 +112,7 @@ func (rt *Route) inspect(w http.ResponseWriter, path string, body []byte, rec *r
 	rec.model = string(mv.GetStringBytes())
 	if !rt.lessor.Knows(rec.model) {
 		rec.outcome = OutcomeNotFound
-		rt.writeLeaseError(w, rec.model, backends.ErrUnknownModel)
+		rt.writeLeaseError(w, rec.model, fleet.ErrUnknownModel)
 		return call{}, false
 	}
 	if c.ms, err = rt.models.For(rec.model); err != nil {

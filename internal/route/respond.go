@@ -6,7 +6,6 @@ import (
 	"net/http"
 	"strings"
 
-	"github.com/llproxy/llproxy/internal/backends"
 	"github.com/llproxy/llproxy/internal/fleet"
 	"github.com/llproxy/llproxy/internal/metrics"
 	"github.com/llproxy/llproxy/internal/openai"
@@ -69,7 +68,7 @@ func writeUpstreamError(w http.ResponseWriter, err error) {
 
 // writeLeaseError answers a request no send could be leased for.
 func (rt *Route) writeLeaseError(w http.ResponseWriter, model string, err error) {
-	if errors.Is(err, backends.ErrUnknownModel) {
+	if errors.Is(err, fleet.ErrUnknownModel) {
 		models := ""
 		if rt.fleet != nil {
 			models = " Models: " + strings.Join(rt.fleet.Models(), ", ") + "."
@@ -83,7 +82,7 @@ func (rt *Route) writeLeaseError(w http.ResponseWriter, model string, err error)
 	case errors.Is(err, fleet.ErrNotStarted):
 		openai.WriteError(w, http.StatusServiceUnavailable, "server_error", "backend_unavailable",
 			"llproxy could not start the backend for `"+model+"`: "+err.Error())
-	case errors.Is(err, backends.ErrBusy):
+	case errors.Is(err, fleet.ErrBusy):
 		openai.WriteError(w, http.StatusServiceUnavailable, "server_error", "backend_busy",
 			"Every backend of llproxy route "+rt.name+" serving `"+model+"` stayed at its maxConcurrent for the request's maxQueueWait.")
 	default:
