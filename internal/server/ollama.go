@@ -5,15 +5,12 @@ import (
 	"io"
 	"net/http"
 	"net/url"
-	"slices"
 	"time"
 
 	"github.com/llproxy/llproxy/internal/clients"
-	"github.com/llproxy/llproxy/internal/lifecycle"
 	"github.com/llproxy/llproxy/internal/ollama"
 	"github.com/llproxy/llproxy/internal/openai"
 	"github.com/llproxy/llproxy/internal/route"
-	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/scheduler"
 )
 
@@ -23,19 +20,12 @@ type ollamaGateway struct{ s *Server }
 var _ ollama.Gateway = ollamaGateway{}
 
 // routeFor finds the route that serves model for the façade: the same
-// resolution as the root's (see resolve).
-func (g ollamaGateway) routeFor(model string) *route.Route { return g.s.resolve(model) }
+// resolution as the root's (package catalog).
+func (g ollamaGateway) routeFor(model string) *route.Route { return g.s.catalog.Resolve(model) }
 
 func (g ollamaGateway) Known(model string) bool { return g.routeFor(model) != nil }
 
-func (g ollamaGateway) Models() []string {
-	var out []string
-	for _, rt := range g.s.routes {
-		out = append(out, routeModels(rt)...)
-	}
-	slices.Sort(out)
-	return slices.Compact(out)
-}
+func (g ollamaGateway) Models() []string { return g.s.catalog.Models() }
 
 // ServeChat sends an OpenAI chat request through the model's route, as if
 // the client had posted it to /<route>/v1/chat/completions.
@@ -138,72 +128,8 @@ func (g ollamaGateway) clientName(r *http.Request) string {
 
 func (g ollamaGateway) Running() []ollama.Loaded {
 	var out []ollama.Loaded
-	for _, name := range g.s.sortedRouteNames() {
-		rt := g.s.routes[name]
-		servers := []lifecycle.Status(nil)
-		if rt.Fleet() != nil {
-			servers = rt.Fleet().Servers()
-		}
-		if servers == nil {
-			for _, m := range routeModels(rt) {
-				out = append(out, ollama.Loaded{Name: m})
-			}
-			continue
-		}
-		managed := map[string]bool{}
-		for _, st := range servers {
-			for _, m := range st.Models {
-				managed[m] = true
-				if st.State == "ready" {
-					out = append(out, ollama.Loaded{Name: m, ExpiresAt: st.UnloadAt})
-				}
-			}
-		}
-		for _, m := range routeModels(rt) {
-			if !managed[m] {
-				out = append(out, ollama.Loaded{Name: m})
-			}
-		}
-	}
-	return dedupeLoaded(out)
-}
-
-// dedupeLoaded keeps one entry per model (the first, which has the
-// earliest route), for a model served by several routes or backends.
-func dedupeLoaded(in []ollama.Loaded) []ollama.Loaded {
-	seen := map[string]bool{}
-	out := in[:0]
-	for _, l := range in {
-		if !seen[l.Name] {
-			seen[l.Name] = true
-			out = append(out, l)
-		}
+	for _, l := range g.s.catalog.Running() {
+		out = append(out, ollama.Loaded{Name: l.Name, ExpiresAt: l.ExpiresAt})
 	}
 	return out
-}
-
-// names reports whether the route serves model by name.
-func names(rt *route.Route, model string) bool { return slices.Contains(routeModels(rt), model) }
-
-// routeModels is the one answer to "which models does this route serve", by the
-// names clients use: those listed in its config (not "*"), and those its
-// fleet or its mock serves; sorted, each once.
-func routeModels(rt *route.Route) []string {
-	var out []string
-	for m := range rt.Config().Models {
-		if m != scheduler.Wildcard {
-			out = append(out, m)
-		}
-	}
-	switch {
-	case rt.Fleet() != nil:
-		out = append(out, rt.Fleet().Models()...)
-	case rt.Config().Provider == provider.NameMock:
-		if len(rt.Config().Mock.Models) == 0 {
-			out = append(out, "mock")
-		}
-		out = append(out, rt.Config().Mock.Models...)
-	}
-	slices.Sort(out)
-	return slices.Compact(out)
 }

@@ -11,14 +11,12 @@ import (
 	"github.com/llproxy/llproxy/internal/openai"
 	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/internal/route"
-	"github.com/llproxy/llproxy/scheduler"
 	"github.com/llproxy/llproxy/tokenizer"
 )
 
 // One base URL: /v1/... without a route prefix goes to the route that
-// serves the body's model, so that one base_url reaches every model.
-// resolve is the one answer to "which route serves this model", for the
-// root and for the Ollama façade alike.
+// serves the body's model (package catalog), so that one base_url reaches
+// every model.
 
 // rootParsers find the model of a root request's body (the route parses
 // it again, fully: this one only picks the route).
@@ -38,34 +36,6 @@ func (s *Server) ordered() []*route.Route {
 		}
 	}
 	return out
-}
-
-// resolve returns the route that serves model: a route that lists it (or
-// whose mock serves it) first, then a fleet that knows it (its name:tag
-// names), then a route whose "*" accepts any model; each step in the
-// config's order, defaultRoute winning a tie. Nil: none.
-func (s *Server) resolve(model string) *route.Route {
-	steps := [...]func(rt *route.Route) bool{
-		func(rt *route.Route) bool {
-			if rt.Fleet() != nil {
-				return rt.Config().Models[model] != nil
-			}
-			return names(rt, model)
-		},
-		func(rt *route.Route) bool { return rt.Fleet() != nil && rt.Fleet().Knows(model) },
-		func(rt *route.Route) bool { return rt.Config().Models[scheduler.Wildcard] != nil },
-	}
-	for _, match := range steps {
-		if s.fallback != nil && match(s.fallback) {
-			return s.fallback
-		}
-		for _, rt := range s.routeList {
-			if match(rt) {
-				return rt
-			}
-		}
-	}
-	return nil
 }
 
 // serveRoot serves /v1/... without a route prefix: the models of every
@@ -103,12 +73,12 @@ func (s *Server) serveRoot(w http.ResponseWriter, r *http.Request) {
 	inference := r.Method == http.MethodPost && openai.Endpoint(r.URL.Path) != tokenizer.EndpointOther
 	switch {
 	case model != "":
-		rt := s.resolve(model)
+		rt := s.catalog.Resolve(model)
 		if rt == nil {
 			s.logFront(r, http.StatusNotFound, route.OutcomeNotFound)
 			openai.WriteError(w, http.StatusNotFound, "invalid_request_error", "model_not_found",
 				"The model `"+model+"` does not exist or you do not have access to it. llproxy serves: "+
-					strings.Join(s.allModels(), ", ")+".")
+					strings.Join(s.catalog.Models(), ", ")+".")
 			return
 		}
 		rt.Serve(w, r, who)
@@ -122,16 +92,6 @@ func (s *Server) serveRoot(w http.ResponseWriter, r *http.Request) {
 		openai.WriteError(w, http.StatusNotFound, "invalid_request_error", "unknown_route",
 			"llproxy serves /v1/... by model, and "+strings.Join(s.routeNames, ", ")+".")
 	}
-}
-
-// allModels is every model of every route, each once, sorted.
-func (s *Server) allModels() []string {
-	var out []string
-	for _, rt := range s.routes {
-		out = append(out, routeModels(rt)...)
-	}
-	slices.Sort(out)
-	return slices.Compact(out)
 }
 
 // listModels answers GET /v1/models at the root: every model of every
@@ -149,7 +109,7 @@ func (s *Server) listModels(w http.ResponseWriter, r *http.Request) {
 		}
 		for _, e := range list.Data {
 			var id struct{ ID string }
-			if json.Unmarshal(e, &id) == nil && id.ID != "" && s.resolve(id.ID) == rt {
+			if json.Unmarshal(e, &id) == nil && id.ID != "" && s.catalog.Resolve(id.ID) == rt {
 				entries[id.ID] = e
 			}
 		}
@@ -158,11 +118,11 @@ func (s *Server) listModels(w http.ResponseWriter, r *http.Request) {
 		Object string            `json:"object"`
 		Data   []json.RawMessage `json:"data"`
 	}{Object: "list", Data: []json.RawMessage{}}
-	for _, m := range s.allModels() {
+	for _, m := range s.catalog.Models() {
 		e, ok := entries[m]
 		if !ok {
 			owner := "llproxy"
-			if rt := s.resolve(m); rt != nil {
+			if rt := s.catalog.Resolve(m); rt != nil {
 				owner = "llproxy/" + rt.Name()
 			}
 			e, _ = json.Marshal(struct {

@@ -15,6 +15,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/llproxy/llproxy/internal/catalog"
 	"github.com/llproxy/llproxy/internal/clients"
 	"github.com/llproxy/llproxy/internal/replicas"
 	"github.com/llproxy/llproxy/internal/statuspage"
@@ -78,10 +79,11 @@ type Server struct {
 	adminHashes   [][sha256.Size]byte
 	metricsHashes [][sha256.Size]byte
 	mux           *http.ServeMux
-	closing       atomic.Bool    // queues closed: new requests refused, bodies still arriving cut off
-	draining      atomic.Bool    // shutting down: /healthz answers 503
-	fallback      *route.Route   // the defaultRoute, also served at the root
-	routeList     []*route.Route // the routes in the config's order
+	closing       atomic.Bool      // queues closed: new requests refused, bodies still arriving cut off
+	draining      atomic.Bool      // shutting down: /healthz answers 503
+	fallback      *route.Route     // the defaultRoute, also served at the root
+	routeList     []*route.Route   // the routes in the config's order
+	catalog       *catalog.Catalog // which route serves which model, for the root and Ollama
 	front         *metrics.Responses
 	page          *statuspage.Page // GET /ui: it outlives reloads
 	src           *source          // what the scrape-time metrics and the shared hooks read: the current gateway
@@ -190,6 +192,7 @@ func New(opts Options) (*Server, error) {
 		s.fallback = s.routes[opts.Config.DefaultRoute]
 	}
 	s.routeList = s.ordered()
+	s.catalog = catalog.New(s.routeList, s.fallback)
 	if prev == nil {
 		s.src.cur.Store(s) // a reload swaps it when it takes over (Takeover)
 	}
