@@ -254,3 +254,25 @@ func mustQueue(rt *route.Route, model string) *scheduler.Queue {
 	}
 	return q
 }
+
+// startBinary runs the built llproxy on the config at cfgPath, on a free
+// port, waits until it serves, and kills it when the test ends. It returns
+// its base URL, its process and what it logs.
+func startBinary(t *testing.T, bin, cfgPath string) (string, *exec.Cmd, *syncBuffer) {
+	t.Helper()
+	addr := port(t)
+	cmd := exec.Command(bin, "-config", cfgPath, "-listen", addr)
+	logs := &syncBuffer{}
+	cmd.Stderr = logs
+	require.NoError(t, cmd.Start())
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	base := "http://" + addr
+	require.Eventually(t, func() bool {
+		r, err := http.Get(base + "/healthz")
+		if err == nil {
+			r.Body.Close()
+		}
+		return err == nil
+	}, 10*time.Second, 10*time.Millisecond)
+	return base, cmd, logs
+}

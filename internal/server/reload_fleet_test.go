@@ -6,7 +6,6 @@ import (
 	"io"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -34,20 +33,7 @@ func TestReloadHandsAFleetsServersOver(t *testing.T) {
 		  %s}}}`, interval, pa, args, fleetModels)), 0o600))
 	}
 	write("30s")
-	addr := port(t)
-	cmd := exec.Command(bin, "-config", cfgPath, "-listen", addr)
-	logs := &syncBuffer{}
-	cmd.Stderr = logs
-	require.NoError(t, cmd.Start())
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	base := "http://" + addr
-	require.Eventually(t, func() bool {
-		r, err := http.Get(base + "/healthz")
-		if err == nil {
-			r.Body.Close()
-		}
-		return err == nil
-	}, 10*time.Second, 10*time.Millisecond)
+	base, cmd, logs := startBinary(t, bin, cfgPath)
 	status := func() []managed {
 		resp, err := http.Get(base + "/status")
 		require.NoError(t, err)

@@ -6,7 +6,6 @@ import (
 	"io"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -39,20 +38,7 @@ func TestSIGHUPReloadsWithoutDroppingAnyone(t *testing.T) {
 		require.NoError(t, os.WriteFile(cfgPath, []byte(cfg), 0o600))
 	}
 	write(1, "", u1.URL)
-	addr := port(t)
-	cmd := exec.Command(bin, "-config", cfgPath, "-listen", addr)
-	logs := &syncBuffer{}
-	cmd.Stderr = logs
-	require.NoError(t, cmd.Start())
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	base := "http://" + addr
-	require.Eventually(t, func() bool {
-		r, err := http.Get(base + "/healthz")
-		if err == nil {
-			r.Body.Close()
-		}
-		return err == nil
-	}, 10*time.Second, 10*time.Millisecond)
+	base, cmd, logs := startBinary(t, bin, cfgPath)
 	send := func(path, key, model string) (int, error) {
 		req, _ := http.NewRequestWithContext(context.Background(), http.MethodPost, base+path,
 			strings.NewReader(`{"model":"`+model+`","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}`))
