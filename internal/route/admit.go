@@ -24,15 +24,13 @@ import (
 // reached the client and the request's maxQueueWait budget lasts.
 func (rt *Route) schedule(ex *exchange, r *http.Request, body *request.Body, c *call, who *clients.Client, rec *requestLog) {
 	ms := c.ms
-	rec.prompt, rec.cost = c.est.prompt, c.est.cost
+	rec.prompt, rec.cost, rec.series = c.est.prompt, c.est.cost, ms.Metrics
 	arrived := time.Now()
 	ex.who = rt.clients[who.ID]
 	// The client's daily budget first: over it, nothing is queued.
 	spend, err := who.Reserve(arrived, rec.model, c.est.cost)
 	if err != nil {
 		rec.outcome = metrics.OutcomeRejectBudget
-		ms.Metrics.Outcome(rec.outcome)
-		ex.who.Outcome(rec.outcome)
 		var reserved *clients.Reserved
 		if errors.As(err, &reserved) {
 			openai.WriteBudgetReserved(ex, reserved)
@@ -59,14 +57,12 @@ func (rt *Route) schedule(ex *exchange, r *http.Request, body *request.Body, c *
 		// admission: look again (a new queue with full buckets, exactly
 		// what the idle one held).
 		if ms, err = rt.models.For(rec.model); err == nil {
-			c.ms = ms
+			c.ms, rec.series = ms, ms.Metrics
 			adm, err = ms.Queue.AcquireInto(r.Context(), cost, &ex.admission)
 		}
 	}
 	if err != nil {
 		rec.outcome = rt.writeAcquireError(ex, r.Context(), err)
-		ms.Metrics.Outcome(rec.outcome)
-		ex.who.Outcome(rec.outcome)
 		if rt.debugging(r.Context()) {
 			rt.debug(r.Context(), "not admitted", slog.String("model", rec.model), slog.Int("cost", c.est.cost),
 				slog.String("reason", err.Error()))

@@ -144,6 +144,27 @@ type requestLog struct {
 	prompt, cost, used, tries          int
 	wait                               time.Duration
 	start                              time.Time
+	series                             *metrics.Model // its model's, once it reached the queue
+}
+
+// countOutcome counts a request's outcome once, where it is logged: one
+// that reached its model's queue and was not admitted (an admission is
+// counted as it happens, with its wait; one that later fails or is cut
+// stays counted as admitted, except a rejected_upstream or a cancellation
+// during a requeue, which are counted as well), in the model's series and
+// its client's; a forbidden one in its client's.
+func (rt *Route) countOutcome(rec *requestLog, who *clients.Client) {
+	switch rec.outcome {
+	case metrics.OutcomeForbidden:
+	case metrics.OutcomeAdmitted, outcomeAborted:
+		return
+	default:
+		if rec.series == nil {
+			return // never reached a queue: bad input, unknown model, passthrough
+		}
+		rec.series.Outcome(rec.outcome)
+	}
+	rt.clients[who.ID].Outcome(rec.outcome)
 }
 
 func (rt *Route) logRequest(ctx context.Context, ex *exchange, rec *requestLog) {

@@ -231,6 +231,7 @@ var (
 // Log outcomes of requests that are not scheduled.
 const (
 	outcomePassthrough  = "passthrough" // names no model: forwarded unscheduled
+	outcomeAborted      = "aborted"     // admitted, then the upstream or the client broke off
 	OutcomeBadRequest   = "bad_request"
 	OutcomeNotFound     = "not_found"
 	OutcomeUnauthorized = "unauthorized"

@@ -26,10 +26,11 @@ func (rt *Route) serve(w http.ResponseWriter, r *http.Request, who *clients.Clie
 	defer func() {
 		p := recover()
 		if p == http.ErrAbortHandler || (rec.outcome == metrics.OutcomeAdmitted && r.Context().Err() != nil) {
-			rec.outcome = "aborted" // the upstream or the client broke off mid-stream
+			rec.outcome = outcomeAborted // the upstream or the client broke off mid-stream
 		}
 		rec.backend = ex.backend
 		rec.tries = ex.tries
+		rt.countOutcome(&rec, who)
 		rt.logRequest(r.Context(), ex, &rec)
 		putExchange(ex)
 		if p != nil {
@@ -40,7 +41,6 @@ func (rt *Route) serve(w http.ResponseWriter, r *http.Request, who *clients.Clie
 	if !who.Allowed(rt.name) {
 		request.DropBody(ex, r)
 		rec.outcome = metrics.OutcomeForbidden
-		rt.clients[who.ID].Outcome(rec.outcome)
 		openai.WriteError(ex, http.StatusForbidden, "invalid_request_error", "route_not_allowed",
 			"Client "+who.Name+" may not use llproxy route "+rt.name+"; it may use: "+strings.Join(who.Routes(), ", ")+".")
 		return

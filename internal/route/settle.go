@@ -112,8 +112,6 @@ func (rt *Route) sendAgain(ctx context.Context, ex *exchange, a attempt, cost sc
 		rec.outcome = rt.writeAcquireError(ex, ctx, err)
 		if rec.outcome == metrics.OutcomeRejectWait {
 			rec.outcome = metrics.OutcomeRejectUpstream
-			ms.Metrics.Outcome(rec.outcome)
-			ex.who.Outcome(rec.outcome)
 		}
 		return false
 	}

@@ -74,8 +74,6 @@ func (rt *Route) degradedBefore(ex *exchange, ms *models.Model, rec *requestLog)
 	switch st.Mode() {
 	case replicas.Deny:
 		rec.outcome = metrics.OutcomeSharedDown
-		ms.Metrics.Outcome(rec.outcome)
-		ex.who.Outcome(rec.outcome)
 		ex.Header()["Retry-After"] = []string{"1"}
 		openai.WriteError(ex, http.StatusServiceUnavailable, "server_error", "limits_unavailable",
 			"llproxy cannot reach the shared limits (Redis) and is configured to refuse until it can (onRedisDown: deny).")
@@ -143,8 +141,6 @@ func (rt *Route) takeShared(ctx context.Context, ex *exchange, ms *models.Model,
 				rec.outcome = rt.writeAcquireError(ex, ctx, &scheduler.RejectError{Reason: scheduler.ErrWaitTooLong,
 					Model: rec.model, Resource: scheduler.Slots, RetryAfter: time.Second,
 					State: ms.Queue.StateFor(now, cost.Client)})
-				ms.Metrics.Outcome(rec.outcome)
-				ex.who.Outcome(rec.outcome)
 				return false
 			}
 			t := time.NewTimer(backoff)
@@ -170,8 +166,6 @@ func (rt *Route) requeueShared(ctx context.Context, ex *exchange, ms *models.Mod
 	if err != nil {
 		ex.hasRate = false
 		rec.outcome = rt.writeAcquireError(ex, ctx, err)
-		ms.Metrics.Outcome(rec.outcome)
-		ex.who.Outcome(rec.outcome)
 		return false
 	}
 	ex.adm = adm

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"context"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -84,5 +85,30 @@ func TestUpstream429InThePastBacksOffAndIsBounded(t *testing.T) {
 		assert.GreaterOrEqual(t, at[1].Sub(at[0]), 250*3/4*time.Millisecond, "the first retry backs off")
 		assert.GreaterOrEqual(t, at[2].Sub(at[1]), 500*3/4*time.Millisecond, "the second backs off twice as long")
 		assert.Contains(t, metricsText2(t, reg), `llproxy_requests_total{model="gpt-4o",outcome="rejected_upstream",route="openai"} 1`)
+	})
+}
+
+// TestCancelledDuringARequeueIsCounted: a request whose client leaves
+// while it waits again after an upstream 429 is counted as cancelled, once,
+// where it is logged.
+func TestCancelledDuringARequeueIsCounted(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		srv, reg := newBubbleGateway(t, `{"routes": {"openai": {"forward": "$UPSTREAM",
+		  "models": {"gpt-4o": {"rpm": 600, "tpm": 100000, "maxQueueSize": 10, "maxQueueWait": 30}}}}}`,
+			http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { rateLimited(w, 10000) }))
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			req := httptest.NewRequest(http.MethodPost, "/openai/v1/chat/completions", strings.NewReader(chatBody)).WithContext(ctx)
+			srv.ServeHTTP(httptest.NewRecorder(), req)
+		}()
+		time.Sleep(time.Second) // held 10 s by the upstream's 429: it waits at the head of the queue
+		cancel()
+		<-done
+		m := metricsText2(t, reg)
+		assert.Contains(t, m, `llproxy_requests_total{model="gpt-4o",outcome="cancelled",route="openai"} 1`)
+		assert.Contains(t, m, `llproxy_requests_total{model="gpt-4o",outcome="admitted",route="openai"} 1`)
+		assert.Contains(t, m, `llproxy_client_requests_total{client="anonymous",outcome="cancelled",route="openai"} 1`)
 	})
 }
