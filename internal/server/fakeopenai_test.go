@@ -73,6 +73,7 @@ func (f *fakeOpenAI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		f.limited++
 		f.limitedAt = append(f.limitedAt, now)
 		wait := math.Max((1-f.reqLevel)/f.rpm, (cost-f.tokLevel)/f.tpm) // minutes
+		used := int(f.tpm - f.tokLevel)
 		f.headers(h)
 		f.mu.Unlock()
 		ms := int(math.Ceil(wait * 60000))
@@ -80,7 +81,7 @@ func (f *fakeOpenAI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h.Set("Content-Type", "application/json")
 		w.WriteHeader(http.StatusTooManyRequests)
 		fmt.Fprintf(w, `{"error":{"message":"Rate limit reached for gpt-4o in organization org-fake on tokens per min (TPM): Limit %d, Used %d, Requested %d. Please try again in %dms.","type":"tokens","param":null,"code":"rate_limit_exceeded"}}`,
-			int(f.tpm), int(f.tpm-f.tokLevel), int(cost), ms)
+			int(f.tpm), used, int(cost), ms)
 		return
 	}
 	f.reqLevel--
