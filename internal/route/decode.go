@@ -71,14 +71,18 @@ type call struct {
 	keepAlive *time.Duration
 }
 
-// inspect parses a JSON body once, finds its model's queue and counts its
+// inspect parses a JSON body once (or takes it as the front parsed it:
+// parsed, if not nil), finds its model's queue and counts its
 // cost; for a stream whose client did not ask for usage it also prepares the
 // body that asks for it. On bad input it answers the client and returns ok
 // false.
-func (rt *Route) inspect(w http.ResponseWriter, path string, body []byte, rec *requestLog) (c call, ok bool) {
-	p := parsers.Get()
-	defer parsers.Put(p)
-	v, err := p.ParseBytes(body)
+func (rt *Route) inspect(w http.ResponseWriter, path string, body []byte, parsed *fastjson.Value, rec *requestLog) (c call, ok bool) {
+	v, err := parsed, error(nil)
+	if v == nil {
+		p := parsers.Get()
+		defer parsers.Put(p)
+		v, err = p.ParseBytes(body)
+	}
 	if err != nil || v.Type() != fastjson.TypeObject {
 		rec.outcome = OutcomeBadRequest
 		openai.WriteError(w, http.StatusBadRequest, "invalid_request_error", "",

@@ -167,7 +167,22 @@ func (rt *Route) authorizer(apiKey string) *provider.OpenAI {
 // is the default route's at the root) from client who, whom the caller
 // authenticated.
 func (rt *Route) Serve(w http.ResponseWriter, r *http.Request, who *clients.Client) {
-	rt.serve(w, r, who)
+	rt.serve(w, r, who, nil)
+}
+
+// Read is a request body a front has read already (the root reads it to
+// find the model): the route takes the body over (it releases it) and
+// reads it no more. Value, if not nil, is the body parsed, valid until
+// ServeRead returns; the route may change it.
+type Read struct {
+	Body  *request.Body
+	Value *fastjson.Value
+}
+
+// ServeRead is Serve for a request whose body the caller read (and maybe
+// parsed) already.
+func (rt *Route) ServeRead(w http.ResponseWriter, r *http.Request, who *clients.Client, in Read) {
+	rt.serve(w, r, who, &in)
 }
 
 // Clients is the gateway's clients.

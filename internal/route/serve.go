@@ -7,6 +7,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/valyala/fastjson"
+
 	"github.com/llproxy/llproxy/internal/clients"
 	"github.com/llproxy/llproxy/internal/metrics"
 	"github.com/llproxy/llproxy/internal/openai"
@@ -18,11 +20,14 @@ import (
 // forward (again, if the upstream asks for it and the budget allows), and
 // settle. Each step that fails answers in OpenAI's error shape and sends
 // nothing upstream.
-func (rt *Route) serve(w http.ResponseWriter, r *http.Request, who *clients.Client) {
+func (rt *Route) serve(w http.ResponseWriter, r *http.Request, who *clients.Client, in *Read) {
 	start := time.Now()
 	ex := getExchange(w)
 	rec := requestLog{route: rt.name, client: who.Name, method: r.Method, path: r.URL.Path, start: start,
 		id: r.Header.Get("X-Request-Id"), remote: r.RemoteAddr}
+	if in != nil && in.Body != nil {
+		defer in.Body.Release() // the route took it over, whatever happens
+	}
 	defer func() {
 		p := recover()
 		if p == http.ErrAbortHandler || (rec.outcome == metrics.OutcomeAdmitted && r.Context().Err() != nil) {
@@ -47,7 +52,13 @@ func (rt *Route) serve(w http.ResponseWriter, r *http.Request, who *clients.Clie
 	}
 
 	var body *request.Body
-	if r.Body != nil && r.Body != http.NoBody && r.Method != http.MethodGet && r.Method != http.MethodHead {
+	var parsed *fastjson.Value
+	switch {
+	case in != nil && in.Body != nil:
+		// The front read (and parsed) it already: not again. It is
+		// released by the deferred step below serve's start.
+		body, parsed = in.Body, in.Value
+	case r.Body != nil && r.Body != http.NoBody && r.Method != http.MethodGet && r.Method != http.MethodHead:
 		var err error
 		body, err = request.ReadBody(ex, r, rt.opts.Limits, rt.opts.Closing)
 		if err != nil {
@@ -69,7 +80,7 @@ func (rt *Route) serve(w http.ResponseWriter, r *http.Request, who *clients.Clie
 			raw = body.Buf
 		}
 		var ok bool
-		if c, ok = rt.inspect(ex, r.URL.Path, raw, &rec); !ok {
+		if c, ok = rt.inspect(ex, r.URL.Path, raw, parsed, &rec); !ok {
 			return
 		}
 		if c.inject != nil {

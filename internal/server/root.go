@@ -18,8 +18,8 @@ import (
 // serves the body's model (package catalog), so that one base_url reaches
 // every model.
 
-// rootParsers find the model of a root request's body (the route parses
-// it again, fully: this one only picks the route).
+// rootParsers parse a root request's body: to pick the route by its
+// model, and then for the route itself (it is not parsed again).
 var rootParsers fastjson.ParserPool
 
 // ordered returns the routes in the order the config lists them.
@@ -53,6 +53,7 @@ func (s *Server) serveRoot(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var model string
+	var in route.Read // the body, read once and parsed once, handed to the route
 	if r.Body != nil && r.Body != http.NoBody && r.Method != http.MethodGet && r.Method != http.MethodHead {
 		body, err := request.ReadBody(w, r, s.limits(), s.closing.Load)
 		if err != nil {
@@ -61,14 +62,26 @@ func (s *Server) serveRoot(w http.ResponseWriter, r *http.Request) {
 			openai.WriteError(w, f.Status, "invalid_request_error", f.Code, f.Message)
 			return
 		}
-		defer body.Release()
+		in.Body = body
+		defer func() {
+			if in.Body != nil {
+				in.Body.Release() // not handed on
+			}
+		}()
 		p := rootParsers.Get()
+		defer rootParsers.Put(p) // after the route is done with the value
 		if v, err := p.ParseBytes(body.Buf); err == nil && v.Type() == fastjson.TypeObject {
-			model = string(v.GetStringBytes("model"))
+			model, in.Value = string(v.GetStringBytes("model")), v
 		}
-		rootParsers.Put(p)
-		r.Body = body.Reader()
-		r.ContentLength = int64(len(body.Buf))
+	}
+	serve := func(rt *route.Route) {
+		if in.Body == nil {
+			rt.Serve(w, r, who)
+			return
+		}
+		handed := in
+		in.Body = nil // the route releases it
+		rt.ServeRead(w, r, who, handed)
 	}
 	inference := r.Method == http.MethodPost && openai.Endpoint(r.URL.Path) != tokenizer.EndpointOther
 	switch {
@@ -81,12 +94,12 @@ func (s *Server) serveRoot(w http.ResponseWriter, r *http.Request) {
 					strings.Join(s.catalog.Models(), ", ")+".")
 			return
 		}
-		rt.Serve(w, r, who)
+		serve(rt)
 	case inference:
 		s.logFront(r, http.StatusBadRequest, route.OutcomeBadRequest)
 		openai.WriteParamError(w, "model", "you must provide a model parameter: 'model' is required.")
 	case s.fallback != nil:
-		s.fallback.Serve(w, r, who)
+		serve(s.fallback)
 	default:
 		s.logFront(r, http.StatusNotFound, route.OutcomeNotFound)
 		openai.WriteError(w, http.StatusNotFound, "invalid_request_error", "unknown_route",
