@@ -61,12 +61,18 @@ func BenchmarkServeChat(b *testing.B) {
 		name, settle string
 		headers      http.Header
 		clients      string
+		path         string
 	}{
-		{"settle=reserved", "reserved", nil, ""},
-		{"settle=actual", "actual", nil, ""},
-		{"settle=actual+rate headers", "actual", rateHeaders, ""},
-		{"settle=actual+10 teams with budgets", "actual", nil, clients},
+		{"settle=reserved", "reserved", nil, "", ""},
+		{"settle=actual", "actual", nil, "", ""},
+		{"settle=actual+rate headers", "actual", rateHeaders, "", ""},
+		{"settle=actual+10 teams with budgets", "actual", nil, clients, ""},
+		{"settle=actual+at the root /v1", "actual", nil, "", "/v1/chat/completions"},
 	} {
+		path := bc.path
+		if path == "" {
+			path = "/openai/v1/chat/completions"
+		}
 		b.Run(bc.name, func(b *testing.B) {
 			cfg, err := config.Parse([]byte(`{`+bc.clients+`"routes": {"openai": {"forward": "http://upstream.invalid", "settle": "`+bc.settle+`",
 			  "models": {"*": {"maxQueueSize": 10, "maxQueueWait": 60, "rpm": 1000000000, "tpm": 2000000000}}}}}`), nil)
@@ -82,7 +88,7 @@ func BenchmarkServeChat(b *testing.B) {
 			b.SetBytes(int64(len(benchChat)))
 			b.RunParallel(func(pb *testing.PB) {
 				for pb.Next() {
-					r := httptest.NewRequest(http.MethodPost, "/openai/v1/chat/completions", strings.NewReader(benchChat))
+					r := httptest.NewRequest(http.MethodPost, path, strings.NewReader(benchChat))
 					r.Header.Set("Content-Type", "application/json")
 					r.Header.Set("Authorization", "Bearer key-9")
 					w := httptest.NewRecorder()
