@@ -84,9 +84,8 @@ type Took struct {
 	// Binding is the resource that binds, Own whether it is the client's.
 	Binding scheduler.Resource
 	Own     bool
-	// Levels are the buckets after: model requests, model tokens, client
-	// requests, client tokens (0 where the client has none).
-	Levels [4]float64
+	// Levels are the buckets after (a client's 0 where it has none).
+	Levels scheduler.Levels
 }
 
 // args are a call's capacities and maxima for client.
@@ -134,9 +133,8 @@ func (b *Buckets) Take(parent context.Context, client, tokens int) (Took, error)
 	case 6:
 		t.Binding, t.Own = scheduler.Slots, true
 	}
-	for i := range 4 {
-		t.Levels[i] = parseFloat(res[3+i])
-	}
+	t.Levels = scheduler.Levels{Requests: parseFloat(res[3]), Tokens: parseFloat(res[4]),
+		ClientRequests: parseFloat(res[5]), ClientTokens: parseFloat(res[6])}
 	if t.OK && (b.model.MaxConcurrent > 0 || c.MaxConcurrent > 0) {
 		t.Lease = lease
 		b.mu.Lock()
@@ -200,15 +198,14 @@ func (b *Buckets) refresh(ctx context.Context) error {
 }
 
 // Cap lowers client's shared buckets (and the model's) to at most
-// levels (model requests, model tokens, client requests, client tokens;
-// negative: leave it): what this replica estimates they hold after an
-// outage, so that they resume from what was spent, not from full.
-func (b *Buckets) Cap(parent context.Context, client int, levels [4]float64) error {
+// levels (negative: leave it): what this replica estimates they hold after
+// an outage, so that they resume from what was spent, not from full.
+func (b *Buckets) Cap(parent context.Context, client int, levels scheduler.Levels) error {
 	ctx, cancel := b.s.ctx(parent)
 	defer cancel()
 	k := b.keys[client]
 	args := b.args(client)
-	for _, l := range levels {
+	for _, l := range [...]float64{levels.Requests, levels.Tokens, levels.ClientRequests, levels.ClientTokens} {
 		args = append(args, strconv.FormatFloat(l, 'f', 3, 64))
 	}
 	if err := b.s.eval(ctx, capScript, k[:4], bucketTypes[:4], args...).Err(); err != nil {

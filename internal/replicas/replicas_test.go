@@ -61,7 +61,7 @@ func TestTakeSharesTheBucketsAcrossReplicas(t *testing.T) {
 	took, err := c.Take(ctx, 1, 80)
 	require.NoError(t, err)
 	require.True(t, took.OK)
-	assert.InDelta(t, 20, took.Levels[3], 0.5)
+	assert.InDelta(t, 20, took.Levels.ClientTokens, 0.5)
 	took, err = replica(t, r.URL()).Queue("openai", "gpt-4o-mini", model, clientsOf(model)).Take(ctx, 1, 80)
 	require.NoError(t, err)
 	assert.False(t, took.OK)
@@ -123,7 +123,7 @@ func TestRedisDownDegradesAndRecoversWithoutBurst(t *testing.T) {
 	assert.Equal(t, 1.0, s.LocalShare(), "one replica: all of it")
 	// This replica admits on its own meanwhile; when Redis is back it says
 	// what it estimates is left (10 requests), before anything is taken.
-	s.OnRecover(func(ctx context.Context) error { return q.Cap(ctx, 0, [4]float64{10, -1, -1, -1}) })
+	s.OnRecover(func(ctx context.Context) error { return q.Cap(ctx, 0, scheduler.Levels{Requests: 10, Tokens: -1, ClientRequests: -1, ClientTokens: -1}) })
 	var deferred int64
 	s.Defer(func(ctx context.Context) error { deferred++; return nil })
 
@@ -203,7 +203,7 @@ func TestAWrongTypedKeyIsThatKeysProblem(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, "hash", typ)
 	assert.Equal(t, 3.0, testutil.ToFloat64(s.repaired))
-	require.NoError(t, bad.Cap(ctx, 0, [4]float64{-1, -1, -1, -1}), "the recovery call on the bad model")
+	require.NoError(t, bad.Cap(ctx, 0, scheduler.Levels{Requests: -1, Tokens: -1, ClientRequests: -1, ClientTokens: -1}), "the recovery call on the bad model")
 
 	// A budget key, too.
 	require.NoError(t, s.rdb.HSet(ctx, s.budgetKey("interns", "*", "2026-12-01"), "l", 1).Err())

@@ -121,10 +121,9 @@ func (rt *Route) takeShared(ctx context.Context, ex *exchange, ms *models.Model,
 		}
 		if rt.debugging(ctx) {
 			rt.debug(ctx, "shared take", slog.Bool("ok", took.OK), slog.Duration("wait", took.Wait),
-				slog.Float64("requests_left", took.Levels[0]))
+				slog.Float64("requests_left", took.Levels.Requests))
 		}
-		lv := scheduler.Levels{Requests: took.Levels[0], Tokens: took.Levels[1],
-			ClientRequests: took.Levels[2], ClientTokens: took.Levels[3]}
+		lv := took.Levels
 		if took.OK {
 			ex.hold = sharedHold{b: b, client: cost.Client, tokens: cost.Tokens, lease: took.Lease, held: true}
 			ex.adm.Confirm(now, &lv)
@@ -187,7 +186,7 @@ func (rt *Route) RecoverShared(ctx context.Context) error {
 		}
 		for client := range rt.clients {
 			lv := ms.Queue.Estimate(now, client)
-			if err = ms.Shared.Cap(ctx, client, [4]float64{lv.Requests, lv.Tokens, lv.ClientRequests, lv.ClientTokens}); err != nil {
+			if err = ms.Shared.Cap(ctx, client, lv); err != nil {
 				return
 			}
 		}
