@@ -170,6 +170,13 @@ func (q *Queue) next(s sim, h *cursors, live bool) choice {
 // every lane; binding is what it waits for longest. With one lane waiting
 // the replay is kept (q.tail), so a client alone is predicted in O(1).
 func (q *Queue) predict(now time.Time, r *waiter) choice {
+	return q.predictUntil(now, r, time.Time{})
+}
+
+// predictUntil is predict that stops replaying the backlog once the
+// replay passes horizon (zero: never): it then returns that admission,
+// later than horizon, so r's own is later still.
+func (q *Queue) predictUntil(now time.Time, r *waiter, horizon time.Time) choice {
 	l := r.lane
 	if len(q.backlog) == 1 && l.waiting[len(l.waiting)-1] == r {
 		// One lane, r last: FIFO. Extend the kept replay by r.
@@ -215,7 +222,7 @@ func (q *Queue) predict(now time.Time, r *waiter) choice {
 		}
 		start := max(v, c.finish)
 		c.finish, v = start+tagCost(w.cost.Tokens, c.l.Weight), start
-		if w == r {
+		if w == r || (!horizon.IsZero() && ch.at.After(horizon)) {
 			break
 		}
 		if c.i++; c.i < len(c.l.waiting) {

@@ -482,3 +482,56 @@ func TestNewcomersWaitIsNotTheFirstClients(t *testing.T) {
 		assert.Zero(t, q.Stats(time.Now()).PredictedWait, "a newcomer does not: the model has room")
 	})
 }
+
+// deepBacklog is a queue of a model with maxQueueWait 5 s where 20
+// clients whose own maxQueueWait is 10 h keep n requests waiting between
+// them: a newcomer, admitted after one request of each, would wait 20 s.
+func deepBacklog(ctx context.Context, n int) *Queue {
+	c := Config{MaxQueueSize: 100000, MaxQueueWait: Duration(5 * time.Second), RPM: 100000, TPM: 6000}
+	var clients []Client
+	for i := range 20 {
+		cl := c.Client(fmt.Sprintf("c%d", i), 1)
+		cl.MaxQueueWait = Duration(10 * time.Hour)
+		clients = append(clients, cl)
+	}
+	q := NewQueue("m", c, clients...)
+	q.mu.Lock()
+	q.tok.take(time.Now(), 6000) // empty: everyone waits
+	q.mu.Unlock()
+	for i := range n {
+		go q.Acquire(ctx, Cost{Tokens: 100, Client: i % 20})
+	}
+	return q
+}
+
+// The newcomer's predicted wait stops replaying just past maxQueueWait:
+// a scrape does not replay the whole round of every waiting client under
+// the lock.
+func TestNewcomersWaitStopsAtTheDeadline(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		ctx, cancel := context.WithCancel(context.Background())
+		q := deepBacklog(ctx, 2000)
+		synctest.Wait()
+		require.Equal(t, 2000, q.Depth())
+		w := q.Stats(time.Now()).PredictedWait
+		assert.Greater(t, w, 5*time.Second, "beyond maxQueueWait")
+		assert.Less(t, w, 7*time.Second, "reported just past it, not the 20 s of a whole round")
+		cancel()
+		synctest.Wait()
+	})
+}
+
+// BenchmarkStatsDeepBacklog: a scrape of a queue 2,000 deep over 20
+// clients.
+func BenchmarkStatsDeepBacklog(b *testing.B) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	q := deepBacklog(ctx, 2000)
+	for q.Depth() < 2000 {
+		time.Sleep(time.Millisecond)
+	}
+	b.ResetTimer()
+	for b.Loop() {
+		q.Stats(time.Now())
+	}
+}

@@ -48,7 +48,8 @@ func (q *Queue) StateFor(now time.Time, client int) RateState {
 // Stats returns the queue's depth and bucket levels at now, and the wait
 // predicted for a newcomer: a request of one token from a client that is
 // not waiting and has no limits of its own (not any configured client,
-// whose own limits or backlog would make it that client's wait).
+// whose own limits or backlog would make it that client's wait); a wait
+// beyond the model's maxQueueWait is reported as just past it.
 func (q *Queue) Stats(now time.Time) Stats {
 	q.mu.Lock()
 	defer q.mu.Unlock()
@@ -56,7 +57,11 @@ func (q *Queue) Stats(now time.Time) Stats {
 		RemainingRequests: q.req.level(now), RemainingTokens: q.tok.level(now),
 		RefillRequests: perMinute(q.req.perSec), RefillTokens: perMinute(q.tok.perSec), InFlight: len(q.inflight)}
 	if !q.closed {
-		st.PredictedWait = max(0, q.probe(now, q.newcomer(), Cost{Tokens: 1}).at.Sub(now))
+		// The replay stops just past the newcomer's maxQueueWait: beyond
+		// it, it would be refused anyway, and a scrape or a status poll
+		// must not hold the queue's lock over a deep backlog.
+		horizon := now.Add(time.Duration(q.cfg.MaxQueueWait))
+		st.PredictedWait = max(0, q.probeUntil(now, q.newcomer(), Cost{Tokens: 1}, horizon).at.Sub(now))
 	}
 	return st
 }
