@@ -123,7 +123,9 @@ func TestRedisDownDegradesAndRecoversWithoutBurst(t *testing.T) {
 	assert.Equal(t, 1.0, s.LocalShare(), "one replica: all of it")
 	// This replica admits on its own meanwhile; when Redis is back it says
 	// what it estimates is left (10 requests), before anything is taken.
-	s.OnRecover(func(ctx context.Context) error { return q.Cap(ctx, 0, scheduler.Levels{Requests: 10, Tokens: -1, ClientRequests: -1, ClientTokens: -1}) })
+	s.OnRecover(func(ctx context.Context) error {
+		return q.Cap(ctx, 0, scheduler.Levels{Requests: 10, Tokens: -1, ClientRequests: -1, ClientTokens: -1})
+	})
 	var deferred int64
 	s.Defer(func(ctx context.Context) error { deferred++; return nil })
 
