@@ -3,19 +3,19 @@ package scheduler
 import (
 	"math"
 	"time"
-
-	"golang.org/x/time/rate"
 )
 
-// epsilon absorbs float rounding between the scheduler's predictions and the
-// limiter's own arithmetic: a level this close to a cost pays for it.
-const epsilon = 1e-6
-
-// bucket is one continuously refilling token bucket of capacity perMinute,
-// refilled at perMinute per minute, held in a rate.Limiter. The limiter only
-// ever answers about now; the queue owns ordering and prediction.
+// bucket is one continuously refilling token bucket of capacity
+// perMinute, refilled at perMinute per minute. Its arithmetic is the
+// scheduler's own, one formula (fill) for what the bucket holds now and
+// what a prediction says it will hold: a level at a time, refilled
+// linearly up to the capacity. Nothing is reconciled with another
+// implementation, so no epsilon is needed: a wait is rounded up to the
+// microsecond until that same formula says the level is there.
 type bucket struct {
-	lim        *rate.Limiter
+	on         bool      // a limit: a bucket of capacity 0 is none
+	lvl        float64   // the level at t (negative: in debt)
+	t          time.Time // when lvl was brought up to date
 	capacity   float64
 	perSec     float64 // the refill rate now: configured less others' estimated use, times share
 	configured float64 // the configured refill rate, per second
@@ -38,32 +38,45 @@ func newBucket(perMinute int) bucket {
 		return bucket{}
 	}
 	perSec := float64(perMinute) / 60
-	return bucket{lim: rate.NewLimiter(rate.Limit(perSec), perMinute), capacity: float64(perMinute),
+	return bucket{on: true, lvl: float64(perMinute), capacity: float64(perMinute),
 		perSec: perSec, configured: perSec, full: float64(perMinute), share: 1}
 }
 
-// level is the number of tokens in the bucket at now.
-func (b bucket) level(now time.Time) float64 {
-	if b.lim == nil {
+// level is the number of tokens in the bucket at now (negative: in debt).
+// A time before the last change refills nothing.
+func (b *bucket) level(now time.Time) float64 {
+	if !b.on {
 		return 0
 	}
-	return b.lim.TokensAt(now)
+	if b.t.IsZero() || !now.After(b.t) {
+		return b.lvl
+	}
+	return b.fill(b.lvl, now.Sub(b.t))
+}
+
+// sync brings the level up to date at now, so that a change of level,
+// rate or capacity applies from now on.
+func (b *bucket) sync(now time.Time) {
+	if b.t.IsZero() || now.After(b.t) {
+		b.lvl, b.t = b.level(now), now
+	}
 }
 
 // take removes n tokens at now. The caller has checked that they are there.
-func (b bucket) take(now time.Time, n int) {
-	if b.lim != nil && !b.lim.AllowN(now, n) {
-		// Only float rounding gets here: borrow the sliver.
-		b.lim.ReserveN(now, n)
+func (b *bucket) take(now time.Time, n int) {
+	if b.on {
+		b.sync(now)
+		b.lvl -= float64(n)
 	}
 }
 
 // give returns n tokens at now (a request admitted but never sent, or a
 // reservation larger than what was used). The level stays capped at
 // capacity.
-func (b bucket) give(now time.Time, n int) {
-	if n > 0 && b.lim != nil {
-		b.lim.ReserveN(now, -n)
+func (b *bucket) give(now time.Time, n int) {
+	if n > 0 && b.on {
+		b.sync(now)
+		b.lvl = math.Min(b.capacity, b.lvl+float64(n))
 	}
 }
 
@@ -71,10 +84,17 @@ func (b bucket) give(now time.Time, n int) {
 // debt (an upstream used more than was reserved); the debt is repaid by
 // refill before anything else is admitted. A single charge is capped at the
 // capacity.
-func (b bucket) charge(now time.Time, n int) {
-	if n > 0 && b.lim != nil {
-		b.lim.ReserveN(now, min(n, int(b.capacity)))
+func (b *bucket) charge(now time.Time, n int) {
+	if n > 0 && b.on {
+		b.sync(now)
+		b.lvl -= math.Min(float64(n), b.capacity)
 	}
+}
+
+// setRate makes the bucket refill at perSec from now on.
+func (b *bucket) setRate(now time.Time, perSec float64) {
+	b.sync(now)
+	b.perSec = perSec
 }
 
 // adaptWindow is the time constant with which the refill rate follows
@@ -107,7 +127,7 @@ func (b *bucket) observe(now time.Time, discrepancy, drain float64) (lowered, dr
 	change := max(-span, min(span, drain-b.residual))
 	b.residual = min(drain, 0)
 	if n := math.Floor(discrepancy); n > observeNoise {
-		b.lim.ReserveN(now, min(int(n), int(b.capacity)))
+		b.charge(now, int(min(n, b.capacity)))
 		lowered = n
 	}
 	if n := math.Floor(drain); n > observeNoise {
@@ -117,31 +137,40 @@ func (b *bucket) observe(now time.Time, discrepancy, drain float64) (lowered, dr
 	others = max(0, min(others, maxOthersShare*b.configured))
 	if others != b.others {
 		b.others = others
-		b.perSec = (b.configured - others) * b.share
-		b.lim.SetLimitAt(now, rate.Limit(b.perSec))
+		b.setRate(now, (b.configured-others)*b.share)
 		rateChanged = true
 	}
 	return lowered, drained, rateChanged
 }
 
 // waitFrom is how long a bucket at level needs to hold n tokens, rounded up
-// to the microsecond so that a timer set for it finds the tokens there.
-func (b bucket) waitFrom(level float64, n int) time.Duration {
+// to the microsecond, and further until fill (the formula the live level
+// is read with) says they are there: a timer set for it finds them.
+func (b *bucket) waitFrom(level float64, n int) time.Duration {
 	missing := float64(n) - level
-	if missing <= epsilon || b.lim == nil {
+	if missing <= 0 || !b.on {
 		return 0
 	}
-	us := math.Ceil(missing / b.perSec * 1e6)
-	return time.Duration(us) * time.Microsecond
+	us := missing / b.perSec * 1e6
+	whole := math.Ceil(us)
+	d := time.Duration(whole) * time.Microsecond
+	// Rounded up by a good part of a microsecond, the refill is there for
+	// sure; close to a whole one, fill decides, a microsecond at a time.
+	for whole-us < 1e-3 && b.fill(level, d) < float64(n) {
+		d += time.Microsecond
+		whole++
+	}
+	return d
 }
 
-// fill is the level of a bucket at level after d of refill.
-func (b bucket) fill(level float64, d time.Duration) float64 {
+// fill is the level of a bucket at level after d of refill: the one
+// formula of both the live level and predictions.
+func (b *bucket) fill(level float64, d time.Duration) float64 {
 	return math.Min(b.capacity, level+d.Seconds()*b.perSec)
 }
 
 // untilFull is how long a bucket at level takes to refill completely.
-func (b bucket) untilFull(level float64) time.Duration {
+func (b *bucket) untilFull(level float64) time.Duration {
 	if level >= b.capacity {
 		return 0
 	}
@@ -153,7 +182,7 @@ func (b bucket) untilFull(level float64) time.Duration {
 // the shared store took from it: they will give it back and be decided
 // again, so they are shared like the rest.
 func (b *bucket) setShare(now time.Time, share, pending float64) {
-	if b.lim == nil || share == b.share {
+	if !b.on || share == b.share {
 		return
 	}
 	if share < b.share {
@@ -161,24 +190,19 @@ func (b *bucket) setShare(now time.Time, share, pending float64) {
 		level := (b.level(now)+pending)*share/b.share - pending
 		defer b.set(now, level)
 	}
+	b.sync(now)
 	b.share = share
 	b.capacity = math.Max(1, math.Floor(b.full*share))
+	b.lvl = math.Min(b.lvl, b.capacity)
 	b.perSec = (b.configured - b.others) * share
-	b.lim.SetBurstAt(now, int(b.capacity))
-	b.lim.SetLimitAt(now, rate.Limit(b.perSec))
 }
 
 // set moves the bucket's level at now to level (what a shared store
 // says it holds), to the token.
 func (b *bucket) set(now time.Time, level float64) {
-	if b.lim == nil {
+	if !b.on {
 		return
 	}
-	diff := math.Round(level - b.level(now))
-	switch {
-	case diff > 0:
-		b.give(now, int(diff))
-	case diff < 0:
-		b.lim.ReserveN(now, int(-diff))
-	}
+	b.sync(now)
+	b.lvl = math.Min(b.capacity, b.lvl+math.Round(level-b.lvl))
 }

@@ -42,7 +42,7 @@ type lane struct {
 }
 
 // free reports whether the lane has no limits of its own.
-func (l *lane) free() bool { return l.req.lim == nil && l.tok.lim == nil && l.maxConcurrent == 0 }
+func (l *lane) free() bool { return !l.req.on && !l.tok.on && l.maxConcurrent == 0 }
 
 // cursor is a lane's place in a backlog heap: the queue's own (i is 0) or
 // a prediction's scratch copy.

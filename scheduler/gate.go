@@ -160,8 +160,8 @@ func (g *gate) state(now time.Time, queuedReq, queuedTok int) RateState {
 	lr := g.req.level(now) - float64(queuedReq)
 	lt := g.tok.level(now) - float64(queuedTok)
 	return RateState{
-		LimitRequests: int(g.req.capacity), RemainingRequests: max(0, int(math.Floor(lr+epsilon))), ResetRequests: g.req.untilFull(lr),
-		LimitTokens: int(g.tok.capacity), RemainingTokens: max(0, int(math.Floor(lt+epsilon))), ResetTokens: g.tok.untilFull(lt),
+		LimitRequests: int(g.req.capacity), RemainingRequests: max(0, int(math.Floor(lr))), ResetRequests: g.req.untilFull(lr),
+		LimitTokens: int(g.tok.capacity), RemainingTokens: max(0, int(math.Floor(lt))), ResetTokens: g.tok.untilFull(lt),
 	}
 }
 
@@ -186,5 +186,5 @@ func (g *gate) describe(e *RejectError, now time.Time, tokens, queuedReq, queued
 // full reports whether both buckets are full at now and no slot is held:
 // a new gate would stand exactly where this one does.
 func (g *gate) full(now time.Time) bool {
-	return len(g.inflight) == 0 && g.req.level(now) >= g.req.capacity-epsilon && g.tok.level(now) >= g.tok.capacity-epsilon
+	return len(g.inflight) == 0 && g.req.level(now) >= g.req.capacity && g.tok.level(now) >= g.tok.capacity
 }

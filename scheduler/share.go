@@ -3,8 +3,6 @@ package scheduler
 import (
 	"math"
 	"time"
-
-	"golang.org/x/time/rate"
 )
 
 // When several gateways share one key's limits (through a store such as
@@ -116,7 +114,7 @@ func (q *Queue) Estimate(now time.Time, client int) Levels {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	est := func(b *bucket) float64 {
-		if b.lim == nil {
+		if !b.on {
 			return -1
 		}
 		return math.Max(0, b.level(now))
@@ -187,7 +185,7 @@ func (b *bucket) reconfigure(now time.Time, perMinute int) {
 		*b = bucket{}
 		return
 	}
-	if b.lim == nil {
+	if !b.on {
 		*b = newBucket(perMinute)
 		return
 	}
@@ -195,7 +193,6 @@ func (b *bucket) reconfigure(now time.Time, perMinute int) {
 	others := b.others
 	*b = newBucket(perMinute)
 	b.others = math.Min(others, maxOthersShare*b.configured)
-	b.perSec = b.configured - b.others
-	b.lim.SetLimitAt(now, rate.Limit(b.perSec))
+	b.setRate(now, b.configured-b.others)
 	b.set(now, math.Min(level, b.capacity))
 }

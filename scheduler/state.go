@@ -14,14 +14,14 @@ import (
 // where they leave less.
 func (q *Queue) state(now time.Time, l *lane) RateState {
 	st := q.gate.state(now, q.depth, q.queuedTokens)
-	if l.req.lim == nil && l.tok.lim == nil {
+	if !l.req.on && !l.tok.on {
 		return st
 	}
 	own := l.gate.state(now, len(l.waiting), l.queued)
-	if l.req.lim != nil && own.RemainingRequests < st.RemainingRequests {
+	if l.req.on && own.RemainingRequests < st.RemainingRequests {
 		st.LimitRequests, st.RemainingRequests, st.ResetRequests = own.LimitRequests, own.RemainingRequests, own.ResetRequests
 	}
-	if l.tok.lim != nil && own.RemainingTokens < st.RemainingTokens {
+	if l.tok.on && own.RemainingTokens < st.RemainingTokens {
 		st.LimitTokens, st.RemainingTokens, st.ResetTokens = own.LimitTokens, own.RemainingTokens, own.ResetTokens
 	}
 	return st
