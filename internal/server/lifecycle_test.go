@@ -46,6 +46,13 @@ func llproxyBinary(t *testing.T) string {
 	return binPath
 }
 
+// mockServerCmd is a backend's "cmd", as JSON: the built llproxy serving
+// the mock upstream on addr, with extra flags.
+func mockServerCmd(bin, addr string, extra ...string) string {
+	args, _ := json.Marshal(append([]string{bin, "mock-server", "-listen", addr}, extra...))
+	return string(args)
+}
+
 func port(t *testing.T) string {
 	p, lns := porttest.Listen(t, 1)
 	lns[0].Close()
@@ -90,10 +97,7 @@ func ask(t *testing.T, g *gateway, path, body string) (int, string) {
 func TestLifecycleOnDemandSwapKeepAliveAndUnload(t *testing.T) {
 	bin := llproxyBinary(t)
 	pa, pb := port(t), port(t)
-	cmd := func(addr string, extra ...string) string {
-		args, _ := json.Marshal(append([]string{bin, "mock-server", "-listen", addr}, extra...))
-		return string(args)
-	}
+	cmd := func(addr string, extra ...string) string { return mockServerCmd(bin, addr, extra...) }
 	g := newGateway(t, `{"routes": {"local": {"backends": [
 	    {"name": "a", "url": "http://`+pa+`", "cmd": `+cmd(pa, "-chunks", "20", "-chunk-delay", "25ms")+`, "models": ["a-model"], "group": "gpu", "unloadAfter": "1h"},
 	    {"name": "b", "url": "http://`+pb+`", "cmd": `+cmd(pb)+`, "models": ["b-model"], "group": "gpu", "unloadAfter": "1h"},

@@ -66,7 +66,7 @@ func (g ollamaGateway) ServeChat(w http.ResponseWriter, r *http.Request, model s
 // waiting or in flight for is refused: that is the admin's (POST /unload).
 
 func (g ollamaGateway) Load(r *http.Request, model string, keepAlive *time.Duration) error {
-	rt, _, err := g.lifecycleCall(r, model)
+	rt, who, err := g.lifecycleCall(r, model)
 	if err != nil || rt.Fleet() == nil {
 		return err
 	}
@@ -74,7 +74,7 @@ func (g ollamaGateway) Load(r *http.Request, model string, keepAlive *time.Durat
 	if err := rt.Fleet().Load(r.Context(), model, keepAlive, admin); err != nil {
 		return err
 	}
-	g.s.log.Info("ollama load", "model", model, "route", rt.Name(), "client", g.clientName(r), "admin", admin)
+	g.s.log.Info("ollama load", "model", model, "route", rt.Name(), "client", who.Name, "admin", admin)
 	return nil
 }
 
@@ -117,13 +117,6 @@ func (g ollamaGateway) lifecycleCall(r *http.Request, model string) (*route.Rout
 			" may not use llproxy route " + rt.Name() + ", which serves model '" + model + "'"}
 	}
 	return rt, who, nil
-}
-
-func (g ollamaGateway) clientName(r *http.Request) string {
-	if who, ok := g.s.dir.Identify(requestKey(r)); ok {
-		return who.Name
-	}
-	return ""
 }
 
 func (g ollamaGateway) Running() []ollama.Loaded {

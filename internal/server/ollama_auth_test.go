@@ -19,7 +19,7 @@ import (
 func TestOllamaLoadAndUnloadAreTheClientsToAsk(t *testing.T) {
 	bin := llproxyBinary(t)
 	pa := port(t)
-	cmd, _ := json.Marshal([]string{bin, "mock-server", "-listen", pa, "-chunks", "40", "-chunk-delay", "25ms"})
+	cmd := mockServerCmd(bin, pa, "-chunks", "40", "-chunk-delay", "25ms")
 	g := newGateway(t, `{
 	  "adminKeys": ["admin-key"],
 	  "clients": {
@@ -28,7 +28,7 @@ func TestOllamaLoadAndUnloadAreTheClientsToAsk(t *testing.T) {
 	    "other": {"keys": ["other-key"]}},
 	  "routes": {
 	    "demo": {"provider": "mock", "models": {"*": {"rpm": 100, "tpm": 100000, "maxQueueSize": 5, "maxQueueWait": 5}}},
-	    "local": {"backends": [{"name": "a", "url": "http://`+pa+`", "cmd": `+string(cmd)+`, "models": ["a-model"], "unloadAfter": "10m"}],
+	    "local": {"backends": [{"name": "a", "url": "http://`+pa+`", "cmd": `+cmd+`, "models": ["a-model"], "unloadAfter": "10m"}],
 	      `+fleetModels+`}}}`, "", nil)
 	call := func(key, path, body string) (int, string) {
 		req, _ := http.NewRequest(http.MethodPost, g.URL+path, strings.NewReader(body))

@@ -26,7 +26,7 @@ func TestReloadHandsAFleetsServersOver(t *testing.T) {
 	dir := t.TempDir()
 	cfgPath := filepath.Join(dir, "config.json")
 	write := func(interval string, extra ...string) {
-		args, _ := json.Marshal(append([]string{bin, "mock-server", "-listen", pa, "-chunks", "40", "-chunk-delay", "25ms"}, extra...))
+		args := mockServerCmd(bin, pa, append([]string{"-chunks", "40", "-chunk-delay", "25ms"}, extra...)...)
 		require.NoError(t, os.WriteFile(cfgPath, []byte(fmt.Sprintf(`{"routes": {"local": {
 		  "healthCheck": {"interval": %q},
 		  "backends": [{"name": "a", "url": "http://%s", "cmd": %s, "models": ["a-model"], "group": "gpu", "unloadAfter": "1h"}],

@@ -2,7 +2,6 @@ package server
 
 import (
 	"bufio"
-	"encoding/json"
 	"io"
 	"net/http"
 	"os"
@@ -26,11 +25,11 @@ func TestStatusPageInABrowser(t *testing.T) {
 	}
 	bin := llproxyBinary(t)
 	pa := port(t)
-	cmdJSON, _ := json.Marshal([]string{bin, "mock-server", "-listen", pa})
+	cmdJSON := mockServerCmd(bin, pa)
 	g := newGateway(t, `{"adminKeys": ["admin-key"], "routes": {
 	  "slow": {"provider": "mock", "mock": {"latency": "400ms", "models": ["slow-model"]},
 	    "models": {"slow-model": {"rpm": 1000, "tpm": 1000000, "maxQueueSize": 50, "maxQueueWait": 30, "maxConcurrent": 1}}},
-	  "local": {"backends": [{"name": "a", "url": "http://`+pa+`", "cmd": `+string(cmdJSON)+`, "models": ["a-model"], "unloadAfter": "1h"}],
+	  "local": {"backends": [{"name": "a", "url": "http://`+pa+`", "cmd": `+cmdJSON+`, "models": ["a-model"], "unloadAfter": "1h"}],
 	    `+fleetModels+`}}}`, "", nil)
 	// The managed backend runs (it starts on demand).
 	status, _ := ask(t, g, "/local/v1/chat/completions", `{"model":"a-model","messages":[{"role":"user","content":"hi"}]}`)

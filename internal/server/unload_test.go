@@ -1,7 +1,6 @@
 package server
 
 import (
-	"encoding/json"
 	"io"
 	"net/http"
 	"strings"
@@ -18,10 +17,7 @@ import (
 func TestUnloadTellsIdleFromBusy(t *testing.T) {
 	bin := llproxyBinary(t)
 	pa, pb := port(t), port(t)
-	cmd := func(addr string, extra ...string) string {
-		args, _ := json.Marshal(append([]string{bin, "mock-server", "-listen", addr}, extra...))
-		return string(args)
-	}
+	cmd := func(addr string, extra ...string) string { return mockServerCmd(bin, addr, extra...) }
 	g := newGateway(t, `{"routes": {"local": {"backends": [
 	    {"name": "busy-srv", "url": "http://`+pa+`", "cmd": `+cmd(pa, "-chunks", "40", "-chunk-delay", "25ms")+`, "models": ["busy-model"]},
 	    {"name": "idle-srv", "url": "http://`+pb+`", "cmd": `+cmd(pb)+`, "models": ["idle-model"]}],
