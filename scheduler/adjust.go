@@ -10,13 +10,6 @@ import (
 // the queue to wait. Each changes the buckets, so each drops the cached
 // prediction and lets the queue's head be reconsidered.
 
-// Upstream is what an upstream reported about its own limits in response
-// headers. A false Has field means that value was not reported.
-type Upstream struct {
-	RemainingRequests, RemainingTokens       int
-	HasRemainingRequests, HasRemainingTokens bool
-}
-
 // observeNoise is the discrepancy Observe ignores: upstreams report whole
 // numbers, truncated, so one unit of difference is rounding, not spending.
 const observeNoise = 1
@@ -60,36 +53,31 @@ func (a *Admission) Observe(now time.Time, u Upstream) bool {
 		return false
 	}
 	a.observed = true
-	mark := a.Mark
-	if a.unsent {
-		// The upstream refused it, so never counted it: compare with the
-		// buckets as they were before it paid.
-		mark.Requests++
-		mark.Tokens += float64(a.cost)
-	}
+	mark := &a.Mark
 	// What the requests admitted after this one paid: all of it may have
 	// been counted first (the level is lowered only beyond it); what those
 	// answered before it paid, most likely counted first (the drain
 	// estimate).
-	aheadReq, aheadTok := q.answeredAhead(a)
-	afterReq, afterTok := q.paidReq-mark.PaidRequests, q.paidTok-mark.PaidTokens
+	ahead := q.answeredAhead(a)
 	q.recordAnswer(a, now)
 	var lowered float64
 	changed := false
-	if u.HasRemainingRequests {
-		d := mark.Requests - float64(u.RemainingRequests)
-		n, dr, c := q.req.observe(now, d-(q.loweredReq-mark.LoweredRequests)-afterReq,
-			d-(q.drainedReq-mark.DrainedRequests)-aheadReq)
-		q.loweredReq += n
-		q.drainedReq += dr
-		lowered, changed = lowered+n, changed || c
-	}
-	if u.HasRemainingTokens {
-		d := mark.Tokens - float64(u.RemainingTokens)
-		n, dr, c := q.tok.observe(now, d-(q.loweredTok-mark.LoweredTokens)-afterTok,
-			d-(q.drainedTok-mark.DrainedTokens)-aheadTok)
-		q.loweredTok += n
-		q.drainedTok += dr
+	for r := range q.b {
+		if !u.Reported[r] || !q.b[r].on {
+			continue
+		}
+		level := mark.Level[r]
+		if a.unsent {
+			// The upstream refused it, so never counted it: compare with
+			// the bucket as it was before it paid.
+			level += float64(a.cost[r])
+		}
+		d := level - float64(u.Remaining[r])
+		after := q.paid[r] - mark.Paid[r]
+		n, dr, c := q.b[r].observe(now, d-(q.lowered[r]-mark.Lowered[r])-after,
+			d-(q.drained[r]-mark.Drained[r])-ahead[r])
+		q.lowered[r] += n
+		q.drained[r] += dr
 		lowered, changed = lowered+n, changed || c
 	}
 	if lowered > 0 || changed {
@@ -101,9 +89,9 @@ func (a *Admission) Observe(now time.Time, u Upstream) bool {
 // answer is one observed response: which admission, when, and what the
 // upstream counted for it.
 type answer struct {
-	seq      uint64
-	at       time.Time
-	req, tok float64
+	seq  uint64
+	at   time.Time
+	paid Vector
 }
 
 // answerLog is how many recent answers a queue keeps to tell which requests
@@ -115,7 +103,7 @@ const answerLog = 128
 // so these are the ones it may have counted before a. When the log no
 // longer reaches back to a's admission, everything paid since is taken,
 // which never lowers a bucket wrongly. q.mu is held.
-func (q *Queue) answeredAhead(a *Admission) (req, tok float64) {
+func (q *Queue) answeredAhead(a *Admission) (ahead [NumBuckets]float64) {
 	n := len(q.answers)
 	for i := range n {
 		j := n - 1 - i // newest first
@@ -124,24 +112,28 @@ func (q *Queue) answeredAhead(a *Admission) (req, tok float64) {
 		}
 		e := &q.answers[j]
 		if e.at.Before(a.start) {
-			return req, tok
+			return ahead
 		}
 		if e.seq > a.seq {
-			req += e.req
-			tok += e.tok
+			for r, p := range e.paid {
+				ahead[r] += float64(p)
+			}
 		}
 	}
 	if n < answerLog {
-		return req, tok // the whole history: complete
+		return ahead // the whole history: complete
 	}
-	return q.paidReq - a.Mark.PaidRequests, q.paidTok - a.Mark.PaidTokens
+	for r := range ahead {
+		ahead[r] = q.paid[r] - a.Mark.Paid[r]
+	}
+	return ahead
 }
 
 // recordAnswer logs a's answer. q.mu is held.
 func (q *Queue) recordAnswer(a *Admission, now time.Time) {
-	e := answer{seq: a.seq, at: now, req: 1, tok: float64(a.cost)}
+	e := answer{seq: a.seq, at: now, paid: a.cost}
 	if a.unsent {
-		e.req, e.tok = 0, 0 // refused: the upstream counted nothing
+		e.paid = Vector{} // refused: the upstream counted nothing
 	}
 	if len(q.answers) < answerLog {
 		q.answers = append(q.answers, e)
@@ -211,7 +203,7 @@ func (q *Queue) requeue(now time.Time, cost Cost, deadline time.Time, into *Admi
 		tail := q.probe(now, l, cost)
 		return nil, nil, q.reject(now, ErrWaitTooLong, tail, l, cost, tail.at.Sub(now))
 	}
-	if q.admitsNow(now, l, cost.Tokens) {
+	if q.admitsNow(now, l, &cost.Amount) {
 		return nil, q.pay(now, l, cost, 0, into), nil
 	}
 	// At the head of its lane: the lane's waiters shift back one.

@@ -30,29 +30,26 @@ type Admission struct {
 	lane  *lane
 	epoch uint64 // the queue's tag epoch it was admitted in
 	start time.Time
-	cost  int
+	cost  Vector
 	seq   uint64 // admission order
 	// Guarded by q.mu.
-	tokens   int  // tokens it holds in the buckets: its cost, then its settled usage
-	running  bool // not yet released
-	slot     bool // holds one of the model's concurrency slots
-	laneSlot bool // holds one of its client's
-	unsent   bool // given back whole
-	pending  bool // not yet confirmed by the shared store (see ConfirmAdmissions)
+	held     Vector // what it holds in the buckets: its cost, then its settled usage
+	running  bool   // not yet released
+	slot     bool   // holds one of the model's concurrency slots
+	laneSlot bool   // holds one of its client's
+	unsent   bool   // given back whole
+	pending  bool   // not yet confirmed by the shared store (see ConfirmAdmissions)
 	settled  bool
 	observed bool
 }
 
-// Mark is a snapshot of a queue's buckets taken when a request paid: their
-// levels, how much Observe had lowered them in all, and how much the
-// gateway had paid in all, so far. Comparing it with what the upstream
-// reports it had left when it received the same request tells what someone
-// else spent in between.
+// Mark is a snapshot of a queue's buckets taken when a request paid, per
+// resource: their levels, how much Observe had lowered them and taken as
+// others' drain in all, and how much the gateway had paid in all, so far.
+// Comparing it with what the upstream reports it had left when it
+// received the same request tells what someone else spent in between.
 type Mark struct {
-	Requests, Tokens               float64
-	LoweredRequests, LoweredTokens float64
-	DrainedRequests, DrainedTokens float64
-	PaidRequests, PaidTokens       float64
+	Level, Lowered, Drained, Paid [NumBuckets]float64
 }
 
 // Release ends the request's hold once its response has completed
@@ -122,21 +119,20 @@ func (q *Queue) unsend(now time.Time, a *Admission) {
 	}
 	q.settlePending(a)
 	a.unsent = true
-	q.req.give(now, 1)
-	q.tok.give(now, a.tokens)
-	a.lane.req.give(now, 1)
-	a.lane.tok.give(now, a.tokens)
-	a.tokens = 0
+	q.give(now, &a.held)
+	a.lane.give(now, &a.held)
+	a.held = Vector{}
 	q.stop(a)
-	q.refund(a.lane, a.cost, a.epoch)
+	q.refund(a.lane, a.cost.weight(), a.epoch)
 }
 
-// Settle corrects the token bucket once the request's real usage is known:
-// actual is what the upstream reports it used. Tokens reserved and not used
-// go back (the head may be admitted sooner); an overrun is charged,
-// possibly leaving the bucket in debt that refill repays before anything
-// else is admitted. It takes effect once, and not after Unsend.
-func (a *Admission) Settle(now time.Time, actual int) {
+// Settle corrects the buckets once the request's real usage is known:
+// used is what the upstream reports it used, per resource (its request
+// included, as it was reserved). What was reserved and not used goes back
+// (the head may be admitted sooner); an overrun is charged, possibly
+// leaving a bucket in debt that refill repays before anything else is
+// admitted. It takes effect once, and not after Unsend.
+func (a *Admission) Settle(now time.Time, used Vector) {
 	if a == nil || a.q == nil {
 		return
 	}
@@ -147,17 +143,23 @@ func (a *Admission) Settle(now time.Time, actual int) {
 		return
 	}
 	a.settled = true
-	actual = max(0, actual)
-	if actual == a.tokens {
-		return
+	changed := false
+	for r, n := range used {
+		n = max(0, n)
+		d := n - a.held[r]
+		if d == 0 {
+			continue
+		}
+		if d < 0 {
+			q.b[r].give(now, -d)
+			a.lane.b[r].give(now, -d)
+		} else {
+			q.b[r].charge(now, d)
+			a.lane.b[r].charge(now, d)
+		}
+		a.held[r], changed = n, true
 	}
-	if actual < a.tokens {
-		q.tok.give(now, a.tokens-actual)
-		a.lane.tok.give(now, a.tokens-actual)
-	} else {
-		q.tok.charge(now, actual-a.tokens)
-		a.lane.tok.charge(now, actual-a.tokens)
+	if changed {
+		q.changed(now)
 	}
-	a.tokens = actual
-	q.changed(now)
 }

@@ -18,7 +18,7 @@ func BenchmarkAcquire(b *testing.B) {
 		b.ReportAllocs()
 		b.RunParallel(func(pb *testing.PB) {
 			for pb.Next() {
-				if _, err := q.Acquire(ctx, Cost{Tokens: 500}); err != nil {
+				if _, err := q.Acquire(ctx, Cost{Amount: Request(500, 0)}); err != nil {
 					b.Fatal(err)
 				}
 			}
@@ -30,7 +30,7 @@ func BenchmarkAcquire(b *testing.B) {
 		b.RunParallel(func(pb *testing.PB) {
 			q := NewQueue("m", big) // each goroutine its own model's queue
 			for pb.Next() {
-				if _, err := q.Acquire(ctx, Cost{Tokens: 500}); err != nil {
+				if _, err := q.Acquire(ctx, Cost{Amount: Request(500, 0)}); err != nil {
 					b.Fatal(err)
 				}
 			}
@@ -39,10 +39,10 @@ func BenchmarkAcquire(b *testing.B) {
 	b.Run("reject predicted", func(b *testing.B) {
 		q := NewQueue("m", Config{MaxQueueSize: 100, MaxQueueWait: 0, RPM: 60, TPM: 1000})
 		ctx := context.Background()
-		q.Acquire(ctx, Cost{Tokens: 1000})
+		q.Acquire(ctx, Cost{Amount: Request(1000, 0)})
 		b.ReportAllocs()
 		for b.Loop() {
-			if _, err := q.Acquire(ctx, Cost{Tokens: 500}); err == nil {
+			if _, err := q.Acquire(ctx, Cost{Amount: Request(500, 0)}); err == nil {
 				b.Fatal("admitted")
 			}
 		}
@@ -58,22 +58,22 @@ func BenchmarkSettle(b *testing.B) {
 	b.Run("settle", func(b *testing.B) {
 		b.ReportAllocs()
 		for b.Loop() {
-			adm, _ := q.Acquire(ctx, Cost{Tokens: 1000})
-			adm.Settle(time.Now(), 300)
+			adm, _ := q.Acquire(ctx, Cost{Amount: Request(1000, 0)})
+			adm.Settle(time.Now(), Request(300, 0))
 		}
 	})
 	b.Run("acquire only", func(b *testing.B) {
 		b.ReportAllocs()
 		for b.Loop() {
-			q.Acquire(ctx, Cost{Tokens: 1000})
+			q.Acquire(ctx, Cost{Amount: Request(1000, 0)})
 		}
 	})
 	b.Run("observe", func(b *testing.B) {
 		b.ReportAllocs()
 		for b.Loop() {
-			adm, _ := q.Acquire(ctx, Cost{Tokens: 1000})
-			adm.Observe(time.Now(), Upstream{RemainingTokens: 1 << 40, HasRemainingTokens: true,
-				RemainingRequests: 1 << 30, HasRemainingRequests: true})
+			adm, _ := q.Acquire(ctx, Cost{Amount: Request(1000, 0)})
+			adm.Observe(time.Now(), Upstream{Remaining: Vector{Requests: 1 << 30, Tokens: 1 << 40},
+				Reported: [NumBuckets]bool{Requests: true, Tokens: true}})
 		}
 	})
 }
@@ -98,7 +98,7 @@ func BenchmarkFairShare(b *testing.B) {
 			b.ReportAllocs()
 			i := 0
 			for b.Loop() {
-				if _, err := q.AcquireInto(ctx, Cost{Tokens: 500, Client: i % n}, &adm); err != nil {
+				if _, err := q.AcquireInto(ctx, Cost{Amount: Request(500, 0), Client: i % n}, &adm); err != nil {
 					b.Fatal(err)
 				}
 				adm.Release(time.Now())
@@ -112,8 +112,8 @@ func BenchmarkFairShare(b *testing.B) {
 			i := 0
 			for b.Loop() {
 				// One arrival, then exactly one admission's worth of tokens.
-				q.push(now, q.lanes[i%n], Cost{Tokens: 100, Client: i % n}).ready = make(chan struct{})
-				q.tok.give(now, 100)
+				q.push(now, q.lanes[i%n], Cost{Amount: Request(100, 0), Client: i % n}).ready = make(chan struct{})
+				q.b[Tokens].give(now, 100)
 				before := q.depth
 				q.dispatch(now)
 				if q.depth != before-1 {
@@ -129,7 +129,7 @@ func BenchmarkFairShare(b *testing.B) {
 			b.ReportAllocs()
 			i := 0
 			for b.Loop() {
-				q.probe(now, q.lanes[i%n], Cost{Tokens: 100, Client: i % n})
+				q.probe(now, q.lanes[i%n], Cost{Amount: Request(100, 0), Client: i % n})
 				i++
 			}
 		})
@@ -143,10 +143,10 @@ func backlogged(clients []Client) (*Queue, time.Time) {
 	slow := Config{MaxQueueSize: 1 << 20, MaxQueueWait: Duration(time.Hour), RPM: 1 << 30, TPM: 6000}
 	q := NewQueue("m", slow, clients...)
 	now := time.Now()
-	q.tok.take(now, 6000)
+	q.b[Tokens].take(now, 6000)
 	q.mu.Lock()
 	for i := range 10 * n {
-		q.push(now, q.lanes[i%n], Cost{Tokens: 100, Client: i % n}).ready = make(chan struct{})
+		q.push(now, q.lanes[i%n], Cost{Amount: Request(100, 0), Client: i % n}).ready = make(chan struct{})
 	}
 	return q, now
 }

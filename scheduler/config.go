@@ -36,8 +36,14 @@ type Config struct {
 	MaxQueueWait Duration `json:"maxQueueWait"`
 	// RPM is the request bucket: capacity RPM, refilled at RPM per minute.
 	RPM int `json:"rpm"`
-	// TPM is the token bucket: capacity TPM, refilled at TPM per minute.
+	// TPM is the token bucket, input and output together: capacity TPM,
+	// refilled at TPM per minute.
 	TPM int `json:"tpm"`
+	// ITPM and OTPM are input and output tokens as buckets of their own
+	// (a provider that limits them apart). A model has at least one token
+	// bucket; 0 means none of that kind.
+	ITPM int `json:"itpm,omitempty"`
+	OTPM int `json:"otpm,omitempty"`
 	// MaxConcurrent is how many admitted requests may be in flight at once
 	// (a local server's parallel slots); a request holds its slot until
 	// Release. 0 means no limit.
@@ -57,14 +63,28 @@ func (c Config) Validate() error {
 	if c.RPM <= 0 {
 		errs = append(errs, fmt.Errorf("rpm: must be > 0, got %d", c.RPM))
 	}
-	if c.TPM <= 0 {
+	switch {
+	case c.TPM < 0:
 		errs = append(errs, fmt.Errorf("tpm: must be > 0, got %d", c.TPM))
+	case c.TPM == 0 && c.ITPM <= 0 && c.OTPM <= 0:
+		errs = append(errs, fmt.Errorf("tpm: must be > 0, got %d", c.TPM))
+	}
+	for _, f := range [...]struct {
+		name string
+		v    int
+	}{{"itpm", c.ITPM}, {"otpm", c.OTPM}} {
+		if f.v < 0 {
+			errs = append(errs, fmt.Errorf("%s: must be >= 0, got %d", f.name, f.v))
+		}
 	}
 	if c.MaxConcurrent < 0 {
 		errs = append(errs, fmt.Errorf("maxConcurrent: must be >= 0, got %d", c.MaxConcurrent))
 	}
 	return errors.Join(errs...)
 }
+
+// Limits are the model's buckets' limits per minute, by resource.
+func (c Config) Limits() Vector { return Vector{c.RPM, c.TPM, c.ITPM, c.OTPM} }
 
 // Duration is a time.Duration that reads from JSON as a number of seconds
 // (30, 1.5) or a Go duration string ("1500ms", "2m").
@@ -114,7 +134,7 @@ const MaxWeight = 1000
 
 // Client is one client of a queue: its name, its share of the queue's
 // buckets against the other clients waiting at the same time, and its own
-// limits for the queue's model. Zero RPM, TPM or MaxConcurrent mean no
+// limits for the queue's model. Zero RPM, TPM, ITPM, OTPM or MaxConcurrent mean no
 // limit of its own; MaxQueueSize and MaxQueueWait are its own values (see
 // Config.Client for the model's).
 type Client struct {
@@ -122,6 +142,7 @@ type Client struct {
 	// Weight is the client's share (1 to MaxWeight).
 	Weight        int
 	RPM, TPM      int
+	ITPM, OTPM    int
 	MaxConcurrent int
 	MaxQueueSize  int
 	MaxQueueWait  Duration
@@ -143,7 +164,8 @@ func (c Client) Validate() error {
 	for _, f := range []struct {
 		name string
 		v    int
-	}{{"rpm", c.RPM}, {"tpm", c.TPM}, {"maxConcurrent", c.MaxConcurrent}, {"maxQueueSize", c.MaxQueueSize}} {
+	}{{"rpm", c.RPM}, {"tpm", c.TPM}, {"itpm", c.ITPM}, {"otpm", c.OTPM},
+		{"maxConcurrent", c.MaxConcurrent}, {"maxQueueSize", c.MaxQueueSize}} {
 		if f.v < 0 {
 			errs = append(errs, fmt.Errorf("%s: must be >= 0, got %d", f.name, f.v))
 		}
@@ -153,3 +175,7 @@ func (c Client) Validate() error {
 	}
 	return errors.Join(errs...)
 }
+
+// Limits are the client's own buckets' limits per minute, by resource
+// (0: none of its own).
+func (c Client) Limits() Vector { return Vector{c.RPM, c.TPM, c.ITPM, c.OTPM} }

@@ -20,27 +20,6 @@ var (
 	ErrUnknownClient = errors.New("scheduler: no such client in the queue")
 )
 
-// Resource names a bucket.
-type Resource uint8
-
-// The resources a request waits for: the two buckets, and the
-// concurrency slots of a queue with MaxConcurrent.
-const (
-	Requests Resource = iota
-	Tokens
-	Slots
-)
-
-func (r Resource) String() string {
-	switch r {
-	case Tokens:
-		return "tokens"
-	case Slots:
-		return "slots"
-	}
-	return "requests"
-}
-
 // RejectError is a request turned away before it waited: the queue was
 // full, the predicted wait too long, or the request larger than a bucket.
 // It carries what an OpenAI-shaped 429 needs.

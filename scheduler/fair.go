@@ -33,16 +33,16 @@ type lane struct {
 	Client
 	gate    // the client's own limits for the queue's model
 	waiting []*waiter
-	queued  int    // tokens waiting
+	queued  Vector // what its waiters will pay
 	epoch   uint64 // the queue's epoch cur.finish belongs to
 	cur     cursor // its place in the queue's backlog
 	running int    // admitted and not yet released
-	pendReq int    // admitted and pending the shared store's word
-	pendTok int
+	pendN   int    // admitted and pending the shared store's word
+	pend    Vector // what those paid
 }
 
 // free reports whether the lane has no limits of its own.
-func (l *lane) free() bool { return !l.req.on && !l.tok.on && l.maxConcurrent == 0 }
+func (l *lane) free() bool { return !l.limited() && l.maxConcurrent == 0 }
 
 // cursor is a lane's place in a backlog heap: the queue's own (i is 0) or
 // a prediction's scratch copy.
@@ -114,7 +114,7 @@ func (q *Queue) next(s sim, h *cursors, live bool) choice {
 	if top := (*h)[0]; !live && top.l.free() {
 		// The lowest tag has no limits of its own: its turn, whatever the
 		// others' own gates say.
-		d, binding := q.ready(s, top.head().cost.Tokens)
+		d, binding := q.ready(s, &top.head().cost.Amount)
 		return choice{c: top, at: T.Add(d), binding: binding}
 	}
 	best := choice{}
@@ -130,16 +130,16 @@ func (q *Queue) next(s sim, h *cursors, live bool) choice {
 		if live {
 			de, be = never, Slots
 			if c.l.slotFree() {
-				de, be = c.l.bucketWait(T, w.cost.Tokens), Tokens
+				de, be = c.l.bucketWait(T, &w.cost.Amount)
 			}
 			dm, bm = never, Slots
 			if q.slotFree() {
-				dm, bm = q.bucketWait(T, w.cost.Tokens), Tokens
+				dm, bm = q.bucketWait(T, &w.cost.Amount)
 			}
 		} else {
 			c.own = c.l.advance(c.own, T)
-			de, be = c.l.ready(c.own, w.cost.Tokens)
-			dm, bm = q.ready(s, w.cost.Tokens)
+			de, be = c.l.ready(c.own, &w.cost.Amount)
+			dm, bm = q.ready(s, &w.cost.Amount)
 		}
 		wait, binding, own := dm, bm, false
 		if de > dm {
@@ -185,13 +185,13 @@ func (q *Queue) predictUntil(now time.Time, r *waiter, horizon time.Time) choice
 		if !t.ok || t.lane != l || n < 2 || l.waiting[n-2] != t.last {
 			*t = replay{model: q.headAt(now), own: l.at(now, q.service), lane: l}
 			for _, w := range l.waiting[:len(l.waiting)-1] {
-				t.model, t.own, _ = q.seqStep(l, t.model, t.own, w.cost.Tokens)
+				t.model, t.own, _ = q.seqStep(l, t.model, t.own, &w.cost.Amount)
 			}
 		} else {
 			t.model = q.advance(t.model, now)
 		}
 		var ch choice
-		t.model, t.own, ch = q.seqStep(l, t.model, t.own, r.cost.Tokens)
+		t.model, t.own, ch = q.seqStep(l, t.model, t.own, &r.cost.Amount)
 		t.ok, t.last = true, r
 		return ch
 	}
@@ -216,12 +216,12 @@ func (q *Queue) predictUntil(now time.Time, r *waiter, horizon time.Time) choice
 		ch = q.next(s, &h, false)
 		c := ch.c
 		w := c.head()
-		s = q.gate.pass(s, w.cost.Tokens, ch.at, q.service)
+		s = q.gate.pass(s, &w.cost.Amount, ch.at, q.service)
 		if !c.l.free() {
-			c.own = c.l.pass(c.own, w.cost.Tokens, ch.at, q.service)
+			c.own = c.l.pass(c.own, &w.cost.Amount, ch.at, q.service)
 		}
 		start := max(v, c.finish)
-		c.finish, v = start+tagCost(w.cost.Tokens, c.l.Weight), start
+		c.finish, v = start+tagCost(w.cost.Amount.weight(), c.l.Weight), start
 		if w == r || (!horizon.IsZero() && ch.at.After(horizon)) {
 			break
 		}
@@ -246,18 +246,18 @@ type replay struct {
 	ok         bool // false after anything that changes it
 }
 
-// seqStep admits a request of tokens from lane l after model state s and
+// seqStep admits a request of cost v from lane l after model state s and
 // lane state own, when both gates can pay: one step of a lane alone.
-func (q *Queue) seqStep(l *lane, s, own sim, tokens int) (sim, sim, choice) {
+func (q *Queue) seqStep(l *lane, s, own sim, v *Vector) (sim, sim, choice) {
 	own = l.advance(own, s.at)
-	dm, bm := q.ready(s, tokens)
-	de, be := l.ready(own, tokens)
+	dm, bm := q.ready(s, v)
+	de, be := l.ready(own, v)
 	ch := choice{binding: bm}
 	if de > dm {
 		dm, ch.binding, ch.own = de, be, true
 	}
 	ch.at = s.at.Add(dm)
-	return q.gate.pass(s, tokens, ch.at, q.service), l.pass(own, tokens, ch.at, q.service), ch
+	return q.gate.pass(s, v, ch.at, q.service), l.pass(own, v, ch.at, q.service), ch
 }
 
 // join puts lane l, which has just got its first waiter, in the backlog.

@@ -20,7 +20,7 @@ func flood(ctx context.Context, q *Queue, client, n int, cost func() int, mu *sy
 		go func() {
 			for ctx.Err() == nil {
 				c := cost()
-				adm, err := q.Acquire(ctx, Cost{Tokens: c, Client: client})
+				adm, err := q.Acquire(ctx, Cost{Amount: Request(c, 0), Client: client})
 				if err != nil {
 					if ctx.Err() == nil {
 						panic(err)
@@ -80,7 +80,7 @@ func TestSmallClientIsNotStarvedByABacklog(t *testing.T) {
 		ctx, cancel := context.WithCancel(context.Background())
 		defer cancel()
 		for range 1000 {
-			go q.Acquire(ctx, Cost{Tokens: aCost, Client: 0})
+			go q.Acquire(ctx, Cost{Amount: Request(aCost, 0), Client: 0})
 		}
 		synctest.Wait()
 		perSec := float64(tpm) / 60
@@ -88,7 +88,7 @@ func TestSmallClientIsNotStarvedByABacklog(t *testing.T) {
 		for i := range 30 {
 			time.Sleep(10 * time.Second)
 			start := time.Now()
-			adm, err := q.Acquire(ctx, Cost{Tokens: bCost, Client: 1})
+			adm, err := q.Acquire(ctx, Cost{Amount: Request(bCost, 0), Client: 1})
 			require.NoError(t, err, "request %d", i)
 			assert.LessOrEqual(t, time.Since(start), bound, "request %d", i)
 			assert.Equal(t, time.Since(start), adm.Wait)
@@ -109,11 +109,11 @@ func TestCancelledRequestsGiveTheirShareBack(t *testing.T) {
 		outB := make(chan result, 10)
 		for i := range 10 {
 			go func() {
-				adm, err := q.Acquire(context.Background(), Cost{Tokens: 100, Client: 0})
+				adm, err := q.Acquire(context.Background(), Cost{Amount: Request(100, 0), Client: 0})
 				outA <- result{id: i, at: time.Since(start), adm: adm, err: err}
 			}()
 			go func() {
-				adm, err := q.Acquire(ctxB, Cost{Tokens: 100, Client: 1})
+				adm, err := q.Acquire(ctxB, Cost{Amount: Request(100, 0), Client: 1})
 				outB <- result{id: i, at: time.Since(start), adm: adm, err: err}
 			}()
 			synctest.Wait()
@@ -147,12 +147,12 @@ func TestClientLimits(t *testing.T) {
 			batch := batch
 			batch.MaxQueueWait = Duration(30 * time.Second)
 			q := NewQueue("m", c, batch, c.Client("search", 1))
-			_, err := q.Acquire(context.Background(), Cost{Tokens: 6000, Client: 0})
+			_, err := q.Acquire(context.Background(), Cost{Amount: Request(6000, 0), Client: 0})
 			require.NoError(t, err)
-			_, err = q.Acquire(context.Background(), Cost{Tokens: 6000, Client: 1})
+			_, err = q.Acquire(context.Background(), Cost{Amount: Request(6000, 0), Client: 1})
 			require.NoError(t, err, "search is not held by batch's limit")
 			// batch's next waits 31 s for its own bucket: over its 30.
-			_, err = q.Acquire(context.Background(), Cost{Tokens: 3100, Client: 0})
+			_, err = q.Acquire(context.Background(), Cost{Amount: Request(3100, 0), Client: 0})
 			var re *RejectError
 			require.ErrorAs(t, err, &re)
 			assert.ErrorIs(t, err, ErrWaitTooLong)
@@ -160,10 +160,10 @@ func TestClientLimits(t *testing.T) {
 			assert.Equal(t, Tokens, re.Resource)
 			assert.Equal(t, 6000, re.Limit)
 			assert.Equal(t, 31*time.Second, re.RetryAfter.Round(time.Millisecond))
-			assert.Equal(t, 6000, re.State.LimitTokens, "the headers are batch's own")
-			assert.Equal(t, 0, re.State.RemainingTokens)
+			assert.Equal(t, 6000, re.State.Limit[Tokens], "the headers are batch's own")
+			assert.Equal(t, 0, re.State.Remaining[Tokens])
 			// Too large for its own bucket: never.
-			_, err = q.Acquire(context.Background(), Cost{Tokens: 7000, Client: 0})
+			_, err = q.Acquire(context.Background(), Cost{Amount: Request(7000, 0), Client: 0})
 			require.ErrorAs(t, err, &re)
 			assert.ErrorIs(t, err, ErrTooLarge)
 			assert.Equal(t, "batch", re.Client)
@@ -179,7 +179,7 @@ func TestClientLimits(t *testing.T) {
 			acquireAsync(context.Background(), q, 3, 3000, start, out) // 60 s
 			for i := range 5 {
 				go func() {
-					adm, err := q.Acquire(context.Background(), Cost{Tokens: 10000, Client: 1})
+					adm, err := q.Acquire(context.Background(), Cost{Amount: Request(10000, 0), Client: 1})
 					out <- result{id: 10 + i, at: time.Since(start), adm: adm, err: err}
 				}()
 			}
@@ -208,13 +208,13 @@ func TestClientLimits(t *testing.T) {
 			ctx, cancel := context.WithCancel(context.Background())
 			defer cancel()
 			for range 5 {
-				go q.Acquire(ctx, Cost{Tokens: 100, Client: 0})
+				go q.Acquire(ctx, Cost{Amount: Request(100, 0), Client: 0})
 			}
 			synctest.Wait()
-			_, err := q.Acquire(ctx, Cost{Tokens: 100, Client: 0})
+			_, err := q.Acquire(ctx, Cost{Amount: Request(100, 0), Client: 0})
 			assert.ErrorIs(t, err, ErrQueueFull, "a's sixth")
 			done := make(chan error, 1)
-			go func() { _, err := q.Acquire(ctx, Cost{Tokens: 100, Client: 1}); done <- err }()
+			go func() { _, err := q.Acquire(ctx, Cost{Amount: Request(100, 0), Client: 1}); done <- err }()
 			synctest.Wait()
 			assert.Empty(t, done, "b waits: a's backlog is not b's")
 			cancel()
@@ -226,13 +226,13 @@ func TestClientLimits(t *testing.T) {
 			one := c.Client("one", 1)
 			one.MaxConcurrent = 1
 			q := NewQueue("m", c, one, c.Client("other", 1))
-			first, err := q.Acquire(context.Background(), Cost{Tokens: 1, Client: 0})
+			first, err := q.Acquire(context.Background(), Cost{Amount: Request(1, 0), Client: 0})
 			require.NoError(t, err)
 			done := make(chan *Admission, 1)
-			go func() { a, _ := q.Acquire(context.Background(), Cost{Tokens: 1, Client: 0}); done <- a }()
+			go func() { a, _ := q.Acquire(context.Background(), Cost{Amount: Request(1, 0), Client: 0}); done <- a }()
 			synctest.Wait()
 			assert.Empty(t, done, "its second waits for its slot")
-			_, err = q.Acquire(context.Background(), Cost{Tokens: 1, Client: 1})
+			_, err = q.Acquire(context.Background(), Cost{Amount: Request(1, 0), Client: 1})
 			require.NoError(t, err, "another client's does not")
 			time.Sleep(time.Second)
 			first.Release(time.Now())
@@ -245,7 +245,7 @@ func TestClientLimits(t *testing.T) {
 	})
 	t.Run("unknown client", func(t *testing.T) {
 		q := NewQueue("m", c)
-		_, err := q.Acquire(context.Background(), Cost{Tokens: 1, Client: 1})
+		_, err := q.Acquire(context.Background(), Cost{Amount: Request(1, 0), Client: 1})
 		assert.ErrorIs(t, err, ErrUnknownClient)
 	})
 }
@@ -292,7 +292,7 @@ func testFairQueueProperties(t *testing.T, seed uint64) {
 			r := &rec{client: client, n: sent[client], tokens: 1 + rng.IntN(3000), arrived: time.Now()}
 			sent[client]++
 			q.mu.Lock()
-			w, adm, err := q.enqueue(r.arrived, Cost{Tokens: r.tokens, Client: client}, nil)
+			w, adm, err := q.enqueue(r.arrived, Cost{Amount: Request(r.tokens, 0), Client: client}, nil)
 			q.mu.Unlock()
 			require.NoError(t, err)
 			mu.Lock()
@@ -384,7 +384,7 @@ func TestNoCreditForTimeAway(t *testing.T) {
 		var mu sync.Mutex
 		var order []int
 		take := func(client int) {
-			adm, err := q.Acquire(ctx, Cost{Tokens: 100, Client: client})
+			adm, err := q.Acquire(ctx, Cost{Amount: Request(100, 0), Client: client})
 			if err == nil {
 				mu.Lock()
 				order = append(order, client)
@@ -431,7 +431,7 @@ func TestUnsendGivesTheTagBack(t *testing.T) {
 		for i := range 4 {
 			for _, client := range []int{0, 1} {
 				go func() {
-					adm, err := q.Acquire(context.Background(), Cost{Tokens: 100, Client: client})
+					adm, err := q.Acquire(context.Background(), Cost{Amount: Request(100, 0), Client: client})
 					if err != nil {
 						return
 					}
@@ -440,7 +440,7 @@ func TestUnsendGivesTheTagBack(t *testing.T) {
 						// and requeued at the head of A's FIFO.
 						now := time.Now()
 						adm.Unsend(now)
-						adm, err = q.Requeue(context.Background(), Cost{Tokens: 100, Client: 0}, now.Add(time.Hour), adm)
+						adm, err = q.Requeue(context.Background(), Cost{Amount: Request(100, 0), Client: 0}, now.Add(time.Hour), adm)
 						if err != nil {
 							return
 						}
@@ -475,10 +475,10 @@ func TestNewcomersWaitIsNotTheFirstClients(t *testing.T) {
 		a := c.Client("a", 1)
 		a.RPM = 1 // a's own limit: one a minute
 		q := NewQueue("m", c, a, c.Client("b", 1))
-		adm, err := q.Acquire(context.Background(), Cost{Tokens: 1, Client: 0})
+		adm, err := q.Acquire(context.Background(), Cost{Amount: Request(1, 0), Client: 0})
 		require.NoError(t, err)
 		adm.Release(time.Now())
-		assert.Equal(t, time.Minute, q.StateFor(time.Now(), 0).ResetRequests, "a waits for its own bucket")
+		assert.Equal(t, time.Minute, q.StateFor(time.Now(), 0).Reset[Requests], "a waits for its own bucket")
 		assert.Zero(t, q.Stats(time.Now()).PredictedWait, "a newcomer does not: the model has room")
 	})
 }
@@ -496,10 +496,10 @@ func deepBacklog(ctx context.Context, n int) *Queue {
 	}
 	q := NewQueue("m", c, clients...)
 	q.mu.Lock()
-	q.tok.take(time.Now(), 6000) // empty: everyone waits
+	q.b[Tokens].take(time.Now(), 6000) // empty: everyone waits
 	q.mu.Unlock()
 	for i := range n {
-		go q.Acquire(ctx, Cost{Tokens: 100, Client: i % 20})
+		go q.Acquire(ctx, Cost{Amount: Request(100, 0), Client: i % 20})
 	}
 	return q
 }

@@ -6,21 +6,20 @@ import (
 	"time"
 )
 
-// A gate is one set of limits a request must pass: a request bucket, a
-// token bucket and, optionally, concurrency slots. A queue has one for its
-// model (the upstream's limits) and one per client (the client's own
-// limits for that model); a request is admitted only when both let it
-// through. A client's gate may have no buckets: a bucket of capacity 0 is
-// no limit.
+// A gate is one set of limits a request must pass: a bucket per resource
+// (one of capacity 0 is no limit) and, optionally, concurrency slots. A
+// queue has one for its model (the upstream's limits) and one per client
+// (the client's own limits for that model); a request is admitted only
+// when both let it through.
 //
-// Concurrency slots are the third resource: a local model server has N
+// Concurrency slots are the last resource: a local model server has N
 // parallel slots, so a request waits until one frees, that is until an
 // admitted request is released when its response completes. When a slot
 // frees cannot be known in advance, so predictions use how long requests
 // have held a slot on average: each in-flight request is expected to
 // finish that long after its admission (or now, if it is already overdue).
 type gate struct {
-	req, tok      bucket
+	b             [NumBuckets]bucket
 	maxConcurrent int
 	inflight      []*Admission // admissions holding one of its slots (maxConcurrent only)
 	// fullConcurrent is the configured maxConcurrent while a share of it is
@@ -28,15 +27,29 @@ type gate struct {
 	fullConcurrent int
 }
 
-func newGate(rpm, tpm, maxConcurrent int) gate {
-	return gate{req: newBucket(rpm), tok: newBucket(tpm), maxConcurrent: maxConcurrent}
+func newGate(limits Vector, maxConcurrent int) gate {
+	g := gate{maxConcurrent: maxConcurrent}
+	for r, n := range limits {
+		g.b[r] = newBucket(n)
+	}
+	return g
+}
+
+// limited reports whether the gate has any bucket.
+func (g *gate) limited() bool {
+	for r := range g.b {
+		if g.b[r].on {
+			return true
+		}
+	}
+	return false
 }
 
 // sim is a predicted gate state: the levels right after a request is
 // admitted at time at.
 type sim struct {
-	at       time.Time
-	req, tok float64
+	at time.Time
+	lv [NumBuckets]float64
 	// slots are the predicted times the concurrency slots free up,
 	// ascending; nil unless the gate has maxConcurrent.
 	slots []time.Time
@@ -47,45 +60,81 @@ func (g *gate) slotFree() bool {
 	return g.maxConcurrent == 0 || len(g.inflight) < g.maxConcurrent
 }
 
-// bucketWait is how long from now until both buckets can pay for cost.
-func (g *gate) bucketWait(now time.Time, tokens int) time.Duration {
-	return max(g.req.waitFrom(g.req.level(now), 1), g.tok.waitFrom(g.tok.level(now), tokens))
+// bucketWait is how long from now until every bucket can pay for v, and
+// the bucket it waits longest for.
+func (g *gate) bucketWait(now time.Time, v *Vector) (time.Duration, Resource) {
+	var lv [NumBuckets]float64
+	for r := range g.b {
+		lv[r] = g.b[r].level(now)
+	}
+	return g.waitFrom(&lv, v)
 }
 
-// canPay reports whether the gate lets a request of tokens through now.
-func (g *gate) canPay(now time.Time, tokens int) bool {
-	return g.slotFree() && g.bucketWait(now, tokens) == 0
+// waitFrom is how long buckets at levels lv need to hold v, and the
+// bucket that binds (the first of the longest).
+func (g *gate) waitFrom(lv *[NumBuckets]float64, v *Vector) (time.Duration, Resource) {
+	var d time.Duration
+	binding := Requests
+	for r := range g.b {
+		if w := g.b[r].waitFrom(lv[r], v[r]); w > d {
+			d, binding = w, Resource(r)
+		}
+	}
+	return d, binding
 }
 
-// take pays a request's cost from both buckets.
-func (g *gate) take(now time.Time, tokens int) {
-	g.req.take(now, 1)
-	g.tok.take(now, tokens)
+// canPay reports whether the gate lets a request of cost v through now.
+func (g *gate) canPay(now time.Time, v *Vector) bool {
+	if !g.slotFree() {
+		return false
+	}
+	for r := range g.b {
+		if g.b[r].waitFrom(g.b[r].level(now), v[r]) > 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// take pays v from the buckets.
+func (g *gate) take(now time.Time, v *Vector) {
+	for r := range g.b {
+		g.b[r].take(now, v[r])
+	}
+}
+
+// give returns v to the buckets (capped at their capacities).
+func (g *gate) give(now time.Time, v *Vector) {
+	for r := range g.b {
+		g.b[r].give(now, v[r])
+	}
 }
 
 // at is the gate's state at now, as a prediction starts from it.
 func (g *gate) at(now time.Time, service time.Duration) sim {
-	return sim{at: now, req: g.req.level(now), tok: g.tok.level(now), slots: g.slotTimes(now, service)}
+	s := sim{at: now, slots: g.slotTimes(now, service)}
+	for r := range g.b {
+		s.lv[r] = g.b[r].level(now)
+	}
+	return s
 }
 
 // advance is s at a later time at: refilled, with the slots that free
 // before then free.
 func (g *gate) advance(s sim, at time.Time) sim {
 	if d := at.Sub(s.at); d > 0 {
-		s = sim{at: at, req: g.req.fill(s.req, d), tok: g.tok.fill(s.tok, d), slots: s.slots}
+		s.at = at
+		for r := range g.b {
+			s.lv[r] = g.b[r].fill(s.lv[r], d)
+		}
 	}
 	return s
 }
 
-// ready is how long after s.at the gate can pay for a request of tokens,
+// ready is how long after s.at the gate can pay for a request of cost v,
 // and the resource it waits longest for.
-func (g *gate) ready(s sim, tokens int) (time.Duration, Resource) {
-	dr := g.req.waitFrom(s.req, 1)
-	dt := g.tok.waitFrom(s.tok, tokens)
-	d, binding := dr, Requests
-	if dt > dr {
-		d, binding = dt, Tokens
-	}
+func (g *gate) ready(s sim, v *Vector) (time.Duration, Resource) {
+	d, binding := g.waitFrom(&s.lv, v)
 	if len(s.slots) > 0 {
 		if free := s.slots[0].Sub(s.at); free > d {
 			d, binding = free, Slots
@@ -94,24 +143,25 @@ func (g *gate) ready(s sim, tokens int) (time.Duration, Resource) {
 	return d, binding
 }
 
-// pass is the state right after a request of tokens is admitted at at
+// pass is the state right after a request of cost v is admitted at at
 // (not before the gate can pay for it: see ready).
-func (g *gate) pass(s sim, tokens int, at time.Time, service time.Duration) sim {
+func (g *gate) pass(s sim, v *Vector, at time.Time, service time.Duration) sim {
 	s2 := g.advance(s, at)
-	s2.req -= 1
-	s2.tok -= float64(tokens)
+	for r := range g.b {
+		s2.lv[r] -= float64(v[r])
+	}
 	if len(s.slots) > 0 {
 		s2.slots = takeSlot(s.slots, at.Add(service))
 	}
 	return s2
 }
 
-// step predicts when a request of tokens is admitted after state s, and
+// step predicts when a request of cost v is admitted after state s, and
 // the state right after it pays. binding is the resource it waited
 // longest for.
-func (g *gate) step(s sim, tokens int, service time.Duration) (sim, Resource) {
-	d, binding := g.ready(s, tokens)
-	return g.pass(s, tokens, s.at.Add(d), service), binding
+func (g *gate) step(s sim, v *Vector, service time.Duration) (sim, Resource) {
+	d, binding := g.ready(s, v)
+	return g.pass(s, v, s.at.Add(d), service), binding
 }
 
 // slotTimes predicts when each slot frees, from at on, ascending; nil for a
@@ -154,37 +204,44 @@ func (g *gate) dropSlot(a *Admission) {
 }
 
 // state reports the buckets as a newcomer sees them at now: their levels
-// less what queued requests (queuedReq of them, queuedTok tokens) will
-// take.
-func (g *gate) state(now time.Time, queuedReq, queuedTok int) RateState {
-	lr := g.req.level(now) - float64(queuedReq)
-	lt := g.tok.level(now) - float64(queuedTok)
-	return RateState{
-		LimitRequests: int(g.req.capacity), RemainingRequests: max(0, int(math.Floor(lr))), ResetRequests: g.req.untilFull(lr),
-		LimitTokens: int(g.tok.capacity), RemainingTokens: max(0, int(math.Floor(lt))), ResetTokens: g.tok.untilFull(lt),
+// less what queued requests will take (queued).
+func (g *gate) state(now time.Time, queued *Vector) RateState {
+	var st RateState
+	for r := range g.b {
+		b := &g.b[r]
+		if !b.on {
+			continue
+		}
+		lv := b.level(now) - float64(queued[r])
+		st.Limit[r], st.Remaining[r], st.Reset[r] = int(b.capacity), max(0, int(math.Floor(lv))), b.untilFull(lv)
 	}
+	return st
 }
 
 // describe fills a rejection's limit, use and request for the resource
-// that binds, with queuedReq requests and queuedTok tokens waiting.
-func (g *gate) describe(e *RejectError, now time.Time, tokens, queuedReq, queuedTok int) {
-	switch e.Resource {
-	case Slots:
+// that binds, with queued waiting (depth requests).
+func (g *gate) describe(e *RejectError, now time.Time, v, queued *Vector, depth int) {
+	if e.Resource == Slots {
 		e.Limit, e.Requested = g.maxConcurrent, 1
-		e.Used = len(g.inflight) + queuedReq
-	case Tokens:
-		avail := g.tok.level(now) - float64(queuedTok)
-		e.Limit, e.Requested = int(g.tok.capacity), tokens
-		e.Used = max(0, e.Limit-int(math.Floor(avail)))
-	default:
-		avail := g.req.level(now) - float64(queuedReq)
-		e.Limit, e.Requested = int(g.req.capacity), 1
-		e.Used = max(0, e.Limit-int(math.Floor(avail)))
+		e.Used = len(g.inflight) + depth
+		return
 	}
+	b := &g.b[e.Resource]
+	avail := b.level(now) - float64(queued[e.Resource])
+	e.Limit, e.Requested = int(b.capacity), v[e.Resource]
+	e.Used = max(0, e.Limit-int(math.Floor(avail)))
 }
 
-// full reports whether both buckets are full at now and no slot is held:
+// full reports whether every bucket is full at now and no slot is held:
 // a new gate would stand exactly where this one does.
 func (g *gate) full(now time.Time) bool {
-	return len(g.inflight) == 0 && g.req.level(now) >= g.req.capacity && g.tok.level(now) >= g.tok.capacity
+	if len(g.inflight) > 0 {
+		return false
+	}
+	for r := range g.b {
+		if g.b[r].on && g.b[r].level(now) < g.b[r].capacity {
+			return false
+		}
+	}
+	return true
 }

@@ -21,7 +21,7 @@ func TestLeavingAsAdmittedFreesTheSlot(t *testing.T) {
 			acquire(t, q, 600).Release(time.Now())
 			// Admitted when the bucket refills (60 s), the instant its client gives up.
 			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-			adm, err := q.Acquire(ctx, Cost{Tokens: 600})
+			adm, err := q.Acquire(ctx, Cost{Amount: Request(600, 0)})
 			cancel()
 			if err == nil {
 				adm.Release(time.Now())
@@ -29,7 +29,7 @@ func TestLeavingAsAdmittedFreesTheSlot(t *testing.T) {
 			st := q.Stats(time.Now())
 			assert.Zero(t, st.InFlight, "the slot of a request whose client left is free")
 			if err != nil {
-				assert.InDelta(t, 600, st.RemainingTokens, 1e-6, "and it paid nothing")
+				assert.InDelta(t, 600, st.Remaining[Tokens], 1e-6, "and it paid nothing")
 			}
 			if t.Failed() {
 				return

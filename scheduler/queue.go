@@ -8,52 +8,6 @@ import (
 	"time"
 )
 
-// Cost is what one request pays: one request and Tokens tokens, on behalf
-// of the queue's client number Client (see NewQueue).
-type Cost struct {
-	Tokens int
-	Client int
-	// Name, if set, is the client's name. A request whose Client index
-	// names another client's lane (a reload renumbered the clients between
-	// its authentication and its admission) waits in the lane of its name.
-	Name string
-}
-
-// RateState is a snapshot of a queue's two buckets as a newcomer sees them:
-// what is left after the requests already queued are paid for, and how long
-// until each bucket is full again. It is what x-ratelimit-* headers report.
-type RateState struct {
-	LimitRequests, RemainingRequests int
-	ResetRequests                    time.Duration
-	LimitTokens, RemainingTokens     int
-	ResetTokens                      time.Duration
-}
-
-// Stats is a queue's state for metrics.
-type Stats struct {
-	Depth             int
-	QueuedTokens      int
-	RemainingRequests float64
-	RemainingTokens   float64
-	// InFlight is how many admitted requests hold a concurrency slot
-	// (counted only when the queue has MaxConcurrent).
-	InFlight int
-	// RefillRequests and RefillTokens are the buckets' refill rates per
-	// minute now: the configured limits less what others are estimated to
-	// spend of the upstream's (see Observe).
-	RefillRequests, RefillTokens float64
-	// PredictedWait is how long a newcomer would wait now.
-	PredictedWait time.Duration
-}
-
-// ClientStats is one client's state in a queue.
-type ClientStats struct {
-	Name         string
-	Depth        int // requests waiting
-	QueuedTokens int
-	InFlight     int // admitted and not yet released
-}
-
 // waiter is one queued request. Its fields after seq are guarded by the
 // queue's mutex; ready is closed once, when done is set.
 type waiter struct {
@@ -93,34 +47,31 @@ type Queue struct {
 	lanes   []*lane
 	clients int // lanes[:clients] are the clients Cost.Client names; the rest drain (Reconfigure)
 
-	mu           sync.Mutex
-	backlog      cursors // lanes with waiters, lowest tag first
-	depth        int     // requests waiting, in all
-	queuedTokens int
-	vtime        float64 // virtual time: the start tag of the last admission
-	epoch        uint64  // tags start over when nobody waits
-	arrivals     uint64
-	tail         replay // with one lane waiting: the replay after its last waiter
-	timer        *time.Timer
-	holdUntil    time.Time // no admission before this (the upstream said wait)
-	loweredReq   float64   // how much Observe has lowered each bucket, in all
-	loweredTok   float64
-	drainedReq   float64 // how much of it Observe took for others' drain, in all
-	drainedTok   float64
-	paidReq      float64 // what admissions have paid, in all (see Observe)
-	paidTok      float64
-	seq          uint64   // admissions so far
-	answers      []answer // ring of recent answers (see Observe)
-	answerNext   int
-	service      time.Duration // how long a request holds its slot, on average (EWMA)
-	closed       bool
-	retired      atomic.Bool // see Retire; set under mu
-	confirm      bool        // admissions wait for the shared store's word (share.go)
-	pendReq      int         // admissions pending it, and their tokens
-	pendTok      int
-	scan         []*cursor // scratch for next
-	simCurs      []cursor  // scratch for predict
-	simHeap      cursors
+	mu         sync.Mutex
+	backlog    cursors // lanes with waiters, lowest tag first
+	depth      int     // requests waiting, in all
+	queued     Vector  // what they will pay
+	vtime      float64 // virtual time: the start tag of the last admission
+	epoch      uint64  // tags start over when nobody waits
+	arrivals   uint64
+	tail       replay // with one lane waiting: the replay after its last waiter
+	timer      *time.Timer
+	holdUntil  time.Time           // no admission before this (the upstream said wait)
+	lowered    [NumBuckets]float64 // how much Observe has lowered each bucket, in all
+	drained    [NumBuckets]float64 // how much of it Observe took for others' drain, in all
+	paid       [NumBuckets]float64 // what admissions have paid, in all (see Observe)
+	seq        uint64              // admissions so far
+	answers    []answer            // ring of recent answers (see Observe)
+	answerNext int
+	service    time.Duration // how long a request holds its slot, on average (EWMA)
+	closed     bool
+	retired    atomic.Bool // see Retire; set under mu
+	confirm    bool        // admissions wait for the shared store's word (share.go)
+	pendN      int         // admissions pending it, and what they paid
+	pend       Vector
+	scan       []*cursor // scratch for next
+	simCurs    []cursor  // scratch for predict
+	simHeap    cursors
 }
 
 // NewQueue returns an empty queue with full buckets. cfg and each client
@@ -133,11 +84,11 @@ func NewQueue(model string, cfg Config, clients ...Client) *Queue {
 	if len(clients) == 0 {
 		clients = []Client{cfg.Client("", 1)}
 	}
-	q := &Queue{model: model, cfg: cfg, gate: newGate(cfg.RPM, cfg.TPM, cfg.MaxConcurrent), lanes: make([]*lane, len(clients)),
+	q := &Queue{model: model, cfg: cfg, gate: newGate(cfg.Limits(), cfg.MaxConcurrent), lanes: make([]*lane, len(clients)),
 		clients: len(clients)}
 	for i, c := range clients {
 		c.Weight = max(1, c.Weight)
-		l := &lane{Client: c, gate: newGate(c.RPM, c.TPM, c.MaxConcurrent)}
+		l := &lane{Client: c, gate: newGate(c.Limits(), c.MaxConcurrent)}
 		l.cur = cursor{l: l, at: -1}
 		q.lanes[i] = l
 	}
@@ -254,16 +205,11 @@ func (q *Queue) enqueue(now time.Time, cost Cost, into *Admission) (*waiter, *Ad
 		return nil, nil, err
 	}
 	// (2)
-	if cost.Tokens > q.cfg.TPM || (l.TPM > 0 && cost.Tokens > l.TPM) {
-		e := &RejectError{Reason: ErrTooLarge, Model: q.model, Resource: Tokens, Requested: cost.Tokens,
-			Limit: q.cfg.TPM, QueueLen: len(l.waiting), State: q.state(now, l)}
-		if cost.Tokens <= q.cfg.TPM {
-			e.Client, e.Limit = l.Name, l.TPM
-		}
+	if e := q.tooLarge(now, l, &cost.Amount); e != nil {
 		return nil, nil, e
 	}
 	// (3) Fast path.
-	if q.admitsNow(now, l, cost.Tokens) {
+	if q.admitsNow(now, l, &cost.Amount) {
 		return nil, q.pay(now, l, cost, 0, into), nil
 	}
 	// (4)
@@ -304,7 +250,7 @@ func (q *Queue) laneOf(cost Cost) (*lane, error) {
 	switch {
 	case q.closed:
 		return nil, ErrClosed
-	case cost.Tokens < 0:
+	case cost.Amount.negative():
 		return nil, ErrInvalidCost
 	case cost.Client >= 0 && cost.Client < q.clients &&
 		(cost.Name == "" || q.lanes[cost.Client].Name == "" || q.lanes[cost.Client].Name == cost.Name):
@@ -319,10 +265,44 @@ func (q *Queue) laneOf(cost Cost) (*lane, error) {
 	return nil, ErrUnknownClient
 }
 
-// admitsNow reports whether a request of tokens from lane l is admitted at
-// once: nobody waits, no hold, and every gate can pay.
-func (q *Queue) admitsNow(now time.Time, l *lane, tokens int) bool {
-	return q.depth == 0 && !now.Before(q.holdUntil) && q.canPay(now, tokens) && l.canPay(now, tokens)
+// admitsNow reports whether a request of cost v from lane l is admitted
+// at once: nobody waits, no hold, and every gate can pay.
+func (q *Queue) admitsNow(now time.Time, l *lane, v *Vector) bool {
+	return q.depth == 0 && !now.Before(q.holdUntil) && q.canPay(now, v) && l.canPay(now, v)
+}
+
+// tooLarge is the rejection of a request of cost v from lane l that a
+// bucket, the model's or its client's, can never hold; nil if it fits.
+func (q *Queue) tooLarge(now time.Time, l *lane, v *Vector) *RejectError {
+	model, own := q.cfg.Limits(), l.Limits()
+	for r, n := range v {
+		limit, client := model[r], ""
+		if limit == 0 || n <= limit {
+			if limit, client = own[r], l.Name; limit == 0 || n <= limit {
+				continue
+			}
+		}
+		return &RejectError{Reason: ErrTooLarge, Model: q.model, Resource: Resource(r), Requested: n,
+			Limit: limit, Client: client, QueueLen: len(l.waiting), State: q.state(now, l)}
+	}
+	return nil
+}
+
+// negative reports whether any amount of v is below zero.
+func (v *Vector) negative() bool {
+	for _, n := range v {
+		if n < 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// add adds sign times w to v.
+func (v *Vector) add(w *Vector, sign int) {
+	for r := range v {
+		v[r] += sign * w[r]
+	}
 }
 
 // push appends a waiter of cost to lane l.
@@ -331,9 +311,9 @@ func (q *Queue) push(now time.Time, l *lane, cost Cost) *waiter {
 	w := &waiter{cost: cost, lane: l, seq: q.arrivals, enqueued: now,
 		deadline: now.Add(time.Duration(l.MaxQueueWait))}
 	l.waiting = append(l.waiting, w)
-	l.queued += cost.Tokens
+	l.queued.add(&cost.Amount, 1)
 	q.depth++
-	q.queuedTokens += cost.Tokens
+	q.queued.add(&cost.Amount, 1)
 	if len(l.waiting) == 1 {
 		q.join(l)
 	}
@@ -353,9 +333,9 @@ func (q *Queue) pop(l *lane) {
 
 // left accounts for w leaving lane l's FIFO.
 func (q *Queue) left(l *lane, w *waiter) {
-	l.queued -= w.cost.Tokens
+	l.queued.add(&w.cost.Amount, -1)
 	q.depth--
-	q.queuedTokens -= w.cost.Tokens
+	q.queued.add(&w.cost.Amount, -1)
 	if q.depth == 0 {
 		q.epoch++ // nobody waits: the tags start over
 		q.vtime = 0
@@ -385,29 +365,30 @@ func (q *Queue) probeUntil(now time.Time, l *lane, cost Cost, horizon time.Time)
 // describes its admission. q.mu is held and the request is no longer
 // queued.
 func (q *Queue) pay(now time.Time, l *lane, cost Cost, wait time.Duration, a *Admission) *Admission {
-	q.take(now, cost.Tokens)
-	l.take(now, cost.Tokens)
-	q.paidReq++
-	q.paidTok += float64(cost.Tokens)
+	v := &cost.Amount
+	q.take(now, v)
+	l.take(now, v)
+	for r, n := range v {
+		q.paid[r] += float64(n)
+	}
 	q.seq++
 	l.running++
 	if a == nil {
 		a = new(Admission)
 	}
-	*a = Admission{Wait: wait, q: q, lane: l, epoch: q.epoch, start: now, seq: q.seq, cost: cost.Tokens,
-		tokens: cost.Tokens, State: q.state(now, l), MaxQueueWait: time.Duration(l.MaxQueueWait), Mark: Mark{
-			Requests: q.req.level(now), Tokens: q.tok.level(now),
-			LoweredRequests: q.loweredReq, LoweredTokens: q.loweredTok,
-			DrainedRequests: q.drainedReq, DrainedTokens: q.drainedTok,
-			PaidRequests: q.paidReq, PaidTokens: q.paidTok,
-		}}
+	*a = Admission{Wait: wait, q: q, lane: l, epoch: q.epoch, start: now, seq: q.seq, cost: *v,
+		held: *v, State: q.state(now, l), MaxQueueWait: time.Duration(l.MaxQueueWait),
+		Mark: Mark{Lowered: q.lowered, Drained: q.drained, Paid: q.paid}}
+	for r := range q.b {
+		a.Mark.Level[r] = q.b[r].level(now)
+	}
 	a.running = true
 	if q.confirm {
 		a.pending = true
-		q.pendReq++
-		q.pendTok += cost.Tokens
-		l.pendReq++
-		l.pendTok += cost.Tokens
+		q.pendN++
+		q.pend.add(v, 1)
+		l.pendN++
+		l.pend.add(v, 1)
 	}
 	if q.maxConcurrent > 0 {
 		a.slot = true
@@ -425,9 +406,9 @@ func (q *Queue) reject(now time.Time, reason error, ch choice, l *lane, cost Cos
 		QueueLen: len(l.waiting), State: q.state(now, l)}
 	if ch.own {
 		e.Client = l.Name
-		l.describe(e, now, cost.Tokens, len(l.waiting), l.queued)
+		l.describe(e, now, &cost.Amount, &l.queued, len(l.waiting))
 	} else {
-		q.describe(e, now, cost.Tokens, q.depth, q.queuedTokens)
+		q.describe(e, now, &cost.Amount, &q.queued, q.depth)
 	}
 	return e
 }
@@ -463,7 +444,7 @@ func (q *Queue) dispatch(now time.Time) {
 		w := l.waiting[0]
 		l.waiting[0] = nil
 		l.waiting = l.waiting[1:]
-		q.charge(l, w.cost.Tokens)
+		q.charge(l, w.cost.Amount.weight())
 		q.headChanged(l)
 		q.left(l, w)
 		w.done = true

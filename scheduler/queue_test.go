@@ -27,10 +27,17 @@ func drain(t *testing.T, q *Queue, tokens int) {
 // acquire admits a request of tokens at once.
 func acquire(t *testing.T, q *Queue, tokens int) *Admission {
 	t.Helper()
-	adm, err := q.Acquire(context.Background(), Cost{Tokens: tokens})
+	adm, err := q.Acquire(context.Background(), Cost{Amount: Request(tokens, 0)})
 	require.NoError(t, err)
 	require.Zero(t, adm.Wait)
 	return adm
+}
+
+// reported is what an upstream says it has left of one resource.
+func reported(r Resource, remaining int) Upstream {
+	var u Upstream
+	u.Remaining[r], u.Reported[r] = remaining, true
+	return u
 }
 
 // result is what a goroutine that called Acquire saw.
@@ -45,7 +52,7 @@ type result struct {
 // it has either returned or blocked in the queue.
 func acquireAsync(ctx context.Context, q *Queue, id, tokens int, start time.Time, out chan<- result) {
 	go func() {
-		adm, err := q.Acquire(ctx, Cost{Tokens: tokens})
+		adm, err := q.Acquire(ctx, Cost{Amount: Request(tokens, 0)})
 		out <- result{id: id, at: time.Since(start), adm: adm, err: err}
 	}()
 	synctest.Wait()
@@ -54,12 +61,12 @@ func acquireAsync(ctx context.Context, q *Queue, id, tokens int, start time.Time
 func TestFastPathAndHeaders(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		q := NewQueue("m", cfg(10, 5*time.Second, 60, 6000))
-		adm, err := q.Acquire(context.Background(), Cost{Tokens: 600})
+		adm, err := q.Acquire(context.Background(), Cost{Amount: Request(600, 0)})
 		require.NoError(t, err)
 		assert.Zero(t, adm.Wait)
 		assert.Equal(t, RateState{
-			LimitRequests: 60, RemainingRequests: 59, ResetRequests: time.Second,
-			LimitTokens: 6000, RemainingTokens: 5400, ResetTokens: 6 * time.Second,
+			Limit: Vector{Requests: 60, Tokens: 6000}, Remaining: Vector{Requests: 59, Tokens: 5400},
+			Reset: [NumBuckets]time.Duration{Requests: time.Second, Tokens: 6 * time.Second},
 		}, adm.State)
 	})
 }
@@ -68,13 +75,13 @@ func TestRefillOverTime(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		q := NewQueue("m", cfg(10, 0, 60, 600))
 		drain(t, q, 600)
-		assert.Equal(t, 0, q.State(time.Now()).RemainingTokens)
+		assert.Equal(t, 0, q.State(time.Now()).Remaining[Tokens])
 		time.Sleep(30 * time.Second)
 		st := q.State(time.Now())
-		assert.Equal(t, 300, st.RemainingTokens)
-		assert.Equal(t, 30*time.Second, st.ResetTokens)
+		assert.Equal(t, 300, st.Remaining[Tokens])
+		assert.Equal(t, 30*time.Second, st.Reset[Tokens])
 		time.Sleep(time.Hour)
-		assert.Equal(t, 600, q.State(time.Now()).RemainingTokens, "a bucket never fills past its capacity")
+		assert.Equal(t, 600, q.State(time.Now()).Remaining[Tokens], "a bucket never fills past its capacity")
 	})
 }
 
@@ -108,7 +115,7 @@ func TestRejectWhenPredictedWaitTooLong(t *testing.T) {
 		out := make(chan result, 1)
 		acquireAsync(context.Background(), q, 1, 150, start, out) // 15s: queued
 		// 150 + 100 = 25s > 20s: rejected at once, not after waiting.
-		_, err := q.Acquire(context.Background(), Cost{Tokens: 100})
+		_, err := q.Acquire(context.Background(), Cost{Amount: Request(100, 0)})
 		var re *RejectError
 		require.ErrorAs(t, err, &re)
 		assert.ErrorIs(t, err, ErrWaitTooLong)
@@ -122,7 +129,7 @@ func TestRejectWhenPredictedWaitTooLong(t *testing.T) {
 		// Honest retry: waiting RetryAfter and retrying alone is admitted at once.
 		<-out
 		time.Sleep(re.RetryAfter - time.Since(start))
-		adm, err := q.Acquire(context.Background(), Cost{Tokens: 100})
+		adm, err := q.Acquire(context.Background(), Cost{Amount: Request(100, 0)})
 		require.NoError(t, err)
 		assert.Zero(t, adm.Wait)
 	})
@@ -131,12 +138,12 @@ func TestRejectWhenPredictedWaitTooLong(t *testing.T) {
 func TestZeroMaxQueueWaitAdmitsNowOrRejects(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		q := NewQueue("m", cfg(10, 0, 600, 600))
-		_, err := q.Acquire(context.Background(), Cost{Tokens: 600})
+		_, err := q.Acquire(context.Background(), Cost{Amount: Request(600, 0)})
 		require.NoError(t, err)
-		_, err = q.Acquire(context.Background(), Cost{Tokens: 1})
+		_, err = q.Acquire(context.Background(), Cost{Amount: Request(1, 0)})
 		assert.ErrorIs(t, err, ErrWaitTooLong)
 		time.Sleep(100 * time.Millisecond) // one token refilled
-		_, err = q.Acquire(context.Background(), Cost{Tokens: 1})
+		_, err = q.Acquire(context.Background(), Cost{Amount: Request(1, 0)})
 		assert.NoError(t, err)
 	})
 }
@@ -149,7 +156,7 @@ func TestQueueFull(t *testing.T) {
 		out := make(chan result, 2)
 		acquireAsync(context.Background(), q, 1, 100, start, out)
 		acquireAsync(context.Background(), q, 2, 100, start, out)
-		_, err := q.Acquire(context.Background(), Cost{Tokens: 100})
+		_, err := q.Acquire(context.Background(), Cost{Amount: Request(100, 0)})
 		var re *RejectError
 		require.ErrorAs(t, err, &re)
 		assert.ErrorIs(t, err, ErrQueueFull)
@@ -162,7 +169,7 @@ func TestQueueFull(t *testing.T) {
 
 func TestTooLargeNeverRuns(t *testing.T) {
 	q := NewQueue("gpt-4o", cfg(10, time.Hour, 60, 1000))
-	_, err := q.Acquire(context.Background(), Cost{Tokens: 1001})
+	_, err := q.Acquire(context.Background(), Cost{Amount: Request(1001, 0)})
 	var re *RejectError
 	require.ErrorAs(t, err, &re)
 	assert.ErrorIs(t, err, ErrTooLarge)
@@ -192,7 +199,7 @@ func TestCancelledRequestLeavesAndPaysNothing(t *testing.T) {
 		require.NoError(t, r.err)
 		assert.Equal(t, 30*time.Second, r.at.Round(time.Millisecond))
 		// A later request does not pay for the one that left: 100 more at 40s.
-		adm, err := q.Acquire(context.Background(), Cost{Tokens: 100})
+		adm, err := q.Acquire(context.Background(), Cost{Amount: Request(100, 0)})
 		require.NoError(t, err)
 		assert.Equal(t, 10*time.Second, adm.Wait.Round(time.Millisecond))
 	})
@@ -207,7 +214,7 @@ func TestCancelInTheMiddleRecomputesPrediction(t *testing.T) {
 		out := make(chan result, 3)
 		acquireAsync(context.Background(), q, 1, 100, start, out) // 10s
 		acquireAsync(ctx, q, 2, 300, start, out)                  // 40s
-		_, err := q.Acquire(context.Background(), Cost{Tokens: 100})
+		_, err := q.Acquire(context.Background(), Cost{Amount: Request(100, 0)})
 		assert.ErrorIs(t, err, ErrWaitTooLong, "50s predicted while 2 waits")
 		cancel()
 		assert.ErrorIs(t, (<-out).err, context.Canceled)
@@ -226,7 +233,7 @@ func TestAdmittedWhileCancelledGivesBack(t *testing.T) {
 		acquire(t, q, 600).Release(time.Now())
 		ctx, cancel := context.WithCancel(context.Background())
 		q.mu.Lock()
-		w, _, err := q.enqueue(time.Now(), Cost{Tokens: 100}, nil)
+		w, _, err := q.enqueue(time.Now(), Cost{Amount: Request(100, 0)}, nil)
 		q.mu.Unlock()
 		require.NoError(t, err)
 		time.Sleep(10 * time.Second)
@@ -240,8 +247,8 @@ func TestAdmittedWhileCancelledGivesBack(t *testing.T) {
 		assert.ErrorIs(t, err, context.Canceled)
 		st := q.Stats(time.Now())
 		assert.Zero(t, st.InFlight, "its slot is free")
-		assert.InDelta(t, 100, st.RemainingTokens, 1e-6, "its tokens are back")
-		assert.InDelta(t, 600, st.RemainingRequests, 1e-6, "and its request")
+		assert.InDelta(t, 100, st.Remaining[Tokens], 1e-6, "its tokens are back")
+		assert.InDelta(t, 600, st.Remaining[Requests], 1e-6, "and its request")
 	})
 }
 
@@ -257,7 +264,7 @@ func TestRequestBucketCapBindsAfterTokenWait(t *testing.T) {
 		acquireAsync(context.Background(), q, 1, 600, start, out) // 60s (tokens)
 		acquireAsync(context.Background(), q, 2, 0, start, out)   // 60s (1 request left after refill cap)
 		q.mu.Lock()
-		next := q.probe(time.Now(), q.lanes[0], Cost{})
+		next := q.probe(time.Now(), q.lanes[0], Cost{Amount: Request(0, 0)})
 		q.mu.Unlock()
 		assert.Equal(t, Requests, next.binding)
 		assert.Equal(t, 90*time.Second, next.at.Sub(start).Round(time.Millisecond), "predicted with the cap")
@@ -279,7 +286,7 @@ func TestCloseAnswersWaiters(t *testing.T) {
 		acquireAsync(context.Background(), q, 1, 100, start, out)
 		q.Close()
 		assert.ErrorIs(t, (<-out).err, ErrClosed)
-		_, err := q.Acquire(context.Background(), Cost{Tokens: 1})
+		_, err := q.Acquire(context.Background(), Cost{Amount: Request(1, 0)})
 		assert.ErrorIs(t, err, ErrClosed)
 	})
 }
@@ -317,7 +324,7 @@ func testPredictionMatchesAdmission(t *testing.T, rpm, tpm int) {
 			tokens := rng.IntN(400)
 			now := time.Now()
 			q.mu.Lock()
-			w, _, err := q.enqueue(now, Cost{Tokens: tokens}, nil)
+			w, _, err := q.enqueue(now, Cost{Amount: Request(tokens, 0)}, nil)
 			var predicted time.Duration
 			if w != nil {
 				predicted = w.predicted.Sub(start)

@@ -11,13 +11,6 @@ import (
 // rate headers are the shared ones; and when the store cannot be reached
 // each enforces its share of the limits (Share).
 
-// Levels are a shared store's buckets as it reported them: the model's
-// and a client's (the latter ignored where the client has no bucket).
-type Levels struct {
-	Requests, Tokens             float64
-	ClientRequests, ClientTokens float64
-}
-
 // ConfirmAdmissions makes every admission of the queue pending until the
 // shared store confirms it (Confirm) or refuses it (Refused): the store's
 // levels, when they come, do not yet count the admissions still pending,
@@ -65,19 +58,19 @@ func (q *Queue) settlePending(a *Admission) {
 		return
 	}
 	a.pending = false
-	q.pendReq--
-	q.pendTok -= a.cost
-	a.lane.pendReq--
-	a.lane.pendTok -= a.cost
+	q.pendN--
+	q.pend.add(&a.cost, -1)
+	a.lane.pendN--
+	a.lane.pend.add(&a.cost, -1)
 }
 
 // learn sets the buckets to the shared store's levels less the pending
 // admissions. q.mu is held.
 func (q *Queue) learn(now time.Time, l *lane, lv *Levels) {
-	q.req.set(now, lv.Requests-float64(q.pendReq))
-	q.tok.set(now, lv.Tokens-float64(q.pendTok))
-	l.req.set(now, lv.ClientRequests-float64(l.pendReq))
-	l.tok.set(now, lv.ClientTokens-float64(l.pendTok))
+	for r := range q.b {
+		q.b[r].set(now, lv.Model[r]-float64(q.pend[r]))
+		l.b[r].set(now, lv.Client[r]-float64(l.pend[r]))
+	}
 	q.changed(now)
 }
 
@@ -88,16 +81,17 @@ func (q *Queue) Share(now time.Time, share float64) {
 	share = math.Max(1e-6, math.Min(1, share))
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	q.gate.setShare(now, share, q.pendReq, q.pendTok)
+	q.gate.setShare(now, share, &q.pend)
 	for _, l := range q.lanes {
-		l.gate.setShare(now, share, l.pendReq, l.pendTok)
+		l.gate.setShare(now, share, &l.pend)
 	}
 	q.changed(now)
 }
 
-func (g *gate) setShare(now time.Time, share float64, pendReq, pendTok int) {
-	g.req.setShare(now, share, float64(pendReq))
-	g.tok.setShare(now, share, float64(pendTok))
+func (g *gate) setShare(now time.Time, share float64, pend *Vector) {
+	for r := range g.b {
+		g.b[r].setShare(now, share, float64(pend[r]))
+	}
 	if g.maxConcurrent > 0 || g.fullConcurrent > 0 {
 		if g.fullConcurrent == 0 {
 			g.fullConcurrent = g.maxConcurrent
@@ -119,9 +113,12 @@ func (q *Queue) Estimate(now time.Time, client int) Levels {
 		}
 		return math.Max(0, b.level(now))
 	}
-	lv := Levels{Requests: est(&q.req), Tokens: est(&q.tok), ClientRequests: -1, ClientTokens: -1}
-	if client >= 0 && client < q.clients {
-		lv.ClientRequests, lv.ClientTokens = est(&q.lanes[client].req), est(&q.lanes[client].tok)
+	var lv Levels
+	for r := range q.b {
+		lv.Model[r], lv.Client[r] = est(&q.b[r]), -1
+		if client >= 0 && client < q.clients {
+			lv.Client[r] = est(&q.lanes[client].b[r])
+		}
 	}
 	return lv
 }
@@ -141,7 +138,7 @@ func (q *Queue) Reconfigure(now time.Time, cfg Config, clients ...Client) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	q.cfg = cfg
-	q.gate.reconfigure(now, cfg.RPM, cfg.TPM, cfg.MaxConcurrent)
+	q.gate.reconfigure(now, cfg.Limits(), cfg.MaxConcurrent)
 	old := map[string]*lane{}
 	for _, l := range q.lanes {
 		old[l.Name] = l
@@ -151,12 +148,12 @@ func (q *Queue) Reconfigure(now time.Time, cfg Config, clients ...Client) {
 		c.Weight = max(1, c.Weight)
 		l := old[c.Name]
 		if l == nil {
-			l = &lane{Client: c, gate: newGate(c.RPM, c.TPM, c.MaxConcurrent)}
+			l = &lane{Client: c, gate: newGate(c.Limits(), c.MaxConcurrent)}
 			l.cur = cursor{l: l, at: -1}
 		} else {
 			delete(old, c.Name)
 			l.Client = c
-			l.gate.reconfigure(now, c.RPM, c.TPM, c.MaxConcurrent)
+			l.gate.reconfigure(now, c.Limits(), c.MaxConcurrent)
 		}
 		lanes = append(lanes, l)
 	}
@@ -172,9 +169,10 @@ func (q *Queue) Reconfigure(now time.Time, cfg Config, clients ...Client) {
 
 // reconfigure gives the gate new limits, keeping what its buckets hold
 // (capped at the new capacities) and the slots held.
-func (g *gate) reconfigure(now time.Time, rpm, tpm, maxConcurrent int) {
-	g.req.reconfigure(now, rpm)
-	g.tok.reconfigure(now, tpm)
+func (g *gate) reconfigure(now time.Time, limits Vector, maxConcurrent int) {
+	for r, n := range limits {
+		g.b[r].reconfigure(now, n)
+	}
 	g.maxConcurrent, g.fullConcurrent = maxConcurrent, 0
 }
 

@@ -19,30 +19,30 @@ func TestConfirmedAndRefusedAdmissionsLearnTheSharedLevels(t *testing.T) {
 		q.ConfirmAdmissions()
 		// Two admissions go to the shared store at once; the first is
 		// confirmed while the second is still pending.
-		first, err := q.Acquire(context.Background(), Cost{Tokens: 100, Client: 1})
+		first, err := q.Acquire(context.Background(), Cost{Amount: Request(100, 0), Client: 1})
 		require.NoError(t, err)
-		second, err := q.Acquire(context.Background(), Cost{Tokens: 100, Client: 1})
+		second, err := q.Acquire(context.Background(), Cost{Amount: Request(100, 0), Client: 1})
 		require.NoError(t, err)
-		first.Confirm(time.Now(), &Levels{Requests: 31, Tokens: 300, ClientRequests: 0, ClientTokens: 150})
+		first.Confirm(time.Now(), &Levels{Model: [NumBuckets]float64{31, 300}, Client: [NumBuckets]float64{0, 150}})
 		st := q.State(time.Now())
-		assert.Equal(t, 30, st.RemainingRequests, "the store's 31, less the one still pending")
-		assert.Equal(t, 200, st.RemainingTokens)
+		assert.Equal(t, 30, st.Remaining[Requests], "the store's 31, less the one still pending")
+		assert.Equal(t, 200, st.Remaining[Tokens])
 		// The store refuses the second: it goes back, and the store's
 		// levels (which never counted it) stand.
-		second.Refused(time.Now(), Levels{Requests: 31, Tokens: 300, ClientRequests: 0, ClientTokens: 150})
+		second.Refused(time.Now(), Levels{Model: [NumBuckets]float64{31, 300}, Client: [NumBuckets]float64{0, 150}})
 		st = q.State(time.Now())
-		assert.Equal(t, 31, st.RemainingRequests)
-		assert.Equal(t, 300, st.RemainingTokens)
+		assert.Equal(t, 31, st.Remaining[Requests])
+		assert.Equal(t, 300, st.Remaining[Tokens])
 		second.Release(time.Now())
 		// 400 tokens: 1 s at 100 a second for the model's shared level,
 		// 25 s at 10 a second for b's own 150: over b's 20.
-		_, err = q.Acquire(context.Background(), Cost{Tokens: 400, Client: 1})
+		_, err = q.Acquire(context.Background(), Cost{Amount: Request(400, 0), Client: 1})
 		var re *RejectError
 		require.ErrorAs(t, err, &re)
 		assert.Equal(t, "b", re.Client)
 		assert.Equal(t, 25*time.Second, re.RetryAfter.Round(time.Millisecond))
 		// a has no bucket of its own: the model's 1 s.
-		adm, err := q.Acquire(context.Background(), Cost{Tokens: 400, Client: 0})
+		adm, err := q.Acquire(context.Background(), Cost{Amount: Request(400, 0), Client: 0})
 		require.NoError(t, err)
 		assert.Equal(t, time.Second, adm.Wait.Round(time.Millisecond))
 	})
@@ -54,16 +54,16 @@ func TestShareSplitsEveryLimit(t *testing.T) {
 		q := NewQueue("m", c)
 		q.Share(time.Now(), 1.0/3)
 		st := q.State(time.Now())
-		assert.Equal(t, 20, st.LimitRequests)
-		assert.Equal(t, 2000, st.LimitTokens)
-		assert.Equal(t, 2000, st.RemainingTokens, "and its share of what is left")
-		_, err := q.Acquire(context.Background(), Cost{Tokens: 1})
+		assert.Equal(t, 20, st.Limit[Requests])
+		assert.Equal(t, 2000, st.Limit[Tokens])
+		assert.Equal(t, 2000, st.Remaining[Tokens], "and its share of what is left")
+		_, err := q.Acquire(context.Background(), Cost{Amount: Request(1, 0)})
 		require.NoError(t, err)
-		_, err = q.Acquire(context.Background(), Cost{Tokens: 1})
+		_, err = q.Acquire(context.Background(), Cost{Amount: Request(1, 0)})
 		assert.Error(t, err, "one slot of three")
 		q.Share(time.Now(), 1)
-		assert.Equal(t, 6000, q.State(time.Now()).LimitTokens)
-		_, err = q.Acquire(context.Background(), Cost{Tokens: 1})
+		assert.Equal(t, 6000, q.State(time.Now()).Limit[Tokens])
+		_, err = q.Acquire(context.Background(), Cost{Amount: Request(1, 0)})
 		assert.NoError(t, err, "the slots are back")
 	})
 }
@@ -73,13 +73,13 @@ func TestShareCountsThePendingAdmissionsAsShared(t *testing.T) {
 		q := NewQueue("m", Config{MaxQueueSize: 10, MaxQueueWait: 0, RPM: 60, TPM: 6000})
 		q.ConfirmAdmissions()
 		for range 20 { // 20 requests and 2,000 tokens spent, confirmed
-			adm, err := q.Acquire(context.Background(), Cost{Tokens: 100})
+			adm, err := q.Acquire(context.Background(), Cost{Amount: Request(100, 0)})
 			require.NoError(t, err)
 			adm.Confirm(time.Now(), nil)
 		}
-		a, err := q.Acquire(context.Background(), Cost{Tokens: 100})
+		a, err := q.Acquire(context.Background(), Cost{Amount: Request(100, 0)})
 		require.NoError(t, err)
-		b, err := q.Acquire(context.Background(), Cost{Tokens: 100})
+		b, err := q.Acquire(context.Background(), Cost{Amount: Request(100, 0)})
 		require.NoError(t, err)
 		// The store goes away while both are pending: half of what is
 		// left, the two included, is this replica's.
@@ -87,8 +87,8 @@ func TestShareCountsThePendingAdmissionsAsShared(t *testing.T) {
 		a.Unsend(time.Now())
 		b.Unsend(time.Now())
 		st := q.State(time.Now())
-		assert.Equal(t, 20, st.RemainingRequests)
-		assert.Equal(t, 2000, st.RemainingTokens)
+		assert.Equal(t, 20, st.Remaining[Requests])
+		assert.Equal(t, 2000, st.Remaining[Tokens])
 	})
 }
 
@@ -103,7 +103,7 @@ func TestReconfigureKeepsEveryoneInOrder(t *testing.T) {
 			acquireAsync(context.Background(), q, i, 100, start, out) // a's: 1 s, 2 s, 3 s
 		}
 		go func() {
-			adm, err := q.Acquire(context.Background(), Cost{Tokens: 100, Client: 1})
+			adm, err := q.Acquire(context.Background(), Cost{Amount: Request(100, 0), Client: 1})
 			out <- result{id: 9, at: time.Since(start), adm: adm, err: err}
 		}()
 		synctest.Wait()
@@ -128,9 +128,9 @@ func TestReconfigureKeepsEveryoneInOrder(t *testing.T) {
 		assert.Contains(t, ids, 9, "the gone client's waiter was admitted, not dropped")
 		assert.Equal(t, 60000, q.Config().TPM)
 		// The new client is number 0 now.
-		_, err := q.Acquire(context.Background(), Cost{Tokens: 1, Client: 0})
+		_, err := q.Acquire(context.Background(), Cost{Amount: Request(1, 0), Client: 0})
 		assert.NoError(t, err)
-		_, err = q.Acquire(context.Background(), Cost{Tokens: 1, Client: 2})
+		_, err = q.Acquire(context.Background(), Cost{Amount: Request(1, 0), Client: 2})
 		assert.ErrorIs(t, err, ErrUnknownClient, "only the new clients are addressable... and the drained one is gone")
 	})
 }
@@ -146,10 +146,10 @@ func TestRenumberedClientWaitsInItsOwnLane(t *testing.T) {
 	b.RPM = 1
 	q.Reconfigure(time.Now(), cfg, cfg.Client("a", 1), b, cfg.Client("c", 1))
 	for range 3 {
-		adm, err := q.Acquire(context.Background(), Cost{Tokens: 1, Client: 1, Name: "c"})
+		adm, err := q.Acquire(context.Background(), Cost{Amount: Request(1, 0), Client: 1, Name: "c"})
 		require.NoError(t, err, "c's request, counted before the reload: not b's one-a-minute lane")
 		adm.Release(time.Now())
 	}
-	_, err := q.Acquire(context.Background(), Cost{Tokens: 1, Client: 5, Name: "gone"})
+	_, err := q.Acquire(context.Background(), Cost{Amount: Request(1, 0), Client: 5, Name: "gone"})
 	assert.ErrorIs(t, err, ErrUnknownClient)
 }

@@ -17,7 +17,7 @@ func slotCfg(size int, wait time.Duration, slots int) Config {
 // holdFor admits a request and releases it d later, in the background.
 func holdFor(t *testing.T, q *Queue, d time.Duration) {
 	t.Helper()
-	adm, err := q.Acquire(context.Background(), Cost{Tokens: 1})
+	adm, err := q.Acquire(context.Background(), Cost{Amount: Request(1, 0)})
 	require.NoError(t, err)
 	go func() {
 		time.Sleep(d)
@@ -60,7 +60,7 @@ func TestSlotWaitIsPredictedFromServiceTimes(t *testing.T) {
 		acquireAsync(context.Background(), q, 1, 1, start, out) // predicted at 10s
 		acquireAsync(context.Background(), q, 2, 1, start, out) // predicted at 10s (the other slot)
 		// A third would get a slot at about 20 s: past maxQueueWait.
-		_, err := q.Acquire(context.Background(), Cost{Tokens: 1})
+		_, err := q.Acquire(context.Background(), Cost{Amount: Request(1, 0)})
 		var re *RejectError
 		require.ErrorAs(t, err, &re)
 		assert.ErrorIs(t, err, ErrWaitTooLong)
@@ -90,7 +90,7 @@ func TestSlotWaitFollowsChangingServiceTimes(t *testing.T) {
 		time.Sleep(20 * time.Second)
 		synctest.Wait()
 		a, b := acquire(t, q, 1), acquire(t, q, 1)
-		_, err := q.Acquire(context.Background(), Cost{Tokens: 1})
+		_, err := q.Acquire(context.Background(), Cost{Amount: Request(1, 0)})
 		var re *RejectError
 		require.ErrorAs(t, err, &re, "predicted past 12 s: the average learnt the longer holds")
 		assert.Equal(t, Slots, re.Resource)
@@ -103,12 +103,12 @@ func TestSlotWaitFollowsChangingServiceTimes(t *testing.T) {
 func TestUnsendFreesTheSlot(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		q := NewQueue("m", slotCfg(10, time.Hour, 1))
-		adm, err := q.Acquire(context.Background(), Cost{Tokens: 1})
+		adm, err := q.Acquire(context.Background(), Cost{Amount: Request(1, 0)})
 		require.NoError(t, err)
 		adm.Unsend(time.Now())
 		assert.Zero(t, q.Stats(time.Now()).InFlight)
 		adm.Release(time.Now()) // already given back: nothing happens
-		adm2, err := q.Acquire(context.Background(), Cost{Tokens: 1})
+		adm2, err := q.Acquire(context.Background(), Cost{Amount: Request(1, 0)})
 		require.NoError(t, err)
 		assert.Zero(t, adm2.Wait)
 	})

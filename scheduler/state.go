@@ -13,16 +13,15 @@ import (
 // model's, less what the queued requests will take, or the client's own
 // where they leave less.
 func (q *Queue) state(now time.Time, l *lane) RateState {
-	st := q.gate.state(now, q.depth, q.queuedTokens)
-	if !l.req.on && !l.tok.on {
+	st := q.gate.state(now, &q.queued)
+	if !l.limited() {
 		return st
 	}
-	own := l.gate.state(now, len(l.waiting), l.queued)
-	if l.req.on && own.RemainingRequests < st.RemainingRequests {
-		st.LimitRequests, st.RemainingRequests, st.ResetRequests = own.LimitRequests, own.RemainingRequests, own.ResetRequests
-	}
-	if l.tok.on && own.RemainingTokens < st.RemainingTokens {
-		st.LimitTokens, st.RemainingTokens, st.ResetTokens = own.LimitTokens, own.RemainingTokens, own.ResetTokens
+	own := l.gate.state(now, &l.queued)
+	for r := range l.b {
+		if l.b[r].on && (own.Remaining[r] < st.Remaining[r] || !q.b[r].on) {
+			st.Limit[r], st.Remaining[r], st.Reset[r] = own.Limit[r], own.Remaining[r], own.Reset[r]
+		}
 	}
 	return st
 }
@@ -31,7 +30,7 @@ func (q *Queue) state(now time.Time, l *lane) RateState {
 func (q *Queue) State(now time.Time) RateState {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	return q.gate.state(now, q.depth, q.queuedTokens)
+	return q.gate.state(now, &q.queued)
 }
 
 // StateFor returns the buckets' state at now as a newcomer of client
@@ -40,7 +39,7 @@ func (q *Queue) StateFor(now time.Time, client int) RateState {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if client < 0 || client >= q.clients {
-		return q.gate.state(now, q.depth, q.queuedTokens)
+		return q.gate.state(now, &q.queued)
 	}
 	return q.state(now, q.lanes[client])
 }
@@ -53,15 +52,18 @@ func (q *Queue) StateFor(now time.Time, client int) RateState {
 func (q *Queue) Stats(now time.Time) Stats {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	st := Stats{Depth: q.depth, QueuedTokens: q.queuedTokens,
-		RemainingRequests: q.req.level(now), RemainingTokens: q.tok.level(now),
-		RefillRequests: perMinute(q.req.perSec), RefillTokens: perMinute(q.tok.perSec), InFlight: len(q.inflight)}
+	st := Stats{Depth: q.depth, Queued: q.queued, Limit: q.cfg.Limits(), InFlight: len(q.inflight)}
+	for r := range q.b {
+		if q.b[r].on {
+			st.Remaining[r], st.Refill[r] = q.b[r].level(now), perMinute(q.b[r].perSec)
+		}
+	}
 	if !q.closed {
 		// The replay stops just past the newcomer's maxQueueWait: beyond
 		// it, it would be refused anyway, and a scrape or a status poll
 		// must not hold the queue's lock over a deep backlog.
 		horizon := now.Add(time.Duration(q.cfg.MaxQueueWait))
-		st.PredictedWait = max(0, q.probeUntil(now, q.newcomer(), Cost{Tokens: 1}, horizon).at.Sub(now))
+		st.PredictedWait = max(0, q.probeUntil(now, q.newcomer(), Cost{Amount: Request(1, 0)}, horizon).at.Sub(now))
 	}
 	return st
 }
@@ -72,7 +74,7 @@ func (q *Queue) Clients(f func(i int, st ClientStats)) {
 	q.mu.Lock()
 	stats := make([]ClientStats, q.clients)
 	for i, l := range q.lanes[:q.clients] {
-		stats[i] = ClientStats{Name: l.Name, Depth: len(l.waiting), QueuedTokens: l.queued, InFlight: l.running}
+		stats[i] = ClientStats{Name: l.Name, Depth: len(l.waiting), Queued: l.queued, InFlight: l.running}
 	}
 	q.mu.Unlock()
 	for i, st := range stats {
@@ -91,11 +93,11 @@ func (q *Queue) Close() {
 			w.done, w.err = true, ErrClosed
 			close(w.ready)
 		}
-		l.waiting, l.queued = nil, 0
+		l.waiting, l.queued = nil, Vector{}
 		l.cur.at = -1
 	}
 	q.backlog = q.backlog[:0]
-	q.depth, q.queuedTokens = 0, 0
+	q.depth, q.queued = 0, Vector{}
 }
 
 // Retire marks the queue retired if it is idle at now (nobody waiting or in
@@ -132,7 +134,7 @@ func (q *Queue) Depth() int {
 // newcomer is a lane for predictions only: a client of weight 1, with no
 // limits of its own and nothing waiting, that is in no backlog.
 func (q *Queue) newcomer() *lane {
-	l := &lane{Client: q.cfg.Client("", 1), gate: newGate(0, 0, 0)}
+	l := &lane{Client: q.cfg.Client("", 1), gate: newGate(Vector{}, 0)}
 	l.cur = cursor{l: l, at: -1}
 	return l
 }

@@ -6,21 +6,25 @@ import (
 
 // QueueStats is one queue's state at scrape time.
 type QueueStats struct {
-	Route, Model      string
-	Depth             int
-	QueuedTokens      int
-	RemainingRequests float64
-	RemainingTokens   float64
-	LimitRequests     int
-	LimitTokens       int
-	RefillRequests    float64
-	RefillTokens      float64
+	Route, Model string
+	Depth        int
+	QueuedTokens int
+	// Buckets are the model's buckets, one per resource it is limited in.
+	Buckets []BucketStats
 	// PredictedWait is a newcomer's predicted wait, MaxWait the model's
 	// maxQueueWait, in seconds.
 	PredictedWait, MaxWait float64
 	// Folded is the sum of the queues of models past the label bound,
 	// reported as model "other": depth and queued tokens only.
 	Folded bool
+}
+
+// BucketStats is one bucket of a queue: its resource ("requests",
+// "tokens", ...), what it holds now, its per-minute limit and its refill
+// rate per minute now.
+type BucketStats struct {
+	Resource                 string
+	Remaining, Limit, Refill float64
 }
 
 // QueueSource lists every queue's state; the server implements it over the
@@ -45,7 +49,7 @@ func newQueueCollector(src QueueSource) *queueCollector {
 		queuedTokens: prometheus.NewDesc("llproxy_queue_tokens",
 			"Tokens the waiting requests of the queue will take when admitted.", labels, nil),
 		remaining: prometheus.NewDesc("llproxy_bucket_remaining",
-			"Tokens in the gateway's bucket now, by resource (requests or tokens).", append(labels, "resource"), nil),
+			"What the gateway's bucket holds now, by resource (requests, tokens, input_tokens, output_tokens).", append(labels, "resource"), nil),
 		limitDs: prometheus.NewDesc("llproxy_bucket_limit",
 			"The bucket's per-minute limit (its capacity), by resource.", append(labels, "resource"), nil),
 		predicted: prometheus.NewDesc("llproxy_queue_predicted_wait_seconds",
@@ -78,12 +82,11 @@ func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
 		if s.Folded {
 			return
 		}
-		ch <- prometheus.MustNewConstMetric(c.remaining, prometheus.GaugeValue, s.RemainingRequests, s.Route, s.Model, "requests")
-		ch <- prometheus.MustNewConstMetric(c.remaining, prometheus.GaugeValue, s.RemainingTokens, s.Route, s.Model, "tokens")
-		ch <- prometheus.MustNewConstMetric(c.limitDs, prometheus.GaugeValue, float64(s.LimitRequests), s.Route, s.Model, "requests")
-		ch <- prometheus.MustNewConstMetric(c.limitDs, prometheus.GaugeValue, float64(s.LimitTokens), s.Route, s.Model, "tokens")
-		ch <- prometheus.MustNewConstMetric(c.refill, prometheus.GaugeValue, s.RefillRequests, s.Route, s.Model, "requests")
-		ch <- prometheus.MustNewConstMetric(c.refill, prometheus.GaugeValue, s.RefillTokens, s.Route, s.Model, "tokens")
+		for _, b := range s.Buckets {
+			ch <- prometheus.MustNewConstMetric(c.remaining, prometheus.GaugeValue, b.Remaining, s.Route, s.Model, b.Resource)
+			ch <- prometheus.MustNewConstMetric(c.limitDs, prometheus.GaugeValue, b.Limit, s.Route, s.Model, b.Resource)
+			ch <- prometheus.MustNewConstMetric(c.refill, prometheus.GaugeValue, b.Refill, s.Route, s.Model, b.Resource)
+		}
 		ch <- prometheus.MustNewConstMetric(c.predicted, prometheus.GaugeValue, s.PredictedWait, s.Route, s.Model)
 		ch <- prometheus.MustNewConstMetric(c.maxWait, prometheus.GaugeValue, s.MaxWait, s.Route, s.Model)
 	})

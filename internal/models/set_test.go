@@ -30,15 +30,15 @@ func TestSetWildcardQueues(t *testing.T) {
 	assert.Same(t, a, a2)
 	assert.NotSame(t, a, b, "each unlisted model has its own queue")
 	assert.Equal(t, 20, b.Config().RPM)
-	_, err = a.Acquire(context.Background(), scheduler.Cost{Tokens: 10}) // a is in use: its buckets are not full
+	_, err = a.Acquire(context.Background(), scheduler.Cost{Amount: scheduler.Request(10, 0)}) // a is in use: its buckets are not full
 	require.NoError(t, err)
 	c, err := s.Queue("c")
 	require.NoError(t, err, "b sat idle with full buckets: retired to make room")
 	assert.True(t, b.Retired())
-	_, err = b.Acquire(context.Background(), scheduler.Cost{Tokens: 1})
+	_, err = b.Acquire(context.Background(), scheduler.Cost{Amount: scheduler.Request(1, 0)})
 	assert.ErrorIs(t, err, scheduler.ErrRetired, "the caller looks the model up again")
 	assert.False(t, a.Retired(), "a holds spent tokens: keeping them is the limit")
-	_, err = c.Acquire(context.Background(), scheduler.Cost{Tokens: 10})
+	_, err = c.Acquire(context.Background(), scheduler.Cost{Amount: scheduler.Request(10, 0)})
 	require.NoError(t, err)
 	_, err = s.Queue("d")
 	assert.ErrorIs(t, err, scheduler.ErrTooManyModels, "a and c hold spent tokens")

@@ -55,21 +55,48 @@ func writeError(w http.ResponseWriter, status int, e apiError) {
 	w.Write(append(body, '\n'))
 }
 
-// SetRateHeaders sets the six x-ratelimit-* headers from the gateway's
-// buckets, replacing any the upstream sent. The values share one backing
-// array: one allocation for the six slices.
+// rateHeaders are OpenAI's x-ratelimit-* header names of each bucket it
+// reports (limit, remaining, reset), by resource: requests and tokens.
+var rateHeaders = [scheduler.NumBuckets][3]string{
+	scheduler.Requests: {"X-Ratelimit-Limit-Requests", "X-Ratelimit-Remaining-Requests", "X-Ratelimit-Reset-Requests"},
+	scheduler.Tokens:   {"X-Ratelimit-Limit-Tokens", "X-Ratelimit-Remaining-Tokens", "X-Ratelimit-Reset-Tokens"},
+}
+
+// SetRateHeaders sets the x-ratelimit-* headers from the gateway's
+// buckets, three for each bucket OpenAI names that the model has (the six
+// of requests and tokens), replacing any the upstream sent. The values
+// share one backing array: one allocation for the slices.
 func SetRateHeaders(h http.Header, st *scheduler.RateState) {
-	v := [...]string{
-		strconv.Itoa(st.LimitRequests), strconv.Itoa(st.RemainingRequests), st.ResetRequests.String(),
-		strconv.Itoa(st.LimitTokens), strconv.Itoa(st.RemainingTokens), st.ResetTokens.String(),
+	var v [3 * scheduler.NumBuckets]string
+	n := 0
+	for r, names := range rateHeaders {
+		if names[0] == "" || st.Limit[r] == 0 {
+			continue
+		}
+		v[n], v[n+1], v[n+2] = strconv.Itoa(st.Limit[r]), strconv.Itoa(st.Remaining[r]), st.Reset[r].String()
+		n += 3
 	}
-	vals := v[:]
-	h["X-Ratelimit-Limit-Requests"] = vals[0:1:1]
-	h["X-Ratelimit-Remaining-Requests"] = vals[1:2:2]
-	h["X-Ratelimit-Reset-Requests"] = vals[2:3:3]
-	h["X-Ratelimit-Limit-Tokens"] = vals[3:4:4]
-	h["X-Ratelimit-Remaining-Tokens"] = vals[4:5:5]
-	h["X-Ratelimit-Reset-Tokens"] = vals[5:6:6]
+	vals := v[:n]
+	n = 0
+	for r, names := range rateHeaders {
+		if names[0] == "" || st.Limit[r] == 0 {
+			continue
+		}
+		for i, name := range names {
+			h[name] = vals[n+i : n+i+1 : n+i+1]
+		}
+		n += 3
+	}
+}
+
+// units name each resource's limit in a rejection's message, as OpenAI's
+// own do.
+var units = [...]string{
+	scheduler.Requests:     "requests per min (RPM)",
+	scheduler.Tokens:       "tokens per min (TPM)",
+	scheduler.InputTokens:  "input tokens per min (ITPM)",
+	scheduler.OutputTokens: "output tokens per min (OTPM)",
+	scheduler.Slots:        "concurrent requests (slots)",
 }
 
 // ceilMillis rounds d up to the millisecond, so a client that waits it is
@@ -86,12 +113,9 @@ func ceilMillis(d time.Duration) time.Duration {
 func WriteReject(w http.ResponseWriter, route string, e *scheduler.RejectError) {
 	h := w.Header()
 	SetRateHeaders(h, &e.State)
-	unit, typ := "requests per min (RPM)", "requests"
-	switch e.Resource {
-	case scheduler.Tokens:
-		unit, typ = "tokens per min (TPM)", "tokens"
-	case scheduler.Slots:
-		unit = "concurrent requests (slots)"
+	unit, typ := units[e.Resource], "requests"
+	if e.Resource != scheduler.Requests && e.Resource != scheduler.Slots {
+		typ = "tokens"
 	}
 	// Whose limit: the model's, or the client's own.
 	where, whose := "in llproxy route "+route, "the model's"

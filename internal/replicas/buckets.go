@@ -27,9 +27,22 @@ type Buckets struct {
 	closed bool           // its queue is retired: forgotten once its leases end
 }
 
-// keys of one client's call: model requests, model tokens, client
-// requests, client tokens, model leases, client leases. One hash tag.
-type keys [6]string
+// keys of one client's call: the model's buckets by resource, the
+// client's, the model's leases, the client's. One hash tag.
+type keys [2*scheduler.NumBuckets + 2]string
+
+// keyTypes are the types of a call's keys.
+type keyTypes [len(keys{})]string
+
+// bucketNames name each resource's bucket in its key.
+var bucketNames = [scheduler.NumBuckets]string{
+	scheduler.Requests: "req", scheduler.Tokens: "tok", scheduler.InputTokens: "in", scheduler.OutputTokens: "out",
+}
+
+const (
+	modelSlots  = 2 * scheduler.NumBuckets // keys index of the model's leases
+	clientSlots = modelSlots + 1
+)
 
 // Queue returns the shared buckets of a queue of model on route, with the
 // model's limits and its clients' (by ID).
@@ -38,8 +51,11 @@ func (s *State) Queue(route, model string, cfg scheduler.Config, clients []sched
 	b := &Buckets{s: s, model: cfg, clients: clients, keys: make([]keys, len(clients)),
 		leases: map[string]int{}}
 	for i, c := range clients {
-		b.keys[i] = keys{tag + "req", tag + "tok", tag + "c:" + c.Name + ":req", tag + "c:" + c.Name + ":tok",
-			tag + "slots", tag + "c:" + c.Name + ":slots"}
+		k := &b.keys[i]
+		for r, name := range bucketNames {
+			k[r], k[scheduler.NumBuckets+r] = tag+name, tag+"c:"+c.Name+":"+name
+		}
+		k[modelSlots], k[clientSlots] = tag+"slots", tag+"c:"+c.Name+":slots"
 	}
 	s.mu.Lock()
 	s.queues = append(s.queues, b)
@@ -88,18 +104,31 @@ type Took struct {
 	Levels scheduler.Levels
 }
 
-// args are a call's capacities and maxima for client.
-func (b *Buckets) args(client int) []any {
-	c := b.clients[client]
-	return []any{b.model.RPM, b.model.TPM, c.RPM, c.TPM}
+// args are a bucket call's first arguments for client: how many
+// resources, then the capacities of the model's buckets and the client's,
+// then v, an amount per resource.
+func (b *Buckets) args(client int, v *scheduler.Vector) []any {
+	model, own := b.model.Limits(), b.clients[client].Limits()
+	args := make([]any, 0, 3*scheduler.NumBuckets+6)
+	args = append(args, scheduler.NumBuckets)
+	for _, n := range model {
+		args = append(args, n)
+	}
+	for _, n := range own {
+		args = append(args, n)
+	}
+	for _, n := range v {
+		args = append(args, n)
+	}
+	return args
 }
 
 var errClient = errors.New("replicas: no such client")
 
-// Take reserves one request and tokens for client from every shared
-// bucket of the queue (and a slot where there is a maximum), in one
-// atomic call, or reports the wait.
-func (b *Buckets) Take(parent context.Context, client, tokens int) (Took, error) {
+// Take reserves cost for client from every shared bucket of the queue
+// (and a slot where there is a maximum), in one atomic call, or reports
+// the wait.
+func (b *Buckets) Take(parent context.Context, client int, cost scheduler.Vector) (Took, error) {
 	if client < 0 || client >= len(b.clients) {
 		return Took{}, errClient
 	}
@@ -108,33 +137,26 @@ func (b *Buckets) Take(parent context.Context, client, tokens int) (Took, error)
 	ctx, cancel := b.s.ctx(parent)
 	defer cancel()
 	k := b.keys[client]
-	res, err := b.s.eval(ctx, takeScript, k[:], bucketTypes[:], append(b.args(client), tokens, b.model.MaxConcurrent,
+	res, err := b.s.eval(ctx, takeScript, k[:], bucketTypes[:], append(b.args(client, &cost), b.model.MaxConcurrent,
 		c.MaxConcurrent, lease, leaseTTL.Milliseconds())...).Slice()
 	if err != nil {
 		return Took{}, b.s.failed(err)
 	}
-	if len(res) < 7 {
+	if len(res) < 3+len(keys{})-2 {
 		return Took{}, b.s.failed(errors.New("replicas: take answered " + strconv.Itoa(len(res)) + " values"))
 	}
-	t := Took{OK: res[0].(int64) == 1}
-	wait := res[1].(int64)
+	ok, _ := res[0].(int64)
+	t := Took{OK: ok == 1}
+	wait, _ := res[1].(int64)
 	t.Wait = time.Duration(wait) * time.Millisecond
-	switch res[2].(int64) {
-	case 1:
-		t.Binding = scheduler.Requests
-	case 2:
-		t.Binding = scheduler.Tokens
-	case 3:
-		t.Binding, t.Own = scheduler.Requests, true
-	case 4:
-		t.Binding, t.Own = scheduler.Tokens, true
-	case 5:
-		t.Binding = scheduler.Slots
-	case 6:
-		t.Binding, t.Own = scheduler.Slots, true
+	bind64, _ := res[2].(int64)
+	switch bind := int(bind64); { // a key's index, from 1
+	case bind > modelSlots:
+		t.Binding, t.Own = scheduler.Slots, bind == clientSlots+1
+	case bind > 0:
+		t.Binding, t.Own = scheduler.Resource((bind-1)%scheduler.NumBuckets), bind > scheduler.NumBuckets
 	}
-	t.Levels = scheduler.Levels{Requests: parseFloat(res[3]), Tokens: parseFloat(res[4]),
-		ClientRequests: parseFloat(res[5]), ClientTokens: parseFloat(res[6])}
+	t.Levels = levelsOf(res[3:])
 	if t.OK && (b.model.MaxConcurrent > 0 || c.MaxConcurrent > 0) {
 		t.Lease = lease
 		b.mu.Lock()
@@ -144,16 +166,24 @@ func (b *Buckets) Take(parent context.Context, client, tokens int) (Took, error)
 	return t, nil
 }
 
-// Adjust gives back (positive) or charges (negative) requests and tokens
-// to the model's shared buckets and client's.
-func (b *Buckets) Adjust(parent context.Context, client, requests, tokens int) error {
-	if requests == 0 && tokens == 0 {
+// levelsOf reads the 2N levels a script returned.
+func levelsOf(res []any) (lv scheduler.Levels) {
+	for r := range scheduler.NumBuckets {
+		lv.Model[r], lv.Client[r] = parseFloat(res[r]), parseFloat(res[scheduler.NumBuckets+r])
+	}
+	return lv
+}
+
+// Adjust gives back (positive amounts) or charges (negative) delta to the
+// model's shared buckets and client's.
+func (b *Buckets) Adjust(parent context.Context, client int, delta scheduler.Vector) error {
+	if delta == (scheduler.Vector{}) {
 		return nil
 	}
 	ctx, cancel := b.s.ctx(parent)
 	defer cancel()
 	k := b.keys[client]
-	if err := b.s.eval(ctx, adjustScript, k[:4], bucketTypes[:4], append(b.args(client), requests, tokens)...).Err(); err != nil {
+	if err := b.s.eval(ctx, adjustScript, k[:modelSlots], bucketTypes[:modelSlots], b.args(client, &delta)...).Err(); err != nil {
 		return b.s.failed(err)
 	}
 	return nil
@@ -170,7 +200,7 @@ func (b *Buckets) Release(parent context.Context, client int, lease string) erro
 	ctx, cancel := b.s.ctx(parent)
 	defer cancel()
 	k := b.keys[client]
-	if err := b.s.eval(ctx, releaseScript, k[4:], bucketTypes[4:], lease).Err(); err != nil {
+	if err := b.s.eval(ctx, releaseScript, k[modelSlots:], bucketTypes[modelSlots:], lease).Err(); err != nil {
 		return b.s.failed(err) // the lease expires within leaseTTL anyway
 	}
 	return nil
@@ -184,7 +214,7 @@ func (b *Buckets) refresh(ctx context.Context) error {
 	defer b.mu.Unlock()
 	byKey := map[string][]any{}
 	for lease, client := range b.leases {
-		for _, k := range b.keys[client][4:] {
+		for _, k := range b.keys[client][modelSlots:] {
 			byKey[k] = append(byKey[k], lease)
 		}
 	}
@@ -204,11 +234,13 @@ func (b *Buckets) Cap(parent context.Context, client int, levels scheduler.Level
 	ctx, cancel := b.s.ctx(parent)
 	defer cancel()
 	k := b.keys[client]
-	args := b.args(client)
-	for _, l := range [...]float64{levels.Requests, levels.Tokens, levels.ClientRequests, levels.ClientTokens} {
-		args = append(args, strconv.FormatFloat(l, 'f', 3, 64))
+	args := b.args(client, &scheduler.Vector{})[:1+2*scheduler.NumBuckets]
+	for _, lv := range [...]*[scheduler.NumBuckets]float64{&levels.Model, &levels.Client} {
+		for _, l := range lv {
+			args = append(args, strconv.FormatFloat(l, 'f', 3, 64))
+		}
 	}
-	if err := b.s.eval(ctx, capScript, k[:4], bucketTypes[:4], args...).Err(); err != nil {
+	if err := b.s.eval(ctx, capScript, k[:modelSlots], bucketTypes[:modelSlots], args...).Err(); err != nil {
 		return b.s.failed(err)
 	}
 	return nil

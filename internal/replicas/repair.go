@@ -6,6 +6,8 @@ import (
 	"strings"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/llproxy/llproxy/scheduler"
 )
 
 // A key of the wrong type (someone ran SET on a bucket's key, an old
@@ -23,7 +25,15 @@ const (
 )
 
 // bucketTypes are the types of a Buckets call's keys (see keys).
-var bucketTypes = [6]string{typeBucket, typeBucket, typeBucket, typeBucket, typeLeases, typeLeases}
+var bucketTypes = func() (t keyTypes) {
+	for i := range t {
+		t[i] = typeBucket
+		if i >= 2*scheduler.NumBuckets {
+			t[i] = typeLeases
+		}
+	}
+	return t
+}()
 
 // keyTrouble reports whether err is Redis's answer about a key's data (a
 // key holding the wrong kind of value), as opposed to Redis not answering.

@@ -44,7 +44,7 @@ func TestTakeSharesTheBucketsAcrossReplicas(t *testing.T) {
 		if i%2 == 1 {
 			q = b
 		}
-		took, err := q.Take(ctx, 0, 10)
+		took, err := q.Take(ctx, 0, scheduler.Request(10, 0))
 		require.NoError(t, err)
 		if took.OK {
 			ok++
@@ -58,11 +58,11 @@ func TestTakeSharesTheBucketsAcrossReplicas(t *testing.T) {
 
 	// The client's own bucket (100 tokens): shared too, and it says so.
 	c := replica(t, r.URL()).Queue("openai", "gpt-4o-mini", model, clientsOf(model))
-	took, err := c.Take(ctx, 1, 80)
+	took, err := c.Take(ctx, 1, scheduler.Request(80, 0))
 	require.NoError(t, err)
 	require.True(t, took.OK)
-	assert.InDelta(t, 20, took.Levels.ClientTokens, 0.5)
-	took, err = replica(t, r.URL()).Queue("openai", "gpt-4o-mini", model, clientsOf(model)).Take(ctx, 1, 80)
+	assert.InDelta(t, 20, took.Levels.Client[scheduler.Tokens], 0.5)
+	took, err = replica(t, r.URL()).Queue("openai", "gpt-4o-mini", model, clientsOf(model)).Take(ctx, 1, scheduler.Request(80, 0))
 	require.NoError(t, err)
 	assert.False(t, took.OK)
 	assert.True(t, took.Own)
@@ -70,8 +70,8 @@ func TestTakeSharesTheBucketsAcrossReplicas(t *testing.T) {
 	assert.InDelta(t, float64(36*time.Second), float64(took.Wait), float64(time.Second), "60 more at 100 a minute")
 
 	// Adjust gives back, never above capacity, and charges.
-	require.NoError(t, c.Adjust(ctx, 1, 0, 80))
-	took, err = c.Take(ctx, 1, 80)
+	require.NoError(t, c.Adjust(ctx, 1, scheduler.Vector{scheduler.Tokens: 80}))
+	took, err = c.Take(ctx, 1, scheduler.Request(80, 0))
 	require.NoError(t, err)
 	assert.True(t, took.OK, "given back")
 }
@@ -83,19 +83,19 @@ func TestLeasesCountAcrossReplicas(t *testing.T) {
 	a := replica(t, r.URL()).Queue("local", "llama", m, clientsOf(m))
 	b := replica(t, r.URL()).Queue("local", "llama", m, clientsOf(m))
 	ctx := context.Background()
-	t1, err := a.Take(ctx, 0, 1)
+	t1, err := a.Take(ctx, 0, scheduler.Request(1, 0))
 	require.NoError(t, err)
-	t2, err := b.Take(ctx, 0, 1)
+	t2, err := b.Take(ctx, 0, scheduler.Request(1, 0))
 	require.NoError(t, err)
 	require.True(t, t1.OK && t2.OK)
 	require.NotEmpty(t, t1.Lease)
-	t3, err := a.Take(ctx, 0, 1)
+	t3, err := a.Take(ctx, 0, scheduler.Request(1, 0))
 	require.NoError(t, err)
 	assert.False(t, t3.OK)
 	assert.Equal(t, scheduler.Slots, t3.Binding)
 	assert.Negative(t, t3.Wait, "when a slot frees is not known")
 	require.NoError(t, b.Release(ctx, 0, t2.Lease))
-	t4, err := a.Take(ctx, 0, 1)
+	t4, err := a.Take(ctx, 0, scheduler.Request(1, 0))
 	require.NoError(t, err)
 	assert.True(t, t4.OK)
 }
@@ -114,7 +114,7 @@ func TestRedisDownDegradesAndRecoversWithoutBurst(t *testing.T) {
 
 	r.Stop()
 	start := time.Now()
-	_, err := q.Take(ctx, 0, 10)
+	_, err := q.Take(ctx, 0, scheduler.Request(10, 0))
 	require.Error(t, err)
 	assert.Less(t, time.Since(start), time.Second, "bounded by the timeout")
 	assert.True(t, s.Degraded())
@@ -124,7 +124,7 @@ func TestRedisDownDegradesAndRecoversWithoutBurst(t *testing.T) {
 	// This replica admits on its own meanwhile; when Redis is back it says
 	// what it estimates is left (10 requests), before anything is taken.
 	s.OnRecover(func(ctx context.Context) error {
-		return q.Cap(ctx, 0, scheduler.Levels{Requests: 10, Tokens: -1, ClientRequests: -1, ClientTokens: -1})
+		return q.Cap(ctx, 0, levelsAll(10, -1))
 	})
 	var deferred int64
 	s.Defer(func(ctx context.Context) error { deferred++; return nil })
@@ -139,7 +139,7 @@ func TestRedisDownDegradesAndRecoversWithoutBurst(t *testing.T) {
 	// restart lost every key): 10 requests are left of 60.
 	ok := 0
 	for range 20 {
-		took, err := q.Take(ctx, 0, 1)
+		took, err := q.Take(ctx, 0, scheduler.Request(1, 0))
 		require.NoError(t, err)
 		if took.OK {
 			ok++
@@ -193,10 +193,10 @@ func TestAWrongTypedKeyIsThatKeysProblem(t *testing.T) {
 	for _, k := range []string{"llproxy:{openai/ok}:req", "llproxy:{openai/ok}:c:a:tok", "llproxy:replicas"} {
 		require.NoError(t, s.rdb.Set(ctx, k, "x", 0).Err())
 	}
-	took, err := bad.Take(ctx, 0, 10)
+	took, err := bad.Take(ctx, 0, scheduler.Request(10, 0))
 	require.NoError(t, err, "the bad keys are replaced and the take runs again")
 	assert.True(t, took.OK)
-	took, err = good.Take(ctx, 0, 10)
+	took, err = good.Take(ctx, 0, scheduler.Request(10, 0))
 	require.NoError(t, err)
 	assert.True(t, took.OK)
 	s.beat(ctx)
@@ -205,7 +205,7 @@ func TestAWrongTypedKeyIsThatKeysProblem(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, "hash", typ)
 	assert.Equal(t, 3.0, testutil.ToFloat64(s.repaired))
-	require.NoError(t, bad.Cap(ctx, 0, scheduler.Levels{Requests: -1, Tokens: -1, ClientRequests: -1, ClientTokens: -1}), "the recovery call on the bad model")
+	require.NoError(t, bad.Cap(ctx, 0, levelsAll(-1, -1)), "the recovery call on the bad model")
 
 	// A budget key, too.
 	require.NoError(t, s.rdb.HSet(ctx, s.budgetKey("interns", "*", "2026-12-01"), "l", 1).Err())
@@ -230,18 +230,18 @@ func TestLeasesOutliveAFlushAndAReload(t *testing.T) {
 	ctx := context.Background()
 	var leases []string
 	for range 2 {
-		took, err := b.Take(ctx, 0, 1)
+		took, err := b.Take(ctx, 0, scheduler.Request(1, 0))
 		require.NoError(t, err)
 		require.True(t, took.OK)
 		leases = append(leases, took.Lease)
 	}
-	took, err := b.Take(ctx, 0, 1)
+	took, err := b.Take(ctx, 0, scheduler.Request(1, 0))
 	require.NoError(t, err)
 	require.False(t, took.OK, "two slots, two in flight")
 
 	require.NoError(t, s.rdb.FlushAll(ctx).Err()) // Redis restarted without its data
 	s.beat(ctx)
-	took, err = b.Take(ctx, 0, 1)
+	took, err = b.Take(ctx, 0, scheduler.Request(1, 0))
 	require.NoError(t, err)
 	assert.False(t, took.OK, "the two in flight hold their slots again")
 	assert.Equal(t, scheduler.Slots, took.Binding)
@@ -252,7 +252,7 @@ func TestLeasesOutliveAFlushAndAReload(t *testing.T) {
 	nb := s.Queue("openai", "gpt-4o", two, clientsOf(two))
 	require.NoError(t, s.rdb.FlushAll(ctx).Err())
 	s.beat(ctx)
-	took, err = nb.Take(ctx, 0, 1)
+	took, err = nb.Take(ctx, 0, scheduler.Request(1, 0))
 	require.NoError(t, err)
 	assert.False(t, took.OK, "the old buckets' requests still hold both slots")
 	for _, l := range leases {
@@ -262,7 +262,18 @@ func TestLeasesOutliveAFlushAndAReload(t *testing.T) {
 	s.mu.Lock()
 	assert.NotContains(t, s.queues, b, "forgotten once its leases ended")
 	s.mu.Unlock()
-	took, err = nb.Take(ctx, 0, 1)
+	took, err = nb.Take(ctx, 0, scheduler.Request(1, 0))
 	require.NoError(t, err)
 	assert.True(t, took.OK)
+}
+
+// levelsAll caps the model's request bucket at requests and leaves every
+// other bucket (-1).
+func levelsAll(requests float64, rest float64) scheduler.Levels {
+	var lv scheduler.Levels
+	for r := range scheduler.NumBuckets {
+		lv.Model[r], lv.Client[r] = rest, rest
+	}
+	lv.Model[scheduler.Requests] = requests
+	return lv
 }

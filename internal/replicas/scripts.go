@@ -28,67 +28,76 @@ local function store(key, cap, l)
 end
 `
 
-// takeScript reserves one request and ARGV[5] tokens from every bucket
-// that has a capacity (KEYS 1-4: model requests, model tokens, client
-// requests, client tokens; ARGV 1-4 their capacities, 0 for none) and a
-// lease in each concurrency set with a maximum (KEYS 5-6, ARGV 6-7),
-// leased as ARGV[8] until ARGV[9] ms from now; or, if any cannot pay now,
-// nothing. It returns {ok, wait ms (-1: a slot, unknown), the bucket that
-// binds (1-6), the four levels after}.
+// The bucket scripts take ARGV[1] = N, the resources per gate; then
+// KEYS 1..N are the model's buckets and N+1..2N the client's, by resource,
+// with their capacities in ARGV 2..2N+1 (0: no such bucket). What follows
+// is each script's own.
+
+// takeScript reserves the cost ARGV[2N+2..3N+1] (an amount per resource)
+// from every bucket that has a capacity and a lease in each concurrency
+// set with a maximum (KEYS 2N+1, 2N+2; maxima ARGV 3N+2, 3N+3), leased as
+// ARGV[3N+4] until ARGV[3N+5] ms from now; or, if any cannot pay now,
+// nothing. It returns {ok, wait ms (-1: a slot, unknown), what binds (a
+// key's index), the 2N levels after}.
 var takeScript = redis.NewScript(luaLevel + `
-local tokens = tonumber(ARGV[5])
-local caps = {tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])}
-local need = {1, tokens, 1, tokens}
+local n = tonumber(ARGV[1])
 local levels = {}
 local wait, bind = 0, 0
-for i = 1, 4 do
-  levels[i] = level(KEYS[i], caps[i])
-  if caps[i] > 0 and levels[i] < need[i] - 1e-6 then
-    local w = math.ceil((need[i] - levels[i]) * 60000 / caps[i])
+for i = 1, 2 * n do
+  local cap = tonumber(ARGV[1 + i])
+  local need = tonumber(ARGV[2 + 2 * n + (i - 1) % n])
+  levels[i] = level(KEYS[i], cap)
+  if cap > 0 and levels[i] < need - 1e-6 then
+    local w = math.ceil((need - levels[i]) * 60000 / cap)
     if w > wait then wait, bind = w, i end
   end
 end
 for i = 1, 2 do
-  local max = tonumber(ARGV[5 + i])
+  local max = tonumber(ARGV[3 * n + 1 + i])
   if max > 0 then
-    redis.call('ZREMRANGEBYSCORE', KEYS[4 + i], '-inf', now)
-    if redis.call('ZCARD', KEYS[4 + i]) >= max then wait, bind = -1, 4 + i end
+    redis.call('ZREMRANGEBYSCORE', KEYS[2 * n + i], '-inf', now)
+    if redis.call('ZCARD', KEYS[2 * n + i]) >= max then wait, bind = -1, 2 * n + i end
   end
 end
-if wait ~= 0 then
-  return {0, wait, bind, tostring(levels[1]), tostring(levels[2]), tostring(levels[3]), tostring(levels[4])}
-end
-for i = 1, 4 do
-  if caps[i] > 0 then
-    levels[i] = levels[i] - need[i]
-    store(KEYS[i], caps[i], levels[i])
+local out = {0, wait, bind}
+if wait == 0 then
+  out[1] = 1
+  for i = 1, 2 * n do
+    local cap = tonumber(ARGV[1 + i])
+    if cap > 0 then
+      levels[i] = levels[i] - tonumber(ARGV[2 + 2 * n + (i - 1) % n])
+      store(KEYS[i], cap, levels[i])
+    end
+  end
+  for i = 1, 2 do
+    if tonumber(ARGV[3 * n + 1 + i]) > 0 then
+      redis.call('ZADD', KEYS[2 * n + i], now + tonumber(ARGV[3 * n + 5]), ARGV[3 * n + 4])
+      redis.call('PEXPIRE', KEYS[2 * n + i], tonumber(ARGV[3 * n + 5]) * 2)
+    end
   end
 end
-for i = 1, 2 do
-  if tonumber(ARGV[5 + i]) > 0 then
-    redis.call('ZADD', KEYS[4 + i], now + tonumber(ARGV[9]), ARGV[8])
-    redis.call('PEXPIRE', KEYS[4 + i], tonumber(ARGV[9]) * 2)
-  end
-end
-return {1, 0, 0, tostring(levels[1]), tostring(levels[2]), tostring(levels[3]), tostring(levels[4])}
+for i = 1, 2 * n do out[3 + i] = tostring(levels[i]) end
+return out
 `)
 
-// adjustScript adds ARGV[5] requests and ARGV[6] tokens to every bucket
-// with a capacity (KEYS 1-4, ARGV 1-4 as takeScript): positive gives back
-// (never above capacity), negative charges (never below minus capacity:
-// a debt refill repays). It returns the four levels after.
+// adjustScript adds ARGV[2N+2..3N+1] (an amount per resource) to every
+// bucket with a capacity: positive gives back (never above capacity),
+// negative charges (never below minus capacity: a debt refill repays). It
+// returns the 2N levels after.
 var adjustScript = redis.NewScript(luaLevel + `
-local caps = {tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])}
-local delta = {tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[5]), tonumber(ARGV[6])}
+local n = tonumber(ARGV[1])
 local levels = {}
-for i = 1, 4 do
-  levels[i] = level(KEYS[i], caps[i])
-  if caps[i] > 0 and delta[i] ~= 0 then
-    levels[i] = math.max(-caps[i], math.min(caps[i], levels[i] + delta[i]))
-    store(KEYS[i], caps[i], levels[i])
+for i = 1, 2 * n do
+  local cap = tonumber(ARGV[1 + i])
+  local delta = tonumber(ARGV[2 + 2 * n + (i - 1) % n])
+  levels[i] = level(KEYS[i], cap)
+  if cap > 0 and delta ~= 0 then
+    levels[i] = math.max(-cap, math.min(cap, levels[i] + delta))
+    store(KEYS[i], cap, levels[i])
   end
+  levels[i] = tostring(levels[i])
 end
-return {tostring(levels[1]), tostring(levels[2]), tostring(levels[3]), tostring(levels[4])}
+return levels
 `)
 
 // releaseScript ends lease ARGV[1] in the concurrency sets KEYS 1-2.
@@ -133,13 +142,13 @@ redis.call('EXPIRE', KEYS[1], 172800)
 return n
 `)
 
-// capScript lowers every bucket with a capacity (KEYS 1-4, ARGV 1-4 as
-// takeScript) to at most ARGV[5..8] (negative: leave it): after an outage
-// the shared buckets resume from what the replicas spent meanwhile, not
-// from full.
+// capScript lowers every bucket with a capacity to at most
+// ARGV[2N+1+i] for key i (negative: leave it): after an outage the shared
+// buckets resume from what the replicas spent meanwhile, not from full.
 var capScript = redis.NewScript(luaLevel + `
-for i = 1, 4 do
-  local cap, ceil = tonumber(ARGV[i]), tonumber(ARGV[4 + i])
+local n = tonumber(ARGV[1])
+for i = 1, 2 * n do
+  local cap, ceil = tonumber(ARGV[1 + i]), tonumber(ARGV[1 + 2 * n + i])
   if cap > 0 and ceil >= 0 then
     local l = level(KEYS[i], cap)
     if ceil < l then store(KEYS[i], cap, ceil) end

@@ -1,6 +1,7 @@
 package route
 
 import (
+	"context"
 	"errors"
 	"log/slog"
 	"net/http"
@@ -8,79 +9,42 @@ import (
 
 	"github.com/llproxy/llproxy/internal/clients"
 	"github.com/llproxy/llproxy/internal/metrics"
+	"github.com/llproxy/llproxy/internal/models"
 	"github.com/llproxy/llproxy/internal/openai"
 	"github.com/llproxy/llproxy/internal/relay"
 	"github.com/llproxy/llproxy/internal/request"
+	"github.com/llproxy/llproxy/internal/ticket"
 	"github.com/llproxy/llproxy/scheduler"
 )
 
-// The admit stage: a request waits its turn in its model's queue, then the
-// send loop runs while it holds its admission.
+// The admit stage: a request gets its ticket (package ticket: its budget,
+// its queue, the shared buckets), then the send loop runs while it holds
+// it.
 
-// schedule admits a request through its model's queue and forwards it,
-// sending it again when the upstream answers with a retryable 429 (back to
-// the head of the queue, which is held as long as the upstream asked), a
-// 5xx or a connection failure (after a backoff), as long as nothing has
-// reached the client and the request's maxQueueWait budget lasts.
+// schedule admits a request and forwards it, sending it again when the
+// upstream answers with a retryable 429 (back to the head of the queue,
+// which is held as long as the upstream asked), a 5xx or a connection
+// failure (after a backoff), as long as nothing has reached the client and
+// the ticket's deadline allows.
 func (rt *Route) schedule(ex *exchange, r *http.Request, body *request.Body, c *call, who *clients.Client, rec *requestLog) {
-	ms := c.ms
-	rec.prompt, rec.cost, rec.series = c.est.prompt, c.est.cost, ms.Metrics
-	arrived := time.Now()
+	ctx := r.Context()
+	rec.prompt, rec.cost, rec.series = c.est.prompt, c.est.cost, c.ms.Metrics
 	ex.who = rt.clients[who.ID]
-	// The client's daily budget first: over it, nothing is queued.
-	spend, err := who.Reserve(arrived, rec.model, c.est.cost)
+	t, err := rt.gate.AdmitInto(ctx, ticket.Ask{Client: who, Model: c.ms, Name: rec.model,
+		Cost: c.est.vector(), KeepAlive: c.keepAlive}, &ex.ticket)
 	if err != nil {
-		rec.outcome = metrics.OutcomeRejectBudget
-		var reserved *clients.Reserved
-		if errors.As(err, &reserved) {
-			openai.WriteBudgetReserved(ex, reserved)
-		} else {
-			openai.WriteQuota(ex, err.(*clients.Exhausted))
-		}
-		return
-	}
-	ex.spend = spend
-	defer ex.spend.Release()
-	goOn, unlimited := rt.degradedBefore(ex, ms, rec)
-	if !goOn {
-		return
-	}
-	cost := scheduler.Cost{Tokens: c.est.cost, Client: who.ID, Name: who.Name}
-	var adm *scheduler.Admission
-	if unlimited {
-		adm = &ex.admission // the zero admission: nothing held, nothing to give back
-	} else {
-		adm, err = ms.Queue.AcquireInto(r.Context(), cost, &ex.admission)
-	}
-	if errors.Is(err, scheduler.ErrRetired) {
-		// Its queue was retired for being idle between lookup and
-		// admission: look again (a new queue with full buckets, exactly
-		// what the idle one held).
-		if ms, err = rt.models.For(rec.model); err == nil {
-			c.ms, rec.series = ms, ms.Metrics
-			adm, err = ms.Queue.AcquireInto(r.Context(), cost, &ex.admission)
-		}
-	}
-	if err != nil {
-		rec.outcome = rt.writeAcquireError(ex, r.Context(), err)
-		if rt.debugging(r.Context()) {
-			rt.debug(r.Context(), "not admitted", slog.String("model", rec.model), slog.Int("cost", c.est.cost),
+		rec.outcome = rt.writeAdmitError(ex, ctx, err)
+		if rt.debugging(ctx) {
+			rt.debug(ctx, "not admitted", slog.String("model", rec.model), slog.Int("cost", c.est.cost),
 				slog.String("reason", err.Error()))
 		}
 		return
 	}
-	if rt.debugging(r.Context()) {
-		rt.debug(r.Context(), "admitted", slog.String("model", rec.model), slog.Int("cost", c.est.cost),
-			slog.Duration("wait", adm.Wait), slog.Duration("predicted_wait", adm.Predicted),
-			slog.Int("remaining_requests", adm.State.RemainingRequests),
-			slog.Int("remaining_tokens", adm.State.RemainingTokens))
-	}
-	// Whatever happens from here (a retry's new admission, a response cut
-	// short by a panic with http.ErrAbortHandler), the admission in force
-	// when the request ends gives back its concurrency slot.
-	ex.adm = adm
-	defer func() { ex.adm.Release(time.Now()) }()
-	defer ex.hold.release()
+	// Whatever happens from here (a requeue's new admission, a response
+	// cut short by a panic with http.ErrAbortHandler), the ticket gives
+	// back what it holds when the request ends.
+	ex.t = t
+	defer func() { t.Release(time.Now()) }()
 	// An answer whose copy broke off (the client cut the stream: a panic
 	// with http.ErrAbortHandler) still settles what it relayed.
 	defer func() {
@@ -88,17 +52,14 @@ func (rt *Route) schedule(ex *exchange, r *http.Request, body *request.Body, c *
 			rt.settle(ex, c, ex.delivering, rec)
 		}
 	}()
-	ex.rate, ex.hasRate = adm.State, !unlimited
-	// The request's deadline is its client's maxQueueWait (the model's
-	// where the client has none): retries, requeues and slot waits end by it.
-	maxWait := adm.MaxQueueWait
-	if unlimited {
-		maxWait = ms.MaxQueueWait
-	}
-	ex.deadline = arrived.Add(maxWait)
-	rec.wait = adm.Wait
-	if !unlimited && !rt.takeShared(r.Context(), ex, ms, cost, rec) {
-		return
+	ms := t.Model
+	rec.wait, rec.series = t.Wait, ms.Metrics
+	if rt.debugging(ctx) {
+		st, _ := t.Rate()
+		rt.debug(ctx, "admitted", slog.String("model", rec.model), slog.Int("cost", c.est.cost),
+			slog.Duration("wait", t.Wait), slog.Duration("predicted_wait", t.Predicted),
+			slog.Int("remaining_requests", st.Remaining[scheduler.Requests]),
+			slog.Int("remaining_tokens", st.Remaining[scheduler.Tokens]))
 	}
 	ms.Metrics.Inflight(1)
 	defer ms.Metrics.Inflight(-1)
@@ -106,9 +67,8 @@ func (rt *Route) schedule(ex *exchange, r *http.Request, body *request.Body, c *
 	ms.Metrics.Admitted(rec.wait, c.est.prompt, c.est.cost)
 	ex.who.Outcome(rec.outcome)
 
-	ex.ms, ex.strip = ms, c.inject != nil
+	ex.strip = c.inject != nil
 	ex.maxRetries, ex.backoff = *rt.cfg.Retries, time.Duration(rt.cfg.RetryBackoff)
-	ex.lease.Reset(rec.model, c.keepAlive, ex.deadline)
 	send := body
 	if c.inject != nil {
 		send = c.inject
@@ -121,10 +81,9 @@ func (rt *Route) schedule(ex *exchange, r *http.Request, body *request.Body, c *
 		switch a.verdict {
 		case relay.Deliver, relay.Failed:
 			if a.noBackend {
-				ex.unsend(time.Now()) // never sent
-				ms.Metrics.Unsent(c.est.cost)
+				t.Unsend(time.Now()) // never sent
 				rec.outcome = "no_backend"
-				if r.Context().Err() != nil {
+				if ctx.Err() != nil {
 					rec.outcome = metrics.OutcomeCancelled
 				}
 				return
@@ -132,8 +91,57 @@ func (rt *Route) schedule(ex *exchange, r *http.Request, body *request.Body, c *
 			rt.settle(ex, c, a, rec)
 			return
 		}
-		if !rt.sendAgain(r.Context(), ex, a, cost, rec) {
+		if !rt.sendAgain(ctx, ex, a, rec) {
 			return
 		}
 	}
+}
+
+// vector is the estimate as a cost over the buckets: one request, its
+// prompt in, its most output out.
+func (e estimate) vector() scheduler.Vector { return scheduler.Request(e.prompt, e.cost-e.prompt) }
+
+// writeAdmitError answers a request that got no ticket and returns its
+// outcome: over its budget, the shared limits away (deny), or not
+// admitted by its queue.
+func (rt *Route) writeAdmitError(ex *exchange, ctx context.Context, err error) string {
+	var reserved *clients.Reserved
+	var exhausted *clients.Exhausted
+	switch {
+	case errors.As(err, &reserved):
+		openai.WriteBudgetReserved(ex, reserved)
+		return metrics.OutcomeRejectBudget
+	case errors.As(err, &exhausted):
+		openai.WriteQuota(ex, exhausted)
+		return metrics.OutcomeRejectBudget
+	case errors.Is(err, ticket.ErrLimitsUnavailable):
+		h := ex.Header()
+		h["X-Llproxy-Limits"] = []string{"local"}
+		h["Retry-After"] = []string{"1"}
+		openai.WriteError(ex, http.StatusServiceUnavailable, "server_error", "limits_unavailable",
+			"llproxy cannot reach the shared limits (Redis) and is configured to refuse until it can (onRedisDown: deny).")
+		return metrics.OutcomeSharedDown
+	}
+	return rt.writeAcquireError(ex, ctx, err)
+}
+
+// RecoverShared lowers the shared buckets of every model of the route to
+// what this replica's queues hold of them, after an outage: a floor of
+// what is left (each replica holds its share of it), so the buckets
+// resume from what was spent, never from more.
+func (rt *Route) RecoverShared(ctx context.Context) error {
+	now := time.Now()
+	var err error
+	rt.models.Range(func(ms *models.Model) {
+		if ms.Shared == nil || err != nil {
+			return
+		}
+		for client := range rt.clients {
+			lv := ms.Queue.Estimate(now, client)
+			if err = ms.Shared.Cap(ctx, client, lv); err != nil {
+				return
+			}
+		}
+	})
+	return err
 }

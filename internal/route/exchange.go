@@ -9,13 +9,11 @@ import (
 	"time"
 
 	"github.com/llproxy/llproxy/internal/clients"
-	"github.com/llproxy/llproxy/internal/fleet"
 	"github.com/llproxy/llproxy/internal/metrics"
-	"github.com/llproxy/llproxy/internal/models"
 	"github.com/llproxy/llproxy/internal/openai"
 	"github.com/llproxy/llproxy/internal/request"
+	"github.com/llproxy/llproxy/internal/ticket"
 	"github.com/llproxy/llproxy/provider"
-	"github.com/llproxy/llproxy/scheduler"
 )
 
 // exchange wraps the client's ResponseWriter for one request. When the
@@ -25,23 +23,16 @@ import (
 // log line and metrics need.
 type exchange struct {
 	http.ResponseWriter
-	rate     scheduler.RateState
-	hasRate  bool
 	status   int
 	headerAt time.Time
 	written  int64
 
 	// For a scheduled request, set by schedule and read by the send loop.
-	ms         *models.Model
-	adm        *scheduler.Admission // the admission in force
-	admission  scheduler.Admission  // what adm points to: pooled with the exchange
-	spend      clients.Spend        // the request's hold on its client's daily budget
-	hold       sharedHold           // its reservation in the shared buckets (replicas)
-	local      bool                 // the limits in force are this replica's alone (Redis down)
-	backend    string               // the fleet backend of the last send
-	who        *metrics.Client      // its client's series
-	deadline   time.Time            // arrival + maxQueueWait: no retry past it
-	tries      int                  // sends so far
+	t          *ticket.Ticket  // its ticket, once admitted
+	ticket     ticket.Ticket   // what t points to: pooled with the exchange
+	backend    string          // the fleet backend of the last send
+	who        *metrics.Client // its client's series
+	tries      int             // sends so far
 	maxRetries int
 	backoff    time.Duration
 	strip      bool // include_usage was injected: strip it from the stream
@@ -52,10 +43,8 @@ type exchange struct {
 	delivering attempt
 	unsettled  bool
 
-	// What the request asks of its route's upstream over all its sends,
-	// and the body with a backend's own model id (if it differs from the
+	// The body with a backend's own model id (if it differs from the
 	// client's name).
-	lease   fleet.Request
 	renamed *request.Body
 
 	// The taps themselves, kept with the pooled exchange so their buffers
@@ -83,11 +72,11 @@ func putExchange(ex *exchange) {
 	if ex.renamed != nil {
 		ex.renamed.Release()
 	}
-	bt, st, lr := ex.bodyTap, ex.streamTap, ex.lease
+	bt, st, tk := ex.bodyTap, ex.streamTap, ex.ticket
 	bt.Reset(nil)
 	st.Reset(nil, false)
-	lr.Reset("", nil, time.Time{})
-	*ex = exchange{bodyTap: bt, streamTap: st, lease: lr}
+	tk.Reset()
+	*ex = exchange{bodyTap: bt, streamTap: st, ticket: tk}
 	exchangePool.Put(ex)
 }
 
@@ -102,10 +91,10 @@ func (ex *exchange) WriteHeader(code int) {
 	ex.status = code
 	ex.headerAt = time.Now()
 	h := ex.Header()
-	if ex.hasRate {
-		openai.SetRateHeaders(h, &ex.rate)
+	if st, ok := ex.t.Rate(); ok {
+		openai.SetRateHeaders(h, st)
 	}
-	if ex.local {
+	if ex.t.Local() {
 		h["X-Llproxy-Limits"] = []string{"local"}
 	}
 	if ct := h["Content-Type"]; len(ct) > 0 && strings.HasPrefix(ct[0], "text/event-stream") {

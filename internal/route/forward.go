@@ -94,7 +94,7 @@ const minUpstreamRetry = 50 * time.Millisecond
 // which ends with a panic, gives everything back as well.
 func (rt *Route) try(ex *exchange, r *http.Request, model string, c *call, body *request.Body) (a attempt) {
 	ctx := r.Context()
-	l, err := rt.lessor.Lease(ctx, &ex.lease)
+	l, err := ex.t.Lease(ctx)
 	if err != nil {
 		if ctx.Err() == nil {
 			rt.writeLeaseError(ex, model, err)
@@ -115,7 +115,7 @@ func (rt *Route) try(ex *exchange, r *http.Request, model string, c *call, body 
 	sent := time.Now()
 	res, err := rt.up.transport.RoundTrip(out)
 	now := time.Now()
-	ms := ex.ms
+	ms := ex.t.Model
 	p := relay.Policy{CanRetry: ex.canRetry(now), CanWait429: ex.status == 0,
 		ClientGone: ctx.Err() != nil}
 	status := 0
@@ -154,13 +154,13 @@ func (rt *Route) try(ex *exchange, r *http.Request, model string, c *call, body 
 		res.Body.Close()
 		return a
 	case relay.RetryServerError:
-		rt.observe(ms, ex.adm, ri, now)
+		rt.observe(ex.t, ri, now)
 		io.Copy(io.Discard, io.LimitReader(res.Body, 64<<10))
 		res.Body.Close()
 		return a
 	}
 	a.verdict = relay.Deliver
-	rt.observe(ms, ex.adm, ri, now)
+	rt.observe(ex.t, ri, now)
 	if status < 300 {
 		if strings.HasPrefix(res.Header.Get("Content-Type"), "text/event-stream") {
 			ex.streamTap.Reset(res.Body, ex.strip)

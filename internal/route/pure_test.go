@@ -103,14 +103,16 @@ func TestBackoff(t *testing.T) {
 	}
 	// canRetry: retries left, nothing written, and the backoff ends by the deadline.
 	now := time.Now()
-	ex = &exchange{ms: &models.Model{}, backoff: 100 * time.Millisecond, maxRetries: 2, deadline: now.Add(time.Second), tries: 1}
-	assert.True(t, ex.canRetry(now))
+	deadline := now.Add(time.Second)
+	ex = &exchange{backoff: 100 * time.Millisecond, maxRetries: 2, tries: 1}
+	assert.True(t, ex.retryable(now, deadline))
+	assert.False(t, ex.canRetry(now), "not admitted: no ticket")
 	ex.tries = 3
-	assert.False(t, ex.canRetry(now), "out of retries")
+	assert.False(t, ex.retryable(now, deadline), "out of retries")
 	ex.tries, ex.status = 1, 200
-	assert.False(t, ex.canRetry(now), "something reached the client")
+	assert.False(t, ex.retryable(now, deadline), "something reached the client")
 	ex.status = 0
-	assert.False(t, ex.canRetry(now.Add(950*time.Millisecond)), "the backoff would end past the deadline")
+	assert.False(t, ex.retryable(now.Add(950*time.Millisecond), deadline), "the backoff would end past the deadline")
 }
 
 type relayed struct {

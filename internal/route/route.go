@@ -34,6 +34,7 @@ import (
 	"github.com/llproxy/llproxy/internal/relay"
 	"github.com/llproxy/llproxy/internal/replicas"
 	"github.com/llproxy/llproxy/internal/request"
+	"github.com/llproxy/llproxy/internal/ticket"
 	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/provider/mock"
 	"github.com/llproxy/llproxy/scheduler"
@@ -55,6 +56,7 @@ type Route struct {
 	fleet   *fleet.Fleet       // the route's fleet, for its catalog and admin; nil for one URL
 	clients []*metrics.Client  // each client's series on the route, by ID
 	answers *metrics.Responses // the route's responses by status
+	gate    ticket.Gate        // how its requests are admitted
 }
 
 // Options are a route's dependencies. Tokenizer, Metrics and Logger are
@@ -153,6 +155,8 @@ func New(name string, rc *config.Route, opts Options) (*Route, error) {
 		rt.lessor = fleet.NewSingle(target)
 		rt.up.transport = transport()
 	}
+	rt.gate = ticket.Gate{Models: reg, Shared: opts.Shared, SettleActual: rc.Settle == config.SettleActual,
+		Lessor: rt.lessor, Logger: opts.Logger.With("route", name)}
 	return rt, nil
 }
 

@@ -7,10 +7,10 @@ import (
 	"strings"
 	"time"
 
-	"github.com/llproxy/llproxy/internal/config"
 	"github.com/llproxy/llproxy/internal/metrics"
 	"github.com/llproxy/llproxy/internal/models"
 	"github.com/llproxy/llproxy/internal/relay"
+	"github.com/llproxy/llproxy/internal/ticket"
 	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/scheduler"
 )
@@ -31,27 +31,38 @@ func (ex *exchange) nextBackoff() time.Duration {
 // the client yet, retries are left, and the backoff ends before the
 // request's deadline.
 func (ex *exchange) canRetry(now time.Time) bool {
-	return ex.ms != nil && ex.status == 0 && ex.tries <= ex.maxRetries &&
-		!now.Add(ex.backoff<<min(ex.tries-1, 10)).After(ex.deadline)
+	return ex.t != nil && ex.retryable(now, ex.t.Deadline())
+}
+
+// retryable is canRetry for a request whose deadline is deadline.
+func (ex *exchange) retryable(now, deadline time.Time) bool {
+	return ex.status == 0 && ex.tries <= ex.maxRetries && !now.Add(ex.backoff<<min(ex.tries-1, 10)).After(deadline)
+}
+
+// upstreamOf is what the upstream's rate headers say it has left, per
+// resource.
+func upstreamOf(ri provider.RateInfo) scheduler.Upstream {
+	var u scheduler.Upstream
+	u.Remaining[scheduler.Requests], u.Reported[scheduler.Requests] = ri.RemainingRequests, ri.HasRemainingRequests
+	u.Remaining[scheduler.Tokens], u.Reported[scheduler.Tokens] = ri.RemainingTokens, ri.HasRemainingTokens
+	return u
 }
 
 // observe lowers the model's buckets to what the upstream reports is left
-// and records the upstream's view.
-func (rt *Route) observe(ms *models.Model, adm *scheduler.Admission, ri provider.RateInfo, now time.Time) {
+// (the ticket knows when: with shared limits, only while Redis is away;
+// see README, Running several replicas) and records the upstream's view.
+func (rt *Route) observe(t *ticket.Ticket, ri provider.RateInfo, now time.Time) {
 	if !ri.Any() {
 		return
 	}
-	// With shared limits, the shared buckets are the key's: another
-	// replica's spend is not someone else's, and the headers are not
-	// applied to this replica's view (see README, Running several
-	// replicas), unless Redis is down and this view is all there is.
-	alone := ms.Shared == nil || rt.opts.Shared.Degraded()
-	if alone && adm.Observe(now, scheduler.Upstream{
-		RemainingRequests: ri.RemainingRequests, HasRemainingRequests: ri.HasRemainingRequests,
-		RemainingTokens: ri.RemainingTokens, HasRemainingTokens: ri.HasRemainingTokens,
-	}) {
-		ms.Metrics.Lowered()
+	if t.Observe(now, upstreamOf(ri)) {
+		t.Model.Metrics.Lowered()
 	}
+	rt.upstreamRate(t.Model, ri)
+}
+
+// upstreamRate records the upstream's view of its limits.
+func (rt *Route) upstreamRate(ms *models.Model, ri provider.RateInfo) {
 	orNone := func(v int, ok bool) int {
 		if ok {
 			return v
@@ -67,8 +78,9 @@ func (rt *Route) observe(ms *models.Model, adm *scheduler.Admission, ri provider
 // sendAgain prepares the next send after a retryable outcome. It returns
 // false when the request is over: the client left, or (for an upstream 429
 // that outlasts the request's budget) it was answered with an honest 429.
-func (rt *Route) sendAgain(ctx context.Context, ex *exchange, a attempt, cost scheduler.Cost, rec *requestLog) bool {
-	ms := ex.ms
+func (rt *Route) sendAgain(ctx context.Context, ex *exchange, a attempt, rec *requestLog) bool {
+	t := ex.t
+	ms := t.Model
 	ms.Metrics.Retry(a.verdict.String())
 	if a.verdict != relay.RetryRateLimited {
 		backoff := ex.nextBackoff()
@@ -86,39 +98,33 @@ func (rt *Route) sendAgain(ctx context.Context, ex *exchange, a attempt, cost sc
 			return false
 		}
 	}
-	// The upstream refused the request before running it: give its
-	// admission back, hold the whole queue as long as the upstream asked,
-	// and wait again at the head of the queue within the original budget.
+	// The upstream refused the request before running it: its admission
+	// goes back (the refusal's headers compared with the buckets as they
+	// were before it paid), the whole queue is held as long as the
+	// upstream asked, and it waits again at the head of the queue until
+	// its ticket's deadline.
 	now := time.Now()
-	ex.unsend(now)
-	ms.Metrics.Unsent(cost.Tokens)
-	rt.observe(ms, ex.adm, a.refusal, now) // compared as unpaid: the upstream refused it
-	ms.Queue.Hold(now, now.Add(a.retryAfter))
+	if t.Refused(now, upstreamOf(a.refusal), now.Add(a.retryAfter)) {
+		ms.Metrics.Lowered()
+	}
+	rt.upstreamRate(ms, a.refusal)
 	if rt.debugging(ctx) {
 		rt.debug(ctx, "upstream 429: queue held, request back at its head", slog.String("model", rec.model),
 			slog.Duration("hold", a.retryAfter), slog.Int("try", ex.tries))
 	}
-	deadline := ex.deadline
-	if ex.tries > ex.maxRetries {
-		// Out of tries: no further send. The queue is held (at least
-		// minUpstreamRetry), so a requeue that may not wait is refused
-		// with the gateway's own 429, whose retry-after includes the hold:
-		// the upstream's 429 never reaches the client.
-		deadline = now
-	}
-	adm, err := ms.Queue.Requeue(ctx, cost, deadline, ex.adm) // given back whole: reused
-	if err != nil {
-		ex.hasRate = false // writeReject sets the headers of the rejection
-		rec.outcome = rt.writeAcquireError(ex, ctx, err)
+	// Out of tries: no further send. The queue is held (at least
+	// minUpstreamRetry), so a requeue that may not wait is refused with the
+	// gateway's own 429, whose retry-after includes the hold: the
+	// upstream's 429 never reaches the client.
+	if err := t.Requeue(ctx, ex.tries <= ex.maxRetries); err != nil {
+		rec.outcome = rt.writeAdmitError(ex, ctx, err)
 		if rec.outcome == metrics.OutcomeRejectWait {
 			rec.outcome = metrics.OutcomeRejectUpstream
 		}
 		return false
 	}
-	ex.rate, ex.adm = adm.State, adm
-	ex.hasRate = true
-	rec.wait += adm.Wait
-	return rt.takeShared(ctx, ex, ms, cost, rec)
+	rec.wait = t.Wait
+	return true
 }
 
 // settle reconciles the reservation with what happened: a request the
@@ -127,12 +133,11 @@ func (rt *Route) sendAgain(ctx context.Context, ex *exchange, a attempt, cost sc
 // (an error answer, a stream cut short) keeps its reservation, as OpenAI
 // counts failed requests against the limit too.
 func (rt *Route) settle(ex *exchange, c *call, a attempt, rec *requestLog) {
-	ms, cost := ex.ms, c.est.cost
+	t := ex.t
 	now := time.Now()
 	ex.unsettled = false
 	if a.neverSent {
-		ex.unsend(now)
-		ms.Metrics.Unsent(cost)
+		t.Unsend(now)
 		return
 	}
 	var u provider.Usage
@@ -146,22 +151,18 @@ func (rt *Route) settle(ex *exchange, c *call, a attempt, rec *requestLog) {
 		// as its counted prompt plus the output relayed so far, never
 		// more than its reservation; an error not at all.
 		if ex.status >= 200 && ex.status < 300 && a.tap != nil {
-			used := c.est.prompt + relayedOutput(a.tap, ex.Header().Get("Content-Type"), cost-c.est.prompt)
-			rec.used = used
-			ex.spend.Settle(now, used)
-			ex.who.Used(used)
+			out := relayedOutput(a.tap, ex.Header().Get("Content-Type"), c.est.cost-c.est.prompt)
+			rec.used = c.est.prompt + out
+			t.Settle(now, scheduler.Request(c.est.prompt, out), false)
+			ex.who.Used(rec.used)
 		}
 		return
 	}
 	rec.used = u.Total
-	ms.Metrics.Used(c.est.prompt, u.Prompt, u.Completion)
-	ex.spend.Settle(now, u.Total)
+	t.Model.Metrics.Used(c.est.prompt, u.Prompt, u.Completion)
+	t.Settle(now, scheduler.Vector{scheduler.Requests: 1, scheduler.Tokens: u.Total,
+		scheduler.InputTokens: u.Prompt, scheduler.OutputTokens: u.Completion}, true)
 	ex.who.Used(u.Total)
-	if rt.cfg.Settle == config.SettleActual {
-		ex.adm.Settle(now, u.Total)
-		ex.hold.settle(u.Total)
-		ms.Metrics.Settled(cost - u.Total)
-	}
 }
 
 // relayedOutput estimates the output tokens of an answer that reported no

@@ -20,6 +20,7 @@ import (
 
 	"github.com/llproxy/llproxy/internal/config"
 	"github.com/llproxy/llproxy/provider/mock"
+	"github.com/llproxy/llproxy/scheduler"
 )
 
 // streamLikeOpenAI renders the chat stream OpenAI sends for words: with
@@ -76,7 +77,7 @@ const settleConfig = `{"routes": {"openai": {"forward": "$UPSTREAM", "settle": "
 const streamBody = `{"model":"gpt-4o","stream":true,"max_tokens":1000,"messages":[{"role":"user","content":"hello world"}]}`
 
 func remainingTokens(g *gateway) int {
-	return mustQueue(g.srv.routes["openai"], "gpt-4o").State(time.Now()).RemainingTokens
+	return mustQueue(g.srv.routes["openai"], "gpt-4o").State(time.Now()).Remaining[scheduler.Tokens]
 }
 
 func TestStreamUsageIsInjectedAndStrippedByteForByte(t *testing.T) {
@@ -130,7 +131,7 @@ func newBubbleGateway(t *testing.T, cfgJSON string, up http.Handler) (*Server, *
 
 // bubbleRemaining is the gpt-4o bucket's tokens at the bubble's now.
 func bubbleRemaining(srv *Server) int {
-	return mustQueue(srv.routes["openai"], "gpt-4o").State(time.Now()).RemainingTokens
+	return mustQueue(srv.routes["openai"], "gpt-4o").State(time.Now()).Remaining[scheduler.Tokens]
 }
 
 func TestSettleModes(t *testing.T) {
@@ -179,8 +180,8 @@ func TestNeverSentGivesEverythingBack(t *testing.T) {
 	assert.Equal(t, http.StatusBadGateway, resp.StatusCode)
 	g.waitLog(t, `"status":502`)
 	st := mustQueue(g.srv.routes["openai"], "gpt-4o").State(time.Now())
-	assert.Equal(t, 100000, st.RemainingTokens)
-	assert.Equal(t, 100, st.RemainingRequests)
+	assert.Equal(t, 100000, st.Remaining[scheduler.Tokens])
+	assert.Equal(t, 100, st.Remaining[scheduler.Requests])
 	assert.Contains(t, metricsText(t, g), `llproxy_tokens_settled_total{direction="unsent",model="gpt-4o",route="openai"} 19`)
 }
 

@@ -66,7 +66,7 @@ func (s *Server) clients(w http.ResponseWriter) {
 		v.InFlight += st.InFlight
 		if st.Depth > 0 || st.InFlight > 0 {
 			v.Queues = append(v.Queues, clientQueue{Route: route, Model: q.Model(), Depth: st.Depth,
-				Queued: st.QueuedTokens, InFlight: st.InFlight})
+				Queued: st.Queued[scheduler.Tokens], InFlight: st.InFlight})
 		}
 	})
 	for i := range views {

@@ -24,6 +24,7 @@ import (
 	"github.com/llproxy/llproxy/internal/models"
 	"github.com/llproxy/llproxy/internal/porttest"
 	"github.com/llproxy/llproxy/provider/mock"
+	"github.com/llproxy/llproxy/scheduler"
 )
 
 // A panic in a goroutine the gateway starts (here the in-process upstream's)
@@ -404,7 +405,7 @@ func TestUpstreamAnswersAreBounded(t *testing.T) {
 	assert.Equal(t, http.StatusOK, resp.StatusCode)
 	readAll(t, resp)
 	q, _ = g.srv.routes["openai"].Queue("m")
-	assert.LessOrEqual(t, q.Stats(time.Now()).RemainingTokens, 50000.0, "never above capacity")
+	assert.LessOrEqual(t, q.Stats(time.Now()).Remaining[scheduler.Tokens], 50000.0, "never above capacity")
 	assert.NotContains(t, metricsText(t, g), "NaN")
 }
 

@@ -241,15 +241,20 @@ func (s *Server) QueueStats(yield func(metrics.QueueStats)) {
 			st := q.Stats(now)
 			if label == metrics.OtherModel {
 				other.Depth += st.Depth
-				other.QueuedTokens += st.QueuedTokens
+				other.QueuedTokens += st.Queued[scheduler.Tokens]
 				folded = true
 				return
 			}
 			c := q.Config()
-			yield(metrics.QueueStats{Route: name, Model: q.Model(), Depth: st.Depth, QueuedTokens: st.QueuedTokens,
-				RemainingRequests: st.RemainingRequests, RemainingTokens: st.RemainingTokens,
-				LimitRequests: c.RPM, LimitTokens: c.TPM, RefillRequests: st.RefillRequests, RefillTokens: st.RefillTokens,
-				PredictedWait: st.PredictedWait.Seconds(), MaxWait: time.Duration(c.MaxQueueWait).Seconds()})
+			qs := metrics.QueueStats{Route: name, Model: q.Model(), Depth: st.Depth, QueuedTokens: st.Queued[scheduler.Tokens],
+				PredictedWait: st.PredictedWait.Seconds(), MaxWait: time.Duration(c.MaxQueueWait).Seconds()}
+			for r, limit := range st.Limit {
+				if limit > 0 {
+					qs.Buckets = append(qs.Buckets, metrics.BucketStats{Resource: scheduler.Resource(r).String(),
+						Remaining: st.Remaining[r], Limit: float64(limit), Refill: st.Refill[r]})
+				}
+			}
+			yield(qs)
 		})
 		if folded {
 			yield(other)

@@ -143,7 +143,7 @@ func (p *Page) ServeState(w http.ResponseWriter, r *http.Request) {
 			c := q.Config()
 			m := uiModel{Model: q.Model(), Depth: st.Depth, ByClient: map[string]int{}, InFlight: st.InFlight,
 				PredictedWait: st.PredictedWait.Seconds(), MaxQueueWait: time.Duration(c.MaxQueueWait).Seconds(),
-				Requests: uiBucket{st.RemainingRequests, c.RPM}, Tokens: uiBucket{st.RemainingTokens, c.TPM},
+				Requests: uiBucket{st.Remaining[scheduler.Requests], c.RPM}, Tokens: uiBucket{st.Remaining[scheduler.Tokens], c.TPM},
 				LatencyMs: float64(ms.Metrics.Latency().Microseconds()) / 1000}
 			q.Clients(func(_ int, cs scheduler.ClientStats) {
 				if cs.Depth > 0 {
