@@ -9,7 +9,6 @@ import (
 
 	"github.com/llproxy/llproxy/internal/clients"
 	"github.com/llproxy/llproxy/internal/metrics"
-	"github.com/llproxy/llproxy/internal/models"
 	"github.com/llproxy/llproxy/internal/openai"
 	"github.com/llproxy/llproxy/internal/relay"
 	"github.com/llproxy/llproxy/internal/request"
@@ -126,22 +125,6 @@ func (rt *Route) writeAdmitError(ex *exchange, ctx context.Context, err error) s
 }
 
 // RecoverShared lowers the shared buckets of every model of the route to
-// what this replica's queues hold of them, after an outage: a floor of
-// what is left (each replica holds its share of it), so the buckets
-// resume from what was spent, never from more.
-func (rt *Route) RecoverShared(ctx context.Context) error {
-	now := time.Now()
-	var err error
-	rt.models.Range(func(ms *models.Model) {
-		if ms.Shared == nil || err != nil {
-			return
-		}
-		for client := range rt.clients {
-			lv := ms.Queue.Estimate(now, client)
-			if err = ms.Shared.Cap(ctx, client, lv); err != nil {
-				return
-			}
-		}
-	})
-	return err
-}
+// what this replica's queues hold of them, after an outage (see
+// ticket.Gate.Recover).
+func (rt *Route) RecoverShared(ctx context.Context) error { return rt.gate.Recover(ctx, len(rt.clients)) }

@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"time"
 
+	"github.com/llproxy/llproxy/internal/models"
 	"github.com/llproxy/llproxy/internal/replicas"
 	"github.com/llproxy/llproxy/scheduler"
 )
@@ -130,4 +131,25 @@ func (t *Ticket) takeShared(ctx context.Context) error {
 			return err
 		}
 	}
+}
+
+// Recover lowers the shared buckets of every model of the gate, for each
+// of its clients (numbered 0 to clients-1), to what this replica's queues
+// hold of them, after an outage: a floor of what is left (each replica
+// holds its share of it), so the buckets resume from what was spent,
+// never from more.
+func (g *Gate) Recover(ctx context.Context, clients int) error {
+	now := time.Now()
+	var err error
+	g.Models.Range(func(ms *models.Model) {
+		if ms.Shared == nil || err != nil {
+			return
+		}
+		for client := range clients {
+			if err = ms.Shared.Cap(ctx, client, ms.Queue.Estimate(now, client)); err != nil {
+				return
+			}
+		}
+	})
+	return err
 }
