@@ -36,6 +36,21 @@ func BenchmarkAcquire(b *testing.B) {
 			}
 		})
 	})
+	b.Run("pooled", func(b *testing.B) {
+		// As the gateway admits: into its pooled admission, released
+		// when the answer is done.
+		q := NewQueue("m", big)
+		ctx := context.Background()
+		var into Admission
+		b.ReportAllocs()
+		for b.Loop() {
+			adm, err := q.AcquireInto(ctx, Cost{Amount: Request(500, 0)}, &into)
+			if err != nil {
+				b.Fatal(err)
+			}
+			adm.Release(time.Now())
+		}
+	})
 	b.Run("reject predicted", func(b *testing.B) {
 		q := NewQueue("m", Config{MaxQueueSize: 100, MaxQueueWait: 0, RPM: 60, TPM: 1000})
 		ctx := context.Background()

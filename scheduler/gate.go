@@ -20,6 +20,8 @@ import (
 // finish that long after its admission (or now, if it is already overdue).
 type gate struct {
 	b             [NumBuckets]bucket
+	act           [NumBuckets]Resource // the buckets that are on: act[:nact]
+	nact          int
 	maxConcurrent int
 	inflight      []*Admission // admissions holding one of its slots (maxConcurrent only)
 	// fullConcurrent is the configured maxConcurrent while a share of it is
@@ -32,18 +34,27 @@ func newGate(limits Vector, maxConcurrent int) gate {
 	for r, n := range limits {
 		g.b[r] = newBucket(n)
 	}
+	g.index()
 	return g
 }
 
-// limited reports whether the gate has any bucket.
-func (g *gate) limited() bool {
+// index lists the buckets that are on, so that the hot loops skip the
+// rest.
+func (g *gate) index() {
+	g.nact = 0
 	for r := range g.b {
 		if g.b[r].on {
-			return true
+			g.act[g.nact] = Resource(r)
+			g.nact++
 		}
 	}
-	return false
 }
+
+// active are the buckets that are on.
+func (g *gate) active() []Resource { return g.act[:g.nact] }
+
+// limited reports whether the gate has any bucket.
+func (g *gate) limited() bool { return g.nact > 0 }
 
 // sim is a predicted gate state: the levels right after a request is
 // admitted at time at.
@@ -64,7 +75,7 @@ func (g *gate) slotFree() bool {
 // the bucket it waits longest for.
 func (g *gate) bucketWait(now time.Time, v *Vector) (time.Duration, Resource) {
 	var lv [NumBuckets]float64
-	for r := range g.b {
+	for _, r := range g.active() {
 		lv[r] = g.b[r].level(now)
 	}
 	return g.waitFrom(&lv, v)
@@ -75,9 +86,9 @@ func (g *gate) bucketWait(now time.Time, v *Vector) (time.Duration, Resource) {
 func (g *gate) waitFrom(lv *[NumBuckets]float64, v *Vector) (time.Duration, Resource) {
 	var d time.Duration
 	binding := Requests
-	for r := range g.b {
+	for _, r := range g.active() {
 		if w := g.b[r].waitFrom(lv[r], v[r]); w > d {
-			d, binding = w, Resource(r)
+			d, binding = w, r
 		}
 	}
 	return d, binding
@@ -88,7 +99,7 @@ func (g *gate) canPay(now time.Time, v *Vector) bool {
 	if !g.slotFree() {
 		return false
 	}
-	for r := range g.b {
+	for _, r := range g.active() {
 		if g.b[r].waitFrom(g.b[r].level(now), v[r]) > 0 {
 			return false
 		}
@@ -98,14 +109,14 @@ func (g *gate) canPay(now time.Time, v *Vector) bool {
 
 // take pays v from the buckets.
 func (g *gate) take(now time.Time, v *Vector) {
-	for r := range g.b {
+	for _, r := range g.active() {
 		g.b[r].take(now, v[r])
 	}
 }
 
 // give returns v to the buckets (capped at their capacities).
 func (g *gate) give(now time.Time, v *Vector) {
-	for r := range g.b {
+	for _, r := range g.active() {
 		g.b[r].give(now, v[r])
 	}
 }
@@ -113,7 +124,7 @@ func (g *gate) give(now time.Time, v *Vector) {
 // at is the gate's state at now, as a prediction starts from it.
 func (g *gate) at(now time.Time, service time.Duration) sim {
 	s := sim{at: now, slots: g.slotTimes(now, service)}
-	for r := range g.b {
+	for _, r := range g.active() {
 		s.lv[r] = g.b[r].level(now)
 	}
 	return s
@@ -124,7 +135,7 @@ func (g *gate) at(now time.Time, service time.Duration) sim {
 func (g *gate) advance(s sim, at time.Time) sim {
 	if d := at.Sub(s.at); d > 0 {
 		s.at = at
-		for r := range g.b {
+		for _, r := range g.active() {
 			s.lv[r] = g.b[r].fill(s.lv[r], d)
 		}
 	}
@@ -147,7 +158,7 @@ func (g *gate) ready(s sim, v *Vector) (time.Duration, Resource) {
 // (not before the gate can pay for it: see ready).
 func (g *gate) pass(s sim, v *Vector, at time.Time, service time.Duration) sim {
 	s2 := g.advance(s, at)
-	for r := range g.b {
+	for _, r := range g.active() {
 		s2.lv[r] -= float64(v[r])
 	}
 	if len(s.slots) > 0 {
@@ -205,17 +216,18 @@ func (g *gate) dropSlot(a *Admission) {
 
 // state reports the buckets as a newcomer sees them at now: their levels
 // less what queued requests will take (queued).
-func (g *gate) state(now time.Time, queued *Vector) RateState {
-	var st RateState
-	for r := range g.b {
+func (g *gate) state(now time.Time, queued *Vector) (st RateState) {
+	g.stateInto(&st, now, queued)
+	return st
+}
+
+// stateInto is state written into st, which is zero.
+func (g *gate) stateInto(st *RateState, now time.Time, queued *Vector) {
+	for _, r := range g.active() {
 		b := &g.b[r]
-		if !b.on {
-			continue
-		}
 		lv := b.level(now) - float64(queued[r])
 		st.Limit[r], st.Remaining[r], st.Reset[r] = int(b.capacity), max(0, int(math.Floor(lv))), b.untilFull(lv)
 	}
-	return st
 }
 
 // describe fills a rejection's limit, use and request for the resource
@@ -238,8 +250,8 @@ func (g *gate) full(now time.Time) bool {
 	if len(g.inflight) > 0 {
 		return false
 	}
-	for r := range g.b {
-		if g.b[r].on && g.b[r].level(now) < g.b[r].capacity {
+	for _, r := range g.active() {
+		if g.b[r].level(now) < g.b[r].capacity {
 			return false
 		}
 	}

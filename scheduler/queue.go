@@ -274,16 +274,17 @@ func (q *Queue) admitsNow(now time.Time, l *lane, v *Vector) bool {
 // tooLarge is the rejection of a request of cost v from lane l that a
 // bucket, the model's or its client's, can never hold; nil if it fits.
 func (q *Queue) tooLarge(now time.Time, l *lane, v *Vector) *RejectError {
-	model, own := q.cfg.Limits(), l.Limits()
 	for r, n := range v {
-		limit, client := model[r], ""
-		if limit == 0 || n <= limit {
-			if limit, client = own[r], l.Name; limit == 0 || n <= limit {
+		// A bucket's full is its configured limit, whatever share of it
+		// is in force.
+		limit, client := q.b[r].full, ""
+		if !q.b[r].on || float64(n) <= limit {
+			if limit, client = l.b[r].full, l.Name; !l.b[r].on || float64(n) <= limit {
 				continue
 			}
 		}
 		return &RejectError{Reason: ErrTooLarge, Model: q.model, Resource: Resource(r), Requested: n,
-			Limit: limit, Client: client, QueueLen: len(l.waiting), State: q.state(now, l)}
+			Limit: int(limit), Client: client, QueueLen: len(l.waiting), State: q.state(now, l)}
 	}
 	return nil
 }
@@ -368,18 +369,23 @@ func (q *Queue) pay(now time.Time, l *lane, cost Cost, wait time.Duration, a *Ad
 	v := &cost.Amount
 	q.take(now, v)
 	l.take(now, v)
-	for r, n := range v {
-		q.paid[r] += float64(n)
+	for _, r := range q.active() {
+		q.paid[r] += float64(v[r])
 	}
 	q.seq++
 	l.running++
 	if a == nil {
 		a = new(Admission)
+	} else {
+		*a = Admission{}
 	}
-	*a = Admission{Wait: wait, q: q, lane: l, epoch: q.epoch, start: now, seq: q.seq, cost: *v,
-		held: *v, State: q.state(now, l), MaxQueueWait: time.Duration(l.MaxQueueWait),
-		Mark: Mark{Lowered: q.lowered, Drained: q.drained, Paid: q.paid}}
-	for r := range q.b {
+	// Field by field: the admission is large (a vector per resource),
+	// and a composite literal would be built and then copied.
+	a.Wait, a.q, a.lane, a.epoch, a.start, a.seq = wait, q, l, q.epoch, now, q.seq
+	a.cost, a.held, a.MaxQueueWait = *v, *v, time.Duration(l.MaxQueueWait)
+	q.stateInto(&a.State, now, l)
+	a.Mark.Lowered, a.Mark.Drained, a.Mark.Paid = q.lowered, q.drained, q.paid
+	for _, r := range q.active() {
 		a.Mark.Level[r] = q.b[r].level(now)
 	}
 	a.running = true

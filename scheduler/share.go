@@ -173,6 +173,7 @@ func (g *gate) reconfigure(now time.Time, limits Vector, maxConcurrent int) {
 	for r, n := range limits {
 		g.b[r].reconfigure(now, n)
 	}
+	g.index()
 	g.maxConcurrent, g.fullConcurrent = maxConcurrent, 0
 }
 

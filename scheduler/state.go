@@ -12,18 +12,23 @@ import (
 // state reports the buckets as a newcomer of lane l sees them at now: the
 // model's, less what the queued requests will take, or the client's own
 // where they leave less.
-func (q *Queue) state(now time.Time, l *lane) RateState {
-	st := q.gate.state(now, &q.queued)
+func (q *Queue) state(now time.Time, l *lane) (st RateState) {
+	q.stateInto(&st, now, l)
+	return st
+}
+
+// stateInto is state written into st, which is zero.
+func (q *Queue) stateInto(st *RateState, now time.Time, l *lane) {
+	q.gate.stateInto(st, now, &q.queued)
 	if !l.limited() {
-		return st
+		return
 	}
 	own := l.gate.state(now, &l.queued)
-	for r := range l.b {
-		if l.b[r].on && (own.Remaining[r] < st.Remaining[r] || !q.b[r].on) {
+	for _, r := range l.active() {
+		if own.Remaining[r] < st.Remaining[r] || !q.b[r].on {
 			st.Limit[r], st.Remaining[r], st.Reset[r] = own.Limit[r], own.Remaining[r], own.Reset[r]
 		}
 	}
-	return st
 }
 
 // State returns the model's buckets' state at now as a newcomer sees it.

@@ -67,16 +67,18 @@ var rateHeaders = [scheduler.NumBuckets][3]string{
 // of requests and tokens), replacing any the upstream sent. The values
 // share one backing array: one allocation for the slices.
 func SetRateHeaders(h http.Header, st *scheduler.RateState) {
-	var v [3 * scheduler.NumBuckets]string
 	n := 0
 	for r, names := range rateHeaders {
-		if names[0] == "" || st.Limit[r] == 0 {
-			continue
+		if names[0] != "" && st.Limit[r] != 0 {
+			n += 3
 		}
-		v[n], v[n+1], v[n+2] = strconv.Itoa(st.Limit[r]), strconv.Itoa(st.Remaining[r]), st.Reset[r].String()
-		n += 3
 	}
-	vals := v[:n]
+	vals := make([]string, 0, n)
+	for r, names := range rateHeaders {
+		if names[0] != "" && st.Limit[r] != 0 {
+			vals = append(vals, strconv.Itoa(st.Limit[r]), strconv.Itoa(st.Remaining[r]), st.Reset[r].String())
+		}
+	}
 	n = 0
 	for r, names := range rateHeaders {
 		if names[0] == "" || st.Limit[r] == 0 {
