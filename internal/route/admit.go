@@ -127,4 +127,6 @@ func (rt *Route) writeAdmitError(ex *exchange, ctx context.Context, err error) s
 // RecoverShared lowers the shared buckets of every model of the route to
 // what this replica's queues hold of them, after an outage (see
 // ticket.Gate.Recover).
-func (rt *Route) RecoverShared(ctx context.Context) error { return rt.gate.Recover(ctx, len(rt.clients)) }
+func (rt *Route) RecoverShared(ctx context.Context) error {
+	return rt.gate.Recover(ctx, len(rt.clients))
+}
