@@ -11,7 +11,7 @@ import (
 // (the common case): one queue shared by all goroutines, and one queue per
 // goroutine (no shared lock).
 func BenchmarkAcquire(b *testing.B) {
-	big := Config{MaxQueueSize: 100, MaxQueueWait: Duration(time.Minute), RPM: 1 << 30, TPM: 1 << 40}
+	big := Config{MaxQueueSize: 100, MaxQueueWait: time.Minute, RPM: 1 << 30, TPM: 1 << 40}
 	b.Run("one queue", func(b *testing.B) {
 		q := NewQueue("m", big)
 		ctx := context.Background()
@@ -67,7 +67,7 @@ func BenchmarkAcquire(b *testing.B) {
 // BenchmarkSettle is the reconciliation after a response: a refund of the
 // unused reservation (and Observe, the upstream headers' correction).
 func BenchmarkSettle(b *testing.B) {
-	big := Config{MaxQueueSize: 100, MaxQueueWait: Duration(time.Minute), RPM: 1 << 30, TPM: 1 << 40}
+	big := Config{MaxQueueSize: 100, MaxQueueWait: time.Minute, RPM: 1 << 30, TPM: 1 << 40}
 	q := NewQueue("m", big)
 	ctx := context.Background()
 	b.Run("settle", func(b *testing.B) {
@@ -101,7 +101,7 @@ func BenchmarkSettle(b *testing.B) {
 // replay of the requests ahead of it).
 func BenchmarkFairShare(b *testing.B) {
 	for _, n := range []int{1, 10, 100} {
-		big := Config{MaxQueueSize: 1 << 20, MaxQueueWait: Duration(time.Hour), RPM: 1 << 30, TPM: 1 << 40}
+		big := Config{MaxQueueSize: 1 << 20, MaxQueueWait: time.Hour, RPM: 1 << 30, TPM: 1 << 40}
 		clients := make([]Client, n)
 		for i := range clients {
 			clients[i] = big.Client(fmt.Sprint(i), 1+i%7)
@@ -155,7 +155,7 @@ func BenchmarkFairShare(b *testing.B) {
 // requests of 100 tokens waiting for each client, locked.
 func backlogged(clients []Client) (*Queue, time.Time) {
 	n := len(clients)
-	slow := Config{MaxQueueSize: 1 << 20, MaxQueueWait: Duration(time.Hour), RPM: 1 << 30, TPM: 6000}
+	slow := Config{MaxQueueSize: 1 << 20, MaxQueueWait: time.Hour, RPM: 1 << 30, TPM: 6000}
 	q := NewQueue("m", slow, clients...)
 	now := time.Now()
 	q.b[Tokens].take(now, 6000)

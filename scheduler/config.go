@@ -13,41 +13,38 @@
 package scheduler
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
-	"math"
-	"strconv"
 	"time"
 )
 
 // Wildcard is the model key whose limits apply to every model not listed.
 const Wildcard = "*"
 
-// Config holds the limits of one (route, model) queue. Its JSON names are
-// the config file's.
+// Config holds the limits of one (route, model) queue. Its errors name
+// its fields as the config file does (package config reads them).
 type Config struct {
 	// MaxQueueSize is how many requests may wait at once; one more is
 	// rejected at once. 0 means no waiting: admit now or reject now.
-	MaxQueueSize int `json:"maxQueueSize"`
+	MaxQueueSize int
 	// MaxQueueWait is the longest predicted wait a request is queued for; a
 	// request predicted to wait longer is rejected at once. 0 means admit now
-	// or reject now. In JSON, a number of seconds or a duration string.
-	MaxQueueWait Duration `json:"maxQueueWait"`
+	// or reject now.
+	MaxQueueWait time.Duration
 	// RPM is the request bucket: capacity RPM, refilled at RPM per minute.
-	RPM int `json:"rpm"`
+	RPM int
 	// TPM is the token bucket, input and output together: capacity TPM,
 	// refilled at TPM per minute.
-	TPM int `json:"tpm"`
+	TPM int
 	// ITPM and OTPM are input and output tokens as buckets of their own
 	// (a provider that limits them apart). A model has at least one token
 	// bucket; 0 means none of that kind.
-	ITPM int `json:"itpm,omitempty"`
-	OTPM int `json:"otpm,omitempty"`
+	ITPM int
+	OTPM int
 	// MaxConcurrent is how many admitted requests may be in flight at once
 	// (a local server's parallel slots); a request holds its slot until
 	// Release. 0 means no limit.
-	MaxConcurrent int `json:"maxConcurrent,omitempty"`
+	MaxConcurrent int
 }
 
 // Validate reports every field out of range, each error naming its field by
@@ -58,7 +55,7 @@ func (c Config) Validate() error {
 		errs = append(errs, fmt.Errorf("maxQueueSize: must be >= 0, got %d", c.MaxQueueSize))
 	}
 	if c.MaxQueueWait < 0 {
-		errs = append(errs, fmt.Errorf("maxQueueWait: must be >= 0, got %s", time.Duration(c.MaxQueueWait)))
+		errs = append(errs, fmt.Errorf("maxQueueWait: must be >= 0, got %s", c.MaxQueueWait))
 	}
 	if c.RPM <= 0 {
 		errs = append(errs, fmt.Errorf("rpm: must be > 0, got %d", c.RPM))
@@ -86,49 +83,6 @@ func (c Config) Validate() error {
 // Limits are the model's buckets' limits per minute, by resource.
 func (c Config) Limits() Vector { return Vector{c.RPM, c.TPM, c.ITPM, c.OTPM} }
 
-// Duration is a time.Duration that reads from JSON as a number of seconds
-// (30, 1.5) or a Go duration string ("1500ms", "2m").
-type Duration time.Duration
-
-// UnmarshalJSON implements json.Unmarshaler.
-func (d *Duration) UnmarshalJSON(b []byte) error {
-	if len(b) > 0 && b[0] == '"' {
-		var s string
-		if err := json.Unmarshal(b, &s); err != nil {
-			return err
-		}
-		v, err := time.ParseDuration(s)
-		if err != nil {
-			// A bare number in a string means seconds too.
-			f, ferr := strconv.ParseFloat(s, 64)
-			if ferr != nil {
-				return fmt.Errorf("invalid duration %q: want seconds or a duration such as \"1500ms\"", s)
-			}
-			return d.setSeconds(f)
-		}
-		*d = Duration(v)
-		return nil
-	}
-	var f float64
-	if err := json.Unmarshal(b, &f); err != nil {
-		return fmt.Errorf("invalid duration %s: want seconds or a duration such as \"1500ms\"", b)
-	}
-	return d.setSeconds(f)
-}
-
-func (d *Duration) setSeconds(f float64) error {
-	if math.IsNaN(f) || math.Abs(f) > math.MaxInt64/float64(time.Second) {
-		return fmt.Errorf("invalid duration %v seconds", f)
-	}
-	*d = Duration(f * float64(time.Second))
-	return nil
-}
-
-// MarshalJSON writes the duration as a Go duration string.
-func (d Duration) MarshalJSON() ([]byte, error) {
-	return json.Marshal(time.Duration(d).String())
-}
-
 // MaxWeight is the largest client weight.
 const MaxWeight = 1000
 
@@ -145,7 +99,7 @@ type Client struct {
 	ITPM, OTPM    int
 	MaxConcurrent int
 	MaxQueueSize  int
-	MaxQueueWait  Duration
+	MaxQueueWait  time.Duration
 }
 
 // Client returns a client of the queue with weight and no limits of its
@@ -171,7 +125,7 @@ func (c Client) Validate() error {
 		}
 	}
 	if c.MaxQueueWait < 0 {
-		errs = append(errs, fmt.Errorf("maxQueueWait: must be >= 0, got %s", time.Duration(c.MaxQueueWait)))
+		errs = append(errs, fmt.Errorf("maxQueueWait: must be >= 0, got %s", c.MaxQueueWait))
 	}
 	return errors.Join(errs...)
 }

@@ -42,7 +42,7 @@ func TestWeightsShareTheBucketInTokens(t *testing.T) {
 	// capacity lost to fairness (within 2% of the model's limit).
 	synctest.Test(t, func(t *testing.T) {
 		const tpm = 60000
-		c := Config{MaxQueueSize: 100, MaxQueueWait: Duration(time.Hour), RPM: 100000, TPM: tpm}
+		c := Config{MaxQueueSize: 100, MaxQueueWait: time.Hour, RPM: 100000, TPM: tpm}
 		q := NewQueue("m", c, c.Client("a", 3), c.Client("b", 1))
 		rng := rand.New(rand.NewPCG(3, 4))
 		var mu sync.Mutex
@@ -75,7 +75,7 @@ func TestSmallClientIsNotStarvedByABacklog(t *testing.T) {
 	// takes at half the model's rate, plus one of A's requests.
 	synctest.Test(t, func(t *testing.T) {
 		const tpm, aCost, bCost = 60000, 900, 300
-		c := Config{MaxQueueSize: 2000, MaxQueueWait: Duration(2 * time.Hour), RPM: 100000, TPM: tpm}
+		c := Config{MaxQueueSize: 2000, MaxQueueWait: 2 * time.Hour, RPM: 100000, TPM: tpm}
 		q := NewQueue("m", c, c.Client("a", 1), c.Client("b", 1))
 		ctx, cancel := context.WithCancel(context.Background())
 		defer cancel()
@@ -100,7 +100,7 @@ func TestSmallClientIsNotStarvedByABacklog(t *testing.T) {
 func TestCancelledRequestsGiveTheirShareBack(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		const tpm = 6000 // 100 tokens a second
-		c := Config{MaxQueueSize: 100, MaxQueueWait: Duration(time.Hour), RPM: 100000, TPM: tpm}
+		c := Config{MaxQueueSize: 100, MaxQueueWait: time.Hour, RPM: 100000, TPM: tpm}
 		q := NewQueue("m", c, c.Client("a", 1), c.Client("b", 1))
 		drain(t, q, tpm)
 		start := time.Now()
@@ -139,13 +139,13 @@ func TestCancelledRequestsGiveTheirShareBack(t *testing.T) {
 }
 
 func TestClientLimits(t *testing.T) {
-	c := Config{MaxQueueSize: 5, MaxQueueWait: Duration(time.Minute), RPM: 1000, TPM: 60000}
+	c := Config{MaxQueueSize: 5, MaxQueueWait: time.Minute, RPM: 1000, TPM: 60000}
 	batch := c.Client("batch", 1)
 	batch.TPM = 6000 // 100 tokens a second
 	t.Run("own bucket binds and says so", func(t *testing.T) {
 		synctest.Test(t, func(t *testing.T) {
 			batch := batch
-			batch.MaxQueueWait = Duration(30 * time.Second)
+			batch.MaxQueueWait = 30 * time.Second
 			q := NewQueue("m", c, batch, c.Client("search", 1))
 			_, err := q.Acquire(context.Background(), Cost{Amount: Request(6000, 0), Client: 0})
 			require.NoError(t, err)
@@ -265,7 +265,7 @@ func testFairQueueProperties(t *testing.T, seed uint64) {
 	synctest.Test(t, func(t *testing.T) {
 		rng := rand.New(rand.NewPCG(seed, 99))
 		const tpm = 60000
-		c := Config{MaxQueueSize: 1000, MaxQueueWait: Duration(time.Hour), RPM: 1 << 20, TPM: tpm}
+		c := Config{MaxQueueSize: 1000, MaxQueueWait: time.Hour, RPM: 1 << 20, TPM: tpm}
 		n := 3 + rng.IntN(3)
 		clients := make([]Client, n)
 		for i := range clients {
@@ -377,7 +377,7 @@ func testFairQueueProperties(t *testing.T, seed uint64) {
 func TestNoCreditForTimeAway(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		const tpm = 6000 // 100 tokens a second: one request a second
-		c := Config{MaxQueueSize: 100, MaxQueueWait: Duration(time.Hour), RPM: 100000, TPM: tpm}
+		c := Config{MaxQueueSize: 100, MaxQueueWait: time.Hour, RPM: 100000, TPM: tpm}
 		q := NewQueue("m", c, c.Client("a", 1), c.Client("b", 1))
 		drain(t, q, tpm)
 		ctx, cancel := context.WithCancel(context.Background())
@@ -424,7 +424,7 @@ func TestNoCreditForTimeAway(t *testing.T) {
 func TestUnsendGivesTheTagBack(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		const tpm = 6000
-		c := Config{MaxQueueSize: 100, MaxQueueWait: Duration(time.Hour), RPM: 100000, TPM: tpm}
+		c := Config{MaxQueueSize: 100, MaxQueueWait: time.Hour, RPM: 100000, TPM: tpm}
 		q := NewQueue("m", c, c.Client("a", 1), c.Client("b", 1))
 		drain(t, q, tpm)
 		got := make(chan int, 100)
@@ -471,7 +471,7 @@ func TestUnsendGivesTheTagBack(t *testing.T) {
 // with no limits of its own, not the first configured client's.
 func TestNewcomersWaitIsNotTheFirstClients(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		c := Config{MaxQueueSize: 10, MaxQueueWait: Duration(time.Hour), RPM: 600, TPM: 100000}
+		c := Config{MaxQueueSize: 10, MaxQueueWait: time.Hour, RPM: 600, TPM: 100000}
 		a := c.Client("a", 1)
 		a.RPM = 1 // a's own limit: one a minute
 		q := NewQueue("m", c, a, c.Client("b", 1))
@@ -487,11 +487,11 @@ func TestNewcomersWaitIsNotTheFirstClients(t *testing.T) {
 // clients whose own maxQueueWait is 10 h keep n requests waiting between
 // them: a newcomer, admitted after one request of each, would wait 20 s.
 func deepBacklog(ctx context.Context, n int) *Queue {
-	c := Config{MaxQueueSize: 100000, MaxQueueWait: Duration(5 * time.Second), RPM: 100000, TPM: 6000}
+	c := Config{MaxQueueSize: 100000, MaxQueueWait: 5 * time.Second, RPM: 100000, TPM: 6000}
 	var clients []Client
 	for i := range 20 {
 		cl := c.Client(fmt.Sprintf("c%d", i), 1)
-		cl.MaxQueueWait = Duration(10 * time.Hour)
+		cl.MaxQueueWait = 10 * time.Hour
 		clients = append(clients, cl)
 	}
 	q := NewQueue("m", c, clients...)

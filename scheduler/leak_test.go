@@ -15,7 +15,7 @@ import (
 // every later request.
 func TestLeavingAsAdmittedFreesTheSlot(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		q := NewQueue("m", Config{MaxQueueSize: 10, MaxQueueWait: Duration(time.Hour), RPM: 600, TPM: 600, MaxConcurrent: 1})
+		q := NewQueue("m", Config{MaxQueueSize: 10, MaxQueueWait: time.Hour, RPM: 600, TPM: 600, MaxConcurrent: 1})
 		for range 200 {
 			time.Sleep(time.Minute) // full again
 			acquire(t, q, 600).Release(time.Now())

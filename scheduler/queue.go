@@ -226,7 +226,7 @@ func (q *Queue) enqueue(now time.Time, cost Cost, into *Admission) (*waiter, *Ad
 	ch := q.predict(now, w)
 	wait := ch.at.Sub(now)
 	// (6)
-	if wait > time.Duration(l.MaxQueueWait) || l.MaxQueueSize == 0 {
+	if wait > l.MaxQueueWait || l.MaxQueueSize == 0 {
 		q.pop(l)
 		q.tail = kept
 		return nil, nil, q.reject(now, ErrWaitTooLong, ch, l, cost, wait)
@@ -310,7 +310,7 @@ func (v *Vector) add(w *Vector, sign int) {
 func (q *Queue) push(now time.Time, l *lane, cost Cost) *waiter {
 	q.arrivals++
 	w := &waiter{cost: cost, lane: l, seq: q.arrivals, enqueued: now,
-		deadline: now.Add(time.Duration(l.MaxQueueWait))}
+		deadline: now.Add(l.MaxQueueWait)}
 	l.waiting = append(l.waiting, w)
 	l.queued.add(&cost.Amount, 1)
 	q.depth++
@@ -382,7 +382,7 @@ func (q *Queue) pay(now time.Time, l *lane, cost Cost, wait time.Duration, a *Ad
 	// Field by field: the admission is large (a vector per resource),
 	// and a composite literal would be built and then copied.
 	a.Wait, a.q, a.lane, a.epoch, a.start, a.seq = wait, q, l, q.epoch, now, q.seq
-	a.cost, a.held, a.MaxQueueWait = *v, *v, time.Duration(l.MaxQueueWait)
+	a.cost, a.held, a.MaxQueueWait = *v, *v, l.MaxQueueWait
 	q.stateInto(&a.State, now, l)
 	a.Mark.Lowered, a.Mark.Drained, a.Mark.Paid = q.lowered, q.drained, q.paid
 	for _, r := range q.active() {

@@ -14,7 +14,7 @@ import (
 )
 
 func cfg(size int, wait time.Duration, rpm, tpm int) Config {
-	return Config{MaxQueueSize: size, MaxQueueWait: Duration(wait), RPM: rpm, TPM: tpm}
+	return Config{MaxQueueSize: size, MaxQueueWait: wait, RPM: rpm, TPM: tpm}
 }
 
 // drain takes every token of q at its clock's now, so that later requests
@@ -229,7 +229,7 @@ func TestCancelInTheMiddleRecomputesPrediction(t *testing.T) {
 
 func TestAdmittedWhileCancelledGivesBack(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		q := NewQueue("m", Config{MaxQueueSize: 10, MaxQueueWait: Duration(time.Hour), RPM: 600, TPM: 600, MaxConcurrent: 1})
+		q := NewQueue("m", Config{MaxQueueSize: 10, MaxQueueWait: time.Hour, RPM: 600, TPM: 600, MaxConcurrent: 1})
 		acquire(t, q, 600).Release(time.Now())
 		ctx, cancel := context.WithCancel(context.Background())
 		q.mu.Lock()
@@ -367,18 +367,4 @@ func TestConfigValidate(t *testing.T) {
 	for _, want := range []string{"rpm: must be > 0", "tpm: must be > 0", "maxQueueSize: must be >= 0"} {
 		assert.Contains(t, err.Error(), want)
 	}
-}
-
-func TestDurationJSON(t *testing.T) {
-	for in, want := range map[string]time.Duration{
-		`30`: 30 * time.Second, `1.5`: 1500 * time.Millisecond, `"1500ms"`: 1500 * time.Millisecond,
-		`"2m"`: 2 * time.Minute, `"5"`: 5 * time.Second, `0`: 0,
-	} {
-		var d Duration
-		require.NoError(t, d.UnmarshalJSON([]byte(in)), in)
-		assert.Equal(t, want, time.Duration(d), in)
-	}
-	var d Duration
-	assert.Error(t, d.UnmarshalJSON([]byte(`"soon"`)))
-	assert.Error(t, d.UnmarshalJSON([]byte(`true`)))
 }

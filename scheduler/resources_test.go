@@ -17,7 +17,7 @@ import (
 func TestEveryBucketMustPay(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		start := time.Now()
-		q := NewQueue("m", Config{MaxQueueSize: 10, MaxQueueWait: Duration(30 * time.Second), RPM: 600, ITPM: 6000, OTPM: 600})
+		q := NewQueue("m", Config{MaxQueueSize: 10, MaxQueueWait: 30 * time.Second, RPM: 600, ITPM: 6000, OTPM: 600})
 		a, err := q.Acquire(context.Background(), Cost{Amount: Request(100, 600)})
 		require.NoError(t, err)
 		assert.Equal(t, Vector{Requests: 600, InputTokens: 6000, OutputTokens: 600}, a.State.Limit, "no combined bucket")
@@ -58,7 +58,7 @@ func TestEveryBucketMustPay(t *testing.T) {
 // back to the output bucket only.
 func TestSettleCorrectsEachBucket(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		q := NewQueue("m", Config{MaxQueueSize: 10, MaxQueueWait: Duration(time.Minute), RPM: 600, TPM: 60000, ITPM: 6000, OTPM: 600})
+		q := NewQueue("m", Config{MaxQueueSize: 10, MaxQueueWait: time.Minute, RPM: 600, TPM: 60000, ITPM: 6000, OTPM: 600})
 		a, err := q.Acquire(context.Background(), Cost{Amount: Request(100, 500)})
 		require.NoError(t, err)
 		a.Settle(time.Now(), Request(120, 50))
@@ -77,7 +77,7 @@ func TestSettleCorrectsEachBucket(t *testing.T) {
 // An upstream that reports one resource lowers that bucket only.
 func TestObserveLowersTheResourceReported(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		q := NewQueue("m", Config{MaxQueueSize: 10, MaxQueueWait: Duration(time.Minute), RPM: 600, ITPM: 6000, OTPM: 600})
+		q := NewQueue("m", Config{MaxQueueSize: 10, MaxQueueWait: time.Minute, RPM: 600, ITPM: 6000, OTPM: 600})
 		a, err := q.Acquire(context.Background(), Cost{Amount: Request(100, 100)})
 		require.NoError(t, err)
 		assert.True(t, a.Observe(time.Now(), reported(OutputTokens, 200)), "someone else spent 300 output tokens")

@@ -139,7 +139,7 @@ func TestReconfigureKeepsEveryoneInOrder(t *testing.T) {
 // renumbers the others; a request counted with its old index, admitted
 // after the queue was reconfigured, still waits in its own client's lane.
 func TestRenumberedClientWaitsInItsOwnLane(t *testing.T) {
-	cfg := Config{RPM: 60, TPM: 100000, MaxQueueSize: 10, MaxQueueWait: Duration(time.Second)}
+	cfg := Config{RPM: 60, TPM: 100000, MaxQueueSize: 10, MaxQueueWait: time.Second}
 	q := NewQueue("m", cfg, cfg.Client("a", 1), cfg.Client("c", 1))
 	// b is added: c moves from index 1 to 2, and only b has a limit.
 	b := cfg.Client("b", 1)

@@ -11,7 +11,7 @@ import (
 )
 
 func slotCfg(size int, wait time.Duration, slots int) Config {
-	return Config{MaxQueueSize: size, MaxQueueWait: Duration(wait), RPM: 1000, TPM: 1000000, MaxConcurrent: slots}
+	return Config{MaxQueueSize: size, MaxQueueWait: wait, RPM: 1000, TPM: 1000000, MaxConcurrent: slots}
 }
 
 // holdFor admits a request and releases it d later, in the background.

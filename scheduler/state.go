@@ -67,7 +67,7 @@ func (q *Queue) Stats(now time.Time) Stats {
 		// The replay stops just past the newcomer's maxQueueWait: beyond
 		// it, it would be refused anyway, and a scrape or a status poll
 		// must not hold the queue's lock over a deep backlog.
-		horizon := now.Add(time.Duration(q.cfg.MaxQueueWait))
+		horizon := now.Add(q.cfg.MaxQueueWait)
 		st.PredictedWait = max(0, q.probeUntil(now, q.newcomer(), Cost{Amount: Request(1, 0)}, horizon).at.Sub(now))
 	}
 	return st

@@ -18,8 +18,8 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/llproxy/llproxy/internal/duration"
 	"github.com/llproxy/llproxy/internal/porttest"
-	"github.com/llproxy/llproxy/scheduler"
 )
 
 // fakeServer is a small OpenAI-compatible server listing its own models.
@@ -176,7 +176,7 @@ func TestModelsAggregatedDedupedAndCached(t *testing.T) {
 	b := newFakeServer(t, nil, "shared", "coder")
 	now := time.Unix(1000, 0)
 	p := pool(t, Config{Backends: []BackendConfig{{Name: "a", URL: a.URL}, {Name: "b", URL: b.URL, Models: []string{"extra"}}},
-		ModelsCacheTTL: scheduler.Duration(30 * time.Second)}, func() time.Time { return now })
+		ModelsCacheTTL: duration.Duration(30 * time.Second)}, func() time.Time { return now })
 	var list struct {
 		Data []struct {
 			ID       string
@@ -236,7 +236,7 @@ func TestScanFindsNamesAndForgets(t *testing.T) {
 // listens: refused connections must make this quick.
 func BenchmarkScanClosedPorts(b *testing.B) {
 	p, _ := New(Config{}, Options{Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	d := DiscoverConfig{Host: "127.0.0.1", PortStart: 1, PortEnd: 1000, Timeout: scheduler.Duration(time.Second)}
+	d := DiscoverConfig{Host: "127.0.0.1", PortStart: 1, PortEnd: 1000, Timeout: duration.Duration(time.Second)}
 	for b.Loop() {
 		p.Scan(context.Background(), d)
 	}

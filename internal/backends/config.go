@@ -7,7 +7,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/llproxy/llproxy/scheduler"
+	"github.com/llproxy/llproxy/internal/duration"
 )
 
 // Config is the fleet part of a route: its backends, how requests are
@@ -25,10 +25,10 @@ type Config struct {
 	HealthCheck HealthConfig `json:"healthCheck"`
 	// ModelsCacheTTL is how long the aggregated /v1/models is served from
 	// cache. Default 30s, and never more than twice the health interval.
-	ModelsCacheTTL scheduler.Duration `json:"modelsCacheTTL"`
+	ModelsCacheTTL duration.Duration `json:"modelsCacheTTL"`
 	// MaxSwapWait bounds how long a request for an unloaded model of a
 	// group waits while the loaded one is still in use. Default 30s.
-	MaxSwapWait scheduler.Duration `json:"maxSwapWait"`
+	MaxSwapWait duration.Duration `json:"maxSwapWait"`
 }
 
 // BackendConfig is one server.
@@ -52,11 +52,11 @@ type BackendConfig struct {
 	Group string `json:"group"`
 	// UnloadAfter stops it after this long with nothing in flight or
 	// queued. Default 5m; negative never.
-	UnloadAfter scheduler.Duration `json:"unloadAfter"`
+	UnloadAfter duration.Duration `json:"unloadAfter"`
 	// Ready is the check that says a started server can take requests.
 	Ready ReadyConfig `json:"ready"`
 	// StopGrace is how long SIGTERM has before SIGKILL. Default 10s.
-	StopGrace scheduler.Duration `json:"stopGrace"`
+	StopGrace duration.Duration `json:"stopGrace"`
 	// MaxConcurrent is how many requests the server takes at once (its
 	// parallel slots); more wait for one to finish. 0 means no limit.
 	MaxConcurrent int `json:"maxConcurrent"`
@@ -67,7 +67,7 @@ type ReadyConfig struct {
 	// Path answered 2xx when ready. Default the health check path.
 	Path string `json:"path"`
 	// Timeout for the server to become ready. Default 2m.
-	Timeout scheduler.Duration `json:"timeout"`
+	Timeout duration.Duration `json:"timeout"`
 }
 
 // Managed reports whether llproxy runs the backend.
@@ -86,9 +86,9 @@ type DiscoverConfig struct {
 	PortEnd   int      `json:"portEnd"`
 	Tags      []string `json:"tags"`
 	// Every is the time between scans. Default 30s.
-	Every scheduler.Duration `json:"every"`
+	Every duration.Duration `json:"every"`
 	// Timeout bounds one port's probe. Default 1s.
-	Timeout scheduler.Duration `json:"timeout"`
+	Timeout duration.Duration `json:"timeout"`
 	// SendAPIKey lets the route's apiKey go to the servers found here.
 	// Default false: whatever process listens on a port of the range gets
 	// requests, never the key.
@@ -98,9 +98,9 @@ type DiscoverConfig struct {
 // HealthConfig configures active health checks.
 type HealthConfig struct {
 	// Interval between checks. Default 30s.
-	Interval scheduler.Duration `json:"interval"`
+	Interval duration.Duration `json:"interval"`
 	// Timeout of one check. Default 5s.
-	Timeout scheduler.Duration `json:"timeout"`
+	Timeout duration.Duration `json:"timeout"`
 	// Path checked on each backend. Default /v1/models.
 	Path string `json:"path"`
 	// FailureThreshold is how many failures in a row (checks, or
@@ -116,10 +116,10 @@ func (c *Config) Enabled() bool { return len(c.Backends) > 0 || len(c.Discover) 
 func (c *Config) SetDefaults() {
 	h := &c.HealthCheck
 	if h.Interval == 0 {
-		h.Interval = scheduler.Duration(30 * time.Second)
+		h.Interval = duration.Duration(30 * time.Second)
 	}
 	if h.Timeout == 0 {
-		h.Timeout = scheduler.Duration(5 * time.Second)
+		h.Timeout = duration.Duration(5 * time.Second)
 	}
 	if h.Path == "" {
 		h.Path = "/v1/models"
@@ -128,19 +128,19 @@ func (c *Config) SetDefaults() {
 		h.FailureThreshold = 3
 	}
 	if c.ModelsCacheTTL == 0 {
-		c.ModelsCacheTTL = scheduler.Duration(30 * time.Second)
+		c.ModelsCacheTTL = duration.Duration(30 * time.Second)
 	}
 	if c.MaxSwapWait == 0 {
-		c.MaxSwapWait = scheduler.Duration(30 * time.Second)
+		c.MaxSwapWait = duration.Duration(30 * time.Second)
 	}
 	c.ModelsCacheTTL = min(c.ModelsCacheTTL, 2*h.Interval)
 	for i := range c.Discover {
 		d := &c.Discover[i]
 		if d.Every == 0 {
-			d.Every = scheduler.Duration(30 * time.Second)
+			d.Every = duration.Duration(30 * time.Second)
 		}
 		if d.Timeout == 0 {
-			d.Timeout = scheduler.Duration(time.Second)
+			d.Timeout = duration.Duration(time.Second)
 		}
 		if d.Host == "" {
 			d.Host = "127.0.0.1"

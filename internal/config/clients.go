@@ -5,6 +5,7 @@ import (
 	"maps"
 	"slices"
 
+	"github.com/llproxy/llproxy/internal/duration"
 	"github.com/llproxy/llproxy/scheduler"
 )
 
@@ -31,11 +32,13 @@ type Client struct {
 type ClientLimits struct {
 	RPM           int `json:"rpm"`
 	TPM           int `json:"tpm"`
+	ITPM          int `json:"itpm"`
+	OTPM          int `json:"otpm"`
 	MaxConcurrent int `json:"maxConcurrent"`
 	// MaxQueueSize and MaxQueueWait replace the model's for the client's
 	// requests. Unset: the model's.
-	MaxQueueSize *int                `json:"maxQueueSize"`
-	MaxQueueWait *scheduler.Duration `json:"maxQueueWait"`
+	MaxQueueSize *int               `json:"maxQueueSize"`
+	MaxQueueWait *duration.Duration `json:"maxQueueWait"`
 	// TokensPerDay is a daily budget (UTC day) of tokens used: over it,
 	// the client's requests for the model get 429 insufficient_quota.
 	TokensPerDay int64 `json:"tokensPerDay"`
@@ -51,12 +54,12 @@ func (l *ClientLimits) Queue(name string, weight int, model scheduler.Config) sc
 	if l == nil {
 		return c
 	}
-	c.RPM, c.TPM, c.MaxConcurrent = l.RPM, l.TPM, l.MaxConcurrent
+	c.RPM, c.TPM, c.ITPM, c.OTPM, c.MaxConcurrent = l.RPM, l.TPM, l.ITPM, l.OTPM, l.MaxConcurrent
 	if l.MaxQueueSize != nil {
 		c.MaxQueueSize = *l.MaxQueueSize
 	}
 	if l.MaxQueueWait != nil {
-		c.MaxQueueWait = *l.MaxQueueWait
+		c.MaxQueueWait = l.MaxQueueWait.D()
 	}
 	return c
 }

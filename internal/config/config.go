@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/llproxy/llproxy/internal/backends"
+	"github.com/llproxy/llproxy/internal/duration"
 	"github.com/llproxy/llproxy/internal/replicas"
 	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/provider/mock"
@@ -56,22 +57,22 @@ type Config struct {
 	MaxBodyBytes int64 `json:"maxBodyBytes"`
 	// ShutdownTimeout bounds how long admitted requests may finish after
 	// SIGTERM. Default 30s.
-	ShutdownTimeout scheduler.Duration `json:"shutdownTimeout"`
+	ShutdownTimeout duration.Duration `json:"shutdownTimeout"`
 	// LogLevel is debug, info (default), warn or error.
 	LogLevel string `json:"logLevel"`
 	// BodyTimeout bounds how long a client may take to send a request
 	// body; BodyIdleTimeout how long it may send nothing meanwhile (408
 	// after either). Defaults 60s and 10s.
-	BodyTimeout     scheduler.Duration `json:"bodyTimeout"`
-	BodyIdleTimeout scheduler.Duration `json:"bodyIdleTimeout"`
+	BodyTimeout     duration.Duration `json:"bodyTimeout"`
+	BodyIdleTimeout duration.Duration `json:"bodyIdleTimeout"`
 	// WriteTimeout bounds each write to a client: one that stops reading
 	// a response (a stream included) is cut off after this long, and what
 	// it held goes back. Default 30s.
-	WriteTimeout scheduler.Duration `json:"writeTimeout"`
+	WriteTimeout duration.Duration `json:"writeTimeout"`
 	// ShutdownDelay is how long, after SIGTERM, the gateway keeps serving
 	// (with /healthz answering 503) before it stops accepting connections,
 	// so a load balancer can take it out first. Default 0.
-	ShutdownDelay scheduler.Duration `json:"shutdownDelay"`
+	ShutdownDelay duration.Duration `json:"shutdownDelay"`
 	// Clients are the teams that share the gateway, by name: each with its
 	// keys, weight, routes and limits. See Client.
 	Clients map[string]*Client `json:"clients"`
@@ -122,9 +123,9 @@ type Route struct {
 	MaxWildcardModels int `json:"maxWildcardModels"`
 	// ResponseHeaderTimeout bounds the wait for the upstream's response
 	// headers once a request is sent (504 after). Default 10m.
-	ResponseHeaderTimeout scheduler.Duration `json:"responseHeaderTimeout"`
+	ResponseHeaderTimeout duration.Duration `json:"responseHeaderTimeout"`
 	// DialTimeout bounds connecting to the upstream (502 after). Default 10s.
-	DialTimeout scheduler.Duration `json:"dialTimeout"`
+	DialTimeout duration.Duration `json:"dialTimeout"`
 	// MaxIdleConnsPerHost is the upstream connection pool size. Default 256.
 	MaxIdleConnsPerHost int `json:"maxIdleConnsPerHost"`
 	// Settle is "reserved" (the bucket keeps what a request reserved at
@@ -141,7 +142,7 @@ type Route struct {
 	// within its maxQueueWait. Default 2; 0 disables.
 	Retries *int `json:"retries"`
 	// RetryBackoff is the first backoff; each retry doubles it. Default 250ms.
-	RetryBackoff scheduler.Duration `json:"retryBackoff"`
+	RetryBackoff duration.Duration `json:"retryBackoff"`
 	// Mock configures provider "mock".
 	Mock MockConfig `json:"mock"`
 	// Config is the fleet of a route that lists backends (or discovers
@@ -153,10 +154,10 @@ type Route struct {
 // MockConfig is provider "mock"'s part of a route, as the file writes it
 // (durations as seconds or Go duration strings).
 type MockConfig struct {
-	Latency    scheduler.Duration `json:"latency,omitempty"`
-	Chunks     int                `json:"chunks,omitempty"`
-	ChunkDelay scheduler.Duration `json:"chunkDelay,omitempty"`
-	Models     []string           `json:"models,omitempty"`
+	Latency    duration.Duration `json:"latency,omitempty"`
+	Chunks     int               `json:"chunks,omitempty"`
+	ChunkDelay duration.Duration `json:"chunkDelay,omitempty"`
+	Models     []string          `json:"models,omitempty"`
 }
 
 // Config is the mock's own config.
@@ -179,7 +180,21 @@ const (
 
 // Model is one model's limits plus how its requests are costed.
 type Model struct {
-	scheduler.Config
+	// MaxQueueSize is how many requests may wait at once (0: admit now or
+	// reject now); MaxQueueWait the longest predicted wait a request is
+	// queued for.
+	MaxQueueSize int               `json:"maxQueueSize"`
+	MaxQueueWait duration.Duration `json:"maxQueueWait"`
+	// RPM, TPM, ITPM and OTPM are the model's buckets per minute:
+	// requests, tokens, and input and output tokens apart (0: none of
+	// that kind; at least one token bucket).
+	RPM  int `json:"rpm"`
+	TPM  int `json:"tpm"`
+	ITPM int `json:"itpm"`
+	OTPM int `json:"otpm"`
+	// MaxConcurrent is how many of its requests may be in flight at once
+	// (a local server's parallel slots); 0: no limit.
+	MaxConcurrent int `json:"maxConcurrent"`
 	// DefaultMaxTokens is the output a request is charged for when it names
 	// no max_completion_tokens, max_tokens or max_output_tokens. Default 1024.
 	DefaultMaxTokens int `json:"defaultMaxTokens"`
@@ -194,8 +209,14 @@ type Model struct {
 // CORS is the "cors" section: the origins browsers may call the gateway
 // from ("*": any), and how long a preflight's answer may be cached.
 type CORS struct {
-	AllowOrigins []string           `json:"allowOrigins"`
-	MaxAge       scheduler.Duration `json:"maxAge"`
+	AllowOrigins []string          `json:"allowOrigins"`
+	MaxAge       duration.Duration `json:"maxAge"`
+}
+
+// Queue is the model's limits as its queue takes them.
+func (m *Model) Queue() scheduler.Config {
+	return scheduler.Config{MaxQueueSize: m.MaxQueueSize, MaxQueueWait: m.MaxQueueWait.D(), RPM: m.RPM, TPM: m.TPM,
+		ITPM: m.ITPM, OTPM: m.OTPM, MaxConcurrent: m.MaxConcurrent}
 }
 
 // Secret is a string that never prints: not in logs, errors or JSON.
@@ -228,7 +249,7 @@ var routeName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]*$`)
 // setDefaults fills zero fields with their defaults.
 func (c *Config) setDefaults() {
 	if c.CORS.MaxAge == 0 {
-		c.CORS.MaxAge = scheduler.Duration(10 * time.Minute)
+		c.CORS.MaxAge = duration.Duration(10 * time.Minute)
 	}
 	if c.Shared != nil {
 		c.Shared.SetDefaults()
@@ -245,19 +266,19 @@ func (c *Config) setDefaults() {
 		c.MaxBodyBytes = DefaultMaxBodyBytes
 	}
 	if c.ShutdownTimeout == 0 {
-		c.ShutdownTimeout = scheduler.Duration(DefaultShutdownTimeout)
+		c.ShutdownTimeout = duration.Duration(DefaultShutdownTimeout)
 	}
 	if c.LogLevel == "" {
 		c.LogLevel = "info"
 	}
 	if c.BodyTimeout == 0 {
-		c.BodyTimeout = scheduler.Duration(DefaultBodyTimeout)
+		c.BodyTimeout = duration.Duration(DefaultBodyTimeout)
 	}
 	if c.BodyIdleTimeout == 0 {
-		c.BodyIdleTimeout = scheduler.Duration(DefaultBodyIdleTimeout)
+		c.BodyIdleTimeout = duration.Duration(DefaultBodyIdleTimeout)
 	}
 	if c.WriteTimeout == 0 {
-		c.WriteTimeout = scheduler.Duration(DefaultWriteTimeout)
+		c.WriteTimeout = duration.Duration(DefaultWriteTimeout)
 	}
 	for _, r := range c.Routes {
 		if r == nil {
@@ -270,10 +291,10 @@ func (c *Config) setDefaults() {
 			r.MaxWildcardModels = DefaultMaxWildcardModel
 		}
 		if r.ResponseHeaderTimeout == 0 {
-			r.ResponseHeaderTimeout = scheduler.Duration(DefaultResponseHeader)
+			r.ResponseHeaderTimeout = duration.Duration(DefaultResponseHeader)
 		}
 		if r.DialTimeout == 0 {
-			r.DialTimeout = scheduler.Duration(DefaultDialTimeout)
+			r.DialTimeout = duration.Duration(DefaultDialTimeout)
 		}
 		if r.MaxIdleConnsPerHost == 0 {
 			r.MaxIdleConnsPerHost = DefaultMaxIdlePerHost
@@ -296,7 +317,7 @@ func (c *Config) setDefaults() {
 			r.Retries = &n
 		}
 		if r.RetryBackoff == 0 {
-			r.RetryBackoff = scheduler.Duration(DefaultRetryBackoff)
+			r.RetryBackoff = duration.Duration(DefaultRetryBackoff)
 		}
 		for _, m := range r.Models {
 			if m != nil && m.DefaultMaxTokens == 0 {
@@ -319,7 +340,7 @@ func (c *Config) Validate() error {
 	}
 	for _, d := range []struct {
 		name string
-		v    scheduler.Duration
+		v    duration.Duration
 	}{{"shutdownTimeout", c.ShutdownTimeout}, {"shutdownDelay", c.ShutdownDelay}, {"bodyTimeout", c.BodyTimeout},
 		{"bodyIdleTimeout", c.BodyIdleTimeout}, {"writeTimeout", c.WriteTimeout}} {
 		if d.v < 0 {
@@ -439,7 +460,7 @@ func (r *Route) validate() error {
 		if m.DefaultMaxTokens < 0 {
 			errs = append(errs, fmt.Errorf("models.%s.defaultMaxTokens: must be >= 0, got %d", name, m.DefaultMaxTokens))
 		}
-		errs = append(errs, prefix("models."+name+".", m.Config.Validate())...)
+		errs = append(errs, prefix("models."+name+".", m.Queue().Validate())...)
 	}
 	if r.MaxWildcardModels < 0 {
 		errs = append(errs, fmt.Errorf("maxWildcardModels: must be >= 0, got %d", r.MaxWildcardModels))
@@ -457,7 +478,7 @@ func (r *Route) QueueConfigs() map[string]scheduler.Config {
 	models := make(map[string]scheduler.Config, len(r.Models))
 	for name, m := range r.Models {
 		if m != nil {
-			models[name] = m.Config
+			models[name] = m.Queue()
 		}
 	}
 	return models

@@ -13,7 +13,7 @@ import (
 
 // qcfg is a model's limits.
 func qcfg(size int, wait time.Duration, rpm, tpm int) scheduler.Config {
-	return scheduler.Config{MaxQueueSize: size, MaxQueueWait: scheduler.Duration(wait), RPM: rpm, TPM: tpm}
+	return scheduler.Config{MaxQueueSize: size, MaxQueueWait: wait, RPM: rpm, TPM: tpm}
 }
 
 func TestSetWildcardQueues(t *testing.T) {

@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/llproxy/llproxy/internal/duration"
 	"github.com/llproxy/llproxy/internal/redistest"
 	"github.com/llproxy/llproxy/scheduler"
 )
@@ -13,10 +14,10 @@ import (
 // script across the model's and the client's buckets, one round trip.
 func BenchmarkTake(b *testing.B) {
 	r := redistest.Start(b)
-	m := scheduler.Config{RPM: 1 << 30, TPM: 1 << 40, MaxQueueSize: 10, MaxQueueWait: scheduler.Duration(time.Minute)}
+	m := scheduler.Config{RPM: 1 << 30, TPM: 1 << 40, MaxQueueSize: 10, MaxQueueWait: time.Minute}
 	own := m.Client("own", 1)
 	own.TPM = 1 << 40
-	s, err := New(Config{Redis: r.URL(), Timeout: scheduler.Duration(time.Second)}, nil, nil)
+	s, err := New(Config{Redis: r.URL(), Timeout: duration.Duration(time.Second)}, nil, nil)
 	if err != nil {
 		b.Fatal(err)
 	}

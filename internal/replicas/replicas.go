@@ -27,7 +27,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/go-redis/v9"
 
-	"github.com/llproxy/llproxy/scheduler"
+	"github.com/llproxy/llproxy/internal/duration"
 )
 
 // What a replica does while Redis cannot be reached.
@@ -60,7 +60,7 @@ type Config struct {
 	// Prefix starts every key. Default "llproxy:".
 	Prefix string `json:"prefix"`
 	// Timeout bounds every Redis call. Default 50ms.
-	Timeout scheduler.Duration `json:"timeout"`
+	Timeout duration.Duration `json:"timeout"`
 	// OnRedisDown is split (default), deny or allow.
 	OnRedisDown string `json:"onRedisDown"`
 }
@@ -71,7 +71,7 @@ func (c *Config) SetDefaults() {
 		c.Prefix = DefaultPrefix
 	}
 	if c.Timeout == 0 {
-		c.Timeout = scheduler.Duration(DefaultTimeout)
+		c.Timeout = duration.Duration(DefaultTimeout)
 	}
 	if c.OnRedisDown == "" {
 		c.OnRedisDown = Split

@@ -12,20 +12,21 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/llproxy/llproxy/internal/duration"
 	"github.com/llproxy/llproxy/internal/redistest"
 	"github.com/llproxy/llproxy/scheduler"
 )
 
 func replica(t *testing.T, url string) *State {
 	t.Helper()
-	s, err := New(Config{Redis: url, Timeout: scheduler.Duration(200 * time.Millisecond)},
+	s, err := New(Config{Redis: url, Timeout: duration.Duration(200 * time.Millisecond)},
 		slog.New(slog.NewTextHandler(io.Discard, nil)), prometheus.NewRegistry())
 	require.NoError(t, err)
 	t.Cleanup(func() { s.Close() })
 	return s
 }
 
-var model = scheduler.Config{RPM: 60, TPM: 6000, MaxQueueSize: 10, MaxQueueWait: scheduler.Duration(time.Minute)}
+var model = scheduler.Config{RPM: 60, TPM: 6000, MaxQueueSize: 10, MaxQueueWait: time.Minute}
 
 func clientsOf(c scheduler.Config) []scheduler.Client {
 	own := c.Client("own", 1)

@@ -24,8 +24,8 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/llproxy/llproxy/internal/duration"
 	"github.com/llproxy/llproxy/internal/relay"
-	"github.com/llproxy/llproxy/scheduler"
 	"github.com/valyala/fastjson"
 )
 
@@ -431,10 +431,10 @@ var errKeepAlive = errors.New(`keep_alive must be a number of seconds or a durat
 
 // ParseKeepAlive reads a keep_alive (raw JSON) as Ollama does: a number of
 // seconds or a duration string ("10m"), read as every duration of the
-// config is (scheduler.Duration). A negative value, or a number too large
+// config is (duration.Duration). A negative value, or a number too large
 // to be a duration, means never unload (-1).
 func ParseKeepAlive(raw []byte) (time.Duration, error) {
-	var d scheduler.Duration
+	var d duration.Duration
 	if err := d.UnmarshalJSON(raw); err != nil {
 		if f, ferr := strconv.ParseFloat(string(raw), 64); ferr == nil && f > 0 && !math.IsInf(f, 0) {
 			return -1, nil // a number of seconds past any duration: never

@@ -1,0 +1,28 @@
+package duration
+
+import (
+	"encoding/json"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func TestDurationJSON(t *testing.T) {
+	for in, want := range map[string]time.Duration{
+		`30`: 30 * time.Second, `1.5`: 1500 * time.Millisecond, `"1500ms"`: 1500 * time.Millisecond,
+		`"2m"`: 2 * time.Minute, `"5"`: 5 * time.Second, `0`: 0,
+	} {
+		var d Duration
+		require.NoError(t, d.UnmarshalJSON([]byte(in)), in)
+		assert.Equal(t, want, d.D(), in)
+	}
+	var d Duration
+	for _, bad := range []string{`"soon"`, `true`, `1e300`, `"NaN"`} {
+		assert.Error(t, d.UnmarshalJSON([]byte(bad)), bad)
+	}
+	out, err := json.Marshal(Duration(1500 * time.Millisecond))
+	require.NoError(t, err)
+	assert.Equal(t, `"1.5s"`, string(out))
+}
