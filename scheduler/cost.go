@@ -55,6 +55,23 @@ func Request(input, output int) Vector {
 	return Vector{Requests: 1, Tokens: input + output, InputTokens: input, OutputTokens: output}
 }
 
+// negative reports whether any amount of v is below zero.
+func (v *Vector) negative() bool {
+	for _, n := range v {
+		if n < 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// add adds sign times w to v.
+func (v *Vector) add(w *Vector, sign int) {
+	for r := range v {
+		v[r] += sign * w[r]
+	}
+}
+
 // weight is what a cost counts for in fair share: its tokens (at least
 // its input and output together, for a cost that names only those).
 func (v Vector) weight() int { return max(v[Tokens], v[InputTokens]+v[OutputTokens]) }

@@ -289,23 +289,6 @@ func (q *Queue) tooLarge(now time.Time, l *lane, v *Vector) *RejectError {
 	return nil
 }
 
-// negative reports whether any amount of v is below zero.
-func (v *Vector) negative() bool {
-	for _, n := range v {
-		if n < 0 {
-			return true
-		}
-	}
-	return false
-}
-
-// add adds sign times w to v.
-func (v *Vector) add(w *Vector, sign int) {
-	for r := range v {
-		v[r] += sign * w[r]
-	}
-}
-
 // push appends a waiter of cost to lane l.
 func (q *Queue) push(now time.Time, l *lane, cost Cost) *waiter {
 	q.arrivals++
