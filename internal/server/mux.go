@@ -1,8 +1,6 @@
 package server
 
 import (
-	"crypto/sha256"
-	"crypto/subtle"
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
@@ -16,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/llproxy/llproxy/internal/caller"
 	"github.com/llproxy/llproxy/internal/openai"
 	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/internal/route"
@@ -151,12 +150,12 @@ func (s *Server) serveRoute(w http.ResponseWriter, r *http.Request) {
 // require is the authentication middleware: with hashes, a request must
 // carry one of their keys (Authorization: Bearer, or api-key), compared in
 // constant time; else 401. No hashes: open.
-func (s *Server) require(hashes [][sha256.Size]byte, what string, h http.Handler) http.Handler {
+func (s *Server) require(hashes caller.Keys, what string, h http.Handler) http.Handler {
 	if len(hashes) == 0 {
 		return h
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if !keyMatches(requestKey(r), hashes) {
+		if !hashes.Match(caller.Key(r)) {
 			s.unauthorized(w, r, what)
 			return
 		}
@@ -168,7 +167,7 @@ func (s *Server) require(hashes [][sha256.Size]byte, what string, h http.Handler
 // one of the client keys) and hands it to rt.
 func (s *Server) authenticate(rt *route.Route) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		who, ok := s.dir.Identify(requestKey(r))
+		who, ok := s.dir.Identify(caller.Key(r))
 		if !ok {
 			s.unauthorized(w, r, "one of its client keys")
 			return
@@ -198,7 +197,7 @@ func (s *Server) requireOllama(h http.Handler) http.Handler {
 
 // adminKeys are the keys of the admin endpoints: adminKeys, else the
 // client keys.
-func (s *Server) adminKeys() [][sha256.Size]byte {
+func (s *Server) adminKeys() caller.Keys {
 	if len(s.adminHashes) > 0 {
 		return s.adminHashes
 	}
@@ -256,7 +255,7 @@ func (s *Server) unauthorized(w http.ResponseWriter, r *http.Request, what strin
 func (s *Server) logFront(r *http.Request, status int, outcome string) {
 	s.front.Count(status)
 	who := "unknown"
-	if c, ok := s.dir.Identify(requestKey(r)); ok {
+	if c, ok := s.dir.Identify(caller.Key(r)); ok {
 		who = c.Name
 	}
 	s.log.LogAttrs(r.Context(), slog.LevelInfo, "request", slog.String("request_id", r.Header.Get("X-Request-Id")),
@@ -266,47 +265,14 @@ func (s *Server) logFront(r *http.Request, status int, outcome string) {
 
 // authorized checks the client's key against clientKeys in constant time.
 func (s *Server) authorized(r *http.Request) bool {
-	return len(s.keyHashes) == 0 || keyMatches(requestKey(r), s.keyHashes)
+	return len(s.keyHashes) == 0 || s.keyHashes.Match(caller.Key(r))
 }
 
 // isAdmin reports whether r carries an admin key (the admin rule: adminKeys,
 // else any client key; open without keys).
 func (s *Server) isAdmin(r *http.Request) bool {
 	hashes := s.adminKeys()
-	return len(hashes) == 0 || keyMatches(requestKey(r), hashes)
-}
-
-// requestKey is the key a request carries: Authorization: Bearer, else
-// api-key.
-func requestKey(r *http.Request) string {
-	key := r.Header.Get("Api-Key")
-	if auth := r.Header.Get("Authorization"); auth != "" {
-		if len(auth) > 7 && strings.EqualFold(auth[:7], "bearer ") {
-			key = strings.TrimSpace(auth[7:])
-		} else if user, pass, ok := r.BasicAuth(); ok {
-			// A browser's: the status page's login prompt (the key as the
-			// password, any user name).
-			key = pass
-			if key == "" {
-				key = user
-			}
-		}
-	}
-	return key
-}
-
-// keyMatches compares key with every hash in constant time: both sides are
-// hashed to equal length and every key is compared.
-func keyMatches(key string, hashes [][sha256.Size]byte) bool {
-	if key == "" {
-		return false
-	}
-	h := sha256.Sum256([]byte(key))
-	ok := 0
-	for i := range hashes {
-		ok |= subtle.ConstantTimeCompare(h[:], hashes[i][:])
-	}
-	return ok == 1
+	return len(hashes) == 0 || hashes.Match(caller.Key(r))
 }
 
 // requestID gives every request an id: the client's X-Request-Id if it is

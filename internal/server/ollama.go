@@ -7,6 +7,7 @@ import (
 	"net/url"
 	"time"
 
+	"github.com/llproxy/llproxy/internal/caller"
 	"github.com/llproxy/llproxy/internal/clients"
 	"github.com/llproxy/llproxy/internal/ollama"
 	"github.com/llproxy/llproxy/internal/openai"
@@ -51,7 +52,7 @@ func (g ollamaGateway) ServeChat(w http.ResponseWriter, r *http.Request, model s
 			panic(p)
 		}
 	}()
-	who, ok := g.s.dir.Identify(requestKey(r))
+	who, ok := g.s.dir.Identify(caller.Key(r))
 	if !ok { // requireOllama let it in: only a key gone since could get here
 		openai.WriteError(w, http.StatusUnauthorized, "invalid_request_error", "invalid_api_key", "Incorrect API key provided.")
 		return
@@ -104,7 +105,7 @@ func (g ollamaGateway) Unload(r *http.Request, model string) error {
 // lifecycleCall checks that the client of r may load or unload model: the
 // route that serves it is one of the client's routes.
 func (g ollamaGateway) lifecycleCall(r *http.Request, model string) (*route.Route, *clients.Client, error) {
-	who, ok := g.s.dir.Identify(requestKey(r))
+	who, ok := g.s.dir.Identify(caller.Key(r))
 	if !ok {
 		return nil, nil, &ollama.Refusal{Status: http.StatusUnauthorized, Message: "unauthorized: llproxy expects one of its client keys"}
 	}

@@ -8,6 +8,7 @@ import (
 
 	"github.com/valyala/fastjson"
 
+	"github.com/llproxy/llproxy/internal/caller"
 	"github.com/llproxy/llproxy/internal/openai"
 	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/internal/route"
@@ -43,7 +44,7 @@ func (s *Server) ordered() []*route.Route {
 // an inference call that names none is a 400; anything else goes to the
 // defaultRoute, if there is one.
 func (s *Server) serveRoot(w http.ResponseWriter, r *http.Request) {
-	who, ok := s.dir.Identify(requestKey(r))
+	who, ok := s.dir.Identify(caller.Key(r))
 	if !ok {
 		s.unauthorized(w, r, "one of its client keys")
 		return

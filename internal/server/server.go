@@ -11,14 +11,9 @@ package server
 
 import (
 	"context"
-	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/llproxy/llproxy/internal/catalog"
-	"github.com/llproxy/llproxy/internal/clients"
-	"github.com/llproxy/llproxy/internal/replicas"
-	"github.com/llproxy/llproxy/internal/statuspage"
 	"io"
 	"log/slog"
 	"maps"
@@ -26,6 +21,12 @@ import (
 	"slices"
 	"sync/atomic"
 	"time"
+
+	"github.com/llproxy/llproxy/internal/caller"
+	"github.com/llproxy/llproxy/internal/catalog"
+	"github.com/llproxy/llproxy/internal/clients"
+	"github.com/llproxy/llproxy/internal/replicas"
+	"github.com/llproxy/llproxy/internal/statuspage"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -71,13 +72,13 @@ type Server struct {
 	routes     map[string]*route.Route
 	handlers   map[string]http.Handler // each route behind the client-key check
 	routeNames []string
-	keyHashes  [][sha256.Size]byte // every client key
+	keyHashes  caller.Keys // every client key
 	dir        *clients.Directory
 	shared     *replicas.State // the limits shared with other replicas; nil alone
 	statePath  string          // where the clients' usage is kept; "" without budgets
 	// adminHashes guard the admin endpoints; metricsHash /metrics.
-	adminHashes   [][sha256.Size]byte
-	metricsHashes [][sha256.Size]byte
+	adminHashes   caller.Keys
+	metricsHashes caller.Keys
 	mux           *http.ServeMux
 	closing       atomic.Bool      // queues closed: new requests refused, bodies still arriving cut off
 	draining      atomic.Bool      // shutting down: /healthz answers 503
@@ -132,10 +133,10 @@ func New(opts Options) (*Server, error) {
 		}
 	}
 	for _, k := range opts.Config.AdminKeys {
-		s.adminHashes = append(s.adminHashes, sha256.Sum256([]byte(k.Value())))
+		s.adminHashes = append(s.adminHashes, caller.Hash(k.Value())...)
 	}
 	if k := opts.Config.MetricsKey.Value(); k != "" {
-		s.metricsHashes = append(s.metricsHashes, sha256.Sum256([]byte(k)))
+		s.metricsHashes = caller.Hash(k)
 	}
 	if prev != nil && prev.shared != nil {
 		s.shared = prev.shared // its config is the process's: changed by a restart
