@@ -4,7 +4,7 @@ import "time"
 
 // Admission is an admitted request's hold on its queue, returned by Acquire
 // and Requeue. Like a rate.Reservation it is the one handle through which
-// what the request took is given back: its request and tokens (Unsend,
+// what the request took is given back: what it paid from each bucket (Unsend,
 // Settle) and its concurrency slot (Release, Unsend). Each method takes
 // effect at most once and any of them may be called in any order, so a
 // caller can defer Release at the point of acquisition and still Unsend or

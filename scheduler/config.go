@@ -2,14 +2,16 @@
 // client waits in a FIFO of its own, and between clients waiting at the same
 // time the model is shared by weight in tokens (start-time fair queueing,
 // fair.go); each request is paid for from continuously refilling buckets
-// (the model's requests and tokens per minute, and its client's own),
-// with a predicted wait that decides at arrival.
+// (the model's, per resource: requests, tokens, input and output tokens
+// per minute; and its client's own), with a predicted wait that decides at
+// arrival.
 //
 // It exists apart from the HTTP server so that the behaviour that must be
 // exactly right (order, prediction of the wait, honest retry times, a
 // cancelled request paying nothing) is plain code over integers and times,
 // tested in testing/synctest bubbles. It knows nothing of HTTP, tokenizers or
-// providers: a request's cost arrives as an integer.
+// providers: a request's cost arrives as a vector of integers over the
+// resources, and its config as plain Go values (package config reads JSON).
 package scheduler
 
 import (

@@ -25,8 +25,8 @@ type waiter struct {
 	err       error
 }
 
-// Queue is the queue of one (route, model) in front of its request and
-// token buckets. Each client has its own FIFO in it; between clients
+// Queue is the queue of one (route, model) in front of its buckets (a
+// resource each; see cost.go). Each client has its own FIFO in it; between clients
 // waiting at the same time the buckets are shared in proportion to their
 // weights, in tokens (fair.go). A request is admitted only when the
 // model's buckets and its client's own can pay for it.

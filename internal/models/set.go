@@ -144,7 +144,7 @@ func (s *Set) Queue(model string) (*scheduler.Queue, error) {
 }
 
 // Sweep retires the queues of unlisted models that are idle at now: nobody
-// waiting or in flight, no hold, and both buckets full again, so that a
+// waiting or in flight, no hold, and every bucket full again, so that a
 // new queue for the same model would start exactly where this one stands.
 // A retired queue answers Acquire with scheduler.ErrRetired (the caller looks the
 // model up again). It returns how many it retired.
