@@ -20,10 +20,10 @@ func TestFindUsage(t *testing.T) {
 		want       Usage
 		ok         bool
 	}{
-		{"chat", `{"choices":[{"message":{"content":"\"usage\":{\"prompt_tokens\":99}"}}],"usage":{"prompt_tokens":9,"completion_tokens":3,"total_tokens":12,"prompt_tokens_details":{"cached_tokens":0}},"system_fingerprint":"x"}`, Usage{9, 3, 12}, true},
-		{"responses", `{"output":[],"usage":{"input_tokens":5,"output_tokens":7,"total_tokens":12}}`, Usage{5, 7, 12}, true},
-		{"embeddings", `{"data":[],"usage":{"prompt_tokens":4,"total_tokens":4}}`, Usage{4, 0, 4}, true},
-		{"spaced", "{\"usage\" :  {\"prompt_tokens\": 1, \"completion_tokens\": 2}}", Usage{1, 2, 3}, true},
+		{"chat", `{"choices":[{"message":{"content":"\"usage\":{\"prompt_tokens\":99}"}}],"usage":{"prompt_tokens":9,"completion_tokens":3,"total_tokens":12,"prompt_tokens_details":{"cached_tokens":0}},"system_fingerprint":"x"}`, Usage{Prompt: 9, Completion: 3, Total: 12}, true},
+		{"responses", `{"output":[],"usage":{"input_tokens":5,"output_tokens":7,"total_tokens":12}}`, Usage{Prompt: 5, Completion: 7, Total: 12}, true},
+		{"embeddings", `{"data":[],"usage":{"prompt_tokens":4,"total_tokens":4}}`, Usage{Prompt: 4, Completion: 0, Total: 4}, true},
+		{"spaced", "{\"usage\" :  {\"prompt_tokens\": 1, \"completion_tokens\": 2}}", Usage{Prompt: 1, Completion: 2, Total: 3}, true},
 		{"null", `{"choices":[],"usage":null}`, Usage{}, false},
 		{"cut off", `{"usage":{"prompt_tokens":1,`, Usage{}, false},
 		{"none", `{"error":{}}`, Usage{}, false},
@@ -84,7 +84,7 @@ func TestStreamTapStripsWhatIncludeUsageAdded(t *testing.T) {
 			assert.Equal(t, without, string(got), "byte for byte what the client gets without include_usage")
 			u, ok := tap.Usage()
 			require.True(t, ok)
-			assert.Equal(t, Usage{9, 3, 12}, u)
+			assert.Equal(t, Usage{Prompt: 9, Completion: 3, Total: 12}, u)
 		})
 	}
 }
@@ -140,15 +140,15 @@ func TestParseRateHeaders(t *testing.T) {
 		"X-Ratelimit-Reset-Requests": {"1s"}, "X-Ratelimit-Limit-Tokens": {"150000"},
 		"X-Ratelimit-Remaining-Tokens": {"149984"}, "X-Ratelimit-Reset-Tokens": {"6m0s"},
 	})
-	assert.Equal(t, RateInfo{LimitRequests: 60, LimitTokens: 150000, RemainingRequests: 59, RemainingTokens: 149984,
-		ResetRequests: time.Second, ResetTokens: 6 * time.Minute,
-		HasLimitRequests: true, HasLimitTokens: true, HasRemainingRequests: true, HasRemainingTokens: true,
-		HasResetRequests: true, HasResetTokens: true}, ri)
+	assert.Equal(t, RateInfo{
+		Requests: Bucket{Limit: 60, Remaining: 59, Reset: time.Second, HasLimit: true, HasRemaining: true, HasReset: true},
+		Tokens:   Bucket{Limit: 150000, Remaining: 149984, Reset: 6 * time.Minute, HasLimit: true, HasRemaining: true, HasReset: true},
+	}, ri)
 	azure := ParseRateHeaders(http.Header{"X-Ratelimit-Remaining-Tokens": {"-1"}, "X-Ratelimit-Remaining-Requests": {"7"},
 		"X-Rate-Limit-Reset-Tokens": {"55"}})
-	assert.False(t, azure.HasRemainingTokens, "-1 means unknown")
-	assert.Equal(t, 7, azure.RemainingRequests)
-	assert.Equal(t, 55*time.Second, azure.ResetTokens)
+	assert.False(t, azure.Tokens.HasRemaining, "-1 means unknown")
+	assert.Equal(t, 7, azure.Requests.Remaining)
+	assert.Equal(t, 55*time.Second, azure.Tokens.Reset)
 	assert.False(t, ParseRateHeaders(http.Header{}).Any())
 }
 

@@ -42,7 +42,7 @@ func TestStreamTapStripsByStructure(t *testing.T) {
 		assert.Equal(t, pySSE(words, false, sep), string(got))
 		u, ok := tap.Usage()
 		require.True(t, ok)
-		assert.Equal(t, Usage{7, 3, 10}, u)
+		assert.Equal(t, Usage{Prompt: 7, Completion: 3, Total: 10}, u)
 	}
 }
 
@@ -98,16 +98,16 @@ func TestUpstreamNumbersAreBounded(t *testing.T) {
 	}
 	ri := ParseRateHeaders(h("X-Ratelimit-Remaining-Tokens", "99999999999999999999", "X-Ratelimit-Limit-Tokens", "-3",
 		"X-Ratelimit-Reset-Requests", "1e300"))
-	assert.False(t, ri.HasRemainingTokens, "not a number we can hold")
-	assert.False(t, ri.HasLimitTokens)
-	assert.Equal(t, MaxReset, ri.ResetRequests)
+	assert.False(t, ri.Tokens.HasRemaining, "not a number we can hold")
+	assert.False(t, ri.Tokens.HasLimit)
+	assert.Equal(t, MaxReset, ri.Requests.Reset)
 
 	for body, want := range map[string]Usage{
-		`{"usage":{"prompt_tokens":-5,"completion_tokens":-7,"total_tokens":-12}}`: {0, 0, 0},
-		`{"usage":{"prompt_tokens":1e300,"completion_tokens":2,"total_tokens":3}}`: {MaxUsage, 2, MaxUsage},
-		`{"usage":{"prompt_tokens":"9","completion_tokens":2}}`:                    {0, 2, 2},
-		`{"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":1}}`:     {5, 2, 7},
-		`{"usage":{"input_tokens":4294967296,"output_tokens":4294967296}}`:         {MaxUsage, MaxUsage, MaxUsage},
+		`{"usage":{"prompt_tokens":-5,"completion_tokens":-7,"total_tokens":-12}}`: {Prompt: 0, Completion: 0, Total: 0},
+		`{"usage":{"prompt_tokens":1e300,"completion_tokens":2,"total_tokens":3}}`: {Prompt: MaxUsage, Completion: 2, Total: MaxUsage},
+		`{"usage":{"prompt_tokens":"9","completion_tokens":2}}`:                    {Prompt: 0, Completion: 2, Total: 2},
+		`{"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":1}}`:     {Prompt: 5, Completion: 2, Total: 7},
+		`{"usage":{"input_tokens":4294967296,"output_tokens":4294967296}}`:         {Prompt: MaxUsage, Completion: MaxUsage, Total: MaxUsage},
 	} {
 		u, ok := FindUsage([]byte(body))
 		assert.True(t, ok, body)

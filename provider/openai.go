@@ -10,19 +10,36 @@ import (
 	"github.com/valyala/fastjson"
 )
 
-// OpenAI authenticates requests to an OpenAI-compatible upstream with the
-// route's key. A zero OpenAI passes the client's own credentials through.
-type OpenAI struct {
-	cfg OpenAIConfig
+// Credentials authenticate requests to an upstream with the route's key,
+// in the header its API reads: OpenAI's Authorization: Bearer, Azure's
+// api-key, Anthropic's x-api-key. The client's own credentials (in any of
+// the three) never pass alongside it. Zero Credentials pass the client's
+// own through.
+type Credentials struct {
+	cfg CredentialsConfig
 }
 
-// OpenAIConfig is how an OpenAI upstream is authenticated.
-type OpenAIConfig struct {
+// The headers a key is sent in.
+const (
+	KeyBearer    = "Authorization" // "Bearer <key>"
+	KeyAPIKey    = "Api-Key"       // Azure
+	KeyXAPIKey   = "X-Api-Key"     // Anthropic
+	clientHeader = 3
+)
+
+// clientAuth are every header a client's key may come in.
+var clientAuth = [clientHeader]string{KeyBearer, KeyAPIKey, KeyXAPIKey}
+
+// CredentialsConfig is how an upstream is authenticated.
+type CredentialsConfig struct {
 	// APIKey replaces the client's credentials; empty lets them through
 	// (unless DropClientAuth).
 	APIKey string
-	// DropClientAuth removes the client's Authorization and api-key: they
-	// hold the gateway's own client keys, which never leave it.
+	// Header is where the key goes: KeyBearer (the default), KeyAPIKey or
+	// KeyXAPIKey.
+	Header string
+	// DropClientAuth removes the client's credentials: they hold the
+	// gateway's own client keys, which never leave it.
 	DropClientAuth bool
 	// ForwardOrganization keeps OpenAI-Organization and OpenAI-Project
 	// from clients when APIKey is injected; by default they are dropped,
@@ -30,60 +47,96 @@ type OpenAIConfig struct {
 	ForwardOrganization bool
 }
 
-// NewOpenAI returns the provider configured by cfg.
-func NewOpenAI(cfg OpenAIConfig) *OpenAI { return &OpenAI{cfg: cfg} }
+// NewCredentials returns the credentials configured by cfg.
+func NewCredentials(cfg CredentialsConfig) *Credentials {
+	if cfg.Header == "" {
+		cfg.Header = KeyBearer
+	}
+	return &Credentials{cfg: cfg}
+}
 
 // Authorize sets the upstream credentials on h, an outgoing request's
-// header: with a key, the client's Authorization and api-key headers are
-// replaced by "Bearer <key>" (and the client's organization and project
-// dropped), so neither a client key nor a team key reaches the upstream.
-func (p *OpenAI) Authorize(h http.Header) {
-	if p.cfg.APIKey == "" {
-		if p.cfg.DropClientAuth {
-			h.Del("Authorization")
-			h.Del("Api-Key")
-		}
+// header: with a key, every header a client's key may come in is replaced
+// by the key in the API's own header (and the client's organization and
+// project dropped), so neither a client key nor a team key reaches the
+// upstream.
+func (p *Credentials) Authorize(h http.Header) {
+	if p.cfg.APIKey == "" && !p.cfg.DropClientAuth {
 		return
 	}
-	h.Del("Api-Key")
-	h.Set("Authorization", "Bearer "+p.cfg.APIKey)
+	for _, k := range clientAuth {
+		delete(h, k)
+	}
+	if p.cfg.APIKey == "" {
+		return
+	}
+	if p.cfg.Header == KeyBearer {
+		h[KeyBearer] = []string{"Bearer " + p.cfg.APIKey}
+	} else {
+		h[p.cfg.Header] = []string{p.cfg.APIKey}
+	}
 	if !p.cfg.ForwardOrganization {
-		h.Del("Openai-Organization")
-		h.Del("Openai-Project")
+		delete(h, "Openai-Organization")
+		delete(h, "Openai-Project")
 	}
 }
 
-// RateInfo is what an upstream's response headers say about its limits.
-// OpenAI sends x-ratelimit-{limit,remaining,reset}-{requests,tokens}, with
-// resets as Go durations ("6m0s", "1.234s"); Azure sends the remaining
-// values, sometimes resets in whole seconds, and at times -1 for unknown.
-// A value that was absent or unusable has its Has field false.
+// RateInfo is what an upstream's response headers say about its limits,
+// per bucket: requests, tokens (input and output together), and input and
+// output tokens apart (Anthropic). OpenAI sends
+// x-ratelimit-{limit,remaining,reset}-{requests,tokens}, with resets as Go
+// durations ("6m0s", "1.234s"); Azure sends the remaining values,
+// sometimes resets in whole seconds, and at times -1 for unknown;
+// Anthropic sends anthropic-ratelimit-*, its token remaining values
+// rounded to thousands (Rounding) and its resets as RFC 3339 times.
 type RateInfo struct {
-	LimitRequests, LimitTokens               int
-	RemainingRequests, RemainingTokens       int
-	ResetRequests, ResetTokens               time.Duration
-	HasLimitRequests, HasLimitTokens         bool
-	HasRemainingRequests, HasRemainingTokens bool
-	HasResetRequests, HasResetTokens         bool
+	Requests, Tokens, InputTokens, OutputTokens Bucket
+	// Rounding is the unit the token buckets' remaining values are rounded
+	// to (0: exact).
+	Rounding int
 }
 
-// Any reports whether any value was read.
+// Bucket is one limit as an upstream reports it. A value that was absent
+// or unusable has its Has field false.
+type Bucket struct {
+	Limit, Remaining                 int
+	Reset                            time.Duration
+	HasLimit, HasRemaining, HasReset bool
+}
+
+// Any reports whether the bucket says anything.
+func (b Bucket) Any() bool { return b.HasLimit || b.HasRemaining || b.HasReset }
+
+// Buckets are the four buckets in order: requests, tokens, input tokens,
+// output tokens.
+func (ri *RateInfo) Buckets() [4]*Bucket {
+	return [4]*Bucket{&ri.Requests, &ri.Tokens, &ri.InputTokens, &ri.OutputTokens}
+}
+
+// Any reports whether any rate-limit header was present.
 func (ri RateInfo) Any() bool {
-	return ri.HasLimitRequests || ri.HasLimitTokens || ri.HasRemainingRequests || ri.HasRemainingTokens ||
-		ri.HasResetRequests || ri.HasResetTokens
+	return ri.Requests.Any() || ri.Tokens.Any() || ri.InputTokens.Any() || ri.OutputTokens.Any()
 }
 
-// ParseRateHeaders reads the rate-limit headers of an upstream response.
+// openAIRateHeaders are the limit, remaining and reset headers of
+// requests and tokens.
+var openAIRateHeaders = [2][3]string{
+	{"X-Ratelimit-Limit-Requests", "X-Ratelimit-Remaining-Requests", "X-Ratelimit-Reset-Requests"},
+	{"X-Ratelimit-Limit-Tokens", "X-Ratelimit-Remaining-Tokens", "X-Ratelimit-Reset-Tokens"},
+}
+
+// ParseRateHeaders reads the rate-limit headers of an OpenAI or Azure
+// upstream's response.
 func ParseRateHeaders(h http.Header) RateInfo {
 	var ri RateInfo
-	ri.LimitRequests, ri.HasLimitRequests = headerInt(h, "X-Ratelimit-Limit-Requests")
-	ri.LimitTokens, ri.HasLimitTokens = headerInt(h, "X-Ratelimit-Limit-Tokens")
-	ri.RemainingRequests, ri.HasRemainingRequests = headerInt(h, "X-Ratelimit-Remaining-Requests")
-	ri.RemainingTokens, ri.HasRemainingTokens = headerInt(h, "X-Ratelimit-Remaining-Tokens")
-	ri.ResetRequests, ri.HasResetRequests = headerDuration(h, "X-Ratelimit-Reset-Requests")
-	ri.ResetTokens, ri.HasResetTokens = headerDuration(h, "X-Ratelimit-Reset-Tokens")
-	if !ri.HasResetTokens { // older Azure spelling
-		ri.ResetTokens, ri.HasResetTokens = headerDuration(h, "X-Rate-Limit-Reset-Tokens")
+	for i, b := range [...]*Bucket{&ri.Requests, &ri.Tokens} {
+		names := &openAIRateHeaders[i]
+		b.Limit, b.HasLimit = headerInt(h, names[0])
+		b.Remaining, b.HasRemaining = headerInt(h, names[1])
+		b.Reset, b.HasReset = headerDuration(h, names[2])
+	}
+	if !ri.Tokens.HasReset { // older Azure spelling
+		ri.Tokens.Reset, ri.Tokens.HasReset = headerDuration(h, "X-Rate-Limit-Reset-Tokens")
 	}
 	return ri
 }
@@ -164,13 +217,15 @@ func RetryAfter(h http.Header, now time.Time) (time.Duration, bool) {
 		}
 	}
 	ri := ParseRateHeaders(h)
+	if h.Get("Anthropic-Ratelimit-Requests-Remaining") != "" {
+		ri = ParseAnthropicRateHeaders(h, now)
+	}
 	var d time.Duration
 	found := false
-	if ri.HasResetRequests && ri.HasRemainingRequests && ri.RemainingRequests == 0 {
-		d, found = max(d, ri.ResetRequests), true
-	}
-	if ri.HasResetTokens && ri.HasRemainingTokens && ri.RemainingTokens == 0 {
-		d, found = max(d, ri.ResetTokens), true
+	for _, b := range ri.Buckets() {
+		if b.HasReset && b.HasRemaining && b.Remaining == 0 {
+			d, found = max(d, b.Reset), true
+		}
 	}
 	return min(d, MaxRetryAfter), found
 }
@@ -190,7 +245,7 @@ func Retryable429(h http.Header, body []byte) bool {
 	for _, field := range []string{"code", "type"} {
 		switch string(v.GetStringBytes("error", field)) {
 		case "insufficient_quota", "credit_balance_exhausted", "billing_hard_limit_reached",
-			"billing_not_active", "access_terminated":
+			"billing_not_active", "access_terminated", "billing_error":
 			return false
 		}
 	}

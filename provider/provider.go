@@ -1,5 +1,6 @@
 // Package provider knows how llproxy reads the upstreams it speaks to
-// ("openai": any OpenAI-compatible server): their credentials, their
+// ("openai": any OpenAI-compatible server; "azure": Azure OpenAI;
+// "anthropic": Anthropic's Messages API): their credentials, their
 // rate-limit headers and retry advice, their usage in JSON bodies and SSE
 // streams. The "mock" upstream, answering locally, is package
 // provider/mock.
@@ -11,9 +12,11 @@ package provider
 
 // Names of the providers a route may use.
 const (
-	NameOpenAI = "openai"
-	NameMock   = "mock"
+	NameOpenAI    = "openai"
+	NameAzure     = "azure"
+	NameAnthropic = "anthropic"
+	NameMock      = "mock"
 )
 
 // Names returns the known provider names.
-func Names() []string { return []string{NameOpenAI, NameMock} }
+func Names() []string { return []string{NameOpenAI, NameAzure, NameAnthropic, NameMock} }

@@ -25,12 +25,16 @@ type StreamTap struct {
 	// buf[ready:] the start of an event not complete yet.
 	buf   []byte
 	ready int
-	usage Usage
-	found bool
-	eof   bool
-	err   error
-	sent  int   // events passed to the client (strip mode)
-	out   int64 // bytes passed to the client (strip mode)
+	// messages: an Anthropic Messages stream, whose first head bytes are
+	// kept too (message_start's usage is there).
+	messages bool
+	head     []byte
+	usage    Usage
+	found    bool
+	eof      bool
+	err      error
+	sent     int   // events passed to the client (strip mode)
+	out      int64 // bytes passed to the client (strip mode)
 }
 
 // newStreamTap wraps an SSE response body.
@@ -43,7 +47,7 @@ func newStreamTap(src io.ReadCloser, strip bool) *StreamTap {
 // Reset makes t tap src, forgetting what it saw before but keeping its
 // buffers.
 func (t *StreamTap) Reset(src io.ReadCloser, strip bool) {
-	t.src, t.strip = src, strip
+	t.src, t.strip, t.messages, t.head = src, strip, false, t.head[:0]
 	t.tail.Reset(src)
 	t.buf, t.ready = t.buf[:0], 0
 	t.usage, t.found, t.eof, t.err, t.sent, t.out = Usage{}, false, false, nil, 0, 0
@@ -59,9 +63,23 @@ var (
 // "event" is not a stream it understands and goes through as it is.
 const maxEvent = 1 << 20
 
+// ResetMessages makes t tap src, an Anthropic Messages stream: its bytes
+// pass as they are, and its usage is read from its start and its end.
+func (t *StreamTap) ResetMessages(src io.ReadCloser) {
+	t.Reset(src, false)
+	t.messages = true
+}
+
+// headSize is how much of a Messages stream's start is kept.
+const headSize = 16 << 10
+
 func (t *StreamTap) Read(p []byte) (int, error) {
 	if !t.strip {
-		return t.tail.Read(p)
+		n, err := t.tail.Read(p)
+		if t.messages && len(t.head) < headSize && n > 0 {
+			t.head = append(t.head, p[:min(n, headSize-len(t.head))]...)
+		}
+		return n, err
 	}
 	for t.ready == 0 {
 		if t.err != nil {
@@ -247,7 +265,14 @@ func (t *StreamTap) Relayed() (chunks int, bytes int64) {
 
 // Usage returns the usage the stream reported, if it was read to the end
 // and reported one. A stream cut short has none.
+//
+// A Messages stream reports its usage at its start and its end: one that
+// ended, or was cut, after message_start and before its message_delta has
+// Partial usage (the input; the output is what was relayed).
 func (t *StreamTap) Usage() (Usage, bool) {
+	if t.messages {
+		return messagesUsage(t.head, t.tail.tail)
+	}
 	if !t.strip {
 		return t.tail.Usage()
 	}

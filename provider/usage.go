@@ -9,7 +9,19 @@ import (
 
 // Usage is the token usage an upstream reports for one request.
 type Usage struct {
+	// Prompt is the whole prompt, whatever the cache did with it (OpenAI's
+	// prompt_tokens; Anthropic's input_tokens plus its two cache counts),
+	// Completion the output, Total both.
 	Prompt, Completion, Total int
+	// CacheRead and CacheWrite are the parts of Prompt read from and
+	// written to the provider's prompt cache (OpenAI's cached_tokens;
+	// Anthropic's cache_read_input_tokens and
+	// cache_creation_input_tokens).
+	CacheRead, CacheWrite int
+	// Partial is usage the answer reported only at its start (an Anthropic
+	// stream that ended before its message_delta): Prompt and the cache
+	// counts are known, Completion is what the start said (not the output).
+	Partial bool
 }
 
 var usageKey = []byte(`"usage"`)
@@ -51,16 +63,32 @@ func parseUsage(obj []byte) (Usage, bool) {
 	if err != nil {
 		return Usage{}, false
 	}
+	u := usageOf(v)
+	return u, true
+}
+
+// usageOf reads a usage object: OpenAI's (prompt_tokens, the Responses
+// API's input_tokens, each with its cached_tokens) or Anthropic's
+// (input_tokens beside its cache counts, which add up to the prompt).
+func usageOf(v *fastjson.Value) Usage {
 	u := Usage{
 		Prompt:     firstInt(v, "prompt_tokens", "input_tokens"),
 		Completion: firstInt(v, "completion_tokens", "output_tokens"),
 		Total:      boundedInt(v.Get("total_tokens")),
 	}
+	cw, cr := v.Get("cache_creation_input_tokens"), v.Get("cache_read_input_tokens")
+	if cw != nil || cr != nil { // Anthropic: input_tokens is the uncached rest
+		u.CacheWrite, u.CacheRead = boundedInt(cw), boundedInt(cr)
+		u.Prompt = min(u.Prompt+u.CacheWrite+u.CacheRead, MaxUsage)
+	} else {
+		u.CacheRead = min(u.Prompt, max(boundedInt(v.Get("prompt_tokens_details", "cached_tokens")),
+			boundedInt(v.Get("input_tokens_details", "cached_tokens"))))
+	}
 	if u.Total < u.Prompt+u.Completion {
 		u.Total = u.Prompt + u.Completion
 	}
 	u.Total = min(u.Total, MaxUsage)
-	return u, true
+	return u
 }
 
 // MaxUsage bounds each usage count an upstream reports: a larger or

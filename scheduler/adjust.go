@@ -75,7 +75,7 @@ func (a *Admission) Observe(now time.Time, u Upstream) bool {
 		d := level - float64(u.Remaining[r])
 		after := q.paid[r] - mark.Paid[r]
 		n, dr, c := q.b[r].observe(now, d-(q.lowered[r]-mark.Lowered[r])-after,
-			d-(q.drained[r]-mark.Drained[r])-ahead[r])
+			d-(q.drained[r]-mark.Drained[r])-ahead[r], float64(u.Rounding[r])/2)
 		q.lowered[r] += n
 		q.drained[r] += dr
 		lowered, changed = lowered+n, changed || c

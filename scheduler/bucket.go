@@ -115,7 +115,17 @@ const maxOthersShare = 0.9
 // returns how much it lowered the bucket, how much drain it took as
 // others' (from then on not counted again), and whether the refill rate
 // changed.
-func (b *bucket) observe(now time.Time, discrepancy, drain float64) (lowered, drained float64, rateChanged bool) {
+//
+// slack is how far the upstream's figure may be off by its own rounding
+// (half the unit it rounds to; 0 for exact figures): within it, nothing
+// is taken as spent, and beyond it only the excess.
+func (b *bucket) observe(now time.Time, discrepancy, drain, slack float64) (lowered, drained float64, rateChanged bool) {
+	discrepancy -= slack
+	if drain > 0 {
+		drain = max(0, drain-slack)
+	} else {
+		drain = min(0, drain+slack)
+	}
 	// What others can have spent since the last observation, at a steady
 	// rate, is at most the configured rate times the time between: more is
 	// a burst, corrected by the lowering but not taken as a rate.

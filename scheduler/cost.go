@@ -123,10 +123,12 @@ type ClientStats struct {
 }
 
 // Upstream is what an upstream reported about its own limits in response
-// headers: per resource, what it had left, where Reported says it said.
+// headers: per resource, what it had left, where Reported says it said,
+// rounded to the nearest Rounding (0 or 1: exact; Anthropic rounds tokens
+// to thousands).
 type Upstream struct {
-	Remaining Vector
-	Reported  [NumBuckets]bool
+	Remaining, Rounding Vector
+	Reported            [NumBuckets]bool
 }
 
 // Levels are a shared store's buckets as it reported them, per resource:

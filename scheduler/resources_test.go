@@ -92,3 +92,36 @@ func TestConfigNeedsATokenBucket(t *testing.T) {
 	assert.NoError(t, Config{RPM: 1, ITPM: 10, OTPM: 10}.Validate())
 	assert.ErrorContains(t, Config{RPM: 1, TPM: 5, OTPM: -1}.Validate(), "otpm: must be >= 0, got -1")
 }
+
+// An upstream that rounds its remaining tokens to thousands (Anthropic)
+// is not taken to have spent what the rounding hides: the buckets are
+// lowered only beyond half the unit, and the estimate of others' spending
+// does not swing with the rounding.
+func TestRoundedUpstreamFiguresAreNotSpending(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		q := NewQueue("m", Config{MaxQueueSize: 10, MaxQueueWait: time.Minute, RPM: 6000, ITPM: 60000, OTPM: 60000})
+		rounded := func(v int) Upstream {
+			var u Upstream
+			u.Remaining[InputTokens] = (v + 500) / 1000 * 1000
+			u.Reported[InputTokens], u.Rounding[InputTokens] = true, 1000
+			return u
+		}
+		for i := range 200 {
+			a, err := q.Acquire(context.Background(), Cost{Amount: Request(350+i%7*20, 10)})
+			require.NoError(t, err)
+			// What the upstream truly had when it took this request: the
+			// same as the gateway, nobody else spends.
+			truth := int(a.Mark.Level[InputTokens])
+			assert.False(t, a.Observe(time.Now(), rounded(truth)), "request %d: nothing lowered", i)
+			time.Sleep(200 * time.Millisecond)
+		}
+		assert.Zero(t, q.b[InputTokens].others, "no drain taken from rounding")
+		// Someone else spent 3,000: seen, less the rounding's half unit.
+		a, err := q.Acquire(context.Background(), Cost{Amount: Request(100, 10)})
+		require.NoError(t, err)
+		before := q.State(time.Now()).Remaining[InputTokens]
+		assert.True(t, a.Observe(time.Now(), rounded(int(a.Mark.Level[InputTokens])-3000)))
+		after := q.State(time.Now()).Remaining[InputTokens]
+		assert.InDelta(t, 2500, before-after, 500)
+	})
+}

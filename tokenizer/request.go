@@ -18,6 +18,8 @@ const (
 	EndpointCompletions
 	EndpointEmbeddings
 	EndpointResponses
+	// EndpointMessages is Anthropic's Messages API (messages.go).
+	EndpointMessages
 )
 
 // Overheads from the OpenAI cookbook ("How to count tokens with tiktoken").
@@ -53,6 +55,8 @@ func (t *Tokenizer) PromptTokens(ep Endpoint, model string, body *fastjson.Value
 		return c.prompt(body.Get("input"))
 	case EndpointResponses:
 		return c.responses(body)
+	case EndpointMessages:
+		return c.messages(body)
 	}
 	n := c.prompt(body.Get("input")) + c.prompt(body.Get("prompt"))
 	if body.Get("messages") != nil {

@@ -100,8 +100,13 @@ type Route struct {
 	// Forward is the upstream's base URL; the path after /R/ and the query
 	// are appended. Required for provider "openai".
 	Forward string `json:"forward"`
-	// Provider is "openai" (default) or "mock".
+	// Provider is "openai" (default: any OpenAI-compatible server),
+	// "azure" (Azure OpenAI), "anthropic" (Anthropic's Messages API) or
+	// "mock".
 	Provider string `json:"provider"`
+	// Deployments map an Azure route's deployment names to the models
+	// whose limits (and queue) their requests take.
+	Deployments map[string]string `json:"deployments"`
 	// APIKey, when set, replaces the client's credentials upstream.
 	APIKey Secret `json:"apiKey"`
 	// ForwardOrganization keeps the client's OpenAI-Organization and
@@ -157,6 +162,12 @@ func (m MockConfig) Config() mock.Config {
 		Models: m.Models}
 }
 
+// Tokenizer modes of a model.
+const (
+	TokenizerExact      = "exact"
+	TokenizerCalibrated = "calibrated"
+)
+
 // Settle modes.
 const (
 	SettleReserved = "reserved"
@@ -186,6 +197,18 @@ type Model struct {
 	// MaxConcurrent is how many of its requests may be in flight at once
 	// (a local server's parallel slots); 0: no limit.
 	MaxConcurrent int `json:"maxConcurrent"`
+	// CacheReadsCount: prompt tokens read from the provider's cache count
+	// against the input bucket (Anthropic's older models); by default they
+	// are free, as Anthropic counts them.
+	CacheReadsCount bool `json:"cacheReadsCount"`
+	// CountTokensRPM limits the model's count_tokens calls per minute
+	// (Anthropic: free, with a limit of its own); 0: unlimited.
+	CountTokensRPM int `json:"countTokensRpm"`
+	// Tokenizer is how the model's prompts are counted: "exact" (the
+	// model's own encoding) or "calibrated" (the o200k count scaled by a
+	// factor learned from what the upstream reports). Default calibrated
+	// for Anthropic routes and fleets, exact otherwise.
+	Tokenizer string `json:"tokenizer"`
 	// DefaultMaxTokens is the output a request is charged for when it names
 	// no max_completion_tokens, max_tokens or max_output_tokens. Default 1024.
 	DefaultMaxTokens int `json:"defaultMaxTokens"`

@@ -14,6 +14,7 @@ import (
 
 	"github.com/llproxy/llproxy/internal/duration"
 	"github.com/llproxy/llproxy/provider"
+	"github.com/llproxy/llproxy/scheduler"
 )
 
 // Defaults and validation: what a config file leaves out, and every
@@ -82,7 +83,9 @@ func (c *Config) setDefaults() {
 		}
 		if r.Settle == "" {
 			r.Settle = SettleReserved
-			if r.Provider == provider.NameMock || r.Fleet() {
+			if r.Provider == provider.NameMock || r.Provider == provider.NameAnthropic || r.Fleet() {
+				// Anthropic settles output to what was used, as its
+				// OTPM does at the end of a request.
 				r.Settle = SettleActual
 			}
 		}
@@ -100,6 +103,12 @@ func (c *Config) setDefaults() {
 		for _, m := range r.Models {
 			if m != nil && m.DefaultMaxTokens == 0 {
 				m.DefaultMaxTokens = DefaultMaxTokens
+			}
+			if m != nil && m.Tokenizer == "" {
+				m.Tokenizer = TokenizerExact
+				if r.Provider == provider.NameAnthropic || r.Fleet() {
+					m.Tokenizer = TokenizerCalibrated
+				}
 			}
 		}
 	}
@@ -187,14 +196,16 @@ func (c *Config) Validate() error {
 func (r *Route) validate() error {
 	var errs []error
 	switch r.Provider {
-	case provider.NameOpenAI:
-		if r.Fleet() {
+	case provider.NameOpenAI, provider.NameAzure, provider.NameAnthropic:
+		if r.Fleet() && r.Provider != provider.NameOpenAI {
+			errs = append(errs, fmt.Errorf("provider: a fleet of backends is OpenAI-compatible: provider %q takes one forward URL", r.Provider))
+		} else if r.Fleet() {
 			errs = append(errs, splitErrors(r.Config.Validate())...)
 			if r.Forward != "" {
 				errs = append(errs, errors.New("forward: a route has either forward or backends/discover, not both"))
 			}
 		} else if r.Forward == "" {
-			errs = append(errs, errors.New("forward: required for provider \"openai\" (or list backends, or discover them)"))
+			errs = append(errs, fmt.Errorf("forward: required for provider %q (or, for openai, list backends, or discover them)", r.Provider))
 		} else if u, err := url.Parse(r.Forward); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 			errs = append(errs, fmt.Errorf("forward: must be an http or https URL, got %q", redactedURL(r.Forward)))
 		} else if strings.HasSuffix(strings.TrimRight(u.Path, "/"), "/v1") {
@@ -216,6 +227,20 @@ func (r *Route) validate() error {
 	}
 	if r.Settle != SettleReserved && r.Settle != SettleActual {
 		errs = append(errs, fmt.Errorf("settle: must be %q or %q, got %q", SettleReserved, SettleActual, r.Settle))
+	} else if r.Provider == provider.NameAzure && r.Settle != SettleReserved {
+		errs = append(errs, errors.New(`settle: Azure charges a request's prompt and max_tokens at admission and gives nothing back: must be "reserved"`))
+	}
+	if len(r.Deployments) > 0 && r.Provider != provider.NameAzure {
+		errs = append(errs, fmt.Errorf("deployments: only for provider %q", provider.NameAzure))
+	}
+	for _, d := range slices.Sorted(maps.Keys(r.Deployments)) {
+		model := r.Deployments[d]
+		switch {
+		case d == "" || strings.ContainsAny(d, "/?#"):
+			errs = append(errs, fmt.Errorf("deployments: %q is not a deployment name", d))
+		case r.Models[model] == nil && r.Models[scheduler.Wildcard] == nil:
+			errs = append(errs, fmt.Errorf("deployments.%s: model %q has no limits in models (and there is no \"*\")", d, model))
+		}
 	}
 	if r.Retries != nil && (*r.Retries < 0 || *r.Retries > 10) {
 		errs = append(errs, fmt.Errorf("retries: must be between 0 and 10, got %d", *r.Retries))
@@ -237,6 +262,12 @@ func (r *Route) validate() error {
 		}
 		if m.DefaultMaxTokens < 0 {
 			errs = append(errs, fmt.Errorf("models.%s.defaultMaxTokens: must be >= 0, got %d", name, m.DefaultMaxTokens))
+		}
+		if m.CountTokensRPM < 0 {
+			errs = append(errs, fmt.Errorf("models.%s.countTokensRpm: must be >= 0, got %d", name, m.CountTokensRPM))
+		}
+		if m.Tokenizer != TokenizerExact && m.Tokenizer != TokenizerCalibrated {
+			errs = append(errs, fmt.Errorf("models.%s.tokenizer: must be %q or %q, got %q", name, TokenizerExact, TokenizerCalibrated, m.Tokenizer))
 		}
 		errs = append(errs, prefix("models."+name+".", m.Queue().Validate())...)
 	}

@@ -157,7 +157,7 @@ type Model struct {
 	estimateError                               prometheus.Observer
 	lowered                                     prometheus.Counter
 	upOnce                                      sync.Once
-	upRate                                      [2][3]prometheus.Gauge // resource x field, made on first report
+	upRate                                      [4][3]prometheus.Gauge // resource x field, made on first report
 	// For the status page: admitted and refused so far, and the upstream's
 	// latency (EWMA, µs).
 	nAdmitted, nRejected, latencyUS atomic.Int64
@@ -243,13 +243,14 @@ func (mm *Model) Retry(reason string) {
 func (mm *Model) Lowered() { mm.lowered.Inc() }
 
 // UpstreamRate records the upstream's view of one resource (0 requests, 1
-// tokens); a negative limit or remaining was not reported.
+// tokens, 2 input tokens, 3 output tokens); a negative limit or remaining
+// was not reported.
 func (mm *Model) UpstreamRate(resource int, limit, remaining int, reset time.Duration, hasReset bool) {
-	if limit < 0 && remaining < 0 && !hasReset {
+	if resource < 0 || resource >= len(mm.upRate) || (limit < 0 && remaining < 0 && !hasReset) {
 		return
 	}
 	mm.upOnce.Do(func() {
-		for r, res := range []string{"requests", "tokens"} {
+		for r, res := range []string{"requests", "tokens", "input_tokens", "output_tokens"} {
 			for f, field := range []string{"limit", "remaining", "reset_seconds"} {
 				mm.upRate[r][f] = mm.m.upstreamRate.WithLabelValues(mm.route, mm.model, res, field)
 			}

@@ -48,6 +48,11 @@ func writeError(w http.ResponseWriter, status int, e apiError) {
 	body, _ := json.Marshal(struct {
 		Error apiError `json:"error"`
 	}{e})
+	writeBody(w, status, body)
+}
+
+// writeBody writes a JSON error body (a newline is added).
+func writeBody(w http.ResponseWriter, status int, body []byte) {
 	h := w.Header()
 	h["Content-Type"] = []string{"application/json"}
 	h["Content-Length"] = []string{strconv.Itoa(len(body) + 1)}
@@ -113,9 +118,17 @@ func ceilMillis(d time.Duration) time.Duration {
 // headers. A request too large for the bucket also gets x-should-retry:
 // false, since no wait helps it.
 func WriteReject(w http.ResponseWriter, route string, e *scheduler.RejectError) {
-	h := w.Header()
-	SetRateHeaders(h, &e.State)
-	unit, typ := units[e.Resource], "requests"
+	Dialect{}.Reject(w, route, e)
+}
+
+// RejectMessage words a rejection as OpenAI does its own (the bucket that
+// binds, its limit, what is used and requested, when to try again), and
+// sets the headers that tell a client when (retry-after, whole seconds
+// rounded up, and retry-after-ms) or that no wait helps (x-should-retry:
+// false, for a request too large). typ is "requests" or "tokens".
+func RejectMessage(h http.Header, route string, e *scheduler.RejectError) (typ, msg string) {
+	unit := units[min(int(e.Resource), len(units)-1)]
+	typ = "requests"
 	if e.Resource != scheduler.Requests && e.Resource != scheduler.Slots {
 		typ = "tokens"
 	}
@@ -124,50 +137,59 @@ func WriteReject(w http.ResponseWriter, route string, e *scheduler.RejectError) 
 	if e.Client != "" {
 		where, whose = "in llproxy route "+route+" for client "+e.Client, "its client's"
 	}
-	var msg string
 	if errors.Is(e, scheduler.ErrTooLarge) {
 		h["X-Should-Retry"] = []string{"false"}
-		msg = fmt.Sprintf("Request too large for %s %s on %s: Limit %d, Requested %d. "+
+		return typ, fmt.Sprintf("Request too large for %s %s on %s: Limit %d, Requested %d. "+
 			"The input or output tokens must be reduced in order to run successfully.",
 			e.Model, where, unit, e.Limit, e.Requested)
-	} else {
-		retry := ceilMillis(e.RetryAfter)
-		h["Retry-After"] = []string{strconv.FormatInt(int64(math.Ceil(retry.Seconds())), 10)}
-		h["Retry-After-Ms"] = []string{strconv.FormatInt(retry.Milliseconds(), 10)}
-		why := "Its queue is full (" + strconv.Itoa(e.QueueLen) + " requests of its client waiting)."
-		if errors.Is(e, scheduler.ErrWaitTooLong) {
-			why = "It would wait in the queue longer than " + whose + " maxQueueWait."
-		}
-		msg = fmt.Sprintf("Rate limit reached for %s %s on %s: Limit %d, Used %d, Requested %d. "+
-			"Please try again in %s. %s", e.Model, where, unit, e.Limit, e.Used, e.Requested, retry, why)
 	}
-	WriteError(w, http.StatusTooManyRequests, typ, "rate_limit_exceeded", msg)
+	retry := ceilMillis(e.RetryAfter)
+	SetRetryAfter(h, retry)
+	why := "Its queue is full (" + strconv.Itoa(e.QueueLen) + " requests of its client waiting)."
+	if errors.Is(e, scheduler.ErrWaitTooLong) {
+		why = "It would wait in the queue longer than " + whose + " maxQueueWait."
+	}
+	return typ, fmt.Sprintf("Rate limit reached for %s %s on %s: Limit %d, Used %d, Requested %d. "+
+		"Please try again in %s. %s", e.Model, where, unit, e.Limit, e.Used, e.Requested, retry, why)
+}
+
+// SetRetryAfter sets retry-after (whole seconds, rounded up) and
+// retry-after-ms to d.
+func SetRetryAfter(h http.Header, d time.Duration) {
+	d = ceilMillis(d)
+	h["Retry-After"] = []string{strconv.FormatInt(int64(math.Ceil(d.Seconds())), 10)}
+	h["Retry-After-Ms"] = []string{strconv.FormatInt(d.Milliseconds(), 10)}
 }
 
 // WriteQuota answers a request whose client's daily budget is used up:
 // OpenAI's 429 insufficient_quota, which no wait of a few seconds helps
 // (x-should-retry: false), with retry-after until the budget starts over.
-func WriteQuota(w http.ResponseWriter, e QuotaError) {
-	h := w.Header()
+func WriteQuota(w http.ResponseWriter, e QuotaError) { Dialect{}.Quota(w, e) }
+
+// SetQuotaHeaders says that no wait of a few seconds helps (x-should-retry:
+// false) and when the budget starts over (retry-after).
+func SetQuotaHeaders(h http.Header, e QuotaError) {
 	h["X-Should-Retry"] = []string{"false"}
 	secs := int64(math.Ceil(time.Until(e.ResetAt()).Seconds()))
 	h["Retry-After"] = []string{strconv.FormatInt(max(1, secs), 10)}
-	WriteError(w, http.StatusTooManyRequests, "insufficient_quota", "insufficient_quota", e.Error())
 }
 
 // WriteBudgetReserved answers a request that does not fit its client's
 // budget only because requests in flight hold the rest: a retryable 429
 // (code budget_reserved) with a short Retry-After.
-func WriteBudgetReserved(w http.ResponseWriter, e interface {
+func WriteBudgetReserved(w http.ResponseWriter, e RetryError) { Dialect{}.BudgetReserved(w, e) }
+
+// RetryError is a refusal that a retry soon may not meet.
+type RetryError interface {
 	error
 	RetryAfter() time.Duration
-}) {
-	h := w.Header()
-	retry := ceilMillis(e.RetryAfter())
-	h["Retry-After"] = []string{strconv.FormatInt(int64(math.Ceil(retry.Seconds())), 10)}
-	h["Retry-After-Ms"] = []string{strconv.FormatInt(retry.Milliseconds(), 10)}
+}
+
+// SetRetrySoon says when to try again (retry-after, retry-after-ms) and
+// that it may work then (x-should-retry: true).
+func SetRetrySoon(h http.Header, e RetryError) {
+	SetRetryAfter(h, e.RetryAfter())
 	h["X-Should-Retry"] = []string{"true"}
-	WriteError(w, http.StatusTooManyRequests, "rate_limit_exceeded", "budget_reserved", e.Error())
 }
 
 // QuotaError is a budget used up: its message and when it starts over.

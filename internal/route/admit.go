@@ -9,7 +9,6 @@ import (
 
 	"github.com/llproxy/llproxy/internal/clients"
 	"github.com/llproxy/llproxy/internal/metrics"
-	"github.com/llproxy/llproxy/internal/openai"
 	"github.com/llproxy/llproxy/internal/relay"
 	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/internal/ticket"
@@ -108,16 +107,16 @@ func (rt *Route) writeAdmitError(ex *exchange, ctx context.Context, err error) s
 	var exhausted *clients.Exhausted
 	switch {
 	case errors.As(err, &reserved):
-		openai.WriteBudgetReserved(ex, reserved)
+		rt.say.BudgetReserved(ex, reserved)
 		return metrics.OutcomeRejectBudget
 	case errors.As(err, &exhausted):
-		openai.WriteQuota(ex, exhausted)
+		rt.say.Quota(ex, exhausted)
 		return metrics.OutcomeRejectBudget
 	case errors.Is(err, ticket.ErrLimitsUnavailable):
 		h := ex.Header()
 		h["X-Llproxy-Limits"] = []string{"local"}
 		h["Retry-After"] = []string{"1"}
-		openai.WriteError(ex, http.StatusServiceUnavailable, "server_error", "limits_unavailable",
+		rt.say.Error(ex, http.StatusServiceUnavailable, "server_error", "limits_unavailable",
 			"llproxy cannot reach the shared limits (Redis) and is configured to refuse until it can (onRedisDown: deny).")
 		return metrics.OutcomeSharedDown
 	}

@@ -85,32 +85,32 @@ func (rt *Route) inspect(w http.ResponseWriter, path string, body []byte, parsed
 	}
 	if err != nil || v.Type() != fastjson.TypeObject {
 		rec.outcome = OutcomeBadRequest
-		openai.WriteError(w, http.StatusBadRequest, "invalid_request_error", "",
+		rt.say.Error(w, http.StatusBadRequest, "invalid_request_error", "",
 			"We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly. The OpenAI API expects a JSON payload.)")
 		return c, false
 	}
 	if err := request.CheckDuplicateKeys(v); err != nil {
 		rec.outcome = OutcomeBadRequest
-		openai.WriteError(w, http.StatusBadRequest, "invalid_request_error", "", "Invalid request: "+err.Error())
+		rt.say.Error(w, http.StatusBadRequest, "invalid_request_error", "", "Invalid request: "+err.Error())
 		return c, false
 	}
 	mv := v.Get("model")
 	if mv == nil || mv.Type() == fastjson.TypeNull {
 		if openai.Endpoint(path) != tokenizer.EndpointOther {
 			rec.outcome = OutcomeBadRequest
-			openai.WriteParamError(w, "model", "you must provide a model parameter")
+			rt.say.ParamError(w, "model", "you must provide a model parameter")
 			return c, false
 		}
 		return c, true
 	}
 	if mv.Type() != fastjson.TypeString {
 		rec.outcome = OutcomeBadRequest
-		openai.WriteParamError(w, "model", "'model' must be a string.")
+		rt.say.ParamError(w, "model", "'model' must be a string.")
 		return c, false
 	}
 	if err := request.CheckModelName(mv.GetStringBytes()); err != nil {
 		rec.outcome = OutcomeBadRequest
-		openai.WriteParamError(w, "model", err.Error())
+		rt.say.ParamError(w, "model", err.Error())
 		return c, false
 	}
 	rec.model = string(mv.GetStringBytes())
@@ -136,7 +136,7 @@ func (rt *Route) inspect(w http.ResponseWriter, path string, body []byte, parsed
 		d, err := request.ParseKeepAlive(ka.MarshalTo(nil))
 		if err != nil {
 			rec.outcome = OutcomeBadRequest
-			openai.WriteParamError(w, "keep_alive", err.Error())
+			rt.say.ParamError(w, "keep_alive", err.Error())
 			return call{}, false
 		}
 		c.keepAlive = &d
@@ -149,7 +149,7 @@ func (rt *Route) inspect(w http.ResponseWriter, path string, body []byte, parsed
 	}
 	if c.est, err = rt.estimateCost(ep, rec.model, v, c.ms); err != nil {
 		rec.outcome = OutcomeBadRequest
-		openai.WriteError(w, http.StatusBadRequest, "invalid_request_error", "", err.Error())
+		rt.say.Error(w, http.StatusBadRequest, "invalid_request_error", "", err.Error())
 		return call{}, false
 	}
 	stream := v.GetBool("stream")

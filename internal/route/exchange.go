@@ -8,9 +8,9 @@ import (
 	"sync"
 	"time"
 
+	"github.com/llproxy/llproxy/internal/anthropic"
 	"github.com/llproxy/llproxy/internal/clients"
 	"github.com/llproxy/llproxy/internal/metrics"
-	"github.com/llproxy/llproxy/internal/openai"
 	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/internal/ticket"
 	"github.com/llproxy/llproxy/provider"
@@ -23,6 +23,8 @@ import (
 // log line and metrics need.
 type exchange struct {
 	http.ResponseWriter
+	say      dialect // the route's: how its own answers and headers are written
+	reqID    bool    // every answer carries a request-id (Anthropic's)
 	status   int
 	headerAt time.Time
 	written  int64
@@ -92,7 +94,10 @@ func (ex *exchange) WriteHeader(code int) {
 	ex.headerAt = time.Now()
 	h := ex.Header()
 	if st, ok := ex.t.Rate(); ok {
-		openai.SetRateHeaders(h, st)
+		ex.say.RateHeaders(h, st)
+	}
+	if ex.reqID {
+		anthropic.RequestID(h)
 	}
 	if ex.t.Local() {
 		h["X-Llproxy-Limits"] = []string{"local"}

@@ -11,7 +11,6 @@ import (
 	"github.com/valyala/fastjson"
 
 	"github.com/llproxy/llproxy/internal/fleet"
-	"github.com/llproxy/llproxy/internal/openai"
 	"github.com/llproxy/llproxy/internal/relay"
 	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/provider"
@@ -26,9 +25,9 @@ import (
 // to is each send's lease).
 type outbound struct {
 	transport http.RoundTripper
-	auth      *provider.OpenAI
-	noKey     *provider.OpenAI // for a discovered backend that may not have the key
-	prefix    string           // "/<route>", stripped from the path
+	auth      *provider.Credentials
+	noKey     *provider.Credentials // for a discovered backend that may not have the key
+	prefix    string                // "/<route>", stripped from the path
 }
 
 // outgoing is the request that carries r where the lease goes
@@ -52,7 +51,7 @@ func (u *outbound) outgoing(r *http.Request, l *fleet.Lease, body *request.Body)
 func (rt *Route) relay(ex *exchange, r *http.Request, body *request.Body) {
 	l, ok := rt.lessor.Any()
 	if !ok {
-		openai.WriteError(ex, http.StatusServiceUnavailable, "server_error", "backend_unavailable",
+		rt.say.Error(ex, http.StatusServiceUnavailable, "server_error", "backend_unavailable",
 			"No healthy backend on llproxy route "+rt.name+".")
 		return
 	}
@@ -64,7 +63,7 @@ func (rt *Route) relay(ex *exchange, r *http.Request, body *request.Body) {
 	res, err := rt.up.transport.RoundTrip(out)
 	if err != nil {
 		if r.Context().Err() == nil {
-			writeUpstreamError(ex, err)
+			rt.writeUpstreamError(ex, err)
 		}
 		return
 	}
@@ -123,7 +122,7 @@ func (rt *Route) try(ex *exchange, r *http.Request, model string, c *call, body 
 	var refused []byte // a 429's body, read to judge it
 	if err == nil {
 		status = res.StatusCode
-		ri = provider.ParseRateHeaders(res.Header)
+		ri = rt.rates(res.Header, now)
 		if status == http.StatusTooManyRequests {
 			refused, _ = io.ReadAll(io.LimitReader(res.Body, 64<<10))
 			res.Body.Close()
@@ -140,7 +139,7 @@ func (rt *Route) try(ex *exchange, r *http.Request, model string, c *call, body 
 		}
 		if a.verdict == relay.Failed && !p.ClientGone {
 			ms.Metrics.Upstream(0, 0)
-			writeUpstreamError(ex, err)
+			rt.writeUpstreamError(ex, err)
 		}
 		return a
 	case relay.RetryRateLimited:

@@ -25,6 +25,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/valyala/fastjson"
 
+	"github.com/llproxy/llproxy/internal/anthropic"
 	"github.com/llproxy/llproxy/internal/clients"
 	"github.com/llproxy/llproxy/internal/config"
 	"github.com/llproxy/llproxy/internal/fleet"
@@ -57,6 +58,8 @@ type Route struct {
 	clients []*metrics.Client  // each client's series on the route, by ID
 	answers *metrics.Responses // the route's responses by status
 	gate    ticket.Gate        // how its requests are admitted
+	say     dialect            // how its own answers are written
+	api     string             // the API it speaks: its provider's name
 }
 
 // Options are a route's dependencies. Tokenizer, Metrics and Logger are
@@ -113,6 +116,15 @@ func New(name string, rc *config.Route, opts Options) (*Route, error) {
 		rt.clients = append(rt.clients, opts.Metrics.Client(name, c.Name))
 	}
 	rt.answers = opts.Metrics.Responses(name)
+	rt.api = rc.Provider
+	switch rt.api {
+	case provider.NameAnthropic:
+		rt.say = anthropic.Dialect{}
+	case provider.NameAzure:
+		rt.say = openai.Dialect{Azure: true}
+	default:
+		rt.say = openai.Dialect{}
+	}
 	rt.up = outbound{prefix: "/" + name, auth: rt.authorizer(rc.APIKey.Value()),
 		// A discovered backend that may not have the key gets the
 		// client's credentials handled as on a route without one.
@@ -162,9 +174,31 @@ func New(name string, rc *config.Route, opts Options) (*Route, error) {
 
 // authorizer sets a route's upstream credentials: its key if it has one;
 // never a client key of the gateway's.
-func (rt *Route) authorizer(apiKey string) *provider.OpenAI {
-	return provider.NewOpenAI(provider.OpenAIConfig{APIKey: apiKey, DropClientAuth: rt.opts.Clients.Keyed(),
-		ForwardOrganization: rt.cfg.ForwardOrganization})
+func (rt *Route) authorizer(apiKey string) *provider.Credentials {
+	header := provider.KeyBearer
+	switch rt.cfg.Provider {
+	case provider.NameAzure:
+		header = provider.KeyAPIKey
+	case provider.NameAnthropic:
+		header = provider.KeyXAPIKey
+	}
+	return provider.NewCredentials(provider.CredentialsConfig{APIKey: apiKey, Header: header,
+		DropClientAuth: rt.opts.Clients.Keyed(), ForwardOrganization: rt.cfg.ForwardOrganization})
+}
+
+// rates reads the rate-limit headers of an upstream answer, as the
+// route's API writes them.
+func (rt *Route) rates(h http.Header, now time.Time) provider.RateInfo {
+	if rt.api == provider.NameAnthropic {
+		return provider.ParseAnthropicRateHeaders(h, now)
+	}
+	return provider.ParseRateHeaders(h)
+}
+
+// Dialect writes an error in the shape of the API the route speaks (for
+// the front's answers on the route's paths: 401, 404, 405).
+func (rt *Route) Error(w http.ResponseWriter, status int, typ, code, msg string) {
+	rt.say.Error(w, status, typ, code, msg)
 }
 
 // Serve serves one request of the route (its path starts /<name>/, or it

@@ -13,6 +13,7 @@ import (
 	"github.com/llproxy/llproxy/internal/metrics"
 	"github.com/llproxy/llproxy/internal/openai"
 	"github.com/llproxy/llproxy/internal/request"
+	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/tokenizer"
 )
 
@@ -23,6 +24,7 @@ import (
 func (rt *Route) serve(w http.ResponseWriter, r *http.Request, who *clients.Client, in *Read) {
 	start := time.Now()
 	ex := getExchange(w)
+	ex.say, ex.reqID = rt.say, rt.api == provider.NameAnthropic
 	rec := requestLog{route: rt.name, client: who.Name, method: r.Method, path: r.URL.Path, start: start,
 		id: r.Header.Get("X-Request-Id"), remote: r.RemoteAddr}
 	if in != nil && in.Body != nil {
@@ -46,7 +48,7 @@ func (rt *Route) serve(w http.ResponseWriter, r *http.Request, who *clients.Clie
 	if !who.Allowed(rt.name) {
 		request.DropBody(ex, r)
 		rec.outcome = metrics.OutcomeForbidden
-		openai.WriteError(ex, http.StatusForbidden, "invalid_request_error", "route_not_allowed",
+		rt.say.Error(ex, http.StatusForbidden, "invalid_request_error", "route_not_allowed",
 			"Client "+who.Name+" may not use llproxy route "+rt.name+"; it may use: "+strings.Join(who.Routes(), ", ")+".")
 		return
 	}
@@ -63,7 +65,7 @@ func (rt *Route) serve(w http.ResponseWriter, r *http.Request, who *clients.Clie
 		body, err = request.ReadBody(ex, r, rt.opts.Limits, rt.opts.Closing)
 		if err != nil {
 			request.DropBody(ex, r)
-			rec.outcome = writeBodyError(ex, err, rt.opts.Limits)
+			rec.outcome = rt.writeBodyError(ex, err, rt.opts.Limits)
 			return
 		}
 		defer body.Release()

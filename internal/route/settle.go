@@ -43,8 +43,12 @@ func (ex *exchange) retryable(now, deadline time.Time) bool {
 // resource.
 func upstreamOf(ri provider.RateInfo) scheduler.Upstream {
 	var u scheduler.Upstream
-	u.Remaining[scheduler.Requests], u.Reported[scheduler.Requests] = ri.RemainingRequests, ri.HasRemainingRequests
-	u.Remaining[scheduler.Tokens], u.Reported[scheduler.Tokens] = ri.RemainingTokens, ri.HasRemainingTokens
+	for r, b := range ri.Buckets() {
+		u.Remaining[r], u.Reported[r] = b.Remaining, b.HasRemaining
+		if r != int(scheduler.Requests) {
+			u.Rounding[r] = ri.Rounding
+		}
+	}
 	return u
 }
 
@@ -69,10 +73,11 @@ func (rt *Route) upstreamRate(ms *models.Model, ri provider.RateInfo) {
 		}
 		return -1
 	}
-	ms.Metrics.UpstreamRate(0, orNone(ri.LimitRequests, ri.HasLimitRequests), orNone(ri.RemainingRequests, ri.HasRemainingRequests),
-		ri.ResetRequests, ri.HasResetRequests)
-	ms.Metrics.UpstreamRate(1, orNone(ri.LimitTokens, ri.HasLimitTokens), orNone(ri.RemainingTokens, ri.HasRemainingTokens),
-		ri.ResetTokens, ri.HasResetTokens)
+	for r, b := range ri.Buckets() {
+		if b.Any() {
+			ms.Metrics.UpstreamRate(r, orNone(b.Limit, b.HasLimit), orNone(b.Remaining, b.HasRemaining), b.Reset, b.HasReset)
+		}
+	}
 }
 
 // sendAgain prepares the next send after a retryable outcome. It returns
