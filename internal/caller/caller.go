@@ -19,11 +19,15 @@ import (
 	"strings"
 )
 
-// Key is the key r carries: Authorization: Bearer, else api-key; a
+// Key is the key r carries: Authorization: Bearer, else api-key or
+// x-api-key (Azure's and Anthropic's SDKs send those); a
 // browser's Basic login gives its password (or, without one, its user
 // name: the status page's login prompt takes the key either way).
 func Key(r *http.Request) string {
 	key := r.Header.Get("Api-Key")
+	if key == "" {
+		key = r.Header.Get("X-Api-Key") // Anthropic's
+	}
 	if auth := r.Header.Get("Authorization"); auth != "" {
 		if len(auth) > 7 && strings.EqualFold(auth[:7], "bearer ") {
 			key = strings.TrimSpace(auth[7:])
@@ -42,8 +46,13 @@ func How(r *http.Request) string {
 	if _, _, basic := r.BasicAuth(); basic {
 		return "basic"
 	}
-	if !strings.HasPrefix(strings.ToLower(r.Header.Get("Authorization")), "bearer ") && r.Header.Get("Api-Key") != "" {
-		return "api-key"
+	if !strings.HasPrefix(strings.ToLower(r.Header.Get("Authorization")), "bearer ") {
+		if r.Header.Get("Api-Key") != "" {
+			return "api-key"
+		}
+		if r.Header.Get("X-Api-Key") != "" {
+			return "x-api-key"
+		}
 	}
 	return "bearer"
 }

@@ -30,11 +30,25 @@ func New(routes []*route.Route, fallback *route.Route) *Catalog {
 	return &Catalog{routes: routes, fallback: fallback}
 }
 
-// Resolve returns the route that serves model: a route that lists it (or
-// whose mock serves it) first, then a fleet that knows it (its name:tag
-// names), then a route whose "*" accepts any model; each step in the
-// config's order, the default route winning a tie. Nil: none.
-func (c *Catalog) Resolve(model string) *route.Route {
+// Resolve returns the route that serves model to a request in OpenAI's
+// shapes (see ResolveFor).
+func (c *Catalog) Resolve(model string) *route.Route { return c.ResolveFor(model, false) }
+
+// ResolveFor returns the route that serves model: a route that lists it
+// (or whose mock serves it) first, then a fleet that knows it (its
+// name:tag names), then a route whose "*" accepts any model; each step in
+// the config's order, the default route winning a tie. Routes that speak
+// the request's API come first (messages: Anthropic's Messages API, on an
+// anthropic route; else OpenAI's, on any other), then any route. Nil:
+// none.
+func (c *Catalog) ResolveFor(model string, messages bool) *route.Route {
+	if rt := c.resolve(model, func(rt *route.Route) bool { return (rt.API() == provider.NameAnthropic) == messages }); rt != nil {
+		return rt
+	}
+	return c.resolve(model, func(*route.Route) bool { return true })
+}
+
+func (c *Catalog) resolve(model string, speaks func(*route.Route) bool) *route.Route {
 	steps := [...]func(rt *route.Route) bool{
 		func(rt *route.Route) bool {
 			if rt.Fleet() != nil {
@@ -46,11 +60,11 @@ func (c *Catalog) Resolve(model string) *route.Route {
 		func(rt *route.Route) bool { return rt.Config().Models[scheduler.Wildcard] != nil },
 	}
 	for _, match := range steps {
-		if c.fallback != nil && match(c.fallback) {
+		if c.fallback != nil && speaks(c.fallback) && match(c.fallback) {
 			return c.fallback
 		}
 		for _, rt := range c.routes {
-			if match(rt) {
+			if speaks(rt) && match(rt) {
 				return rt
 			}
 		}

@@ -51,6 +51,8 @@ type Metrics struct {
 	tokensUsed      *prometheus.CounterVec
 	tokensSettled   *prometheus.CounterVec
 	estimateError   *prometheus.HistogramVec
+	factor          *prometheus.GaugeVec
+	factorError     *prometheus.HistogramVec
 	retries         *prometheus.CounterVec
 	upstreamRate    *prometheus.GaugeVec
 	bucketLowered   *prometheus.CounterVec
@@ -118,6 +120,15 @@ func New(reg prometheus.Registerer, src Source) (*Metrics, error) {
 		Help:    "(counted - upstream-reported) / upstream-reported prompt tokens: how well the gateway's tokenizer agrees with the upstream.",
 		Buckets: []float64{-0.5, -0.2, -0.1, -0.05, -0.02, -0.005, 0.005, 0.02, 0.05, 0.1, 0.2, 0.5, 1},
 	}, []string{"route", "model"})
+	m.factor = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: namespace, Name: "estimate_factor",
+		Help: "The calibrated estimate's factor of a model without a public tokenizer: the upstream's prompt count over the gateway's o200k count, learned from answers.",
+	}, []string{"route", "model"})
+	m.factorError = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Namespace: namespace, Name: "estimate_error_ratio",
+		Help:    "Calibrated estimate of a prompt (as reserved at admission) divided by the upstream's count at settlement.",
+		Buckets: []float64{0.5, 0.8, 0.9, 0.95, 0.98, 1, 1.02, 1.05, 1.1, 1.2, 1.5, 2, 3},
+	}, []string{"route", "model"})
 	m.retries = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: namespace, Name: "upstream_retries_total",
 		Help: "Requests sent again by the gateway, by reason: rate_limited (upstream 429), server_error (5xx), connect_error.",
@@ -133,6 +144,7 @@ func New(reg prometheus.Registerer, src Source) (*Metrics, error) {
 	m.clients = newClientVecs()
 	m.responses = newResponsesVec()
 	for _, c := range []prometheus.Collector{m.responses, m.clients.requests, m.clients.used, newClientCollector(src), m.tokensUsed, m.tokensSettled, m.estimateError, m.retries,
+		m.factor, m.factorError,
 		m.upstreamRate, m.bucketLowered, m.passthrough, m.requests, m.queueWait, m.tokensReserved, m.promptTokens,
 		m.upstreamStatus, m.upstreamLatency, m.inflight, newQueueCollector(src), newBackendCollector(src)} {
 		if err := reg.Register(c); err != nil {
@@ -156,7 +168,9 @@ type Model struct {
 	refund, charge, unsent                      prometheus.Counter
 	estimateError                               prometheus.Observer
 	lowered                                     prometheus.Counter
-	upOnce                                      sync.Once
+	upOnce, calOnce                             sync.Once
+	factor                                      prometheus.Gauge       // made on first calibration
+	factorError                                 prometheus.Observer    // ditto
 	upRate                                      [4][3]prometheus.Gauge // resource x field, made on first report
 	// For the status page: admitted and refused so far, and the upstream's
 	// latency (EWMA, µs).
@@ -201,11 +215,11 @@ func (m *Metrics) DeleteModel(route, model string) {
 	l := prometheus.Labels{"route": route, "model": model}
 	for _, v := range []interface{ DeletePartialMatch(prometheus.Labels) int }{
 		m.requests, m.tokensReserved, m.promptTokens, m.upstreamStatus, m.inflight, m.tokensUsed,
-		m.tokensSettled, m.retries, m.upstreamRate, m.bucketLowered,
+		m.tokensSettled, m.retries, m.upstreamRate, m.bucketLowered, m.factor,
 	} {
 		v.DeletePartialMatch(l)
 	}
-	for _, v := range []*prometheus.HistogramVec{m.queueWait, m.upstreamLatency, m.estimateError} {
+	for _, v := range []*prometheus.HistogramVec{m.queueWait, m.upstreamLatency, m.estimateError, m.factorError} {
 		v.DeletePartialMatch(l)
 	}
 }
@@ -217,6 +231,19 @@ func (mm *Model) Used(countedPrompt, prompt, completion int) {
 	mm.usedCompletion.Add(float64(completion))
 	if prompt > 0 {
 		mm.estimateError.Observe(float64(countedPrompt-prompt) / float64(prompt))
+	}
+}
+
+// Calibrated records a calibrated estimate's settlement: the factor now,
+// and the estimate reserved at admission over the upstream's count.
+func (mm *Model) Calibrated(factor, estimateOverActual float64) {
+	mm.calOnce.Do(func() {
+		mm.factor = mm.m.factor.WithLabelValues(mm.route, mm.model)
+		mm.factorError = mm.m.factorError.WithLabelValues(mm.route, mm.model)
+	})
+	mm.factor.Set(factor)
+	if estimateOverActual > 0 {
+		mm.factorError.Observe(estimateOverActual)
 	}
 }
 

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/llproxy/llproxy/internal/config"
+	"github.com/llproxy/llproxy/internal/estimate"
 	"github.com/llproxy/llproxy/internal/metrics"
 	"github.com/llproxy/llproxy/internal/replicas"
 	"github.com/llproxy/llproxy/scheduler"
@@ -38,6 +39,15 @@ type Model struct {
 	// Shared is the model's buckets in the shared store, when replicas
 	// share the limits; nil otherwise.
 	Shared *replicas.Buckets
+	// Factor, when the model's prompts are counted calibrated, is its
+	// learned factor; nil: counted exactly.
+	Factor *estimate.Factor
+	// Cache predicts what the provider's prompt cache reads of a prompt
+	// (where cache reads do not count against the input bucket); nil
+	// where they count.
+	Cache *estimate.Cache
+	// CountTokens limits the model's count_tokens calls; nil: unlimited.
+	CountTokens *scheduler.Queue
 }
 
 // Share returns the shared buckets of a queue of model with limits cfg;
@@ -57,6 +67,25 @@ type Registry struct {
 	otherOnce sync.Once
 	other     *metrics.Model // the series of the wildcard models past MaxLabels
 	share     Share
+	// learned is what each model learned of its upstream, by name: its
+	// estimate factor and its prompt cache. It outlives a retired queue
+	// and a reload.
+	learned *sync.Map // string -> *learned
+}
+
+// learned is what a model learned of its upstream.
+type learned struct {
+	factor *estimate.Factor
+	cache  estimate.Cache
+}
+
+// learnedOf is model's, made on first use.
+func (r *Registry) learnedOf(model string) *learned {
+	if v, ok := r.learned.Load(model); ok {
+		return v.(*learned)
+	}
+	v, _ := r.learned.LoadOrStore(model, &learned{factor: estimate.New(estimate.Start(model))})
+	return v.(*learned)
 }
 
 // New builds the registry of route's models (rc validated).
@@ -68,7 +97,11 @@ func New(route string, rc *config.Route, m *metrics.Metrics, clients Clients, sh
 	if prev != nil {
 		set.Inherit(prev.set) // a reloaded config: nobody waiting is lost
 	}
-	r := &Registry{route: route, cfg: rc.Models, set: set, metrics: m, listed: map[string]*Model{}, share: share}
+	r := &Registry{route: route, cfg: rc.Models, set: set, metrics: m, listed: map[string]*Model{}, share: share,
+		learned: &sync.Map{}}
+	if prev != nil {
+		r.learned = prev.learned // what the upstream taught goes on
+	}
 	set.OnRetire(func(q *scheduler.Queue) {
 		if v, ok := r.dynamic.Load(q.Model()); ok && v.(*Model).Queue == q {
 			r.forget(v.(*Model))
@@ -147,6 +180,19 @@ func (r *Registry) newModel(q *scheduler.Queue, mc *config.Model) *Model {
 	}
 	if len(mc.Defaults) > 0 {
 		ms.Defaults, _ = json.Marshal(mc.Defaults)
+	}
+	if mc.Tokenizer == config.TokenizerCalibrated || !mc.CacheReadsCount {
+		l := r.learnedOf(q.Model())
+		if mc.Tokenizer == config.TokenizerCalibrated {
+			ms.Factor = l.factor
+		}
+		if !mc.CacheReadsCount {
+			ms.Cache = &l.cache
+		}
+	}
+	if mc.CountTokensRPM > 0 {
+		ms.CountTokens = scheduler.NewQueue(q.Model()+" count_tokens", scheduler.Config{MaxQueueSize: mc.MaxQueueSize,
+			MaxQueueWait: mc.MaxQueueWait.D(), RPM: mc.CountTokensRPM})
 	}
 	if r.share != nil {
 		ms.Shared = r.share(q.Model(), q.Config())

@@ -209,6 +209,8 @@ func Endpoint(path string) tokenizer.Endpoint {
 		return tokenizer.EndpointEmbeddings
 	case strings.HasSuffix(path, "/responses"):
 		return tokenizer.EndpointResponses
+	case strings.HasSuffix(path, "/v1/messages"):
+		return tokenizer.EndpointMessages // Anthropic's Messages API
 	}
 	return tokenizer.EndpointOther
 }

@@ -95,10 +95,6 @@ func (rt *Route) schedule(ex *exchange, r *http.Request, body *request.Body, c *
 	}
 }
 
-// vector is the estimate as a cost over the buckets: one request, its
-// prompt in, its most output out.
-func (e estimate) vector() scheduler.Vector { return scheduler.Request(e.prompt, e.cost-e.prompt) }
-
 // writeAdmitError answers a request that got no ticket and returns its
 // outcome: over its budget, the shared limits away (deny), or not
 // admitted by its queue.

@@ -1,8 +1,10 @@
 package route
 
 import (
+	"bytes"
 	"errors"
 	"net/http"
+	"strconv"
 	"strings"
 	"time"
 
@@ -69,7 +71,33 @@ type call struct {
 	inject *request.Body
 	// keepAlive is the request's keep_alive, if it had one.
 	keepAlive *time.Duration
+	// countTokens: an Anthropic count_tokens call (free, its own limit),
+	// not an inference.
+	countTokens bool
 }
+
+// endpoint is which API a request path is: an inference endpoint of
+// OpenAI's or Anthropic's API, or Anthropic's count_tokens.
+func endpoint(path string) (ep tokenizer.Endpoint, countTokens bool) {
+	if strings.HasSuffix(path, "/v1/messages/count_tokens") {
+		return tokenizer.EndpointMessages, true
+	}
+	return openai.Endpoint(path), false
+}
+
+// azureDeployment is the deployment an Azure path names
+// (/openai/deployments/{deployment}/...), if it names one.
+func azureDeployment(path string) (string, bool) {
+	const marker = "/openai/deployments/"
+	i := strings.Index(path, marker)
+	if i < 0 {
+		return "", false
+	}
+	d, _, _ := strings.Cut(path[i+len(marker):], "/")
+	return d, true
+}
+
+var cacheControl = []byte(`"cache_control"`)
 
 // inspect parses a JSON body once (or takes it as the front parsed it:
 // parsed, if not nil), finds its model's queue and counts its
@@ -94,26 +122,43 @@ func (rt *Route) inspect(w http.ResponseWriter, path string, body []byte, parsed
 		rt.say.Error(w, http.StatusBadRequest, "invalid_request_error", "", "Invalid request: "+err.Error())
 		return c, false
 	}
+	ep, countTokens := endpoint(path)
 	mv := v.Get("model")
-	if mv == nil || mv.Type() == fastjson.TypeNull {
-		if openai.Endpoint(path) != tokenizer.EndpointOther {
-			rec.outcome = OutcomeBadRequest
-			rt.say.ParamError(w, "model", "you must provide a model parameter")
+	if dep, ok := azureDeployment(path); ok && rt.api == provider.NameAzure {
+		// Azure names the deployment in the path; the body names no model.
+		model, known := rt.cfg.Deployments[dep]
+		if !known {
+			rec.outcome = OutcomeNotFound
+			rt.say.Error(w, http.StatusNotFound, "invalid_request_error", "DeploymentNotFound",
+				"The API deployment for this resource does not exist: llproxy route "+rt.name+" has no deployment named "+
+					strconv.Quote(dep)+".")
 			return c, false
 		}
-		return c, true
+		rec.model = model
+	} else {
+		if mv == nil || mv.Type() == fastjson.TypeNull {
+			if ep != tokenizer.EndpointOther {
+				rec.outcome = OutcomeBadRequest
+				rt.say.ParamError(w, "model", "you must provide a model parameter")
+				return c, false
+			}
+			return c, true
+		}
+		if mv.Type() != fastjson.TypeString {
+			rec.outcome = OutcomeBadRequest
+			rt.say.ParamError(w, "model", "'model' must be a string.")
+			return c, false
+		}
+		if err := request.CheckModelName(mv.GetStringBytes()); err != nil {
+			rec.outcome = OutcomeBadRequest
+			rt.say.ParamError(w, "model", err.Error())
+			return c, false
+		}
+		rec.model = string(mv.GetStringBytes())
+		if m, ok := rt.cfg.Deployments[rec.model]; ok {
+			rec.model = m // Azure's v1 API: the body names the deployment
+		}
 	}
-	if mv.Type() != fastjson.TypeString {
-		rec.outcome = OutcomeBadRequest
-		rt.say.ParamError(w, "model", "'model' must be a string.")
-		return c, false
-	}
-	if err := request.CheckModelName(mv.GetStringBytes()); err != nil {
-		rec.outcome = OutcomeBadRequest
-		rt.say.ParamError(w, "model", err.Error())
-		return c, false
-	}
-	rec.model = string(mv.GetStringBytes())
 	if !rt.lessor.Knows(rec.model) {
 		rec.outcome = OutcomeNotFound
 		rt.writeLeaseError(w, rec.model, fleet.ErrUnknownModel)
@@ -143,11 +188,16 @@ func (rt *Route) inspect(w http.ResponseWriter, path string, body []byte, parsed
 		v.Del("keep_alive")
 		rewrite = true
 	}
-	ep := openai.Endpoint(path)
+	if countTokens {
+		// Free and limited apart: counted only to learn from its answer.
+		c.countTokens = true
+		c.est.raw = rt.opts.Tokenizer.PromptTokens(ep, rec.model, v)
+		return c, true
+	}
 	if ep == tokenizer.EndpointChat && (c.ms.Defaults != nil || c.ms.System != "") {
 		rewrite = applyDefaults(v, c.ms, &dp, &a) || rewrite
 	}
-	if c.est, err = rt.estimateCost(ep, rec.model, v, c.ms); err != nil {
+	if c.est, err = rt.estimateCost(ep, rec.model, v, c.ms, bytes.Contains(body, cacheControl)); err != nil {
 		rec.outcome = OutcomeBadRequest
 		rt.say.Error(w, http.StatusBadRequest, "invalid_request_error", "", err.Error())
 		return call{}, false

@@ -161,14 +161,19 @@ func (rt *Route) try(ex *exchange, r *http.Request, model string, c *call, body 
 	a.verdict = relay.Deliver
 	rt.observe(ex.t, ri, now)
 	if status < 300 {
-		if strings.HasPrefix(res.Header.Get("Content-Type"), "text/event-stream") {
+		switch {
+		case strings.HasPrefix(res.Header.Get("Content-Type"), "text/event-stream") && rt.api == provider.NameAnthropic:
+			// Anthropic always streams its usage: nothing to strip.
+			ex.streamTap.ResetMessages(res.Body)
+			res.Body, a.tap = &ex.streamTap, &ex.streamTap
+		case strings.HasPrefix(res.Header.Get("Content-Type"), "text/event-stream"):
 			ex.streamTap.Reset(res.Body, ex.strip)
 			if ex.strip {
 				res.Header.Del("Content-Length")
 				res.ContentLength = -1
 			}
 			res.Body, a.tap = &ex.streamTap, &ex.streamTap
-		} else {
+		default:
 			ex.bodyTap.Reset(res.Body)
 			res.Body, a.tap = &ex.bodyTap, &ex.bodyTap
 		}

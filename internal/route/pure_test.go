@@ -46,7 +46,7 @@ func TestEstimateCost(t *testing.T) {
 		{"embeddings have no output", `{"input":"hi","max_tokens":10}`, tokenizer.EndpointEmbeddings, 1, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			e, err := rt.estimateCost(tc.ep, "gpt-4o", fastjson.MustParse(tc.body), ms)
+			e, err := rt.estimateCost(tc.ep, "gpt-4o", fastjson.MustParse(tc.body), ms, false)
 			if tc.err {
 				assert.Error(t, err)
 				return
@@ -57,7 +57,7 @@ func TestEstimateCost(t *testing.T) {
 	}
 	// The largest numbers accepted add up without wrapping.
 	e, err := rt.estimateCost(tokenizer.EndpointChat, "gpt-4o", fastjson.MustParse(fmt.Sprintf(`{"max_tokens":%d,"n":%d,`+msgs+`}`,
-		request.MaxOutputTokens, request.MaxN)), ms)
+		request.MaxOutputTokens, request.MaxN)), ms, false)
 	require.NoError(t, err)
 	assert.Equal(t, min(math.MaxInt32, prompt+request.MaxOutputTokens*request.MaxN), e.cost)
 }

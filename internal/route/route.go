@@ -195,10 +195,15 @@ func (rt *Route) rates(h http.Header, now time.Time) provider.RateInfo {
 	return provider.ParseRateHeaders(h)
 }
 
-// Dialect writes an error in the shape of the API the route speaks (for
+// Error writes an error in the shape of the API the route speaks (for
 // the front's answers on the route's paths: 401, 404, 405).
 func (rt *Route) Error(w http.ResponseWriter, status int, typ, code, msg string) {
 	rt.say.Error(w, status, typ, code, msg)
+}
+
+// ParamError writes a 400 naming param, in the route's API's shape.
+func (rt *Route) ParamError(w http.ResponseWriter, param, msg string) {
+	rt.say.ParamError(w, param, msg)
 }
 
 // Serve serves one request of the route (its path starts /<name>/, or it
@@ -225,6 +230,9 @@ func (rt *Route) ServeRead(w http.ResponseWriter, r *http.Request, who *clients.
 
 // Clients is the gateway's clients.
 func (rt *Route) Clients() *clients.Directory { return rt.opts.Clients }
+
+// API is the API the route speaks: its provider's name.
+func (rt *Route) API() string { return rt.api }
 
 // Name is the route's name.
 func (rt *Route) Name() string { return rt.name }

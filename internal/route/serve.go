@@ -11,7 +11,6 @@ import (
 
 	"github.com/llproxy/llproxy/internal/clients"
 	"github.com/llproxy/llproxy/internal/metrics"
-	"github.com/llproxy/llproxy/internal/openai"
 	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/tokenizer"
@@ -75,7 +74,8 @@ func (rt *Route) serve(w http.ResponseWriter, r *http.Request, who *clients.Clie
 	// its body must be a JSON object naming a model. Other bodies that
 	// look like JSON and name a model are scheduled too.
 	var c call
-	inference := r.Method == http.MethodPost && openai.Endpoint(r.URL.Path) != tokenizer.EndpointOther
+	ep, _ := endpoint(r.URL.Path)
+	inference := r.Method == http.MethodPost && ep != tokenizer.EndpointOther
 	if inference || (body != nil && request.LooksJSON(r.Header.Get("Content-Type"), body.Buf)) {
 		var raw []byte
 		if body != nil {
@@ -100,6 +100,10 @@ func (rt *Route) serve(w http.ResponseWriter, r *http.Request, who *clients.Clie
 			return
 		}
 		rt.relay(ex, r, body)
+		return
+	}
+	if c.countTokens {
+		rt.countTokens(ex, r, body, &c, &rec)
 		return
 	}
 	rt.schedule(ex, r, body, &c, who, &rec)

@@ -150,24 +150,59 @@ func (rt *Route) settle(ex *exchange, c *call, a attempt, rec *requestLog) {
 	if a.tap != nil {
 		u, ok = a.tap.Usage()
 	}
-	if !ok {
+	answered := ex.status >= 200 && ex.status < 300 && a.tap != nil
+	if !ok || u.Partial {
 		// No usage reported (a stream the client cut, a server that
-		// reports none): an answer counts against the client's budget
-		// as its counted prompt plus the output relayed so far, never
-		// more than its reservation; an error not at all.
-		if ex.status >= 200 && ex.status < 300 && a.tap != nil {
+		// reports none), or only its input (an Anthropic stream that
+		// ended before its message_delta): an answer counts against the
+		// client's budget as its prompt (as counted, or as reported) plus
+		// the output relayed so far, never more than its reservation; an
+		// error not at all. The buckets keep the reservation.
+		if answered {
 			out := relayedOutput(a.tap, ex.Header().Get("Content-Type"), c.est.cost-c.est.prompt)
-			rec.used = c.est.prompt + out
-			t.Settle(now, scheduler.Request(c.est.prompt, out), false)
+			in := c.est.prompt - c.est.cached
+			if ok {
+				in = rt.inputCounted(u, t.Model)
+				rt.learn(t.Model, c, u)
+			}
+			rec.used = in + out
+			t.Settle(now, scheduler.Request(in, out), false)
 			ex.who.Used(rec.used)
 		}
 		return
 	}
 	rec.used = u.Total
 	t.Model.Metrics.Used(c.est.prompt, u.Prompt, u.Completion)
-	t.Settle(now, scheduler.Vector{scheduler.Requests: 1, scheduler.Tokens: u.Total,
-		scheduler.InputTokens: u.Prompt, scheduler.OutputTokens: u.Completion}, true)
+	rt.learn(t.Model, c, u)
+	in := rt.inputCounted(u, t.Model)
+	t.Settle(now, scheduler.Vector{scheduler.Requests: 1, scheduler.Tokens: max(u.Total-u.Prompt+in, in+u.Completion),
+		scheduler.InputTokens: in, scheduler.OutputTokens: u.Completion}, true)
 	ex.who.Used(u.Total)
+}
+
+// inputCounted is the part of a reported prompt the input bucket counts:
+// all of it, but for a provider whose cache reads are free (the model has
+// a cache predictor), less what the cache read.
+func (rt *Route) inputCounted(u provider.Usage, ms *models.Model) int {
+	if rt.api == provider.NameAnthropic && ms.Cache != nil {
+		return max(0, u.Prompt-u.CacheRead)
+	}
+	return u.Prompt
+}
+
+// learn takes what an answer reported of its prompt: a calibrated model's
+// factor moves toward it, and the prompt cache's share of it is
+// remembered under the prompt's prefix.
+func (rt *Route) learn(ms *models.Model, c *call, u provider.Usage) {
+	if c.est.prefix != 0 && ms.Cache != nil {
+		ms.Cache.Store(c.est.prefix, u.CacheRead+u.CacheWrite, c.est.ttl, time.Now())
+	}
+	if ms.Factor == nil || u.Prompt <= 0 {
+		return
+	}
+	if _, ok := ms.Factor.Learn(c.est.raw, u.Prompt); ok {
+		ms.Metrics.Calibrated(ms.Factor.Value(), float64(c.est.prompt)/float64(u.Prompt))
+	}
 }
 
 // relayedOutput estimates the output tokens of an answer that reported no

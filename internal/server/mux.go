@@ -169,7 +169,7 @@ func (s *Server) authenticate(rt *route.Route) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		who, ok := s.dir.Identify(caller.Key(r))
 		if !ok {
-			s.unauthorized(w, r, "one of its client keys")
+			s.unauthorizedAs(rt, w, r, "one of its client keys")
 			return
 		}
 		rt.Serve(w, r, who)
@@ -241,13 +241,18 @@ func (s *Server) serveOllama(w http.ResponseWriter, r *http.Request) {
 
 // unauthorized answers 401 and logs it.
 func (s *Server) unauthorized(w http.ResponseWriter, r *http.Request, what string) {
+	s.unauthorizedAs(openai.Dialect{}, w, r, what)
+}
+
+// unauthorizedAs is unauthorized in the shape of the API the path speaks.
+func (s *Server) unauthorizedAs(say errorWriter, w http.ResponseWriter, r *http.Request, what string) {
 	request.DropBody(w, r)
 	if strings.HasPrefix(r.URL.Path, "/ui") {
 		w.Header().Set("WWW-Authenticate", `Basic realm="llproxy", charset="UTF-8"`) // the browser asks for the key
 	}
 	s.logFront(r, http.StatusUnauthorized, route.OutcomeUnauthorized)
-	openai.WriteError(w, http.StatusUnauthorized, "invalid_request_error", "invalid_api_key",
-		"Incorrect API key provided. llproxy expects "+what+" in Authorization: Bearer <key> or api-key: <key>.")
+	say.Error(w, http.StatusUnauthorized, "invalid_request_error", "invalid_api_key",
+		"Incorrect API key provided. llproxy expects "+what+" in Authorization: Bearer <key>, x-api-key: <key> or api-key: <key>.")
 }
 
 // logFront logs a request answered before it reached a route.

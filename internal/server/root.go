@@ -8,6 +8,7 @@ import (
 
 	"github.com/valyala/fastjson"
 
+	"github.com/llproxy/llproxy/internal/anthropic"
 	"github.com/llproxy/llproxy/internal/caller"
 	"github.com/llproxy/llproxy/internal/openai"
 	"github.com/llproxy/llproxy/internal/request"
@@ -44,9 +45,10 @@ func (s *Server) ordered() []*route.Route {
 // an inference call that names none is a 400; anything else goes to the
 // defaultRoute, if there is one.
 func (s *Server) serveRoot(w http.ResponseWriter, r *http.Request) {
+	say := errorsFor(r.URL.Path)
 	who, ok := s.dir.Identify(caller.Key(r))
 	if !ok {
-		s.unauthorized(w, r, "one of its client keys")
+		s.unauthorizedAs(say, w, r, "one of its client keys")
 		return
 	}
 	if r.Method == http.MethodGet && r.URL.Path == "/v1/models" {
@@ -60,7 +62,7 @@ func (s *Server) serveRoot(w http.ResponseWriter, r *http.Request) {
 		if err != nil {
 			request.DropBody(w, r)
 			f := request.FailureOf(err, s.limits())
-			openai.WriteError(w, f.Status, "invalid_request_error", f.Code, f.Message)
+			say.Error(w, f.Status, "invalid_request_error", f.Code, f.Message)
 			return
 		}
 		in.Body = body
@@ -84,13 +86,15 @@ func (s *Server) serveRoot(w http.ResponseWriter, r *http.Request) {
 		in.Body = nil // the route releases it
 		rt.ServeRead(w, r, who, handed)
 	}
-	inference := r.Method == http.MethodPost && openai.Endpoint(r.URL.Path) != tokenizer.EndpointOther
+	ep := openai.Endpoint(r.URL.Path)
+	messages := ep == tokenizer.EndpointMessages || strings.HasSuffix(r.URL.Path, "/v1/messages/count_tokens")
+	inference := r.Method == http.MethodPost && (ep != tokenizer.EndpointOther || messages)
 	switch {
 	case model != "":
-		rt := s.catalog.Resolve(model)
+		rt := s.catalog.ResolveFor(model, messages)
 		if rt == nil {
 			s.logFront(r, http.StatusNotFound, route.OutcomeNotFound)
-			openai.WriteError(w, http.StatusNotFound, "invalid_request_error", "model_not_found",
+			say.Error(w, http.StatusNotFound, "invalid_request_error", "model_not_found",
 				"The model `"+model+"` does not exist or you do not have access to it. llproxy serves: "+
 					strings.Join(s.catalog.Models(), ", ")+".")
 			return
@@ -98,14 +102,29 @@ func (s *Server) serveRoot(w http.ResponseWriter, r *http.Request) {
 		serve(rt)
 	case inference:
 		s.logFront(r, http.StatusBadRequest, route.OutcomeBadRequest)
-		openai.WriteParamError(w, "model", "you must provide a model parameter: 'model' is required.")
+		say.ParamError(w, "model", "you must provide a model parameter: 'model' is required.")
 	case s.fallback != nil:
 		serve(s.fallback)
 	default:
 		s.logFront(r, http.StatusNotFound, route.OutcomeNotFound)
-		openai.WriteError(w, http.StatusNotFound, "invalid_request_error", "unknown_route",
+		say.Error(w, http.StatusNotFound, "invalid_request_error", "unknown_route",
 			"llproxy serves /v1/... by model, and "+strings.Join(s.routeNames, ", ")+".")
 	}
+}
+
+// errorWriter writes an error in one API's shape.
+type errorWriter interface {
+	Error(w http.ResponseWriter, status int, typ, code, msg string)
+	ParamError(w http.ResponseWriter, param, msg string)
+}
+
+// errorsFor is the shape of the errors the root writes for a path:
+// Anthropic's for its Messages API, OpenAI's for every other.
+func errorsFor(path string) errorWriter {
+	if openai.Endpoint(path) == tokenizer.EndpointMessages || strings.HasSuffix(path, "/v1/messages/count_tokens") {
+		return anthropic.Dialect{}
+	}
+	return openai.Dialect{}
 }
 
 // listModels answers GET /v1/models at the root: every model of every
