@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: installs what the tests run for real (Debian packages,
-# and the openai, ollama and playwright-core npm packages from their
-# lockfiles), vets, then runs the Go tests with the race detector.
+# and the openai, @anthropic-ai/sdk, ollama and playwright-core npm
+# packages from their lockfiles), vets, then runs the Go tests with the race detector.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -17,8 +17,8 @@ if [ -n "$need" ]; then
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq $need
 fi
 
-# The npm packages the tests drive: the openai SDK, the ollama client, playwright-core.
-for dir in internal/server/testdata/sdk internal/server/testdata/ollama internal/server/testdata/ui; do
+# The npm packages the tests drive: the openai and Anthropic SDKs, the ollama client, playwright-core.
+for dir in internal/server/testdata/sdk internal/server/testdata/anthropic internal/server/testdata/ollama internal/server/testdata/ui; do
   if [ ! -f "$dir/node_modules/.package-lock.json" ] || [ "$dir/package-lock.json" -nt "$dir/node_modules/.package-lock.json" ]; then
     npm ci --prefix "$dir" --no-audit --no-fund --loglevel=error
   fi

@@ -60,7 +60,7 @@ func TestAnthropicRouteSpeaksAnthropic(t *testing.T) {
 		assert.Empty(t, h.Get("X-Ratelimit-Limit-Requests"), "no OpenAI headers on an Anthropic route")
 		assert.NotEmpty(t, h.Get("Request-Id"))
 	}
-	for _, seen := range up.seen {
+	for _, seen := range up.headersSeen() {
 		assert.Equal(t, "sk-ant-route", seen.Get("X-Api-Key"))
 		assert.Empty(t, seen.Get("Authorization"))
 		assert.Equal(t, "2023-06-01", seen.Get("Anthropic-Version"), "passes as sent")
@@ -120,7 +120,7 @@ func TestAnthropicBadInputAndRejections(t *testing.T) {
 
 	// No bucket can ever hold it: max_tokens above otpm, a prompt above
 	// itpm. 429, never retried, never forwarded.
-	before := len(up.seen)
+	before := len(up.headersSeen())
 	resp := g.post(t, "/claude/v1/messages", fmt.Sprintf(claudeBody, 9000, ""), key...)
 	assert.Equal(t, http.StatusTooManyRequests, resp.StatusCode)
 	assert.Equal(t, "false", resp.Header.Get("X-Should-Retry"))
@@ -132,7 +132,7 @@ func TestAnthropicBadInputAndRejections(t *testing.T) {
 	require.Equal(t, http.StatusTooManyRequests, resp.StatusCode, "%v", resp.Header)
 	_, msg = anthropicError(t, resp)
 	assert.Contains(t, msg, "input tokens per min (ITPM)")
-	assert.Equal(t, before, len(up.seen), "nothing forwarded")
+	assert.Equal(t, before, len(up.headersSeen()), "nothing forwarded")
 
 	// A wait the queue may not take (maxQueueWait 0): the gateway's own
 	// 429, naming the bucket that binds, with a whole-second retry-after.

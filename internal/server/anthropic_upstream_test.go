@@ -100,7 +100,7 @@ func (c *claudeUpstream) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case r.Method == http.MethodGet && strings.HasSuffix(r.URL.Path, "/v1/models"):
 		w.Header().Set("Content-Type", "application/json")
-		io.WriteString(w, `{"data":[{"type":"model","id":"claude-sonnet-4-5","display_name":"Claude Sonnet 4.5"}],"has_more":false}`)
+		io.WriteString(w, `{"data":[{"type":"model","id":"claude-sonnet-4-5","display_name":"Claude Sonnet 4.5","created_at":"2025-09-29T00:00:00Z"}],"has_more":false,"first_id":"claude-sonnet-4-5","last_id":"claude-sonnet-4-5"}`)
 	case strings.HasSuffix(r.URL.Path, "/v1/messages/count_tokens"):
 		v, err := fastjson.ParseBytes(body)
 		if err != nil {
@@ -154,6 +154,9 @@ func (c *claudeUpstream) messages(w http.ResponseWriter, r *http.Request, body [
 	}
 	charge := float64(prompt - read)
 	out := min(c.output, maxTokens)
+	if strings.HasSuffix(string(v.GetStringBytes("model")), "-tight") {
+		out = maxTokens // this model's answers use all they may
+	}
 	if c.req < 1 || c.in < charge || c.out < float64(maxTokens) {
 		c.refused++
 		wait := math.Max((1-c.req)/c.rpm, math.Max((charge-c.in)/c.itpm, (float64(maxTokens)-c.out)/c.otpm)) * 60
@@ -212,6 +215,13 @@ func (c *claudeUpstream) messages(w http.ResponseWriter, r *http.Request, body [
 	io.WriteString(w, "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n")
 	fmt.Fprintf(w, "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":%d}}\n\n", out)
 	io.WriteString(w, "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n")
+}
+
+// headersSeen are the headers of every request it got.
+func (c *claudeUpstream) headersSeen() []http.Header {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]http.Header(nil), c.seen...)
 }
 
 func (c *claudeUpstream) stats() (refused, answered int, overrun bool) {
