@@ -128,9 +128,9 @@ func TestAzureDeployments(t *testing.T) {
 
 func TestAzureConfigIsChecked(t *testing.T) {
 	for cfg, want := range map[string]string{
-		`{"routes":{"azure":{"forward":"https://x.openai.azure.com","provider":"azure","settle":"actual","models":{"m":{"rpm":1,"tpm":1}}}}}`: "routes.azure.settle",
+		`{"routes":{"azure":{"forward":"https://x.openai.azure.com","provider":"azure","settle":"actual","models":{"m":{"rpm":1,"tpm":1}}}}}`:           "routes.azure.settle",
 		`{"routes":{"azure":{"forward":"https://x.openai.azure.com","provider":"azure","deployments":{"d":"other"},"models":{"m":{"rpm":1,"tpm":1}}}}}`: "routes.azure.deployments.d",
-		`{"routes":{"o":{"forward":"https://x","deployments":{"d":"m"},"models":{"m":{"rpm":1,"tpm":1}}}}}`:                                        "routes.o.deployments",
+		`{"routes":{"o":{"forward":"https://x","deployments":{"d":"m"},"models":{"m":{"rpm":1,"tpm":1}}}}}`:                                             "routes.o.deployments",
 	} {
 		_, err := config.Parse([]byte(cfg), nil)
 		require.Error(t, err, cfg)
