@@ -146,6 +146,9 @@ func (Dialect) RateHeaders(h http.Header, st *scheduler.RateState) {
 	vals := make([]string, 0, n) // one backing array for every value
 	for r, names := range rateHeaders {
 		if st.Limit[r] == 0 {
+			for _, name := range names {
+				delete(h, name) // the upstream's, of a bucket the gateway does not keep
+			}
 			continue
 		}
 		reset := now.Add(st.Reset[r] + time.Second - 1).Truncate(time.Second).UTC()

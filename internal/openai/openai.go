@@ -80,8 +80,14 @@ func SetRateHeaders(h http.Header, st *scheduler.RateState) {
 	}
 	vals := make([]string, 0, n)
 	for r, names := range rateHeaders {
-		if names[0] != "" && st.Limit[r] != 0 {
+		switch {
+		case names[0] == "":
+		case st.Limit[r] != 0:
 			vals = append(vals, strconv.Itoa(st.Limit[r]), strconv.Itoa(st.Remaining[r]), st.Reset[r].String())
+		default:
+			for _, name := range names {
+				delete(h, name) // the upstream's, of a bucket the gateway does not keep
+			}
 		}
 	}
 	n = 0

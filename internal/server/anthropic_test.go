@@ -155,3 +155,21 @@ func TestAnthropicBadInputAndRejections(t *testing.T) {
 	refused, _, _ := up.stats()
 	assert.Zero(t, refused, "the upstream never refused: the gateway did first")
 }
+
+// The upstream's anthropic-ratelimit-* headers lower the gateway's buckets
+// when someone else spent the key's limit; the client sees the gateway's
+// buckets, never the upstream's headers.
+func TestAnthropicHeadersLowerTheBuckets(t *testing.T) {
+	up := newClaudeUpstream(t, 50, 30000, 8000)
+	up.in = 6000 // another user of the key spent 24,000 input tokens
+	srv := httptest.NewServer(up)
+	t.Cleanup(srv.Close)
+	g := newGateway(t, fmt.Sprintf(claudeConfig, 50, 30000, 8000, 30), srv.URL, nil)
+	resp := g.post(t, "/claude/v1/messages", fmt.Sprintf(claudeBody, 100, ""), "X-Api-Key", "key-a")
+	require.Equal(t, http.StatusOK, resp.StatusCode, readAll(t, resp))
+	assert.Empty(t, resp.Header.Get("Anthropic-Ratelimit-Tokens-Limit"), "no combined bucket: none of the upstream's")
+	left := mustQueue(g.srv.routes["claude"], "claude-sonnet-4-5").State(time.Now()).Remaining[2]
+	assert.Less(t, left, 8000, "lowered to what the upstream said is left (rounded to thousands)")
+	assert.Contains(t, metricsText(t, g), `llproxy_bucket_lowered_total{model="claude-sonnet-4-5",route="claude"} 1`)
+	assert.Contains(t, metricsText(t, g), `llproxy_upstream_ratelimit{field="remaining",model="claude-sonnet-4-5",resource="input_tokens",route="claude"} 6000`)
+}
