@@ -45,11 +45,28 @@ func chat(maxTokens int, stream, unique bool) func(int64) []byte {
 	return func(i int64) []byte { return []byte(fmt.Sprintf(chatTemplate, maxTokens, stream, i, i, i, i)) }
 }
 
+// messagesTemplate is the same conversation as chatTemplate in
+// Anthropic's Messages API: the system prompt apart, max_tokens required.
+const messagesTemplate = `{"model":"claude-sonnet-4-5","max_tokens":%d,"stream":%t,
+"system":"You are a careful assistant for the platform team 0. Answer briefly, cite the runbook section when you can, and never invent commands that do not exist.",
+"messages":[
+{"role":"user","content":"Our gateway 0 returns 429 to the batch job while the interactive users see normal latency. Is that expected with per-model queues, and how do I see the queue depth?"},
+{"role":"assistant","content":"Yes 0. Each model has its own FIFO queue in front of its rpm and tpm buckets, so a batch job that floods one model waits in that model's queue. Watch llproxy_queue_depth in Prometheus."},
+{"role":"user","content":"Good 0. The batch job sends max_tokens 4096 on every request but uses about 300. Does that hurt the others, and what should we set instead so the bucket is not drained?"}]}`
+
+func messages(maxTokens int, stream bool) func(int64) []byte {
+	fixed := []byte(fmt.Sprintf(messagesTemplate, maxTokens, stream))
+	return func(int64) []byte { return fixed }
+}
+
 type target struct {
 	name string
 	p    *proc
 	url  string
 	more []*proc // its other processes (replicas), whose CPU counts too
+	// body, if set, is what this target is sent instead of the
+	// scenario's (the same request in another API).
+	body func(int64) []byte
 }
 
 // cpu is the CPU time of the target's processes so far.
@@ -110,7 +127,10 @@ func bench(args []string) int {
 	defer os.RemoveAll(dir)
 	cfgPath := filepath.Join(dir, "config.json")
 	cfg := fmt.Sprintf(`{"listen": %q, "routes": {"bench": {"forward": "http://%s",
-	  "models": {"*": {"maxQueueSize": 100000, "maxQueueWait": 60, "rpm": 1000000000, "tpm": 2000000000}}}}}`, llAddr, mockAddr)
+	  "models": {"*": {"maxQueueSize": 100000, "maxQueueWait": 60, "rpm": 1000000000, "tpm": 2000000000}}},
+	  "claude": {"forward": "http://%s", "provider": "anthropic",
+	  "models": {"*": {"maxQueueSize": 100000, "maxQueueWait": 60, "rpm": 1000000000, "itpm": 2000000000, "otpm": 2000000000}}}}}`,
+		llAddr, mockAddr, mockAddr)
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
@@ -138,6 +158,8 @@ func bench(args []string) int {
 	direct := target{name: "direct", p: mock, url: "http://" + mockAddr + "/v1/chat/completions"}
 	baseT := target{name: "baseline", p: base, url: "http://" + baseAddr + "/v1/chat/completions"}
 	llT := target{name: "llproxy", p: ll, url: "http://" + llAddr + "/bench/v1/chat/completions"}
+	llA := target{name: "llproxy anthropic", p: ll, url: "http://" + llAddr + "/claude/v1/messages", body: messages(16, false)}
+	llAS := target{name: "llproxy anthropic", p: ll, url: "http://" + llAddr + "/claude/v1/messages", body: messages(*chunks, true)}
 
 	// The stream must come through llproxy byte for byte (ids and
 	// timestamps aside, which the mock makes fresh per response).
@@ -160,6 +182,8 @@ func bench(args []string) int {
 		{"chat, repeated prompt", chat(16, false, false), []int{1, 16}, []target{baseT, llT}},
 		{"chat, unique prompts", chat(16, false, true), []int{1, 16}, []target{baseT, llT}},
 		{fmt.Sprintf("stream, %d chunks %s apart", *chunks, chunkDelay), chat(*chunks, true, false), []int{16}, []target{baseT, llT, direct}},
+		{"openai chat vs anthropic messages", chat(16, false, false), []int{1, 16}, []target{llT, llA}},
+		{fmt.Sprintf("openai vs anthropic stream, %d chunks", *chunks), chat(*chunks, true, false), []int{16}, []target{llT, llAS}},
 	}
 	if replicas != nil {
 		scenarios = append(scenarios, scenario{"chat, repeated prompt, shared limits", chat(16, false, false),
@@ -172,9 +196,13 @@ func bench(args []string) int {
 		for _, conc := range sc.conc {
 			var ref result
 			for i, t := range sc.targets {
-				drive(client, t.url, sc.body, conc, *warmup)
+				body := sc.body
+				if t.body != nil {
+					body = t.body
+				}
+				drive(client, t.url, body, conc, *warmup)
 				cpu0 := t.cpu()
-				r := drive(client, t.url, sc.body, conc, *duration)
+				r := drive(client, t.url, body, conc, *duration)
 				r.cpu = t.cpu() - cpu0
 				vs, dp50 := "", ""
 				if i == 0 {

@@ -113,7 +113,7 @@ func (m *Mock) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		w.Write(m.models)
 		return
 	case strings.HasSuffix(path, "/chat/completions"), strings.HasSuffix(path, "/completions"),
-		strings.HasSuffix(path, "/embeddings"), strings.HasSuffix(path, "/responses"):
+		strings.HasSuffix(path, "/embeddings"), strings.HasSuffix(path, "/responses"), strings.HasSuffix(path, "/v1/messages"):
 	default:
 		mockError(w, http.StatusNotFound, "invalid_request_error", "unknown_url", "Unknown request URL: "+r.Method+" "+path)
 		return
@@ -147,6 +147,10 @@ func (m *Mock) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	if strings.HasSuffix(path, "/responses") {
 		m.responses(w, r.Context(), req)
+		return
+	}
+	if strings.HasSuffix(path, "/v1/messages") {
+		m.messages(w, r.Context(), req)
 		return
 	}
 	if req.stream {
