@@ -278,3 +278,27 @@ func levelsAll(requests float64, rest float64) scheduler.Levels {
 	lv.Model[scheduler.Requests] = requests
 	return lv
 }
+
+// Input and output tokens as buckets of their own (Anthropic's limits):
+// shared like any other, and the one that binds is named.
+func TestInputAndOutputBucketsAreShared(t *testing.T) {
+	r := redistest.Start(t)
+	m := scheduler.Config{RPM: 100, ITPM: 10000, OTPM: 1000, MaxQueueSize: 10, MaxQueueWait: time.Minute}
+	a := replica(t, r.URL()).Queue("claude", "claude-sonnet-4-5", m, clientsOf(m))
+	b := replica(t, r.URL()).Queue("claude", "claude-sonnet-4-5", m, clientsOf(m))
+	ctx := context.Background()
+	took, err := a.Take(ctx, 0, scheduler.Request(100, 900))
+	require.NoError(t, err)
+	require.True(t, took.OK)
+	assert.InDelta(t, 100, took.Levels.Model[scheduler.OutputTokens], 1)
+	assert.InDelta(t, 9900, took.Levels.Model[scheduler.InputTokens], 1)
+	took, err = b.Take(ctx, 0, scheduler.Request(10, 200))
+	require.NoError(t, err)
+	assert.False(t, took.OK, "the other replica sees the output spent")
+	assert.Equal(t, scheduler.OutputTokens, took.Binding)
+	// Settled to what it used: 850 of the output go back.
+	require.NoError(t, a.Adjust(ctx, 0, scheduler.Vector{scheduler.OutputTokens: 850}))
+	took, err = b.Take(ctx, 0, scheduler.Request(10, 200))
+	require.NoError(t, err)
+	assert.True(t, took.OK)
+}

@@ -53,11 +53,21 @@ func FuzzHandler(f *testing.F) {
 		{"GET", "/openai/v1/models", "", ``},
 		{"POST", "/api/chat", "application/json", `{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":false}`},
 		{"POST", "/unload/m", "", ``},
+		{"POST", "/claude/v1/messages", "application/json", `{"model":"m","max_tokens":5,"system":[{"type":"text","text":"s","cache_control":{"type":"ephemeral"}}],"messages":[{"role":"user","content":[{"type":"image","source":{"type":"base64","data":"AAAA"}},{"type":"tool_result","content":[{"type":"text","text":"x"}]}]}],"tools":[{"name":"t","input_schema":{"type":"object"}}]}`},
+		{"POST", "/claude/v1/messages", "application/json", `{"model":"m","messages":[],"stream":true}`},
+		{"POST", "/claude/v1/messages/count_tokens", "application/json", `{"model":"m","messages":[{"role":"user","content":"hi"}]}`},
+		{"POST", "/v1/messages", "application/json", `{"model":"m","max_tokens":1e9}`},
+		{"POST", "/azure/openai/deployments/d/chat/completions", "application/json", `{"messages":[]}`},
+		{"POST", "/azure/openai/deployments/x/chat/completions", "application/json", `{"messages":[]}`},
 	} {
 		f.Add(seed.method, seed.path, seed.ctype, []byte(seed.body))
 	}
 	cfg, err := config.Parse([]byte(`{"routes": {"openai": {"forward": "http://upstream.invalid", "retries": 0,
-	  "models": {"*": {"maxQueueSize": 0, "maxQueueWait": 0, "rpm": 1000000000, "tpm": 1000000000, "maxConcurrent": 0}}}}}`), nil)
+	  "models": {"*": {"maxQueueSize": 0, "maxQueueWait": 0, "rpm": 1000000000, "tpm": 1000000000, "maxConcurrent": 0}}},
+	  "claude": {"forward": "http://upstream.invalid", "provider": "anthropic", "retries": 0,
+	  "models": {"*": {"maxQueueSize": 0, "maxQueueWait": 0, "rpm": 1000000000, "itpm": 1000000000, "otpm": 1000000000, "countTokensRpm": 1000000}}},
+	  "azure": {"forward": "http://upstream.invalid", "provider": "azure", "retries": 0, "deployments": {"d": "m"},
+	  "models": {"*": {"maxQueueSize": 0, "maxQueueWait": 0, "rpm": 1000000000, "tpm": 1000000000}}}}}`), nil)
 	require.NoError(f, err)
 	up := &fuzzUpstream{}
 	logs := &syncBuffer{}
@@ -98,7 +108,7 @@ func FuzzHandler(f *testing.F) {
 		hits := up.hits
 		up.mu.Unlock()
 		inference := method == http.MethodPost && (strings.HasSuffix(path, "/completions") ||
-			strings.HasSuffix(path, "/embeddings") || strings.HasSuffix(path, "/responses"))
+			strings.HasSuffix(path, "/embeddings") || strings.HasSuffix(path, "/responses") || strings.HasSuffix(path, "/v1/messages"))
 		if inference && len(hits) > 0 && rec.Code == http.StatusOK {
 			// It reached the upstream: it must have been admitted, at a
 			// sane cost.
