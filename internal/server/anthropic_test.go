@@ -85,6 +85,15 @@ func TestAnthropicRouteSpeaksAnthropic(t *testing.T) {
 	require.NoError(t, err)
 	assert.Contains(t, readAll(t, models), "claude-sonnet-4-5")
 
+	// The status page shows input and output apart.
+	req, _ = http.NewRequest(http.MethodGet, g.URL+"/ui/state", nil)
+	req.Header.Set("Authorization", "Bearer key-a")
+	state, err := http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	st := readAll(t, state)
+	assert.Contains(t, st, `{"name":"input","remaining":`)
+	assert.Contains(t, st, `"limit":30000},{"name":"output","remaining":`)
+
 	// No key: 401 in Anthropic's shape.
 	resp = g.post(t, "/claude/v1/messages", fmt.Sprintf(claudeBody, 100, ""))
 	assert.Equal(t, http.StatusUnauthorized, resp.StatusCode)

@@ -16,6 +16,14 @@ function bar(remaining, limit) {
   b.firstChild.style.width = pct + "%";
   return $("span", {}, b, $("span", { class: "small num", text: ` ${Math.floor(Math.max(0, remaining))}/${limit}` }));
 }
+// tokenBars draws the model's token buckets: one, or input and output
+// apart (an Anthropic model), each labelled when it is not the only one.
+function tokenBars(m) {
+  const bs = m.buckets && m.buckets.length ? m.buckets : [{ name: "tokens", ...m.tokens }];
+  return $("span", {}, ...bs.map(b => $("div", { "data-bucket": b.name },
+    bs.length > 1 || b.name !== "tokens" ? $("span", { class: "small", text: b.name + " " }) : null,
+    bar(b.remaining, b.limit))));
+}
 function chart(admitted, rejected) {
   const c = $("canvas", { width: 300, height: 48, title: "admitted (blue) and refused (red) per second, last 5 minutes" });
   const g = c.getContext("2d");
@@ -58,7 +66,7 @@ function render(state) {
         $("td", { class: "small", text: clients || "–" }),
         $("td", { class: waitClass, text: `${secs(m.predictedWait)} / ${secs(m.maxQueueWait)}` }),
         $("td", {}, bar(m.requests.remaining, m.requests.limit)),
-        $("td", {}, bar(m.tokens.remaining, m.tokens.limit)),
+        $("td", {}, tokenBars(m)),
         $("td", { class: "num", text: String(m.inFlight) }),
         $("td", { class: "num", text: m.latencyMs ? m.latencyMs.toFixed(0) + " ms" : "–" }),
         $("td", {}, chart(m.admitted, m.rejected))));

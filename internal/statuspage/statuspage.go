@@ -96,6 +96,12 @@ type uiBucket struct {
 	Limit     int     `json:"limit"`
 }
 
+type uiNamedBucket struct {
+	Name      string  `json:"name"`
+	Remaining float64 `json:"remaining"`
+	Limit     int     `json:"limit"`
+}
+
 type uiModel struct {
 	Model         string         `json:"model"`
 	Depth         int            `json:"depth"`
@@ -105,9 +111,12 @@ type uiModel struct {
 	MaxQueueWait  float64        `json:"maxQueueWait"`
 	Requests      uiBucket       `json:"requests"`
 	Tokens        uiBucket       `json:"tokens"`
-	LatencyMs     float64        `json:"latencyMs"`
-	Admitted      []int64        `json:"admitted"`
-	Rejected      []int64        `json:"rejected"`
+	// Buckets are the model's token buckets: tokens, or input and
+	// output apart.
+	Buckets   []uiNamedBucket `json:"buckets"`
+	LatencyMs float64         `json:"latencyMs"`
+	Admitted  []int64         `json:"admitted"`
+	Rejected  []int64         `json:"rejected"`
 }
 
 type uiBackend struct {
@@ -144,6 +153,7 @@ func (p *Page) ServeState(w http.ResponseWriter, r *http.Request) {
 			m := uiModel{Model: q.Model(), Depth: st.Depth, ByClient: map[string]int{}, InFlight: st.InFlight,
 				PredictedWait: st.PredictedWait.Seconds(), MaxQueueWait: time.Duration(c.MaxQueueWait).Seconds(),
 				Requests: uiBucket{st.Remaining[scheduler.Requests], c.RPM}, Tokens: uiBucket{st.Remaining[scheduler.Tokens], c.TPM},
+				Buckets:   tokenBuckets(&st),
 				LatencyMs: float64(ms.Metrics.Latency().Microseconds()) / 1000}
 			q.Clients(func(_ int, cs scheduler.ClientStats) {
 				if cs.Depth > 0 {
@@ -199,4 +209,18 @@ func (p *Page) ServeScript(w http.ResponseWriter, _ *http.Request) {
 	h.Set("Cache-Control", "no-store")
 	h.Set("X-Content-Type-Options", "nosniff")
 	w.Write(script)
+}
+
+// tokenBuckets are a queue's token buckets, as the page names them.
+func tokenBuckets(st *scheduler.Stats) []uiNamedBucket {
+	out := []uiNamedBucket{}
+	for _, b := range [...]struct {
+		r    scheduler.Resource
+		name string
+	}{{scheduler.Tokens, "tokens"}, {scheduler.InputTokens, "input"}, {scheduler.OutputTokens, "output"}} {
+		if st.Limit[b.r] > 0 {
+			out = append(out, uiNamedBucket{Name: b.name, Remaining: st.Remaining[b.r], Limit: st.Limit[b.r]})
+		}
+	}
+	return out
 }
