@@ -164,7 +164,7 @@ func (q *Queue) HeldUntil() time.Time {
 // changed drops the kept prediction and reconsiders whose turn it is
 // after the buckets or the hold changed. q.mu is held.
 func (q *Queue) changed(now time.Time) {
-	q.tail.ok = false
+	q.cls[Interactive].tail.ok, q.cls[Batch].tail.ok = false, false
 	if !q.closed {
 		q.dispatch(now)
 	}
@@ -213,7 +213,7 @@ func (q *Queue) requeue(now time.Time, cost Cost, deadline time.Time, into *Admi
 	l.waiting[0] = w
 	w.deadline = deadline
 	q.headChanged(l)
-	q.tail.ok = false
+	q.cls[l.cls].tail.ok = false
 	ch := q.predict(now, w)
 	if ch.at.After(deadline) {
 		q.cancel(now, w)

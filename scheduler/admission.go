@@ -21,10 +21,15 @@ type Admission struct {
 	// Mark is the buckets' raw state at that moment (see Observe).
 	Mark Mark
 	// MaxQueueWait is the request's own wait limit: its client's
-	// maxQueueWait where it has one, else the model's. Whatever the
-	// request waits for after admission (a retry, a requeue after an
+	// maxQueueWait where it has one, else the model's (for a batch
+	// request, the batch ones), lowered by the request's own. Whatever
+	// the request waits for after admission (a retry, a requeue after an
 	// upstream 429, a slot) ends by its arrival plus this.
 	MaxQueueWait time.Duration
+	// Class is the request's class; Promoted says a batch request was
+	// admitted as interactive, having waited the model's BatchMaxAge.
+	Class    Class
+	Promoted bool
 
 	q     *Queue
 	lane  *lane

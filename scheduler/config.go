@@ -47,6 +47,35 @@ type Config struct {
 	// (a local server's parallel slots); a request holds its slot until
 	// Release. 0 means no limit.
 	MaxConcurrent int
+	// BatchHeadroom is the fraction of every bucket's capacity a batch
+	// request must leave after paying (0 to 0.9; 0: batch may use all).
+	BatchHeadroom float64
+	// BatchMaxAge is how long a batch request waits before it is admitted
+	// as if interactive (the starvation bound); 0: DefaultBatchMaxAge.
+	BatchMaxAge time.Duration
+	// BatchMaxQueueWait and BatchMaxQueueSize are MaxQueueWait and
+	// MaxQueueSize for batch requests; 0: DefaultBatchMaxQueueWait,
+	// DefaultBatchMaxQueueSize.
+	BatchMaxQueueWait time.Duration
+	BatchMaxQueueSize int
+}
+
+// Defaults of the batch class's settings.
+const (
+	DefaultBatchHeadroom     = 0.1
+	DefaultBatchMaxAge       = 10 * time.Minute
+	DefaultBatchMaxQueueWait = time.Hour
+	DefaultBatchMaxQueueSize = 10_000
+	// MaxBatchHeadroom bounds BatchHeadroom: batch keeps a tenth at least.
+	MaxBatchHeadroom = 0.9
+)
+
+// batchMaxAge is the starvation bound in force.
+func (c Config) batchMaxAge() time.Duration {
+	if c.BatchMaxAge > 0 {
+		return c.BatchMaxAge
+	}
+	return DefaultBatchMaxAge
 }
 
 // Validate reports every field out of range, each error naming its field by
@@ -79,6 +108,20 @@ func (c Config) Validate() error {
 	if c.MaxConcurrent < 0 {
 		errs = append(errs, fmt.Errorf("maxConcurrent: must be >= 0, got %d", c.MaxConcurrent))
 	}
+	if !(c.BatchHeadroom >= 0 && c.BatchHeadroom <= MaxBatchHeadroom) {
+		errs = append(errs, fmt.Errorf("batchHeadroom: must be between 0 and %v, got %v", MaxBatchHeadroom, c.BatchHeadroom))
+	}
+	for _, f := range [...]struct {
+		name string
+		d    time.Duration
+	}{{"batchMaxAge", c.BatchMaxAge}, {"batchMaxQueueWait", c.BatchMaxQueueWait}} {
+		if f.d < 0 {
+			errs = append(errs, fmt.Errorf("%s: must be >= 0, got %s", f.name, f.d))
+		}
+	}
+	if c.BatchMaxQueueSize < 0 {
+		errs = append(errs, fmt.Errorf("batchMaxQueueSize: must be >= 0, got %d", c.BatchMaxQueueSize))
+	}
 	return errors.Join(errs...)
 }
 
@@ -102,12 +145,38 @@ type Client struct {
 	MaxConcurrent int
 	MaxQueueSize  int
 	MaxQueueWait  time.Duration
+	// BatchMaxQueueSize and BatchMaxQueueWait are its batch requests'.
+	BatchMaxQueueSize int
+	BatchMaxQueueWait time.Duration
+	// OwnWait and OwnBatchWait say MaxQueueWait and BatchMaxQueueWait are
+	// the client's own, not the model's (a rejection says whose).
+	OwnWait, OwnBatchWait bool
 }
 
 // Client returns a client of the queue with weight and no limits of its
 // own: its MaxQueueSize and MaxQueueWait are the model's.
 func (c Config) Client(name string, weight int) Client {
-	return Client{Name: name, Weight: weight, MaxQueueSize: c.MaxQueueSize, MaxQueueWait: c.MaxQueueWait}
+	cl := Client{Name: name, Weight: weight, MaxQueueSize: c.MaxQueueSize, MaxQueueWait: c.MaxQueueWait,
+		BatchMaxQueueSize: c.BatchMaxQueueSize, BatchMaxQueueWait: c.BatchMaxQueueWait}
+	if cl.BatchMaxQueueSize == 0 {
+		cl.BatchMaxQueueSize = DefaultBatchMaxQueueSize
+	}
+	if cl.BatchMaxQueueWait == 0 {
+		cl.BatchMaxQueueWait = DefaultBatchMaxQueueWait
+	}
+	return cl
+}
+
+// batch is the client as its batch lane waits: its batch size and wait.
+func (c Client) batch() Client {
+	c.MaxQueueSize, c.MaxQueueWait, c.OwnWait = c.BatchMaxQueueSize, c.BatchMaxQueueWait, c.OwnBatchWait
+	if c.MaxQueueSize == 0 {
+		c.MaxQueueSize = DefaultBatchMaxQueueSize
+	}
+	if c.MaxQueueWait == 0 {
+		c.MaxQueueWait = DefaultBatchMaxQueueWait
+	}
+	return c
 }
 
 // Validate reports every field of the client out of range, each naming
@@ -121,13 +190,16 @@ func (c Client) Validate() error {
 		name string
 		v    int
 	}{{"rpm", c.RPM}, {"tpm", c.TPM}, {"itpm", c.ITPM}, {"otpm", c.OTPM},
-		{"maxConcurrent", c.MaxConcurrent}, {"maxQueueSize", c.MaxQueueSize}} {
+		{"maxConcurrent", c.MaxConcurrent}, {"maxQueueSize", c.MaxQueueSize}, {"batchMaxQueueSize", c.BatchMaxQueueSize}} {
 		if f.v < 0 {
 			errs = append(errs, fmt.Errorf("%s: must be >= 0, got %d", f.name, f.v))
 		}
 	}
 	if c.MaxQueueWait < 0 {
 		errs = append(errs, fmt.Errorf("maxQueueWait: must be >= 0, got %s", c.MaxQueueWait))
+	}
+	if c.BatchMaxQueueWait < 0 {
+		errs = append(errs, fmt.Errorf("batchMaxQueueWait: must be >= 0, got %s", c.BatchMaxQueueWait))
 	}
 	return errors.Join(errs...)
 }

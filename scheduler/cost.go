@@ -76,11 +76,36 @@ func (v *Vector) add(w *Vector, sign int) {
 // its input and output together, for a cost that names only those).
 func (v Vector) weight() int { return max(v[Tokens], v[InputTokens]+v[OutputTokens]) }
 
+// Class is a request's priority class: interactive requests are admitted
+// before batch ones (class.go).
+type Class uint8
+
+// The classes.
+const (
+	Interactive Class = iota
+	Batch
+	numClasses
+)
+
+func (c Class) String() string {
+	if c == Batch {
+		return "batch"
+	}
+	return "interactive"
+}
+
 // Cost is what one request pays, Amount from each bucket, on behalf of
 // the queue's client number Client (see NewQueue).
 type Cost struct {
 	Amount Vector
-	Client int
+	// Class is the request's class.
+	Class Class
+	// MaxWait, with OwnWait set, is the request's own limit on its wait:
+	// it lowers its client's (or the model's) for its class, never raises
+	// it. 0 means admit now or reject now.
+	MaxWait time.Duration
+	OwnWait bool
+	Client  int
 	// Name, if set, is the client's name. A request whose Client index
 	// names another client's lane (a reload renumbered the clients between
 	// its authentication and its admission) waits in the lane of its name.
@@ -110,16 +135,31 @@ type Stats struct {
 	// InFlight is how many admitted requests hold a concurrency slot
 	// (counted only when the queue has MaxConcurrent).
 	InFlight int
-	// PredictedWait is how long a newcomer would wait now.
-	PredictedWait time.Duration
+	// PredictedWait is how long a newcomer would wait now: an
+	// interactive one; PredictedWaitBy of each class.
+	PredictedWait   time.Duration
+	PredictedWaitBy [numClasses]time.Duration
+	// DepthBy is how many of each class wait, Oldest how long the
+	// longest waiting of each has waited.
+	DepthBy [numClasses]int
+	Oldest  [numClasses]time.Duration
+	// Promoted counts the batch requests admitted as interactive for
+	// having waited BatchMaxAge, since the queue was made.
+	Promoted uint64
+	// Headroom is what batch requests leave in each bucket.
+	Headroom Vector
 }
+
+// NumClasses is how many classes there are.
+const NumClasses = int(numClasses)
 
 // ClientStats is one client's state in a queue.
 type ClientStats struct {
 	Name     string
-	Depth    int    // requests waiting
-	Queued   Vector // what they will pay
-	InFlight int    // admitted and not yet released
+	Depth    int             // requests waiting
+	DepthBy  [numClasses]int // of each class
+	Queued   Vector          // what they will pay
+	InFlight int             // admitted and not yet released
 }
 
 // Upstream is what an upstream reported about its own limits in response

@@ -46,7 +46,23 @@ type RejectError struct {
 	QueueLen int
 	// State is the buckets' state at the rejection, for response headers.
 	State RateState
+	// Class is the request's class; MaxWait the wait limit it had, and
+	// WaitLimit whose it was.
+	Class     Class
+	MaxWait   time.Duration
+	WaitLimit WaitLimit
 }
+
+// WaitLimit says whose limit on a request's wait was in force.
+type WaitLimit uint8
+
+// Whose wait limit: the model's (maxQueueWait, or batchMaxQueueWait), the
+// client's own, or the request's own.
+const (
+	WaitModel WaitLimit = iota
+	WaitClient
+	WaitRequest
+)
 
 func (e *RejectError) Error() string {
 	return fmt.Sprintf("%v (model %s, %s: limit %d, used %d, requested %d, retry after %s)",

@@ -31,14 +31,14 @@ import (
 // are guarded by the queue's mutex.
 type lane struct {
 	Client
-	gate    // the client's own limits for the queue's model
+	*gate   // the client's own limits for the queue's model, shared by its two lanes
+	cls     Class
+	sib     *lane // the client's lane of the other class
 	waiting []*waiter
 	queued  Vector // what its waiters will pay
-	epoch   uint64 // the queue's epoch cur.finish belongs to
-	cur     cursor // its place in the queue's backlog
+	epoch   uint64 // its class's epoch cur.finish belongs to
+	cur     cursor // its place in its class's backlog
 	running int    // admitted and not yet released
-	pendN   int    // admitted and pending the shared store's word
-	pend    Vector // what those paid
 }
 
 // free reports whether the lane has no limits of its own.
@@ -109,12 +109,17 @@ const never = time.Duration(1<<63 - 1)
 // as they are now (a slot is free only once released); otherwise they are
 // the cursors' and s's predictions. The zero choice means nobody can be
 // admitted until a slot is released.
+//
+// A batch request's need of the model's gate includes the headroom
+// (class.go).
 func (q *Queue) next(s sim, h *cursors, live bool) choice {
 	T := s.at
+	reserve := q.headroom()
 	if top := (*h)[0]; !live && top.l.free() {
 		// The lowest tag has no limits of its own: its turn, whatever the
 		// others' own gates say.
-		d, binding := q.ready(s, &top.head().cost.Amount)
+		v := q.need(top.head(), &reserve)
+		d, binding := q.ready(s, &v)
 		return choice{c: top, at: T.Add(d), binding: binding}
 	}
 	best := choice{}
@@ -125,6 +130,7 @@ func (q *Queue) next(s sim, h *cursors, live bool) choice {
 		c := heap.Pop(h).(*cursor)
 		scan = append(scan, c)
 		w := c.head()
+		v := q.need(w, &reserve)
 		var de, dm time.Duration
 		var be, bm Resource
 		if live {
@@ -134,12 +140,12 @@ func (q *Queue) next(s sim, h *cursors, live bool) choice {
 			}
 			dm, bm = never, Slots
 			if q.slotFree() {
-				dm, bm = q.bucketWait(T, &w.cost.Amount)
+				dm, bm = q.bucketWait(T, &v)
 			}
 		} else {
 			c.own = c.l.advance(c.own, T)
 			de, be = c.l.ready(c.own, &w.cost.Amount)
-			dm, bm = q.ready(s, &w.cost.Amount)
+			dm, bm = q.ready(s, &v)
 		}
 		wait, binding, own := dm, bm, false
 		if de > dm {
@@ -168,73 +174,91 @@ func (q *Queue) next(s sim, h *cursors, live bool) choice {
 // predict returns when r, a waiter of lane r.lane, would be admitted
 // if nobody else arrived, by replaying the dispatcher over the backlog of
 // every lane; binding is what it waits for longest. With one lane waiting
-// the replay is kept (q.tail), so a client alone is predicted in O(1).
+// the replay is kept (its class's tail), so a client alone is predicted in
+// O(1).
 func (q *Queue) predict(now time.Time, r *waiter) choice {
 	return q.predictUntil(now, r, time.Time{})
 }
 
 // predictUntil is predict that stops replaying the backlog once the
 // replay passes horizon (zero: never): it then returns that admission,
-// later than horizon, so r's own is later still.
+// later than horizon, so r's own is later still. An interactive request
+// waits behind its class only; a batch one behind every interactive
+// request waiting and then its own class (class.go).
 func (q *Queue) predictUntil(now time.Time, r *waiter, horizon time.Time) choice {
 	l := r.lane
-	if len(q.backlog) == 1 && l.waiting[len(l.waiting)-1] == r {
-		// One lane, r last: FIFO. Extend the kept replay by r.
-		t := &q.tail
+	c := &q.cls[l.cls]
+	alone := l.cls == Interactive || q.cls[Interactive].depth == 0
+	if alone && len(c.backlog) == 1 && l.waiting[len(l.waiting)-1] == r {
+		// One lane of its class, r last: FIFO. Extend the kept replay by r.
+		t := &c.tail
 		n := len(l.waiting)
+		reserve := q.headroom()
 		if !t.ok || t.lane != l || n < 2 || l.waiting[n-2] != t.last {
 			*t = replay{model: q.headAt(now), own: l.at(now, q.service), lane: l}
 			for _, w := range l.waiting[:len(l.waiting)-1] {
-				t.model, t.own, _ = q.seqStep(l, t.model, t.own, &w.cost.Amount)
+				t.model, t.own, _ = q.seqStep(l, t.model, t.own, w, &reserve)
 			}
 		} else {
 			t.model = q.advance(t.model, now)
 		}
 		var ch choice
-		t.model, t.own, ch = q.seqStep(l, t.model, t.own, &r.cost.Amount)
+		t.model, t.own, ch = q.seqStep(l, t.model, t.own, r, &reserve)
 		t.ok, t.last = true, r
 		return ch
 	}
-	// Several lanes: replay on scratch copies of their cursors.
 	s := q.headAt(now)
-	if cap(q.simCurs) < len(q.backlog) {
-		q.simCurs = make([]cursor, len(q.backlog))
+	if l.cls == Batch && q.cls[Interactive].depth > 0 {
+		// Every interactive request waiting goes first.
+		s, _ = q.replay(now, s, &q.cls[Interactive], nil, time.Time{})
 	}
-	curs := q.simCurs[:len(q.backlog)]
+	_, ch := q.replay(now, s, c, r, horizon)
+	return ch
+}
+
+// replay replays the dispatcher over the backlog of class c from model
+// state s until it admits r (nil: all of them) or passes horizon (zero:
+// never), on scratch copies of its cursors; it returns the model's state
+// after and the last admission.
+func (q *Queue) replay(now time.Time, s sim, c *classQ, r *waiter, horizon time.Time) (sim, choice) {
+	if cap(q.simCurs) < len(c.backlog) {
+		q.simCurs = make([]cursor, len(c.backlog))
+	}
+	curs := q.simCurs[:len(c.backlog)]
 	h := q.simHeap[:0]
-	for i, c := range q.backlog {
-		curs[i] = cursor{l: c.l, finish: c.finish, at: len(h)}
-		if !c.l.free() {
-			curs[i].own = c.l.at(now, q.service)
+	for i, x := range c.backlog {
+		curs[i] = cursor{l: x.l, finish: x.finish, at: len(h)}
+		if !x.l.free() {
+			curs[i].own = x.l.at(now, q.service)
 		}
 		h = append(h, &curs[i])
 	}
 	heap.Init(&h)
-	v := q.vtime
+	v := c.vtime
 	var ch choice
 	for h.Len() > 0 {
 		ch = q.next(s, &h, false)
-		c := ch.c
-		w := c.head()
+		x := ch.c
+		w := x.head()
 		s = q.gate.pass(s, &w.cost.Amount, ch.at, q.service)
-		if !c.l.free() {
-			c.own = c.l.pass(c.own, &w.cost.Amount, ch.at, q.service)
+		if !x.l.free() {
+			x.own = x.l.pass(x.own, &w.cost.Amount, ch.at, q.service)
 		}
-		start := max(v, c.finish)
-		c.finish, v = start+tagCost(w.cost.Amount.weight(), c.l.Weight), start
+		start := max(v, x.finish)
+		x.finish, v = start+tagCost(w.cost.Amount.weight(), x.l.Weight), start
 		if w == r || (!horizon.IsZero() && ch.at.After(horizon)) {
 			break
 		}
-		if c.i++; c.i < len(c.l.waiting) {
-			heap.Fix(&h, c.at)
+		if x.i++; x.i < len(x.l.waiting) {
+			heap.Fix(&h, x.at)
 		} else {
-			heap.Remove(&h, c.at)
+			heap.Remove(&h, x.at)
 		}
 	}
 	clear(h[:cap(h)])
 	q.simHeap = h[:0]
 	clear(curs)
-	return ch
+	return s, ch
 }
 
 // replay is a prediction kept while one lane waits: the model's and the
@@ -246,11 +270,13 @@ type replay struct {
 	ok         bool // false after anything that changes it
 }
 
-// seqStep admits a request of cost v from lane l after model state s and
-// lane state own, when both gates can pay: one step of a lane alone.
-func (q *Queue) seqStep(l *lane, s, own sim, v *Vector) (sim, sim, choice) {
+// seqStep admits waiter w of lane l after model state s and lane state
+// own, when both gates can pay: one step of a lane alone.
+func (q *Queue) seqStep(l *lane, s, own sim, w *waiter, reserve *Vector) (sim, sim, choice) {
+	v := &w.cost.Amount
+	n := q.need(w, reserve)
 	own = l.advance(own, s.at)
-	dm, bm := q.ready(s, v)
+	dm, bm := q.ready(s, &n)
 	de, be := l.ready(own, v)
 	ch := choice{binding: bm}
 	if de > dm {
@@ -260,41 +286,44 @@ func (q *Queue) seqStep(l *lane, s, own sim, v *Vector) (sim, sim, choice) {
 	return q.gate.pass(s, v, ch.at, q.service), l.pass(own, v, ch.at, q.service), ch
 }
 
-// join puts lane l, which has just got its first waiter, in the backlog.
+// join puts lane l, which has just got its first waiter, in its class's
+// backlog.
 func (q *Queue) join(l *lane) {
-	if l.epoch != q.epoch {
-		l.epoch, l.cur.finish = q.epoch, 0
+	c := &q.cls[l.cls]
+	if l.epoch != c.epoch {
+		l.epoch, l.cur.finish = c.epoch, 0
 	}
-	heap.Push(&q.backlog, &l.cur)
+	heap.Push(&c.backlog, &l.cur)
 }
 
-// headChanged repositions lane l in the backlog after its head changed,
+// headChanged repositions lane l in its backlog after its head changed,
 // or takes it out when it has no waiter left.
 func (q *Queue) headChanged(l *lane) {
 	switch {
 	case len(l.waiting) == 0 && l.cur.at >= 0:
-		heap.Remove(&q.backlog, l.cur.at)
+		q.heapRemove(l)
 	case len(l.waiting) > 0 && l.cur.at < 0:
 		q.join(l)
 	case len(l.waiting) > 0:
-		heap.Fix(&q.backlog, l.cur.at)
+		heap.Fix(&q.cls[l.cls].backlog, l.cur.at)
 	}
 }
 
-// charge moves lane l's tag and the virtual time for a request of tokens
-// admitted from it.
+// charge moves lane l's tag and its class's virtual time for a request of
+// tokens admitted from it.
 func (q *Queue) charge(l *lane, tokens int) {
-	start := max(q.vtime, l.cur.finish)
-	l.cur.finish, q.vtime = start+tagCost(tokens, l.Weight), start
+	c := &q.cls[l.cls]
+	start := max(c.vtime, l.cur.finish)
+	l.cur.finish, c.vtime = start+tagCost(tokens, l.Weight), start
 }
 
 // refund takes back what charge did for a request given back whole
 // (Unsend), if the tags have not started over since.
 func (q *Queue) refund(l *lane, tokens int, epoch uint64) {
-	if l.epoch == epoch && epoch == q.epoch {
+	if l.epoch == epoch && epoch == q.cls[l.cls].epoch {
 		l.cur.finish = max(0, l.cur.finish-tagCost(tokens, l.Weight))
 		if l.cur.at >= 0 {
-			heap.Fix(&q.backlog, l.cur.at)
+			heap.Fix(&q.cls[l.cls].backlog, l.cur.at)
 		}
 	}
 }

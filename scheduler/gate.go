@@ -27,6 +27,10 @@ type gate struct {
 	// fullConcurrent is the configured maxConcurrent while a share of it is
 	// in force (see Queue.Share); 0 before.
 	fullConcurrent int
+	// pendN admissions are pending the shared store's word, pend what
+	// they paid (share.go).
+	pendN int
+	pend  Vector
 }
 
 func newGate(limits Vector, maxConcurrent int) gate {

@@ -1,7 +1,6 @@
 package scheduler
 
 import (
-	"container/heap"
 	"context"
 	"sync"
 	"sync/atomic"
@@ -20,6 +19,7 @@ type waiter struct {
 	// predicted is when it was predicted to be admitted as it arrived.
 	predicted time.Time
 	into      *Admission // what to admit it into; nil: a new one
+	promoted  bool       // a batch request moved to its client's interactive lane
 	done      bool
 	adm       *Admission
 	err       error
@@ -43,18 +43,17 @@ type waiter struct {
 type Queue struct {
 	model   string
 	cfg     Config
-	gate    // the model's buckets and slots
-	lanes   []*lane
-	clients int // lanes[:clients] are the clients Cost.Client names; the rest drain (Reconfigure)
+	gate            // the model's buckets and slots
+	lanes   []*lane // each client's interactive lane
+	blanes  []*lane // and its batch lane, by the same index
+	clients int     // lanes[:clients] are the clients Cost.Client names; the rest drain (Reconfigure)
 
 	mu         sync.Mutex
-	backlog    cursors // lanes with waiters, lowest tag first
-	depth      int     // requests waiting, in all
-	queued     Vector  // what they will pay
-	vtime      float64 // virtual time: the start tag of the last admission
-	epoch      uint64  // tags start over when nobody waits
+	cls        [numClasses]classQ // each class's backlog and tags (class.go)
+	depth      int                // requests waiting, in all
+	queued     Vector             // what they will pay
 	arrivals   uint64
-	tail       replay // with one lane waiting: the replay after its last waiter
+	promoted   uint64 // batch requests admitted as interactive, in all
 	timer      *time.Timer
 	holdUntil  time.Time           // no admission before this (the upstream said wait)
 	lowered    [NumBuckets]float64 // how much Observe has lowered each bucket, in all
@@ -67,30 +66,25 @@ type Queue struct {
 	closed     bool
 	retired    atomic.Bool // see Retire; set under mu
 	confirm    bool        // admissions wait for the shared store's word (share.go)
-	pendN      int         // admissions pending it, and what they paid
-	pend       Vector
-	scan       []*cursor // scratch for next
-	simCurs    []cursor  // scratch for predict
+	scan       []*cursor   // scratch for next
+	simCurs    []cursor    // scratch for predict
 	simHeap    cursors
 }
 
 // NewQueue returns an empty queue with full buckets. cfg and each client
 // must be valid (see Config.Validate and Client.Validate); with no clients
 // the queue has one, of weight 1 and without limits of its own, and
-// behaves as one FIFO. Cost.Client is an index into clients. It runs on
-// the time package's clock: tests run it in a testing/synctest bubble,
-// where that clock is exact.
+// behaves as one FIFO per class. Cost.Client is an index into clients. It
+// runs on the time package's clock: tests run it in a testing/synctest
+// bubble, where that clock is exact.
 func NewQueue(model string, cfg Config, clients ...Client) *Queue {
 	if len(clients) == 0 {
 		clients = []Client{cfg.Client("", 1)}
 	}
 	q := &Queue{model: model, cfg: cfg, gate: newGate(cfg.Limits(), cfg.MaxConcurrent), lanes: make([]*lane, len(clients)),
-		clients: len(clients)}
+		blanes: make([]*lane, len(clients)), clients: len(clients)}
 	for i, c := range clients {
-		c.Weight = max(1, c.Weight)
-		l := &lane{Client: c, gate: newGate(c.Limits(), c.MaxConcurrent)}
-		l.cur = cursor{l: l, at: -1}
-		q.lanes[i] = l
+		q.lanes[i], q.blanes[i] = newClient(c)
 	}
 	return q
 }
@@ -220,22 +214,24 @@ func (q *Queue) enqueue(now time.Time, cost Cost, into *Admission) (*waiter, *Ad
 		return nil, nil, q.reject(now, ErrQueueFull, ch, l, cost, ch.at.Sub(now))
 	}
 	// (5)
-	kept := q.tail
+	c := &q.cls[l.cls]
+	kept := c.tail
+	maxWait, _ := l.maxWait(&cost)
 	w := q.push(now, l, cost)
-	w.into = into
+	w.into, w.deadline = into, now.Add(maxWait)
 	ch := q.predict(now, w)
 	wait := ch.at.Sub(now)
 	// (6)
-	if wait > l.MaxQueueWait || l.MaxQueueSize == 0 {
+	if wait > maxWait || l.MaxQueueSize == 0 {
 		q.pop(l)
-		q.tail = kept
+		c.tail = kept
 		return nil, nil, q.reject(now, ErrWaitTooLong, ch, l, cost, wait)
 	}
 	// (7)
 	w.ready = make(chan struct{})
 	w.predicted = ch.at
-	if len(q.backlog) > 1 {
-		q.tail.ok = false // the replay kept is one lane's
+	if len(c.backlog) > 1 || (l.cls == Batch && q.cls[Interactive].depth > 0) {
+		c.tail.ok = false // the replay kept is one lane's alone
 	}
 	if len(l.waiting) == 1 {
 		q.dispatch(now) // a new lane may change whose turn it is
@@ -252,23 +248,57 @@ func (q *Queue) laneOf(cost Cost) (*lane, error) {
 		return nil, ErrClosed
 	case cost.Amount.negative():
 		return nil, ErrInvalidCost
+	case cost.Class >= numClasses || (cost.OwnWait && cost.MaxWait < 0):
+		return nil, ErrInvalidCost
 	case cost.Client >= 0 && cost.Client < q.clients &&
 		(cost.Name == "" || q.lanes[cost.Client].Name == "" || q.lanes[cost.Client].Name == cost.Name):
-		return q.lanes[cost.Client], nil
+		return q.lane(cost.Client, cost.Class), nil
 	case cost.Name != "":
-		for _, l := range q.lanes { // renumbered: found by name, draining lanes too
+		for i, l := range q.lanes { // renumbered: found by name, draining lanes too
 			if l.Name == cost.Name {
-				return l, nil
+				return q.lane(i, cost.Class), nil
 			}
 		}
 	}
 	return nil, ErrUnknownClient
 }
 
+// lane is client number i's lane of class cls.
+func (q *Queue) lane(i int, cls Class) *lane {
+	if cls == Batch {
+		return q.blanes[i]
+	}
+	return q.lanes[i]
+}
+
 // admitsNow reports whether a request of cost v from lane l is admitted
-// at once: nobody waits, no hold, and every gate can pay.
+// at once: nobody of its class (for a batch request: nobody at all) waits,
+// no hold, and every gate can pay (the model's with a batch request's
+// headroom).
 func (q *Queue) admitsNow(now time.Time, l *lane, v *Vector) bool {
-	return q.depth == 0 && !now.Before(q.holdUntil) && q.canPay(now, v) && l.canPay(now, v)
+	if q.cls[l.cls].depth > 0 || (l.cls == Batch && q.depth > 0) || now.Before(q.holdUntil) || !l.canPay(now, v) {
+		return false
+	}
+	if l.cls == Batch {
+		reserve := q.headroom()
+		n := q.needOf(v, Batch, &reserve)
+		return q.canPay(now, &n)
+	}
+	return q.canPay(now, v)
+}
+
+// maxWait is how long a request of cost may wait in lane l, and whose
+// limit that is: the lane's (its client's own, or the model's), lowered by
+// the request's own.
+func (l *lane) maxWait(cost *Cost) (time.Duration, WaitLimit) {
+	d, whose := l.MaxQueueWait, WaitModel
+	if l.OwnWait {
+		whose = WaitClient
+	}
+	if cost.OwnWait && cost.MaxWait < d {
+		d, whose = max(0, cost.MaxWait), WaitRequest
+	}
+	return d, whose
 }
 
 // tooLarge is the rejection of a request of cost v from lane l that a
@@ -292,11 +322,12 @@ func (q *Queue) tooLarge(now time.Time, l *lane, v *Vector) *RejectError {
 // push appends a waiter of cost to lane l.
 func (q *Queue) push(now time.Time, l *lane, cost Cost) *waiter {
 	q.arrivals++
-	w := &waiter{cost: cost, lane: l, seq: q.arrivals, enqueued: now,
-		deadline: now.Add(l.MaxQueueWait)}
+	maxWait, _ := l.maxWait(&cost)
+	w := &waiter{cost: cost, lane: l, seq: q.arrivals, enqueued: now, deadline: now.Add(maxWait)}
 	l.waiting = append(l.waiting, w)
 	l.queued.add(&cost.Amount, 1)
 	q.depth++
+	q.cls[l.cls].depth++
 	q.queued.add(&cost.Amount, 1)
 	if len(l.waiting) == 1 {
 		q.join(l)
@@ -311,7 +342,7 @@ func (q *Queue) pop(l *lane) {
 	l.waiting = l.waiting[:len(l.waiting)-1]
 	q.left(l, w)
 	if len(l.waiting) == 0 {
-		heap.Remove(&q.backlog, l.cur.at)
+		q.heapRemove(l)
 	}
 }
 
@@ -320,9 +351,10 @@ func (q *Queue) left(l *lane, w *waiter) {
 	l.queued.add(&w.cost.Amount, -1)
 	q.depth--
 	q.queued.add(&w.cost.Amount, -1)
-	if q.depth == 0 {
-		q.epoch++ // nobody waits: the tags start over
-		q.vtime = 0
+	c := &q.cls[l.cls]
+	if c.depth--; c.depth == 0 {
+		c.epoch++ // nobody of the class waits: its tags start over
+		c.vtime = 0
 	}
 }
 
@@ -336,12 +368,13 @@ func (q *Queue) probe(now time.Time, l *lane, cost Cost) choice {
 // past it, the choice it returns is some admission after horizon, not
 // necessarily the request's own.
 func (q *Queue) probeUntil(now time.Time, l *lane, cost Cost, horizon time.Time) choice {
-	kept := q.tail
+	c := &q.cls[l.cls]
+	kept := c.tail
 	q.push(now, l, cost)
 	ch := q.predictUntil(now, l.waiting[len(l.waiting)-1], horizon)
 	q.pop(l)
 	q.arrivals--
-	q.tail = kept
+	c.tail = kept
 	return ch
 }
 
@@ -364,8 +397,9 @@ func (q *Queue) pay(now time.Time, l *lane, cost Cost, wait time.Duration, a *Ad
 	}
 	// Field by field: the admission is large (a vector per resource),
 	// and a composite literal would be built and then copied.
-	a.Wait, a.q, a.lane, a.epoch, a.start, a.seq = wait, q, l, q.epoch, now, q.seq
-	a.cost, a.held, a.MaxQueueWait = *v, *v, l.MaxQueueWait
+	a.Wait, a.q, a.lane, a.epoch, a.start, a.seq = wait, q, l, q.cls[l.cls].epoch, now, q.seq
+	a.cost, a.held, a.Class = *v, *v, cost.Class
+	a.MaxQueueWait, _ = l.maxWait(&cost)
 	q.stateInto(&a.State, now, l)
 	a.Mark.Lowered, a.Mark.Drained, a.Mark.Paid = q.lowered, q.drained, q.paid
 	for _, r := range q.active() {
@@ -392,7 +426,8 @@ func (q *Queue) pay(now time.Time, l *lane, cost Cost, wait time.Duration, a *Ad
 
 func (q *Queue) reject(now time.Time, reason error, ch choice, l *lane, cost Cost, wait time.Duration) *RejectError {
 	e := &RejectError{Reason: reason, Model: q.model, Resource: ch.binding, RetryAfter: wait,
-		QueueLen: len(l.waiting), State: q.state(now, l)}
+		QueueLen: len(l.waiting), State: q.state(now, l), Class: cost.Class}
+	e.MaxWait, e.WaitLimit = l.maxWait(&cost)
 	if ch.own {
 		e.Client = l.Name
 		l.describe(e, now, &cost.Amount, &l.queued, len(l.waiting))
@@ -419,14 +454,22 @@ func (q *Queue) dispatch(now time.Time) {
 		q.arm(hold)
 		return
 	}
+	q.promote(now)
 	for q.depth > 0 {
-		ch := q.next(sim{at: now}, &q.backlog, true)
+		// Interactive requests first; batch ones only while none waits.
+		c := &q.cls[Interactive]
+		if c.depth == 0 {
+			c = &q.cls[Batch]
+		}
+		ch := q.next(sim{at: now}, &c.backlog, true)
 		if ch.c == nil {
-			q.disarm() // Release dispatches again when a slot frees
+			// Release dispatches again when a slot frees; a batch request
+			// may reach its age before.
+			q.armOrDisarm(q.untilPromotion(now))
 			return
 		}
 		if d := ch.at.Sub(now); d > 0 {
-			q.arm(d)
+			q.arm(min(d, q.untilPromotion(now)))
 			return
 		}
 		l := ch.c.l
@@ -436,14 +479,27 @@ func (q *Queue) dispatch(now time.Time) {
 		q.charge(l, w.cost.Amount.weight())
 		q.headChanged(l)
 		q.left(l, w)
+		if l.cls == Batch {
+			q.cls[Interactive].tail.ok = false // the buckets moved under its replay
+		}
 		w.done = true
 		w.adm = q.pay(now, l, w.cost, now.Sub(w.enqueued), w.into)
+		w.adm.Promoted = w.promoted
 		if !w.predicted.IsZero() {
 			w.adm.Predicted = w.predicted.Sub(w.enqueued)
 		}
 		close(w.ready)
 	}
 	q.disarm()
+}
+
+// armOrDisarm arms the timer for d, or stops it when d is never.
+func (q *Queue) armOrDisarm(d time.Duration) {
+	if d == never {
+		q.disarm()
+		return
+	}
+	q.arm(d)
 }
 
 func (q *Queue) arm(d time.Duration) {
@@ -484,7 +540,7 @@ func (q *Queue) cancel(now time.Time, w *waiter) bool {
 			q.headChanged(l)
 		}
 		q.left(l, w)
-		q.tail.ok = false
+		q.cls[l.cls].tail.ok = false
 		w.done = true
 		q.dispatch(now)
 		return true

@@ -82,7 +82,7 @@ func (q *Queue) Share(now time.Time, share float64) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	q.gate.setShare(now, share, &q.pend)
-	for _, l := range q.lanes {
+	for _, l := range q.lanes { // a client's two lanes share its gate
 		l.gate.setShare(now, share, &l.pend)
 	}
 	q.changed(now)
@@ -139,31 +139,34 @@ func (q *Queue) Reconfigure(now time.Time, cfg Config, clients ...Client) {
 	defer q.mu.Unlock()
 	q.cfg = cfg
 	q.gate.reconfigure(now, cfg.Limits(), cfg.MaxConcurrent)
-	old := map[string]*lane{}
-	for _, l := range q.lanes {
-		old[l.Name] = l
+	old := map[string]int{}
+	for i, l := range q.lanes {
+		old[l.Name] = i
 	}
 	lanes := make([]*lane, 0, len(clients))
+	blanes := make([]*lane, 0, len(clients))
+	kept := map[int]bool{}
 	for _, c := range clients {
 		c.Weight = max(1, c.Weight)
-		l := old[c.Name]
-		if l == nil {
-			l = &lane{Client: c, gate: newGate(c.Limits(), c.MaxConcurrent)}
-			l.cur = cursor{l: l, at: -1}
-		} else {
-			delete(old, c.Name)
-			l.Client = c
-			l.gate.reconfigure(now, c.Limits(), c.MaxConcurrent)
+		i, ok := old[c.Name]
+		if !ok || kept[i] {
+			l, b := newClient(c)
+			lanes, blanes = append(lanes, l), append(blanes, b)
+			continue
 		}
-		lanes = append(lanes, l)
+		kept[i] = true
+		l, b := q.lanes[i], q.blanes[i]
+		l.Client, b.Client = c, c.batch()
+		l.gate.reconfigure(now, c.Limits(), c.MaxConcurrent)
+		lanes, blanes = append(lanes, l), append(blanes, b)
 	}
-	for _, l := range q.lanes { // the clients that are gone, in their old order
-		if old[l.Name] == l && (len(l.waiting) > 0 || l.running > 0) {
-			lanes = append(lanes, l)
+	for i, l := range q.lanes { // the clients that are gone, in their old order
+		b := q.blanes[i]
+		if !kept[i] && (len(l.waiting) > 0 || l.running > 0 || len(b.waiting) > 0 || b.running > 0) {
+			lanes, blanes = append(lanes, l), append(blanes, b)
 		}
 	}
-	q.lanes, q.clients = lanes, len(clients)
-	q.tail.ok = false
+	q.lanes, q.blanes, q.clients = lanes, blanes, len(clients)
 	q.changed(now)
 }
 

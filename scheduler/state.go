@@ -63,12 +63,20 @@ func (q *Queue) Stats(now time.Time) Stats {
 			st.Remaining[r], st.Refill[r] = q.b[r].level(now), perMinute(q.b[r].perSec)
 		}
 	}
+	st.Promoted, st.Headroom = q.promoted, q.headroom()
+	for c := range numClasses {
+		st.DepthBy[c], st.Oldest[c] = q.cls[c].depth, q.oldest(now, c)
+	}
 	if !q.closed {
 		// The replay stops just past the newcomer's maxQueueWait: beyond
 		// it, it would be refused anyway, and a scrape or a status poll
 		// must not hold the queue's lock over a deep backlog.
-		horizon := now.Add(q.cfg.MaxQueueWait)
-		st.PredictedWait = max(0, q.probeUntil(now, q.newcomer(), Cost{Amount: Request(1, 0)}, horizon).at.Sub(now))
+		for c := range numClasses {
+			l := q.newcomer(c)
+			horizon := now.Add(l.MaxQueueWait)
+			st.PredictedWaitBy[c] = max(0, q.probeUntil(now, l, Cost{Amount: Request(1, 0), Class: c}, horizon).at.Sub(now))
+		}
+		st.PredictedWait = st.PredictedWaitBy[Interactive]
 	}
 	return st
 }
@@ -79,7 +87,12 @@ func (q *Queue) Clients(f func(i int, st ClientStats)) {
 	q.mu.Lock()
 	stats := make([]ClientStats, q.clients)
 	for i, l := range q.lanes[:q.clients] {
-		stats[i] = ClientStats{Name: l.Name, Depth: len(l.waiting), Queued: l.queued, InFlight: l.running}
+		b := q.blanes[i]
+		st := ClientStats{Name: l.Name, Depth: len(l.waiting) + len(b.waiting), Queued: l.queued,
+			InFlight: l.running + b.running}
+		st.Queued.add(&b.queued, 1)
+		st.DepthBy[Interactive], st.DepthBy[Batch] = len(l.waiting), len(b.waiting)
+		stats[i] = st
 	}
 	q.mu.Unlock()
 	for i, st := range stats {
@@ -93,7 +106,7 @@ func (q *Queue) Close() {
 	defer q.mu.Unlock()
 	q.closed = true
 	q.disarm()
-	for _, l := range q.lanes {
+	for _, l := range append(q.lanes[:len(q.lanes):len(q.lanes)], q.blanes...) {
 		for _, w := range l.waiting {
 			w.done, w.err = true, ErrClosed
 			close(w.ready)
@@ -101,7 +114,9 @@ func (q *Queue) Close() {
 		l.waiting, l.queued = nil, Vector{}
 		l.cur.at = -1
 	}
-	q.backlog = q.backlog[:0]
+	for c := range q.cls {
+		q.cls[c].backlog, q.cls[c].depth = q.cls[c].backlog[:0], 0
+	}
 	q.depth, q.queued = 0, Vector{}
 }
 
@@ -113,8 +128,8 @@ func (q *Queue) Retire(now time.Time) bool {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	idle := q.depth == 0 && !q.holdUntil.After(now) && q.full(now)
-	for _, l := range q.lanes {
-		idle = idle && l.running == 0 && l.full(now)
+	for i, l := range q.lanes {
+		idle = idle && l.running == 0 && q.blanes[i].running == 0 && l.full(now)
 	}
 	if idle && !q.closed {
 		q.retired.Store(true)
@@ -136,10 +151,10 @@ func (q *Queue) Depth() int {
 	return q.depth
 }
 
-// newcomer is a lane for predictions only: a client of weight 1, with no
-// limits of its own and nothing waiting, that is in no backlog.
-func (q *Queue) newcomer() *lane {
-	l := &lane{Client: q.cfg.Client("", 1), gate: newGate(Vector{}, 0)}
-	l.cur = cursor{l: l, at: -1}
-	return l
+// newcomer is a lane for predictions only: a client of weight 1 and
+// class cls, with no limits of its own and nothing waiting, that is in no
+// backlog.
+func (q *Queue) newcomer(cls Class) *lane {
+	g := newGate(Vector{}, 0)
+	return newLane(q.cfg.Client("", 1), &g, cls)
 }
