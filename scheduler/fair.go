@@ -177,7 +177,27 @@ func (q *Queue) next(s sim, h *cursors, live bool) choice {
 // the replay is kept (its class's tail), so a client alone is predicted in
 // O(1).
 func (q *Queue) predict(now time.Time, r *waiter) choice {
-	return q.predictUntil(now, r, time.Time{})
+	return q.predictUntil(now, r, bound{})
+}
+
+// bound limits a replay: it stops once an admission passes horizon (zero:
+// never) or after steps admissions (0: no limit), and what it returns is
+// then some admission later than the last it replayed: a lower bound of
+// the request's own.
+type bound struct {
+	horizon time.Time
+	steps   int
+}
+
+// reached reports whether an admission at at ends a replay bounded by b,
+// counting it.
+func (b *bound) reached(at time.Time) bool {
+	if b.steps > 0 {
+		if b.steps--; b.steps == 0 {
+			return true
+		}
+	}
+	return !b.horizon.IsZero() && at.After(b.horizon)
 }
 
 // predictUntil is predict that stops replaying the backlog once the
@@ -185,7 +205,7 @@ func (q *Queue) predict(now time.Time, r *waiter) choice {
 // later than horizon, so r's own is later still. An interactive request
 // waits behind its class only; a batch one behind every interactive
 // request waiting and then its own class (class.go).
-func (q *Queue) predictUntil(now time.Time, r *waiter, horizon time.Time) choice {
+func (q *Queue) predictUntil(now time.Time, r *waiter, lim bound) choice {
 	l := r.lane
 	c := &q.cls[l.cls]
 	alone := l.cls == Interactive || q.cls[Interactive].depth == 0
@@ -210,17 +230,21 @@ func (q *Queue) predictUntil(now time.Time, r *waiter, horizon time.Time) choice
 	s := q.headAt(now)
 	if l.cls == Batch && q.cls[Interactive].depth > 0 {
 		// Every interactive request waiting goes first.
-		s, _ = q.replay(now, s, &q.cls[Interactive], nil, time.Time{})
+		var ch choice
+		if s, ch = q.replay(now, s, &q.cls[Interactive], nil, &lim); ch.c == nil {
+			return ch // the bound ended it: r comes later still
+		}
 	}
-	_, ch := q.replay(now, s, c, r, horizon)
+	_, ch := q.replay(now, s, c, r, &lim)
 	return ch
 }
 
 // replay replays the dispatcher over the backlog of class c from model
-// state s until it admits r (nil: all of them) or passes horizon (zero:
-// never), on scratch copies of its cursors; it returns the model's state
-// after and the last admission.
-func (q *Queue) replay(now time.Time, s sim, c *classQ, r *waiter, horizon time.Time) (sim, choice) {
+// state s until it admits r (nil: all of them) or reaches its bound, on
+// scratch copies of its cursors; it returns the model's state after and
+// the last admission, whose c is nil only when the bound ended it before
+// the backlog (r's class and r nil) was done.
+func (q *Queue) replay(now time.Time, s sim, c *classQ, r *waiter, lim *bound) (sim, choice) {
 	if cap(q.simCurs) < len(c.backlog) {
 		q.simCurs = make([]cursor, len(c.backlog))
 	}
@@ -246,13 +270,19 @@ func (q *Queue) replay(now time.Time, s sim, c *classQ, r *waiter, horizon time.
 		}
 		start := max(v, x.finish)
 		x.finish, v = start+tagCost(w.cost.Amount.weight(), x.l.Weight), start
-		if w == r || (!horizon.IsZero() && ch.at.After(horizon)) {
+		if w == r {
 			break
 		}
 		if x.i++; x.i < len(x.l.waiting) {
 			heap.Fix(&h, x.at)
 		} else {
 			heap.Remove(&h, x.at)
+		}
+		if lim.reached(ch.at) {
+			if r == nil && h.Len() > 0 {
+				ch.c = nil // stopped before the class's backlog was done
+			}
+			break
 		}
 	}
 	clear(h[:cap(h)])

@@ -361,17 +361,16 @@ func (q *Queue) left(l *lane, w *waiter) {
 // probe predicts when a request of cost from lane l, arriving now at the
 // end of its FIFO, would be admitted. It leaves the queue as it was.
 func (q *Queue) probe(now time.Time, l *lane, cost Cost) choice {
-	return q.probeUntil(now, l, cost, time.Time{})
+	return q.probeUntil(now, l, cost, bound{})
 }
 
-// probeUntil is probe that may stop replaying at horizon (zero: never):
-// past it, the choice it returns is some admission after horizon, not
-// necessarily the request's own.
-func (q *Queue) probeUntil(now time.Time, l *lane, cost Cost, horizon time.Time) choice {
+// probeUntil is probe whose replay stops at lim: past it, the choice it
+// returns is some admission after lim, not necessarily the request's own.
+func (q *Queue) probeUntil(now time.Time, l *lane, cost Cost, lim bound) choice {
 	c := &q.cls[l.cls]
 	kept := c.tail
 	q.push(now, l, cost)
-	ch := q.predictUntil(now, l.waiting[len(l.waiting)-1], horizon)
+	ch := q.predictUntil(now, l.waiting[len(l.waiting)-1], lim)
 	q.pop(l)
 	q.arrivals--
 	c.tail = kept

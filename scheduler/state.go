@@ -73,8 +73,11 @@ func (q *Queue) Stats(now time.Time) Stats {
 		// must not hold the queue's lock over a deep backlog.
 		for c := range numClasses {
 			l := q.newcomer(c)
-			horizon := now.Add(l.MaxQueueWait)
-			st.PredictedWaitBy[c] = max(0, q.probeUntil(now, l, Cost{Amount: Request(1, 0), Class: c}, horizon).at.Sub(now))
+			lim := bound{horizon: now.Add(l.MaxQueueWait)}
+			if c == Batch {
+				lim.steps = statsSteps // an hour of a busy key is a long replay
+			}
+			st.PredictedWaitBy[c] = max(0, q.probeUntil(now, l, Cost{Amount: Request(1, 0), Class: c}, lim).at.Sub(now))
 		}
 		st.PredictedWait = st.PredictedWaitBy[Interactive]
 	}
@@ -139,6 +142,13 @@ func (q *Queue) Retire(now time.Time) bool {
 
 // Retired reports whether the queue was retired.
 func (q *Queue) Retired() bool { return q.retired.Load() }
+
+// statsSteps bounds the replay of a batch newcomer's prediction for
+// Stats (its horizon, batchMaxQueueWait, is hours of a busy key): a scrape
+// or a status poll holds the queue's lock for at most this many
+// admissions replayed (a few µs); past them, the wait it reports is a
+// lower bound. An interactive newcomer's replay ends at its maxQueueWait.
+const statsSteps = 64
 
 // perMinute converts a per-second rate, rounding away float noise.
 func perMinute(perSec float64) float64 { return math.Round(perSec*60*1e6) / 1e6 }
