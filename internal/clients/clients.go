@@ -32,6 +32,8 @@ type Client struct {
 	ID     int
 	Name   string
 	Weight int
+	// Class is the class of its requests (a request may lower its own).
+	Class  scheduler.Class
 	routes []string // nil: every route
 	cfg    *config.Client
 	hashes [][sha256.Size]byte
@@ -83,6 +85,9 @@ func New(cfg *config.Config) *Directory {
 	for _, name := range slices.Sorted(maps.Keys(cfg.Clients)) {
 		cc := cfg.Clients[name]
 		c := &Client{Name: name, Weight: max(1, cc.Weight), routes: cc.Routes, cfg: cc}
+		if cc.Class == config.ClassBatch {
+			c.Class = scheduler.Batch
+		}
 		for _, k := range cc.Keys {
 			c.hashes = append(c.hashes, sha256.Sum256([]byte(k.Value())))
 		}

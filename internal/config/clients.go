@@ -25,7 +25,17 @@ type Client struct {
 	// Limits are the client's own limits per model; "*" for every model
 	// not listed.
 	Limits map[string]*ClientLimits `json:"limits"`
+	// Class is "interactive" (default) or "batch": a batch client's
+	// requests wait until no interactive request does, and leave the
+	// model's batchHeadroom.
+	Class string `json:"class"`
 }
+
+// Classes of a client.
+const (
+	ClassInteractive = "interactive"
+	ClassBatch       = "batch"
+)
 
 // ClientLimits are a client's own limits for one model, in addition to
 // the model's. Zero means none of its own.
@@ -39,6 +49,10 @@ type ClientLimits struct {
 	// requests. Unset: the model's.
 	MaxQueueSize *int               `json:"maxQueueSize"`
 	MaxQueueWait *duration.Duration `json:"maxQueueWait"`
+	// BatchMaxQueueSize and BatchMaxQueueWait replace the model's for the
+	// client's batch requests.
+	BatchMaxQueueSize *int               `json:"batchMaxQueueSize"`
+	BatchMaxQueueWait *duration.Duration `json:"batchMaxQueueWait"`
 	// TokensPerDay is a daily budget (UTC day) of tokens used: over it,
 	// the client's requests for the model get 429 insufficient_quota.
 	TokensPerDay int64 `json:"tokensPerDay"`
@@ -59,7 +73,13 @@ func (l *ClientLimits) Queue(name string, weight int, model scheduler.Config) sc
 		c.MaxQueueSize = *l.MaxQueueSize
 	}
 	if l.MaxQueueWait != nil {
-		c.MaxQueueWait = l.MaxQueueWait.D()
+		c.MaxQueueWait, c.OwnWait = l.MaxQueueWait.D(), true
+	}
+	if l.BatchMaxQueueSize != nil {
+		c.BatchMaxQueueSize = *l.BatchMaxQueueSize
+	}
+	if l.BatchMaxQueueWait != nil {
+		c.BatchMaxQueueWait, c.OwnBatchWait = l.BatchMaxQueueWait.D(), true
 	}
 	return c
 }
@@ -106,6 +126,9 @@ func (c *Config) validateClients() []error {
 			if k == "" {
 				errs = append(errs, fmt.Errorf("%s.keys[%d]: must not be empty", path, i))
 			}
+		}
+		if cl.Class != "" && cl.Class != ClassInteractive && cl.Class != ClassBatch {
+			errs = append(errs, fmt.Errorf("%s.class: must be %q or %q, got %q", path, ClassInteractive, ClassBatch, cl.Class))
 		}
 		if cl.Weight < 1 || cl.Weight > scheduler.MaxWeight {
 			errs = append(errs, fmt.Errorf("%s.weight: must be 1 to %d, got %d", path, scheduler.MaxWeight, cl.Weight))

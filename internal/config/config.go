@@ -197,6 +197,14 @@ type Model struct {
 	// MaxConcurrent is how many of its requests may be in flight at once
 	// (a local server's parallel slots); 0: no limit.
 	MaxConcurrent int `json:"maxConcurrent"`
+	// BatchHeadroom is the fraction of each bucket batch requests leave
+	// (0 to 0.9; default 0.1); BatchMaxAge how long one waits before it
+	// goes as interactive (default 10m); BatchMaxQueueWait and
+	// BatchMaxQueueSize their wait and queue (default 1h, 10,000).
+	BatchHeadroom     *float64          `json:"batchHeadroom"`
+	BatchMaxAge       duration.Duration `json:"batchMaxAge"`
+	BatchMaxQueueWait duration.Duration `json:"batchMaxQueueWait"`
+	BatchMaxQueueSize *int              `json:"batchMaxQueueSize"`
 	// CacheReadsCount: prompt tokens read from the provider's cache count
 	// against the input bucket (Anthropic's older models); by default they
 	// are free, as Anthropic counts them.
@@ -229,8 +237,16 @@ type CORS struct {
 
 // Queue is the model's limits as its queue takes them.
 func (m *Model) Queue() scheduler.Config {
-	return scheduler.Config{MaxQueueSize: m.MaxQueueSize, MaxQueueWait: m.MaxQueueWait.D(), RPM: m.RPM, TPM: m.TPM,
-		ITPM: m.ITPM, OTPM: m.OTPM, MaxConcurrent: m.MaxConcurrent}
+	c := scheduler.Config{MaxQueueSize: m.MaxQueueSize, MaxQueueWait: m.MaxQueueWait.D(), RPM: m.RPM, TPM: m.TPM,
+		ITPM: m.ITPM, OTPM: m.OTPM, MaxConcurrent: m.MaxConcurrent, BatchHeadroom: scheduler.DefaultBatchHeadroom,
+		BatchMaxAge: m.BatchMaxAge.D(), BatchMaxQueueWait: m.BatchMaxQueueWait.D(), BatchMaxQueueSize: scheduler.DefaultBatchMaxQueueSize}
+	if m.BatchHeadroom != nil {
+		c.BatchHeadroom = *m.BatchHeadroom
+	}
+	if m.BatchMaxQueueSize != nil {
+		c.BatchMaxQueueSize = *m.BatchMaxQueueSize
+	}
+	return c
 }
 
 // Secret is a string that never prints: not in logs, errors or JSON.

@@ -59,3 +59,28 @@ func (d *Duration) setSeconds(f float64) error {
 func (d Duration) MarshalJSON() ([]byte, error) {
 	return json.Marshal(time.Duration(d).String())
 }
+
+// Parse reads a duration as the config writes one, outside JSON: a number
+// of seconds ("2.5") or a Go duration string ("1500ms"); never negative.
+func Parse(s string) (time.Duration, error) {
+	var d Duration
+	if _, err := strconv.ParseFloat(s, 64); err == nil {
+		err = d.setSeconds(mustFloat(s))
+		if err != nil {
+			return 0, err
+		}
+	} else if v, err := time.ParseDuration(s); err == nil {
+		d = Duration(v)
+	} else {
+		return 0, fmt.Errorf("invalid duration %q: want seconds or a duration such as \"1500ms\"", s)
+	}
+	if d < 0 {
+		return 0, fmt.Errorf("invalid duration %q: must not be negative", s)
+	}
+	return d.D(), nil
+}
+
+func mustFloat(s string) float64 {
+	f, _ := strconv.ParseFloat(s, 64)
+	return f
+}

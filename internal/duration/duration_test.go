@@ -26,3 +26,15 @@ func TestDurationJSON(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, `"1.5s"`, string(out))
 }
+
+func TestParse(t *testing.T) {
+	for in, want := range map[string]time.Duration{"2.5": 2500 * time.Millisecond, "0": 0, "1500ms": 1500 * time.Millisecond, "1m": time.Minute} {
+		d, err := Parse(in)
+		require.NoError(t, err, in)
+		assert.Equal(t, want, d, in)
+	}
+	for _, bad := range []string{"-1", "-2s", "soon", "", "NaN", "1e300"} {
+		_, err := Parse(bad)
+		assert.Error(t, err, bad)
+	}
+}

@@ -52,6 +52,7 @@ type Metrics struct {
 	tokensSettled   *prometheus.CounterVec
 	estimateError   *prometheus.HistogramVec
 	factor          *prometheus.GaugeVec
+	classAdmitted   *prometheus.CounterVec
 	factorError     *prometheus.HistogramVec
 	retries         *prometheus.CounterVec
 	upstreamRate    *prometheus.GaugeVec
@@ -129,6 +130,10 @@ func New(reg prometheus.Registerer, src Source) (*Metrics, error) {
 		Help:    "Calibrated estimate of a prompt (as reserved at admission) divided by the upstream's count at settlement.",
 		Buckets: []float64{0.5, 0.8, 0.9, 0.95, 0.98, 1, 1.02, 1.05, 1.1, 1.2, 1.5, 2, 3},
 	}, []string{"route", "model"})
+	m.classAdmitted = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Name: "class_admitted_total",
+		Help: "Requests admitted, by class (interactive, batch); a batch request admitted for its age counts as interactive.",
+	}, []string{"route", "model", "class"})
 	m.retries = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: namespace, Name: "upstream_retries_total",
 		Help: "Requests sent again by the gateway, by reason: rate_limited (upstream 429), server_error (5xx), connect_error.",
@@ -144,7 +149,7 @@ func New(reg prometheus.Registerer, src Source) (*Metrics, error) {
 	m.clients = newClientVecs()
 	m.responses = newResponsesVec()
 	for _, c := range []prometheus.Collector{m.responses, m.clients.requests, m.clients.used, newClientCollector(src), m.tokensUsed, m.tokensSettled, m.estimateError, m.retries,
-		m.factor, m.factorError,
+		m.factor, m.factorError, m.classAdmitted,
 		m.upstreamRate, m.bucketLowered, m.passthrough, m.requests, m.queueWait, m.tokensReserved, m.promptTokens,
 		m.upstreamStatus, m.upstreamLatency, m.inflight, newQueueCollector(src), newBackendCollector(src)} {
 		if err := reg.Register(c); err != nil {
@@ -168,7 +173,8 @@ type Model struct {
 	refund, charge, unsent                      prometheus.Counter
 	estimateError                               prometheus.Observer
 	lowered                                     prometheus.Counter
-	upOnce, calOnce                             sync.Once
+	upOnce, calOnce, classOnce                  sync.Once
+	classes                                     [2]prometheus.Counter  // made on first admission
 	factor                                      prometheus.Gauge       // made on first calibration
 	factorError                                 prometheus.Observer    // ditto
 	upRate                                      [4][3]prometheus.Gauge // resource x field, made on first report
@@ -215,7 +221,7 @@ func (m *Metrics) DeleteModel(route, model string) {
 	l := prometheus.Labels{"route": route, "model": model}
 	for _, v := range []interface{ DeletePartialMatch(prometheus.Labels) int }{
 		m.requests, m.tokensReserved, m.promptTokens, m.upstreamStatus, m.inflight, m.tokensUsed,
-		m.tokensSettled, m.retries, m.upstreamRate, m.bucketLowered, m.factor,
+		m.tokensSettled, m.retries, m.upstreamRate, m.bucketLowered, m.factor, m.classAdmitted,
 	} {
 		v.DeletePartialMatch(l)
 	}
@@ -231,6 +237,18 @@ func (mm *Model) Used(countedPrompt, prompt, completion int) {
 	mm.usedCompletion.Add(float64(completion))
 	if prompt > 0 {
 		mm.estimateError.Observe(float64(countedPrompt-prompt) / float64(prompt))
+	}
+}
+
+// ClassAdmitted counts an admission of class (0 interactive, 1 batch).
+func (mm *Model) ClassAdmitted(class int) {
+	mm.classOnce.Do(func() {
+		for i, name := range [...]string{"interactive", "batch"} {
+			mm.classes[i] = mm.m.classAdmitted.WithLabelValues(mm.route, mm.model, name)
+		}
+	})
+	if class >= 0 && class < len(mm.classes) {
+		mm.classes[class].Inc()
 	}
 }
 

@@ -25,14 +25,16 @@ func (f fakeQueues) QueueStats(yield func(QueueStats)) {
 
 func TestQueueCollectorReadsAtScrape(t *testing.T) {
 	reg := prometheus.NewRegistry()
-	src := fakeQueues{{Route: "openai", Model: "gpt-4o", Depth: 3, QueuedTokens: 900, Buckets: []BucketStats{
+	src := fakeQueues{{Route: "openai", Model: "gpt-4o", Depth: 3, QueuedTokens: 900,
+		Classes: []ClassStats{{Class: "interactive", Depth: 1}, {Class: "batch", Depth: 2}}, Buckets: []BucketStats{
 		{Resource: "requests", Remaining: 12.5, Limit: 200}, {Resource: "tokens", Remaining: 100, Limit: 40000}}}}
 	_, err := New(reg, src)
 	require.NoError(t, err)
 	err = testutil.GatherAndCompare(reg, strings.NewReader(`
-# HELP llproxy_queue_depth Requests waiting in the (route, model) queue.
+# HELP llproxy_queue_depth Requests waiting in the (route, model) queue, by class (interactive, batch).
 # TYPE llproxy_queue_depth gauge
-llproxy_queue_depth{model="gpt-4o",route="openai"} 3
+llproxy_queue_depth{class="batch",model="gpt-4o",route="openai"} 2
+llproxy_queue_depth{class="interactive",model="gpt-4o",route="openai"} 1
 # HELP llproxy_bucket_remaining What the gateway's bucket holds now, by resource (requests, tokens, input_tokens, output_tokens).
 # TYPE llproxy_bucket_remaining gauge
 llproxy_bucket_remaining{model="gpt-4o",resource="requests",route="openai"} 12.5

@@ -7,8 +7,13 @@ import (
 // QueueStats is one queue's state at scrape time.
 type QueueStats struct {
 	Route, Model string
+	// Depth is how many wait, in all; Classes by class.
 	Depth        int
+	Classes      []ClassStats
 	QueuedTokens int
+	// Promoted counts the batch requests admitted as interactive for
+	// their age.
+	Promoted float64
 	// Buckets are the model's buckets, one per resource it is limited in.
 	Buckets []BucketStats
 	// PredictedWait is a newcomer's predicted wait, MaxWait the model's
@@ -17,6 +22,14 @@ type QueueStats struct {
 	// Folded is the sum of the queues of models past the label bound,
 	// reported as model "other": depth and queued tokens only.
 	Folded bool
+}
+
+// ClassStats is one class of a queue: how many of it wait, how long the
+// oldest has waited, and a newcomer of it would wait, in seconds.
+type ClassStats struct {
+	Class                 string
+	Depth                 int
+	Oldest, PredictedWait float64
 }
 
 // BucketStats is one bucket of a queue: its resource ("requests",
@@ -37,7 +50,7 @@ type QueueSource interface {
 type queueCollector struct {
 	src                                             QueueSource
 	depth, queuedTokens, remaining, limitDs, refill *prometheus.Desc
-	predicted, maxWait                              *prometheus.Desc
+	predicted, maxWait, oldest, promoted            *prometheus.Desc
 }
 
 func newQueueCollector(src QueueSource) *queueCollector {
@@ -45,7 +58,12 @@ func newQueueCollector(src QueueSource) *queueCollector {
 	return &queueCollector{
 		src: src,
 		depth: prometheus.NewDesc("llproxy_queue_depth",
-			"Requests waiting in the (route, model) queue.", labels, nil),
+			"Requests waiting in the (route, model) queue, by class (interactive, batch).", append(labels, "class"), nil),
+		oldest: prometheus.NewDesc("llproxy_queue_oldest_wait_seconds",
+			"How long the longest-waiting request of the class has waited.", append(labels, "class"), nil),
+		promoted: prometheus.NewDesc("llproxy_batch_promoted_total",
+			"Batch requests admitted as interactive for having waited the model's batchMaxAge (the starvation bound), since the queue was made.",
+			labels, nil),
 		queuedTokens: prometheus.NewDesc("llproxy_queue_tokens",
 			"Tokens the waiting requests of the queue will take when admitted.", labels, nil),
 		remaining: prometheus.NewDesc("llproxy_bucket_remaining",
@@ -64,6 +82,8 @@ func newQueueCollector(src QueueSource) *queueCollector {
 
 func (c *queueCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.depth
+	ch <- c.oldest
+	ch <- c.promoted
 	ch <- c.queuedTokens
 	ch <- c.remaining
 	ch <- c.limitDs
@@ -77,11 +97,17 @@ func (c *queueCollector) Collect(ch chan<- prometheus.Metric) {
 		return
 	}
 	c.src.QueueStats(func(s QueueStats) {
-		ch <- prometheus.MustNewConstMetric(c.depth, prometheus.GaugeValue, float64(s.Depth), s.Route, s.Model)
+		for _, cl := range s.Classes {
+			ch <- prometheus.MustNewConstMetric(c.depth, prometheus.GaugeValue, float64(cl.Depth), s.Route, s.Model, cl.Class)
+		}
 		ch <- prometheus.MustNewConstMetric(c.queuedTokens, prometheus.GaugeValue, float64(s.QueuedTokens), s.Route, s.Model)
 		if s.Folded {
 			return
 		}
+		for _, cl := range s.Classes {
+			ch <- prometheus.MustNewConstMetric(c.oldest, prometheus.GaugeValue, cl.Oldest, s.Route, s.Model, cl.Class)
+		}
+		ch <- prometheus.MustNewConstMetric(c.promoted, prometheus.CounterValue, s.Promoted, s.Route, s.Model)
 		for _, b := range s.Buckets {
 			ch <- prometheus.MustNewConstMetric(c.remaining, prometheus.GaugeValue, b.Remaining, s.Route, s.Model, b.Resource)
 			ch <- prometheus.MustNewConstMetric(c.limitDs, prometheus.GaugeValue, b.Limit, s.Route, s.Model, b.Resource)

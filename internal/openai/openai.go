@@ -153,10 +153,29 @@ func RejectMessage(h http.Header, route string, e *scheduler.RejectError) (typ, 
 	SetRetryAfter(h, retry)
 	why := "Its queue is full (" + strconv.Itoa(e.QueueLen) + " requests of its client waiting)."
 	if errors.Is(e, scheduler.ErrWaitTooLong) {
-		why = "It would wait in the queue longer than " + whose + " maxQueueWait."
+		why = "It would wait in the queue longer than " + deadline(e, whose) + "."
 	}
 	return typ, fmt.Sprintf("Rate limit reached for %s %s on %s: Limit %d, Used %d, Requested %d. "+
 		"Please try again in %s. %s", e.Model, where, unit, e.Limit, e.Used, e.Requested, retry, why)
+}
+
+// deadline names the limit on a rejected request's wait: the request's
+// own (x-llproxy-max-wait), its client's or the model's maxQueueWait (for
+// a batch request, batchMaxQueueWait), with its value.
+func deadline(e *scheduler.RejectError, whose string) string {
+	name := "maxQueueWait"
+	if e.Class == scheduler.Batch {
+		name = "batchMaxQueueWait"
+	}
+	switch e.WaitLimit {
+	case scheduler.WaitRequest:
+		return "the request's x-llproxy-max-wait (" + e.MaxWait.String() + ")"
+	case scheduler.WaitClient:
+		whose = "its client's"
+	default:
+		whose = "the model's"
+	}
+	return whose + " " + name + " (" + e.MaxWait.String() + ")"
 }
 
 // SetRetryAfter sets retry-after (whole seconds, rounded up) and

@@ -89,7 +89,8 @@ func Request(r *http.Request, prefix string, target *url.URL) *http.Request {
 	if trailers {
 		out.Header["Te"] = []string{"trailers"}
 	}
-	for _, k := range [...]string{"Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"} {
+	for _, k := range [...]string{"Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto",
+		"X-Llproxy-Class", "X-Llproxy-Max-Wait"} { // the gateway's own headers stay with it
 		delete(out.Header, k)
 	}
 	if _, ok := out.Header["User-Agent"]; !ok {

@@ -3,11 +3,14 @@ package route
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/llproxy/llproxy/internal/clients"
+	"github.com/llproxy/llproxy/internal/duration"
 	"github.com/llproxy/llproxy/internal/metrics"
 	"github.com/llproxy/llproxy/internal/relay"
 	"github.com/llproxy/llproxy/internal/request"
@@ -28,8 +31,15 @@ func (rt *Route) schedule(ex *exchange, r *http.Request, body *request.Body, c *
 	ctx := r.Context()
 	rec.prompt, rec.cost, rec.series = c.est.prompt, c.est.cost, c.ms.Metrics
 	ex.who = rt.clients[who.ID]
-	t, err := rt.gate.AdmitInto(ctx, ticket.Ask{Client: who, Model: c.ms, Name: rec.model,
-		Cost: c.est.vector(), KeepAlive: c.keepAlive}, &ex.ticket)
+	ask := ticket.Ask{Client: who, Model: c.ms, Name: rec.model, Cost: c.est.vector(), KeepAlive: c.keepAlive}
+	var err error
+	if ask.Class, ask.MaxWait, ask.OwnWait, err = classOf(r.Header, who.Class); err != nil {
+		rec.outcome = OutcomeBadRequest
+		rt.say.Error(ex, http.StatusBadRequest, "invalid_request_error", "", err.Error())
+		return
+	}
+	rec.class = ask.Class.String()
+	t, err := rt.gate.AdmitInto(ctx, ask, &ex.ticket)
 	if err != nil {
 		rec.outcome = rt.writeAdmitError(ex, ctx, err)
 		if rt.debugging(ctx) {
@@ -52,6 +62,7 @@ func (rt *Route) schedule(ex *exchange, r *http.Request, body *request.Body, c *
 	}()
 	ms := t.Model
 	rec.wait, rec.series = t.Wait, ms.Metrics
+	ms.Metrics.ClassAdmitted(int(t.Class()))
 	if rt.debugging(ctx) {
 		st, _ := t.Rate()
 		rt.debug(ctx, "admitted", slog.String("model", rec.model), slog.Int("cost", c.est.cost),
@@ -124,4 +135,29 @@ func (rt *Route) writeAdmitError(ex *exchange, ctx context.Context, err error) s
 // ticket.Gate.Recover).
 func (rt *Route) RecoverShared(ctx context.Context) error {
 	return rt.gate.Recover(ctx, len(rt.clients))
+}
+
+// classOf is a request's class and its own limit on its wait, from its
+// headers: x-llproxy-class may lower its client's class (to "batch",
+// never up: "interactive" from a batch client stays batch), and
+// x-llproxy-max-wait (seconds, or a duration) lowers its maxQueueWait.
+func classOf(h http.Header, class scheduler.Class) (scheduler.Class, time.Duration, bool, error) {
+	if v := h.Get("X-Llproxy-Class"); v != "" {
+		switch strings.ToLower(strings.TrimSpace(v)) {
+		case "batch":
+			class = scheduler.Batch
+		case "interactive":
+		default:
+			return class, 0, false, fmt.Errorf("x-llproxy-class: unknown class %q: use interactive or batch", v)
+		}
+	}
+	v := h.Get("X-Llproxy-Max-Wait")
+	if v == "" {
+		return class, 0, false, nil
+	}
+	d, err := duration.Parse(strings.TrimSpace(v))
+	if err != nil {
+		return class, 0, false, fmt.Errorf("x-llproxy-max-wait: %v", err)
+	}
+	return class, d, true, nil
 }

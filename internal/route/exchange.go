@@ -134,6 +134,7 @@ func (ex *exchange) Unwrap() http.ResponseWriter { return ex.ResponseWriter }
 // prompt text and no credentials.
 type requestLog struct {
 	route, client, model, method, path string
+	class                              string
 	outcome, id, remote, backend       string
 	prompt, cost, used, tries          int
 	wait                               time.Duration
@@ -175,6 +176,7 @@ func (rt *Route) logRequest(ctx context.Context, ex *exchange, rec *requestLog) 
 		slog.String("route", rec.route),
 		slog.String("model", rec.model),
 		slog.String("client", rec.client),
+		slog.String("class", rec.class),
 		slog.String("method", rec.method),
 		slog.String("path", rec.path),
 		slog.Int("status", status),

@@ -25,7 +25,7 @@ func (rt *Route) serve(w http.ResponseWriter, r *http.Request, who *clients.Clie
 	ex := getExchange(w)
 	ex.say, ex.reqID = rt.say, rt.api == provider.NameAnthropic
 	rec := requestLog{route: rt.name, client: who.Name, method: r.Method, path: r.URL.Path, start: start,
-		id: r.Header.Get("X-Request-Id"), remote: r.RemoteAddr}
+		id: r.Header.Get("X-Request-Id"), remote: r.RemoteAddr, class: who.Class.String()}
 	if in != nil && in.Body != nil {
 		defer in.Body.Release() // the route took it over, whatever happens
 	}

@@ -18,18 +18,22 @@ import (
 
 // clientQueue is one client's state in one (route, model) queue.
 type clientQueue struct {
-	Route    string `json:"route"`
-	Model    string `json:"model"`
-	Depth    int    `json:"queueDepth"`
-	Queued   int    `json:"queuedTokens"`
-	InFlight int    `json:"inFlight"`
+	Route    string         `json:"route"`
+	Model    string         `json:"model"`
+	Depth    int            `json:"queueDepth"`
+	ByClass  map[string]int `json:"waitingByClass"`
+	Queued   int            `json:"queuedTokens"`
+	InFlight int            `json:"inFlight"`
 }
 
 // clientView is one client in GET /clients.
 type clientView struct {
 	Name   string   `json:"name"`
 	Weight int      `json:"weight"`
+	Class  string   `json:"class"`
 	Routes []string `json:"routes,omitempty"`
+	// ByClass is its requests waiting, per class.
+	ByClass map[string]int `json:"waitingByClass"`
 	// Depth is its requests waiting, per model (every route together);
 	// Waiting the sum.
 	Depth    map[string]int `json:"queueDepth"`
@@ -50,8 +54,9 @@ func (s *Server) clients(w http.ResponseWriter) {
 	all := s.dir.All()
 	views := make([]clientView, len(all))
 	for i, c := range all {
-		views[i] = clientView{Name: c.Name, Weight: c.Weight, Routes: c.Routes(), Depth: map[string]int{},
-			BudgetLeft: map[string]int64{}, Queues: []clientQueue{}, Models: c.Today(now)}
+		views[i] = clientView{Name: c.Name, Weight: c.Weight, Class: c.Class.String(), Routes: c.Routes(), Depth: map[string]int{},
+			ByClass: map[string]int{"interactive": 0, "batch": 0}, BudgetLeft: map[string]int64{}, Queues: []clientQueue{},
+			Models: c.Today(now)}
 		for _, m := range views[i].Models {
 			views[i].UsedToday += m.Used
 			if m.Left != nil {
@@ -64,8 +69,13 @@ func (s *Server) clients(w http.ResponseWriter) {
 		v.Depth[q.Model()] += st.Depth
 		v.Waiting += st.Depth
 		v.InFlight += st.InFlight
+		byClass := map[string]int{}
+		for c, n := range st.DepthBy {
+			v.ByClass[scheduler.Class(c).String()] += n
+			byClass[scheduler.Class(c).String()] = n
+		}
 		if st.Depth > 0 || st.InFlight > 0 {
-			v.Queues = append(v.Queues, clientQueue{Route: route, Model: q.Model(), Depth: st.Depth,
+			v.Queues = append(v.Queues, clientQueue{Route: route, Model: q.Model(), Depth: st.Depth, ByClass: byClass,
 				Queued: st.Queued[scheduler.Tokens], InFlight: st.InFlight})
 		}
 	})

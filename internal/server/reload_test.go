@@ -66,8 +66,8 @@ func TestSIGHUPReloadsWithoutDroppingAnyone(t *testing.T) {
 		})
 	}
 	require.Eventually(t, func() bool {
-		return strings.Contains(metricsOf(t, base), `llproxy_queue_depth{model="m",route="slow"} `) &&
-			!strings.Contains(metricsOf(t, base), `llproxy_queue_depth{model="m",route="slow"} 0`)
+		return strings.Contains(metricsOf(t, base), `llproxy_queue_depth{class="interactive",model="m",route="slow"} `) &&
+			!strings.Contains(metricsOf(t, base), `llproxy_queue_depth{class="interactive",model="m",route="slow"} 0`)
 	}, 5*time.Second, 10*time.Millisecond,
 		"requests wait")
 

@@ -242,13 +242,21 @@ func (s *Server) QueueStats(yield func(metrics.QueueStats)) {
 			st := q.Stats(now)
 			if label == metrics.OtherModel {
 				other.Depth += st.Depth
+				if other.Classes == nil {
+					other.Classes = classStats(&st)
+				} else {
+					for i, cl := range classStats(&st) {
+						other.Classes[i].Depth += cl.Depth
+					}
+				}
 				other.QueuedTokens += st.Queued[scheduler.Tokens]
 				folded = true
 				return
 			}
 			c := q.Config()
 			qs := metrics.QueueStats{Route: name, Model: q.Model(), Depth: st.Depth, QueuedTokens: st.Queued[scheduler.Tokens],
-				PredictedWait: st.PredictedWait.Seconds(), MaxWait: time.Duration(c.MaxQueueWait).Seconds()}
+				PredictedWait: st.PredictedWait.Seconds(), MaxWait: c.MaxQueueWait.Seconds(), Classes: classStats(&st),
+				Promoted: float64(st.Promoted)}
 			for r, limit := range st.Limit {
 				if limit > 0 {
 					qs.Buckets = append(qs.Buckets, metrics.BucketStats{Resource: scheduler.Resource(r).String(),
@@ -261,6 +269,16 @@ func (s *Server) QueueStats(yield func(metrics.QueueStats)) {
 			yield(other)
 		}
 	}
+}
+
+// classStats is a queue's classes, as metrics name them.
+func classStats(st *scheduler.Stats) []metrics.ClassStats {
+	out := make([]metrics.ClassStats, scheduler.NumClasses)
+	for c := range out {
+		out[c] = metrics.ClassStats{Class: scheduler.Class(c).String(), Depth: st.DepthBy[c], Oldest: st.Oldest[c].Seconds(),
+			PredictedWait: st.PredictedWaitBy[c].Seconds()}
+	}
+	return out
 }
 
 // limits bound request bodies.

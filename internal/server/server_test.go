@@ -316,7 +316,7 @@ func TestHealthzAndQueueMetrics(t *testing.T) {
 	h.Body.Close()
 	m := metricsText(t, g)
 	for _, want := range []string{
-		`llproxy_queue_depth{model="gpt-4o",route="openai"} 0`,
+		`llproxy_queue_depth{class="interactive",model="gpt-4o",route="openai"} 0`,
 		`llproxy_bucket_remaining{model="gpt-4o",resource="requests",route="openai"} 100`,
 		`llproxy_bucket_limit{model="gpt-4o",resource="tokens",route="openai"} 100000`,
 	} {

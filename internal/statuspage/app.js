@@ -16,6 +16,15 @@ function bar(remaining, limit) {
   b.firstChild.style.width = pct + "%";
   return $("span", {}, b, $("span", { class: "small num", text: ` ${Math.floor(Math.max(0, remaining))}/${limit}` }));
 }
+// batchText sums up the batch class: how many wait, the oldest wait, a
+// newcomer's predicted wait, and the headroom it leaves.
+function batchText(m) {
+  const b = (m.classes || []).find(c => c.class === "batch");
+  if (!b) return "–";
+  const head = `headroom ${Math.round(100 * (m.batchHeadroom || 0))}%`;
+  if (!b.waiting) return `none waiting, ${head}`;
+  return `${b.waiting} waiting, oldest ${secs(b.oldestWait)}, a newcomer ${secs(b.predictedWait)}, ${head}`;
+}
 // tokenBars draws the model's token buckets: one, or input and output
 // apart (an Anthropic model), each labelled when it is not the only one.
 function tokenBars(m) {
@@ -56,7 +65,7 @@ function render(state) {
   for (const rt of state.routes) {
     const s = $("section", { class: "route", "data-route": rt.name }, $("h2", { text: "/" + rt.name + "/" }));
     const t = $("table", {}, $("tr", {},
-      ...["model", "queue", "by client", "wait for a newcomer", "requests", "tokens", "in flight", "upstream", "last 5 minutes"].map(h => $("th", { text: h }))));
+      ...["model", "queue", "by client", "wait for a newcomer", "batch", "requests", "tokens", "in flight", "upstream", "last 5 minutes"].map(h => $("th", { text: h }))));
     for (const m of rt.models) {
       const clients = Object.entries(m.byClient).map(([c, n]) => `${c} ${n}`).join(", ");
       const waitClass = m.maxQueueWait > 0 && m.predictedWait > 0.8 * m.maxQueueWait ? "warn num" : "num";
@@ -65,6 +74,7 @@ function render(state) {
         $("td", { class: "num depth", text: String(m.depth) }),
         $("td", { class: "small", text: clients || "–" }),
         $("td", { class: waitClass, text: `${secs(m.predictedWait)} / ${secs(m.maxQueueWait)}` }),
+        $("td", { class: "small batch", text: batchText(m) }),
         $("td", {}, bar(m.requests.remaining, m.requests.limit)),
         $("td", {}, tokenBars(m)),
         $("td", { class: "num", text: String(m.inFlight) }),

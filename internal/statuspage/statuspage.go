@@ -96,6 +96,13 @@ type uiBucket struct {
 	Limit     int     `json:"limit"`
 }
 
+type uiClass struct {
+	Class         string  `json:"class"`
+	Waiting       int     `json:"waiting"`
+	Oldest        float64 `json:"oldestWait"`
+	PredictedWait float64 `json:"predictedWait"`
+}
+
 type uiNamedBucket struct {
 	Name      string  `json:"name"`
 	Remaining float64 `json:"remaining"`
@@ -113,10 +120,15 @@ type uiModel struct {
 	Tokens        uiBucket       `json:"tokens"`
 	// Buckets are the model's token buckets: tokens, or input and
 	// output apart.
-	Buckets   []uiNamedBucket `json:"buckets"`
-	LatencyMs float64         `json:"latencyMs"`
-	Admitted  []int64         `json:"admitted"`
-	Rejected  []int64         `json:"rejected"`
+	Buckets []uiNamedBucket `json:"buckets"`
+	// Classes are its classes: waiting, the oldest wait and a newcomer's
+	// predicted wait, in seconds; Headroom the fraction of each bucket
+	// batch leaves.
+	Classes   []uiClass `json:"classes"`
+	Headroom  float64   `json:"batchHeadroom"`
+	LatencyMs float64   `json:"latencyMs"`
+	Admitted  []int64   `json:"admitted"`
+	Rejected  []int64   `json:"rejected"`
 }
 
 type uiBackend struct {
@@ -153,8 +165,12 @@ func (p *Page) ServeState(w http.ResponseWriter, r *http.Request) {
 			m := uiModel{Model: q.Model(), Depth: st.Depth, ByClient: map[string]int{}, InFlight: st.InFlight,
 				PredictedWait: st.PredictedWait.Seconds(), MaxQueueWait: time.Duration(c.MaxQueueWait).Seconds(),
 				Requests: uiBucket{st.Remaining[scheduler.Requests], c.RPM}, Tokens: uiBucket{st.Remaining[scheduler.Tokens], c.TPM},
-				Buckets:   tokenBuckets(&st),
+				Buckets: tokenBuckets(&st), Headroom: c.BatchHeadroom,
 				LatencyMs: float64(ms.Metrics.Latency().Microseconds()) / 1000}
+			for cl := range scheduler.NumClasses {
+				m.Classes = append(m.Classes, uiClass{Class: scheduler.Class(cl).String(), Waiting: st.DepthBy[cl],
+					Oldest: st.Oldest[cl].Seconds(), PredictedWait: st.PredictedWaitBy[cl].Seconds()})
+			}
 			q.Clients(func(_ int, cs scheduler.ClientStats) {
 				if cs.Depth > 0 {
 					m.ByClient[cs.Name] = cs.Depth

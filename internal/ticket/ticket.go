@@ -60,6 +60,12 @@ type Ask struct {
 	Model  *models.Model
 	Name   string // the model's name, as the request gave it
 	Cost   scheduler.Vector
+	// Class is the request's class.
+	Class scheduler.Class
+	// MaxWait, with OwnWait, is the request's own limit on its wait: it
+	// lowers its client's (or the model's), never raises it.
+	MaxWait time.Duration
+	OwnWait bool
 	// KeepAlive, if set, is the request's keep_alive for a managed server.
 	KeepAlive *time.Duration
 }
@@ -117,7 +123,8 @@ func (g *Gate) AdmitInto(ctx context.Context, ask Ask, t *Ticket) (*Ticket, erro
 	t.reset()
 	arrived := time.Now()
 	t.g, t.Model, t.name = g, ask.Model, ask.Name
-	t.cost = scheduler.Cost{Amount: ask.Cost, Client: ask.Client.ID, Name: ask.Client.Name}
+	t.cost = scheduler.Cost{Amount: ask.Cost, Client: ask.Client.ID, Name: ask.Client.Name, Class: ask.Class,
+		MaxWait: ask.MaxWait, OwnWait: ask.OwnWait}
 	spend, err := ask.Client.Reserve(arrived, ask.Name, ask.Cost[scheduler.Tokens])
 	if err != nil {
 		return nil, err
@@ -135,6 +142,9 @@ func (g *Gate) AdmitInto(ctx context.Context, ask Ask, t *Ticket) (*Ticket, erro
 		}
 	}
 	maxWait := t.Model.MaxQueueWait
+	if ask.OwnWait {
+		maxWait = min(maxWait, ask.MaxWait)
+	}
 	if unlimited {
 		t.adm = &t.admission // the zero admission: nothing held, nothing to give back
 	} else {
@@ -202,6 +212,15 @@ func (t *Ticket) Rate() (*scheduler.RateState, bool) {
 		return nil, false
 	}
 	return &t.rate, t.hasRate
+}
+
+// Class is the class the request was admitted as: its own, or
+// interactive for a batch request promoted for its age.
+func (t *Ticket) Class() scheduler.Class {
+	if t == nil || t.adm == nil || t.adm.Promoted {
+		return scheduler.Interactive
+	}
+	return t.cost.Class
 }
 
 // Local reports whether the limits in force are this replica's alone
