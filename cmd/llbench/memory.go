@@ -25,7 +25,8 @@ import (
 // of them each: 2 for a stream, its client's and its upstream's; 1 for a
 // request waiting) and its RSS has settled, and returns its growth per
 // request.
-func holding(p *proc, url string, body []byte, n, sockets int) float64 {
+// headers are (name, value) pairs each request carries.
+func holding(p *proc, url string, body []byte, n, sockets int, headers ...string) float64 {
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: n, DisableCompression: true}}
 	before := p.rss()
 	ctx, cancel := context.WithCancel(context.Background())
@@ -35,6 +36,9 @@ func holding(p *proc, url string, body []byte, n, sockets int) float64 {
 		wg.Go(func() {
 			req, _ := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
 			req.Header.Set("Content-Type", "application/json")
+			for i := 0; i+1 < len(headers); i += 2 {
+				req.Header.Set(headers[i], headers[i+1])
+			}
 			started.Add(1)
 			if resp, err := client.Do(req); err == nil {
 				buf := make([]byte, 64)
@@ -69,12 +73,16 @@ func memory(llproxyBin string, self string, env []string, streams, queued int) e
 	dir, _ := os.MkdirTemp("", "llbench")
 	defer os.RemoveAll(dir)
 	// A fresh llproxy: model "stream" has room for everyone; model
-	// "queued" admits one a minute, so every other request waits.
+	// "queued" admits one a minute, so every other request waits (its
+	// waits are allowed for years: a request predicted to wait longer
+	// than maxQueueWait would be refused, and its connection would only
+	// idle, which is not what is measured).
 	llproxy := func() (*proc, string, error) {
 		addr := freeAddr()
 		cfgPath := filepath.Join(dir, "config.json")
 		cfg := fmt.Sprintf(`{"listen": %q, "routes": {"bench": {"forward": "http://%s", "models": {
-		  "queued": {"maxQueueSize": 1000000, "maxQueueWait": 3600, "rpm": 1, "tpm": 2000000000},
+		  "queued": {"maxQueueSize": 1000000, "maxQueueWait": "100000h", "rpm": 1, "tpm": 2000000000,
+		    "batchMaxQueueSize": 1000000, "batchMaxQueueWait": "100000h", "batchMaxAge": "100000h"},
 		  "*": {"maxQueueSize": 1000000, "maxQueueWait": 60, "rpm": 1000000000, "tpm": 2000000000}}}}}`, addr, mockAddr)
 		if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 			return nil, "", err
@@ -113,5 +121,15 @@ func memory(llproxyBin string, self string, env []string, streams, queued int) e
 	ll.stop()
 	fmt.Printf("memory per queued request (%d waiting, a fresh process): llproxy %.1f KiB (idle RSS %.1f MiB, %.1f MiB with them); "+
 		"a bare Go HTTP server holding as many: %.1f KiB\n", queued, q/1024, idle/(1<<20), (idle+q*float64(queued))/(1<<20), floor/1024)
+
+	// The same requests as a batch job's: the class machinery's cost.
+	if ll, llAddr, err = llproxy(); err != nil {
+		return err
+	}
+	idle = ll.rss()
+	qb := holding(ll, "http://"+llAddr+"/bench/v1/chat/completions", queuedBody, queued, 1, "X-Llproxy-Class", "batch")
+	ll.stop()
+	fmt.Printf("memory per queued batch request (%d waiting, a fresh process): llproxy %.1f KiB (%.1f MiB with them)\n",
+		queued, qb/1024, (idle+qb*float64(queued))/(1<<20))
 	return nil
 }

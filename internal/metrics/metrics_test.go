@@ -27,7 +27,7 @@ func TestQueueCollectorReadsAtScrape(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	src := fakeQueues{{Route: "openai", Model: "gpt-4o", Depth: 3, QueuedTokens: 900,
 		Classes: []ClassStats{{Class: "interactive", Depth: 1}, {Class: "batch", Depth: 2}}, Buckets: []BucketStats{
-		{Resource: "requests", Remaining: 12.5, Limit: 200}, {Resource: "tokens", Remaining: 100, Limit: 40000}}}}
+			{Resource: "requests", Remaining: 12.5, Limit: 200}, {Resource: "tokens", Remaining: 100, Limit: 40000}}}}
 	_, err := New(reg, src)
 	require.NoError(t, err)
 	err = testutil.GatherAndCompare(reg, strings.NewReader(`
