@@ -154,13 +154,13 @@ func TestBatchJobAndInteractiveUsersOnTheBinary(t *testing.T) {
 	bin := llproxyBinary(t)
 	dir := t.TempDir()
 	cfg := filepath.Join(dir, "config.json")
-	// 50,000 tokens a second: a batch request (~1,000) is 20 ms of
-	// refill, an interactive one (~200) 4 ms. No headroom: the bound is
+	// 25,000 tokens a second: a batch request (~1,000) is 40 ms of
+	// refill, an interactive one (~200) 8 ms. No headroom: the bound is
 	// the scheduling's alone.
 	require.NoError(t, os.WriteFile(cfg, []byte(`{
 	  "clients": {"users": {"keys": ["uk"]}, "job": {"keys": ["jk"], "class": "batch"}},
 	  "routes": {"demo": {"provider": "mock", "mock": {"chunks": 4}, "settle": "reserved", "models": {"*": {
-	    "rpm": 100000000, "tpm": 3000000, "maxQueueSize": 1000, "maxQueueWait": 60, "batchHeadroom": 0}}}}}`), 0o600))
+	    "rpm": 100000000, "tpm": 1500000, "maxQueueSize": 1000, "maxQueueWait": 60, "batchHeadroom": 0}}}}}`), 0o600))
 	base, _, logs := startBinary(t, bin, cfg)
 	post := func(key string, maxTokens int) int {
 		body := fmt.Sprintf(`{"model":"mock","max_tokens":%d,"messages":[{"role":"user","content":"hi"}]}`, maxTokens)
@@ -175,16 +175,16 @@ func TestBatchJobAndInteractiveUsersOnTheBinary(t *testing.T) {
 		return resp.StatusCode
 	}
 	// Drain the bucket, then the job: 500 requests at once.
-	require.Equal(t, http.StatusOK, post("uk", 2999000))
+	require.Equal(t, http.StatusOK, post("uk", 1499000))
 	var wg sync.WaitGroup
 	for range 500 {
 		wg.Add(1)
 		go func() { defer wg.Done(); post("jk", 990) }()
 	}
 	time.Sleep(200 * time.Millisecond)
-	for range 40 { // users, one every 100 ms while the job runs
+	for range 40 { // users, one every 250 ms while the job runs (20 s)
 		assert.Equal(t, http.StatusOK, post("uk", 190))
-		time.Sleep(100 * time.Millisecond)
+		time.Sleep(250 * time.Millisecond)
 	}
 	wg.Wait()
 	var waits []float64
@@ -201,6 +201,9 @@ func TestBatchJobAndInteractiveUsersOnTheBinary(t *testing.T) {
 	sort.Float64s(waits)
 	p99 := waits[len(waits)*99/100]
 	t.Logf("interactive waits while the job ran: median %.2f ms, p99 %.2f ms, max %.2f ms", waits[len(waits)/2], p99, waits[len(waits)-1])
-	assert.LessOrEqual(t, p99, 20.0+4.0+1.0, "interactive p99 wait %.1f ms: one batch request's refill plus its own", p99)
+	// The bound is one batch request's refill plus its own, 48 ms; the
+	// process's own scheduling on a loaded machine may add a little (the
+	// waits are the gateway's, measured in the gateway, on the clock).
+	assert.LessOrEqual(t, p99, 48.0+12.0, "interactive p99 wait %.1f ms: one batch request's refill plus its own", p99)
 	assert.Contains(t, logs.String(), `"class":"batch"`, "the class is on every log line")
 }
