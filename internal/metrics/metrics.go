@@ -174,7 +174,8 @@ type Model struct {
 	estimateError                               prometheus.Observer
 	lowered                                     prometheus.Counter
 	upOnce, calOnce, classOnce                  sync.Once
-	classes                                     [2]prometheus.Counter  // made on first admission
+	classes                                     [2]prometheus.Counter // made on first admission
+	nClass                                      [2]atomic.Int64
 	factor                                      prometheus.Gauge       // made on first calibration
 	factorError                                 prometheus.Observer    // ditto
 	upRate                                      [4][3]prometheus.Gauge // resource x field, made on first report
@@ -249,8 +250,13 @@ func (mm *Model) ClassAdmitted(class int) {
 	})
 	if class >= 0 && class < len(mm.classes) {
 		mm.classes[class].Inc()
+		mm.nClass[class].Add(1)
 	}
 }
+
+// ClassTotals are the admissions of each class so far (0 interactive, 1
+// batch), for the status page.
+func (mm *Model) ClassTotals() [2]int64 { return [2]int64{mm.nClass[0].Load(), mm.nClass[1].Load()} }
 
 // Calibrated records a calibrated estimate's settlement: the factor now,
 // and the estimate reserved at admission over the upstream's count.

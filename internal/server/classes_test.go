@@ -87,6 +87,12 @@ func TestClassesEndToEnd(t *testing.T) {
 		for c := range codes {
 			assert.Equal(t, http.StatusOK, c)
 		}
+		state := httptest.NewRecorder()
+		req := httptest.NewRequest(http.MethodGet, "/ui/state", nil)
+		req.Header.Set("Authorization", "Bearer sk")
+		srv.ServeHTTP(state, req)
+		assert.Contains(t, state.Body.String(), `{"class":"batch","waiting":0,"admittedPerSecond":`)
+		assert.Contains(t, state.Body.String(), `"batchHeadroom":0.2`)
 		m := metricsText2(t, reg)
 		assert.Contains(t, m, `llproxy_class_admitted_total{class="batch",model="gpt-4o",route="openai"} 22`,
 			"20 of evals, one lowered, one evals that asked to be interactive")

@@ -22,8 +22,9 @@ function batchText(m) {
   const b = (m.classes || []).find(c => c.class === "batch");
   if (!b) return "–";
   const head = `headroom ${Math.round(100 * (m.batchHeadroom || 0))}%`;
-  if (!b.waiting) return `none waiting, ${head}`;
-  return `${b.waiting} waiting, oldest ${secs(b.oldestWait)}, a newcomer ${secs(b.predictedWait)}, ${head}`;
+  const rate = `${b.admittedPerSecond.toFixed(1)}/s`;
+  if (!b.waiting) return `none waiting, ${rate}, ${head}`;
+  return `${b.waiting} waiting, ${rate}, oldest ${secs(b.oldestWait)}, a newcomer ${secs(b.predictedWait)}, ${head}`;
 }
 // tokenBars draws the model's token buckets: one, or input and output
 // apart (an Anthropic model), each labelled when it is not the only one.

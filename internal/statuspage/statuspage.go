@@ -99,6 +99,7 @@ type uiBucket struct {
 type uiClass struct {
 	Class         string  `json:"class"`
 	Waiting       int     `json:"waiting"`
+	AdmittedPerS  float64 `json:"admittedPerSecond"`
 	Oldest        float64 `json:"oldestWait"`
 	PredictedWait float64 `json:"predictedWait"`
 }
@@ -167,8 +168,11 @@ func (p *Page) ServeState(w http.ResponseWriter, r *http.Request) {
 				Requests: uiBucket{st.Remaining[scheduler.Requests], c.RPM}, Tokens: uiBucket{st.Remaining[scheduler.Tokens], c.TPM},
 				Buckets: tokenBuckets(&st), Headroom: c.BatchHeadroom,
 				LatencyMs: float64(ms.Metrics.Latency().Microseconds()) / 1000}
+			totals := ms.Metrics.ClassTotals()
 			for cl := range scheduler.NumClasses {
-				m.Classes = append(m.Classes, uiClass{Class: scheduler.Class(cl).String(), Waiting: st.DepthBy[cl],
+				name := scheduler.Class(cl).String()
+				series := p.history.sample(now, rt.Name()+"\x00"+q.Model()+"\x00"+name, totals[cl], 0)
+				m.Classes = append(m.Classes, uiClass{Class: name, Waiting: st.DepthBy[cl], AdmittedPerS: recentRate(series.admitted),
 					Oldest: st.Oldest[cl].Seconds(), PredictedWait: st.PredictedWaitBy[cl].Seconds()})
 			}
 			q.Clients(func(_ int, cs scheduler.ClientStats) {
@@ -239,4 +243,18 @@ func tokenBuckets(st *scheduler.Stats) []uiNamedBucket {
 		}
 	}
 	return out
+}
+
+// recentRate is the mean per second over the last ten seconds of a
+// series (fewer while it is young).
+func recentRate(perSecond []int64) float64 {
+	n := min(10, len(perSecond))
+	if n == 0 {
+		return 0
+	}
+	sum := int64(0)
+	for _, v := range perSecond[len(perSecond)-n:] {
+		sum += v
+	}
+	return float64(sum) / float64(n)
 }
