@@ -336,3 +336,22 @@ func TestYAMLAliasBombIsRefused(t *testing.T) {
 	_, err = Load(big, nil)
 	assert.ErrorContains(t, err, "larger than")
 }
+
+func TestClassesConfigIsChecked(t *testing.T) {
+	_, err := Parse([]byte(`{
+	  "clients": {"evals": {"keys": ["k"], "class": "urgent", "limits": {"m": {"batchMaxQueueWait": -1}}}},
+	  "routes": {"r": {"forward": "http://x", "models": {"m": {"rpm": 1, "tpm": 1, "batchHeadroom": 1.5, "batchMaxAge": -5}}}}}`), nil)
+	require.Error(t, err)
+	for _, want := range []string{
+		`clients.evals.class: must be "interactive" or "batch", got "urgent"`,
+		"clients.evals.limits.m.batchMaxQueueWait: must be >= 0",
+		"routes.r.models.m.batchHeadroom: must be between 0 and 0.9, got 1.5",
+		"routes.r.models.m.batchMaxAge: must be >= 0",
+	} {
+		assert.Contains(t, err.Error(), want)
+	}
+	cfg, err := Parse([]byte(`{"routes": {"r": {"forward": "http://x", "models": {"m": {"rpm": 1, "tpm": 1}, "z": {"rpm": 1, "tpm": 1, "batchHeadroom": 0}}}}}`), nil)
+	require.NoError(t, err)
+	assert.Equal(t, 0.1, cfg.Routes["r"].Models["m"].Queue().BatchHeadroom, "the default")
+	assert.Equal(t, 0.0, cfg.Routes["r"].Models["z"].Queue().BatchHeadroom, "0 is 0")
+}
