@@ -7,6 +7,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/llproxy/llproxy/internal/price"
 	"github.com/llproxy/llproxy/scheduler"
 )
 
@@ -130,7 +131,8 @@ type Spend struct {
 	u    *usage
 	day  int64
 	held int64
-	key  string // the budget's ledger entry: the model, or "*"
+	key  string   // the budget's ledger entry: the model, or "*"
+	cash cashHold // its hold on the budgets in money
 }
 
 // budgetKey is the ledger entry a request for model counts in, and its
@@ -153,15 +155,20 @@ func (c *Client) budgetKey(model string) (string, int64) {
 	return model, 0
 }
 
-// Reserve holds cost tokens of c's budget for model at now. It admits only
-// if what is used today, what requests in flight hold and cost together
-// fit the budget: over it by what is used alone, an *Exhausted; only
-// because of what is held, a *Reserved. A client without a budget for
-// model is only counted.
-func (c *Client) Reserve(now time.Time, model string, cost int) (Spend, error) {
+// Reserve holds cost tokens of c's budget for model at now, and money
+// (the request's most expensive outcome) of its budgets in money. It
+// admits only if what is used, what requests in flight hold and this
+// request together fit every budget: over one by what is used alone, an
+// *Exhausted (tokens) or *Overspent (money); only because of what is
+// held, a *Reserved or *CashReserved. A refusal holds nothing. A client
+// without budgets is only counted.
+func (c *Client) Reserve(now time.Time, model string, cost int, money price.Micro) (Spend, error) {
 	key, budget := c.budgetKey(model)
 	if budget > 0 && c.store != nil {
 		c.sync(now, key)
+	}
+	if c.store != nil && c.HasMoneyBudget() {
+		c.syncCash(now)
 	}
 	c.led.mu.Lock()
 	defer c.led.mu.Unlock()
@@ -173,27 +180,36 @@ func (c *Client) Reserve(now time.Time, model string, cost int) (Spend, error) {
 	if budget > 0 && u.used+u.held+need > budget {
 		return Spend{}, &Reserved{Client: c.Name, Model: key, Budget: budget, Used: u.used, Held: u.held, Requested: need}
 	}
+	hold, err := c.reserveCash(now, money)
+	if err != nil {
+		return Spend{}, err
+	}
 	u.held += need
-	return Spend{c: c, u: u, day: u.day, held: need, key: key}, nil
+	return Spend{c: c, u: u, day: u.day, held: need, key: key, cash: hold}, nil
 }
 
-// Settle ends the hold and counts used tokens as spent today.
-func (s *Spend) Settle(now time.Time, used int) {
+// Settle ends the hold and counts used tokens, and cost in money, as
+// spent now.
+func (s *Spend) Settle(now time.Time, used int, cost price.Micro) {
 	if s.c == nil {
 		return
 	}
 	c := s.c
 	s.c = nil
 	c.led.mu.Lock()
-	s.end()
+	s.end(c)
 	u := c.roll(s.u, dayOf(now))
 	u.used += int64(max(0, used))
+	c.spend(now, cost)
 	c.led.mu.Unlock()
 	if c.dirty != nil {
 		c.dirty.Store(true)
 	}
 	if c.store != nil && used > 0 && c.Budget(s.key) > 0 {
 		c.record(now, s.key, int64(used), u) // a round trip: not under the lock
+	}
+	if c.store != nil && cost > 0 && c.HasMoneyBudget() {
+		c.recordCash(now, cost)
 	}
 }
 
@@ -203,16 +219,18 @@ func (s *Spend) Release() {
 		return
 	}
 	s.c.led.mu.Lock()
-	s.end()
+	s.end(s.c)
 	s.c.led.mu.Unlock()
 	s.c = nil
 }
 
-// end gives the hold back, if its day is still the entry's. c.mu is held.
-func (s *Spend) end() {
+// end gives the holds back, if their periods are still the entries'.
+// c.mu is held.
+func (s *Spend) end(c *Client) {
 	if s.u.day == s.day {
 		s.u.held = max(0, s.u.held-s.held)
 	}
+	s.cash.end(c)
 }
 
 // ModelUse is a client's use of one model today.

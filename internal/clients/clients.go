@@ -164,6 +164,7 @@ func (d *Directory) Queue(model string, cfg scheduler.Config) []scheduler.Client
 type ledger struct {
 	mu    sync.Mutex
 	usage map[string]*usage // model -> today's use
+	cash  [periods]cash     // spend in money today and this month (money.go)
 }
 
 // Adopt takes over what old knew (a reloaded config): each client that

@@ -65,38 +65,38 @@ func TestBudgetIsHeldThenSettledAndStartsOverAtMidnight(t *testing.T) {
 	d := directory(t)
 	a, _ := d.Identify("a1")
 	day := time.Date(2026, 12, 1, 23, 0, 0, 0, time.UTC)
-	s1, err := a.Reserve(day, "m", 60)
+	s1, err := a.Reserve(day, "m", 60, 0)
 	require.NoError(t, err)
-	s2, err := a.Reserve(day, "m", 30) // 60 held + 30 <= 100
+	s2, err := a.Reserve(day, "m", 30, 0) // 60 held + 30 <= 100
 	require.NoError(t, err)
-	_, err = a.Reserve(day, "m", 11)
+	_, err = a.Reserve(day, "m", 11, 0)
 	var held *Reserved
 	require.ErrorAs(t, err, &held, "90 held + 11 > 100: only because of what is in flight")
 	assert.Equal(t, int64(90), held.Held)
-	s1.Settle(day, 20) // used 20 of its 60: the rest goes back
+	s1.Settle(day, 20, 0) // used 20 of its 60: the rest goes back
 	s1.Release()       // no effect after Settle
 	s2.Release()       // used nothing
-	s3, err := a.Reserve(day, "m", 70)
+	s3, err := a.Reserve(day, "m", 70, 0)
 	require.NoError(t, err)
-	s3.Settle(day, 75)
-	_, err = a.Reserve(day, "m", 10)
+	s3.Settle(day, 75, 0)
+	_, err = a.Reserve(day, "m", 10, 0)
 	var ex *Exhausted
 	require.ErrorAs(t, err, &ex, "95 used + 10 > 100")
 	assert.Equal(t, int64(95), ex.Used)
 	assert.Equal(t, time.Date(2026, 12, 2, 0, 0, 0, 0, time.UTC), ex.Reset)
 	assert.Contains(t, ex.Error(), "client a has used 95 of its 100 tokens per day for every model its * limits cover")
-	s4, err := a.Reserve(day, "m", 5)
+	s4, err := a.Reserve(day, "m", 5, 0)
 	require.NoError(t, err, "95 + 5 fits exactly")
 	s4.Release()
-	_, err = a.Reserve(day, "big", 500)
+	_, err = a.Reserve(day, "big", 500, 0)
 	assert.NoError(t, err, "a listed model has its own budget")
-	_, err = a.Reserve(day.Add(time.Hour), "m", 1)
+	_, err = a.Reserve(day.Add(time.Hour), "m", 1, 0)
 	assert.NoError(t, err, "a new UTC day")
 	b, _ := d.Identify("b1")
 	for range 10 {
-		s, err := b.Reserve(day, "m", 1000)
+		s, err := b.Reserve(day, "m", 1000, 0)
 		require.NoError(t, err, "no budget: only counted")
-		s.Settle(day, 1000)
+		s.Settle(day, 1000, 0)
 	}
 	assert.Equal(t, int64(10000), b.Today(day)[0].Used)
 }
@@ -107,13 +107,13 @@ func TestOneRequestCannotOvershootTheBudget(t *testing.T) {
 	d := directory(t)
 	a, _ := d.Identify("a1")
 	day := time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
-	_, err := a.Reserve(day, "m", 9_990_010) // max_tokens 999000, n=10
+	_, err := a.Reserve(day, "m", 9_990_010, 0) // max_tokens 999000, n=10
 	var ex *Exhausted
 	require.ErrorAs(t, err, &ex, "a fresh budget of 100 cannot pay for 9,990,010")
 	assert.Equal(t, int64(9_990_010), ex.Requested)
-	_, err = a.Reserve(day, "big", 1001)
+	_, err = a.Reserve(day, "big", 1001, 0)
 	require.ErrorAs(t, err, &ex)
-	s, err := a.Reserve(day, "big", 1000)
+	s, err := a.Reserve(day, "big", 1000, 0)
 	require.NoError(t, err, "exactly the budget fits")
 	s.Release()
 }
@@ -125,15 +125,15 @@ func TestWildcardBudgetIsOneAcrossModels(t *testing.T) {
 	a, _ := d.Identify("a1")
 	day := time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
 	for _, m := range []string{"m1", "m2", "m3", "m4"} {
-		s, err := a.Reserve(day, m, 25)
+		s, err := a.Reserve(day, m, 25, 0)
 		require.NoError(t, err, m)
-		s.Settle(day, 25)
+		s.Settle(day, 25, 0)
 	}
-	_, err := a.Reserve(day, "m5", 1)
+	_, err := a.Reserve(day, "m5", 1, 0)
 	var ex *Exhausted
 	require.ErrorAs(t, err, &ex, "100 used across four names under *")
 	assert.Equal(t, "*", ex.Model)
-	_, err = a.Reserve(day, "big", 10)
+	_, err = a.Reserve(day, "big", 10, 0)
 	assert.NoError(t, err, "a listed model is not under *")
 	var total int64
 	for _, m := range a.Today(day) {
@@ -151,8 +151,8 @@ func TestStateFileRoundTripAndCorruption(t *testing.T) {
 	d := directory(t)
 	require.NoError(t, d.Load(path, now), "no file yet: empty")
 	a, _ := d.Identify("a1")
-	s, _ := a.Reserve(now, "big", 10)
-	s.Settle(now, 60)
+	s, _ := a.Reserve(now, "big", 10, 0)
+	s.Settle(now, 60, 0)
 	require.NoError(t, d.Save(path, now))
 
 	d2 := directory(t)
@@ -169,7 +169,8 @@ func TestStateFileRoundTripAndCorruption(t *testing.T) {
 	for _, m := range a3.Today(now.Add(24 * time.Hour)) {
 		assert.Zero(t, m.Used)
 	}
-	for _, bad := range []string{`{"version":1,"day":`, `{"version":2,"day":"2026-12-01","clients":{}}`,
+	for _, bad := range []string{`{"version":1,"day":`, `{"version":3,"day":"2026-12-01","clients":{}}`,
+		`{"version":2,"day":"2026-12-01","clients":{},"spend":{"a":{"dayMicroUsd":-1}}}`,
 		`{"version":1,"day":"yesterday","clients":{}}`, `{"version":1,"day":"2026-12-01","clients":{"a":{"m":-5}}}`, `[]`} {
 		require.NoError(t, os.WriteFile(path, []byte(bad), 0o600))
 		err := directory(t).Load(path, now)
@@ -182,7 +183,7 @@ func TestAdoptKeepsTodaysUse(t *testing.T) {
 	old := directory(t)
 	a, _ := old.Identify("a1")
 	day := time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC)
-	s, err := a.Reserve(day, "m", 10)
+	s, err := a.Reserve(day, "m", 10, 0)
 	require.NoError(t, err)
 	// A reload while the request is in flight.
 	cfg, err := config.Parse([]byte(`{"clients": {"a": {"keys": ["a2"], "limits": {"*": {"tokensPerDay": 100}}}},
@@ -190,10 +191,10 @@ func TestAdoptKeepsTodaysUse(t *testing.T) {
 	require.NoError(t, err)
 	d := New(cfg)
 	d.Adopt(old)
-	s.Settle(day, 100) // settles into the same ledger
+	s.Settle(day, 100, 0) // settles into the same ledger
 	a2, ok := d.Identify("a2")
 	require.True(t, ok)
-	_, err = a2.Reserve(day, "m", 10)
+	_, err = a2.Reserve(day, "m", 10, 0)
 	assert.Error(t, err, "100 used before the reload counts after it")
 	_, ok = d.Identify("a1")
 	assert.False(t, ok, "the old key is gone")

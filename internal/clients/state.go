@@ -15,8 +15,9 @@ import (
 	"github.com/llproxy/llproxy/internal/safe"
 )
 
-// The state file keeps the clients' token use today across restarts, so
-// that a restart does not hand out a fresh daily budget. It is written
+// The state file keeps the clients' token use today and their spend in
+// money today and this month across restarts, so that a restart does not
+// hand out a fresh budget. It is written
 // atomically (a temporary file renamed over the old one), at least every
 // SaveEvery while usage changes and once more at shutdown. A file that
 // cannot be read back is a start-up error: silently starting from zero
@@ -72,8 +73,9 @@ func (d *Directory) StateError() error {
 // SaveEvery is how often changed usage is written.
 const SaveEvery = 10 * time.Second
 
-// stateVersion is the state file's format.
-const stateVersion = 1
+// stateVersion is the state file's format: 2 adds spend in money (a file
+// of version 1 has none, and is read).
+const stateVersion = 2
 
 type stateFile struct {
 	Version int `json:"version"`
@@ -81,6 +83,14 @@ type stateFile struct {
 	Day string `json:"day"`
 	// Clients maps client -> model -> tokens used that day.
 	Clients map[string]map[string]int64 `json:"clients"`
+	// Spend maps client -> its spend in micro-dollars that day and that
+	// month (of Day).
+	Spend map[string]spendState `json:"spend,omitempty"`
+}
+
+type spendState struct {
+	Day   int64 `json:"dayMicroUsd"`
+	Month int64 `json:"monthMicroUsd"`
 }
 
 const dayLayout = "2006-01-02"
@@ -101,7 +111,7 @@ func (d *Directory) Load(path string, now time.Time) error {
 		return fmt.Errorf("state file %s is corrupt (%v); fix or remove it: budgets would start from zero", path, err)
 	}
 	day, err := time.Parse(dayLayout, st.Day)
-	if st.Version != stateVersion || err != nil {
+	if (st.Version != stateVersion && st.Version != 1) || err != nil {
 		return fmt.Errorf("state file %s is corrupt (version %d, day %q); fix or remove it: budgets would start from zero",
 			path, st.Version, st.Day)
 	}
@@ -112,12 +122,28 @@ func (d *Directory) Load(path string, now time.Time) error {
 			}
 		}
 	}
+	for name, sp := range st.Spend {
+		if sp.Day < 0 || sp.Month < 0 {
+			return fmt.Errorf("state file %s is corrupt (spend.%s: negative); fix or remove it", path, name)
+		}
+	}
 	switch {
 	case dayOf(day) > dayOf(now):
 		return fmt.Errorf("state file %s is dated %s, after today (%s): is the clock right? Fix it, or remove the file",
 			path, st.Day, now.UTC().Format(dayLayout))
-	case dayOf(day) < dayOf(now):
-		return nil // another day's: over
+	case perMonth.index(day) == perMonth.index(now):
+		// This month's spend goes on, whatever the day.
+		for _, c := range d.clients {
+			c.led.mu.Lock()
+			c.cashEntry(perMonth, now).used = st.Spend[c.Name].Month
+			if dayOf(day) == dayOf(now) {
+				c.cashEntry(perDay, now).used = st.Spend[c.Name].Day
+			}
+			c.led.mu.Unlock()
+		}
+	}
+	if dayOf(day) < dayOf(now) {
+		return nil // another day's tokens: over
 	}
 	for _, c := range d.clients {
 		models := st.Clients[c.Name]
@@ -134,9 +160,13 @@ func (d *Directory) Load(path string, now time.Time) error {
 func (d *Directory) Save(path string, now time.Time) error {
 	d.dirty.Store(false)
 	today := dayOf(now)
-	st := stateFile{Version: stateVersion, Day: now.UTC().Format(dayLayout), Clients: map[string]map[string]int64{}}
+	st := stateFile{Version: stateVersion, Day: now.UTC().Format(dayLayout), Clients: map[string]map[string]int64{},
+		Spend: map[string]spendState{}}
 	for _, c := range d.clients {
 		c.led.mu.Lock()
+		if sp := (spendState{Day: c.cashEntry(perDay, now).used, Month: c.cashEntry(perMonth, now).used}); sp != (spendState{}) {
+			st.Spend[c.Name] = sp
+		}
 		for model, u := range c.led.usage {
 			if u.day == today && u.used > 0 {
 				if st.Clients[c.Name] == nil {

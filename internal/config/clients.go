@@ -25,11 +25,24 @@ type Client struct {
 	// Limits are the client's own limits per model; "*" for every model
 	// not listed.
 	Limits map[string]*ClientLimits `json:"limits"`
+	// Budget is the client's budget in money, across every route and
+	// model.
+	Budget *MoneyBudget `json:"budget"`
 	// Class is "interactive" (default) or "batch": a batch client's
 	// requests wait until no interactive request does, and leave the
 	// model's batchHeadroom.
 	Class string `json:"class"`
 }
+
+// MoneyBudget is a client's budget in money: USD per UTC day and per
+// calendar month (0: none of that span).
+type MoneyBudget struct {
+	USDPerDay   float64 `json:"usdPerDay"`
+	USDPerMonth float64 `json:"usdPerMonth"`
+}
+
+// maxBudgetUSD bounds a budget in money (a larger one is a typo).
+const maxBudgetUSD = 1_000_000_000
 
 // Classes of a client.
 const (
@@ -97,6 +110,9 @@ func (c *Client) LimitsFor(model string) *ClientLimits {
 // there usage to keep across restarts.
 func (c *Config) HasBudgets() bool {
 	for _, cl := range c.Clients {
+		if cl != nil && cl.Budget != nil {
+			return true
+		}
 		for _, l := range cl.Limits {
 			if l != nil && l.TokensPerDay > 0 {
 				return true
@@ -125,6 +141,19 @@ func (c *Config) validateClients() []error {
 		for i, k := range cl.Keys {
 			if k == "" {
 				errs = append(errs, fmt.Errorf("%s.keys[%d]: must not be empty", path, i))
+			}
+		}
+		if b := cl.Budget; b != nil {
+			for _, f := range [...]struct {
+				name string
+				v    float64
+			}{{"usdPerDay", b.USDPerDay}, {"usdPerMonth", b.USDPerMonth}} {
+				if !(f.v >= 0 && f.v <= maxBudgetUSD) {
+					errs = append(errs, fmt.Errorf("%s.budget.%s: must be a number of USD between 0 and %d, got %v", path, f.name, maxBudgetUSD, f.v))
+				}
+			}
+			if b.USDPerDay <= 0 && b.USDPerMonth <= 0 {
+				errs = append(errs, fmt.Errorf("%s.budget: set usdPerDay or usdPerMonth (> 0), or remove the budget", path))
 			}
 		}
 		if cl.Class != "" && cl.Class != ClassInteractive && cl.Class != ClassBatch {

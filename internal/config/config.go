@@ -15,6 +15,7 @@ import (
 
 	"github.com/llproxy/llproxy/internal/backends"
 	"github.com/llproxy/llproxy/internal/duration"
+	"github.com/llproxy/llproxy/internal/price"
 	"github.com/llproxy/llproxy/internal/replicas"
 	"github.com/llproxy/llproxy/provider/mock"
 	"github.com/llproxy/llproxy/scheduler"
@@ -84,6 +85,12 @@ type Config struct {
 	MetricsKey Secret `json:"metricsKey"`
 	// Tokenizer tunes token counting.
 	Tokenizer tokenizer.Config `json:"tokenizer"`
+	// Prices are each model's prices in USD per million tokens (exact
+	// names, then "*"): what a request costs, for budgets in money, the
+	// usage ledger and the spend metrics. A model without one costs 0.
+	Prices map[string]*price.Price `json:"prices"`
+	// Usage is the usage ledger: where every finished request is written.
+	Usage UsageConfig `json:"usage"`
 	// Routes maps a route name R, served at /R/..., to its upstream.
 	Routes map[string]*Route `json:"routes"`
 	// DefaultRoute breaks ties when several routes serve a model asked for
@@ -94,6 +101,19 @@ type Config struct {
 	// the root resolves a model in that order.
 	RouteOrder []string `json:"-"`
 }
+
+// UsageConfig is the usage ledger's: its store, "sqlite" (usage.db next
+// to the state file), "sqlite:PATH" or a "postgres://..." URL (replicas
+// share one), or "off"; and how many days of rows it keeps.
+type UsageConfig struct {
+	// Store is where the rows go. A postgres URL is a secret (see
+	// Secrets): it never appears in logs or answers.
+	Store    string `json:"store"`
+	KeepDays int    `json:"keepDays"`
+}
+
+// Default of the ledger's retention.
+const DefaultUsageKeepDays = 400
 
 // Route is one upstream and its per-model queues.
 type Route struct {

@@ -4,6 +4,7 @@ import (
 	"net/url"
 	"reflect"
 	"slices"
+	"strings"
 )
 
 // Secrets returns every secret value the config holds: each field of type
@@ -20,15 +21,25 @@ func (c *Config) Secrets() []string {
 		}
 	}
 	walkSecrets(reflect.ValueOf(c), add)
-	if c.Shared != nil && c.Shared.Redis != "" {
-		add(c.Shared.Redis)
-		if u, err := url.Parse(c.Shared.Redis); err == nil && u.User != nil {
+	for _, dsn := range []string{c.sharedRedis(), c.Usage.Store} {
+		if !strings.Contains(dsn, "://") {
+			continue // "sqlite", a path: nothing secret
+		}
+		add(dsn)
+		if u, err := url.Parse(dsn); err == nil && u.User != nil {
 			if pw, ok := u.User.Password(); ok {
 				add(pw)
 			}
 		}
 	}
 	return out
+}
+
+func (c *Config) sharedRedis() string {
+	if c.Shared == nil {
+		return ""
+	}
+	return c.Shared.Redis
 }
 
 var secretType = reflect.TypeFor[Secret]()

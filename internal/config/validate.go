@@ -50,6 +50,9 @@ func (c *Config) setDefaults() {
 	if c.LogLevel == "" {
 		c.LogLevel = "info"
 	}
+	if c.Usage.KeepDays == 0 {
+		c.Usage.KeepDays = DefaultUsageKeepDays
+	}
 	if c.BodyTimeout == 0 {
 		c.BodyTimeout = duration.Duration(DefaultBodyTimeout)
 	}
@@ -166,6 +169,21 @@ func (c *Config) Validate() error {
 		}
 	}
 	add("tokenizer.", c.Tokenizer.Validate())
+	for _, name := range slices.Sorted(maps.Keys(c.Prices)) {
+		p := c.Prices[name]
+		if p == nil {
+			errs = append(errs, fmt.Errorf("prices.%s: must be an object", name))
+			continue
+		}
+		errs = append(errs, prefix("prices."+name+".", p.Validate())...)
+	}
+	if st := c.Usage.Store; st != "" && st != "off" && st != "sqlite" && !strings.HasPrefix(st, "sqlite:") &&
+		!strings.HasPrefix(st, "postgres://") && !strings.HasPrefix(st, "postgresql://") {
+		errs = append(errs, errors.New(`usage.store: want "sqlite", "sqlite:PATH", "postgres://..." or "off"`))
+	}
+	if c.Usage.KeepDays < 0 {
+		errs = append(errs, fmt.Errorf("usage.keepDays: must be >= 0, got %d", c.Usage.KeepDays))
+	}
 	if c.Shared != nil {
 		add("replicas.", c.Shared.Validate())
 	}

@@ -53,6 +53,7 @@ type Metrics struct {
 	estimateError   *prometheus.HistogramVec
 	factor          *prometheus.GaugeVec
 	classAdmitted   *prometheus.CounterVec
+	spend, unpriced *prometheus.CounterVec
 	factorError     *prometheus.HistogramVec
 	retries         *prometheus.CounterVec
 	upstreamRate    *prometheus.GaugeVec
@@ -130,6 +131,14 @@ func New(reg prometheus.Registerer, src Source) (*Metrics, error) {
 		Help:    "Calibrated estimate of a prompt (as reserved at admission) divided by the upstream's count at settlement.",
 		Buckets: []float64{0.5, 0.8, 0.9, 0.95, 0.98, 1, 1.02, 1.05, 1.1, 1.2, 1.5, 2, 3},
 	}, []string{"route", "model"})
+	m.spend = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Name: "client_spend_usd_total",
+		Help: "What the client's requests cost at the configured prices, in USD.",
+	}, []string{"client", "route", "model"})
+	m.unpriced = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Name: "unpriced_requests_total",
+		Help: "Requests settled for a model with no price (not even \"*\"): they cost 0.",
+	}, []string{"route", "model"})
 	m.classAdmitted = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: namespace, Name: "class_admitted_total",
 		Help: "Requests admitted, by class (interactive, batch); a batch request admitted for its age counts as interactive.",
@@ -149,7 +158,7 @@ func New(reg prometheus.Registerer, src Source) (*Metrics, error) {
 	m.clients = newClientVecs()
 	m.responses = newResponsesVec()
 	for _, c := range []prometheus.Collector{m.responses, m.clients.requests, m.clients.used, newClientCollector(src), m.tokensUsed, m.tokensSettled, m.estimateError, m.retries,
-		m.factor, m.factorError, m.classAdmitted,
+		m.factor, m.factorError, m.classAdmitted, m.spend, m.unpriced,
 		m.upstreamRate, m.bucketLowered, m.passthrough, m.requests, m.queueWait, m.tokensReserved, m.promptTokens,
 		m.upstreamStatus, m.upstreamLatency, m.inflight, newQueueCollector(src), newBackendCollector(src)} {
 		if err := reg.Register(c); err != nil {
@@ -222,7 +231,7 @@ func (m *Metrics) DeleteModel(route, model string) {
 	l := prometheus.Labels{"route": route, "model": model}
 	for _, v := range []interface{ DeletePartialMatch(prometheus.Labels) int }{
 		m.requests, m.tokensReserved, m.promptTokens, m.upstreamStatus, m.inflight, m.tokensUsed,
-		m.tokensSettled, m.retries, m.upstreamRate, m.bucketLowered, m.factor, m.classAdmitted,
+		m.tokensSettled, m.retries, m.upstreamRate, m.bucketLowered, m.factor, m.classAdmitted, m.spend, m.unpriced,
 	} {
 		v.DeletePartialMatch(l)
 	}
@@ -257,6 +266,16 @@ func (mm *Model) ClassAdmitted(class int) {
 // ClassTotals are the admissions of each class so far (0 interactive, 1
 // batch), for the status page.
 func (mm *Model) ClassTotals() [2]int64 { return [2]int64{mm.nClass[0].Load(), mm.nClass[1].Load()} }
+
+// Spent counts what a client's request to the model cost, in USD.
+func (mm *Model) Spent(client string, usd float64) {
+	if usd > 0 {
+		mm.m.spend.WithLabelValues(client, mm.route, mm.model).Add(usd)
+	}
+}
+
+// Unpriced counts a request settled for the model without a price.
+func (mm *Model) Unpriced() { mm.m.unpriced.WithLabelValues(mm.route, mm.model).Inc() }
 
 // Calibrated records a calibrated estimate's settlement: the factor now,
 // and the estimate reserved at admission over the upstream's count.

@@ -31,7 +31,7 @@ func (rt *Route) schedule(ex *exchange, r *http.Request, body *request.Body, c *
 	ctx := r.Context()
 	rec.prompt, rec.cost, rec.series = c.est.prompt, c.est.cost, c.ms.Metrics
 	ex.who = rt.clients[who.ID]
-	ask := ticket.Ask{Client: who, Model: c.ms, Name: rec.model, Cost: c.est.vector(), KeepAlive: c.keepAlive}
+	ask := ticket.Ask{Client: who, Model: c.ms, Name: rec.model, Cost: c.est.vector(), Money: c.est.money, KeepAlive: c.keepAlive}
 	var err error
 	if ask.Class, ask.MaxWait, ask.OwnWait, err = classOf(r.Header, who.Class); err != nil {
 		rec.outcome = OutcomeBadRequest
@@ -112,12 +112,20 @@ func (rt *Route) schedule(ex *exchange, r *http.Request, body *request.Body, c *
 func (rt *Route) writeAdmitError(ex *exchange, ctx context.Context, err error) string {
 	var reserved *clients.Reserved
 	var exhausted *clients.Exhausted
+	var cashReserved *clients.CashReserved
+	var overspent *clients.Overspent
 	switch {
 	case errors.As(err, &reserved):
 		rt.say.BudgetReserved(ex, reserved)
 		return metrics.OutcomeRejectBudget
 	case errors.As(err, &exhausted):
 		rt.say.Quota(ex, exhausted)
+		return metrics.OutcomeRejectBudget
+	case errors.As(err, &cashReserved):
+		rt.say.BudgetReserved(ex, cashReserved)
+		return metrics.OutcomeRejectBudget
+	case errors.As(err, &overspent):
+		rt.say.Quota(ex, overspent)
 		return metrics.OutcomeRejectBudget
 	case errors.Is(err, ticket.ErrLimitsUnavailable):
 		h := ex.Header()

@@ -9,6 +9,7 @@ import (
 	"github.com/valyala/fastjson"
 
 	"github.com/llproxy/llproxy/internal/models"
+	"github.com/llproxy/llproxy/internal/price"
 	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/provider"
 	"github.com/llproxy/llproxy/scheduler"
@@ -31,6 +32,8 @@ type estimate struct {
 	cached int
 	prefix uint64
 	ttl    time.Duration
+	// money is the most the request can cost at its model's prices.
+	money price.Micro
 }
 
 // vector is the estimate as a cost over the buckets: one request, its
@@ -100,6 +103,9 @@ func (rt *Route) estimateCost(ep tokenizer.Endpoint, model string, v *fastjson.V
 	}
 	cost := int64(max(0, e.prompt)) + int64(e.n)*int64(e.maxOutput)
 	e.cost = int(min(cost, math.MaxInt32))
+	if rate, ok := rt.opts.Prices.For(model); ok {
+		e.money = rate.Most(int64(e.prompt), int64(e.cost-e.prompt))
+	}
 	return e, nil
 }
 

@@ -11,6 +11,7 @@ import (
 	"github.com/llproxy/llproxy/internal/anthropic"
 	"github.com/llproxy/llproxy/internal/clients"
 	"github.com/llproxy/llproxy/internal/metrics"
+	"github.com/llproxy/llproxy/internal/price"
 	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/internal/ticket"
 	"github.com/llproxy/llproxy/provider"
@@ -137,6 +138,9 @@ type requestLog struct {
 	class                              string
 	outcome, id, remote, backend       string
 	prompt, cost, used, tries          int
+	promptUsed, cached, output         int         // as the upstream reported them (or, cut short, counted and relayed)
+	money                              price.Micro // what it cost
+	absurd                             bool        // the upstream's usage was beyond belief, clamped
 	wait                               time.Duration
 	start                              time.Time
 	series                             *metrics.Model // its model's, once it reached the queue

@@ -32,6 +32,7 @@ import (
 	"github.com/llproxy/llproxy/internal/metrics"
 	"github.com/llproxy/llproxy/internal/models"
 	"github.com/llproxy/llproxy/internal/openai"
+	"github.com/llproxy/llproxy/internal/price"
 	"github.com/llproxy/llproxy/internal/relay"
 	"github.com/llproxy/llproxy/internal/replicas"
 	"github.com/llproxy/llproxy/internal/request"
@@ -80,6 +81,8 @@ type Options struct {
 	Secrets []string
 	// Shared, when set, is where the limits of every replica live.
 	Shared *replicas.State
+	// Prices price the requests (nil: every request costs 0).
+	Prices *price.Table
 	// Previous is the route of the same name before a reload: its queues
 	// (and its fleet, if the fleet's config is the same) go on in this one.
 	Previous *Route

@@ -9,6 +9,7 @@ import (
 
 	"github.com/llproxy/llproxy/internal/metrics"
 	"github.com/llproxy/llproxy/internal/models"
+	"github.com/llproxy/llproxy/internal/price"
 	"github.com/llproxy/llproxy/internal/relay"
 	"github.com/llproxy/llproxy/internal/ticket"
 	"github.com/llproxy/llproxy/provider"
@@ -161,23 +162,44 @@ func (rt *Route) settle(ex *exchange, c *call, a attempt, rec *requestLog) {
 		if answered {
 			out := relayedOutput(a.tap, ex.Header().Get("Content-Type"), c.est.cost-c.est.prompt)
 			in := c.est.prompt - c.est.cached
+			bill := price.Usage{Prompt: int64(c.est.prompt), Output: int64(out)}
 			if ok {
 				in = rt.inputCounted(u, t.Model)
 				rt.learn(t.Model, c, u)
+				bill = price.Usage{Prompt: int64(u.Prompt), CacheRead: int64(u.CacheRead), CacheWrite: int64(u.CacheWrite), Output: int64(out)}
 			}
-			rec.used = in + out
-			t.Settle(now, scheduler.Request(in, out), false)
+			rec.used, rec.promptUsed, rec.cached, rec.output = in+out, int(bill.Prompt), int(bill.CacheRead), out
+			cost := rt.bill(rec, bill)
+			t.Settle(now, scheduler.Request(in, out), cost, false)
 			ex.who.Used(rec.used)
 		}
 		return
 	}
-	rec.used = u.Total
+	rec.used, rec.promptUsed, rec.cached, rec.output = u.Total, u.Prompt, u.CacheRead, u.Completion
+	rec.absurd = u.Prompt >= provider.MaxUsage || u.Completion >= provider.MaxUsage
 	t.Model.Metrics.Used(c.est.prompt, u.Prompt, u.Completion)
 	rt.learn(t.Model, c, u)
 	in := rt.inputCounted(u, t.Model)
+	cost := rt.bill(rec, price.Usage{Prompt: int64(u.Prompt), CacheRead: int64(u.CacheRead), CacheWrite: int64(u.CacheWrite),
+		Output: int64(u.Completion)})
 	t.Settle(now, scheduler.Vector{scheduler.Requests: 1, scheduler.Tokens: max(u.Total-u.Prompt+in, in+u.Completion),
-		scheduler.InputTokens: in, scheduler.OutputTokens: u.Completion}, true)
+		scheduler.InputTokens: in, scheduler.OutputTokens: u.Completion}, cost, true)
 	ex.who.Used(u.Total)
+}
+
+// bill prices what a request used at its model's prices, records it in
+// its log line and counts it (an unpriced model's requests cost 0 and
+// are counted as such).
+func (rt *Route) bill(rec *requestLog, u price.Usage) price.Micro {
+	rate, ok := rt.opts.Prices.For(rec.model)
+	if !ok {
+		rec.series.Unpriced()
+		return 0
+	}
+	cost := rate.Cost(u)
+	rec.money = cost
+	rec.series.Spent(rec.client, cost.USD())
+	return cost
 }
 
 // inputCounted is the part of a reported prompt the input bucket counts:

@@ -25,6 +25,7 @@ import (
 	"github.com/llproxy/llproxy/internal/caller"
 	"github.com/llproxy/llproxy/internal/catalog"
 	"github.com/llproxy/llproxy/internal/clients"
+	"github.com/llproxy/llproxy/internal/price"
 	"github.com/llproxy/llproxy/internal/replicas"
 	"github.com/llproxy/llproxy/internal/statuspage"
 
@@ -173,13 +174,14 @@ func New(opts Options) (*Server, error) {
 		s.front = m.Responses("")
 		s.promHTTP = promhttp.HandlerFor(opts.Registry, promhttp.HandlerOpts{})
 	}
+	prices, secrets := price.NewTable(opts.Config.Prices), s.cfg.Secrets()
 	for name, rc := range opts.Config.Routes {
 		var prevRoute *route.Route
 		if prev != nil {
 			prevRoute = prev.routes[name]
 		}
 		rt, err := route.New(name, rc, route.Options{Tokenizer: s.tok, Metrics: s.metrics, Logger: s.log,
-			Transport: opts.Transport, Clients: s.dir, Secrets: s.cfg.Secrets(), Shared: s.shared,
+			Transport: opts.Transport, Clients: s.dir, Secrets: secrets, Shared: s.shared, Prices: prices,
 			Closing: s.closing.Load, Limits: s.limits(), Previous: prevRoute})
 		if err != nil {
 			return nil, fmt.Errorf("server: %w", err)

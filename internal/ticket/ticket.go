@@ -22,6 +22,7 @@ import (
 	"github.com/llproxy/llproxy/internal/clients"
 	"github.com/llproxy/llproxy/internal/fleet"
 	"github.com/llproxy/llproxy/internal/models"
+	"github.com/llproxy/llproxy/internal/price"
 	"github.com/llproxy/llproxy/internal/replicas"
 	"github.com/llproxy/llproxy/scheduler"
 )
@@ -60,6 +61,9 @@ type Ask struct {
 	Model  *models.Model
 	Name   string // the model's name, as the request gave it
 	Cost   scheduler.Vector
+	// Money is the most the request can cost: what its client's budgets
+	// in money hold for it until it settles.
+	Money price.Micro
 	// Class is the request's class.
 	Class scheduler.Class
 	// MaxWait, with OwnWait, is the request's own limit on its wait: it
@@ -125,7 +129,7 @@ func (g *Gate) AdmitInto(ctx context.Context, ask Ask, t *Ticket) (*Ticket, erro
 	t.g, t.Model, t.name = g, ask.Model, ask.Name
 	t.cost = scheduler.Cost{Amount: ask.Cost, Client: ask.Client.ID, Name: ask.Client.Name, Class: ask.Class,
 		MaxWait: ask.MaxWait, OwnWait: ask.OwnWait}
-	spend, err := ask.Client.Reserve(arrived, ask.Name, ask.Cost[scheduler.Tokens])
+	spend, err := ask.Client.Reserve(arrived, ask.Name, ask.Cost[scheduler.Tokens], ask.Money)
 	if err != nil {
 		return nil, err
 	}
@@ -307,17 +311,18 @@ func (t *Ticket) Observe(now time.Time, u scheduler.Upstream) bool {
 	return t.adm.Observe(now, u)
 }
 
-// Settle ends the request's holds with what it used, per resource: its
-// client's budget is charged used's tokens; where the gate settles on
-// actual usage and the upstream reported it (known), the buckets, local
-// and shared, are corrected to used, and the difference from the
-// reservation counted. Without known usage (a stream cut short) the
-// buckets keep the reservation. It takes effect once.
-func (t *Ticket) Settle(now time.Time, used scheduler.Vector, known bool) {
+// Settle ends the request's holds with what it used, per resource, and
+// what that cost: its client's budgets are charged used's tokens and
+// cost; where the gate settles on actual usage and the upstream reported
+// it (known), the buckets, local and shared, are corrected to used, and
+// the difference from the reservation counted. Without known usage (a
+// stream cut short) the buckets keep the reservation. It takes effect
+// once.
+func (t *Ticket) Settle(now time.Time, used scheduler.Vector, cost price.Micro, known bool) {
 	if t == nil || t.adm == nil {
 		return
 	}
-	t.spend.Settle(now, used[scheduler.Tokens])
+	t.spend.Settle(now, used[scheduler.Tokens], cost)
 	if known && t.g.SettleActual {
 		t.adm.Settle(now, used)
 		t.hold.settle(used)

@@ -145,11 +145,11 @@ func TestReleaseGivesEverythingBackOnce(t *testing.T) {
 		tk.Unsend(time.Now())
 		tk.Release(time.Now())
 		tk.Release(time.Now())
-		tk.Settle(time.Now(), scheduler.Request(60, 0), true) // after Release: nothing
+		tk.Settle(time.Now(), scheduler.Request(60, 0), 0, true) // after Release: nothing
 		tk2, err := w.gate.Admit(context.Background(), w.ask(b, 60))
 		require.NoError(t, err, "slot and budget are free again")
 		assert.Zero(t, tk2.Wait)
-		tk2.Settle(time.Now(), scheduler.Request(70, 0), true)
+		tk2.Settle(time.Now(), scheduler.Request(70, 0), 0, true)
 		tk2.Release(time.Now())
 		_, err = w.gate.Admit(context.Background(), w.ask(b, 40))
 		var exhausted *clients.Exhausted
@@ -158,7 +158,7 @@ func TestReleaseGivesEverythingBackOnce(t *testing.T) {
 		var none *Ticket
 		none.Release(time.Now())
 		none.Unsend(time.Now())
-		none.Settle(time.Now(), scheduler.Vector{}, true)
+		none.Settle(time.Now(), scheduler.Vector{}, 0, true)
 		assert.False(t, none.Observe(time.Now(), scheduler.Upstream{}))
 		assert.True(t, errors.Is(none.Requeue(context.Background(), true), scheduler.ErrClosed))
 	})
