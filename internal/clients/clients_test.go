@@ -74,8 +74,8 @@ func TestBudgetIsHeldThenSettledAndStartsOverAtMidnight(t *testing.T) {
 	require.ErrorAs(t, err, &held, "90 held + 11 > 100: only because of what is in flight")
 	assert.Equal(t, int64(90), held.Held)
 	s1.Settle(day, 20, 0) // used 20 of its 60: the rest goes back
-	s1.Release()       // no effect after Settle
-	s2.Release()       // used nothing
+	s1.Release()          // no effect after Settle
+	s2.Release()          // used nothing
 	s3, err := a.Reserve(day, "m", 70, 0)
 	require.NoError(t, err)
 	s3.Settle(day, 75, 0)
