@@ -21,7 +21,7 @@ import (
 // problem in it, each named by its JSON path, all in one pass.
 
 // reservedRoutes are paths the gateway serves itself.
-var reservedRoutes = []string{"metrics", "healthz", "health", "v1", "api", "status", "unload", "clients", "ui"}
+var reservedRoutes = []string{"metrics", "healthz", "health", "v1", "api", "status", "unload", "clients", "ui", "usage"}
 
 var routeName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]*$`)
 

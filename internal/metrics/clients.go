@@ -99,6 +99,10 @@ type BudgetStats struct {
 	Client, Model string
 	Used          int64
 	Budget        int64
+	// Period, when set ("day", "month"), makes it a budget in money
+	// instead: BudgetUSD, and SpentUSD of it in the period.
+	Period              string
+	BudgetUSD, SpentUSD float64
 }
 
 // ClientSource lists the clients' state; the server implements it.
@@ -110,6 +114,7 @@ type ClientSource interface {
 type clientCollector struct {
 	src                                             ClientSource
 	depth, inflight, used, budgetUsed, left, budget *prometheus.Desc
+	budgetUSD, leftUSD                              *prometheus.Desc
 }
 
 func newClientCollector(src ClientSource) *clientCollector {
@@ -126,6 +131,10 @@ func newClientCollector(src ClientSource) *clientCollector {
 			[]string{"client", "model"}, nil),
 		budget: prometheus.NewDesc("llproxy_client_budget_tokens",
 			"The client's daily token budget (tokensPerDay) for the model.", []string{"client", "model"}, nil),
+		budgetUSD: prometheus.NewDesc("llproxy_client_budget_usd",
+			"The client's budget in money for the period (day, month), in USD.", []string{"client", "period"}, nil),
+		leftUSD: prometheus.NewDesc("llproxy_client_budget_left_usd",
+			"What is left of the client's budget in money in the period now, in USD.", []string{"client", "period"}, nil),
 		left: prometheus.NewDesc("llproxy_client_budget_left_tokens",
 			"What is left of the client's daily token budget for the model today (model \"*\": the one budget of every model it covers).",
 			[]string{"client", "model"}, nil),
@@ -133,7 +142,7 @@ func newClientCollector(src ClientSource) *clientCollector {
 }
 
 func (c *clientCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.depth, c.inflight, c.used, c.budgetUsed, c.budget, c.left} {
+	for _, d := range []*prometheus.Desc{c.depth, c.inflight, c.used, c.budgetUsed, c.budget, c.left, c.budgetUSD, c.leftUSD} {
 		ch <- d
 	}
 }
@@ -144,6 +153,11 @@ func (c *clientCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.inflight, prometheus.GaugeValue, float64(s.InFlight), s.Route, s.Model, s.Client)
 	})
 	c.src.BudgetStats(func(s BudgetStats) {
+		if s.Period != "" {
+			ch <- prometheus.MustNewConstMetric(c.budgetUSD, prometheus.GaugeValue, s.BudgetUSD, s.Client, s.Period)
+			ch <- prometheus.MustNewConstMetric(c.leftUSD, prometheus.GaugeValue, max(0, s.BudgetUSD-s.SpentUSD), s.Client, s.Period)
+			return
+		}
 		if s.Model == "" {
 			ch <- prometheus.MustNewConstMetric(c.used, prometheus.GaugeValue, float64(s.Used), s.Client)
 			return

@@ -10,6 +10,7 @@ import (
 
 	"github.com/llproxy/llproxy/internal/anthropic"
 	"github.com/llproxy/llproxy/internal/clients"
+	"github.com/llproxy/llproxy/internal/ledger"
 	"github.com/llproxy/llproxy/internal/metrics"
 	"github.com/llproxy/llproxy/internal/price"
 	"github.com/llproxy/llproxy/internal/request"
@@ -36,6 +37,7 @@ type exchange struct {
 	backend    string          // the fleet backend of the last send
 	who        *metrics.Client // its client's series
 	tries      int             // sends so far
+	latency    time.Duration   // the last send's time to the upstream's headers
 	maxRetries int
 	backoff    time.Duration
 	strip      bool // include_usage was injected: strip it from the stream
@@ -172,6 +174,7 @@ func (rt *Route) logRequest(ctx context.Context, ex *exchange, rec *requestLog) 
 		status = 499 // client closed the request while queued
 	}
 	rt.answers.Count(status)
+	rt.record(ex, rec, status)
 	if !rt.log.Enabled(ctx, slog.LevelInfo) {
 		return
 	}
@@ -196,4 +199,21 @@ func (rt *Route) logRequest(ctx context.Context, ex *exchange, rec *requestLog) 
 		slog.String("remote", rec.remote),
 	}
 	rt.log.LogAttrs(ctx, slog.LevelInfo, "request", attrs[:]...)
+}
+
+// record hands the request's row to the usage ledger: every finished
+// request, refused or answered, with what it used and cost (an error
+// costs 0).
+func (rt *Route) record(ex *exchange, rec *requestLog, status int) {
+	if rt.opts.Usage == nil {
+		return
+	}
+	prompt := rec.promptUsed
+	if prompt == 0 {
+		prompt = rec.prompt
+	}
+	rt.opts.Usage.Add(ledger.Row{Time: time.Now(), RequestID: rec.id, Route: rec.route, Model: rec.model, Client: rec.client,
+		Class: rec.class, Outcome: rec.outcome, Backend: rec.backend, Status: status, Prompt: int64(prompt),
+		Cached: int64(rec.cached), Output: int64(rec.output), Cost: rec.money, Wait: rec.wait, Latency: ex.latency,
+		Marked: rec.absurd})
 }

@@ -178,7 +178,8 @@ func (rt *Route) try(ex *exchange, r *http.Request, model string, c *call, body 
 			res.Body, a.tap = &ex.bodyTap, &ex.bodyTap
 		}
 	}
-	ms.Metrics.Upstream(status, now.Sub(sent))
+	ex.latency = now.Sub(sent)
+	ms.Metrics.Upstream(status, ex.latency)
 	relay.RedactErrors(res, rt.opts.Secrets)
 	ex.delivering, ex.unsettled = a, true
 	relay.Respond(ex, r, res)

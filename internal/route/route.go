@@ -29,6 +29,7 @@ import (
 	"github.com/llproxy/llproxy/internal/clients"
 	"github.com/llproxy/llproxy/internal/config"
 	"github.com/llproxy/llproxy/internal/fleet"
+	"github.com/llproxy/llproxy/internal/ledger"
 	"github.com/llproxy/llproxy/internal/metrics"
 	"github.com/llproxy/llproxy/internal/models"
 	"github.com/llproxy/llproxy/internal/openai"
@@ -83,6 +84,9 @@ type Options struct {
 	Shared *replicas.State
 	// Prices price the requests (nil: every request costs 0).
 	Prices *price.Table
+	// Usage, if set, is given every finished request's row (the usage
+	// ledger).
+	Usage UsageSink
 	// Previous is the route of the same name before a reload: its queues
 	// (and its fleet, if the fleet's config is the same) go on in this one.
 	Previous *Route
@@ -278,6 +282,9 @@ func (c mockCounter) TextTokens(model, text string) int {
 
 // parsers parse request bodies, each once.
 var parsers fastjson.ParserPool
+
+// UsageSink takes finished requests' rows; it never blocks.
+type UsageSink interface{ Add(ledger.Row) }
 
 // lessor is where a route's sends go (package fleet): its one URL, or a
 // backend of its fleet held for the send.

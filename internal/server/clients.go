@@ -10,6 +10,7 @@ import (
 
 	"github.com/llproxy/llproxy/internal/clients"
 	"github.com/llproxy/llproxy/internal/metrics"
+	"github.com/llproxy/llproxy/internal/price"
 	"github.com/llproxy/llproxy/scheduler"
 )
 
@@ -39,12 +40,41 @@ type clientView struct {
 	Depth    map[string]int `json:"queueDepth"`
 	Waiting  int            `json:"waiting"`
 	InFlight int            `json:"inFlight"`
+	// Spend is its spend in money today (UTC) and this month, what
+	// requests in flight hold, and what is left of each budget in money,
+	// in USD.
+	Spend clientSpend `json:"spend"`
 	// UsedToday is tokens used today (UTC) over every model; BudgetLeft
 	// what is left of each daily budget.
 	UsedToday  int64              `json:"tokensUsedToday"`
 	BudgetLeft map[string]int64   `json:"budgetLeft"`
 	Queues     []clientQueue      `json:"queues"`
 	Models     []clients.ModelUse `json:"models"`
+}
+
+// clientSpend is a client's spend in GET /clients.
+type clientSpend struct {
+	TodayUSD     json.Number  `json:"todayUsd"`
+	MonthUSD     json.Number  `json:"monthUsd"`
+	ReservedUSD  json.Number  `json:"reservedUsd"`
+	PerDayUSD    *json.Number `json:"usdPerDay,omitempty"`
+	PerMonthUSD  *json.Number `json:"usdPerMonth,omitempty"`
+	LeftTodayUSD *json.Number `json:"leftTodayUsd,omitempty"`
+	LeftMonthUSD *json.Number `json:"leftMonthUsd,omitempty"`
+}
+
+func spendOf(c *clients.Client, now time.Time) clientSpend {
+	day, month, held := c.SpendNow(now)
+	bd, bm := c.MoneyBudgets()
+	num := func(m price.Micro) *json.Number { n := json.Number(usd(m)); return &n }
+	sp := clientSpend{TodayUSD: *num(day), MonthUSD: *num(month), ReservedUSD: *num(held)}
+	if bd > 0 {
+		sp.PerDayUSD, sp.LeftTodayUSD = num(bd), num(max(0, bd-day))
+	}
+	if bm > 0 {
+		sp.PerMonthUSD, sp.LeftMonthUSD = num(bm), num(max(0, bm-month))
+	}
+	return sp
 }
 
 // clients is GET /clients: each client's queue depth per model, in-flight
@@ -56,7 +86,7 @@ func (s *Server) clients(w http.ResponseWriter) {
 	for i, c := range all {
 		views[i] = clientView{Name: c.Name, Weight: c.Weight, Class: c.Class.String(), Routes: c.Routes(), Depth: map[string]int{},
 			ByClass: map[string]int{"interactive": 0, "batch": 0}, BudgetLeft: map[string]int64{}, Queues: []clientQueue{},
-			Models: c.Today(now)}
+			Models: c.Today(now), Spend: spendOf(c, now)}
 		for _, m := range views[i].Models {
 			views[i].UsedToday += m.Used
 			if m.Left != nil {
@@ -152,6 +182,14 @@ func (s *Server) BudgetStats(yield func(metrics.BudgetStats)) {
 			}
 		}
 		yield(metrics.BudgetStats{Client: c.Name, Used: total})
+		day, month, _ := c.SpendNow(now)
+		bd, bm := c.MoneyBudgets()
+		if bd > 0 {
+			yield(metrics.BudgetStats{Client: c.Name, Period: "day", BudgetUSD: bd.USD(), SpentUSD: day.USD()})
+		}
+		if bm > 0 {
+			yield(metrics.BudgetStats{Client: c.Name, Period: "month", BudgetUSD: bm.USD(), SpentUSD: month.USD()})
+		}
 		for _, key := range slices.Sorted(maps.Keys(budgets)) {
 			yield(*budgets[key])
 		}

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/llproxy/llproxy/internal/caller"
+	"github.com/llproxy/llproxy/internal/ledger"
 	"github.com/llproxy/llproxy/internal/openai"
 	"github.com/llproxy/llproxy/internal/request"
 	"github.com/llproxy/llproxy/internal/route"
@@ -45,6 +46,7 @@ func (s *Server) newMux() *http.ServeMux {
 	admin("GET", "/status", func(w http.ResponseWriter, r *http.Request) { s.status(w) })
 	admin("POST", "/health/force-check", func(w http.ResponseWriter, r *http.Request) { s.health(w, r, true) })
 	admin("GET", "/clients", func(w http.ResponseWriter, r *http.Request) { s.clients(w) })
+	admin("GET", "/usage", s.usage)
 	admin("GET", "/ui", s.page.ServeHTML)
 	admin("GET", "/ui/app.js", s.page.ServeScript)
 	admin("GET", "/ui/state", s.page.ServeState)
@@ -266,6 +268,8 @@ func (s *Server) logFront(r *http.Request, status int, outcome string) {
 	s.log.LogAttrs(r.Context(), slog.LevelInfo, "request", slog.String("request_id", r.Header.Get("X-Request-Id")),
 		slog.String("method", r.Method), slog.String("path", r.URL.Path), slog.String("client", who),
 		slog.Int("status", status), slog.String("outcome", outcome), slog.String("remote", r.RemoteAddr))
+	s.ledger.Add(ledger.Row{Time: time.Now(), RequestID: r.Header.Get("X-Request-Id"), Client: who, Outcome: outcome,
+		Status: status})
 }
 
 // authorized checks the client's key against clientKeys in constant time.

@@ -25,6 +25,7 @@ import (
 	"github.com/llproxy/llproxy/internal/caller"
 	"github.com/llproxy/llproxy/internal/catalog"
 	"github.com/llproxy/llproxy/internal/clients"
+	"github.com/llproxy/llproxy/internal/ledger"
 	"github.com/llproxy/llproxy/internal/price"
 	"github.com/llproxy/llproxy/internal/replicas"
 	"github.com/llproxy/llproxy/internal/statuspage"
@@ -90,6 +91,7 @@ type Server struct {
 	page          *statuspage.Page // GET /ui: it outlives reloads
 	src           *source          // what the scrape-time metrics and the shared hooks read: the current gateway
 	ollama        *ollama.Handler
+	ledger        *ledger.Ledger // where every finished request is written; nil: none (it outlives reloads)
 }
 
 var _ metrics.Source = (*Server)(nil)
@@ -139,6 +141,15 @@ func New(opts Options) (*Server, error) {
 	if k := opts.Config.MetricsKey.Value(); k != "" {
 		s.metricsHashes = caller.Hash(k)
 	}
+	if prev != nil {
+		s.ledger = prev.ledger
+	} else {
+		l, err := openLedger(opts.Config, s.log, opts.Registry)
+		if err != nil {
+			return nil, fmt.Errorf("server: %w", err)
+		}
+		s.ledger = l
+	}
 	if prev != nil && prev.shared != nil {
 		s.shared = prev.shared // its config is the process's: changed by a restart
 		s.dir.Share(s.shared)
@@ -181,7 +192,7 @@ func New(opts Options) (*Server, error) {
 			prevRoute = prev.routes[name]
 		}
 		rt, err := route.New(name, rc, route.Options{Tokenizer: s.tok, Metrics: s.metrics, Logger: s.log,
-			Transport: opts.Transport, Clients: s.dir, Secrets: secrets, Shared: s.shared, Prices: prices,
+			Transport: opts.Transport, Clients: s.dir, Secrets: secrets, Shared: s.shared, Prices: prices, Usage: usageSink(s.ledger),
 			Closing: s.closing.Load, Limits: s.limits(), Previous: prevRoute})
 		if err != nil {
 			return nil, fmt.Errorf("server: %w", err)
@@ -219,6 +230,11 @@ func (s *Server) healthz(w http.ResponseWriter, _ *http.Request) {
 		// Still serving, but today's use is not kept: a restart would
 		// start the budgets from what the file last held.
 		json.NewEncoder(w).Encode(map[string]string{"status": "degraded", "stateFile": err.Error()})
+		return
+	}
+	if err := s.ledger.Err(); err != nil {
+		// Still serving: rows wait in memory until the database answers.
+		json.NewEncoder(w).Encode(map[string]string{"status": "degraded", "usage": err.Error()})
 		return
 	}
 	io.WriteString(w, `{"status":"ok"}`+"\n")
@@ -319,6 +335,14 @@ func Shutdown(ctx context.Context, srv *http.Server, s *Server, timeout time.Dur
 	}
 	s.StopBackends() // no model server outlives llproxy
 	s.SaveState()    // after the last request settled
+	if s.ledger != nil {
+		// SIGTERM loses no row: what is buffered is written.
+		lctx, lcancel := context.WithTimeout(context.Background(), 30*time.Second)
+		if lerr := s.ledger.Close(lctx); lerr != nil {
+			s.log.Error("usage ledger: not every row was written", "err", lerr)
+		}
+		lcancel()
+	}
 	if s.shared != nil {
 		s.shared.Close()
 	}
