@@ -9,11 +9,13 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -249,4 +251,72 @@ func TestTwoReplicasIntoOnePostgres(t *testing.T) {
 	assert.Equal(t, int64(200), groups[0].Requests)
 	assert.Contains(t, a.logs.String(), "usage ledger")
 	assert.NotContains(t, a.logs.String(), "pw-never-logged", "the store is named without its password")
+}
+
+// The built binary keeps its ledger in usage.db next to its config; on
+// SIGTERM it writes what it holds before it exits, so no row of a request
+// it answered is lost to a batch that was not yet due.
+func TestSIGTERMFlushesTheLedger(t *testing.T) {
+	bin := llproxyBinary(t)
+	up, _ := usageUpstream(5)
+	srv := httptest.NewServer(up)
+	t.Cleanup(srv.Close)
+	dir := t.TempDir()
+	cfgPath := filepath.Join(dir, "config.json")
+	cfg := strings.ReplaceAll(fmt.Sprintf(moneyConfig, ""), "$UPSTREAM", srv.URL)
+	require.NoError(t, os.WriteFile(cfgPath, []byte(cfg), 0o600))
+	base, cmd, logs := startBinary(t, bin, cfgPath)
+	const n = 300
+	for range n {
+		req, _ := http.NewRequest(http.MethodPost, base+"/openai/v1/chat/completions",
+			strings.NewReader(`{"model":"gpt-4o","max_tokens":5,"messages":[]}`))
+		req.Header.Set("Authorization", "Bearer tk")
+		resp, err := http.DefaultClient.Do(req)
+		require.NoError(t, err)
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
+	require.NoError(t, cmd.Process.Signal(syscall.SIGTERM))
+	require.NoError(t, cmd.Wait())
+	assert.Contains(t, logs.String(), "usage.db")
+
+	st, err := ledger.OpenSQLite(filepath.Join(dir, "usage.db"))
+	require.NoError(t, err)
+	defer st.Close()
+	q, _ := ledger.ParseQuery("2000-01-01", "2100-01-01", "client", time.Now())
+	groups, err := st.Sum(context.Background(), q)
+	require.NoError(t, err)
+	require.Len(t, groups, 1)
+	assert.Equal(t, int64(n), groups[0].Requests, "every answered request is a row")
+}
+
+// A PostgreSQL that does not answer at start does not stop the gateway:
+// it serves, keeps the rows in memory, and says why in the log and in
+// /healthz's body while /healthz stays 200.
+func TestUnreachablePostgresAtStart(t *testing.T) {
+	bin := llproxyBinary(t)
+	up, _ := usageUpstream(6)
+	srv := httptest.NewServer(up)
+	t.Cleanup(srv.Close)
+	dir := t.TempDir()
+	cfgPath := filepath.Join(dir, "config.json")
+	dead := "postgres://postgres:pw-never-logged@" + port(t) + "/usage?sslmode=disable&connect_timeout=2"
+	cfg := strings.ReplaceAll(fmt.Sprintf(moneyConfig, `, "usage": {"store": "`+dead+`"}`), "$UPSTREAM", srv.URL)
+	require.NoError(t, os.WriteFile(cfgPath, []byte(cfg), 0o600))
+	base, _, logs := startBinary(t, bin, cfgPath)
+	req, _ := http.NewRequest(http.MethodPost, base+"/openai/v1/chat/completions",
+		strings.NewReader(`{"model":"gpt-4o","max_tokens":5,"messages":[]}`))
+	req.Header.Set("Authorization", "Bearer tk")
+	resp, err := http.DefaultClient.Do(req)
+	require.NoError(t, err)
+	resp.Body.Close()
+	assert.Equal(t, http.StatusOK, resp.StatusCode)
+	hr, err := http.Get(base + "/healthz")
+	require.NoError(t, err)
+	body := readAll(t, hr)
+	assert.Equal(t, http.StatusOK, hr.StatusCode)
+	assert.Contains(t, body, `"status":"degraded"`)
+	assert.Contains(t, body, `"usage"`)
+	assert.Contains(t, logs.String(), "rows are kept in memory")
+	assert.NotContains(t, logs.String()+body, "pw-never-logged")
 }
