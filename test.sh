@@ -6,10 +6,12 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 # The servers and tools the tests run for real: redis-server (replicas),
-# promtool (the alert rules), chromium (the status page).
+# PostgreSQL's initdb and pg_ctl (the usage ledger; each test starts its
+# own server), promtool (the alert rules), chromium (the status page).
 need=""
 command -v redis-server >/dev/null || need="$need redis-server"
 command -v promtool >/dev/null || need="$need prometheus"
+command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need="$need postgresql"
 command -v chromium >/dev/null || need="$need chromium"
 if [ -n "$need" ]; then
   SUDO=""
