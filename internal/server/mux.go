@@ -36,7 +36,7 @@ func (s *Server) newMux() *http.ServeMux {
 		if method == http.MethodPost {
 			h = s.guarded(h) // mutating: never another site's form
 		}
-		if path != "/ui/state" && path != "/ui/app.js" {
+		if !strings.HasPrefix(path, "/ui/") {
 			h = s.logged(h) // not the page's own polling
 		}
 		mux.Handle(method+" "+path, s.require(s.adminKeys(), "an admin key", h))
@@ -50,6 +50,7 @@ func (s *Server) newMux() *http.ServeMux {
 	admin("GET", "/ui", s.page.ServeHTML)
 	admin("GET", "/ui/app.js", s.page.ServeScript)
 	admin("GET", "/ui/state", s.page.ServeState)
+	admin("GET", "/ui/spend", s.spend)
 	admin("POST", "/unload", func(w http.ResponseWriter, r *http.Request) { s.unload(w, "") })
 	admin("POST", "/unload/{model...}", func(w http.ResponseWriter, r *http.Request) { s.unload(w, r.PathValue("model")) })
 	ollama := s.requireOllama(http.HandlerFunc(s.serveOllama))

@@ -2,14 +2,18 @@ package server
 
 import (
 	"bufio"
+	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -87,4 +91,79 @@ func TestStatusPageInABrowser(t *testing.T) {
 	info, err := os.Stat(shot)
 	require.NoError(t, err)
 	assert.Positive(t, info.Size())
+}
+
+// TestSpendViewInABrowser reads the status page's spend view in headless
+// Chromium: each client's spend today and this month (against its budget
+// where it has one) equals GET /clients', and its chart draws the days
+// the usage ledger holds.
+func TestSpendViewInABrowser(t *testing.T) {
+	dir := filepath.Join("testdata", "ui")
+	if _, err := os.Stat(filepath.Join(dir, "node_modules", "playwright-core")); err != nil {
+		t.Fatalf("playwright-core is not installed: run `npm ci --prefix %s` (./test.sh does): %v", dir, err)
+	}
+	up, _ := usageUpstream(11)
+	srv := httptest.NewServer(up)
+	t.Cleanup(srv.Close)
+	store := filepath.Join(t.TempDir(), "usage.db")
+	g := newGateway(t, fmt.Sprintf(moneyConfig, `, "adminKeys": ["admin-key"], "usage": {"store": "sqlite:`+store+`"}`), srv.URL, nil)
+	for i := range 30 {
+		key := "tk"
+		if i%3 == 0 {
+			key = "fk"
+		}
+		resp := g.post(t, "/openai/v1/chat/completions", `{"model":"gpt-4o","max_tokens":500,"messages":[{"role":"user","content":"hi"}]}`,
+			"Authorization", "Bearer "+key)
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		require.Equal(t, http.StatusOK, resp.StatusCode)
+	}
+	admin := func(path string, v any) {
+		req, _ := http.NewRequest(http.MethodGet, g.URL+path, nil)
+		req.Header.Set("Authorization", "Bearer admin-key")
+		resp, err := http.DefaultClient.Do(req)
+		require.NoError(t, err)
+		defer resp.Body.Close()
+		require.Equal(t, http.StatusOK, resp.StatusCode)
+		require.NoError(t, json.NewDecoder(resp.Body).Decode(v))
+	}
+	// The ledger has written every row (it batches by the second).
+	require.Eventually(t, func() bool {
+		var v spendView
+		admin("/ui/spend", &v)
+		return len(v.Days) == 2
+	}, 10*time.Second, 50*time.Millisecond)
+	var cs struct{ Clients []clientView }
+	admin("/clients", &cs)
+	want := map[string]clientSpend{}
+	for _, c := range cs.Clients {
+		want[c.Name] = c.Spend
+	}
+	require.NotEqual(t, "0", want["team"].TodayUSD.String(), "the team has spent")
+
+	cmd := exec.Command("node", "spend.mjs")
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), "GATEWAY_URL="+g.URL, "ADMIN_KEY=admin-key")
+	if p := os.Getenv("LLPROXY_SPEND_SCREENSHOT"); p != "" {
+		cmd.Env = append(cmd.Env, "SCREENSHOT="+p)
+	}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	require.NoError(t, err, stderr.String())
+	var seen map[string]struct {
+		Today, TodayText, Month, MonthText string
+		ChartDays                          int
+	}
+	require.NoError(t, json.Unmarshal(out, &seen), string(out))
+	require.Len(t, seen, 2)
+	for name, w := range want {
+		s := seen[name]
+		assert.Equal(t, w.TodayUSD.String(), s.Today, name)
+		assert.Equal(t, w.MonthUSD.String(), s.Month, name)
+		assert.Equal(t, 1, s.ChartDays, name)
+	}
+	assert.True(t, strings.HasSuffix(seen["team"].TodayText, " of $0.50"), "against its daily budget: %q", seen["team"].TodayText)
+	assert.True(t, strings.HasSuffix(seen["team"].MonthText, " of $100.00"), "against its monthly budget: %q", seen["team"].MonthText)
+	assert.NotContains(t, seen["free"].TodayText, "of", "no budget: the amount alone")
 }

@@ -107,11 +107,69 @@ function render(state) {
   main.replaceChildren(...sections);
   document.getElementById("updated").textContent = "updated " + new Date(state.time).toLocaleTimeString();
 }
+// money is a dollar amount as the spend view shows it: whole cents when
+// it is a dollar or more (or whole cents anyway), to a hundredth of a cent below.
+const money = v => "$" + (v >= 1000 ? v.toFixed(0) : v >= 1 || Number.isInteger(Math.round(v * 1e6) / 1e4) ? v.toFixed(2) : v.toFixed(4));
+// spent draws a client's spend in a period against its budget (if any):
+// a bar of the budget used, the amount, and what is left.
+function spent(amount, budget, left) {
+  const a = Number(amount);
+  if (budget === undefined) return $("span", { class: "num", text: money(a) });
+  const b = Number(budget);
+  const used = $("span", { class: "bar", title: `${money(a)} of ${money(b)} spent` }, $("span"));
+  used.firstChild.style.width = Math.min(100, b > 0 ? 100 * a / b : 100) + "%";
+  return $("span", {}, used,
+    $("span", { class: Number(left) > 0 ? "num" : "num over", text: ` ${money(a)} of ${money(b)}` }));
+}
+// dayChart draws a client's spend per day of the month, a bar a day.
+function dayChart(month, days) {
+  const [y, m] = month.split("-").map(Number);
+  const n = new Date(Date.UTC(y, m, 0)).getUTCDate();
+  const perDay = new Array(n).fill(0);
+  for (const d of days) perDay[Number(d.day.slice(8, 10)) - 1] += Number(d.costUsd);
+  const c = $("canvas", { width: 300, height: 48, "data-days": String(days.length),
+    title: "spend per day this month: " + perDay.map((v, i) => v ? `${i + 1}: ${money(v)}` : "").filter(Boolean).join(", ") });
+  const g = c.getContext("2d"), max = Math.max(...perDay), w = c.width / n;
+  g.fillStyle = "#4c7bd9";
+  perDay.forEach((v, i) => {
+    if (!v) return;
+    const h = Math.max(1, v / max * (c.height - 4));
+    g.fillRect(i * w + 1, c.height - h, Math.max(1, w - 2), h);
+  });
+  return c;
+}
+// renderSpend draws the spend view: per client, today and this month
+// against its budget, in flight, and a chart per day.
+function renderSpend(v) {
+  const s = document.getElementById("spend");
+  s.hidden = !v.clients.length;
+  const t = $("table", {}, $("tr", {},
+    ...["client", "today (UTC)", "this month", "reserved in flight", "per day this month"].map(h => $("th", { text: h }))));
+  for (const c of v.clients) {
+    t.append($("tr", { "data-client": c.name },
+      $("td", { text: c.name }),
+      $("td", { class: "today", "data-usd": c.todayUsd }, spent(c.todayUsd, c.usdPerDay, c.leftTodayUsd)),
+      $("td", { class: "month", "data-usd": c.monthUsd }, spent(c.monthUsd, c.usdPerMonth, c.leftMonthUsd)),
+      $("td", { class: "num reserved", text: money(Number(c.reservedUsd)) }),
+      $("td", {}, v.days ? dayChart(v.month, v.days.filter(d => d.client === c.name)) : $("span", { class: "small", text: "no usage ledger" }))));
+  }
+  s.replaceChildren($("h2", { text: "spend, " + v.month }), t);
+  if (v.error) s.append($("p", { class: "bad small", text: v.error }));
+}
+let spendDue = 0;
+async function tickSpend() {
+  if (Date.now() < spendDue) return;
+  spendDue = Date.now() + 5000; // the ledger's sums, every five seconds
+  const r = await fetch("/ui/spend", { cache: "no-store" });
+  if (!r.ok) throw new Error(r.status + " " + r.statusText);
+  renderSpend(await r.json());
+}
 async function tick() {
   try {
     const r = await fetch("/ui/state", { cache: "no-store" });
     if (!r.ok) throw new Error(r.status + " " + r.statusText);
     render(await r.json());
+    await tickSpend();
     document.getElementById("error").textContent = "";
   } catch (e) {
     document.getElementById("error").textContent = "cannot reach llproxy: " + e.message;
