@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
@@ -16,11 +17,14 @@ import (
 )
 
 // exportedMetrics returns the names of every series llproxy exports with a
-// config that exercises them all: clients with a budget, a fleet, a mock,
-// shared limits.
+// config that exercises them all: clients with budgets in tokens and in
+// money, prices (and a model without one), a usage ledger, a fleet, a
+// mock, shared limits.
 func exportedMetrics(t *testing.T) map[string]bool {
 	up := newUpstream(t)
-	g := newGateway(t, `{"clients": {"a": {"keys": ["k"], "limits": {"*": {"tokensPerDay": 5000}}}}, "routes": {
+	g := newGateway(t, `{"prices": {"mock": {"input": 1, "output": 2}},
+	  "usage": {"store": "sqlite:`+filepath.Join(t.TempDir(), "usage.db")+`"},
+	  "clients": {"a": {"keys": ["k"], "limits": {"*": {"tokensPerDay": 5000}}, "budget": {"usdPerDay": 10, "usdPerMonth": 100}}}, "routes": {
 	  "demo": {"provider": "mock", "models": {"*": {"rpm": 100, "tpm": 100000, "maxQueueSize": 5, "maxQueueWait": 5}}},
 	  "local": {"backends": [{"name": "b", "url": "$UPSTREAM", "models": ["m"]}],
 	    "models": {"*": {"rpm": 100, "tpm": 100000, "maxQueueSize": 5, "maxQueueWait": 5}}}}}`, up.URL, nil)
@@ -28,6 +32,8 @@ func exportedMetrics(t *testing.T) map[string]bool {
 	require.Equal(t, 200, resp.StatusCode)
 	resp = g.post(t, "/demo/v1/chat/completions", `{"model":"mock","max_tokens":1000000,"messages":[{"role":"user","content":"hi"}]}`, "Authorization", "Bearer k")
 	require.Equal(t, 429, resp.StatusCode)
+	resp = g.post(t, "/local/v1/chat/completions", `{"model":"m","messages":[{"role":"user","content":"hi"}]}`, "Authorization", "Bearer k")
+	require.Equal(t, 200, resp.StatusCode, "a model without a price")
 	st, err := replicas.New(replicas.Config{Redis: "redis://127.0.0.1:1/0"}, slog.New(slog.NewTextHandler(io.Discard, nil)), g.reg)
 	require.NoError(t, err)
 	defer st.Close()
