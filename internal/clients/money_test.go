@@ -42,7 +42,7 @@ func TestMoneyBudget(t *testing.T) {
 	require.ErrorAs(t, err, &over)
 	assert.Equal(t, "day", over.Period)
 	assert.Equal(t, time.Date(2026, 12, 8, 0, 0, 0, 0, time.UTC), over.ResetAt())
-	assert.Contains(t, over.Error(), "client team has spent $0.700000 of its $1.000000 per day")
+	assert.Contains(t, over.Error(), "client team has spent $0.70 of its $1.00 per day")
 	// The next day it fits again; the month counts both days.
 	s3, err := c.Reserve(now.Add(12*time.Hour), "m", 0, price.FromUSD(0.4))
 	require.NoError(t, err)

@@ -13,8 +13,6 @@ import (
 
 	_ "github.com/jackc/pgx/v5/stdlib" // the "pgx" database/sql driver
 	_ "modernc.org/sqlite"             // the "sqlite" database/sql driver: pure Go, the static build stays
-
-	"github.com/llproxy/llproxy/internal/price"
 )
 
 // sqlStore is the ledger in SQLite or PostgreSQL, through database/sql:
@@ -117,6 +115,10 @@ func (s *sqlStore) Ready(ctx context.Context) error {
 			hour BIGINT NOT NULL, route TEXT NOT NULL, model TEXT NOT NULL, client TEXT NOT NULL, outcome TEXT NOT NULL,
 			requests BIGINT NOT NULL, prompt BIGINT NOT NULL, cached BIGINT NOT NULL, output BIGINT NOT NULL,
 			cost_micro BIGINT NOT NULL, PRIMARY KEY (hour, route, model, client, outcome))`,
+		`CREATE TABLE IF NOT EXISTS usage_daily (
+			day BIGINT NOT NULL, route TEXT NOT NULL, model TEXT NOT NULL, client TEXT NOT NULL, outcome TEXT NOT NULL,
+			requests BIGINT NOT NULL, prompt BIGINT NOT NULL, cached BIGINT NOT NULL, output BIGINT NOT NULL,
+			cost_micro BIGINT NOT NULL, PRIMARY KEY (day, route, model, client, outcome))`,
 	}
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
@@ -147,66 +149,134 @@ const (
 	usPerDay  = 24 * usPerHour
 )
 
-type hourKey struct {
-	hour                          int64
+// rollupKey is a group of a rollup table: its period (an hour or a day
+// since the epoch) and the row's keys.
+type rollupKey struct {
+	at                            int64
 	route, model, client, outcome string
 }
 
 type sums struct{ requests, prompt, cached, output, cost int64 }
 
-// Insert writes rows, and adds them to their hours' sums, in one
-// transaction.
+func (a *sums) add(b sums) {
+	a.requests, a.prompt, a.cached, a.output, a.cost = a.requests+b.requests, a.prompt+b.prompt,
+		a.cached+b.cached, a.output+b.output, a.cost+b.cost
+}
+
+// Insert writes rows, and adds them to their hours' and days' sums, in
+// one transaction.
 func (s *sqlStore) Insert(ctx context.Context, rows []Row) error {
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
 		return err
 	}
 	defer tx.Rollback()
-	ins, err := tx.PrepareContext(ctx, s.q(`INSERT INTO usage (ts, request_id, route, model, client, class, status, outcome,
-		prompt, cached, output, cost_micro, wait_ms, latency_ms, backend, marked) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`))
-	if err != nil {
-		return err
-	}
-	defer ins.Close()
-	hours := map[hourKey]*sums{}
+	hours, days := map[rollupKey]*sums{}, map[rollupKey]*sums{}
 	for _, r := range rows {
 		ts := r.Time.UnixMicro()
-		marked := 0
-		if r.Marked {
-			marked = 1
+		one := sums{1, r.Prompt, r.Cached, r.Output, int64(r.Cost)}
+		for _, t := range [...]struct {
+			m    map[rollupKey]*sums
+			unit int64
+		}{{hours, usPerHour}, {days, usPerDay}} {
+			k := rollupKey{floorDiv(ts, t.unit), r.Route, r.Model, r.Client, r.Outcome}
+			if t.m[k] == nil {
+				t.m[k] = &sums{}
+			}
+			t.m[k].add(one)
 		}
-		if _, err := ins.ExecContext(ctx, ts, r.RequestID, r.Route, r.Model, r.Client, r.Class, r.Status, r.Outcome,
-			r.Prompt, r.Cached, r.Output, int64(r.Cost), ms(r.Wait), ms(r.Latency), r.Backend, marked); err != nil {
+	}
+	// The rows go insertChunk at a time, one statement each: a statement
+	// per row costs SQLite more in binding and stepping than the row.
+	args := make([]any, 0, insertChunk*rowColumns)
+	// The few names rows repeat (route, model, client, ...) are boxed
+	// once per batch, not once per row.
+	boxed := map[string]any{}
+	box := func(v string) any {
+		b, ok := boxed[v]
+		if !ok {
+			b = v
+			boxed[v] = b
+		}
+		return b
+	}
+	var full *sql.Stmt
+	for len(rows) > 0 {
+		n := min(len(rows), insertChunk)
+		args = args[:0]
+		for _, r := range rows[:n] {
+			marked := 0
+			if r.Marked {
+				marked = 1
+			}
+			args = append(args, r.Time.UnixMicro(), r.RequestID, box(r.Route), box(r.Model), box(r.Client), box(r.Class),
+				r.Status, box(r.Outcome), r.Prompt, r.Cached, r.Output, int64(r.Cost), ms(r.Wait), ms(r.Latency),
+				box(r.Backend), marked)
+		}
+		rows = rows[n:]
+		if n == insertChunk {
+			if full == nil {
+				if full, err = tx.PrepareContext(ctx, s.insertRows(n)); err != nil {
+					return err
+				}
+				defer full.Close()
+			}
+			_, err = full.ExecContext(ctx, args...)
+		} else {
+			_, err = tx.ExecContext(ctx, s.insertRows(n), args...)
+		}
+		if err != nil {
 			return err
 		}
-		k := hourKey{floorDiv(ts, usPerHour), r.Route, r.Model, r.Client, r.Outcome}
-		h := hours[k]
-		if h == nil {
-			h = &sums{}
-			hours[k] = h
-		}
-		h.requests++
-		h.prompt += r.Prompt
-		h.cached += r.Cached
-		h.output += r.Output
-		h.cost += int64(r.Cost)
 	}
-	up, err := tx.PrepareContext(ctx, s.q(`INSERT INTO usage_hourly (hour, route, model, client, outcome, requests, prompt, cached,
-		output, cost_micro) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (hour, route, model, client, outcome) DO UPDATE SET
-		requests = usage_hourly.requests + excluded.requests, prompt = usage_hourly.prompt + excluded.prompt,
-		cached = usage_hourly.cached + excluded.cached, output = usage_hourly.output + excluded.output,
-		cost_micro = usage_hourly.cost_micro + excluded.cost_micro`))
+	if err := s.rollup(ctx, tx, "usage_hourly", "hour", hours); err != nil {
+		return err
+	}
+	if err := s.rollup(ctx, tx, "usage_daily", "day", days); err != nil {
+		return err
+	}
+	return tx.Commit()
+}
+
+// insertChunk is how many rows one INSERT writes (× rowColumns
+// parameters: within SQLite's 32,766 and PostgreSQL's 65,535).
+const (
+	insertChunk = 100
+	rowColumns  = 16
+)
+
+// insertRows is the INSERT of n rows.
+func (s *sqlStore) insertRows(n int) string {
+	var b strings.Builder
+	b.WriteString(`INSERT INTO usage (ts, request_id, route, model, client, class, status, outcome, prompt, cached, output,
+		cost_micro, wait_ms, latency_ms, backend, marked) VALUES `)
+	for i := range n {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		b.WriteString("(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)")
+	}
+	return s.q(b.String())
+}
+
+// rollup adds sums to a rollup table's groups.
+func (s *sqlStore) rollup(ctx context.Context, tx *sql.Tx, table, at string, groups map[rollupKey]*sums) error {
+	up, err := tx.PrepareContext(ctx, s.q(`INSERT INTO `+table+` (`+at+`, route, model, client, outcome, requests, prompt,
+		cached, output, cost_micro) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT (`+at+`, route, model, client, outcome) DO UPDATE SET
+		requests = `+table+`.requests + excluded.requests, prompt = `+table+`.prompt + excluded.prompt,
+		cached = `+table+`.cached + excluded.cached, output = `+table+`.output + excluded.output,
+		cost_micro = `+table+`.cost_micro + excluded.cost_micro`))
 	if err != nil {
 		return err
 	}
 	defer up.Close()
-	for k, h := range hours {
-		if _, err := up.ExecContext(ctx, k.hour, k.route, k.model, k.client, k.outcome, h.requests, h.prompt, h.cached,
+	for k, h := range groups {
+		if _, err := up.ExecContext(ctx, k.at, k.route, k.model, k.client, k.outcome, h.requests, h.prompt, h.cached,
 			h.output, h.cost); err != nil {
 			return err
 		}
 	}
-	return tx.Commit()
+	return nil
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
@@ -219,118 +289,18 @@ func floorDiv(a, b int64) int64 {
 	return q
 }
 
-// Prune drops the rows and hours before t.
+// Prune drops the rows, hours and days before t's day (so that every
+// day kept is whole in each table).
 func (s *sqlStore) Prune(ctx context.Context, t time.Time) error {
-	us := t.UnixMicro()
-	if _, err := s.db.ExecContext(ctx, s.q(`DELETE FROM usage WHERE ts < ?`), us); err != nil {
-		return err
-	}
-	_, err := s.db.ExecContext(ctx, s.q(`DELETE FROM usage_hourly WHERE hour < ?`), floorDiv(us, usPerHour))
-	return err
-}
-
-// Sum sums the rows of q: from the hourly sums when q's bounds are whole
-// hours, else from the rows.
-func (s *sqlStore) Sum(ctx context.Context, q Query) ([]Group, error) {
-	from, to := q.From.UnixMicro(), q.To.UnixMicro()
-	hourly := from%usPerHour == 0 && to%usPerHour == 0
-	var sel, group []string
-	for _, by := range q.By {
-		var expr string
-		switch by {
-		case "client", "model", "route", "outcome":
-			expr = by
-		case "hour":
-			expr = "ts / " + strconv.FormatInt(usPerHour, 10)
-			if hourly {
-				expr = "hour"
-			}
-		case "day":
-			expr = "ts / " + strconv.FormatInt(usPerDay, 10)
-			if hourly {
-				expr = "hour / 24"
-			}
-		default:
-			return nil, fmt.Errorf("%w: cannot group by %q", ErrBadQuery, by)
+	day := floorDiv(t.UnixMicro(), usPerDay)
+	for _, d := range [...]struct {
+		query string
+		arg   int64
+	}{{`DELETE FROM usage WHERE ts < ?`, day * usPerDay}, {`DELETE FROM usage_hourly WHERE hour < ?`, day * 24},
+		{`DELETE FROM usage_daily WHERE day < ?`, day}} {
+		if _, err := s.db.ExecContext(ctx, s.q(d.query), d.arg); err != nil {
+			return err
 		}
-		sel = append(sel, expr)
-		group = append(group, strconv.Itoa(len(group)+1))
 	}
-	var query string
-	var args []any
-	if hourly {
-		query = `SELECT ` + joinComma(sel, `SUM(requests), SUM(prompt), SUM(cached), SUM(output), SUM(cost_micro)`) +
-			` FROM usage_hourly WHERE hour >= ? AND hour < ?`
-		args = []any{from / usPerHour, to / usPerHour}
-	} else {
-		query = `SELECT ` + joinComma(sel, `COUNT(*), SUM(prompt), SUM(cached), SUM(output), SUM(cost_micro)`) +
-			` FROM usage WHERE ts >= ? AND ts < ?`
-		args = []any{from, to}
-	}
-	if len(group) > 0 {
-		query += ` GROUP BY ` + strings.Join(group, ", ") + ` ORDER BY ` + strings.Join(group, ", ")
-	}
-	rows, err := s.db.QueryContext(ctx, s.q(query), args...)
-	if err != nil {
-		return nil, err
-	}
-	defer rows.Close()
-	out := []Group{}
-	for rows.Next() {
-		keys := make([]any, len(q.By))
-		vals := make([]sql.NullInt64, 5)
-		dest := make([]any, 0, len(keys)+5)
-		for i := range keys {
-			dest = append(dest, &keys[i])
-		}
-		for i := range vals {
-			dest = append(dest, &vals[i])
-		}
-		if err := rows.Scan(dest...); err != nil {
-			return nil, err
-		}
-		g := Group{Keys: map[string]string{}, Requests: vals[0].Int64, Prompt: vals[1].Int64, Cached: vals[2].Int64,
-			Output: vals[3].Int64, Cost: price.Micro(vals[4].Int64)}
-		if g.Requests == 0 {
-			continue
-		}
-		for i, by := range q.By {
-			g.Keys[by] = keyString(by, keys[i])
-		}
-		out = append(out, g)
-	}
-	return out, rows.Err()
-}
-
-func joinComma(cols []string, tail string) string {
-	if len(cols) == 0 {
-		return tail
-	}
-	return strings.Join(cols, ", ") + ", " + tail
-}
-
-// keyString writes a group's key: days and hours as UTC dates and times.
-func keyString(by string, v any) string {
-	var n int64
-	switch x := v.(type) {
-	case int64:
-		n = x
-	case float64:
-		n = int64(x)
-	case []byte:
-		return string(x)
-	case string:
-		return x
-	case nil:
-		return ""
-	default:
-		return fmt.Sprint(x)
-	}
-	switch by {
-	case "day":
-		return time.UnixMicro(n * usPerDay).UTC().Format("2006-01-02")
-	case "hour":
-		return time.UnixMicro(n * usPerHour).UTC().Format(time.RFC3339)
-	}
-	return strconv.FormatInt(n, 10)
+	return nil
 }

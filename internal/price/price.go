@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"math"
 	"strconv"
+	"strings"
 )
 
 // Micro is an amount of money in micro-dollars (millionths of a USD).
@@ -27,13 +28,35 @@ func FromUSD(usd float64) Micro { return Micro(math.Round(usd * 1e6)) }
 // USD is m in dollars.
 func (m Micro) USD() float64 { return float64(m) / 1e6 }
 
-// String writes m as dollars with six decimals ("$12.345600").
+// String writes m as dollars, exactly, with at least cents ("$12.3456",
+// "$20.00", "$0.000431").
 func (m Micro) String() string {
 	sign := ""
 	if m < 0 {
 		sign, m = "-", -m
 	}
-	return sign + "$" + strconv.FormatInt(int64(m)/1e6, 10) + "." + fmt.Sprintf("%06d", int64(m)%1e6)
+	d := m.Decimal()
+	switch i := strings.IndexByte(d, '.'); {
+	case i < 0:
+		d += ".00"
+	case len(d)-i == 2:
+		d += "0"
+	}
+	return sign + "$" + d
+}
+
+// Decimal writes m as a decimal number of dollars, exactly, as JSON and
+// CSV carry it ("12.3456", "20", "-0.000001").
+func (m Micro) Decimal() string {
+	sign := ""
+	if m < 0 {
+		sign, m = "-", -m
+	}
+	s := strconv.FormatInt(int64(m)/1e6, 10)
+	if frac := int64(m) % 1e6; frac != 0 {
+		s += "." + strings.TrimRight(strconv.FormatInt(frac+1e6, 10)[1:], "0")
+	}
+	return sign + s
 }
 
 // Price is one model's prices as the config writes them: USD per million

@@ -1,11 +1,13 @@
 package server
 
 import (
+	"context"
 	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -57,6 +59,16 @@ func BenchmarkServeChat(b *testing.B) {
 		fmt.Fprintf(&teams, `"team-%d": {"keys": ["key-%d"], "weight": %d, "limits": {"*": {"tokensPerDay": 1000000000000}}},`, i, i, i+1)
 	}
 	clients := `"clients": {` + strings.TrimSuffix(teams.String(), ",") + `},`
+	// The same teams with budgets in money, the model priced, and every
+	// request a row of the usage ledger in SQLite.
+	var money strings.Builder
+	for i := range 10 {
+		fmt.Fprintf(&money, `"team-%d": {"keys": ["key-%d"], "weight": %d, "limits": {"*": {"tokensPerDay": 1000000000000}},
+		  "budget": {"usdPerDay": 1000000000, "usdPerMonth": 1000000000}},`, i, i, i+1)
+	}
+	ledgerPath := filepath.Join(b.TempDir(), "usage.db")
+	moneyClients := `"prices": {"gpt-4o": {"input": 2.5, "cachedInput": 1.25, "output": 10}}, "usage": {"store": "sqlite:` + ledgerPath +
+		`"}, "clients": {` + strings.TrimSuffix(money.String(), ",") + `},`
 	for _, bc := range []struct {
 		name, settle string
 		headers      http.Header
@@ -67,6 +79,7 @@ func BenchmarkServeChat(b *testing.B) {
 		{"settle=actual", "actual", nil, "", ""},
 		{"settle=actual+rate headers", "actual", rateHeaders, "", ""},
 		{"settle=actual+10 teams with budgets", "actual", nil, clients, ""},
+		{"settle=actual+10 teams with budgets+money+ledger", "actual", nil, moneyClients, ""},
 		{"settle=actual+at the root /v1", "actual", nil, "", "/v1/chat/completions"},
 	} {
 		path := bc.path
@@ -83,6 +96,9 @@ func BenchmarkServeChat(b *testing.B) {
 				Logger: slog.New(slog.NewJSONHandler(io.Discard, nil)), Transport: cannedTransport{usage, bc.headers}})
 			if err != nil {
 				b.Fatal(err)
+			}
+			if srv.ledger != nil {
+				b.Cleanup(func() { srv.ledger.Close(context.Background()) })
 			}
 			b.ReportAllocs()
 			b.SetBytes(int64(len(benchChat)))

@@ -66,7 +66,7 @@ type clientSpend struct {
 func spendOf(c *clients.Client, now time.Time) clientSpend {
 	day, month, held := c.SpendNow(now)
 	bd, bm := c.MoneyBudgets()
-	num := func(m price.Micro) *json.Number { n := json.Number(usd(m)); return &n }
+	num := func(m price.Micro) *json.Number { n := json.Number(m.Decimal()); return &n }
 	sp := clientSpend{TodayUSD: *num(day), MonthUSD: *num(month), ReservedUSD: *num(held)}
 	if bd > 0 {
 		sp.PerDayUSD, sp.LeftTodayUSD = num(bd), num(max(0, bd-day))

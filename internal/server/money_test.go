@@ -202,7 +202,7 @@ func TestUsageLedgerEndToEnd(t *testing.T) {
 	for i, g := range groups {
 		assert.Equal(t, g.Keys["client"], records[i+1][0])
 		assert.Equal(t, strconv.FormatInt(g.Requests, 10), records[i+1][2])
-		assert.Equal(t, usd(g.Cost), records[i+1][6])
+		assert.Equal(t, g.Cost.Decimal(), records[i+1][6])
 		cost += g.Cost
 	}
 	assert.Positive(t, cost, "priced")

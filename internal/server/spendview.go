@@ -74,7 +74,7 @@ func (s *Server) spendByDay(ctx context.Context, now time.Time) ([]spendDay, err
 		if g.Cost == 0 && g.Keys["client"] == "" {
 			continue // the gateway's own refusals of unknown callers
 		}
-		days = append(days, spendDay{Day: g.Keys["day"], Client: g.Keys["client"], CostUSD: json.Number(usd(g.Cost))})
+		days = append(days, spendDay{Day: g.Keys["day"], Client: g.Keys["client"], CostUSD: json.Number(g.Cost.Decimal())})
 	}
 	sort.SliceStable(days, func(i, j int) bool { return days[i].Day < days[j].Day })
 	return days, nil

@@ -111,7 +111,7 @@ func (s *Server) usage(w http.ResponseWriter, r *http.Request) {
 				rec = append(rec, g.Keys[by])
 			}
 			rec = append(rec, strconv.FormatInt(g.Requests, 10), strconv.FormatInt(g.Prompt, 10), strconv.FormatInt(g.Cached, 10),
-				strconv.FormatInt(g.Output, 10), usd(g.Cost))
+				strconv.FormatInt(g.Output, 10), g.Cost.Decimal())
 			cw.Write(rec)
 		}
 		cw.Flush()
@@ -120,7 +120,7 @@ func (s *Server) usage(w http.ResponseWriter, r *http.Request) {
 	rows := make([]map[string]any, 0, len(groups))
 	for _, g := range groups {
 		row := map[string]any{"requests": g.Requests, "promptTokens": g.Prompt, "cachedTokens": g.Cached,
-			"outputTokens": g.Output, "costUsd": json.Number(usd(g.Cost))}
+			"outputTokens": g.Output, "costUsd": json.Number(g.Cost.Decimal())}
 		for _, by := range q.By {
 			row[by] = g.Keys[by]
 		}
@@ -129,21 +129,4 @@ func (s *Server) usage(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Type", "application/json")
 	json.NewEncoder(w).Encode(map[string]any{"from": q.From.Format(time.RFC3339Nano), "to": q.To.Add(-time.Microsecond).Format(time.RFC3339Nano),
 		"by": q.By, "rows": rows})
-}
-
-// usd writes micro-dollars as a decimal number of dollars ("12.3456").
-func usd[M ~int64](m M) string {
-	neg := m < 0
-	if neg {
-		m = -m
-	}
-	s := strconv.FormatInt(int64(m)/1e6, 10)
-	if frac := int64(m) % 1e6; frac != 0 {
-		f := strconv.FormatInt(frac+1e6, 10)[1:]
-		s += "." + strings.TrimRight(f, "0")
-	}
-	if neg {
-		s = "-" + s
-	}
-	return s
 }
