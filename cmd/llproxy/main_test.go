@@ -89,7 +89,9 @@ func startExample(t *testing.T) (*exec.Cmd, string, *syncBuf) {
 	ln.Close()
 	cmd := exec.Command(bin, "-listen", addr)
 	cmd.Dir = "../.." // where config-example.json is
-	cmd.Env = cleanEnv()
+	// Its state and usage ledger in the test's own directory, not the
+	// checkout's.
+	cmd.Env = append(cleanEnv(), "LLPROXY_STATE_FILE="+filepath.Join(t.TempDir(), "llproxy-state.json"))
 	logs := &syncBuf{}
 	cmd.Stderr = logs
 	require.NoError(t, cmd.Start())
