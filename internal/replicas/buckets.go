@@ -102,6 +102,16 @@ type Took struct {
 	Own     bool
 	// Levels are the buckets after (a client's 0 where it has none).
 	Levels scheduler.Levels
+	// Mark is where the model's buckets stood when it paid, for Observe.
+	Mark Mark
+}
+
+// Mark is where a request's payment left the model's shared buckets: the
+// level after it, and what had been paid from and lowered in each until
+// then, so that the upstream's answer to it is compared with the key's
+// buckets once, whichever replica hears it.
+type Mark struct {
+	Level, Paid, Lowered [scheduler.NumBuckets]float64
 }
 
 // args are a bucket call's first arguments for client: how many
@@ -142,7 +152,7 @@ func (b *Buckets) Take(parent context.Context, client int, cost scheduler.Vector
 	if err != nil {
 		return Took{}, b.s.failed(err)
 	}
-	if len(res) < 3+len(keys{})-2 {
+	if len(res) < 3+4*scheduler.NumBuckets {
 		return Took{}, b.s.failed(errors.New("replicas: take answered " + strconv.Itoa(len(res)) + " values"))
 	}
 	ok, _ := res[0].(int64)
@@ -157,6 +167,12 @@ func (b *Buckets) Take(parent context.Context, client int, cost scheduler.Vector
 		t.Binding, t.Own = scheduler.Resource((bind-1)%scheduler.NumBuckets), bind > scheduler.NumBuckets
 	}
 	t.Levels = levelsOf(res[3:])
+	if t.OK {
+		t.Mark.Level = t.Levels.Model
+		for r := range scheduler.NumBuckets {
+			t.Mark.Paid[r], t.Mark.Lowered[r] = parseFloat(res[3+2*scheduler.NumBuckets+r]), parseFloat(res[3+3*scheduler.NumBuckets+r])
+		}
+	}
 	if t.OK && (b.model.MaxConcurrent > 0 || c.MaxConcurrent > 0) {
 		t.Lease = lease
 		b.mu.Lock()
@@ -187,6 +203,49 @@ func (b *Buckets) Adjust(parent context.Context, client int, delta scheduler.Vec
 		return b.s.failed(err)
 	}
 	return nil
+}
+
+// Observe lowers the model's shared buckets to what the upstream reports
+// it has left after the request whose payment left mark (its cost added
+// back to the mark where the upstream refused it: unsent), beyond what was
+// paid and lowered since by any replica, so that the same discrepancy
+// heard by several replicas lowers the key's buckets once. It returns how
+// much it lowered, in all; it asks Redis only when the answer could lower
+// a bucket.
+func (b *Buckets) Observe(parent context.Context, mark Mark, unsent scheduler.Vector, u scheduler.Upstream) (float64, error) {
+	model := b.model.Limits()
+	args := make([]any, 0, 1+6*scheduler.NumBuckets)
+	args = append(args, scheduler.NumBuckets)
+	for _, n := range model {
+		args = append(args, n)
+	}
+	could := false
+	for r := range scheduler.NumBuckets {
+		level := mark.Level[r] + float64(unsent[r])
+		remaining, slack := -1.0, float64(u.Rounding[r])/2
+		if u.Reported[r] && model[r] > 0 {
+			remaining = float64(max(0, u.Remaining[r]))
+			could = could || level-remaining-slack > 0
+		}
+		args = append(args, strconv.FormatFloat(level, 'f', 3, 64), strconv.FormatFloat(mark.Paid[r], 'f', 3, 64),
+			strconv.FormatFloat(mark.Lowered[r], 'f', 3, 64), strconv.FormatFloat(remaining, 'f', 3, 64),
+			strconv.FormatFloat(slack, 'f', 3, 64))
+	}
+	if !could {
+		return 0, nil
+	}
+	ctx, cancel := b.s.ctx(parent)
+	defer cancel()
+	k := b.keys[0]
+	res, err := b.s.eval(ctx, observeScript, k[:scheduler.NumBuckets], bucketTypes[:scheduler.NumBuckets], args...).Slice()
+	if err != nil {
+		return 0, b.s.failed(err)
+	}
+	lowered := 0.0
+	for r := range min(len(res), scheduler.NumBuckets) {
+		lowered += parseFloat(res[r])
+	}
+	return lowered, nil
 }
 
 // Release ends a lease: the slots it held are free.

@@ -302,3 +302,68 @@ func TestInputAndOutputBucketsAreShared(t *testing.T) {
 	require.NoError(t, err)
 	assert.True(t, took.OK)
 }
+
+// The upstream's headers lower the key's shared buckets once, however
+// many replicas hear the same discrepancy: two replicas each send a
+// request, and both answers say the key has 1,000 tokens less than the
+// shared bucket thinks (another user of the key spent them). The bucket
+// is lowered by 1,000, not 2,000; a replica that hears nothing new
+// lowers nothing; a refused request's answer is compared with the bucket
+// before it paid.
+func TestTheUpstreamIsHeardOnceAcrossReplicas(t *testing.T) {
+	r := redistest.Start(t)
+	big := scheduler.Config{RPM: 1000, TPM: 600_000, MaxQueueSize: 10, MaxQueueWait: time.Minute} // 10,000 tokens a second
+	a := replica(t, r.URL()).Queue("openai", "gpt-4o", big, clientsOf(big))
+	b := replica(t, r.URL()).Queue("openai", "gpt-4o", big, clientsOf(big))
+	ctx := context.Background()
+	tookA, err := a.Take(ctx, 0, scheduler.Request(100_000, 0))
+	require.NoError(t, err)
+	require.True(t, tookA.OK)
+	tookB, err := b.Take(ctx, 0, scheduler.Request(100_000, 0))
+	require.NoError(t, err)
+	require.True(t, tookB.OK)
+	assert.InDelta(t, 400_000, tookB.Levels.Model[scheduler.Tokens], 500)
+
+	// What the upstream says after each request: 1,000 fewer than the
+	// bucket held after it paid.
+	heard := func(mark Mark) scheduler.Upstream {
+		var u scheduler.Upstream
+		u.Reported[scheduler.Tokens] = true
+		u.Remaining[scheduler.Tokens] = int(mark.Level[scheduler.Tokens]) - 1000
+		return u
+	}
+	lowA, err := a.Observe(ctx, tookA.Mark, scheduler.Vector{}, heard(tookA.Mark))
+	require.NoError(t, err)
+	lowB, err := b.Observe(ctx, tookB.Mark, scheduler.Vector{}, heard(tookB.Mark))
+	require.NoError(t, err)
+	assert.InDelta(t, 1000, lowA+lowB, 1, "the same 1,000 heard twice is lowered once")
+	level := func() float64 {
+		took, err := a.Take(ctx, 0, scheduler.Request(1, 0))
+		require.NoError(t, err)
+		return took.Levels.Model[scheduler.Tokens] + 1
+	}
+	assert.InDelta(t, 399_000, level(), 500, "refilled for milliseconds at most")
+
+	// An answer that says what the bucket thinks lowers nothing (and asks
+	// Redis nothing).
+	took, err := b.Take(ctx, 0, scheduler.Request(1000, 0))
+	require.NoError(t, err)
+	var same scheduler.Upstream
+	same.Reported[scheduler.Tokens], same.Remaining[scheduler.Tokens] = true, int(took.Mark.Level[scheduler.Tokens])+5
+	low, err := b.Observe(ctx, took.Mark, scheduler.Vector{}, same)
+	require.NoError(t, err)
+	assert.Zero(t, low)
+
+	// A request the upstream refused (its cost given back) is compared
+	// with the bucket as it was before it paid.
+	took, err = a.Take(ctx, 0, scheduler.Request(5000, 0))
+	require.NoError(t, err)
+	cost := scheduler.Request(5000, 0)
+	require.NoError(t, a.Adjust(ctx, 0, cost))
+	var refused scheduler.Upstream
+	refused.Reported[scheduler.Tokens] = true
+	refused.Remaining[scheduler.Tokens] = int(took.Mark.Level[scheduler.Tokens]) + 5000
+	low, err = a.Observe(ctx, took.Mark, cost, refused)
+	require.NoError(t, err)
+	assert.Zero(t, low, "the refusal's remaining still includes what the request gave back")
+}

@@ -28,6 +28,12 @@ local function store(key, cap, l)
 end
 `
 
+// A model's bucket also counts, for the upstream's headers, everything
+// ever paid from it (p) and everything its observations lowered it by
+// (w): a request's mark is both, taken when it paid, so that an
+// observation knows what was paid and lowered since (see observeScript).
+// A bucket that expired (idle three minutes, so full) starts them over.
+
 // The bucket scripts take ARGV[1] = N, the resources per gate; then
 // KEYS 1..N are the model's buckets and N+1..2N the client's, by resource,
 // with their capacities in ARGV 2..2N+1 (0: no such bucket). What follows
@@ -60,13 +66,21 @@ for i = 1, 2 do
   end
 end
 local out = {0, wait, bind}
+local marks = {}
 if wait == 0 then
   out[1] = 1
   for i = 1, 2 * n do
     local cap = tonumber(ARGV[1 + i])
     if cap > 0 then
-      levels[i] = levels[i] - tonumber(ARGV[2 + 2 * n + (i - 1) % n])
+      local need = tonumber(ARGV[2 + 2 * n + (i - 1) % n])
+      levels[i] = levels[i] - need
       store(KEYS[i], cap, levels[i])
+      if i <= n then
+        local pw = redis.call('HMGET', KEYS[i], 'p', 'w')
+        marks[i] = tostring((tonumber(pw[1]) or 0) + need)
+        marks[n + i] = tostring(tonumber(pw[2]) or 0)
+        redis.call('HSET', KEYS[i], 'p', marks[i])
+      end
     end
   end
   for i = 1, 2 do
@@ -77,6 +91,47 @@ if wait == 0 then
   end
 end
 for i = 1, 2 * n do out[3 + i] = tostring(levels[i]) end
+for i = 1, 2 * n do out[3 + 2 * n + i] = marks[i] or '0' end
+return out
+`)
+
+// observeScript lowers the model's buckets KEYS 1..N (capacities ARGV
+// 2..N+1) to what the upstream said it had left, once for every replica:
+// per resource i, ARGV gives the request's mark (the bucket's level after
+// it paid, plus its cost if the upstream refused it; what was paid and
+// lowered in all until then), the upstream's remaining and half its
+// rounding (negative remaining: not reported). The discrepancy is the
+// mark's level less the remaining; what was paid since (any replica's
+// requests, which the upstream may have counted first) and what other
+// observations lowered since (the same discrepancy, seen by another
+// replica) are not lowered again. It returns what each bucket was lowered
+// by, and its level after.
+var observeScript = redis.NewScript(luaLevel + `
+local n = tonumber(ARGV[1])
+local out = {}
+for i = 1, n do
+  local cap = tonumber(ARGV[1 + i])
+  local base = 1 + n + 5 * (i - 1)
+  local mark, paid0, lowered0 = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
+  local remaining, slack = tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5])
+  local lower = 0
+  local l = level(KEYS[i], cap)
+  if cap > 0 and remaining >= 0 then
+    local pw = redis.call('HMGET', KEYS[i], 'p', 'w')
+    local paid, lowered = tonumber(pw[1]) or 0, tonumber(pw[2]) or 0
+    if paid >= paid0 and lowered >= lowered0 then
+      lower = (mark - remaining) - (paid - paid0) - (lowered - lowered0) - slack
+      if lower > 0 then
+        l = math.max(-cap, l - lower)
+        store(KEYS[i], cap, l)
+        redis.call('HSET', KEYS[i], 'w', tostring(lowered + lower))
+      else
+        lower = 0
+      end
+    end
+  end
+  out[i], out[n + i] = tostring(lower), tostring(l)
+end
 return out
 `)
 

@@ -321,3 +321,44 @@ func TestReplicaDeniesWhileRedisIsDown(t *testing.T) {
 	served, _ := fake.counts()
 	assert.Equal(t, 1, served)
 }
+
+// TestReplicasHearTheUpstreamOnce: two replicas share a key that someone
+// else also uses: the upstream's x-ratelimit-remaining-requests says 100
+// fewer than llproxy's shared bucket. Twenty requests are in flight at
+// once, half through each replica, so every answer is heard after every
+// request paid; the shared bucket is lowered by those 100 once (not once
+// per replica, nor once per answer).
+func TestReplicasHearTheUpstreamOnce(t *testing.T) {
+	r := redistest.Start(t)
+	var received atomic.Int64
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		n := received.Add(1)
+		time.Sleep(300 * time.Millisecond) // all twenty are in flight
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("X-Ratelimit-Limit-Requests", "600")
+		w.Header().Set("X-Ratelimit-Remaining-Requests", strconv.FormatInt(600-100-n, 10))
+		w.Header().Set("X-Ratelimit-Reset-Requests", "100ms")
+		w.Write([]byte(`{"choices":[{"message":{"content":"ok"}}],"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}`))
+	}))
+	t.Cleanup(up.Close)
+	replicas := startReplicas(t, 2, replicasConfig, up.URL, r.URL())
+	var wg sync.WaitGroup
+	for i := range 20 {
+		wg.Go(func() {
+			resp, err := chatAt(context.Background(), replicas[i%2].url, "ka")
+			if assert.NoError(t, err) {
+				resp.Body.Close()
+				assert.Equal(t, http.StatusOK, resp.StatusCode)
+			}
+		})
+	}
+	wg.Wait()
+	rdb := redis.NewClient(&redis.Options{Addr: "127.0.0.1:" + strconv.Itoa(r.Port)})
+	defer rdb.Close()
+	lowered, err := rdb.HGet(context.Background(), "llproxy:{openai/gpt-4o}:req", "w").Float64()
+	require.NoError(t, err, "the shared bucket was lowered")
+	t.Logf("lowered %.1f", lowered)
+	// 100, and the bucket's refill while the test runs (the upstream here
+	// never refills; the bucket does, 10 a second).
+	assert.InDelta(t, 100, lowered, 10, "lowered once for the 100 the key's other user spent")
+}

@@ -25,15 +25,29 @@ type sharedHold struct {
 	held   scheduler.Vector // what it holds: its cost, then its settled usage
 	lease  string
 	on     bool
+	mark   replicas.Mark    // where its payment left the model's buckets
+	unsent scheduler.Vector // what it gave back unused: the upstream never counted it
 }
 
 // unsend gives the reservation back whole (the request never ran).
 func (h *sharedHold) unsend() {
 	if h.on {
 		h.on = false
+		h.unsent = h.held
 		h.b.Adjust(context.Background(), h.client, h.held)
 	}
 	h.release()
+}
+
+// observe lowers the key's shared buckets to what the upstream's answer
+// to this request says is left, once however many replicas hear the
+// same; it reports whether it lowered one.
+func (h *sharedHold) observe(u scheduler.Upstream) bool {
+	if h.b == nil {
+		return false
+	}
+	lowered, err := h.b.Observe(context.Background(), h.mark, h.unsent, u)
+	return err == nil && lowered > 0
 }
 
 // release frees the shared slots it holds.
@@ -102,7 +116,7 @@ func (t *Ticket) takeShared(ctx context.Context) error {
 		}
 		lv := took.Levels
 		if took.OK {
-			t.hold = sharedHold{b: b, client: t.cost.Client, held: t.cost.Amount, lease: took.Lease, on: true}
+			t.hold = sharedHold{b: b, client: t.cost.Client, held: t.cost.Amount, lease: took.Lease, on: true, mark: took.Mark}
 			t.adm.Confirm(now, &lv)
 			t.rate = t.Model.Queue.StateFor(now, t.cost.Client)
 			return nil

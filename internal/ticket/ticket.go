@@ -299,14 +299,16 @@ func (t *Ticket) requeue(ctx context.Context, wait bool) error {
 
 // Observe lowers the model's buckets to what the upstream reports it has
 // left (see scheduler.Admission.Observe) and reports whether it did. With
-// shared limits it does nothing while Redis answers: the shared buckets
-// are the key's, and another replica's spend is nobody else's.
+// shared limits, while Redis answers, it is the key's shared buckets that
+// are lowered, once for every replica that hears the same (see
+// replicas.Buckets.Observe); the replica's queue learns them at its next
+// take.
 func (t *Ticket) Observe(now time.Time, u scheduler.Upstream) bool {
 	if t == nil || t.adm == nil {
 		return false
 	}
 	if t.Model.Shared != nil && !t.g.Shared.Degraded() {
-		return false
+		return t.hold.observe(u)
 	}
 	return t.adm.Observe(now, u)
 }
