@@ -19,7 +19,8 @@ type Buckets struct {
 	s       *State
 	model   scheduler.Config
 	clients []scheduler.Client
-	keys    []keys // by client
+	keys    []keys  // by client
+	quota   []quota // by client: this replica's slice of the buckets
 	seq     atomic.Uint64
 
 	mu     sync.Mutex
@@ -49,7 +50,7 @@ const (
 func (s *State) Queue(route, model string, cfg scheduler.Config, clients []scheduler.Client) *Buckets {
 	tag := s.cfg.Prefix + "{" + route + "/" + model + "}:"
 	b := &Buckets{s: s, model: cfg, clients: clients, keys: make([]keys, len(clients)),
-		leases: map[string]int{}}
+		leases: map[string]int{}, quota: make([]quota, len(clients))}
 	for i, c := range clients {
 		k := &b.keys[i]
 		for r, name := range bucketNames {
@@ -72,6 +73,13 @@ func (b *Buckets) Close() {
 	b.closed = true
 	b.mu.Unlock()
 	b.s.forgetClosed()
+}
+
+// isClosed reports whether b's queue is gone (its slices go back).
+func (b *Buckets) isClosed() bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.closed
 }
 
 // done reports whether b is closed and holds no lease.
@@ -136,24 +144,38 @@ func (b *Buckets) args(client int, v *scheduler.Vector) []any {
 var errClient = errors.New("replicas: no such client")
 
 // Take reserves cost for client from every shared bucket of the queue
-// (and a slot where there is a maximum), in one atomic call, or reports
-// the wait.
+// (and a slot where there is a maximum), from this replica's slice of
+// them (see quota) or in one atomic call, or reports the wait.
 func (b *Buckets) Take(parent context.Context, client int, cost scheduler.Vector) (Took, error) {
 	if client < 0 || client >= len(b.clients) {
 		return Took{}, errClient
 	}
+	if !b.leasing(client) {
+		t, _, err := b.take(parent, client, cost, scheduler.Vector{})
+		return t, err
+	}
+	return b.quota[client].take(parent, b, client, cost, time.Now())
+}
+
+// take is one take's round trip: need from every bucket, and as much of
+// extra as they can spare (granted).
+func (b *Buckets) take(parent context.Context, client int, need, extra scheduler.Vector) (Took, scheduler.Vector, error) {
 	c := b.clients[client]
 	lease := b.s.id + ":" + strconv.FormatUint(b.seq.Add(1), 36)
 	ctx, cancel := b.s.ctx(parent)
 	defer cancel()
 	k := b.keys[client]
-	res, err := b.s.eval(ctx, takeScript, k[:], bucketTypes[:], append(b.args(client, &cost), b.model.MaxConcurrent,
-		c.MaxConcurrent, lease, leaseTTL.Milliseconds())...).Slice()
-	if err != nil {
-		return Took{}, b.s.failed(err)
+	args := append(b.args(client, &need), b.model.MaxConcurrent, c.MaxConcurrent, lease, leaseTTL.Milliseconds())
+	for _, n := range extra {
+		args = append(args, n)
 	}
-	if len(res) < 3+4*scheduler.NumBuckets {
-		return Took{}, b.s.failed(errors.New("replicas: take answered " + strconv.Itoa(len(res)) + " values"))
+	b.s.trips.Inc()
+	res, err := b.s.eval(ctx, takeScript, k[:], bucketTypes[:], args...).Slice()
+	if err != nil {
+		return Took{}, scheduler.Vector{}, b.s.failed(err)
+	}
+	if len(res) < 3+5*scheduler.NumBuckets {
+		return Took{}, scheduler.Vector{}, b.s.failed(errors.New("replicas: take answered " + strconv.Itoa(len(res)) + " values"))
 	}
 	ok, _ := res[0].(int64)
 	t := Took{OK: ok == 1}
@@ -173,13 +195,20 @@ func (b *Buckets) Take(parent context.Context, client int, cost scheduler.Vector
 			t.Mark.Paid[r], t.Mark.Lowered[r] = parseFloat(res[3+2*scheduler.NumBuckets+r]), parseFloat(res[3+3*scheduler.NumBuckets+r])
 		}
 	}
+	var granted scheduler.Vector
+	if t.OK {
+		for r := range granted {
+			g, _ := res[3+4*scheduler.NumBuckets+r].(int64)
+			granted[r] = int(max(0, min(g, int64(extra[r]))))
+		}
+	}
 	if t.OK && (b.model.MaxConcurrent > 0 || c.MaxConcurrent > 0) {
 		t.Lease = lease
 		b.mu.Lock()
 		b.leases[lease] = client
 		b.mu.Unlock()
 	}
-	return t, nil
+	return t, granted, nil
 }
 
 // levelsOf reads the 2N levels a script returned.
@@ -191,11 +220,20 @@ func levelsOf(res []any) (lv scheduler.Levels) {
 }
 
 // Adjust gives back (positive amounts) or charges (negative) delta to the
-// model's shared buckets and client's.
+// model's shared buckets and client's: to this replica's slice of them
+// where it borrows one (given back, or charged, with it), else in Redis.
 func (b *Buckets) Adjust(parent context.Context, client int, delta scheduler.Vector) error {
 	if delta == (scheduler.Vector{}) {
 		return nil
 	}
+	if client >= 0 && client < len(b.clients) && b.leasing(client) && b.quota[client].adjust(delta, time.Now()) {
+		return nil
+	}
+	return b.adjust(parent, client, delta)
+}
+
+// adjust is Adjust's round trip.
+func (b *Buckets) adjust(parent context.Context, client int, delta scheduler.Vector) error {
 	ctx, cancel := b.s.ctx(parent)
 	defer cancel()
 	k := b.keys[client]

@@ -113,6 +113,8 @@ type State struct {
 	gauge    *prometheus.GaugeVec
 	changes  *prometheus.CounterVec
 	repaired prometheus.Counter
+	trips    prometheus.Counter // takes that went to Redis
+	local    prometheus.Counter // takes paid from a leased slice
 
 	mu       sync.Mutex
 	queues   []*Buckets            // every queue's buckets, for leases and recovery
@@ -143,13 +145,17 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*State, error
 			Help: "Times the shared limits changed mode, by the mode entered."}, []string{"state"}),
 		repaired: prometheus.NewCounter(prometheus.CounterOpts{Name: "llproxy_shared_keys_replaced_total",
 			Help: "Redis keys of the shared limits found holding the wrong type of value, and replaced."}),
+		trips: prometheus.NewCounter(prometheus.CounterOpts{Name: "llproxy_shared_takes_total", ConstLabels: prometheus.Labels{"from": "redis"},
+			Help: "Admissions paid in the shared buckets: from a leased slice at this replica (from=lease), or in a round trip to Redis (from=redis)."}),
+		local: prometheus.NewCounter(prometheus.CounterOpts{Name: "llproxy_shared_takes_total", ConstLabels: prometheus.Labels{"from": "lease"},
+			Help: "Admissions paid in the shared buckets: from a leased slice at this replica (from=lease), or in a round trip to Redis (from=redis)."}),
 	}
 	s.now = time.Now
 	s.live.Store(1)
 	s.gauge.WithLabelValues("ok").Set(1)
 	s.gauge.WithLabelValues("degraded").Set(0)
 	if reg != nil {
-		for _, c := range []prometheus.Collector{s.gauge, s.changes, s.repaired} {
+		for _, c := range []prometheus.Collector{s.gauge, s.changes, s.repaired, s.trips, s.local} {
 			if err := reg.Register(c); err != nil {
 				return nil, err
 			}
@@ -189,8 +195,21 @@ func (s *State) OnRecover(f func(ctx context.Context) error) {
 	s.mu.Unlock()
 }
 
-// Close closes the connection pool.
-func (s *State) Close() error { return s.rdb.Close() }
+// Close gives back what this replica's slices hold (within the timeout)
+// and closes the connection pool.
+func (s *State) Close() error {
+	if !s.Degraded() {
+		s.mu.Lock()
+		queues := append([]*Buckets{}, s.queues...)
+		s.mu.Unlock()
+		for _, b := range queues {
+			if b.settle(context.Background(), time.Now(), true) != nil {
+				break
+			}
+		}
+	}
+	return s.rdb.Close()
+}
 
 // ctx bounds one Redis call by the timeout.
 func (s *State) ctx(parent context.Context) (context.Context, context.CancelFunc) {
@@ -280,6 +299,10 @@ func (s *State) beat(parent context.Context) {
 	s.mu.Unlock()
 	for _, b := range queues {
 		if err := b.refresh(ctx); err != nil && !keyTrouble(err) {
+			s.failed(err)
+			return
+		}
+		if err := b.settle(ctx, time.Now(), b.isClosed()); err != nil && !keyTrouble(err) {
 			s.failed(err)
 			return
 		}

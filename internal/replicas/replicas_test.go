@@ -367,3 +367,51 @@ func TestTheUpstreamIsHeardOnceAcrossReplicas(t *testing.T) {
 	require.NoError(t, err)
 	assert.Zero(t, low, "the refusal's remaining still includes what the request gave back")
 }
+
+// Far from the limit a replica borrows a slice and admits from it: one
+// round trip serves at least ten requests. The slices are paid when taken
+// (the other replica sees them spent), and what is left goes back when
+// the lease ends: the shared buckets are then exactly what the requests
+// used.
+func TestLeasedSlicesServeManyAndGoBack(t *testing.T) {
+	r := redistest.Start(t)
+	big := scheduler.Config{RPM: 100_000, TPM: 100_000_000, MaxQueueSize: 10, MaxQueueWait: time.Minute}
+	st := replica(t, r.URL())
+	a := st.Queue("openai", "gpt-4o", big, clientsOf(big))
+	other := replica(t, r.URL()).Queue("openai", "gpt-4o", big, clientsOf(big))
+	ctx := context.Background()
+	for range 500 {
+		took, err := a.Take(ctx, 0, scheduler.Request(100, 10))
+		require.NoError(t, err)
+		require.True(t, took.OK)
+	}
+	trips, local := testutil.ToFloat64(st.trips), testutil.ToFloat64(st.local)
+	assert.Equal(t, 500.0, trips+local)
+	assert.LessOrEqual(t, trips, 50.0, "at least ten requests a round trip")
+	held := a.quota[0].have
+	assert.Positive(t, held[scheduler.Requests], "a slice is held")
+	assert.LessOrEqual(t, held[scheduler.Requests], int(maxSliceShare*100_000))
+
+	// Paid when taken: the other replica sees the slice spent.
+	seen, err := other.Take(ctx, 0, scheduler.Request(0, 0))
+	require.NoError(t, err)
+	assert.InDelta(t, 100_000-500-held[scheduler.Requests]-1, seen.Levels.Model[scheduler.Requests], 5)
+
+	// Settlements go to the slice while the lease lasts.
+	require.NoError(t, a.Adjust(ctx, 0, scheduler.Vector{scheduler.Tokens: 7}))
+	assert.Equal(t, held[scheduler.Tokens]+7, a.quota[0].have[scheduler.Tokens])
+
+	// The lease ends: what the slice held goes back.
+	require.NoError(t, a.settle(ctx, time.Now().Add(leaseLen), false))
+	assert.Zero(t, a.quota[0].have)
+	seen, err = other.Take(ctx, 0, scheduler.Request(0, 0))
+	require.NoError(t, err)
+	assert.InDelta(t, 100_000-502, seen.Levels.Model[scheduler.Requests], 5, "only what the requests used")
+	assert.InDelta(t, 100_000_000-500*110+7, seen.Levels.Model[scheduler.Tokens], 5000)
+
+	// A client quiet for a lease borrows nothing at its next take.
+	took, err := a.quota[0].take(ctx, a, 0, scheduler.Request(100, 10), time.Now().Add(2*leaseLen))
+	require.NoError(t, err)
+	require.True(t, took.OK)
+	assert.Zero(t, a.quota[0].have, "no slice after a quiet lease")
+}

@@ -43,8 +43,13 @@ end
 // from every bucket that has a capacity and a lease in each concurrency
 // set with a maximum (KEYS 2N+1, 2N+2; maxima ARGV 3N+2, 3N+3), leased as
 // ARGV[3N+4] until ARGV[3N+5] ms from now; or, if any cannot pay now,
-// nothing. It returns {ok, wait ms (-1: a slot, unknown), what binds (a
-// key's index), the 2N levels after}.
+// nothing. With the cost it pays as much of the slice ARGV[3N+6..4N+5]
+// (an amount per resource) as every bucket can pay from above half its
+// capacity (the same fraction of each resource, rounded down): far from
+// the limit a replica borrows its slice, near it nothing, and the take is
+// exact. It returns {ok, wait ms (-1: a slot, unknown), what binds (a
+// key's index), the 2N levels after, the N marks' paid and N lowered, the
+// N amounts of slice granted}.
 var takeScript = redis.NewScript(luaLevel + `
 local n = tonumber(ARGV[1])
 local levels = {}
@@ -67,12 +72,23 @@ for i = 1, 2 do
 end
 local out = {0, wait, bind}
 local marks = {}
+local granted = {}
 if wait == 0 then
   out[1] = 1
+  local f = 1
+  for i = 1, 2 * n do
+    local cap = tonumber(ARGV[1 + i])
+    local extra = tonumber(ARGV[3 * n + 5 + 1 + (i - 1) % n]) or 0
+    if cap > 0 and extra > 0 then
+      local above = levels[i] - tonumber(ARGV[2 + 2 * n + (i - 1) % n]) - cap / 2
+      f = math.min(f, math.max(0, above / extra))
+    end
+  end
+  for r = 1, n do granted[r] = math.floor(f * (tonumber(ARGV[3 * n + 5 + r]) or 0)) end
   for i = 1, 2 * n do
     local cap = tonumber(ARGV[1 + i])
     if cap > 0 then
-      local need = tonumber(ARGV[2 + 2 * n + (i - 1) % n])
+      local need = tonumber(ARGV[2 + 2 * n + (i - 1) % n]) + granted[1 + (i - 1) % n]
       levels[i] = levels[i] - need
       store(KEYS[i], cap, levels[i])
       if i <= n then
@@ -92,6 +108,7 @@ if wait == 0 then
 end
 for i = 1, 2 * n do out[3 + i] = tostring(levels[i]) end
 for i = 1, 2 * n do out[3 + 2 * n + i] = marks[i] or '0' end
+for r = 1, n do out[3 + 4 * n + r] = granted[r] or 0 end
 return out
 `)
 
