@@ -57,6 +57,12 @@ func (s *Server) Restart() {
 	if err := s.cmd.Start(); err != nil {
 		s.t.Fatalf("redis-server: %v", err)
 	}
+	s.wait()
+}
+
+// wait waits until the server answers PING.
+func (s *Server) wait() {
+	s.t.Helper()
 	for range 500 {
 		if c, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(s.Port)); err == nil {
 			c.Write([]byte("PING\r\n"))

@@ -63,6 +63,9 @@ type Config struct {
 	Timeout duration.Duration `json:"timeout"`
 	// OnRedisDown is split (default), deny or allow.
 	OnRedisDown string `json:"onRedisDown"`
+	// Cluster: Redis is a Redis Cluster, Redis one of its nodes (more as
+	// ?addr=host:port&addr=...). Every call's keys share a hash tag.
+	Cluster bool `json:"cluster"`
 }
 
 // SetDefaults fills what is not set.
@@ -83,6 +86,10 @@ func (c Config) Validate() error {
 	var errs []error
 	if c.Redis == "" {
 		errs = append(errs, errors.New("redis: required (redis://host:port/db)"))
+	} else if c.Cluster {
+		if _, err := redis.ParseClusterURL(c.Redis); err != nil {
+			errs = append(errs, fmt.Errorf("redis: %v", err))
+		}
 	} else if _, err := redis.ParseURL(c.Redis); err != nil {
 		errs = append(errs, fmt.Errorf("redis: %v", err))
 	}
@@ -101,7 +108,7 @@ func (c Config) Validate() error {
 // concurrent use.
 type State struct {
 	cfg     Config
-	rdb     *redis.Client
+	rdb     redis.UniversalClient
 	id      string // this replica
 	log     *slog.Logger
 	timeout time.Duration
@@ -127,17 +134,30 @@ type State struct {
 // the shared-state metrics on reg.
 func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*State, error) {
 	cfg.SetDefaults()
-	opts, err := redis.ParseURL(cfg.Redis)
-	if err != nil {
-		return nil, fmt.Errorf("shared.redis: %w", err)
-	}
 	t := time.Duration(cfg.Timeout)
-	opts.DialTimeout, opts.ReadTimeout, opts.WriteTimeout = t, t, t
-	opts.MaxRetries = -1 // a retry would double the bound
-	opts.ContextTimeoutEnabled = true
+	var rdb redis.UniversalClient
+	if cfg.Cluster {
+		opts, err := redis.ParseClusterURL(cfg.Redis)
+		if err != nil {
+			return nil, fmt.Errorf("shared.redis: %w", err)
+		}
+		opts.DialTimeout, opts.ReadTimeout, opts.WriteTimeout = t, t, t
+		opts.MaxRetries = -1 // a retry would double the bound (a MOVED redirect is followed)
+		opts.ContextTimeoutEnabled = true
+		rdb = redis.NewClusterClient(opts)
+	} else {
+		opts, err := redis.ParseURL(cfg.Redis)
+		if err != nil {
+			return nil, fmt.Errorf("shared.redis: %w", err)
+		}
+		opts.DialTimeout, opts.ReadTimeout, opts.WriteTimeout = t, t, t
+		opts.MaxRetries = -1 // a retry would double the bound
+		opts.ContextTimeoutEnabled = true
+		rdb = redis.NewClient(opts)
+	}
 	var b [8]byte
 	rand.Read(b[:])
-	s := &State{cfg: cfg, rdb: redis.NewClient(opts), id: hex.EncodeToString(b[:]), log: log, timeout: t,
+	s := &State{cfg: cfg, rdb: rdb, id: hex.EncodeToString(b[:]), log: log, timeout: t,
 		gauge: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "llproxy_shared_state",
 			Help: "1 for the mode the shared limits are in: ok (Redis answers) or degraded (onRedisDown in force)."},
 			[]string{"state"}),

@@ -9,6 +9,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/redis/go-redis/v9"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -414,4 +415,44 @@ func TestLeasedSlicesServeManyAndGoBack(t *testing.T) {
 	require.NoError(t, err)
 	require.True(t, took.OK)
 	assert.Zero(t, a.quota[0].have, "no slice after a quiet lease")
+}
+
+// On a Redis Cluster of three masters the shared limits hold as on one
+// Redis: each call's keys share a hash tag, so the scripts run on the
+// master of the (route, model)'s slot; models on different masters each
+// admit their own limit, across two replicas.
+func TestRedisClusterKeepsTheLimits(t *testing.T) {
+	c := redistest.StartCluster(t, 3)
+	cluster := func() *State {
+		s, err := New(Config{Redis: c.URL(), Cluster: true, Timeout: duration.Duration(time.Second)},
+			slog.New(slog.NewTextHandler(io.Discard, nil)), prometheus.NewRegistry())
+		require.NoError(t, err)
+		t.Cleanup(func() { s.Close() })
+		return s
+	}
+	ra, rb := cluster(), cluster()
+	ctx := context.Background()
+	slots := map[string]bool{}
+	for _, name := range []string{"gpt-4o", "gpt-4o-mini", "o4-mini", "claude-sonnet-4-5", "gpt-4.1", "gpt-5"} {
+		a, b := ra.Queue("openai", name, model, clientsOf(model)), rb.Queue("openai", name, model, clientsOf(model))
+		ok := 0
+		for i := range 70 {
+			q := a
+			if i%2 == 1 {
+				q = b
+			}
+			took, err := q.Take(ctx, 0, scheduler.Request(10, 0))
+			require.NoError(t, err, name)
+			if took.OK {
+				ok++
+			}
+		}
+		assert.InDelta(t, 60, ok, 1, "%s: the key's 60, not 60 a replica", name)
+		node, err := ra.rdb.(*redis.ClusterClient).MasterForKey(ctx, a.keys[0][0])
+		require.NoError(t, err)
+		slots[node.Options().Addr] = true
+	}
+	assert.Greater(t, len(slots), 1, "the models live on more than one master")
+	ra.beat(ctx) // the heartbeat and the leases' refresh work on a cluster too
+	assert.False(t, ra.Degraded())
 }
