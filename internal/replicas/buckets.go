@@ -250,8 +250,19 @@ func (b *Buckets) adjust(parent context.Context, client int, delta scheduler.Vec
 // heard by several replicas lowers the key's buckets once. It returns how
 // much it lowered, in all; it asks Redis only when the answer could lower
 // a bucket.
-func (b *Buckets) Observe(parent context.Context, mark Mark, unsent scheduler.Vector, u scheduler.Upstream) (float64, error) {
+//
+// What client's slice at this replica still holds was paid but not sent:
+// it is not among what was paid since the mark.
+func (b *Buckets) Observe(parent context.Context, client int, mark Mark, unsent scheduler.Vector, u scheduler.Upstream) (float64, error) {
 	model := b.model.Limits()
+	if client >= 0 && client < len(b.clients) && b.leasing(client) {
+		have := b.quota[client].unspent()
+		for r := range mark.Paid {
+			if model[r] > 0 {
+				mark.Paid[r] += float64(have[r])
+			}
+		}
+	}
 	args := make([]any, 0, 1+6*scheduler.NumBuckets)
 	args = append(args, scheduler.NumBuckets)
 	for _, n := range model {

@@ -103,24 +103,36 @@ func (q *quota) take(ctx context.Context, b *Buckets, client int, cost scheduler
 		}
 	}
 	q.until, q.levels, q.mark, q.sliced = now.Add(leaseLen), t.Levels, t.Mark, granted != (scheduler.Vector{})
-	t.Levels = q.took(b, client).Levels
+	lt := q.took(b, client)
+	t.Levels, t.Mark = lt.Levels, lt.Mark
 	return t, nil
 }
 
 // took is a take paid from the slice: the shared buckets as last known,
-// with what the slice holds (it is the key's, unspent).
+// with what the slice holds (it is the key's, unspent). Its mark counts
+// the rest of the slice as not yet paid: the upstream has not seen those
+// requests (Observe counts them as paid since once they are sent).
 func (q *quota) took(b *Buckets, client int) Took {
 	model, own := b.model.Limits(), b.clients[client].Limits()
-	lv := q.levels
+	lv, mark := q.levels, q.mark
 	for r, h := range q.have {
 		if model[r] > 0 {
 			lv.Model[r] += float64(h)
+			mark.Level[r] += float64(h)
+			mark.Paid[r] -= float64(h)
 		}
 		if own[r] > 0 {
 			lv.Client[r] += float64(h)
 		}
 	}
-	return Took{OK: true, Levels: lv, Mark: q.mark}
+	return Took{OK: true, Levels: lv, Mark: mark}
+}
+
+// unspent is what the slice holds now.
+func (q *quota) unspent() scheduler.Vector {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.have
 }
 
 // adjust gives back to (or charges) the slice, and reports whether it

@@ -341,9 +341,9 @@ func TestTheUpstreamIsHeardOnceAcrossReplicas(t *testing.T) {
 		u.Remaining[scheduler.Tokens] = int(mark.Level[scheduler.Tokens]) - 1000
 		return u
 	}
-	lowA, err := a.Observe(ctx, tookA.Mark, scheduler.Vector{}, heard(tookA.Mark))
+	lowA, err := a.Observe(ctx, 0, tookA.Mark, scheduler.Vector{}, heard(tookA.Mark))
 	require.NoError(t, err)
-	lowB, err := b.Observe(ctx, tookB.Mark, scheduler.Vector{}, heard(tookB.Mark))
+	lowB, err := b.Observe(ctx, 0, tookB.Mark, scheduler.Vector{}, heard(tookB.Mark))
 	require.NoError(t, err)
 	assert.InDelta(t, 1000, lowA+lowB, 1, "the same 1,000 heard twice is lowered once")
 	level := func() float64 {
@@ -359,7 +359,7 @@ func TestTheUpstreamIsHeardOnceAcrossReplicas(t *testing.T) {
 	require.NoError(t, err)
 	var same scheduler.Upstream
 	same.Reported[scheduler.Tokens], same.Remaining[scheduler.Tokens] = true, int(took.Mark.Level[scheduler.Tokens])+5
-	low, err := b.Observe(ctx, took.Mark, scheduler.Vector{}, same)
+	low, err := b.Observe(ctx, 0, took.Mark, scheduler.Vector{}, same)
 	require.NoError(t, err)
 	assert.Zero(t, low)
 
@@ -372,7 +372,7 @@ func TestTheUpstreamIsHeardOnceAcrossReplicas(t *testing.T) {
 	var refused scheduler.Upstream
 	refused.Reported[scheduler.Tokens] = true
 	refused.Remaining[scheduler.Tokens] = int(took.Mark.Level[scheduler.Tokens]) + 5000
-	low, err = a.Observe(ctx, took.Mark, cost, refused)
+	low, err = a.Observe(ctx, 0, took.Mark, cost, refused)
 	require.NoError(t, err)
 	assert.Zero(t, low, "the refusal's remaining still includes what the request gave back")
 }

@@ -359,8 +359,11 @@ func TestReplicasHearTheUpstreamOnce(t *testing.T) {
 	lowered, err := rdb.HGet(context.Background(), "llproxy:{openai/gpt-4o}:req", "w").Float64()
 	require.NoError(t, err, "the shared bucket was lowered")
 	t.Logf("lowered %.1f", lowered)
-	// 100, and at most the bucket's refill while the requests ran (the
-	// upstream here never refills; the bucket does, 10 a second).
-	assert.GreaterOrEqual(t, lowered, 99.0, "lowered for the 100 the key's other user spent")
+	// At most 100 and the bucket's refill while the requests ran (the
+	// upstream here never refills; the bucket does, 10 a second); at
+	// least 100 less what the other replica's slice held unsent (the
+	// observation cannot tell those from requests sent: at most 5% of
+	// the bucket), which later answers lower.
+	assert.GreaterOrEqual(t, lowered, 100-0.05*600-1, "lowered for the 100 the key's other user spent")
 	assert.LessOrEqual(t, lowered, 100+10*time.Since(start).Seconds()+1, "lowered once, not once per replica or answer")
 }

@@ -46,7 +46,7 @@ func (h *sharedHold) observe(u scheduler.Upstream) bool {
 	if h.b == nil {
 		return false
 	}
-	lowered, err := h.b.Observe(context.Background(), h.mark, h.unsent, u)
+	lowered, err := h.b.Observe(context.Background(), h.client, h.mark, h.unsent, u)
 	return err == nil && lowered > 0
 }
 
