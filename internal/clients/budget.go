@@ -206,7 +206,7 @@ func (s *Spend) Settle(now time.Time, used int, cost price.Micro) {
 		c.dirty.Store(true)
 	}
 	if c.store != nil && used > 0 && c.Budget(s.key) > 0 {
-		c.record(now, s.key, int64(used), u) // a round trip: not under the lock
+		c.record(now, s.key, int64(used), u) // written with the next pipeline
 	}
 	if c.store != nil && cost > 0 && c.HasMoneyBudget() {
 		c.recordCash(now, cost)
@@ -279,6 +279,9 @@ func (c *Client) Today(now time.Time) []ModelUse {
 // each one's spend adds up there, and each replica reads the total.
 type Store interface {
 	AddBudget(ctx context.Context, client, model, day string, tokens int64) (int64, error)
+	// AddBudgetLater is AddBudget written with other requests' in one
+	// round trip; done gets the total, or the error.
+	AddBudgetLater(client, model, day string, tokens int64, done func(total int64, err error))
 	Budget(ctx context.Context, client, model, day string) (int64, error)
 	// Defer retries a write that failed when the store answers again.
 	Defer(func(ctx context.Context) error)
@@ -332,20 +335,20 @@ func (c *Client) sync(now time.Time, model string) {
 // becomes c's view. A write that fails is retried when the store answers
 // again: no use is lost.
 func (c *Client) record(now time.Time, model string, used int64, u *usage) {
-	day := dayString(now)
-	n, err := c.store.AddBudget(context.Background(), c.Name, model, day, used)
-	if err != nil {
-		name := c.Name
-		c.store.Defer(func(ctx context.Context) error {
-			_, err := c.store.AddBudget(ctx, name, model, day, used)
-			return err
-		})
-		return
-	}
-	c.led.mu.Lock()
-	if u.day == dayOf(now) && n > u.used {
-		u.used = n
-	}
-	u.synced = now
-	c.led.mu.Unlock()
+	day, name := dayString(now), c.Name
+	c.store.AddBudgetLater(name, model, day, used, func(n int64, err error) {
+		if err != nil {
+			c.store.Defer(func(ctx context.Context) error {
+				_, err := c.store.AddBudget(ctx, name, model, day, used)
+				return err
+			})
+			return
+		}
+		c.led.mu.Lock()
+		if u.day == dayOf(now) && n > u.used {
+			u.used = n
+		}
+		u.synced = now
+		c.led.mu.Unlock()
+	})
 }

@@ -247,18 +247,19 @@ func (c *Client) syncCash(now time.Time) {
 func (c *Client) recordCash(now time.Time, used price.Micro) {
 	for p := range periods {
 		key, label, name := p.storeKey(), p.label(now), c.Name
-		n, err := c.store.AddBudget(context.Background(), name, key, label, int64(used))
-		if err != nil {
-			c.store.Defer(func(ctx context.Context) error {
-				_, err := c.store.AddBudget(ctx, name, key, label, int64(used))
-				return err
-			})
-			continue
-		}
-		c.led.mu.Lock()
-		if e := c.cashEntry(p, now); n > e.used {
-			e.used = n
-		}
-		c.led.mu.Unlock()
+		c.store.AddBudgetLater(name, key, label, int64(used), func(n int64, err error) {
+			if err != nil {
+				c.store.Defer(func(ctx context.Context) error {
+					_, err := c.store.AddBudget(ctx, name, key, label, int64(used))
+					return err
+				})
+				return
+			}
+			c.led.mu.Lock()
+			if e := c.cashEntry(p, now); n > e.used {
+				e.used = n
+			}
+			c.led.mu.Unlock()
+		})
 	}
 }

@@ -120,8 +120,10 @@ type State struct {
 	gauge    *prometheus.GaugeVec
 	changes  *prometheus.CounterVec
 	repaired prometheus.Counter
-	trips    prometheus.Counter // takes that went to Redis
-	local    prometheus.Counter // takes paid from a leased slice
+	trips     prometheus.Counter // takes that went to Redis
+	local     prometheus.Counter // takes paid from a leased slice
+	pipelines prometheus.Counter // budget pipelines written
+	adds      adds
 
 	mu       sync.Mutex
 	queues   []*Buckets            // every queue's buckets, for leases and recovery
@@ -169,13 +171,16 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*State, error
 			Help: "Admissions paid in the shared buckets: from a leased slice at this replica (from=lease), or in a round trip to Redis (from=redis)."}),
 		local: prometheus.NewCounter(prometheus.CounterOpts{Name: "llproxy_shared_takes_total", ConstLabels: prometheus.Labels{"from": "lease"},
 			Help: "Admissions paid in the shared buckets: from a leased slice at this replica (from=lease), or in a round trip to Redis (from=redis)."}),
+		pipelines: prometheus.NewCounter(prometheus.CounterOpts{Name: "llproxy_shared_budget_pipelines_total",
+			Help: "Round trips that wrote the settled requests' additions to the shared budgets, each for every request settled in its tick."}),
 	}
+	s.adds.kick = make(chan struct{}, 1)
 	s.now = time.Now
 	s.live.Store(1)
 	s.gauge.WithLabelValues("ok").Set(1)
 	s.gauge.WithLabelValues("degraded").Set(0)
 	if reg != nil {
-		for _, c := range []prometheus.Collector{s.gauge, s.changes, s.repaired, s.trips, s.local} {
+		for _, c := range []prometheus.Collector{s.gauge, s.changes, s.repaired, s.trips, s.local, s.pipelines} {
 			if err := reg.Register(c); err != nil {
 				return nil, err
 			}
@@ -218,6 +223,7 @@ func (s *State) OnRecover(f func(ctx context.Context) error) {
 // Close gives back what this replica's slices hold (within the timeout)
 // and closes the connection pool.
 func (s *State) Close() error {
+	s.flushAdds(context.Background())
 	if !s.Degraded() {
 		s.mu.Lock()
 		queues := append([]*Buckets{}, s.queues...)
@@ -288,6 +294,7 @@ func b2f(b bool) float64 {
 // back to the shared buckets close together: one that is back spends from
 // them at the full rate while one still degraded spends its share.
 func (s *State) Run(ctx context.Context) {
+	s.startWriter(ctx)
 	for {
 		s.beat(ctx)
 		every := Heartbeat
@@ -385,7 +392,8 @@ func (s *State) flush(parent context.Context) error {
 func (s *State) AddBudget(parent context.Context, client, model, day string, tokens int64) (int64, error) {
 	ctx, cancel := s.ctx(parent)
 	defer cancel()
-	n, err := s.eval(ctx, budgetScript, []string{s.budgetKey(client, model, day)}, []string{typeCount}, tokens).Int64()
+	n, err := s.eval(ctx, budgetScript, []string{s.budgetKey(client, model, day)}, []string{typeCount}, tokens,
+		int64(budgetTTL(model)/time.Second)).Int64()
 	if err != nil {
 		return 0, s.failed(err)
 	}

@@ -4,6 +4,8 @@ import (
 	"context"
 	"io"
 	"log/slog"
+	"strconv"
+	"sync"
 	"testing"
 	"time"
 
@@ -473,4 +475,54 @@ func TestRedisClusterKeepsTheLimits(t *testing.T) {
 	assert.Greater(t, len(slots), 1, "the models live on more than one master")
 	ra.beat(ctx) // the heartbeat and the leases' refresh work on a cluster too
 	assert.False(t, ra.Degraded())
+}
+
+// Budget additions settled at once share a round trip: 300 concurrent
+// additions to one budget and 100 to another are written in a few
+// pipelines, and every one learns a total that counts it; a replica that
+// closes writes what it still holds.
+func TestBudgetWritesAreCoalesced(t *testing.T) {
+	r := redistest.Start(t)
+	st := replica(t, r.URL())
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go st.Run(ctx)
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	seen := map[string]int64{}
+	for i := range 400 {
+		model := "gpt-4o"
+		if i%4 == 0 {
+			model = "$usd/month"
+		}
+		wg.Add(1)
+		go st.AddBudgetLater("a", model, "2026-12", 3, func(total int64, err error) {
+			defer wg.Done()
+			assert.NoError(t, err)
+			mu.Lock()
+			seen[model] = max(seen[model], total)
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	assert.Equal(t, map[string]int64{"gpt-4o": 900, "$usd/month": 300}, seen)
+	n, err := st.Budget(context.Background(), "a", "gpt-4o", "2026-12")
+	require.NoError(t, err)
+	assert.Equal(t, int64(900), n)
+	pipelines := testutil.ToFloat64(st.pipelines)
+	t.Logf("400 additions in %.0f pipelines", pipelines)
+	assert.Positive(t, pipelines)
+	assert.LessOrEqual(t, pipelines, 40.0, "at least ten requests a round trip")
+	ttl, err := redis.NewClient(&redis.Options{Addr: "127.0.0.1:" + strconv.Itoa(r.Port)}).
+		TTL(context.Background(), st.budgetKey("a", "$usd/month", "2026-12")).Result()
+	require.NoError(t, err)
+	assert.Greater(t, ttl, 30*24*time.Hour, "a month's spend outlives two quiet days")
+
+	// Without Run, Close writes what is queued.
+	other := replica(t, r.URL())
+	other.AddBudgetLater("b", "gpt-4o", "2026-12", 5, nil)
+	require.NoError(t, other.Close())
+	n, err = st.Budget(context.Background(), "b", "gpt-4o", "2026-12")
+	require.NoError(t, err)
+	assert.Equal(t, int64(5), n)
 }

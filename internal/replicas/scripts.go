@@ -1,6 +1,11 @@
 package replicas
 
-import "github.com/redis/go-redis/v9"
+import (
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
 
 // The scripts run atomically in Redis, on Redis's clock (TIME), so that
 // replicas whose clocks disagree still agree on every bucket. A bucket is
@@ -206,11 +211,21 @@ redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 10)
 return redis.call('ZCARD', KEYS[1])
 `)
 
-// budgetScript adds ARGV[1] tokens to the day's use KEYS[1], kept two
-// days, and returns the total.
+// budgetTTL is how long a budget's key is kept after its last write:
+// two days, or, for a month's (a budget whose name ends in "/month"),
+// 33 days.
+func budgetTTL(model string) time.Duration {
+	if strings.HasSuffix(model, "/month") {
+		return 33 * 24 * time.Hour
+	}
+	return 48 * time.Hour
+}
+
+// budgetScript adds ARGV[1] tokens to the period's use KEYS[1], kept
+// ARGV[2] seconds, and returns the total.
 var budgetScript = redis.NewScript(`
 local n = redis.call('INCRBY', KEYS[1], ARGV[1])
-redis.call('EXPIRE', KEYS[1], 172800)
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[2]))
 return n
 `)
 
