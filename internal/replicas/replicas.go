@@ -114,12 +114,12 @@ type State struct {
 	timeout time.Duration
 	now     func() time.Time // this replica's clock: only for how long an outage lasted
 
-	degraded atomic.Bool
-	since    atomic.Int64 // when it turned degraded (unix ns, this replica's clock)
-	live     atomic.Int64 // replicas seen alive at the last heartbeat
-	gauge    *prometheus.GaugeVec
-	changes  *prometheus.CounterVec
-	repaired prometheus.Counter
+	degraded  atomic.Bool
+	since     atomic.Int64 // when it turned degraded (unix ns, this replica's clock)
+	live      atomic.Int64 // replicas seen alive at the last heartbeat
+	gauge     *prometheus.GaugeVec
+	changes   *prometheus.CounterVec
+	repaired  prometheus.Counter
 	trips     prometheus.Counter // takes that went to Redis
 	local     prometheus.Counter // takes paid from a leased slice
 	pipelines prometheus.Counter // budget pipelines written
