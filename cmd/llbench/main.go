@@ -90,7 +90,9 @@ func bench(args []string) int {
 	mem := fs.Bool("memory", false, "measure the memory of an open stream and of a queued request instead")
 	memStreams := fs.Int("memory-streams", 1000, "-memory: open streams held")
 	memQueued := fs.Int("memory-queued", 10000, "-memory: requests held waiting in a queue")
-	redisURL := fs.String("redis", "", "also run 2 llproxy replicas sharing their limits through this Redis (redis://host:port/db), against 1 without")
+	redisURL := fs.String("redis", "", "also run llproxy replicas sharing their limits through this Redis (redis://host:port/db), against 1 without")
+	nReplicas := fs.Int("replicas", 2, "how many replicas -redis runs")
+	ledgerOn := fs.Bool("ledger", true, "llproxy keeps its usage ledger (SQLite beside its config, the default); false: usage.store off")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -126,7 +128,7 @@ func bench(args []string) int {
 	dir, _ := os.MkdirTemp("", "llbench")
 	defer os.RemoveAll(dir)
 	cfgPath := filepath.Join(dir, "config.json")
-	cfg := fmt.Sprintf(`{"listen": %q, "routes": {"bench": {"forward": "http://%s",
+	cfg := fmt.Sprintf(`{"listen": %q, `+usageOff(*ledgerOn)+`"routes": {"bench": {"forward": "http://%s",
 	  "models": {"*": {"maxQueueSize": 100000, "maxQueueWait": 60, "rpm": 1000000000, "tpm": 2000000000}}},
 	  "claude": {"forward": "http://%s", "provider": "anthropic",
 	  "models": {"*": {"maxQueueSize": 100000, "maxQueueWait": 60, "rpm": 1000000000, "itpm": 2000000000, "otpm": 2000000000}}}}}`,
@@ -143,7 +145,7 @@ func bench(args []string) int {
 	defer ll.stop()
 	var replicas *target
 	if *redisURL != "" {
-		r, err := startReplicas(dir, *llproxyBin, mockAddr, *redisURL, env)
+		r, err := startReplicas(dir, *llproxyBin, mockAddr, *redisURL, env, max(1, *nReplicas), *ledgerOn)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			return 1
@@ -218,9 +220,24 @@ func bench(args []string) int {
 	}
 	tw.Flush()
 	fmt.Printf("\npeak RSS: baseline %.1f MiB, llproxy %.1f MiB (mock upstream %.1f MiB)\n", base.peakRSS(), ll.peakRSS(), mock.peakRSS())
+	if replicas != nil {
+		fmt.Printf("peak RSS of each replica:")
+		for _, p := range append([]*proc{replicas.p}, replicas.more...) {
+			fmt.Printf(" %.1f MiB", p.peakRSS())
+		}
+		fmt.Println()
+	}
 	fmt.Printf("CPU per request is the proxy process's own (for direct: the mock's); GOMAXPROCS=%s; %s per run after %s warm-up\n",
 		orDefault(*gomaxprocs), *duration, *warmup)
 	return 0
+}
+
+// usageOff is the config's usage section when the ledger is off.
+func usageOff(ledger bool) string {
+	if ledger {
+		return ""
+	}
+	return `"usage": {"store": "off"}, `
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
@@ -232,20 +249,17 @@ func orDefault(n int) string {
 	return strconv.Itoa(n)
 }
 
-// replicasName is the target of two llproxy replicas sharing their limits.
-const replicasName = "2 replicas + Redis"
-
-// startReplicas starts two llproxy processes whose limits are shared
-// through Redis at redisURL; the load alternates between them.
-func startReplicas(dir, bin, mockAddr, redisURL string, env []string) (*target, error) {
-	t := &target{name: replicasName}
-	for i := range 2 {
+// startReplicas starts n llproxy processes whose limits are shared
+// through Redis at redisURL; the load goes round them.
+func startReplicas(dir, bin, mockAddr, redisURL string, env []string, n int, ledger bool) (*target, error) {
+	t := &target{name: strconv.Itoa(n) + " replicas + Redis"}
+	for i := range n {
 		addr := freeAddr()
 		sub := filepath.Join(dir, "replica"+strconv.Itoa(i))
 		if err := os.MkdirAll(sub, 0o700); err != nil {
 			return nil, err
 		}
-		cfg := fmt.Sprintf(`{"listen": %q, "shared": {"redis": %q, "prefix": "llbench:"}, "routes": {"bench": {"forward": "http://%s",
+		cfg := fmt.Sprintf(`{"listen": %q, `+usageOff(ledger)+`"shared": {"redis": %q, "prefix": "llbench:"}, "routes": {"bench": {"forward": "http://%s",
 		  "models": {"*": {"maxQueueSize": 100000, "maxQueueWait": 60, "rpm": 1000000000, "tpm": 2000000000}}}}}`, addr, redisURL, mockAddr)
 		path := filepath.Join(sub, "config.json")
 		if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
