@@ -23,7 +23,9 @@ func StartCluster(t testing.TB, n int) *Cluster {
 	if _, err := exec.LookPath("redis-cli"); err != nil {
 		t.Fatalf("redis-cli is not installed (apt-get install redis-server; .ci/run does): %v", err)
 	}
-	ports, lns := porttest.Listen(t, n)
+	// n ports for clients and n for the cluster bus (by default a node's
+	// port + 10000, which nothing reserved): one free block.
+	ports, lns := porttest.Listen(t, 2*n)
 	for _, ln := range lns {
 		ln.Close()
 	}
@@ -32,10 +34,12 @@ func StartCluster(t testing.TB, n int) *Cluster {
 	for i := range n {
 		p := ports + i
 		dir := t.TempDir()
-		s := &Server{Port: p, t: t}
+		s := &Server{Port: p, t: t, out: &syncBuffer{}}
 		s.cmd = exec.Command("redis-server", "--port", strconv.Itoa(p), "--bind", "127.0.0.1",
 			"--save", "", "--appendonly", "no", "--dir", dir, "--cluster-enabled", "yes",
-			"--cluster-config-file", dir+"/nodes.conf", "--cluster-node-timeout", "5000")
+			"--cluster-config-file", dir+"/nodes.conf", "--cluster-node-timeout", "5000",
+			"--cluster-port", strconv.Itoa(ports+n+i))
+		s.cmd.Stdout, s.cmd.Stderr = s.out, s.out
 		if err := s.cmd.Start(); err != nil {
 			t.Fatalf("redis-server: %v", err)
 		}

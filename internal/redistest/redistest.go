@@ -4,9 +4,11 @@
 package redistest
 
 import (
+	"bytes"
 	"net"
 	"os/exec"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 
@@ -18,6 +20,7 @@ type Server struct {
 	Port int
 	t    testing.TB
 	cmd  *exec.Cmd
+	out  *syncBuffer // what it printed, where kept
 }
 
 // Start starts redis-server on a free port; it is stopped when the test
@@ -76,5 +79,27 @@ func (s *Server) wait() {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	s.t.Fatalf("redis-server on port %d did not answer", s.Port)
+	out := ""
+	if s.out != nil {
+		out = s.out.String()
+	}
+	s.t.Fatalf("redis-server on port %d did not answer: %s", s.Port, out)
+}
+
+// syncBuffer is a bytes.Buffer a process writes while a test reads it.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
 }
