@@ -84,6 +84,16 @@ func (q *Queue) Stats(now time.Time) Stats {
 	return st
 }
 
+// Waiting is how many requests of client wait in the queue now.
+func (q *Queue) Waiting(client int) int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if client < 0 || client >= q.clients {
+		return 0
+	}
+	return len(q.lanes[client].waiting) + len(q.blanes[client].waiting)
+}
+
 // Clients calls f with each client's state, in the order of NewQueue's
 // clients.
 func (q *Queue) Clients(f func(i int, st ClientStats)) {

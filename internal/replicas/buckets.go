@@ -29,8 +29,9 @@ type Buckets struct {
 }
 
 // keys of one client's call: the model's buckets by resource, the
-// client's, the model's leases, the client's. One hash tag.
-type keys [2*scheduler.NumBuckets + 2]string
+// client's, the model's leases, the client's, the model's fair-share
+// tags. One hash tag.
+type keys [2*scheduler.NumBuckets + 3]string
 
 // keyTypes are the types of a call's keys.
 type keyTypes [len(keys{})]string
@@ -43,6 +44,7 @@ var bucketNames = [scheduler.NumBuckets]string{
 const (
 	modelSlots  = 2 * scheduler.NumBuckets // keys index of the model's leases
 	clientSlots = modelSlots + 1
+	fairKey     = clientSlots + 1 // the clients' fair-share tags (see takeScript)
 )
 
 // Queue returns the shared buckets of a queue of model on route, with the
@@ -56,7 +58,7 @@ func (s *State) Queue(route, model string, cfg scheduler.Config, clients []sched
 		for r, name := range bucketNames {
 			k[r], k[scheduler.NumBuckets+r] = tag+name, tag+"c:"+c.Name+":"+name
 		}
-		k[modelSlots], k[clientSlots] = tag+"slots", tag+"c:"+c.Name+":slots"
+		k[modelSlots], k[clientSlots], k[fairKey] = tag+"slots", tag+"c:"+c.Name+":slots", tag+"fair"
 	}
 	s.mu.Lock()
 	s.queues = append(s.queues, b)
@@ -105,6 +107,9 @@ type Took struct {
 	// Wait is how long until it could be, from Redis's view; negative
 	// when a concurrency slot binds (when one frees is not known).
 	Wait time.Duration
+	// Fair: the buckets could pay, but another client waiting at another
+	// replica is owed its share first; look again after Wait.
+	Fair bool
 	// Binding is the resource that binds, Own whether it is the client's.
 	Binding scheduler.Resource
 	Own     bool
@@ -145,21 +150,23 @@ var errClient = errors.New("replicas: no such client")
 
 // Take reserves cost for client from every shared bucket of the queue
 // (and a slot where there is a maximum), from this replica's slice of
-// them (see quota) or in one atomic call, or reports the wait.
-func (b *Buckets) Take(parent context.Context, client int, cost scheduler.Vector) (Took, error) {
+// them (see quota) or in one atomic call, or reports the wait. waiting
+// says the client has more requests waiting at this replica (its share
+// is owed them: see takeScript).
+func (b *Buckets) Take(parent context.Context, client int, cost scheduler.Vector, waiting bool) (Took, error) {
 	if client < 0 || client >= len(b.clients) {
 		return Took{}, errClient
 	}
 	if !b.leasing(client) {
-		t, _, err := b.take(parent, client, cost, scheduler.Vector{})
+		t, _, err := b.take(parent, client, cost, scheduler.Vector{}, waiting)
 		return t, err
 	}
-	return b.quota[client].take(parent, b, client, cost, time.Now())
+	return b.quota[client].take(parent, b, client, cost, waiting, time.Now())
 }
 
 // take is one take's round trip: need from every bucket, and as much of
 // extra as they can spare (granted).
-func (b *Buckets) take(parent context.Context, client int, need, extra scheduler.Vector) (Took, scheduler.Vector, error) {
+func (b *Buckets) take(parent context.Context, client int, need, extra scheduler.Vector, waiting bool) (Took, scheduler.Vector, error) {
 	c := b.clients[client]
 	lease := b.s.id + ":" + strconv.FormatUint(b.seq.Add(1), 36)
 	ctx, cancel := b.s.ctx(parent)
@@ -169,6 +176,11 @@ func (b *Buckets) take(parent context.Context, client int, need, extra scheduler
 	for _, n := range extra {
 		args = append(args, n)
 	}
+	w := 0
+	if waiting {
+		w = 1
+	}
+	args = append(args, c.Name, max(1, c.Weight), fairActive.Milliseconds(), fairRetry.Milliseconds(), w)
 	b.s.trips.Inc()
 	res, err := b.s.eval(ctx, takeScript, k[:], bucketTypes[:], args...).Slice()
 	if err != nil {
@@ -183,6 +195,8 @@ func (b *Buckets) take(parent context.Context, client int, need, extra scheduler
 	t.Wait = time.Duration(wait) * time.Millisecond
 	bind64, _ := res[2].(int64)
 	switch bind := int(bind64); { // a key's index, from 1
+	case bind == fairKey+1:
+		t.Fair, t.Binding = true, scheduler.Tokens
 	case bind > modelSlots:
 		t.Binding, t.Own = scheduler.Slots, bind == clientSlots+1
 	case bind > 0:
@@ -308,7 +322,7 @@ func (b *Buckets) Release(parent context.Context, client int, lease string) erro
 	ctx, cancel := b.s.ctx(parent)
 	defer cancel()
 	k := b.keys[client]
-	if err := b.s.eval(ctx, releaseScript, k[modelSlots:], bucketTypes[modelSlots:], lease).Err(); err != nil {
+	if err := b.s.eval(ctx, releaseScript, k[modelSlots:fairKey], bucketTypes[modelSlots:fairKey], lease).Err(); err != nil {
 		return b.s.failed(err) // the lease expires within leaseTTL anyway
 	}
 	return nil
@@ -322,7 +336,7 @@ func (b *Buckets) refresh(ctx context.Context) error {
 	defer b.mu.Unlock()
 	byKey := map[string][]any{}
 	for lease, client := range b.leases {
-		for _, k := range b.keys[client][modelSlots:] {
+		for _, k := range b.keys[client][modelSlots:fairKey] {
 			byKey[k] = append(byKey[k], lease)
 		}
 	}

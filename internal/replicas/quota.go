@@ -26,6 +26,14 @@ import (
 // Queues with a concurrency maximum (the model's or the client's) take
 // per request: a slot is a lease of its own.
 
+// Fair share across replicas (see takeScript): how long a client whose
+// take was refused counts as waiting, and how long a take that must let
+// another client's share go first waits before it asks again.
+const (
+	fairActive = 300 * time.Millisecond
+	fairRetry  = 20 * time.Millisecond
+)
+
 // Lease parameters.
 const (
 	leaseLen      = time.Second
@@ -54,7 +62,7 @@ func (b *Buckets) leasing(client int) bool {
 // take pays cost from the slice, or takes what the slice lacks, and a new
 // slice, in one round trip. q.mu is held throughout: concurrent takes of
 // the client wait for one round trip and then, most often, for none.
-func (q *quota) take(ctx context.Context, b *Buckets, client int, cost scheduler.Vector, now time.Time) (Took, error) {
+func (q *quota) take(ctx context.Context, b *Buckets, client int, cost scheduler.Vector, waiting bool, now time.Time) (Took, error) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	model, own := b.model.Limits(), b.clients[client].Limits()
@@ -92,7 +100,7 @@ func (q *quota) take(ctx context.Context, b *Buckets, client int, cost scheduler
 		}
 		extra[r] = max(0, e)
 	}
-	t, granted, err := b.take(ctx, client, need, extra)
+	t, granted, err := b.take(ctx, client, need, extra, waiting)
 	if err != nil || !t.OK {
 		return t, err
 	}

@@ -6,8 +6,6 @@ import (
 	"strings"
 
 	"github.com/redis/go-redis/v9"
-
-	"github.com/llproxy/llproxy/scheduler"
 )
 
 // A key of the wrong type (someone ran SET on a bucket's key, an old
@@ -28,7 +26,7 @@ const (
 var bucketTypes = func() (t keyTypes) {
 	for i := range t {
 		t[i] = typeBucket
-		if i >= 2*scheduler.NumBuckets {
+		if i == modelSlots || i == clientSlots {
 			t[i] = typeLeases
 		}
 	}

@@ -52,7 +52,9 @@ end
 // (an amount per resource) as every bucket can pay from above half its
 // capacity (the same fraction of each resource, rounded down): far from
 // the limit a replica borrows its slice, near it nothing, and the take is
-// exact. It returns {ok, wait ms (-1: a slot, unknown), what binds (a
+// exact. Then ARGV[4N+6..4N+10] are the client's name and weight, how
+// long it counts as waiting, how long a fair-share wait is and whether
+// it has more requests waiting (see below). It returns {ok, wait ms (-1: a slot, unknown), what binds (a
 // key's index), the 2N levels after, the N marks' paid and N lowered, the
 // N amounts of slice granted}.
 var takeScript = redis.NewScript(luaLevel + `
@@ -74,6 +76,59 @@ for i = 1, 2 do
     redis.call('ZREMRANGEBYSCORE', KEYS[2 * n + i], '-inf', now)
     if redis.call('ZCARD', KEYS[2 * n + i]) >= max then wait, bind = -1, 2 * n + i end
   end
+end
+-- Fair share across replicas: a start-time fair queue over the clients
+-- waiting (within ARGV[4N+8] ms of a refused take, or of a take while
+-- more of its requests waited at its replica) in the hash KEYS[2N+3]
+-- (f:<client>: its finish tag, tokens / weight; a:<client>: when it
+-- stops counting as waiting). While the model's buckets are contended
+-- (one would fall below half), a client whose start tag is ahead of
+-- another waiting client's by more than its own step waits ARGV[4N+9] ms:
+-- clients at different replicas share tokens by weight, not by how fast
+-- their replicas ask.
+local fk = KEYS[2 * n + 3]
+local cname, weight = ARGV[4 * n + 6], tonumber(ARGV[4 * n + 7])
+local tags = {}
+local all = redis.call('HGETALL', fk)
+for j = 1, #all, 2 do tags[all[j]] = all[j + 1] end
+local was = (tonumber(tags['a:' .. cname]) or 0) > now
+redis.call('PEXPIRE', fk, 180000)
+local tok = math.max(1, tonumber(ARGV[3 + 2 * n]))
+local contended = false
+for i = 1, n do
+  local cap = tonumber(ARGV[1 + i])
+  if cap > 0 and levels[i] - tonumber(ARGV[1 + 2 * n + i]) < cap / 2 then contended = true end
+end
+local others = nil
+for k, v in pairs(tags) do
+  if string.sub(k, 1, 2) == 'a:' and tonumber(v) > now and string.sub(k, 3) ~= cname then
+    local fo = tonumber(tags['f:' .. string.sub(k, 3)]) or 0
+    if others == nil or fo < others then others = fo end
+  end
+end
+-- A client that was waiting goes on from its own tag; one that comes
+-- back starts level with the others (no credit for being away).
+local start = tonumber(tags['f:' .. cname]) or 0
+if not was and others ~= nil and others > start then start = others end
+-- A lead is forgiven beyond two of the client's own steps (what it was
+-- served while others were not asking, or from leased slices, is no
+-- debt to pay back for long): waiting clients share from there.
+if others ~= nil and start > others + 2 * tok / weight then
+  start = others + 2 * tok / weight
+  redis.call('HSET', fk, 'f:' .. cname, tostring(start))
+end
+if wait == 0 and others ~= nil and contended and start > others + tok / weight then
+  wait, bind = tonumber(ARGV[4 * n + 9]), 2 * n + 3
+end
+-- While the buckets are not contended everyone who asks is served: no
+-- client earns a debt or a credit, the tags stay level.
+if not contended and others ~= nil then start = others end
+-- A client counts as waiting (its share owed) for a while after a take
+-- of its was refused or while it has more requests waiting at its
+-- replica (ARGV[4N+10] = 1): one whose takes all go through holds nobody
+-- back.
+if wait ~= 0 or ARGV[4 * n + 10] == '1' then
+  redis.call('HSET', fk, 'a:' .. cname, now + tonumber(ARGV[4 * n + 8]))
 end
 local out = {0, wait, bind}
 local marks = {}
@@ -112,6 +167,9 @@ if wait == 0 then
   end
 end
 for i = 1, 2 * n do out[3 + i] = tostring(levels[i]) end
+if wait == 0 then
+  redis.call('HSET', fk, 'f:' .. cname, tostring(start + tok / weight))
+end
 for i = 1, 2 * n do out[3 + 2 * n + i] = marks[i] or '0' end
 for r = 1, n do out[3 + 4 * n + r] = granted[r] or 0 end
 return out

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -366,4 +367,77 @@ func TestReplicasHearTheUpstreamOnce(t *testing.T) {
 	// the bucket), which later answers lower.
 	assert.GreaterOrEqual(t, lowered, 100-0.05*600-1, "lowered for the 100 the key's other user spent")
 	assert.LessOrEqual(t, lowered, 100+10*time.Since(start).Seconds()+1, "lowered once, not once per replica or answer")
+}
+
+// TestReplicasShareByWeight: team heavy (weight 3) sends only to one
+// replica and team light (weight 1) only to the other, both backlogged
+// beyond the key's 600 rpm. Once the bucket is drained, the upstream
+// receives heavy's and light's requests 3:1 (within 10%), not 1:1 as
+// their replicas' asking would split it.
+func TestReplicasShareByWeight(t *testing.T) {
+	r := redistest.Start(t)
+	var mu sync.Mutex
+	type arrival struct {
+		at    time.Time
+		heavy bool
+	}
+	var arrivals []arrival
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		body, _ := io.ReadAll(req.Body)
+		mu.Lock()
+		arrivals = append(arrivals, arrival{time.Now(), strings.Contains(string(body), "heavy")})
+		mu.Unlock()
+		w.Header().Set("Content-Type", "application/json")
+		w.Write([]byte(`{"choices":[{"message":{"content":"ok"}}],"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}`))
+	}))
+	t.Cleanup(up.Close)
+	cfg := `{
+  "clients": {"heavy": {"keys": ["kh"], "weight": 3}, "light": {"keys": ["kl"], "weight": 1}},
+  "shared": {"redis": "$REDIS", "timeout": "1s"},
+  "routes": {"openai": {"forward": "$UPSTREAM", "models": {
+    "gpt-4o": {"rpm": 600, "tpm": 100000000, "maxQueueSize": 200, "maxQueueWait": 60}}}}
+}`
+	replicas := startReplicas(t, 2, cfg, up.URL, r.URL())
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	for i := range 16 {
+		url, key, who := replicas[0].url, "kh", "heavy"
+		if i%2 == 1 {
+			url, key, who = replicas[1].url, "kl", "light"
+		}
+		wg.Go(func() {
+			for ctx.Err() == nil {
+				req, _ := http.NewRequestWithContext(ctx, http.MethodPost, url+"/openai/v1/chat/completions",
+					strings.NewReader(`{"model":"gpt-4o","max_tokens":5,"messages":[{"role":"user","content":"`+who+`"}]}`))
+				req.Header.Set("Authorization", "Bearer "+key)
+				resp, err := http.DefaultClient.Do(req)
+				if err == nil {
+					io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+				}
+			}
+		})
+	}
+	// The first 600 are the full bucket's; then 10 a second, shared.
+	start := time.Now()
+	time.Sleep(9 * time.Second)
+	cancel()
+	wg.Wait()
+	mu.Lock()
+	defer mu.Unlock()
+	require.Greater(t, len(arrivals), 600)
+	heavy, all := 0, 0
+	for _, a := range arrivals[600:] {
+		if a.at.Sub(start) < 2*time.Second {
+			continue // the burst's tail
+		}
+		all++
+		if a.heavy {
+			heavy++
+		}
+	}
+	require.Greater(t, all, 40, "the key's 10 a second after the burst")
+	share := float64(heavy) / float64(all)
+	t.Logf("after the burst: %d requests, heavy's share %.3f", all, share)
+	assert.InDelta(t, 0.75, share, 0.075, "3:1 by weight")
 }

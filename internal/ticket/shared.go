@@ -97,7 +97,7 @@ func (t *Ticket) takeShared(ctx context.Context) error {
 			t.adm.Confirm(time.Now(), nil)
 			return nil
 		}
-		took, err := b.Take(ctx, t.cost.Client, t.cost.Amount)
+		took, err := b.Take(ctx, t.cost.Client, t.cost.Amount, t.Model.Queue.Waiting(t.cost.Client) > 0)
 		now := time.Now()
 		if err != nil {
 			// Redis is down (degraded now). The queue admitted this request
@@ -125,21 +125,29 @@ func (t *Ticket) takeShared(ctx context.Context) error {
 		// queue learns the shared levels, and the request waits again.
 		t.adm.Refused(now, lv)
 		t.Model.Metrics.Retry("shared_limit")
-		if took.Wait < 0 {
+		if took.Wait < 0 || took.Fair {
 			// A shared slot: when one frees is not known; look again soon.
-			if now.Add(backoff).After(t.deadline) {
+			// Or another replica's client is owed its share first: look
+			// again when it has had it.
+			pause, resource := backoff, scheduler.Slots
+			if took.Fair {
+				pause, resource = took.Wait, scheduler.Tokens
+			}
+			if now.Add(pause).After(t.deadline) {
 				t.hasRate = false
 				return &scheduler.RejectError{Reason: scheduler.ErrWaitTooLong, Model: t.name,
-					Resource: scheduler.Slots, RetryAfter: time.Second, State: t.Model.Queue.StateFor(now, t.cost.Client)}
+					Resource: resource, RetryAfter: time.Second, State: t.Model.Queue.StateFor(now, t.cost.Client)}
 			}
-			timer := time.NewTimer(backoff)
+			timer := time.NewTimer(pause)
 			select {
 			case <-timer.C:
 			case <-ctx.Done():
 				timer.Stop()
 				return ctx.Err()
 			}
-			backoff = min(2*backoff, time.Second)
+			if !took.Fair {
+				backoff = min(2*backoff, time.Second)
+			}
 		}
 		if err := t.requeue(ctx, true); err != nil {
 			return err
