@@ -29,18 +29,15 @@ import (
 // nil when it is off.
 func openLedger(cfg *config.Config, log *slog.Logger, reg prometheus.Registerer) (*ledger.Ledger, error) {
 	store := cfg.Usage.Store
-	if store == "" {
-		if cfg.StateFile == "" {
-			return nil, nil // a config built without a file: no place for it
-		}
-		store = "sqlite:" + filepath.Join(filepath.Dir(cfg.StateFile), "usage.db")
+	if store == "" && cfg.StateFile == "" {
+		return nil, nil // a config built without a file: no place for it
 	}
 	var st ledger.Store
 	var err error
 	switch {
 	case store == "off":
 		return nil, nil
-	case store == "sqlite":
+	case store == "" || store == "sqlite":
 		st, err = ledger.OpenSQLite(filepath.Join(filepath.Dir(cfg.StateFile), "usage.db"))
 	case strings.HasPrefix(store, "sqlite:"):
 		st, err = ledger.OpenSQLite(strings.TrimPrefix(store, "sqlite:"))
