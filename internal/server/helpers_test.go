@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -116,6 +117,7 @@ type gateway struct {
 	srv  *Server
 	reg  *prometheus.Registry
 	logs *syncBuffer
+	busy atomic.Int64 // requests whose handler has not returned
 }
 
 type syncBuffer struct {
@@ -146,7 +148,12 @@ func newGateway(t *testing.T, cfgJSON, url string, env map[string]string) *gatew
 	srv, err := New(Options{Config: cfg, Tokenizer: testTokenizer(t), Registry: reg,
 		Logger: slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))})
 	require.NoError(t, err)
-	g := &gateway{Server: httptest.NewServer(srv), srv: srv, reg: reg, logs: logs}
+	g := &gateway{srv: srv, reg: reg, logs: logs}
+	g.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		g.busy.Add(1)
+		defer g.busy.Add(-1)
+		srv.ServeHTTP(w, r)
+	}))
 	t.Cleanup(func() {
 		g.Close()
 		srv.StopBackends()
@@ -209,8 +216,19 @@ func strOf(p *string) string {
 	return *p
 }
 
+// settled waits (up to 5 s) until no handler is running: a request is
+// settled, counted and logged after its answer reached the client.
+func (g *gateway) settled() {
+	for i := 0; i < 5000 && g.busy.Load() > 0; i++ {
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// metricsText is what /metrics says once the requests answered so far
+// are settled.
 func metricsText(t *testing.T, g *gateway) string {
 	t.Helper()
+	g.settled()
 	resp, err := http.Get(g.URL + "/metrics")
 	require.NoError(t, err)
 	defer resp.Body.Close()
