@@ -90,10 +90,28 @@ func bench(args []string) int {
 	mem := fs.Bool("memory", false, "measure the memory of an open stream and of a queued request instead")
 	memStreams := fs.Int("memory-streams", 1000, "-memory: open streams held")
 	memQueued := fs.Int("memory-queued", 10000, "-memory: requests held waiting in a queue")
-	redisURL := fs.String("redis", "", "also run llproxy replicas sharing their limits through this Redis (redis://host:port/db), against 1 without")
+	redisURL := fs.String("redis", "", "also run llproxy replicas sharing their limits through this Redis (redis://host:port/db, or \"start\": a redis-server llbench runs), against 1 without")
+	outage := fs.Bool("redis-outage", false, "with -redis start: kill Redis a third into each measured replicas run and start it again, empty, a second later")
+	limitRPM := fs.Int("limit-rpm", 1200, "the at-limit scenario: the requests per minute the upstream allows and llproxy is configured with")
+	limitWait := fs.Duration("limit-wait", 2*time.Second, "the at-limit scenario: llproxy's maxQueueWait (longer predicted waits are refused with Retry-After)")
+	limitConc := fs.Int("limit-conc", 48, "the at-limit scenario: concurrent clients")
+	limitSlack := fs.Int("limit-slack", 3, "the at-limit scenario: requests the upstream's bucket holds beyond a minute's worth (network jitter)")
 	nReplicas := fs.Int("replicas", 2, "how many replicas -redis runs")
 	ledgerOn := fs.Bool("ledger", true, "llproxy keeps its usage ledger (SQLite beside its config, the default); false: usage.store off")
 	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	var ownRedis *redisProc
+	if *redisURL == "start" {
+		r, err := startRedis()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		defer r.kill()
+		ownRedis, *redisURL = r, r.url()
+	} else if *outage {
+		fmt.Fprintln(os.Stderr, "llbench: -redis-outage needs -redis start (llbench kills and restarts its own redis-server)")
 		return 2
 	}
 	self, err := os.Executable()
@@ -119,6 +137,18 @@ func bench(args []string) int {
 		return 1
 	}
 	defer mock.stop()
+	// Two limited upstreams: the lone llproxy's and the replicas', each
+	// with its own bucket.
+	limited := [2]string{freeAddr(), freeAddr()}
+	for _, addr := range limited {
+		p, err := start("limited mock", addr, "/v1/models", nil, *llproxyBin, "mock-server", "-listen", addr,
+			"-rpm", strconv.Itoa(*limitRPM), "-rpm-slack", strconv.Itoa(*limitSlack))
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		defer p.stop()
+	}
 	base, err := start("baseline", baseAddr, "/healthz", env, self, "baseline", "-listen", baseAddr, "-upstream", "http://"+mockAddr)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -131,7 +161,8 @@ func bench(args []string) int {
 	cfg := fmt.Sprintf(`{"listen": %q, `+usageOff(*ledgerOn)+`"routes": {"bench": {"forward": "http://%s",
 	  "models": {"*": {"maxQueueSize": 100000, "maxQueueWait": 60, "rpm": 1000000000, "tpm": 2000000000}}},
 	  "claude": {"forward": "http://%s", "provider": "anthropic",
-	  "models": {"*": {"maxQueueSize": 100000, "maxQueueWait": 60, "rpm": 1000000000, "itpm": 2000000000, "otpm": 2000000000}}}}}`,
+	  "models": {"*": {"maxQueueSize": 100000, "maxQueueWait": 60, "rpm": 1000000000, "itpm": 2000000000, "otpm": 2000000000}}},
+	  `+limitRoute(limited[0], *limitRPM, *limitWait)+`}}`,
 		llAddr, mockAddr, mockAddr)
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -145,7 +176,7 @@ func bench(args []string) int {
 	defer ll.stop()
 	var replicas *target
 	if *redisURL != "" {
-		r, err := startReplicas(dir, *llproxyBin, mockAddr, *redisURL, env, max(1, *nReplicas), *ledgerOn)
+		r, err := startReplicas(dir, *llproxyBin, mockAddr, limitRoute(limited[1], *limitRPM, *limitWait), *redisURL, env, max(1, *nReplicas), *ledgerOn)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			return 1
@@ -203,6 +234,9 @@ func bench(args []string) int {
 					body = t.body
 				}
 				drive(client, t.url, body, conc, *warmup)
+				if *outage && len(t.more) > 0 {
+					ownRedis.outage(*duration/3, time.Second)
+				}
 				cpu0 := t.cpu()
 				r := drive(client, t.url, body, conc, *duration)
 				r.cpu = t.cpu() - cpu0
@@ -219,6 +253,16 @@ func bench(args []string) int {
 		}
 	}
 	tw.Flush()
+	if strings.Contains("at the key's limit", *only) {
+		lt := target{name: "llproxy", url: "http://" + llAddr + "/limited/v1/chat/completions"}
+		ts := []target{lt}
+		if replicas != nil {
+			rt := *replicas
+			rt.url = strings.ReplaceAll(rt.url, "/bench/", "/limited/")
+			ts = append(ts, rt)
+		}
+		atLimit(client, limited, ts, *limitRPM, *limitConc, *limitWait, *warmup, *duration, ownRedis, *outage)
+	}
 	fmt.Printf("\npeak RSS: baseline %.1f MiB, llproxy %.1f MiB (mock upstream %.1f MiB)\n", base.peakRSS(), ll.peakRSS(), mock.peakRSS())
 	if replicas != nil {
 		fmt.Printf("peak RSS of each replica:")
@@ -251,7 +295,7 @@ func orDefault(n int) string {
 
 // startReplicas starts n llproxy processes whose limits are shared
 // through Redis at redisURL; the load goes round them.
-func startReplicas(dir, bin, mockAddr, redisURL string, env []string, n int, ledger bool) (*target, error) {
+func startReplicas(dir, bin, mockAddr, limited, redisURL string, env []string, n int, ledger bool) (*target, error) {
 	t := &target{name: strconv.Itoa(n) + " replicas + Redis"}
 	for i := range n {
 		addr := freeAddr()
@@ -260,7 +304,7 @@ func startReplicas(dir, bin, mockAddr, redisURL string, env []string, n int, led
 			return nil, err
 		}
 		cfg := fmt.Sprintf(`{"listen": %q, `+usageOff(ledger)+`"shared": {"redis": %q, "prefix": "llbench:"}, "routes": {"bench": {"forward": "http://%s",
-		  "models": {"*": {"maxQueueSize": 100000, "maxQueueWait": 60, "rpm": 1000000000, "tpm": 2000000000}}}}}`, addr, redisURL, mockAddr)
+		  "models": {"*": {"maxQueueSize": 100000, "maxQueueWait": 60, "rpm": 1000000000, "tpm": 2000000000}}}, `+limited+`}}`, addr, redisURL, mockAddr)
 		path := filepath.Join(sub, "config.json")
 		if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
 			return nil, err

@@ -4,7 +4,7 @@
 //	llproxy [-config file] [-listen addr] [-check] [-version]
 //	llproxy check [-config file]
 //	llproxy version
-//	llproxy mock-server [-listen addr] [-chunks n] [-chunk-delay d] [-latency d]
+//	llproxy mock-server [-listen addr] [-chunks n] [-chunk-delay d] [-latency d] [-rpm n [-rpm-slack n]]
 package main
 
 import (
@@ -270,16 +270,29 @@ func mockServer(args []string) int {
 	chunks := fs.Int("chunks", 16, "words per completion (SSE chunks when streamed)")
 	chunkDelay := fs.Duration("chunk-delay", 0, "delay between streamed chunks")
 	latency := fs.Duration("latency", 0, "delay before the response headers")
+	rpm := fs.Int("rpm", 0, "requests per minute the mock admits, as OpenAI does (x-ratelimit headers, 429s); 0: no limit")
+	slack := fs.Int("rpm-slack", 0, "requests its -rpm bucket holds beyond a minute's worth")
 	if code := parse(fs, args); code >= 0 {
 		return code
+	}
+	cfg := mock.Config{Chunks: *chunks, ChunkDelay: *chunkDelay, Latency: *latency, RPM: *rpm, RPMSlack: *slack}
+	if err := cfg.Validate(); err != nil {
+		fmt.Fprintln(os.Stderr, "llproxy mock-server:", err)
+		return 2
 	}
 	tok, err := tokenizer.New(tokenizer.Config{})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "llproxy mock-server:", err)
 		return 1
 	}
-	m := mock.New(mock.Config{Chunks: *chunks, ChunkDelay: *chunkDelay,
-		Latency: *latency}, server.MockCounter(tok))
+	m := mock.New(cfg, server.MockCounter(tok))
+	mux := http.NewServeMux()
+	mux.Handle("/", m)
+	// What its limit answered and refused, for load tests (llbench).
+	mux.HandleFunc("GET /mock/limited", func(w http.ResponseWriter, _ *http.Request) {
+		answered, refused := m.Limited()
+		fmt.Fprintf(w, `{"answered":%d,"refused":%d}`+"\n", answered, refused)
+	})
 	ln, err := net.Listen("tcp", *listen)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "llproxy mock-server:", err)
@@ -288,7 +301,7 @@ func mockServer(args []string) int {
 	fmt.Printf("llproxy mock-server listening on %s\n", ln.Addr())
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
-	srv := &http.Server{Handler: m, ReadHeaderTimeout: 10 * time.Second}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go func() {
 		<-ctx.Done()
 		srv.Close()

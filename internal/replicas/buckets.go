@@ -240,7 +240,18 @@ func (b *Buckets) Adjust(parent context.Context, client int, delta scheduler.Vec
 	if delta == (scheduler.Vector{}) {
 		return nil
 	}
-	if client >= 0 && client < len(b.clients) && b.leasing(client) && b.quota[client].adjust(delta, time.Now()) {
+	if client < 0 || client >= len(b.clients) {
+		return errClient
+	}
+	if b.leasing(client) && b.quota[client].adjust(delta, time.Now()) {
+		return nil
+	}
+	for _, n := range delta {
+		if n < 0 {
+			return b.adjust(parent, client, delta) // a charge: at once
+		}
+	}
+	if b.s.giveLater(b, client, delta) {
 		return nil
 	}
 	return b.adjust(parent, client, delta)
@@ -319,6 +330,14 @@ func (b *Buckets) Release(parent context.Context, client int, lease string) erro
 	b.mu.Lock()
 	delete(b.leases, lease)
 	b.mu.Unlock()
+	if b.s.releaseLater(b, client, lease) {
+		return nil
+	}
+	return b.release(parent, client, lease)
+}
+
+// release is Release's round trip.
+func (b *Buckets) release(parent context.Context, client int, lease string) error {
 	ctx, cancel := b.s.ctx(parent)
 	defer cancel()
 	k := b.keys[client]

@@ -122,7 +122,7 @@ type State struct {
 	repaired  prometheus.Counter
 	trips     prometheus.Counter // takes that went to Redis
 	local     prometheus.Counter // takes paid from a leased slice
-	pipelines prometheus.Counter // budget pipelines written
+	pipelines prometheus.Counter // write pipelines (batch.go)
 	adds      adds
 
 	mu       sync.Mutex
@@ -171,8 +171,8 @@ func New(cfg Config, log *slog.Logger, reg prometheus.Registerer) (*State, error
 			Help: "Admissions paid in the shared buckets: from a leased slice at this replica (from=lease), or in a round trip to Redis (from=redis)."}),
 		local: prometheus.NewCounter(prometheus.CounterOpts{Name: "llproxy_shared_takes_total", ConstLabels: prometheus.Labels{"from": "lease"},
 			Help: "Admissions paid in the shared buckets: from a leased slice at this replica (from=lease), or in a round trip to Redis (from=redis)."}),
-		pipelines: prometheus.NewCounter(prometheus.CounterOpts{Name: "llproxy_shared_budget_pipelines_total",
-			Help: "Round trips that wrote the settled requests' additions to the shared budgets, each for every request settled in its tick."}),
+		pipelines: prometheus.NewCounter(prometheus.CounterOpts{Name: "llproxy_shared_write_pipelines_total",
+			Help: "Round trips that wrote what requests write after their admission (budget additions, give-backs at settlement, freed slots), each for every request of its batch."}),
 	}
 	s.adds.kick = make(chan struct{}, 1)
 	s.now = time.Now

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -527,4 +528,62 @@ func TestBudgetWritesAreCoalesced(t *testing.T) {
 	n, err = st.Budget(context.Background(), "b", "gpt-4o", "2026-12")
 	require.NoError(t, err)
 	assert.Equal(t, int64(5), n)
+}
+
+// A queue with slots leases nothing (a slot is a request's own), so each
+// request takes, gives back what it reserved beyond its use, and frees
+// its slot: the give-backs and the releases of concurrent requests share
+// pipelines, and every one lands (the slots are all free and the bucket
+// holds what the requests did not use).
+func TestGiveBacksAndReleasesAreCoalesced(t *testing.T) {
+	r := redistest.Start(t)
+	m := scheduler.Config{RPM: 1000000, TPM: 60000, MaxConcurrent: 8, MaxQueueSize: 10, MaxQueueWait: time.Minute}
+	st := replica(t, r.URL())
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go st.Run(ctx)
+	q := st.Queue("local", "llama", m, clientsOf(m))
+	var wg sync.WaitGroup
+	var admitted atomic.Int64
+	start := time.Now()
+	for range 8 {
+		wg.Go(func() {
+			for range 25 {
+				took, err := q.Take(ctx, 0, scheduler.Request(20, 0), false)
+				if !assert.NoError(t, err) {
+					return
+				}
+				if !took.OK {
+					time.Sleep(time.Millisecond) // a slot not yet freed
+					continue
+				}
+				admitted.Add(1)
+				assert.NoError(t, q.Adjust(ctx, 0, scheduler.Vector{scheduler.Tokens: 15}))
+				assert.NoError(t, q.Release(ctx, 0, took.Lease))
+			}
+		})
+	}
+	wg.Wait()
+	taken := testutil.ToFloat64(st.trips)
+	cancel()
+	require.NoError(t, st.Close()) // writes what is still queued
+	elapsed := time.Since(start)
+	pipelines := testutil.ToFloat64(st.pipelines)
+	t.Logf("%.0f takes, their give-backs and releases in %.0f pipelines", taken, pipelines)
+	assert.Positive(t, pipelines, "written in pipelines")
+	assert.Less(t, pipelines, taken, "fewer pipelines than requests")
+
+	// Every slot free, every give-back in the bucket.
+	other := replica(t, r.URL()).Queue("local", "llama", m, clientsOf(m))
+	for i := range 8 {
+		took, err := other.Take(context.Background(), 0, scheduler.Request(0, 0), false)
+		require.NoError(t, err)
+		require.True(t, took.OK, "slot %d free", i)
+		if i == 7 {
+			spent := 5 * float64(admitted.Load()) // each took 20 tokens and gave 15 back
+			refill := (elapsed + 2*time.Millisecond).Seconds() * 1000 // Redis counts in whole ms
+			assert.LessOrEqual(t, took.Levels.Model[scheduler.Tokens], 60000-spent+refill+1)
+			assert.GreaterOrEqual(t, took.Levels.Model[scheduler.Tokens], 60000-spent-1)
+		}
+	}
 }

@@ -36,6 +36,11 @@ type Config struct {
 	ChunkDelay time.Duration
 	// Models are listed by /v1/models. Empty means ["mock"].
 	Models []string
+	// RPM, if above 0, is a requests-per-minute limit the mock enforces
+	// as OpenAI does (x-ratelimit-*-requests headers, 429s), its bucket
+	// holding RPMSlack requests more than a minute's worth.
+	RPM      int
+	RPMSlack int
 }
 
 // Validate reports fields out of range by JSON name.
@@ -46,6 +51,12 @@ func (c Config) Validate() error {
 	}
 	if c.ChunkDelay < 0 {
 		errs = append(errs, fmt.Errorf("chunkDelay: must be >= 0"))
+	}
+	if c.RPM < 0 || c.RPM > 1e9 {
+		errs = append(errs, fmt.Errorf("rpm: must be between 0 and 1000000000, got %d", c.RPM))
+	}
+	if c.RPMSlack < 0 || c.RPMSlack > 1e9 {
+		errs = append(errs, fmt.Errorf("rpmSlack: must be between 0 and 1000000000, got %d", c.RPMSlack))
 	}
 	if c.Chunks < 0 || c.Chunks > 100000 {
 		errs = append(errs, fmt.Errorf("chunks: must be between 0 and 100000, got %d", c.Chunks))
@@ -71,7 +82,8 @@ type Mock struct {
 	counter TokenCounter
 	parsers fastjson.ParserPool
 	seq     atomic.Uint64
-	models  []byte // the /v1/models answer, built once
+	models  []byte   // the /v1/models answer, built once
+	limit   *limiter // nil: no limit
 }
 
 // mockWords are each one token (with their leading space) in both o200k and
@@ -88,6 +100,9 @@ func New(cfg Config, counter TokenCounter) *Mock {
 		cfg.Models = []string{"mock"}
 	}
 	m := &Mock{cfg: cfg, counter: counter}
+	if cfg.RPM > 0 {
+		m.limit = newLimiter(cfg.RPM, cfg.RPMSlack, time.Now())
+	}
 	b := []byte(`{"object":"list","data":[`)
 	for i, id := range cfg.Models {
 		if i > 0 {
@@ -99,6 +114,15 @@ func New(cfg Config, counter TokenCounter) *Mock {
 	}
 	m.models = append(b, "]}"...)
 	return m
+}
+
+// Limited is what the mock's RPM limit answered and refused so far (0, 0
+// without one).
+func (m *Mock) Limited() (answered, refused int64) {
+	if m.limit == nil {
+		return 0, 0
+	}
+	return m.limit.counts()
 }
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, 0, 4096); return &b }}
@@ -135,6 +159,9 @@ func (m *Mock) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	v, err := p.ParseBytes(body)
 	if err != nil || v.Type() != fastjson.TypeObject {
 		mockError(w, http.StatusBadRequest, "invalid_request_error", "", "We could not parse the JSON body of your request.")
+		return
+	}
+	if m.limit != nil && !m.limit.admit(w, time.Now()) {
 		return
 	}
 	if !sleep(r.Context(), m.cfg.Latency) {
