@@ -201,7 +201,7 @@ func (q *Queue) requeue(now time.Time, cost Cost, deadline time.Time, into *Admi
 	if now.After(deadline) {
 		// Its time is up: it cannot be admitted by then, even at once.
 		tail := q.probe(now, l, cost)
-		return nil, nil, q.reject(now, ErrWaitTooLong, tail, l, cost, tail.at.Sub(now))
+		return nil, nil, q.reject(now, ErrWaitTooLong, tail, l, cost, q.withOthers(now, tail.at.Sub(now)))
 	}
 	if q.admitsNow(now, l, &cost.Amount) {
 		return nil, q.pay(now, l, cost, 0, into), nil
@@ -215,10 +215,10 @@ func (q *Queue) requeue(now time.Time, cost Cost, deadline time.Time, into *Admi
 	q.headChanged(l)
 	q.cls[l.cls].tail.ok = false
 	ch := q.predict(now, w)
-	if ch.at.After(deadline) {
+	if now.Add(q.withOthers(now, ch.at.Sub(now))).After(deadline) {
 		q.cancel(now, w)
 		tail := q.probe(now, l, cost)
-		return nil, nil, q.reject(now, ErrWaitTooLong, ch, l, cost, tail.at.Sub(now))
+		return nil, nil, q.reject(now, ErrWaitTooLong, ch, l, cost, q.withOthers(now, tail.at.Sub(now)))
 	}
 	w.ready = make(chan struct{})
 	q.changed(now)

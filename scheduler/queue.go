@@ -66,6 +66,8 @@ type Queue struct {
 	closed     bool
 	retired    atomic.Bool // see Retire; set under mu
 	confirm    bool        // admissions wait for the shared store's word (share.go)
+	oth        others      // what other gateways sharing the buckets have waiting (share.go)
+	othersOff  atomic.Bool // oth is empty
 	scan       []*cursor   // scratch for next
 	simCurs    []cursor    // scratch for predict
 	simHeap    cursors
@@ -164,7 +166,7 @@ func (q *Queue) expire(w *waiter) {
 	}
 	q.cancel(now, w)
 	ch := q.probe(now, w.lane, w.cost)
-	wait := ch.at.Sub(now)
+	wait := q.withOthers(now, ch.at.Sub(now))
 	if !q.slotFree() || !w.lane.slotFree() {
 		// The slots were held longer than predicted; when one frees is
 		// anyone's guess, so the client is not asked back at once.
@@ -211,7 +213,7 @@ func (q *Queue) enqueue(now time.Time, cost Cost, into *Admission) (*waiter, *Ad
 	// request simply cannot be admitted without waiting.
 	if n := len(l.waiting); n > 0 && n >= l.MaxQueueSize {
 		ch := q.probe(now, l, cost)
-		return nil, nil, q.reject(now, ErrQueueFull, ch, l, cost, ch.at.Sub(now))
+		return nil, nil, q.reject(now, ErrQueueFull, ch, l, cost, q.withOthers(now, ch.at.Sub(now)))
 	}
 	// (5)
 	c := &q.cls[l.cls]
@@ -220,7 +222,7 @@ func (q *Queue) enqueue(now time.Time, cost Cost, into *Admission) (*waiter, *Ad
 	w := q.push(now, l, cost)
 	w.into, w.deadline = into, now.Add(maxWait)
 	ch := q.predict(now, w)
-	wait := ch.at.Sub(now)
+	wait := q.withOthers(now, ch.at.Sub(now))
 	// (6)
 	if wait > maxWait || l.MaxQueueSize == 0 {
 		q.pop(l)

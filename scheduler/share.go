@@ -198,3 +198,47 @@ func (b *bucket) reconfigure(now time.Time, perMinute int) {
 	b.setRate(now, b.configured-b.others)
 	b.set(now, math.Min(level, b.capacity))
 }
+
+// othersFor is how long what other gateways' queues told is believed: a
+// store that stops telling (their backlogs drained, or the store is away)
+// stops counting after it.
+const othersFor = time.Second
+
+// others is what the other gateways sharing the buckets have waiting.
+type others struct {
+	n     int // gateways with requests waiting
+	until time.Time
+}
+
+// Others tells the queue that n other gateways sharing its buckets have
+// requests waiting, as the shared store said at now. While they do, the
+// buckets' refill is shared with them, so the waits the queue predicts
+// (to refuse at once a request that would wait too long, and in
+// Retry-After) count them: a request waits as if each of those gateways
+// were served in turn with it. Admission itself is unchanged: the store
+// decides who pays first. (Their backlogs could bound this, but a
+// gateway's queue holds only part of its demand: the rest is admitted
+// and asking the store, or asking again.)
+func (q *Queue) Others(now time.Time, n int) {
+	if n <= 0 && q.othersOff.Load() {
+		return // the common case, far from the limit: no lock
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if n <= 0 {
+		q.oth = others{}
+		q.othersOff.Store(true)
+		return
+	}
+	q.oth = others{n: n, until: now.Add(othersFor)}
+	q.othersOff.Store(false)
+}
+
+// withOthers is wait, a wait predicted for this queue alone, lengthened
+// by the other gateways' share of the refill. q.mu is held.
+func (q *Queue) withOthers(now time.Time, wait time.Duration) time.Duration {
+	if q.oth.n == 0 || wait <= 0 || !now.Before(q.oth.until) {
+		return wait
+	}
+	return min(wait*time.Duration(1+q.oth.n), 24*time.Hour)
+}

@@ -153,3 +153,47 @@ func TestRenumberedClientWaitsInItsOwnLane(t *testing.T) {
 	_, err := q.Acquire(context.Background(), Cost{Amount: Request(1, 0), Client: 5, Name: "gone"})
 	assert.ErrorIs(t, err, ErrUnknownClient)
 }
+
+// Other gateways' waiting requests lengthen the wait this queue predicts
+// (they share the refill): a request that fits alone is refused at once
+// when they are told, with a Retry-After that counts them; told nothing
+// for a second, the queue predicts alone again.
+func TestOthersLengthenThePrediction(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		q := NewQueue("m", Config{MaxQueueSize: 100, MaxQueueWait: 5 * time.Second, RPM: 60})
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		for range 60 { // the minute's 60: one request a second from now
+			a, err := q.Acquire(ctx, Cost{Amount: Request(1, 0)})
+			require.NoError(t, err)
+			a.Release(time.Now())
+		}
+		queued := func() {
+			go func() {
+				if a, err := q.Acquire(ctx, Cost{Amount: Request(1, 0)}); err == nil {
+					a.Release(time.Now())
+				}
+			}()
+			synctest.Wait()
+		}
+		// Two other gateways have requests waiting: three share the refill.
+		q.Others(time.Now(), 2)
+		queued() // 1 s alone, 3 s with them: it waits
+		assert.Equal(t, 1, q.Depth())
+		_, err := q.Acquire(ctx, Cost{Amount: Request(1, 0)})
+		var re *RejectError
+		require.ErrorAs(t, err, &re, "2 s alone, 6 s with them: refused at once")
+		assert.Equal(t, ErrWaitTooLong, re.Reason)
+		assert.Equal(t, 6*time.Second, re.RetryAfter.Round(time.Millisecond))
+
+		// Told nothing for a second, the queue predicts alone again.
+		time.Sleep(othersFor)
+		queued()
+		assert.Equal(t, 1, q.Depth(), "the first admitted; 1 s alone, the next waits")
+		// Told none, at once.
+		q.Others(time.Now(), 2)
+		q.Others(time.Now(), 0)
+		queued()
+		assert.Equal(t, 2, q.Depth())
+	})
+}

@@ -23,10 +23,17 @@ type Buckets struct {
 	quota   []quota // by client: this replica's slice of the buckets
 	seq     atomic.Uint64
 
+	backlog func() scheduler.Vector // what this replica's queue has waiting; set before use
+
 	mu     sync.Mutex
 	leases map[string]int // live leases of this replica -> client
 	closed bool           // its queue is retired: forgotten once its leases end
 }
+
+// Backlog tells the buckets, before they are used, what this replica's
+// queue has waiting (scheduler.Queue.Backlog): each take says it, so
+// that the other replicas predict their waits with it (Took.Others).
+func (b *Buckets) Backlog(f func() scheduler.Vector) { b.backlog = f }
 
 // keys of one client's call: the model's buckets by resource, the
 // client's, the model's leases, the client's, the model's fair-share
@@ -117,6 +124,9 @@ type Took struct {
 	Levels scheduler.Levels
 	// Mark is where the model's buckets stood when it paid, for Observe.
 	Mark Mark
+	// Others is how many other replicas have requests waiting for the
+	// model (see scheduler.Queue.Others).
+	Others int
 }
 
 // Mark is where a request's payment left the model's shared buckets: the
@@ -180,13 +190,20 @@ func (b *Buckets) take(parent context.Context, client int, need, extra scheduler
 	if waiting {
 		w = 1
 	}
-	args = append(args, c.Name, max(1, c.Weight), fairActive.Milliseconds(), fairRetry.Milliseconds(), w)
+	args = append(args, c.Name, max(1, c.Weight), fairActive.Milliseconds(), fairRetry.Milliseconds(), w, b.s.id)
+	var backlog scheduler.Vector
+	if b.backlog != nil {
+		backlog = b.backlog()
+	}
+	for _, n := range backlog {
+		args = append(args, n)
+	}
 	b.s.trips.Inc()
 	res, err := b.s.eval(ctx, takeScript, k[:], bucketTypes[:], args...).Slice()
 	if err != nil {
 		return Took{}, scheduler.Vector{}, b.s.failed(err)
 	}
-	if len(res) < 3+5*scheduler.NumBuckets {
+	if len(res) < 4+5*scheduler.NumBuckets {
 		return Took{}, scheduler.Vector{}, b.s.failed(errors.New("replicas: take answered " + strconv.Itoa(len(res)) + " values"))
 	}
 	ok, _ := res[0].(int64)
@@ -209,6 +226,8 @@ func (b *Buckets) take(parent context.Context, client int, need, extra scheduler
 			t.Mark.Paid[r], t.Mark.Lowered[r] = parseFloat(res[3+2*scheduler.NumBuckets+r]), parseFloat(res[3+3*scheduler.NumBuckets+r])
 		}
 	}
+	others, _ := res[3+5*scheduler.NumBuckets].(int64)
+	t.Others = int(min(max(others, 0), 1<<20))
 	var granted scheduler.Vector
 	if t.OK {
 		for r := range granted {

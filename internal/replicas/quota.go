@@ -52,6 +52,7 @@ type quota struct {
 	levels scheduler.Levels // the shared buckets at the last round trip
 	mark   Mark
 	sliced bool // the last round trip granted a slice: settlements go to it
+	others int  // other replicas with requests waiting, at the last round trip
 }
 
 // leasing reports whether client's takes borrow slices.
@@ -111,6 +112,7 @@ func (q *quota) take(ctx context.Context, b *Buckets, client int, cost scheduler
 		}
 	}
 	q.until, q.levels, q.mark, q.sliced = now.Add(leaseLen), t.Levels, t.Mark, granted != (scheduler.Vector{})
+	q.others = t.Others
 	lt := q.took(b, client)
 	t.Levels, t.Mark = lt.Levels, lt.Mark
 	return t, nil
@@ -133,7 +135,7 @@ func (q *quota) took(b *Buckets, client int) Took {
 			lv.Client[r] += float64(h)
 		}
 	}
-	return Took{OK: true, Levels: lv, Mark: mark}
+	return Took{OK: true, Levels: lv, Mark: mark, Others: q.others}
 }
 
 // unspent is what the slice holds now.

@@ -580,10 +580,43 @@ func TestGiveBacksAndReleasesAreCoalesced(t *testing.T) {
 		require.NoError(t, err)
 		require.True(t, took.OK, "slot %d free", i)
 		if i == 7 {
-			spent := 5 * float64(admitted.Load()) // each took 20 tokens and gave 15 back
+			spent := 5 * float64(admitted.Load())                     // each took 20 tokens and gave 15 back
 			refill := (elapsed + 2*time.Millisecond).Seconds() * 1000 // Redis counts in whole ms
 			assert.LessOrEqual(t, took.Levels.Model[scheduler.Tokens], 60000-spent+refill+1)
 			assert.GreaterOrEqual(t, took.Levels.Model[scheduler.Tokens], 60000-spent-1)
 		}
 	}
+}
+
+// Each take says what its replica's queue has waiting, and learns what
+// the other replicas' queues have (fresh within a second): a replica
+// whose queue emptied says so with its next take.
+func TestTakesTellTheOtherReplicasBacklogs(t *testing.T) {
+	r := redistest.Start(t)
+	m := model
+	m.MaxConcurrent = 100 // every take a round trip (slots lease no slices)
+	a := replica(t, r.URL()).Queue("openai", "gpt-4o", m, clientsOf(m))
+	b := replica(t, r.URL()).Queue("openai", "gpt-4o", m, clientsOf(m))
+	c := replica(t, r.URL()).Queue("openai", "gpt-4o", m, clientsOf(m))
+	var waitingB, waitingC scheduler.Vector
+	b.Backlog(func() scheduler.Vector { return waitingB })
+	c.Backlog(func() scheduler.Vector { return waitingC })
+	ctx := context.Background()
+	take := func(q *Buckets) Took {
+		took, err := q.Take(ctx, 0, scheduler.Request(10, 0), false)
+		require.NoError(t, err)
+		return took
+	}
+	assert.Zero(t, take(a).Others, "nobody waits")
+	waitingB = scheduler.Vector{scheduler.Requests: 5, scheduler.Tokens: 500}
+	waitingC = scheduler.Vector{scheduler.Requests: 2, scheduler.Tokens: 40}
+	take(b)
+	took := take(c)
+	assert.Equal(t, 1, took.Others, "c hears b")
+	took = take(a)
+	assert.Equal(t, 2, took.Others, "a hears both")
+	waitingB = scheduler.Vector{}
+	take(b)
+	took = take(a)
+	assert.Equal(t, 1, took.Others, "b's queue emptied")
 }

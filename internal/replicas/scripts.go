@@ -54,9 +54,13 @@ end
 // the limit a replica borrows its slice, near it nothing, and the take is
 // exact. Then ARGV[4N+6..4N+10] are the client's name and weight, how
 // long it counts as waiting, how long a fair-share wait is and whether
-// it has more requests waiting (see below). It returns {ok, wait ms (-1: a slot, unknown), what binds (a
-// key's index), the 2N levels after, the N marks' paid and N lowered, the
-// N amounts of slice granted}.
+// it has more requests waiting (see below). ARGV[4N+11] is the replica,
+// ARGV[4N+12..5N+11] what its queue has waiting (an amount per resource),
+// kept a second in the same hash (b:<replica>) so that each replica's
+// queue predicts its waits with the others' backlogs. It returns {ok,
+// wait ms (-1: a slot, unknown), what binds (a key's index), the 2N
+// levels after, the N marks' paid and N lowered, the N amounts of slice
+// granted, and how many other replicas have requests waiting}.
 var takeScript = redis.NewScript(luaLevel + `
 local n = tonumber(ARGV[1])
 local levels = {}
@@ -172,6 +176,27 @@ if wait == 0 then
 end
 for i = 1, 2 * n do out[3 + 2 * n + i] = marks[i] or '0' end
 for r = 1, n do out[3 + 4 * n + r] = granted[r] or 0 end
+-- The replicas' backlogs: this one's written (or, empty, removed); the
+-- others still fresh counted, the stale removed.
+local me = 'b:' .. ARGV[4 * n + 11]
+local mine, any = tostring(now + 1000), false
+for r = 1, n do
+  local v = tonumber(ARGV[4 * n + 11 + r]) or 0
+  if v > 0 then any = true end
+  mine = mine .. ',' .. tostring(v)
+end
+if any then redis.call('HSET', fk, me, mine) elseif tags[me] then redis.call('HDEL', fk, me) end
+local count = 0
+for k, v in pairs(tags) do
+  if string.sub(k, 1, 2) == 'b:' and k ~= me then
+    if (tonumber(string.match(v, '^[^,]+')) or 0) <= now then
+      redis.call('HDEL', fk, k)
+    else
+      count = count + 1
+    end
+  end
+end
+out[4 + 5 * n] = count
 return out
 `)
 

@@ -115,6 +115,7 @@ func (t *Ticket) takeShared(ctx context.Context) error {
 				slog.Float64("requests_left", took.Levels.Model[scheduler.Requests]))
 		}
 		lv := took.Levels
+		t.Model.Queue.Others(now, took.Others)
 		if took.OK {
 			t.hold = sharedHold{b: b, client: t.cost.Client, held: t.cost.Amount, lease: took.Lease, on: true, mark: took.Mark}
 			t.adm.Confirm(now, &lv)
