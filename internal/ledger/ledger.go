@@ -49,8 +49,10 @@ const (
 	// MaxBuffered bounds the rows kept while the database is away; past
 	// it, rows are dropped and counted.
 	MaxBuffered = 100_000
-	// inbox is the channel between requests and the writer.
-	inbox = 10_000
+	// inbox is the channel between requests and the writer, which takes
+	// from it whatever the database is doing (see run): a second of the
+	// gateway's fastest, each row about 200 bytes.
+	inbox = 4096
 )
 
 // Store is a database the ledger writes to and sums from.
@@ -178,35 +180,50 @@ func (l *Ledger) Close(ctx context.Context) error {
 
 // run is the writer: it batches rows, writes them a second after the
 // first or at FlushRows, keeps them while the database is away, prunes
-// daily, and on Close writes what is left.
+// daily, and on Close writes what is left. A write (or a prune) runs in a
+// goroutine of its own, one at a time, so that taking rows from the
+// request path never waits for the database: what arrives meanwhile
+// waits in pending (bounded by MaxBuffered), behind the rows out, not in
+// the inbox, which stays small.
 func (l *Ledger) run() {
 	defer close(l.done)
 	tick := time.NewTicker(FlushEvery)
 	defer tick.Stop()
-	var pending []Row
-	lastPrune := time.Time{}
+	var (
+		pending   []Row // the oldest first; its first `writing` rows are with the write in flight
+		lastPrune time.Time
+		writing   = -1                // none in flight
+		results   = make(chan int, 1) // how many rows a write wrote
+	)
 	take := func(r Row) {
 		if len(pending) >= MaxBuffered {
 			l.dropped.Inc()
 			return
 		}
-		pending = append(pending, r)
+		pending = append(pending, r) // past the rows out: the write only reads those
 	}
-	flush := func(ctx context.Context) {
-		for len(pending) > 0 && l.prepare(ctx) {
-			n := min(len(pending), FlushRows*10)
-			wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-			err := l.store.Insert(wctx, pending[:n])
-			cancel()
-			if err != nil {
-				l.fail(fmt.Errorf("usage store %s: %w", l.store.Name(), err))
-				break
+	start := func(prune time.Time) {
+		rows := pending[:len(pending):len(pending)]
+		writing = len(rows)
+		safe.Go(l.log, "usage ledger write", func() {
+			n := 0
+			defer func() { results <- n }() // even after a panic: the rest is kept
+			n = len(rows) - len(l.write(context.Background(), rows))
+			if !prune.IsZero() && n == len(rows) {
+				ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+				defer cancel()
+				if err := l.store.Prune(ctx, prune); err != nil {
+					l.log.Warn("usage ledger: pruning failed", "err", err)
+				}
 			}
-			if l.lastErr.Swap(nil) != nil {
-				l.log.Info("usage ledger: the database answers again; buffered rows written", "rows", n)
-			}
-			l.written.Add(float64(n))
-			pending = append(pending[:0], pending[n:]...)
+		})
+	}
+	back := func(n int) {
+		writing = -1
+		clear(pending[:n]) // their strings go
+		pending = pending[n:]
+		if len(pending) == 0 {
+			pending = nil
 		}
 		l.buffered.Set(float64(len(pending)))
 	}
@@ -214,20 +231,27 @@ func (l *Ledger) run() {
 		select {
 		case r := <-l.in:
 			take(r)
-			if len(pending) >= FlushRows && l.Err() == nil {
-				flush(context.Background())
+			if writing < 0 && len(pending) >= FlushRows && l.Err() == nil {
+				start(time.Time{})
 			}
+		case n := <-results:
+			back(n)
 		case now := <-tick.C:
-			flush(context.Background())
+			l.buffered.Set(float64(len(pending)))
+			if writing >= 0 {
+				break
+			}
+			var prune time.Time
 			if l.keep > 0 && now.Sub(lastPrune) > 24*time.Hour && l.Err() == nil {
-				ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-				if err := l.store.Prune(ctx, now.Add(-l.keep)); err != nil {
-					l.log.Warn("usage ledger: pruning failed", "err", err)
-				}
-				cancel()
-				lastPrune = now
+				prune, lastPrune = now.Add(-l.keep), now
+			}
+			if len(pending) > 0 || !prune.IsZero() {
+				start(prune)
 			}
 		case <-l.stop:
+			if writing >= 0 {
+				back(<-results)
+			}
 			for {
 				select {
 				case r := <-l.in:
@@ -238,14 +262,36 @@ func (l *Ledger) run() {
 				break
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-			flush(ctx)
+			pending = l.write(ctx, pending)
 			cancel()
+			l.buffered.Set(float64(len(pending)))
 			if len(pending) > 0 {
 				l.log.Error("usage ledger: rows not written at shutdown", "rows", len(pending), "err", l.Err())
 			}
 			return
 		}
 	}
+}
+
+// write writes rows in batches while the database takes them, and
+// returns what it could not write.
+func (l *Ledger) write(ctx context.Context, rows []Row) []Row {
+	for len(rows) > 0 && l.prepare(ctx) {
+		n := min(len(rows), FlushRows*10)
+		wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		err := l.store.Insert(wctx, rows[:n])
+		cancel()
+		if err != nil {
+			l.fail(fmt.Errorf("usage store %s: %w", l.store.Name(), err))
+			break
+		}
+		if l.lastErr.Swap(nil) != nil {
+			l.log.Info("usage ledger: the database answers again; buffered rows written", "rows", n)
+		}
+		l.written.Add(float64(n))
+		rows = rows[n:]
+	}
+	return rows
 }
 
 // ErrBadQuery is a sum that cannot be asked.

@@ -34,7 +34,10 @@ func OpenSQLite(path string) (Store, error) {
 	if fi, err := os.Stat(path); err == nil && fi.IsDir() {
 		return nil, fmt.Errorf("usage store sqlite:%s is a directory", path)
 	}
-	dsn := "file:" + path + "?_pragma=busy_timeout(5000)&_pragma=journal_mode(WAL)&_pragma=synchronous(NORMAL)"
+	// A page cache of 512 KiB a connection (SQLite's default is 2 MiB):
+	// the writer appends and the sums read the rollups, and every replica
+	// carries it (llbench: 53 → 48 MiB peak RSS with the inbox below).
+	dsn := "file:" + path + "?_pragma=busy_timeout(5000)&_pragma=journal_mode(WAL)&_pragma=synchronous(NORMAL)&_pragma=cache_size(-512)"
 	db, err := sql.Open("sqlite", dsn)
 	if err != nil {
 		return nil, fmt.Errorf("usage store sqlite:%s: %w", path, err)
