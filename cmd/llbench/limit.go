@@ -25,19 +25,23 @@ import (
 // gateway's own refusals and how often a client that waited its
 // Retry-After was refused again, and requests lost or hung.
 
-// limitRoute is the config of the route in front of the limited mock.
-func limitRoute(addr string, rpm int, wait time.Duration) string {
-	return fmt.Sprintf(`"limited": {"forward": "http://%s", "models": {"*": {"maxQueueSize": 100000, "maxQueueWait": %g, "rpm": %d, "tpm": 2000000000}}}`,
+// limitRoute is the config of the route in front of the limited mock,
+// with its leading comma; nothing when the scenario does not run.
+func limitRoute(addr string, rpm int, wait time.Duration, runs bool) string {
+	if !runs {
+		return ""
+	}
+	return fmt.Sprintf(`, "limited": {"forward": "http://%s", "models": {"*": {"maxQueueSize": 100000, "maxQueueWait": %g, "rpm": %d, "tpm": 2000000000}}}`,
 		addr, wait.Seconds(), rpm)
 }
 
 // limitResult is one target driven at its limit.
 type limitResult struct {
-	admitted     int // 200s
-	refused      int // the gateway's 429s
-	refusedAgain int // 429s to a client that had waited the Retry-After it was given
-	errors       int // anything else (a lost request)
-	hung         int // requests that waited beyond the longest honest wait
+	admitted     int           // 200s
+	refused      int           // the gateway's 429s
+	refusedAgain int           // 429s to a client that had waited the Retry-After it was given
+	errors       int           // anything else (a lost request)
+	hung         int           // requests that waited beyond the longest honest wait
 	retryAfter   time.Duration // the sum of the gateway's Retry-Afters
 	late         int           // 429s that came after a wait (250 ms or more), not at once
 	elapsed      time.Duration

@@ -139,8 +139,13 @@ func bench(args []string) int {
 	defer mock.stop()
 	// Two limited upstreams: the lone llproxy's and the replicas', each
 	// with its own bucket.
+	const atLimitName = "at the key's limit"
+	atLimitRuns := strings.Contains(atLimitName, *only)
 	limited := [2]string{freeAddr(), freeAddr()}
 	for _, addr := range limited {
+		if !atLimitRuns {
+			break // (and a binary without mock-server -rpm can be measured)
+		}
 		p, err := start("limited mock", addr, "/v1/models", nil, *llproxyBin, "mock-server", "-listen", addr,
 			"-rpm", strconv.Itoa(*limitRPM), "-rpm-slack", strconv.Itoa(*limitSlack))
 		if err != nil {
@@ -161,8 +166,8 @@ func bench(args []string) int {
 	cfg := fmt.Sprintf(`{"listen": %q, `+usageOff(*ledgerOn)+`"routes": {"bench": {"forward": "http://%s",
 	  "models": {"*": {"maxQueueSize": 100000, "maxQueueWait": 60, "rpm": 1000000000, "tpm": 2000000000}}},
 	  "claude": {"forward": "http://%s", "provider": "anthropic",
-	  "models": {"*": {"maxQueueSize": 100000, "maxQueueWait": 60, "rpm": 1000000000, "itpm": 2000000000, "otpm": 2000000000}}},
-	  `+limitRoute(limited[0], *limitRPM, *limitWait)+`}}`,
+	  "models": {"*": {"maxQueueSize": 100000, "maxQueueWait": 60, "rpm": 1000000000, "itpm": 2000000000, "otpm": 2000000000}}}`+
+		limitRoute(limited[0], *limitRPM, *limitWait, atLimitRuns)+`}}`,
 		llAddr, mockAddr, mockAddr)
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -176,7 +181,7 @@ func bench(args []string) int {
 	defer ll.stop()
 	var replicas *target
 	if *redisURL != "" {
-		r, err := startReplicas(dir, *llproxyBin, mockAddr, limitRoute(limited[1], *limitRPM, *limitWait), *redisURL, env, max(1, *nReplicas), *ledgerOn)
+		r, err := startReplicas(dir, *llproxyBin, mockAddr, limitRoute(limited[1], *limitRPM, *limitWait, atLimitRuns), *redisURL, env, max(1, *nReplicas), *ledgerOn)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			return 1
@@ -253,7 +258,7 @@ func bench(args []string) int {
 		}
 	}
 	tw.Flush()
-	if strings.Contains("at the key's limit", *only) {
+	if atLimitRuns {
 		lt := target{name: "llproxy", url: "http://" + llAddr + "/limited/v1/chat/completions"}
 		ts := []target{lt}
 		if replicas != nil {
@@ -304,7 +309,7 @@ func startReplicas(dir, bin, mockAddr, limited, redisURL string, env []string, n
 			return nil, err
 		}
 		cfg := fmt.Sprintf(`{"listen": %q, `+usageOff(ledger)+`"shared": {"redis": %q, "prefix": "llbench:"}, "routes": {"bench": {"forward": "http://%s",
-		  "models": {"*": {"maxQueueSize": 100000, "maxQueueWait": 60, "rpm": 1000000000, "tpm": 2000000000}}}, `+limited+`}}`, addr, redisURL, mockAddr)
+		  "models": {"*": {"maxQueueSize": 100000, "maxQueueWait": 60, "rpm": 1000000000, "tpm": 2000000000}}}`+limited+`}}`, addr, redisURL, mockAddr)
 		path := filepath.Join(sub, "config.json")
 		if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
 			return nil, err

@@ -64,6 +64,8 @@ func (r *redisProc) outage(after, down time.Duration) {
 		time.Sleep(down)
 		if err := r.start(); err != nil {
 			fmt.Println("llbench:", err)
+			return
 		}
+		fmt.Printf("(Redis killed %s into the run, started again empty %s later)\n", after, down)
 	}()
 }
