@@ -240,5 +240,6 @@ func (q *Queue) withOthers(now time.Time, wait time.Duration) time.Duration {
 	if q.oth.n == 0 || wait <= 0 || !now.Before(q.oth.until) {
 		return wait
 	}
-	return min(wait*time.Duration(1+q.oth.n), 24*time.Hour)
+	// In floating point: a long wait times many gateways would overflow.
+	return time.Duration(min(float64(wait)*float64(1+q.oth.n), float64(24*time.Hour)))
 }

@@ -197,3 +197,16 @@ func TestOthersLengthenThePrediction(t *testing.T) {
 		assert.Equal(t, 2, q.Depth())
 	})
 }
+
+// However long the wait and however many gateways, the prediction stays a
+// wait (no overflow into a negative one), bounded by a day.
+func TestOthersNeverOverflow(t *testing.T) {
+	q := NewQueue("m", Config{MaxQueueSize: 1, MaxQueueWait: time.Minute, RPM: 1})
+	now := time.Now()
+	q.Others(now, 1<<20)
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	assert.Equal(t, 24*time.Hour, q.withOthers(now, 1000*time.Hour))
+	q.oth.n = 2
+	assert.Equal(t, 3*time.Second, q.withOthers(now, time.Second))
+}
