@@ -84,14 +84,21 @@ func (q *Queue) Stats(now time.Time) Stats {
 	return st
 }
 
-// Waiting is how many requests of client wait in the queue now.
-func (q *Queue) Waiting(client int) int {
+// Next is the nearest deadline of the client's requests waiting in the
+// queue (each lane's head: a lane is a FIFO), zero if none waits.
+func (q *Queue) Next(client int) time.Time {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if client < 0 || client >= q.clients {
-		return 0
+		return time.Time{}
 	}
-	return len(q.lanes[client].waiting) + len(q.blanes[client].waiting)
+	var next time.Time
+	for _, l := range [2]*lane{q.lanes[client], q.blanes[client]} {
+		if len(l.waiting) > 0 && (next.IsZero() || l.waiting[0].deadline.Before(next)) {
+			next = l.waiting[0].deadline
+		}
+	}
+	return next
 }
 
 // Backlog is what the requests waiting in the queue will pay, in all.

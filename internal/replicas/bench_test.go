@@ -31,7 +31,7 @@ func BenchmarkTake(b *testing.B) {
 		b.Run(c.name, func(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
-				if took, err := q.Take(ctx, c.client, scheduler.Request(500, 0), false); err != nil || !took.OK {
+				if took, err := q.Take(ctx, c.client, scheduler.Request(500, 0), Ask{}); err != nil || !took.OK {
 					b.Fatal(err, took)
 				}
 			}
@@ -40,7 +40,7 @@ func BenchmarkTake(b *testing.B) {
 			b.ReportAllocs()
 			b.RunParallel(func(pb *testing.PB) {
 				for pb.Next() {
-					if took, err := q.Take(ctx, c.client, scheduler.Request(500, 0), false); err != nil || !took.OK {
+					if took, err := q.Take(ctx, c.client, scheduler.Request(500, 0), Ask{}); err != nil || !took.OK {
 						b.Fatal(err, took)
 					}
 				}

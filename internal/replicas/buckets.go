@@ -115,7 +115,9 @@ type Took struct {
 	// when a concurrency slot binds (when one frees is not known).
 	Wait time.Duration
 	// Fair: the buckets could pay, but another client waiting at another
-	// replica is owed its share first; look again after Wait.
+	// replica is owed its share first, or a request of the same client
+	// waiting at another replica must be admitted sooner; look again
+	// after Wait.
 	Fair bool
 	// Binding is the resource that binds, Own whether it is the client's.
 	Binding scheduler.Resource
@@ -158,25 +160,42 @@ func (b *Buckets) args(client int, v *scheduler.Vector) []any {
 
 var errClient = errors.New("replicas: no such client")
 
+// Ask is what a take says of its request and of its replica's queue.
+type Ask struct {
+	// Deadline is when the request stops waiting (zero: no deadline).
+	Deadline time.Time
+	// Next is the deadline of the client's next request waiting at this
+	// replica (zero: none waits; see scheduler.Queue.Next). While one
+	// does, the client's share is owed it (see takeScript).
+	Next time.Time
+}
+
+// ms is how long from now until t, in whole milliseconds, for a script
+// (-1: no such time; 0 at the least).
+func ms(t, now time.Time) int64 {
+	if t.IsZero() {
+		return -1
+	}
+	return min(max(0, t.Sub(now).Milliseconds()), int64(24*time.Hour/time.Millisecond))
+}
+
 // Take reserves cost for client from every shared bucket of the queue
 // (and a slot where there is a maximum), from this replica's slice of
-// them (see quota) or in one atomic call, or reports the wait. waiting
-// says the client has more requests waiting at this replica (its share
-// is owed them: see takeScript).
-func (b *Buckets) Take(parent context.Context, client int, cost scheduler.Vector, waiting bool) (Took, error) {
+// them (see quota) or in one atomic call, or reports the wait.
+func (b *Buckets) Take(parent context.Context, client int, cost scheduler.Vector, ask Ask) (Took, error) {
 	if client < 0 || client >= len(b.clients) {
 		return Took{}, errClient
 	}
 	if !b.leasing(client) {
-		t, _, err := b.take(parent, client, cost, scheduler.Vector{}, waiting)
+		t, _, err := b.take(parent, client, cost, scheduler.Vector{}, ask)
 		return t, err
 	}
-	return b.quota[client].take(parent, b, client, cost, waiting, time.Now())
+	return b.quota[client].take(parent, b, client, cost, ask, time.Now())
 }
 
 // take is one take's round trip: need from every bucket, and as much of
 // extra as they can spare (granted).
-func (b *Buckets) take(parent context.Context, client int, need, extra scheduler.Vector, waiting bool) (Took, scheduler.Vector, error) {
+func (b *Buckets) take(parent context.Context, client int, need, extra scheduler.Vector, ask Ask) (Took, scheduler.Vector, error) {
 	c := b.clients[client]
 	lease := b.s.id + ":" + strconv.FormatUint(b.seq.Add(1), 36)
 	ctx, cancel := b.s.ctx(parent)
@@ -187,7 +206,7 @@ func (b *Buckets) take(parent context.Context, client int, need, extra scheduler
 		args = append(args, n)
 	}
 	w := 0
-	if waiting {
+	if !ask.Next.IsZero() {
 		w = 1
 	}
 	args = append(args, c.Name, max(1, c.Weight), fairActive.Milliseconds(), fairRetry.Milliseconds(), w, b.s.id)
@@ -198,6 +217,8 @@ func (b *Buckets) take(parent context.Context, client int, need, extra scheduler
 	for _, n := range backlog {
 		args = append(args, n)
 	}
+	now := time.Now()
+	args = append(args, ms(ask.Deadline, now), ms(ask.Next, now))
 	b.s.trips.Inc()
 	res, err := b.s.eval(ctx, takeScript, k[:], bucketTypes[:], args...).Slice()
 	if err != nil {

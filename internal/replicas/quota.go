@@ -63,7 +63,7 @@ func (b *Buckets) leasing(client int) bool {
 // take pays cost from the slice, or takes what the slice lacks, and a new
 // slice, in one round trip. q.mu is held throughout: concurrent takes of
 // the client wait for one round trip and then, most often, for none.
-func (q *quota) take(ctx context.Context, b *Buckets, client int, cost scheduler.Vector, waiting bool, now time.Time) (Took, error) {
+func (q *quota) take(ctx context.Context, b *Buckets, client int, cost scheduler.Vector, ask Ask, now time.Time) (Took, error) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	model, own := b.model.Limits(), b.clients[client].Limits()
@@ -101,7 +101,7 @@ func (q *quota) take(ctx context.Context, b *Buckets, client int, cost scheduler
 		}
 		extra[r] = max(0, e)
 	}
-	t, granted, err := b.take(ctx, client, need, extra, waiting)
+	t, granted, err := b.take(ctx, client, need, extra, ask)
 	if err != nil || !t.OK {
 		return t, err
 	}

@@ -49,7 +49,7 @@ func TestTakeSharesTheBucketsAcrossReplicas(t *testing.T) {
 		if i%2 == 1 {
 			q = b
 		}
-		took, err := q.Take(ctx, 0, scheduler.Request(10, 0), false)
+		took, err := q.Take(ctx, 0, scheduler.Request(10, 0), Ask{})
 		require.NoError(t, err)
 		if took.OK {
 			ok++
@@ -63,11 +63,11 @@ func TestTakeSharesTheBucketsAcrossReplicas(t *testing.T) {
 
 	// The client's own bucket (100 tokens): shared too, and it says so.
 	c := replica(t, r.URL()).Queue("openai", "gpt-4o-mini", model, clientsOf(model))
-	took, err := c.Take(ctx, 1, scheduler.Request(80, 0), false)
+	took, err := c.Take(ctx, 1, scheduler.Request(80, 0), Ask{})
 	require.NoError(t, err)
 	require.True(t, took.OK)
 	assert.InDelta(t, 20, took.Levels.Client[scheduler.Tokens], 0.5)
-	took, err = replica(t, r.URL()).Queue("openai", "gpt-4o-mini", model, clientsOf(model)).Take(ctx, 1, scheduler.Request(80, 0), false)
+	took, err = replica(t, r.URL()).Queue("openai", "gpt-4o-mini", model, clientsOf(model)).Take(ctx, 1, scheduler.Request(80, 0), Ask{})
 	require.NoError(t, err)
 	assert.False(t, took.OK)
 	assert.True(t, took.Own)
@@ -76,7 +76,7 @@ func TestTakeSharesTheBucketsAcrossReplicas(t *testing.T) {
 
 	// Adjust gives back, never above capacity, and charges.
 	require.NoError(t, c.Adjust(ctx, 1, scheduler.Vector{scheduler.Tokens: 80}))
-	took, err = c.Take(ctx, 1, scheduler.Request(80, 0), false)
+	took, err = c.Take(ctx, 1, scheduler.Request(80, 0), Ask{})
 	require.NoError(t, err)
 	assert.True(t, took.OK, "given back")
 }
@@ -88,19 +88,19 @@ func TestLeasesCountAcrossReplicas(t *testing.T) {
 	a := replica(t, r.URL()).Queue("local", "llama", m, clientsOf(m))
 	b := replica(t, r.URL()).Queue("local", "llama", m, clientsOf(m))
 	ctx := context.Background()
-	t1, err := a.Take(ctx, 0, scheduler.Request(1, 0), false)
+	t1, err := a.Take(ctx, 0, scheduler.Request(1, 0), Ask{})
 	require.NoError(t, err)
-	t2, err := b.Take(ctx, 0, scheduler.Request(1, 0), false)
+	t2, err := b.Take(ctx, 0, scheduler.Request(1, 0), Ask{})
 	require.NoError(t, err)
 	require.True(t, t1.OK && t2.OK)
 	require.NotEmpty(t, t1.Lease)
-	t3, err := a.Take(ctx, 0, scheduler.Request(1, 0), false)
+	t3, err := a.Take(ctx, 0, scheduler.Request(1, 0), Ask{})
 	require.NoError(t, err)
 	assert.False(t, t3.OK)
 	assert.Equal(t, scheduler.Slots, t3.Binding)
 	assert.Negative(t, t3.Wait, "when a slot frees is not known")
 	require.NoError(t, b.Release(ctx, 0, t2.Lease))
-	t4, err := a.Take(ctx, 0, scheduler.Request(1, 0), false)
+	t4, err := a.Take(ctx, 0, scheduler.Request(1, 0), Ask{})
 	require.NoError(t, err)
 	assert.True(t, t4.OK)
 }
@@ -119,7 +119,7 @@ func TestRedisDownDegradesAndRecoversWithoutBurst(t *testing.T) {
 
 	r.Stop()
 	start := time.Now()
-	_, err := q.Take(ctx, 0, scheduler.Request(10, 0), false)
+	_, err := q.Take(ctx, 0, scheduler.Request(10, 0), Ask{})
 	require.Error(t, err)
 	assert.Less(t, time.Since(start), time.Second, "bounded by the timeout")
 	assert.True(t, s.Degraded())
@@ -144,7 +144,7 @@ func TestRedisDownDegradesAndRecoversWithoutBurst(t *testing.T) {
 	// restart lost every key): 10 requests are left of 60.
 	ok := 0
 	for range 20 {
-		took, err := q.Take(ctx, 0, scheduler.Request(1, 0), false)
+		took, err := q.Take(ctx, 0, scheduler.Request(1, 0), Ask{})
 		require.NoError(t, err)
 		if took.OK {
 			ok++
@@ -198,10 +198,10 @@ func TestAWrongTypedKeyIsThatKeysProblem(t *testing.T) {
 	for _, k := range []string{"llproxy:{openai/ok}:req", "llproxy:{openai/ok}:c:a:tok", "llproxy:replicas"} {
 		require.NoError(t, s.rdb.Set(ctx, k, "x", 0).Err())
 	}
-	took, err := bad.Take(ctx, 0, scheduler.Request(10, 0), false)
+	took, err := bad.Take(ctx, 0, scheduler.Request(10, 0), Ask{})
 	require.NoError(t, err, "the bad keys are replaced and the take runs again")
 	assert.True(t, took.OK)
-	took, err = good.Take(ctx, 0, scheduler.Request(10, 0), false)
+	took, err = good.Take(ctx, 0, scheduler.Request(10, 0), Ask{})
 	require.NoError(t, err)
 	assert.True(t, took.OK)
 	s.beat(ctx)
@@ -235,18 +235,18 @@ func TestLeasesOutliveAFlushAndAReload(t *testing.T) {
 	ctx := context.Background()
 	var leases []string
 	for range 2 {
-		took, err := b.Take(ctx, 0, scheduler.Request(1, 0), false)
+		took, err := b.Take(ctx, 0, scheduler.Request(1, 0), Ask{})
 		require.NoError(t, err)
 		require.True(t, took.OK)
 		leases = append(leases, took.Lease)
 	}
-	took, err := b.Take(ctx, 0, scheduler.Request(1, 0), false)
+	took, err := b.Take(ctx, 0, scheduler.Request(1, 0), Ask{})
 	require.NoError(t, err)
 	require.False(t, took.OK, "two slots, two in flight")
 
 	require.NoError(t, s.rdb.FlushAll(ctx).Err()) // Redis restarted without its data
 	s.beat(ctx)
-	took, err = b.Take(ctx, 0, scheduler.Request(1, 0), false)
+	took, err = b.Take(ctx, 0, scheduler.Request(1, 0), Ask{})
 	require.NoError(t, err)
 	assert.False(t, took.OK, "the two in flight hold their slots again")
 	assert.Equal(t, scheduler.Slots, took.Binding)
@@ -257,7 +257,7 @@ func TestLeasesOutliveAFlushAndAReload(t *testing.T) {
 	nb := s.Queue("openai", "gpt-4o", two, clientsOf(two))
 	require.NoError(t, s.rdb.FlushAll(ctx).Err())
 	s.beat(ctx)
-	took, err = nb.Take(ctx, 0, scheduler.Request(1, 0), false)
+	took, err = nb.Take(ctx, 0, scheduler.Request(1, 0), Ask{})
 	require.NoError(t, err)
 	assert.False(t, took.OK, "the old buckets' requests still hold both slots")
 	for _, l := range leases {
@@ -267,7 +267,7 @@ func TestLeasesOutliveAFlushAndAReload(t *testing.T) {
 	s.mu.Lock()
 	assert.NotContains(t, s.queues, b, "forgotten once its leases ended")
 	s.mu.Unlock()
-	took, err = nb.Take(ctx, 0, scheduler.Request(1, 0), false)
+	took, err = nb.Take(ctx, 0, scheduler.Request(1, 0), Ask{})
 	require.NoError(t, err)
 	assert.True(t, took.OK)
 }
@@ -291,18 +291,18 @@ func TestInputAndOutputBucketsAreShared(t *testing.T) {
 	a := replica(t, r.URL()).Queue("claude", "claude-sonnet-4-5", m, clientsOf(m))
 	b := replica(t, r.URL()).Queue("claude", "claude-sonnet-4-5", m, clientsOf(m))
 	ctx := context.Background()
-	took, err := a.Take(ctx, 0, scheduler.Request(100, 900), false)
+	took, err := a.Take(ctx, 0, scheduler.Request(100, 900), Ask{})
 	require.NoError(t, err)
 	require.True(t, took.OK)
 	assert.InDelta(t, 100, took.Levels.Model[scheduler.OutputTokens], 1)
 	assert.InDelta(t, 9900, took.Levels.Model[scheduler.InputTokens], 1)
-	took, err = b.Take(ctx, 0, scheduler.Request(10, 200), false)
+	took, err = b.Take(ctx, 0, scheduler.Request(10, 200), Ask{})
 	require.NoError(t, err)
 	assert.False(t, took.OK, "the other replica sees the output spent")
 	assert.Equal(t, scheduler.OutputTokens, took.Binding)
 	// Settled to what it used: 850 of the output go back.
 	require.NoError(t, a.Adjust(ctx, 0, scheduler.Vector{scheduler.OutputTokens: 850}))
-	took, err = b.Take(ctx, 0, scheduler.Request(10, 200), false)
+	took, err = b.Take(ctx, 0, scheduler.Request(10, 200), Ask{})
 	require.NoError(t, err)
 	assert.True(t, took.OK)
 }
@@ -329,10 +329,10 @@ func TestTheUpstreamIsHeardOnceAcrossReplicas(t *testing.T) {
 		// Redis keeps a bucket's time in whole milliseconds: up to 2 ms more.
 		assert.LessOrEqual(t, got, want+600_000*(time.Since(start)+2*time.Millisecond).Minutes()+1, msg)
 	}
-	tookA, err := a.Take(ctx, 0, scheduler.Request(100_000, 0), false)
+	tookA, err := a.Take(ctx, 0, scheduler.Request(100_000, 0), Ask{})
 	require.NoError(t, err)
 	require.True(t, tookA.OK)
-	tookB, err := b.Take(ctx, 0, scheduler.Request(100_000, 0), false)
+	tookB, err := b.Take(ctx, 0, scheduler.Request(100_000, 0), Ask{})
 	require.NoError(t, err)
 	require.True(t, tookB.OK)
 	within(400_000, tookB.Levels.Model[scheduler.Tokens], "two paid")
@@ -351,7 +351,7 @@ func TestTheUpstreamIsHeardOnceAcrossReplicas(t *testing.T) {
 	require.NoError(t, err)
 	assert.InDelta(t, 1000, lowA+lowB, 1, "the same 1,000 heard twice is lowered once")
 	level := func() float64 {
-		took, err := a.Take(ctx, 0, scheduler.Request(1, 0), false)
+		took, err := a.Take(ctx, 0, scheduler.Request(1, 0), Ask{})
 		require.NoError(t, err)
 		return took.Levels.Model[scheduler.Tokens] + 1
 	}
@@ -359,7 +359,7 @@ func TestTheUpstreamIsHeardOnceAcrossReplicas(t *testing.T) {
 
 	// An answer that says what the bucket thinks lowers nothing (and asks
 	// Redis nothing).
-	took, err := b.Take(ctx, 0, scheduler.Request(1000, 0), false)
+	took, err := b.Take(ctx, 0, scheduler.Request(1000, 0), Ask{})
 	require.NoError(t, err)
 	var same scheduler.Upstream
 	same.Reported[scheduler.Tokens], same.Remaining[scheduler.Tokens] = true, int(took.Mark.Level[scheduler.Tokens])+5
@@ -369,7 +369,7 @@ func TestTheUpstreamIsHeardOnceAcrossReplicas(t *testing.T) {
 
 	// A request the upstream refused (its cost given back) is compared
 	// with the bucket as it was before it paid.
-	took, err = a.Take(ctx, 0, scheduler.Request(5000, 0), false)
+	took, err = a.Take(ctx, 0, scheduler.Request(5000, 0), Ask{})
 	require.NoError(t, err)
 	cost := scheduler.Request(5000, 0)
 	require.NoError(t, a.Adjust(ctx, 0, cost))
@@ -405,7 +405,7 @@ func TestLeasedSlicesServeManyAndGoBack(t *testing.T) {
 		assert.LessOrEqual(t, got, want+refill+1, msg)
 	}
 	for range 500 {
-		took, err := a.Take(ctx, 0, scheduler.Request(100, 10), false)
+		took, err := a.Take(ctx, 0, scheduler.Request(100, 10), Ask{})
 		require.NoError(t, err)
 		require.True(t, took.OK)
 	}
@@ -417,7 +417,7 @@ func TestLeasedSlicesServeManyAndGoBack(t *testing.T) {
 	assert.LessOrEqual(t, held[scheduler.Requests], int(maxSliceShare*100_000))
 
 	// Paid when taken: the other replica sees the slice spent.
-	seen, err := other.Take(ctx, 0, scheduler.Request(0, 0), false)
+	seen, err := other.Take(ctx, 0, scheduler.Request(0, 0), Ask{})
 	require.NoError(t, err)
 	within(100_000-500-float64(held[scheduler.Requests])-1, seen.Levels.Model[scheduler.Requests], 100_000, "the slice is spent")
 
@@ -428,13 +428,13 @@ func TestLeasedSlicesServeManyAndGoBack(t *testing.T) {
 	// The lease ends: what the slice held goes back.
 	require.NoError(t, a.settle(ctx, time.Now().Add(leaseLen), false))
 	assert.Zero(t, a.quota[0].have)
-	seen, err = other.Take(ctx, 0, scheduler.Request(0, 0), false)
+	seen, err = other.Take(ctx, 0, scheduler.Request(0, 0), Ask{})
 	require.NoError(t, err)
 	within(100_000-502, seen.Levels.Model[scheduler.Requests], 100_000, "only what the requests used")
 	within(100_000_000-500*110+7, seen.Levels.Model[scheduler.Tokens], 100_000_000, "only what the requests used")
 
 	// A client quiet for a lease borrows nothing at its next take.
-	took, err := a.quota[0].take(ctx, a, 0, scheduler.Request(100, 10), false, time.Now().Add(2*leaseLen))
+	took, err := a.quota[0].take(ctx, a, 0, scheduler.Request(100, 10), Ask{}, time.Now().Add(2*leaseLen))
 	require.NoError(t, err)
 	require.True(t, took.OK)
 	assert.Zero(t, a.quota[0].have, "no slice after a quiet lease")
@@ -464,7 +464,7 @@ func TestRedisClusterKeepsTheLimits(t *testing.T) {
 			if i%2 == 1 {
 				q = b
 			}
-			took, err := q.Take(ctx, 0, scheduler.Request(10, 0), false)
+			took, err := q.Take(ctx, 0, scheduler.Request(10, 0), Ask{})
 			require.NoError(t, err, name)
 			if took.OK {
 				ok++
@@ -549,7 +549,7 @@ func TestGiveBacksAndReleasesAreCoalesced(t *testing.T) {
 	for range 8 {
 		wg.Go(func() {
 			for range 25 {
-				took, err := q.Take(ctx, 0, scheduler.Request(20, 0), false)
+				took, err := q.Take(ctx, 0, scheduler.Request(20, 0), Ask{})
 				if !assert.NoError(t, err) {
 					return
 				}
@@ -576,7 +576,7 @@ func TestGiveBacksAndReleasesAreCoalesced(t *testing.T) {
 	// Every slot free, every give-back in the bucket.
 	other := replica(t, r.URL()).Queue("local", "llama", m, clientsOf(m))
 	for i := range 8 {
-		took, err := other.Take(context.Background(), 0, scheduler.Request(0, 0), false)
+		took, err := other.Take(context.Background(), 0, scheduler.Request(0, 0), Ask{})
 		require.NoError(t, err)
 		require.True(t, took.OK, "slot %d free", i)
 		if i == 7 {
@@ -603,7 +603,7 @@ func TestTakesTellTheOtherReplicasBacklogs(t *testing.T) {
 	c.Backlog(func() scheduler.Vector { return waitingC })
 	ctx := context.Background()
 	take := func(q *Buckets) Took {
-		took, err := q.Take(ctx, 0, scheduler.Request(10, 0), false)
+		took, err := q.Take(ctx, 0, scheduler.Request(10, 0), Ask{})
 		require.NoError(t, err)
 		return took
 	}
@@ -619,4 +619,35 @@ func TestTakesTellTheOtherReplicasBacklogs(t *testing.T) {
 	take(b)
 	took = take(a)
 	assert.Equal(t, 1, took.Others, "b's queue emptied")
+}
+
+// Earliest deadline first across replicas, for one client's requests
+// while the buckets are contended: a take that can wait longer than the
+// client's most urgent request waiting at another replica lets it go
+// first; one more urgent goes; a replica whose queue emptied holds nobody.
+func TestTheMostUrgentRequestGoesFirstAcrossReplicas(t *testing.T) {
+	r := redistest.Start(t)
+	m := model
+	m.MaxConcurrent = 100 // every take a round trip
+	a := replica(t, r.URL()).Queue("openai", "gpt-4o", m, clientsOf(m))
+	b := replica(t, r.URL()).Queue("openai", "gpt-4o", m, clientsOf(m))
+	ctx := context.Background()
+	take := func(q *Buckets, ask Ask) Took {
+		took, err := q.Take(ctx, 0, scheduler.Request(10, 0), ask)
+		require.NoError(t, err)
+		return took
+	}
+	for range 35 { // 60 rpm: below half, contended
+		require.True(t, take(a, Ask{}).OK)
+	}
+	now := time.Now()
+	require.True(t, take(a, Ask{Deadline: now.Add(10 * time.Second), Next: now.Add(time.Second)}).OK,
+		"nobody else waits; a's next request must be admitted within a second")
+	took := take(b, Ask{Deadline: now.Add(5 * time.Second)})
+	assert.False(t, took.OK, "b's request can wait longer than a's next")
+	assert.True(t, took.Fair)
+	assert.Equal(t, fairRetry, took.Wait)
+	assert.True(t, take(b, Ask{Deadline: now.Add(900 * time.Millisecond)}).OK, "more urgent than a's next: it goes")
+	require.True(t, take(a, Ask{Deadline: now.Add(time.Second)}).OK, "a's next, and a's queue is empty after it")
+	assert.True(t, take(b, Ask{Deadline: now.Add(5 * time.Second)}).OK, "nobody more urgent waits")
 }

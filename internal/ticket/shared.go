@@ -97,7 +97,8 @@ func (t *Ticket) takeShared(ctx context.Context) error {
 			t.adm.Confirm(time.Now(), nil)
 			return nil
 		}
-		took, err := b.Take(ctx, t.cost.Client, t.cost.Amount, t.Model.Queue.Waiting(t.cost.Client) > 0)
+		took, err := b.Take(ctx, t.cost.Client, t.cost.Amount,
+			replicas.Ask{Deadline: t.deadline, Next: t.Model.Queue.Next(t.cost.Client)})
 		now := time.Now()
 		if err != nil {
 			// Redis is down (degraded now). The queue admitted this request

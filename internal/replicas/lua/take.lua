@@ -61,6 +61,40 @@ end
 if wait == 0 and others ~= nil and contended and start > others + tok / weight then
   wait, bind = tonumber(ARGV[4 * n + 9]), 2 * n + 3
 end
+-- Earliest deadline first among one client's requests at different
+-- replicas: while the buckets are contended, a take whose request can
+-- wait longer (by more than a retry) than the client's most urgent request
+-- waiting at another replica lets that one go first, so each replica's
+-- queue keeps the turns it predicted. Each replica keeps, while the client
+-- has requests waiting there, the nearest of their deadlines in
+-- e:<replica>:<client> ("deadline,fresh until", in ms), fresh for
+-- ARGV[4N+8] ms after its last take. ARGV[5N+12] is the ms until this
+-- request's deadline, ARGV[5N+13] until that of the client's next request
+-- waiting at this replica (-1: none).
+local retry = tonumber(ARGV[4 * n + 9])
+local mine_d, next_d = tonumber(ARGV[5 * n + 12]), tonumber(ARGV[5 * n + 13])
+local me_id = ARGV[4 * n + 11]
+local ek = 'e:' .. me_id .. ':' .. cname
+for k, v in pairs(tags) do
+  local rid, name = string.match(k, '^e:([^:]+):(.*)$')
+  if rid and name == cname and rid ~= me_id then
+    local d, fresh = string.match(v, '^([^,]+),([^,]+)$')
+    d, fresh = tonumber(d), tonumber(fresh)
+    if not d or not fresh or fresh <= now or d <= now then
+      redis.call('HDEL', fk, k)
+    elseif wait == 0 and contended and mine_d >= 0 and d + retry < now + mine_d then
+      wait, bind = retry, 2 * n + 3
+    end
+  end
+end
+local keep = -1
+if wait ~= 0 and mine_d >= 0 then keep = now + mine_d end
+if next_d >= 0 and (keep < 0 or now + next_d < keep) then keep = now + next_d end
+if keep >= 0 then
+  redis.call('HSET', fk, ek, tostring(keep) .. ',' .. tostring(now + tonumber(ARGV[4 * n + 8])))
+elseif tags[ek] then
+  redis.call('HDEL', fk, ek)
+end
 -- While the buckets are not contended everyone who asks is served: no
 -- client earns a debt or a credit, the tags stay level.
 if not contended and others ~= nil then start = others end
