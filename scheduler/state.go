@@ -101,13 +101,6 @@ func (q *Queue) Next(client int) time.Time {
 	return next
 }
 
-// Backlog is what the requests waiting in the queue will pay, in all.
-func (q *Queue) Backlog() Vector {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	return q.queued
-}
-
 // Clients calls f with each client's state, in the order of NewQueue's
 // clients.
 func (q *Queue) Clients(f func(i int, st ClientStats)) {

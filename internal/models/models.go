@@ -196,7 +196,7 @@ func (r *Registry) newModel(q *scheduler.Queue, mc *config.Model) *Model {
 	}
 	if r.share != nil {
 		ms.Shared = r.share(q.Model(), q.Config())
-		ms.Shared.Backlog(q.Backlog)
+		ms.Shared.Queued(func() bool { return q.Depth() > 0 })
 		q.ConfirmAdmissions()
 		if f := ms.Shared.LocalShare(); f < 1 {
 			q.Share(time.Now(), f) // made while Redis is down

@@ -23,17 +23,17 @@ type Buckets struct {
 	quota   []quota // by client: this replica's slice of the buckets
 	seq     atomic.Uint64
 
-	backlog func() scheduler.Vector // what this replica's queue has waiting; set before use
+	queued func() bool // whether this replica's queue has requests waiting; set before use
 
 	mu     sync.Mutex
 	leases map[string]int // live leases of this replica -> client
 	closed bool           // its queue is retired: forgotten once its leases end
 }
 
-// Backlog tells the buckets, before they are used, what this replica's
-// queue has waiting (scheduler.Queue.Backlog): each take says it, so
-// that the other replicas predict their waits with it (Took.Others).
-func (b *Buckets) Backlog(f func() scheduler.Vector) { b.backlog = f }
+// Queued tells the buckets, before they are used, how to know whether
+// this replica's queue has requests waiting: each take says it, so that
+// the other replicas predict their waits with it (Took.Others).
+func (b *Buckets) Queued(f func() bool) { b.queued = f }
 
 // keys of one client's call: the model's buckets by resource, the
 // client's, the model's leases, the client's, the model's fair-share
@@ -210,13 +210,11 @@ func (b *Buckets) take(parent context.Context, client int, need, extra scheduler
 		w = 1
 	}
 	args = append(args, c.Name, max(1, c.Weight), fairActive.Milliseconds(), fairRetry.Milliseconds(), w, b.s.id)
-	var backlog scheduler.Vector
-	if b.backlog != nil {
-		backlog = b.backlog()
+	queued := 0
+	if b.queued != nil && b.queued() {
+		queued = 1
 	}
-	for _, n := range backlog {
-		args = append(args, n)
-	}
+	args = append(args, queued)
 	now := time.Now()
 	args = append(args, ms(ask.Deadline, now), ms(ask.Next, now))
 	b.s.trips.Inc()

@@ -598,9 +598,9 @@ func TestTakesTellTheOtherReplicasBacklogs(t *testing.T) {
 	a := replica(t, r.URL()).Queue("openai", "gpt-4o", m, clientsOf(m))
 	b := replica(t, r.URL()).Queue("openai", "gpt-4o", m, clientsOf(m))
 	c := replica(t, r.URL()).Queue("openai", "gpt-4o", m, clientsOf(m))
-	var waitingB, waitingC scheduler.Vector
-	b.Backlog(func() scheduler.Vector { return waitingB })
-	c.Backlog(func() scheduler.Vector { return waitingC })
+	var waitingB, waitingC bool
+	b.Queued(func() bool { return waitingB })
+	c.Queued(func() bool { return waitingC })
 	ctx := context.Background()
 	take := func(q *Buckets) Took {
 		took, err := q.Take(ctx, 0, scheduler.Request(10, 0), Ask{})
@@ -608,14 +608,14 @@ func TestTakesTellTheOtherReplicasBacklogs(t *testing.T) {
 		return took
 	}
 	assert.Zero(t, take(a).Others, "nobody waits")
-	waitingB = scheduler.Vector{scheduler.Requests: 5, scheduler.Tokens: 500}
-	waitingC = scheduler.Vector{scheduler.Requests: 2, scheduler.Tokens: 40}
+	waitingB = true
+	waitingC = true
 	take(b)
 	took := take(c)
 	assert.Equal(t, 1, took.Others, "c hears b")
 	took = take(a)
 	assert.Equal(t, 2, took.Others, "a hears both")
-	waitingB = scheduler.Vector{}
+	waitingB = false
 	take(b)
 	took = take(a)
 	assert.Equal(t, 1, took.Others, "b's queue emptied")

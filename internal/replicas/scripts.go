@@ -44,9 +44,10 @@ var luaLevel string
 // exact. Then ARGV[4N+6..4N+10] are the client's name and weight, how
 // long it counts as waiting, how long a fair-share wait is and whether
 // it has more requests waiting (see below). ARGV[4N+11] is the replica,
-// ARGV[4N+12..5N+11] what its queue has waiting (an amount per resource),
-// kept a second in the same hash (b:<replica>) so that each replica's
-// queue predicts its waits with the others' backlogs. It returns {ok,
+// ARGV[4N+12] whether its queue has requests waiting (1), kept a second
+// in the same hash (b:<replica>) so that each replica's queue predicts
+// its waits with the others'; ARGV[4N+13..4N+14] are deadlines (see
+// below). It returns {ok,
 // wait ms (-1: a slot, unknown), what binds (a key's index), the 2N
 // levels after, the N marks' paid and N lowered, the N amounts of slice
 // granted, and how many other replicas have requests waiting}.

@@ -68,11 +68,11 @@ end
 -- queue keeps the turns it predicted. Each replica keeps, while the client
 -- has requests waiting there, the nearest of their deadlines in
 -- e:<replica>:<client> ("deadline,fresh until", in ms), fresh for
--- ARGV[4N+8] ms after its last take. ARGV[5N+12] is the ms until this
--- request's deadline, ARGV[5N+13] until that of the client's next request
+-- ARGV[4N+8] ms after its last take. ARGV[4N+13] is the ms until this
+-- request's deadline, ARGV[4N+14] until that of the client's next request
 -- waiting at this replica (-1: none).
 local retry = tonumber(ARGV[4 * n + 9])
-local mine_d, next_d = tonumber(ARGV[5 * n + 12]), tonumber(ARGV[5 * n + 13])
+local mine_d, next_d = tonumber(ARGV[4 * n + 13]), tonumber(ARGV[4 * n + 14])
 local me_id = ARGV[4 * n + 11]
 local ek = 'e:' .. me_id .. ':' .. cname
 for k, v in pairs(tags) do
@@ -147,20 +147,19 @@ if wait == 0 then
 end
 for i = 1, 2 * n do out[3 + 2 * n + i] = marks[i] or '0' end
 for r = 1, n do out[3 + 4 * n + r] = granted[r] or 0 end
--- The replicas' backlogs: this one's written (or, empty, removed); the
--- others still fresh counted, the stale removed.
+-- The replicas with requests waiting: this one's mark (b:<replica>, until
+-- a second from now) written, or, its queue empty, removed; the others'
+-- still fresh counted, the stale removed.
 local me = 'b:' .. ARGV[4 * n + 11]
-local mine, any = tostring(now + 1000), false
-for r = 1, n do
-  local v = tonumber(ARGV[4 * n + 11 + r]) or 0
-  if v > 0 then any = true end
-  mine = mine .. ',' .. tostring(v)
+if ARGV[4 * n + 12] == '1' then
+  redis.call('HSET', fk, me, tostring(now + 1000))
+elseif tags[me] then
+  redis.call('HDEL', fk, me)
 end
-if any then redis.call('HSET', fk, me, mine) elseif tags[me] then redis.call('HDEL', fk, me) end
 local count = 0
 for k, v in pairs(tags) do
   if string.sub(k, 1, 2) == 'b:' and k ~= me then
-    if (tonumber(string.match(v, '^[^,]+')) or 0) <= now then
+    if (tonumber(v) or 0) <= now then
       redis.call('HDEL', fk, k)
     else
       count = count + 1
